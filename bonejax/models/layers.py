@@ -1,0 +1,148 @@
+"""Building blocks shared by the model zoo (NHWC, Flax NNX).
+
+Layouts follow PyTorch (torchvision / segmentation_models_pytorch, "smp") so parameter counts
+match and weights could be ported one to one: explicit symmetric padding `k // 2 * dilation`
+(TF-style "SAME" pads stride-2 convs asymmetrically and would shift every feature map by half a
+pixel), BatchNorm momentum 0.1 in PyTorch terms and eps 1e-5, no conv bias in front of a norm.
+
+`dtype` is the compute dtype (bf16 on GPU); parameters stay `param_dtype` (fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "mish": jax.nn.mish,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch nn.GELU default
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}")
+  return ACTIVATIONS[name]
+
+
+def conv2d(cin: int, cout: int, kernel: int, *, stride: int = 1, dilation: int = 1,
+           groups: int = 1, bias: bool = False, padding: int | None = None,
+           dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+           rngs: nnx.Rngs) -> nnx.Conv:
+  """A PyTorch-like Conv2d: symmetric padding, bias off unless asked for."""
+  pad = dilation * (kernel // 2) if padding is None else padding
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                  kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
+                  kernel_init=he_normal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def batch_norm(features: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # Flax momentum is the weight of the old statistic: PyTorch's 0.1 is Flax's 0.9.
+  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+
+def linear(din: int, dout: int, *, bias: bool = True, dtype: Any = jnp.float32,
+           param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+
+
+class ConvBNAct(nnx.Module):
+  """conv (no bias) -> BatchNorm -> activation: smp's `Conv2dReLU` and torchvision's stems."""
+
+  def __init__(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1,
+               dilation: int = 1, act: str = "relu", dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv = conv2d(cin, cout, kernel, stride=stride, dilation=dilation, **kw)
+    self.bn = batch_norm(cout, **kw)
+    self.act = act
+    activation(act)  # fail at construction, not at the first call
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return activation(self.act)(self.bn(self.conv(x)))
+
+
+class SeparableConv(nnx.Module):
+  """Depthwise kxk (no bias) then pointwise 1x1: smp's `SeparableConv2d` (DeepLabV3+)."""
+
+  def __init__(self, cin: int, cout: int, kernel: int = 3, *, dilation: int = 1,
+               bias: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.depthwise = conv2d(cin, cin, kernel, dilation=dilation, groups=cin, **kw)
+    self.pointwise = conv2d(cin, cout, 1, bias=bias, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.pointwise(self.depthwise(x))
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, pad: int = 0) -> jax.Array:
+  """PyTorch MaxPool2d: padding counts as -inf, so it never wins."""
+  return nnx.max_pool(x, (kernel, kernel), strides=(stride, stride),
+                      padding=((pad, pad), (pad, pad)))
+
+
+def upsample_nearest2x(x: jax.Array) -> jax.Array:
+  """`F.interpolate(scale_factor=2, mode="nearest")`: a broadcast, no gather."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+  """(n_out, n_in) linear-interpolation weights with PyTorch's coordinate convention."""
+  i = np.arange(n_out, dtype=np.float64)
+  if align_corners:
+    src = i * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(i)
+  else:
+    src = np.maximum((i + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
+  """Bilinear resize of NHWC `x` to `size`, matching `F.interpolate(mode="bilinear")`.
+
+  Written as two small matrix products (rows, then columns): exact for any ratio, runs on the
+  tensor cores, and supports `align_corners=True`, which smp's `UpsamplingBilinear2d` heads
+  use and `jax.image.resize` does not offer.
+  """
+  h, w = int(size[0]), int(size[1])
+  if (x.shape[1], x.shape[2]) == (h, w):
+    return x
+  mh = jnp.asarray(_interp_matrix(x.shape[1], h, align_corners), x.dtype)
+  mw = jnp.asarray(_interp_matrix(x.shape[2], w, align_corners), x.dtype)
+  x = jnp.einsum("oh,bhwc->bowc", mh, x)
+  return jnp.einsum("pw,bowc->bopc", mw, x)
+
+
+def check_input(x: jax.Array, multiple: int, channels: int, name: str) -> None:
+  """Shapes are static under jit, so a bad patch fails at trace time with a clear message."""
+  if x.ndim != 4 or x.shape[-1] != channels:
+    raise ValueError(f"{name} expects NHWC input (B, H, W, {channels}), got {tuple(x.shape)}")
+  h, w = x.shape[1], x.shape[2]
+  if h % multiple or w % multiple:
+    raise ValueError(f"{name} needs H and W that are multiples of {multiple}, got {h}x{w}; "
+                     "pad with bonejax.models.pad_to_multiple")

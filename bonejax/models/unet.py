@@ -1,0 +1,72 @@
+"""The classic U-Net of "Scaling the U-net" (Baltruschat et al. 2021, Sci. Rep. 11:24237).
+
+Ronneberger et al.'s U-Net with BatchNorm after every conv and Mish activations, scaled by two
+numbers: `depth`, the number of encoder conv-blocks (resolution levels), and `width`, the
+channels of the first block, doubling per level. Each block is two 3x3 "same" convs (no bias:
+BatchNorm follows), each with BatchNorm and the activation. Down-sampling is 2x2 max-pooling;
+up-sampling is a learned 2x2 stride-2 transposed conv (the original "up-conv 2x2") that halves the
+channels, followed by concatenation of the skip and a conv-block. The head is a 1x1 conv with bias.
+
+`depth` levels pool `depth - 1` times, so H and W must be multiples of 2**(depth - 1); depth is
+capped at 6 so that the zoo-wide promise (multiples of 32 always work) holds.
+Defaults depth=5, width=32 (7.76 M parameters for 1 channel in, 3 classes out).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bonejax.models.layers import ConvBNAct, check_input, conv2d, he_normal, max_pool
+
+
+class ConvBlock(nnx.Module):
+  """Two (conv3x3 -> BatchNorm -> activation)."""
+
+  def __init__(self, cin: int, cout: int, act: str, **kw):
+    self.conv1 = ConvBNAct(cin, cout, 3, act=act, **kw)
+    self.conv2 = ConvBNAct(cout, cout, 3, act=act, **kw)
+
+  def __call__(self, x):
+    return self.conv2(self.conv1(x))
+
+
+class UNet(nnx.Module):
+  """Classic U-Net (Baltruschat et al. 2021); logits (B, H, W, num_classes) in float32."""
+
+  def __init__(self, num_classes: int, in_channels: int = 1, *, depth: int = 5, width: int = 32,
+               activation: str = "mish", dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if not 1 <= int(depth) <= 6:
+      raise ValueError(f"unet depth must be in 1..6 (H, W multiples of 2**(depth-1)), got {depth}")
+    if int(width) < 1:
+      raise ValueError(f"unet width must be positive, got {width}")
+    depth, width = int(depth), int(width)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dtype, self.in_channels, self.stride = dtype, in_channels, 2**(depth - 1)
+    chans = [width * 2**i for i in range(depth)]
+    self.down = nnx.List([ConvBlock(cin, c, activation, **kw)
+                          for cin, c in zip([in_channels] + chans[:-1], chans)])
+    self.up = nnx.List([
+        nnx.ConvTranspose(chans[i + 1], chans[i], (2, 2), strides=(2, 2), padding="VALID",
+                          kernel_init=he_normal, **kw)
+        for i in reversed(range(depth - 1))])
+    self.up_blocks = nnx.List([ConvBlock(2 * chans[i], chans[i], activation, **kw)
+                               for i in reversed(range(depth - 1))])
+    self.head = conv2d(width, num_classes, 1, bias=True, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_input(x, self.stride, self.in_channels, "unet")
+    x = x.astype(self.dtype)
+    skips = []
+    for i, block in enumerate(self.down):
+      if i:
+        x = max_pool(x, 2, 2)
+      x = block(x)
+      skips.append(x)
+    for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1])):
+      x = block(jnp.concatenate([up(x), skip], axis=-1))
+    return self.head(x).astype(jnp.float32)

@@ -1,0 +1,67 @@
+"""U-Net with a ResNet encoder: segmentation_models_pytorch's `smp.Unet(encoder_name="resnetXX")`.
+
+Ronneberger et al. 2015, "U-Net"; layout of smp's `UnetDecoder` (the networks BONe trains):
+five decoder blocks, each nearest-neighbour x2 up-sampling, concatenation of the encoder skip at
+that stride (none for the last block), then two conv3x3 (no bias) + BatchNorm + ReLU; decoder
+channels 256/128/64/32/16; a 3x3 conv head with bias at full resolution. No center block.
+
+With 1 input channel and 3 classes `unet_resnet18` has exactly 14,322,227 parameters
+(11,170,240 encoder + 3,151,552 decoder + 435 head), as smp reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bonejax.models.layers import ConvBNAct, check_input, conv2d, upsample_nearest2x
+from bonejax.models.resnet import ResNetEncoder
+
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+class DecoderBlock(nnx.Module):
+  """smp's U-Net / UNet++ `DecoderBlock`: up x2, concat skip, two conv-BN-ReLU."""
+
+  def __init__(self, cin: int, skip: int, cout: int, **kw):
+    self.conv1 = ConvBNAct(cin + skip, cout, 3, **kw)
+    self.conv2 = ConvBNAct(cout, cout, 3, **kw)
+
+  def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+    x = upsample_nearest2x(x)
+    if skip is not None:
+      x = jnp.concatenate([x, skip], axis=-1)
+    return self.conv2(self.conv1(x))
+
+
+class UnetResNet(nnx.Module):
+  """smp.Unet with a torchvision ResNet encoder; logits (B, H, W, num_classes) in float32."""
+
+  stride = 32
+
+  def __init__(self, num_classes: int, in_channels: int = 1, *, encoder: str = "resnet18",
+               decoder_channels: Sequence[int] = DECODER_CHANNELS,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    decoder_channels = tuple(int(c) for c in decoder_channels)
+    if len(decoder_channels) != 5:
+      raise ValueError(f"decoder_channels needs 5 entries, got {decoder_channels}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dtype, self.in_channels = dtype, in_channels
+    self.encoder = ResNetEncoder(encoder, in_channels, **kw)
+    enc = self.encoder.channels[::-1]  # deepest first: 512, 256, 128, 64, 64
+    ins = (enc[0],) + decoder_channels[:-1]
+    skips = enc[1:] + (0,)
+    self.blocks = nnx.List([DecoderBlock(i, s, o, **kw)
+                            for i, s, o in zip(ins, skips, decoder_channels)])
+    self.head = conv2d(decoder_channels[-1], num_classes, 3, bias=True, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_input(x, self.stride, self.in_channels, type(self).__name__)
+    feats = self.encoder(x.astype(self.dtype))[::-1]
+    y, skips = feats[0], feats[1:] + [None]
+    for block, skip in zip(self.blocks, skips):
+      y = block(y, skip)
+    return self.head(y).astype(jnp.float32)

@@ -1,0 +1,332 @@
+"""Scans and datasets on disk: zarr v3 through tensorstore, in the contract's layout.
+
+    DATA/
+      dataset.json        {"classes": [...], "scans": [...]}
+      scan_000/           zarr v3 group (zarr.json holds the attributes)
+        image/            zarr v3 array (Z, Y, X), uint8 | uint16 | float32
+        labels/           zarr v3 array (Z, Y, X), uint8, optional
+
+All arrays opened here share one tensorstore context, so one bounded chunk cache serves every
+reader in the process (patch streams, predictor, metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from bonejax import cli
+
+IMAGE_DTYPES = ("uint8", "uint16", "float32")
+LABEL_DTYPE = "uint8"
+DEFAULT_CHUNKS = (64, 64, 64)
+DEFAULT_CACHE_BYTES = 512 << 20
+DATASET_JSON = "dataset.json"
+
+_CONTEXT: ts.Context | None = None
+
+
+def context() -> ts.Context:
+  """The process-wide tensorstore context (bounded chunk cache, shared by all arrays)."""
+  global _CONTEXT
+  if _CONTEXT is None:
+    limit = int(os.environ.get("BONEJAX_CACHE_BYTES", DEFAULT_CACHE_BYTES))
+    _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": limit}})
+  return _CONTEXT
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays.
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunks_for(shape: Sequence[int], chunks: Sequence[int]) -> list[int]:
+  return [max(1, min(int(c), int(s))) for c, s in zip(chunks, shape)]
+
+
+def create_array(path: str | os.PathLike, shape: Sequence[int], dtype: str | np.dtype,
+                 chunks: Sequence[int] = DEFAULT_CHUNKS, fill_value: Any = 0,
+                 compression_level: int = 1) -> ts.TensorStore:
+  """Creates (replacing) a chunked zarr v3 array; zstd level 1 keeps writes cheap."""
+  dtype = np.dtype(dtype).name
+  shape = [int(s) for s in shape]
+  spec = {
+      "driver": "zarr3",
+      "kvstore": {"driver": "file", "path": str(path)},
+      "metadata": {
+          "shape": shape,
+          "data_type": dtype,
+          "chunk_grid": {"name": "regular",
+                         "configuration": {"chunk_shape": _chunks_for(shape, chunks)}},
+          "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                     {"name": "zstd", "configuration": {"level": compression_level}}],
+          "fill_value": fill_value,
+      },
+      "create": True,
+      "delete_existing": True,
+  }
+  return ts.open(spec, context=context()).result()
+
+
+def open_array(path: str | os.PathLike, write: bool = False) -> ts.TensorStore:
+  p = Path(path)
+  if not (p / "zarr.json").exists():
+    raise cli.UserError(f"{str(p)!r} is not a zarr v3 array (no zarr.json)")
+  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(p)}}
+  mode = {"open": True, "read": True, "write": write}
+  try:
+    return ts.open(spec, context=context(), **mode).result()
+  except ValueError as e:
+    raise cli.UserError(f"cannot open zarr array {str(p)!r}: {e}") from None
+
+
+def plane_index(axis: int, index: int, ndim: int = 3) -> tuple:
+  sl = [slice(None)] * ndim
+  sl[axis] = index
+  return tuple(sl)
+
+
+def slab_index(axis: int, start: int, stop: int, ndim: int = 3) -> tuple:
+  sl = [slice(None)] * ndim
+  sl[axis] = slice(start, stop)
+  return tuple(sl)
+
+
+def read_plane(arr: ts.TensorStore, axis: int, index: int) -> np.ndarray:
+  """One 2D plane perpendicular to `axis`; only the chunks it crosses are read."""
+  return arr[plane_index(axis, index, arr.rank)].read().result()
+
+
+def read_slab(arr: ts.TensorStore, axis: int, start: int, stop: int) -> np.ndarray:
+  return arr[slab_index(axis, start, stop, arr.rank)].read().result()
+
+
+def write_slab(arr: ts.TensorStore, axis: int, start: int, data: np.ndarray) -> ts.Future:
+  """Starts writing `data` at `start` along `axis`; returns the future (wait on many together)."""
+  stop = start + data.shape[axis]
+  return arr[slab_index(axis, start, stop, arr.rank)].write(data)
+
+
+def read_box(arr: ts.TensorStore, starts: Sequence[int], sizes: Sequence[int]) -> ts.Future:
+  """Starts reading an axis-aligned box; returns the future."""
+  idx = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(starts, sizes))
+  return arr[idx].read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups and scans.
+# ---------------------------------------------------------------------------------------------
+
+
+def write_group_attrs(path: str | os.PathLike, attrs: dict[str, Any]) -> None:
+  meta = {"zarr_format": 3, "node_type": "group", "attributes": cli.to_jsonable(attrs)}
+  cli.atomic_write_text(Path(path) / "zarr.json", json.dumps(meta, indent=2) + "\n")
+
+
+def read_group_attrs(path: str | os.PathLike) -> dict[str, Any]:
+  p = Path(path) / "zarr.json"
+  if not p.exists():
+    raise cli.UserError(f"{str(Path(path))!r} is not a scan (no zarr.json)")
+  try:
+    meta = json.loads(p.read_text())
+  except json.JSONDecodeError as e:
+    raise cli.UserError(f"{str(p)!r} is not valid JSON: {e}") from None
+  if meta.get("node_type") != "group":
+    raise cli.UserError(f"{str(Path(path))!r} is a zarr {meta.get('node_type')}, not a scan group")
+  return dict(meta.get("attributes", {}))
+
+
+@dataclasses.dataclass
+class Scan:
+  """An opened scan: lazy tensorstore arrays plus the group attributes."""
+  path: Path
+  image: ts.TensorStore
+  labels: ts.TensorStore | None
+  attrs: dict[str, Any]
+
+  @property
+  def name(self) -> str:
+    return self.path.name
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(int(s) for s in self.image.shape)
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(self.image.dtype.numpy_dtype)
+
+  @property
+  def stats(self) -> dict[str, float]:
+    """Intensity statistics stored at import (see bonejax.intensity)."""
+    if "intensity" not in self.attrs:
+      raise cli.UserError(f"scan {self.name!r} has no intensity statistics; re-import it")
+    return self.attrs["intensity"]
+
+  @property
+  def voxel_size_um(self) -> float:
+    return float(self.attrs.get("voxel_size_um", 1.0))
+
+  def read_image(self) -> np.ndarray:
+    return self.image.read().result()
+
+  def read_labels(self) -> np.ndarray:
+    if self.labels is None:
+      raise cli.UserError(f"scan {self.name!r} has no labels")
+    return self.labels.read().result()
+
+
+def is_scan(path: str | os.PathLike) -> bool:
+  p = Path(path)
+  return (p / "zarr.json").exists() and (p / "image" / "zarr.json").exists()
+
+
+def open_scan(path: str | os.PathLike) -> Scan:
+  p = Path(path)
+  if not p.exists():
+    raise cli.UserError(f"scan {str(p)!r} does not exist")
+  attrs = read_group_attrs(p)
+  if not (p / "image" / "zarr.json").exists():
+    raise cli.UserError(f"scan {str(p)!r} has no image array")
+  image = open_array(p / "image")
+  labels = open_array(p / "labels") if (p / "labels" / "zarr.json").exists() else None
+  if image.rank != 3:
+    raise cli.UserError(f"scan {str(p)!r}: image must be 3D (Z, Y, X), got rank {image.rank}")
+  if labels is not None and tuple(labels.shape) != tuple(image.shape):
+    raise cli.UserError(f"scan {str(p)!r}: labels shape {tuple(labels.shape)} != image shape "
+                        f"{tuple(image.shape)}")
+  return Scan(p, image, labels, attrs)
+
+
+def create_scan(path: str | os.PathLike, shape: Sequence[int], image_dtype: str | np.dtype,
+                with_labels: bool, attrs: dict[str, Any] | None = None,
+                chunks: Sequence[int] = DEFAULT_CHUNKS) -> Scan:
+  """Creates an empty scan (arrays filled with 0) to be written slab by slab.
+
+  Callers wanting atomicity create it under a temporary name (cli.atomic_output) and rename.
+  """
+  dtype = np.dtype(image_dtype).name
+  if dtype not in IMAGE_DTYPES:
+    raise cli.UserError(f"image dtype {dtype} is not one of {', '.join(IMAGE_DTYPES)}")
+  if len(shape) != 3:
+    raise cli.UserError(f"a scan is 3D (Z, Y, X); got shape {tuple(shape)}")
+  p = Path(path)
+  p.mkdir(parents=True, exist_ok=True)
+  attrs = dict(attrs or {})
+  write_group_attrs(p, attrs)
+  image = create_array(p / "image", shape, dtype, chunks)
+  labels = create_array(p / "labels", shape, LABEL_DTYPE, chunks) if with_labels else None
+  return Scan(p, image, labels, attrs)
+
+
+def update_scan_attrs(scan: Scan, **updates: Any) -> None:
+  scan.attrs.update(updates)
+  write_group_attrs(scan.path, scan.attrs)
+
+
+def write_scan(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray | None = None,
+               attrs: dict[str, Any] | None = None, chunks: Sequence[int] = DEFAULT_CHUNKS,
+               num_classes: int | None = None) -> Scan:
+  """Writes an in-memory volume as a scan, computing its intensity statistics.
+
+  Not atomic by itself: wrap in cli.atomic_output for user-facing outputs.
+  """
+  from bonejax import intensity  # local import: intensity depends on nothing here
+
+  image = np.asarray(image)
+  if labels is not None:
+    labels = np.asarray(labels)
+    validate_labels(labels, image.shape, num_classes)
+  intensity.validate_image(image)
+  attrs = dict(attrs or {})
+  attrs["intensity"] = intensity.compute_stats(image)
+  scan = create_scan(path, image.shape, image.dtype, labels is not None, attrs, chunks)
+  futures = [scan.image.write(image)]
+  if labels is not None:
+    futures.append(scan.labels.write(labels.astype(np.uint8)))
+  for f in futures:
+    f.result()
+  return scan
+
+
+def validate_labels(labels: np.ndarray, shape: Sequence[int], num_classes: int | None) -> None:
+  if tuple(labels.shape) != tuple(shape):
+    raise cli.UserError(f"labels shape {tuple(labels.shape)} != image shape {tuple(shape)}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise cli.UserError(f"labels must be integers, got {labels.dtype}")
+  if labels.size:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+      raise cli.UserError(f"label value {lo} is negative")
+    if num_classes is not None and hi >= num_classes:
+      raise cli.UserError(f"label value {hi} >= number of classes {num_classes}")
+    if hi > 255:
+      raise cli.UserError(f"label value {hi} does not fit uint8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dataset:
+  path: Path
+  classes: list[str]
+  scans: list[str]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  def scan_path(self, name: str) -> Path:
+    return self.path / name
+
+  def open_scan(self, name: str) -> Scan:
+    if name not in self.scans:
+      raise cli.UserError(f"scan {name!r} is not in dataset {str(self.path)!r} "
+                          f"(has {', '.join(self.scans) or 'none'})")
+    return open_scan(self.path / name)
+
+
+def write_dataset_json(path: str | os.PathLike, classes: Sequence[str],
+                       scans: Sequence[str]) -> None:
+  cli.atomic_write_json(Path(path) / DATASET_JSON,
+                        {"classes": list(classes), "scans": list(scans)})
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+  p = Path(path)
+  f = p / DATASET_JSON
+  if not f.exists():
+    raise cli.UserError(f"{str(p)!r} is not a dataset (no {DATASET_JSON})")
+  try:
+    meta = json.loads(f.read_text())
+  except json.JSONDecodeError as e:
+    raise cli.UserError(f"{str(f)!r} is not valid JSON: {e}") from None
+  classes = meta.get("classes")
+  if not isinstance(classes, list) or len(classes) < 2:
+    raise cli.UserError(f"{str(f)!r} needs a list of at least 2 classes")
+  scans = [s for s in meta.get("scans", [])]
+  return Dataset(p, [str(c) for c in classes], scans)
+
+
+def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[str]) -> Dataset:
+  """Registers a scan in dataset.json, creating the file (with `classes`) if needed."""
+  p = Path(path)
+  if (p / DATASET_JSON).exists():
+    ds = open_dataset(p)
+    if list(classes) != ds.classes:
+      raise cli.UserError(f"classes {list(classes)} disagree with dataset's {ds.classes}")
+  else:
+    ds = Dataset(p, list(classes), [])
+  if scan not in ds.scans:
+    ds.scans.append(scan)
+  write_dataset_json(p, ds.classes, ds.scans)
+  return ds
