@@ -31,10 +31,22 @@ def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
+_HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags_or_fail(argv: list[str]) -> list[str]:
-  """absl's own parser prints usage on error; the contract wants one line."""
+  """absl's own parser prints usage on error; the contract wants one line.
+
+  absl also exits 1 after printing --help; asking for help is a success, so it exits 0 here.
+  """
+  wants_help = any(a in _HELP_ARGS for a in argv[1:])
   try:
     return flags.FLAGS(argv)
+  except SystemExit:
+    if wants_help:
+      sys.stdout.flush()
+      sys.exit(0)
+    raise
   except flags.Error as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

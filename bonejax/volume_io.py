@@ -1,0 +1,610 @@
+"""Volumes in and out: stream (Z, Y, X) slabs from the files users have, write scans and TIFFs.
+
+`open_volume(path)` accepts
+- a multi-page TIFF (also an ImageJ hyperstack or a single 3D series; singleton T/C axes are
+  dropped). Uncompressed files are memory-mapped, compressed ones read page range by page range;
+- a folder of 2D TIFF slices, taken in natural order (slice_2 before slice_10);
+- a .npy file (memory-mapped);
+- a zarr array, v3 or v2 (through tensorstore), or a bonejax scan directory (its image, or its
+  labels with `array="labels"`).
+Nothing reads a whole volume: `read_slab(z0, z1)` reads only those slices, so an import needs
+memory for a couple of slabs, whatever the volume size.
+
+Image dtypes: uint8, uint16 and float32 are kept; bool becomes uint8; every other integer type
+(int8, int16 -- common in CT --, int32, int64, uint32, uint64) and float16/float64 become float32
+(integers above 2**24 lose precision). Labels keep their integer type; `import_volume` checks
+their values and stores them as uint8.
+
+`import_volume(...)` is what `launch/import_volume.py` runs; `export_tiff(...)` writes any
+array (tensorstore or numpy) to a multi-page TIFF slab by slab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+import tifffile
+
+import bonejax
+from bonejax import cli, intensity, store
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+KEPT_DTYPES = ("uint8", "uint16", "float32")
+DEFAULT_CLASSES = ("background", "bone", "pore")
+STATS_VOXELS = 1 << 20
+# Classic TIFF offsets are 32-bit; leave room for the page directories.
+BIGTIFF_BYTES = (1 << 32) - (1 << 26)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+# ---------------------------------------------------------------------------------------------
+
+
+def image_dtype_for(dtype: np.dtype) -> np.dtype:
+  """The dtype an image of `dtype` is stored as (see the module docstring)."""
+  dtype = np.dtype(dtype)
+  if dtype.name in KEPT_DTYPES:
+    return dtype.newbyteorder("=")
+  if dtype == np.bool_:
+    return np.dtype(np.uint8)
+  if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating):
+    return np.dtype(np.float32)
+  raise cli.UserError(f"unsupported dtype {dtype} (need an integer, float or bool volume)")
+
+
+def _label_dtype_for(dtype: np.dtype) -> np.dtype:
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_:
+    return np.dtype(np.uint8)
+  if np.issubdtype(dtype, np.integer):
+    return dtype.newbyteorder("=")
+  raise cli.UserError(f"labels must be integers, got dtype {dtype}")
+
+
+def _squeeze_to_3d(shape: Sequence[int], what: str) -> list[int]:
+  """The axes kept when dropping singleton axes (leading first) until three remain."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) < 3:
+    raise cli.UserError(f"{what} is {len(shape)}D with shape {shape}; a volume is 3D (Z, Y, X)")
+  keep = list(range(len(shape)))
+  for axis in range(len(shape)):
+    if len(keep) == 3:
+      break
+    if shape[axis] == 1:
+      keep.remove(axis)
+  if len(keep) != 3:
+    raise cli.UserError(f"{what} has shape {shape}: more than 3 non-singleton axes; a volume "
+                        f"is 3D (Z, Y, X) with one channel")
+  return keep
+
+
+class VolumeSource:
+  """A lazily read (Z, Y, X) volume. `dtype` is the dtype `read_slab` returns."""
+
+  kind = "volume"
+
+  def __init__(self, path: Path, shape: Sequence[int], source_dtype: np.dtype, array: str):
+    self.path = path
+    self.shape = tuple(int(s) for s in shape)
+    self.source_dtype = np.dtype(source_dtype)
+    self.array = array
+    self.dtype = (_label_dtype_for(self.source_dtype) if array == "labels"
+                  else image_dtype_for(self.source_dtype))
+    if 0 in self.shape:
+      raise cli.UserError(f"{str(path)!r} is empty (shape {self.shape})")
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+  def read_slab(self, z0: int, z1: int) -> np.ndarray:
+    """Slices z0..z1-1 as a new (z1 - z0, Y, X) array of `self.dtype`."""
+    z0, z1 = max(0, int(z0)), min(self.shape[0], int(z1))
+    if z1 <= z0:
+      return np.zeros((0,) + self.shape[1:], self.dtype)
+    data = np.asarray(self._read(z0, z1)).reshape((z1 - z0,) + self.shape[1:])
+    return data.astype(self.dtype, copy=True)
+
+  def _read(self, z0: int, z1: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self) -> "VolumeSource":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}({str(self.path)!r}, shape={self.shape}, "
+            f"dtype={self.dtype}, source_dtype={self.source_dtype})")
+
+
+class _IndexedSource(VolumeSource):
+  """An array-like (numpy memmap, tensorstore) with singleton axes to index away."""
+
+  def __init__(self, path, arr, array, what):
+    self._arr = arr
+    self._keep = _squeeze_to_3d(arr.shape, what)
+    super().__init__(path, [arr.shape[a] for a in self._keep], self._dtype_of(arr), array)
+
+  @staticmethod
+  def _dtype_of(arr) -> np.dtype:
+    return np.dtype(arr.dtype)
+
+  def _index(self, z0: int, z1: int) -> tuple:
+    idx: list[Any] = [0] * len(self._arr.shape)
+    for a in self._keep:
+      idx[a] = slice(None)
+    idx[self._keep[0]] = slice(z0, z1)
+    return tuple(idx)
+
+  def _read(self, z0, z1):
+    return self._arr[self._index(z0, z1)]
+
+
+class NpySource(_IndexedSource):
+  kind = "npy"
+
+  def __init__(self, path: Path, array: str = "image"):
+    try:
+      arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # a truncated header, a pickle, not an .npy at all
+      raise cli.UserError(f"cannot read .npy {str(path)!r}: {cli._one_line(e)}") from None
+    if not isinstance(arr, np.ndarray):
+      raise cli.UserError(f"{str(path)!r} is not a single .npy array")
+    super().__init__(path, arr, array, f"{str(path)!r}")
+
+  def close(self):
+    mm = getattr(self._arr, "_mmap", None)
+    if mm is not None:
+      mm.close()
+
+
+class ZarrSource(_IndexedSource):
+  """A zarr v3 ('zarr3') or v2 ('zarr') array, read through tensorstore."""
+
+  def __init__(self, path: Path, driver: str, array: str = "image", what: str | None = None):
+    self.kind = driver
+    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}}
+    try:
+      arr = ts.open(spec, open=True, read=True, context=store.context()).result()
+    except Exception as e:
+      raise cli.UserError(f"cannot open zarr array {str(path)!r}: {cli._one_line(e)}") from None
+    super().__init__(path, arr, array, what or f"{str(path)!r}")
+
+  @staticmethod
+  def _dtype_of(arr) -> np.dtype:
+    try:
+      return np.dtype(arr.dtype.numpy_dtype)
+    except (TypeError, ValueError):
+      raise cli.UserError(f"unsupported zarr dtype {arr.dtype}") from None
+
+  def _read(self, z0, z1):
+    try:
+      return self._arr[self._index(z0, z1)].read().result()
+    except Exception as e:
+      raise cli.UserError(f"cannot read {str(self.path)!r} slices {z0}-{z1 - 1}: "
+                          f"{cli._one_line(e)}") from None
+
+
+class _Complaints(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.errors: list[str] = []
+
+  def emit(self, record):
+    if record.levelno >= logging.ERROR:
+      self.errors.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tiff_complaints(path: Path):
+  """tifffile logs (rather than raises) on damaged files, and the log would break the one-line
+  error contract on stderr: collect its complaints and raise the first as a UserError."""
+  logger = logging.getLogger("tifffile")
+  handler, propagate = _Complaints(), logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  damaged = lambda: (f"cannot read TIFF {str(path)!r}: damaged file "
+                     f"({cli._one_line(handler.errors[0])})")
+  try:
+    yield
+  except cli.UserError as e:
+    if handler.errors:
+      raise cli.UserError(f"{damaged()}; {e}") from None
+    raise
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+  if handler.errors:
+    raise cli.UserError(damaged())
+
+
+def _open_tiff(path: Path) -> tifffile.TiffFile:
+  try:
+    return tifffile.TiffFile(path)
+  except Exception as e:  # TiffFileError, truncated files, OSError
+    raise cli.UserError(f"cannot read TIFF {str(path)!r}: {cli._one_line(e)}") from None
+
+
+class TiffSource(VolumeSource):
+  """A multi-page TIFF: memory-mapped when uncompressed, else read a page range at a time."""
+
+  kind = "tiff"
+
+  def __init__(self, path: Path, array: str = "image"):
+    try:
+      with _tiff_complaints(path):
+        self._open(path, array)
+    except BaseException:
+      if getattr(self, "_tif", None) is not None:
+        self.close()
+      raise
+
+  def _open(self, path: Path, array: str) -> None:
+    self._tif, self._mm = _open_tiff(path), None
+    if not self._tif.series:
+      raise cli.UserError(f"TIFF {str(path)!r} holds no images")
+    series = self._tif.series[0]
+    what = f"TIFF {str(path)!r}"
+    if len(self._tif.series) > 1:
+      what += f" (first of its {len(self._tif.series)} image series)"
+    keep = _squeeze_to_3d(series.shape, what)
+    shape = [series.shape[a] for a in keep]
+    super().__init__(path, shape, series.dtype, array)
+    try:
+      mm = tifffile.memmap(path, series=0, mode="r")
+      self._mm = mm.reshape(shape) if mm.size == math.prod(shape) else None
+    except Exception:  # compressed, tiled, scattered or truncated pages: not mappable
+      self._mm = None
+    # One page per Z slice lets us read page ranges; anything else is read whole, once.
+    pages = series.pages
+    self._paged = (len(pages) == shape[0] and pages[0] is not None
+                   and math.prod(pages[0].shape) == shape[1] * shape[2])
+    self._whole = None
+
+  def _read(self, z0, z1):
+    with _tiff_complaints(self.path):
+      return self._read_pages(z0, z1)
+
+  def _read_pages(self, z0, z1):
+    try:
+      if self._mm is not None:
+        return self._mm[z0:z1]
+      if self._paged:
+        return self._tif.asarray(key=range(z0, z1), series=0)
+      if self._whole is None:
+        self._whole = self._tif.series[0].asarray().reshape(self.shape)
+      return self._whole[z0:z1]
+    except Exception as e:
+      raise cli.UserError(f"cannot read TIFF {str(self.path)!r} slices {z0}-{z1 - 1}: "
+                          f"{cli._one_line(e)}") from None
+
+  def close(self):
+    self._mm = None
+    self._tif.close()
+
+
+def natural_key(name: str) -> list:
+  """'slice_2' < 'slice_10': digit runs compare as numbers."""
+  return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _is_tiff_name(p: Path) -> bool:
+  return p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")
+
+
+class TiffFolderSource(VolumeSource):
+  """A folder of 2D TIFF slices, one per Z, in natural order; all the same shape and dtype."""
+
+  kind = "tiff-folder"
+
+  def __init__(self, path: Path, array: str = "image"):
+    files = sorted((p for p in path.iterdir() if p.is_file() and _is_tiff_name(p)),
+                   key=lambda p: natural_key(p.name))
+    if not files:
+      raise cli.UserError(f"folder {str(path)!r} contains no .tif/.tiff slices")
+    self.files = files
+    first_shape, first_dtype = None, None
+    # Check every slice's header up front, so a mismatch fails before any data is written.
+    for f in files:
+      with _tiff_complaints(f), _open_tiff(f) as tif:
+        if not tif.series:
+          raise cli.UserError(f"slice {str(f)!r} holds no image")
+        shape, dtype = self._slice_shape(f, tif.series[0]), tif.series[0].dtype
+      if first_shape is None:
+        first_shape, first_dtype = shape, dtype
+      elif shape != first_shape or dtype != first_dtype:
+        raise cli.UserError(
+            f"slice {f.name!r} is {shape} {dtype} but {files[0].name!r} is {first_shape} "
+            f"{first_dtype}; all slices in {str(path)!r} must have one shape and dtype")
+    super().__init__(path, (len(files),) + first_shape, first_dtype, array)
+
+  @staticmethod
+  def _slice_shape(f: Path, series) -> tuple[int, int]:
+    shape = tuple(int(s) for s in series.shape)
+    squeezed = tuple(s for s in shape if s != 1)
+    if len(shape) == 2:
+      return shape
+    if len(squeezed) <= 2 and len(shape) > 2:
+      return (1,) * (2 - len(squeezed)) + squeezed
+    raise cli.UserError(f"slice {str(f)!r} has shape {shape}; slices in a folder must be 2D")
+
+  def _read(self, z0, z1):
+    out = np.empty((z1 - z0,) + self.shape[1:], self.source_dtype)
+    for i, f in enumerate(self.files[z0:z1]):
+      try:
+        with _tiff_complaints(f):
+          out[i] = tifffile.imread(f, series=0).reshape(self.shape[1:])
+      except cli.UserError:
+        raise
+      except Exception as e:
+        raise cli.UserError(f"cannot read slice {str(f)!r}: {cli._one_line(e)}") from None
+    return out
+
+
+def _zarr_json_node(path: Path) -> str | None:
+  try:
+    return json.loads((path / "zarr.json").read_text()).get("node_type")
+  except (OSError, ValueError, AttributeError):
+    raise cli.UserError(f"{str(path / 'zarr.json')!r} is not valid zarr metadata") from None
+
+
+def open_volume(path: str | os.PathLike, array: str = "image") -> VolumeSource:
+  """Opens any supported input as a lazily read (Z, Y, X) volume.
+
+  `array` is "image" (dtypes converted as the module docstring says) or "labels" (integer
+  dtypes kept; floats rejected). For a bonejax scan directory it also picks the array read.
+  """
+  if array not in ("image", "labels"):
+    raise ValueError(f"array must be 'image' or 'labels', got {array!r}")
+  p = cli.require_exists(path, array)
+  if p.is_dir():
+    if (p / "zarr.json").exists():
+      node = _zarr_json_node(p)
+      if node == "array":
+        return ZarrSource(p, "zarr3", array)
+      if (p / array / "zarr.json").exists():  # a bonejax scan (or any group with that array)
+        source = ZarrSource(p / array, "zarr3", array, what=f"scan {str(p)!r} {array}")
+        source.kind, source.path = "scan", p  # report the path the user gave
+        return source
+      raise cli.UserError(f"{str(p)!r} is a zarr group without an {array!r} array; "
+                          f"point at the array itself")
+    if (p / ".zarray").exists():
+      return ZarrSource(p, "zarr", array)
+    if (p / ".zgroup").exists():
+      raise cli.UserError(f"{str(p)!r} is a zarr v2 group; point at the array inside it")
+    return TiffFolderSource(p, array)
+  suffix = p.suffix.lower()
+  if suffix == ".npy":
+    return NpySource(p, array)
+  if suffix in TIFF_SUFFIXES:
+    return TiffSource(p, array)
+  try:
+    with open(p, "rb") as f:
+      magic = f.read(4)
+  except OSError as e:
+    raise cli.UserError(f"cannot read {str(p)!r}: {cli._one_line(e)}") from None
+  if magic[:2] in (b"II", b"MM"):
+    return TiffSource(p, array)
+  if magic == b"\x93NUM":
+    return NpySource(p, array)
+  raise cli.UserError(f"{str(p)!r}: unsupported input (need a multi-page TIFF, a folder of "
+                      f"2D TIFFs, a .npy, a zarr array or a scan directory)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------------
+
+
+def _slab_reader(source):
+  """(shape, dtype, read(z0, z1)) for a tensorstore array, a VolumeSource or a numpy array."""
+  if isinstance(source, VolumeSource):
+    return source.shape, source.dtype, source.read_slab
+  if isinstance(source, store.Scan):
+    source = source.image
+  if isinstance(source, ts.TensorStore):
+    dtype = np.dtype(source.dtype.numpy_dtype)
+    return tuple(source.shape), dtype, lambda z0, z1: source[z0:z1].read().result()
+  arr = source if hasattr(source, "shape") and hasattr(source, "dtype") else np.asarray(source)
+  return tuple(arr.shape), np.dtype(arr.dtype), lambda z0, z1: np.asarray(arr[z0:z1])
+
+
+def export_tiff(source, path: str | os.PathLike, overwrite: bool = False,
+                slab: int = 64) -> dict[str, Any]:
+  """Writes a (Z, Y, X) array as a multi-page TIFF (one page per slice), slab by slab.
+
+  BigTIFF when the data would not fit classic TIFF's 4 GiB. The file appears only when
+  complete (cli.atomic_output). Returns {"output", "shape", "dtype", "bigtiff"}.
+  """
+  shape, dtype, read = _slab_reader(source)
+  if len(shape) != 3:
+    raise cli.UserError(f"can only export a 3D (Z, Y, X) volume as TIFF, got shape {shape}")
+  if dtype == np.bool_:
+    dtype = np.dtype(np.uint8)
+  slab = max(1, int(slab))
+  bigtiff = math.prod(shape) * dtype.itemsize > BIGTIFF_BYTES
+
+  def pages():
+    for z0 in range(0, shape[0], slab):
+      data = np.asarray(read(z0, min(z0 + slab, shape[0]))).astype(dtype, copy=False)
+      yield from data
+
+  with cli.atomic_output(path, overwrite) as tmp:
+    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+      tw.write(pages(), shape=shape, dtype=dtype, photometric="minisblack",
+               metadata={"axes": "ZYX"})
+  return {"output": str(path), "shape": list(shape), "dtype": dtype.name, "bigtiff": bigtiff}
+
+
+# ---------------------------------------------------------------------------------------------
+# Import.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_scan_name(name: str) -> str:
+  if not name or not _SAFE_NAME.match(name) or name in (store.DATASET_JSON, "zarr.json"):
+    raise cli.UserError(f"--scan={name!r} is not a safe scan name (letters, digits, '.', '_', "
+                        f"'-'; starting with a letter or digit)")
+  return name
+
+
+def parse_classes(text: str | Sequence[str]) -> list[str]:
+  names = text.split(",") if isinstance(text, str) else list(text)
+  names = [str(c).strip() for c in names]
+  if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+    raise cli.UserError(f"--classes={text!r} needs at least 2 distinct, non-empty names")
+  if len(names) > 256:
+    raise cli.UserError(f"--classes: at most 256 classes fit uint8 labels, got {len(names)}")
+  return names
+
+
+def _wait(futures: list) -> None:
+  for f in futures:
+    f.result()
+
+
+def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
+                  labels: str | os.PathLike | None = None,
+                  classes: str | Sequence[str] = DEFAULT_CLASSES, voxel_size_um: float = 1.0,
+                  chunks: Sequence[int] = store.DEFAULT_CHUNKS, slab: int = 64,
+                  overwrite: bool = False, progress_every_s: float = 5.0) -> dict[str, Any]:
+  """Streams a volume (and optional labels) into DATA/scan and registers it in dataset.json.
+
+  The scan is written under a temporary name and renamed into place only once complete; any
+  error leaves the dataset as it was (no scan directory, dataset.json untouched).
+  """
+  start = time.perf_counter()
+  check_scan_name(scan)
+  classes = parse_classes(classes)
+  if not (voxel_size_um > 0 and math.isfinite(voxel_size_um)):
+    raise cli.UserError(f"--voxel_size_um={voxel_size_um} must be a positive number")
+  if int(slab) < 1:
+    raise cli.UserError(f"--slab={slab} must be positive")
+  slab = int(slab)
+  chunks = tuple(int(c) for c in chunks)
+  if len(chunks) != 3 or min(chunks) < 1:
+    raise cli.UserError(f"--chunks={chunks} needs 3 positive integers")
+  if not out:
+    raise cli.UserError("no --out dataset directory given")
+  data = Path(out)
+  if data.exists() and not data.is_dir():
+    raise cli.UserError(f"--out {str(data)!r} exists and is not a directory")
+  if (data / store.DATASET_JSON).exists():
+    existing = store.open_dataset(data)
+    if existing.classes != classes:
+      raise cli.UserError(f"--classes {classes} disagree with {str(data / store.DATASET_JSON)!r}"
+                          f" classes {existing.classes}")
+  final = data / scan
+  if final.exists() and not overwrite:
+    raise cli.UserError(f"scan {str(final)!r} exists; pass --overwrite to replace it")
+
+  src = open_volume(image, "image")
+  lab = None
+  try:
+    if labels:
+      lab = open_volume(labels, "labels")
+      if lab.shape != src.shape:
+        raise cli.UserError(f"labels shape {lab.shape} != image shape {src.shape}")
+    created_data = not data.exists()
+    try:
+      stats = _stream_scan(src, lab, final, classes, voxel_size_um, chunks, slab, overwrite,
+                           progress_every_s)
+      try:
+        dataset = store.add_scan_to_dataset(data, scan, classes)
+      except BaseException:
+        cli.remove_path(final)
+        raise
+    except BaseException:
+      # Leave no empty dataset directory behind if this call made it.
+      if created_data and data.is_dir() and not any(data.iterdir()):
+        data.rmdir()
+      raise
+  finally:
+    src.close()
+    if lab is not None:
+      lab.close()
+  return {"dataset": str(data), "scan": scan, "path": str(final), "shape": list(src.shape),
+          "dtype": src.dtype.name, "source_dtype": src.source_dtype.name,
+          "has_labels": lab is not None, "classes": classes,
+          "num_scans": len(dataset.scans), "voxel_size_um": float(voxel_size_um),
+          "intensity": stats, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, classes: list[str],
+                 voxel_size_um: float, chunks: Sequence[int], slab: int, overwrite: bool,
+                 progress_every_s: float) -> dict[str, Any]:
+  attrs = {
+      "voxel_size_um": float(voxel_size_um),
+      "source": str(Path(src.path).resolve()),
+      "source_dtype": src.source_dtype.name,
+      "imported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "bonejax_version": bonejax.__version__,
+  }
+  if lab is not None:
+    attrs["labels_source"] = str(Path(lab.path).resolve())
+  depth = src.shape[0]
+  n_slabs = -(-depth // slab)
+  with cli.atomic_output(final, overwrite) as tmp:
+    scan = store.create_scan(tmp, src.shape, src.dtype, lab is not None, attrs, chunks)
+    acc = intensity.StatsAccumulator(src.dtype, math.prod(src.shape))
+    progress = cli.Progress(total=n_slabs, desc=f"import {final.name}", unit="slabs",
+                            every_s=progress_every_s)
+    in_flight: list = []  # [futures of the previous slab, futures of this one]
+    try:
+      for z0 in range(0, depth, slab):
+        z1 = min(z0 + slab, depth)
+        where = f"(slices {z0}-{z1 - 1})"
+        img = src.read_slab(z0, z1)
+        try:
+          # A few planes at a time: the statistics make float64 temporaries of what they get.
+          step = max(1, STATS_VOXELS // (img.shape[1] * img.shape[2]))
+          for p0 in range(0, img.shape[0], step):
+            acc.update(img[p0:p0 + step])
+        except cli.UserError as e:
+          raise cli.UserError(f"{src.path}: {e} {where}") from None
+        lbl = None
+        if lab is not None:
+          lbl = lab.read_slab(z0, z1)
+          try:
+            store.validate_labels(lbl, img.shape, len(classes))
+          except cli.UserError as e:
+            raise cli.UserError(f"{lab.path}: {e} {where}") from None
+        in_flight.append([store.write_slab(scan.image, 0, z0, img)])
+        if lbl is not None:
+          in_flight[-1].append(store.write_slab(scan.labels, 0, z0, lbl.astype(np.uint8)))
+        # The next slab is read while this one is written; at most two slabs in memory.
+        if len(in_flight) > 1:
+          _wait(in_flight.pop(0))
+        progress.update(1)
+      while in_flight:
+        _wait(in_flight.pop(0))
+    finally:
+      # Never let the temporary scan be deleted under writes still in flight.
+      for futures in in_flight:
+        for f in futures:
+          try:
+            f.result()
+          except Exception:  # pylint: disable=broad-except
+            pass
+    stats = acc.finalize()
+    store.update_scan_attrs(scan, intensity=stats)
+    progress.close()
+  return stats
