@@ -13,11 +13,13 @@ A mean over no defined class is NaN too.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from bonejax import cli
+
+_PIECE = 1 << 24  # voxels per bincount
 
 
 def _check_pair(pred: np.ndarray, truth: np.ndarray) -> None:
@@ -29,7 +31,7 @@ def _check_pair(pred: np.ndarray, truth: np.ndarray) -> None:
       raise cli.UserError(f"{name} labels must be integers, got {a.dtype}")
 
 
-def _check_range(a: np.ndarray, num_classes: int, name: str) -> None:
+def check_range(a: np.ndarray, num_classes: int, name: str) -> None:
   if a.size == 0:
     return
   lo, hi = int(a.min()), int(a.max())
@@ -45,12 +47,16 @@ def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> n
     raise cli.UserError(f"number of classes must be >= 1, got {num_classes}")
   pred, truth = np.asarray(pred), np.asarray(truth)
   _check_pair(pred, truth)
-  _check_range(pred, num_classes, "prediction")
-  _check_range(truth, num_classes, "truth")
-  # One bincount over a combined index is several times faster than C*C boolean reductions.
-  index = truth.astype(np.int64).ravel() * num_classes + pred.ravel()
-  counts = np.bincount(index, minlength=num_classes * num_classes)
-  return counts.reshape(num_classes, num_classes).astype(np.int64)
+  check_range(pred, num_classes, "prediction")
+  check_range(truth, num_classes, "truth")
+  # One bincount over a combined index is several times faster than C*C boolean reductions;
+  # in pieces, so the int64 index costs 128 MB however large the slab.
+  pred, truth = pred.ravel(), truth.ravel()
+  counts = np.zeros(num_classes * num_classes, np.int64)
+  for i in range(0, truth.size, _PIECE):
+    index = truth[i:i + _PIECE].astype(np.int64) * num_classes + pred[i:i + _PIECE]
+    counts += np.bincount(index, minlength=num_classes * num_classes)
+  return counts.reshape(num_classes, num_classes)
 
 
 def confusion_matrix_jax(pred, truth, num_classes: int, mask=None):
@@ -70,17 +76,25 @@ def confusion_matrix_jax(pred, truth, num_classes: int, mask=None):
   pred = pred.astype(jnp.int32).ravel()
   truth = truth.astype(jnp.int32).ravel()
   valid = (pred >= 0) & (pred < c) & (truth >= 0) & (truth < c)
-  if mask is not None and jnp.issubdtype(mask.dtype, jnp.floating):
-    weights = jnp.where(valid, mask.astype(jnp.float32).ravel(), 0.0)
-    index = jnp.where(valid, truth * c + pred, 0)
-    counts = jnp.bincount(index, weights=weights, length=c * c)
-    return counts.reshape(c, c).astype(jnp.float32)
-  if mask is not None:
+  # Compare-and-sum over a (voxels, C*C) one-hot that XLA fuses and never materialises: a plain
+  # reduction, so it runs on sharded batches, where jnp.bincount (a scatter) fails under jit.
+  if mask is not None and not jnp.issubdtype(mask.dtype, jnp.floating):
     valid = valid & mask.astype(bool).ravel()
-  # Dropped voxels go to an extra bin past the end, sliced off: no weights array needed.
-  index = jnp.where(valid, truth * c + pred, c * c)
-  counts = jnp.bincount(index, length=c * c + 1)[:c * c]
-  return counts.reshape(c, c).astype(jnp.int32)
+  index = jnp.where(valid, truth * c + pred, c * c)  # c*c matches no bin: dropped
+  hits = index[:, None] == jnp.arange(c * c, dtype=jnp.int32)[None, :]
+  if mask is not None and jnp.issubdtype(mask.dtype, jnp.floating):
+    weights = mask.astype(jnp.float32).ravel()[:, None]
+    return jnp.sum(jnp.where(hits, weights, 0.0), axis=0).reshape(c, c)
+  return jnp.sum(hits, axis=0, dtype=jnp.int32).reshape(c, c)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Voxels per class (int64), in pieces so bincount's int64 copy stays small."""
+  flat = np.asarray(labels).ravel()
+  counts = np.zeros(num_classes, np.int64)
+  for i in range(0, flat.size, _PIECE):
+    counts += np.bincount(flat[i:i + _PIECE], minlength=num_classes)[:num_classes]
+  return counts
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -181,11 +195,13 @@ def shape_of(arr: Any) -> tuple[int, ...]:
 
 
 def streamed_confusion(pred_arr: Any, truth_arr: Any, num_classes: int, slab: int = 64,
-                       progress: bool | cli.Progress | None = None) -> np.ndarray:
+                       progress: bool | cli.Progress | None = None,
+                       on_slab: Callable[..., None] | None = None) -> np.ndarray:
   """Confusion matrix over Z slabs, never holding more than one slab of each volume.
 
   Several scans pool by summing their matrices. `progress`: True for a stderr progress line,
-  or a cli.Progress to update (by slices).
+  or a cli.Progress to update (by slices). `on_slab(z0, pred, truth, slab_cm)` sees every slab
+  once, so other statistics (per-slice profiles) share the same read.
   """
   shape = shape_of(truth_arr)
   if shape_of(pred_arr) != shape:
@@ -198,7 +214,10 @@ def streamed_confusion(pred_arr: Any, truth_arr: Any, num_classes: int, slab: in
   for z0 in range(0, shape[0], slab):
     z1 = min(z0 + slab, shape[0])
     pred, truth = read_slabs([pred_arr, truth_arr], z0, z1)
-    cm += confusion_matrix(pred, truth, num_classes)
+    part = confusion_matrix(pred, truth, num_classes)
+    cm += part
+    if on_slab is not None:
+      on_slab(z0, pred, truth, part)
     if bar is not None:
       bar.update(z1 - z0)
   if progress is True:

@@ -1,11 +1,15 @@
-"""Confusion matrix and scores against hand-worked cases and a plain loop in float64."""
+"""Confusion matrix and scores against hand-worked cases and a plain loop in float64; the
+evaluation report (bonejax/report.py) and launch/evaluate.py."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bonejax import cli, metrics, store
+from bonejax import cli, metrics, report, store
 
 # (truth, pred) pairs: (0,0) (0,1) (1,1) (1,1) (2,2) (2,0)
 TRUTH = np.array([0, 0, 1, 1, 2, 2], np.uint8)
@@ -107,3 +111,96 @@ def test_bad_inputs():
     metrics.confusion_matrix(np.zeros(3, np.uint8), np.zeros(4, np.uint8), 3)
   with pytest.raises(cli.UserError, match="negative"):
     metrics.confusion_matrix(np.array([0, -1]), np.array([0, 1]), 3)
+
+
+def test_jax_confusion_on_a_sharded_batch():
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n = jax.device_count()
+  rng = np.random.default_rng(4)
+  truth = rng.integers(0, 3, (2 * n, 4, 4)).astype(np.uint8)
+  pred = rng.integers(0, 3, (2 * n, 4, 4)).astype(np.uint8)
+  mesh = jax.make_mesh((n,), ("data",))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+  got = jax.jit(metrics.confusion_matrix_jax, static_argnums=2)(put(pred), put(truth), 3)
+  np.testing.assert_array_equal(np.asarray(got), metrics.confusion_matrix(pred, truth, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation report and launch/evaluate.py.
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dataset(tmp_path):
+  z, y, x = np.mgrid[:9, :12, :12]
+  truth = np.where((y - 6) ** 2 + (x - 6) ** 2 < 16, 1, 0).astype(np.uint8)
+  truth[(y - 6) ** 2 + (x - 6) ** 2 < 4] = 2
+  image = (truth * 90 + 10).astype(np.uint8)
+  store.write_scan(tmp_path / "DATA" / "scan_000", image, truth, {"voxel_size_um": 5.0},
+                   chunks=(4, 12, 12))
+  store.write_dataset_json(tmp_path / "DATA", ["background", "bone", "pore"], ["scan_000"])
+  pred = truth.copy()
+  pred[0] = 0  # the first slice misses all foreground
+  np.save(tmp_path / "pred.npy", pred)
+  return tmp_path / "DATA" / "scan_000", tmp_path / "pred.npy", truth, pred
+
+
+def test_evaluate_report(tmp_path):
+  scan, pred_path, truth, pred = _dataset(tmp_path)
+  ev = report.evaluate(pred_path, scan, pictures=True, overlay_slices=[0, 8], slab=4,
+                       progress=False)
+  expected = metrics.scores(metrics.confusion_matrix(pred, truth, 3))
+  r = ev.result
+  assert r["classes"] == ["background", "bone", "pore"] and r["voxel_size_um"] == 5.0
+  assert r["iou"]["bone"] == pytest.approx(expected["iou"][1])
+  assert r["miou_fg"] == pytest.approx(expected["miou_fg"])
+  assert r["measures"]["bv_tv"]["truth"] == pytest.approx(np.sum(truth == 1) / np.sum(truth > 0))
+  z_profile = ev.profiles[0]
+  assert z_profile[0] == 0 and z_profile[1] == pytest.approx(1.0)
+  out = report.write(ev, tmp_path / "rep" / "report.json")
+  assert json.loads(Path(out["out"]).read_text())["miou_fg"] == pytest.approx(r["miou_fg"])
+  assert "| 1 bone |" in Path(out["report_md"]).read_text()
+  assert all(Path(p).stat().st_size > 0 for p in out["pictures"]) and len(out["pictures"]) == 3
+
+
+def test_evaluate_classes_and_bad_inputs(tmp_path):
+  scan, pred_path, truth, _ = _dataset(tmp_path)
+  # Outside a dataset, without names: max label + 1 classes.
+  np.save(tmp_path / "truth.npy", truth)
+  r = report.evaluate(pred_path, tmp_path / "truth.npy", progress=False).result
+  assert r["classes"] == ["class_0", "class_1", "class_2"] and r["measures"] == {}
+  with pytest.raises(cli.UserError, match="disagrees with the dataset"):
+    report.evaluate(pred_path, scan, num_classes=4, progress=False)
+  with pytest.raises(cli.UserError, match="shape"):
+    np.save(tmp_path / "small.npy", truth[:5])
+    report.evaluate(tmp_path / "small.npy", scan, progress=False)
+  with pytest.raises(cli.UserError, match="does not exist"):
+    report.evaluate(tmp_path / "nope.zarr", scan, progress=False)
+  with pytest.raises(cli.UserError, match="number of classes 2"):
+    report.evaluate(pred_path, tmp_path / "truth.npy", num_classes=2, progress=False)
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args],
+                        capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_cli(tmp_path):
+  scan, pred_path, truth, _ = _dataset(tmp_path)
+  bad = truth.copy()
+  bad[0, 0, 0] = 3
+  np.save(tmp_path / "bad.npy", bad)
+  out = tmp_path / "rep" / "report.json"
+  p = _run(f"--pred={tmp_path / 'bad.npy'}", f"--truth={scan}", f"--out={out}")
+  assert p.returncode != 0
+  assert p.stderr.strip().splitlines()[-1].startswith("error: prediction label value 3 >=")
+  assert "Traceback" not in p.stderr and not out.parent.exists()
+  p = _run(f"--pred={pred_path}", f"--truth={scan}", f"--out={out}")
+  assert p.returncode == 0, p.stderr
+  last = json.loads(p.stdout.strip().splitlines()[-1])
+  assert set(last["iou"]) == {"background", "bone", "pore"} and "miou_fg" in last
+  assert out.exists() and out.with_suffix(".md").exists()
+  p = _run(f"--pred={pred_path}", f"--truth={scan}", f"--out={out}")
+  assert p.returncode != 0 and "exists" in p.stderr and "Traceback" not in p.stderr

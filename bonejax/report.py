@@ -1,0 +1,397 @@
+"""An evaluation report: scores and bone measures of a prediction against the truth.
+
+`evaluate(...)` opens the two label volumes (any input `volume_io.open_volume` reads: a zarr v3
+array, a scan directory's labels, a TIFF, a .npy), streams them once for the confusion matrix
+and the per-slice IoU profiles, measures both (bonejax.measures), and returns an `Evaluation`.
+`write(...)` turns it into REPORT.json, REPORT.md and, optionally, PNG pictures: a per-slice
+foreground IoU profile along each axis and overlays of chosen Z slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bonejax import cli, measures, metrics, store, volume_io
+
+# Fixed colours by class index (Okabe-Ito), so a class looks the same in every picture.
+COLOURS = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
+           "#CC79A7")
+UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
+
+
+def colour(k: int) -> str:
+  """Class k's colour; past the table, foreground colours repeat (black stays background)."""
+  return COLOURS[k] if k < len(COLOURS) else COLOURS[1 + (k - 1) % (len(COLOURS) - 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _zarr_attrs(path: Path) -> dict[str, Any]:
+  try:
+    return dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
+  except (OSError, ValueError):
+    return {}
+
+
+def _scan_dir_of(path: Path) -> Path | None:
+  """The scan a labels path belongs to: the scan dir itself or SCAN/labels."""
+  if store.is_scan(path):
+    return path
+  if path.name == "labels" and store.is_scan(path.parent):
+    return path.parent
+  return None
+
+
+def dataset_classes(truth: str | os.PathLike) -> list[str] | None:
+  """Class names of the dataset the truth scan lives in (None if it is not in one)."""
+  scan = _scan_dir_of(Path(truth))
+  if scan is not None and (scan.parent / store.DATASET_JSON).exists():
+    return store.open_dataset(scan.parent).classes
+  return None
+
+
+def voxel_size_of(*paths: str | os.PathLike) -> float | None:
+  """voxel_size_um from the first scan (or array with that attribute) among `paths`."""
+  for p in paths:
+    if p is None:
+      continue
+    p = Path(p)
+    for d in (_scan_dir_of(p), p if p.is_dir() else None):
+      if d is not None:
+        v = _zarr_attrs(d).get("voxel_size_um")
+        if v is not None:
+          return float(v)
+  return None
+
+
+def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
+                    num_classes: int | None) -> list[str] | None:
+  """Class names from --classes, --num_classes and the dataset; None: infer from the labels."""
+  ds = dataset_classes(truth)
+  if classes is not None and len(classes) < 2:
+    raise cli.UserError(f"--classes needs at least 2 names, got {list(classes)}")
+  if num_classes is not None and num_classes < 2:
+    raise cli.UserError(f"--num_classes={num_classes} must be >= 2")
+  if ds is not None:
+    if num_classes is not None and num_classes != len(ds):
+      raise cli.UserError(f"--num_classes={num_classes} disagrees with the dataset's "
+                          f"{len(ds)} classes {ds}")
+    if classes is not None and len(classes) != len(ds):
+      raise cli.UserError(f"--classes has {len(classes)} names but the dataset has "
+                          f"{len(ds)} classes {ds}")
+  if classes is not None:
+    if num_classes is not None and num_classes != len(classes):
+      raise cli.UserError(f"--num_classes={num_classes} disagrees with --classes "
+                          f"({len(classes)} names)")
+    return [str(c) for c in classes]
+  if ds is not None:
+    return ds
+  if num_classes is not None:
+    return metrics.class_names_for(num_classes)
+  return None
+
+
+def open_labels(path: str | os.PathLike, what: str) -> volume_io.VolumeSource:
+  p = cli.require_exists(path, what)
+  if store.is_scan(p) and not (p / "labels" / "zarr.json").exists():
+    raise cli.UserError(f"{what} scan {str(p)!r} has no labels")
+  src = volume_io.open_volume(p, array="labels")
+  if 0 in src.shape:
+    raise cli.UserError(f"{what} {str(path)!r} is empty (shape {src.shape})")
+  return src
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slice profiles (streamed with the confusion matrix).
+# ---------------------------------------------------------------------------------------------
+
+
+class SliceProfile:
+  """Per class and per slice index along Z, Y and X: intersection and union voxel counts."""
+
+  def __init__(self, shape: Sequence[int], num_classes: int):
+    self.shape = tuple(shape)
+    self.inter = [np.zeros((n, num_classes), np.int64) for n in shape]
+    self.union = [np.zeros((n, num_classes), np.int64) for n in shape]
+
+  def update(self, z0: int, pred: np.ndarray, truth: np.ndarray, cm: np.ndarray) -> None:
+    """Adds one Z slab; `cm` is its confusion matrix (it says which classes occur)."""
+    z1 = z0 + truth.shape[0]
+    # Only classes present in this slab: a loop over all 256 possible labels would crawl.
+    for k in np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1)).tolist():
+      t, p = truth == k, pred == k
+      inter, union = t & p, t | p
+      for axis, others in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1))):
+        rows = slice(z0, z1) if axis == 0 else slice(None)
+        self.inter[axis][rows, k] += inter.sum(axis=others)
+        self.union[axis][rows, k] += union.sum(axis=others)
+
+  def foreground_iou(self, num_classes: int) -> list[np.ndarray]:
+    """Mean IoU over classes 1.. with a non-empty union, per slice index (NaN: none)."""
+    out = []
+    for inter, union in zip(self.inter, self.union):
+      inter, union = inter[:, 1:num_classes], union[:, 1:num_classes]
+      iou = np.full(inter.shape, np.nan)
+      np.divide(inter, union, out=iou, where=union > 0)
+      defined = union > 0
+      with np.errstate(invalid="ignore"):
+        out.append(np.where(defined.any(axis=1), np.nansum(iou, axis=1) /
+                            np.maximum(defined.sum(axis=1), 1), np.nan))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Evaluation:
+  result: dict[str, Any]                      # the JSON report
+  profiles: list[np.ndarray] | None = None    # foreground IoU per slice along Z, Y, X
+  overlays: dict[int, tuple] = dataclasses.field(default_factory=dict)  # z -> (img, truth, pred)
+
+
+def default_overlay_slices(depth: int) -> list[int]:
+  return sorted({min(depth - 1, max(0, round(depth * f))) for f in (0.25, 0.5, 0.75)})
+
+
+def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
+             classes: Sequence[str] | None = None, num_classes: int | None = None,
+             options: measures.Options | None = None, voxel_size_um: float | None = None,
+             image: str | os.PathLike | None = None, pictures: bool = False,
+             overlay_slices: Sequence[int] | None = None, slab: int = 64,
+             progress: bool = True) -> Evaluation:
+  """Scores and measures of `pred` against `truth` (paths). Raises cli.UserError on bad input."""
+  start = time.perf_counter()
+  options = options or measures.Options()
+  options.validate()
+  names = resolve_classes(truth, classes, num_classes)
+  truth_src = open_labels(truth, "truth")
+  pred_src = open_labels(pred, "prediction")
+  if pred_src.shape != truth_src.shape:
+    raise cli.UserError(f"prediction shape {pred_src.shape} != truth shape {truth_src.shape}")
+  shape = truth_src.shape
+  if voxel_size_um is None:
+    voxel_size_um = voxel_size_of(truth, pred)
+  voxel_known = voxel_size_um is not None
+  voxel_size_um = float(voxel_size_um) if voxel_known else 1.0
+  if not (math.isfinite(voxel_size_um) and voxel_size_um > 0):
+    raise cli.UserError(f"voxel size {voxel_size_um} um must be a positive number")
+
+  image_src = None
+  slices: list[int] = []
+  if pictures:
+    slices = sorted(set(overlay_slices)) if overlay_slices else default_overlay_slices(shape[0])
+    bad = [z for z in slices if not 0 <= z < shape[0]]
+    if bad:
+      raise cli.UserError(f"overlay slices {bad} are outside 0..{shape[0] - 1}")
+    image_path = image if image is not None else (truth if _scan_dir_of(Path(truth)) else None)
+    if image_path is not None:
+      scan = _scan_dir_of(Path(image_path))
+      image_src = volume_io.open_volume(cli.require_exists(scan or image_path, "image"))
+      if image_src.shape != shape:
+        raise cli.UserError(f"image shape {image_src.shape} != label shape {shape}")
+
+  c = len(names) if names is not None else UNKNOWN_CLASSES_MAX
+  profile = SliceProfile(shape, c) if pictures else None
+  planes: dict[int, list] = {}
+
+  def on_slab(z0, p, t, slab_cm):
+    if profile is not None:
+      profile.update(z0, p, t, slab_cm)
+    for z in slices:
+      if z0 <= z < z0 + t.shape[0]:
+        planes[z] = [None, t[z - z0].copy(), p[z - z0].copy()]
+
+  cm = metrics.streamed_confusion(pred_src, truth_src, c, slab=slab, progress=progress,
+                                  on_slab=on_slab)
+  if names is None:  # max label + 1 across both volumes
+    used = np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))
+    c = max(2, int(used.max()) + 1 if used.size else 1)
+    cm = cm[:c, :c]
+    names = metrics.class_names_for(c)
+  s = metrics.scores(cm, names)
+
+  m_pred = measures.measure(pred_src, names, voxel_size_um, options, slab=slab,
+                            progress=progress)
+  m_truth = measures.measure(truth_src, names, voxel_size_um, options, slab=slab,
+                             progress=progress)
+  for z in slices:
+    if image_src is not None:
+      planes[z][0] = image_src.read_slab(z, z + 1)[0]
+  result = {
+      "pred": str(pred), "truth": str(truth),
+      "shape": list(shape), "voxels": s["voxels"],
+      "voxel_size_um": voxel_size_um if voxel_known else None,
+      "classes": names, "num_classes": len(names),
+      "iou": metrics.by_class(s["iou"], names),
+      "dice": metrics.by_class(s["dice"], names),
+      "precision": metrics.by_class(s["precision"], names),
+      "recall": metrics.by_class(s["recall"], names),
+      "miou_all": s["miou_all"], "miou_fg": s["miou_fg"],
+      "mdice_all": s["mdice_all"], "mdice_fg": s["mdice_fg"],
+      "accuracy": s["accuracy"],
+      "truth_voxels": metrics.by_class(s["truth_voxels"], names),
+      "pred_voxels": metrics.by_class(s["pred_voxels"], names),
+      "confusion": s["confusion"],
+      "measures": measures.compare(m_pred, m_truth),
+      "measure_options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},
+      "seconds": round(time.perf_counter() - start, 3),
+  }
+  if not voxel_known and result["measures"]:
+    result["warning"] = "voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)"
+  return Evaluation(result, profile.foreground_iou(len(names)) if profile else None,
+                    {z: tuple(v) for z, v in planes.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "n/a"
+  return format(v, fmt)
+
+
+def _pct(v: Any) -> str:
+  return "n/a" if v is None else f"{v * 100:+.1f} %"
+
+
+def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
+  names = result["classes"]
+  lines = ["# Segmentation evaluation", "",
+           f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`",
+           f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels"
+           + (f", voxel {result['voxel_size_um']:g} um" if result.get("voxel_size_um") else ""),
+           "", "## Per class", "",
+           "| class | IoU | Dice | precision | recall | truth voxels | predicted voxels |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for i, n in enumerate(names):
+    lines.append(f"| {i} {n} | {_num(result['iou'][n])} | {_num(result['dice'][n])} | "
+                 f"{_num(result['precision'][n])} | {_num(result['recall'][n])} | "
+                 f"{result['truth_voxels'][n]:,} | {result['pred_voxels'][n]:,} |")
+  lines += ["", "| mean | IoU | Dice |", "|---|---:|---:|",
+            f"| all classes | {_num(result['miou_all'])} | {_num(result['mdice_all'])} |",
+            f"| foreground (classes > 0) | {_num(result['miou_fg'])} | "
+            f"{_num(result['mdice_fg'])} |", "",
+            f"Voxel accuracy {_num(result['accuracy'])}. A class absent from both truth and "
+            "prediction has no IoU (n/a) and is left out of the means.", ""]
+  if result["measures"]:
+    lines += ["## Bone measures", "", "| measure | prediction | truth | relative difference |",
+              "|---|---:|---:|---:|"]
+    for k, v in result["measures"].items():
+      lines.append(f"| {k} | {_num(v['pred'], '.4g')} | {_num(v['truth'], '.4g')} | "
+                   f"{_pct(v['rel_diff'])} |")
+    lines += ["", "Fractions (bv_tv, porosity, bic) are in [0, 1]; relative difference = "
+              "(prediction - truth) / truth."]
+    if result.get("warning"):
+      lines += ["", f"Warning: {result['warning']}."]
+    lines.append("")
+  lines += ["## Confusion matrix (rows: truth, columns: prediction)", "",
+            "| truth \\ pred | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names)]
+  for n, row in zip(names, result["confusion"]):
+    lines.append(f"| {n} | " + " | ".join(f"{v:,}" for v in row) + " |")
+  if pictures:
+    lines += ["", "## Pictures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in pictures]
+  return "\n".join(lines) + "\n"
+
+
+def picture_paths(out: str | os.PathLike, overlay_slices: Sequence[int]) -> list[Path]:
+  out = Path(out)
+  return ([out.with_name(f"{out.stem}_iou_profile.png")] +
+          [out.with_name(f"{out.stem}_overlay_z{z:05d}.png") for z in overlay_slices])
+
+
+def _save(fig, path: Path) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+  except BaseException:
+    cli.remove_path(tmp)
+    raise
+
+
+def plot_profile(profiles: Sequence[np.ndarray], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for name, prof in zip("ZYX", profiles):
+    ax.plot(np.arange(len(prof)), prof, label=f"along {name}", lw=1.2)
+  ax.set_xlabel("slice index")
+  ax.set_ylabel("foreground mean IoU")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  ax.set_title("Per-slice foreground IoU")
+  _save(fig, path)
+  plt.close(fig)
+
+
+def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.ndarray,
+                 names: Sequence[str], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.colors import ListedColormap
+  from matplotlib.patches import Patch
+  c = len(names)
+  cmap = ListedColormap([colour(k) for k in range(c)])
+  fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+  grey = None
+  if image is not None:
+    img = np.asarray(image, np.float32)
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    grey = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
+  for ax, title, lab in zip(axes, ("image", "truth", "prediction"), (None, truth, pred)):
+    if grey is not None:
+      ax.imshow(grey, cmap="gray", interpolation="nearest")
+    if lab is not None:
+      # Over the image, background stays see-through; without an image, it is drawn black.
+      shown = np.ma.masked_equal(lab, 0) if grey is not None else lab
+      ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=c - 0.5, interpolation="nearest",
+                alpha=0.5 if grey is not None else 1.0)
+    elif grey is None:
+      ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{title}, z = {z}")
+    ax.set_axis_off()
+  fig.legend(handles=[Patch(color=colour(k), label=f"{k} {n}") for k, n in enumerate(names)],
+             loc="lower center", ncol=min(c, 6), frameon=False)
+  fig.subplots_adjust(bottom=0.12)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
+  """Writes pictures, OUT.md, then OUT.json (last, so its presence means a full report)."""
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  md = out.with_suffix(".md")
+  pictures: list[Path] = []
+  if ev.profiles is not None:
+    pictures = picture_paths(out, sorted(ev.overlays))
+    plot_profile(ev.profiles, pictures[0])
+    for z, p in zip(sorted(ev.overlays), pictures[1:]):
+      plot_overlay(z, *ev.overlays[z], ev.result["classes"], p)
+  result = dict(ev.result, out=str(out), report_md=str(md),
+                pictures=[str(p) for p in pictures])
+  cli.atomic_write_text(md, markdown(result, [str(p) for p in pictures]))
+  cli.atomic_write_json(out, result)
+  return result

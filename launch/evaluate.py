@@ -1,0 +1,101 @@
+r"""Scores a predicted segmentation against the truth and measures bone in both.
+
+  python launch/evaluate.py --pred=/tmp/pred.zarr --truth=DATA/scan_003 --out=/tmp/report.json \
+      --pictures
+
+--pred and --truth: a zarr v3 labels array (what predict.py writes), a scan directory (its
+labels), a multi-page TIFF or a .npy. Class names come from --classes, else from the
+dataset.json beside the truth scan, else --num_classes, else max label + 1 (class_0, ...).
+Writes REPORT.json and REPORT.md (per-class IoU / Dice / precision / recall, means, bone
+measures of prediction and truth with relative differences) and with --pictures a per-slice IoU
+profile and overlays of Z slices as PNGs beside them. Streams both volumes slab by slab.
+The last stdout line is the JSON report: iou and dice per class, miou_all, miou_fg, measures.
+"""
+
+import sys
+from pathlib import Path
+
+# Lets `python launch/evaluate.py` run from a checkout that is not pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from absl import flags  # noqa: E402
+
+from bonejax import cli, measures, report  # noqa: E402  (no jax: start-up stays fast)
+
+_PRED = flags.DEFINE_string("pred", None, "Predicted labels: zarr v3 array, scan directory, "
+                            "TIFF or .npy.", required=True)
+_TRUTH = flags.DEFINE_string("truth", None, "True labels: scan directory (its labels), zarr "
+                             "v3 array, TIFF or .npy.", required=True)
+_OUT = flags.DEFINE_string("out", None, "REPORT.json path; REPORT.md (and pictures) are "
+                           "written beside it.", required=True)
+_CLASSES = flags.DEFINE_string("classes", None, "Comma-separated class names, class 0 first "
+                               "(default: the truth's dataset.json).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Number of classes; must agree with "
+                                    "the dataset and --classes when those are known.")
+_PICTURES = flags.DEFINE_bool("pictures", False, "Also write PNGs: per-slice IoU profile and "
+                              "overlays of Z slices.")
+_IMAGE = flags.DEFINE_string("image", None, "Scan or volume shown under the overlays "
+                             "(default: the truth scan's image).")
+_SLICES = flags.DEFINE_string("overlay_slices", None, "Comma-separated Z indices for the "
+                              "overlays (default: at 1/4, 1/2 and 3/4 of the depth).")
+_VOXEL = flags.DEFINE_float("voxel_size_um", None, "Voxel size in um (default: the truth "
+                            "scan's, else the prediction's).")
+_ROI = flags.DEFINE_float("roi_distance_um", None, "Implants: BV/TV in a shell this far "
+                          "around the implant (default: everything outside the implant).")
+_TIME = flags.DEFINE_float("implant_time_years", None, "Implants: time since implantation, "
+                           "needed for the degradation rate.")
+_VI = flags.DEFINE_float("initial_volume_mm3", None, "Implants: initial implant volume "
+                         "(default: volume of degradation layer + residual material).")
+_AI = flags.DEFINE_float("initial_surface_mm2", None, "Implants: initial implant surface "
+                         "(default: estimated from degradation layer + residual material).")
+_SLAB = flags.DEFINE_integer("slab", 64, "Z slices read at a time.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing report.")
+
+
+def _parse_slices(text):
+  try:
+    return [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise cli.UserError(f"--overlay_slices={text!r} is not a comma-separated list of "
+                        f"integers") from None
+
+
+def _check_absent(paths):
+  for p in paths:
+    if p.exists() and not _OVERWRITE.value:
+      raise cli.UserError(f"output {str(p)!r} exists; pass --overwrite to replace it")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _SLAB.value < 1:
+    raise cli.UserError(f"--slab={_SLAB.value} must be >= 1")
+  out = Path(_OUT.value)
+  if out.suffix.lower() != ".json":
+    raise cli.UserError(f"--out={str(out)!r} must end in .json")
+  if out.exists() and out.is_dir():
+    raise cli.UserError(f"--out={str(out)!r} is a directory")
+  classes = None
+  if _CLASSES.value is not None:
+    classes = [c.strip() for c in _CLASSES.value.split(",")]
+    if any(not c for c in classes) or len(set(classes)) != len(classes):
+      raise cli.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
+  slices = _parse_slices(_SLICES.value) if _SLICES.value else None
+  # Fail on an existing output before any work; nothing (not even a folder) is made until the
+  # report is complete.
+  _check_absent([out, out.with_suffix(".md")])
+  ev = report.evaluate(
+      _PRED.value, _TRUTH.value, classes=classes, num_classes=_NUM_CLASSES.value,
+      options=measures.Options(
+          roi_distance_um=_ROI.value, implant_time_years=_TIME.value,
+          initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
+      voxel_size_um=_VOXEL.value, image=_IMAGE.value, pictures=_PICTURES.value,
+      overlay_slices=slices, slab=_SLAB.value)
+  if _PICTURES.value:
+    _check_absent(report.picture_paths(out, sorted(ev.overlays)))
+  return report.write(ev, out)
+
+
+if __name__ == "__main__":
+  cli.run(main)
