@@ -1,0 +1,528 @@
+"""The training patch stream and the fixed validation batches.
+
+Training records are (scan, axis, plane, crop origin): 2D patches cut from planes perpendicular
+to any of the requested axes, so one 2D model learns all three viewing directions (what
+multi-plane prediction votes over). One epoch enumerates, for every training scan, axis and
+plane, `patches_per_plane` crops at random origins (new origins every epoch), plus optional
+extra records from planes holding the rarest classes. Grain shuffles the record indices
+(a fresh permutation every epoch, forever); whole batches are then read straight from
+tensorstore: all crops' reads are issued together and waited on by a thread pool (as in
+connectomics), never per-item multiprocessing. A background thread keeps `prefetch` batches in
+flight while the device trains.
+
+Everything a batch holds is a pure function of (seed, global record position, host): crop
+origins come from a counter-based hash, not from a stateful RNG. So the iterator state is one
+integer, `position` (records consumed by all hosts together), and restoring it gives exactly
+the batches an uninterrupted run would have seen.
+
+Multi-host: global batch b covers stream positions [b*G, (b+1)*G); host p reads the slice
+[b*G + p*L, b*G + (p+1)*L) with L = G / process_count. The hosts' batches are disjoint and
+together are the single-host global batch.
+
+Choices worth knowing:
+- Intensities are normalised on the host into float32 with the scan's stored statistics
+  (intensity.normalize). It costs a few ms per batch on the host, keeps mixed-dtype datasets
+  (uint8/uint16/float32 scans) on one code path, and keeps the device step free of per-scan
+  parameters. Shipping uint16 plus (offset, scale) would halve host->device bytes; at
+  32 x 256^2 x 4 B = 8 MiB per batch that is not the bottleneck.
+- A scan smaller than the patch is padded by mirror reflection (no edge repeat), image and
+  label alike. Constant padding would pair an artificial black border with the background
+  label, teaching the model that "dark edge = background", which is wrong for bone cut by the
+  field of view; the mirrored image keeps its own, correct labels.
+- Reads are 2D boxes from 3D chunks (e.g. 64^3): a 256^2 plane crop touches 16 chunks. The
+  shared tensorstore chunk cache (store.context) absorbs this for scans that fit it; for larger
+  scans raise BONEJAX_CACHE_BYTES or store the scans with flatter chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from bonejax import cli, intensity, store
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+  x = x.astype(np.uint64)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def _hash(*keys) -> np.ndarray:
+  """A deterministic 64-bit hash of integer keys (scalars or arrays, broadcast)."""
+  h = np.asarray(0x9E3779B97F4A7C15, np.uint64)
+  with np.errstate(over="ignore"):
+    for k in keys:
+      h = _mix(h ^ _mix(np.asarray(k, np.int64).astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)))
+  return h
+
+
+def _randint(h: np.ndarray, lo, hi) -> np.ndarray:
+  """Integers uniform in [lo, hi] (inclusive) from hashes h."""
+  lo = np.asarray(lo, np.int64)
+  span = (np.asarray(hi, np.int64) - lo + 1).astype(np.uint64)
+  return lo + (h % span).astype(np.int64)
+
+
+def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
+  """Mirror indices into [0, n) without repeating the edge (numpy's 'reflect' pad mode)."""
+  if n == 1:
+    return np.zeros_like(idx)
+  period = 2 * (n - 1)
+  m = np.mod(idx, period)
+  return np.where(m < n, m, period - m)
+
+
+def _plane_dims(axis: int) -> tuple[int, int]:
+  return tuple(d for d in range(3) if d != axis)
+
+
+@dataclasses.dataclass
+class _ScanInfo:
+  name: str
+  scan: store.Scan
+  shape: tuple[int, int, int]
+  norm: dict[str, Any]
+
+
+def _open_training_scans(dataset_path, scans: Sequence[str]) -> tuple[store.Dataset,
+                                                                      list[_ScanInfo]]:
+  ds = store.open_dataset(dataset_path)
+  if not scans:
+    raise cli.UserError("no scans given for the patch stream")
+  infos = []
+  for name in scans:
+    scan = ds.open_scan(name)
+    infos.append(_ScanInfo(name, scan, scan.shape, scan.stats))
+  return ds, infos
+
+
+def _check_rule(rule: str) -> None:
+  if rule not in intensity.RULES:
+    raise cli.UserError(f"unknown normalisation rule {rule!r} "
+                        f"(known: {', '.join(intensity.RULES)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rare-class planes.
+# ---------------------------------------------------------------------------------------------
+
+
+def class_projections(labels: store.ts.TensorStore, num_classes: int, slab: int = 64):
+  """Per-class voxel counts and the three axis-pair projections of each class's mask.
+
+  Returns (counts (C,), zy (C, Z, Y), zx (C, Z, X), yx (C, Y, X)) as booleans "class c occurs
+  somewhere along the remaining axis". From these, the planes along any axis that hold a class
+  and the class's bounding box inside each plane follow without keeping the volume: one
+  slab-wise pass, memory C * (ZY + ZX + YX) bits.
+  """
+  z, y, x = (int(s) for s in labels.shape)
+  counts = np.zeros(num_classes, np.int64)
+  zy = np.zeros((num_classes, z, y), bool)
+  zx = np.zeros((num_classes, z, x), bool)
+  yx = np.zeros((num_classes, y, x), bool)
+  for z0 in range(0, z, slab):
+    lab = store.read_slab(labels, 0, z0, min(z, z0 + slab))
+    slab_counts = np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
+    counts += slab_counts
+    for c in np.flatnonzero(slab_counts):
+      m = lab == c
+      zy[c, z0:z0 + lab.shape[0]] = m.any(2)
+      zx[c, z0:z0 + lab.shape[0]] = m.any(1)
+      yx[c] |= m.any(0)
+  return counts, zy, zx, yx
+
+
+def pick_rare_classes(counts: np.ndarray) -> list[int]:
+  """Classes present at under half the mean share of the present classes; else the rarest."""
+  present = np.flatnonzero(counts > 0)
+  if present.size == 0:
+    return []
+  mean = counts[present].sum() / present.size
+  rare = [int(c) for c in present if counts[c] < 0.5 * mean]
+  return rare or [int(present[np.argmin(counts[present])])]
+
+
+def _first_last(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """For each row of a 2D bool array: any, first True, last True."""
+  anyv = m.any(1)
+  first = np.argmax(m, 1)
+  last = m.shape[1] - 1 - np.argmax(m[:, ::-1], 1)
+  return anyv, first, last
+
+
+def _rare_planes_of_scan(zy, zx, yx, axes) -> list[tuple[int, int, int, int, int, int]]:
+  """(axis, plane, row0, row1, col0, col1) for every plane holding a rare voxel."""
+  out = []
+  # Rows/cols of a plane along `axis` index its two remaining dims in order (see _plane_dims).
+  sources = {0: (zy, zx), 1: (zy.T, yx), 2: (zx.T, yx.T)}
+  for a in axes:
+    rows_m, cols_m = sources[a]
+    has_r, r0, r1 = _first_last(rows_m)
+    _, c0, c1 = _first_last(cols_m)
+    for p in np.flatnonzero(has_r):
+      out.append((a, int(p), int(r0[p]), int(r1[p]), int(c0[p]), int(c1[p])))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The training stream.
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchStream:
+  """Infinite, resumable, per-host-sharded stream of training batches.
+
+  `next(stream)` -> dict(image=float32 (L, P, P, 1) normalised, label=int32 (L, P, P)),
+  L = global_batch_size // process_count.
+  """
+
+  def __init__(self, dataset_path, scans: Sequence[str], *, patch_size: int,
+               global_batch_size: int, axes: Sequence[int] = (0, 1, 2),
+               patches_per_plane: int = 4, oversample_rare: float = 0.0, seed: int = 0,
+               normalization: str = "percentile", process_index: int | None = None,
+               process_count: int | None = None, num_threads: int = 8, prefetch: int = 2,
+               rare_classes: Sequence[int] | None = None):
+    self.patch_size = int(patch_size)
+    self.global_batch_size = int(global_batch_size)
+    self.axes = tuple(int(a) for a in axes)
+    self.patches_per_plane = int(patches_per_plane)
+    self.oversample_rare = float(oversample_rare)
+    self.seed = int(seed)
+    self.normalization = normalization
+    if process_index is None or process_count is None:
+      import jax  # only when not told: keeps the data side importable without a backend
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    self.process_index, self.process_count = int(process_index), int(process_count)
+
+    if self.patch_size < 1:
+      raise cli.UserError(f"patch_size={patch_size} must be positive")
+    if not self.axes or any(a not in (0, 1, 2) for a in self.axes) or \
+        len(set(self.axes)) != len(self.axes):
+      raise cli.UserError(f"axes={tuple(axes)} must be distinct values from 0, 1, 2")
+    if self.patches_per_plane < 1:
+      raise cli.UserError(f"patches_per_plane={patches_per_plane} must be >= 1")
+    if not 0.0 <= self.oversample_rare < 1.0:
+      raise cli.UserError(f"oversample_rare={oversample_rare} must be in [0, 1)")
+    if not 0 <= self.process_index < self.process_count:
+      raise cli.UserError(f"process_index={process_index} not in [0, {process_count})")
+    if self.global_batch_size < 1 or self.global_batch_size % self.process_count:
+      raise cli.UserError(f"global batch size {global_batch_size} is not a positive multiple "
+                          f"of the {self.process_count} processes")
+    self.local_batch_size = self.global_batch_size // self.process_count
+    _check_rule(normalization)
+
+    self.dataset, self.scans = _open_training_scans(dataset_path, scans)
+    self.classes = list(self.dataset.classes)
+    for s in self.scans:
+      if s.scan.labels is None:
+        raise cli.UserError(f"training scan {s.name!r} has no labels")
+
+    # Uniform records: one block of shape[axis] * patches_per_plane per (scan, axis).
+    blocks = [(si, a, s.shape[a]) for si, s in enumerate(self.scans) for a in self.axes]
+    self._blk_scan = np.array([b[0] for b in blocks], np.int64)
+    self._blk_axis = np.array([b[1] for b in blocks], np.int64)
+    sizes = np.array([b[2] * self.patches_per_plane for b in blocks], np.int64)
+    self._blk_start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    self.uniform_records = int(sizes.sum())
+
+    # Rare records: drawn from planes holding the rarest classes, crops overlapping them.
+    self.rare_classes: list[int] = []
+    self._rare = np.zeros((0, 7), np.int64)
+    self.rare_records = 0
+    if self.oversample_rare > 0:
+      self._find_rare_planes(rare_classes)
+      self.rare_records = int(round(self.oversample_rare / (1 - self.oversample_rare)
+                                    * self.uniform_records))
+    self.records_per_epoch = self.uniform_records + self.rare_records
+
+    # Grain picks the indices: a fresh permutation of the epoch's records every epoch.
+    shuffle_seed = int(_hash(self.seed, 0x5EED) % np.uint64(2**32))
+    self._order = grain.MapDataset.range(self.records_per_epoch).shuffle(seed=shuffle_seed)
+
+    self.position = 0  # records consumed by all hosts together
+    self.num_threads = max(1, int(num_threads))
+    self.prefetch = max(0, int(prefetch))
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, "patch-read")
+    self._producer = concurrent.futures.ThreadPoolExecutor(1, "patch-batch")
+    self._pending: collections.deque = collections.deque()
+    self._lock = threading.Lock()
+
+  # -- set-up ---------------------------------------------------------------------------------
+
+  def _find_rare_planes(self, rare_classes) -> None:
+    nc = self.dataset.num_classes
+    projections = [class_projections(s.scan.labels, nc) for s in self.scans]
+    counts = sum(p[0] for p in projections)
+    if rare_classes is None:
+      rare = pick_rare_classes(counts)
+    else:
+      rare = [int(c) for c in rare_classes]
+      bad = [c for c in rare if not 0 <= c < nc]
+      if bad:
+        raise cli.UserError(f"rare_classes {bad} not in [0, {nc})")
+    self.rare_classes = rare
+    rows = []
+    for si, (_, zy, zx, yx) in enumerate(projections):
+      sel = lambda m: m[rare].any(0)  # noqa: E731  union of the rare classes' masks
+      for plane in _rare_planes_of_scan(sel(zy), sel(zx), sel(yx), self.axes):
+        rows.append((si,) + plane)
+    if not rows:
+      raise cli.UserError(f"oversample_rare: no plane of the training scans holds any of the "
+                          f"rare classes {rare}")
+    self._rare = np.array(rows, np.int64)
+    logging.info("patch stream: rare classes %s in %d planes", rare, len(rows))
+
+  # -- records --------------------------------------------------------------------------------
+
+  def __len__(self) -> int:
+    """Global batches per epoch (rounded up)."""
+    return -(-self.records_per_epoch // self.global_batch_size)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self)
+
+  def records(self, positions: np.ndarray) -> np.ndarray:
+    """(n, 5) int64 rows (scan, axis, plane, row origin, col origin) for stream positions."""
+    positions = np.asarray(positions, np.int64)
+    n = self.records_per_epoch
+    epoch = positions // n
+    rec = np.array([self._order[int(p)] for p in positions], np.int64)
+    out = np.zeros((positions.size, 5), np.int64)
+    pp = self.patch_size
+    shapes = np.array([s.shape for s in self.scans], np.int64)
+
+    uni = rec < self.uniform_records
+    if uni.any():
+      r = rec[uni]
+      blk = np.searchsorted(self._blk_start, r, side="right") - 1
+      si, ax = self._blk_scan[blk], self._blk_axis[blk]
+      plane = (r - self._blk_start[blk]) // self.patches_per_plane
+      rows_n, cols_n = self._plane_sizes(shapes[si], ax)
+      e = epoch[uni]
+      oy = _randint(_hash(self.seed, e, r, 0), np.minimum(0, rows_n - pp),
+                    np.maximum(0, rows_n - pp))
+      ox = _randint(_hash(self.seed, e, r, 1), np.minimum(0, cols_n - pp),
+                    np.maximum(0, cols_n - pp))
+      out[uni] = np.stack([si, ax, plane, oy, ox], 1)
+
+    rare = ~uni
+    if rare.any():
+      r, e = rec[rare], epoch[rare]
+      row = self._rare[_randint(_hash(self.seed, e, r, 2), 0, len(self._rare) - 1)]
+      si, ax, plane = row[:, 0], row[:, 1], row[:, 2]
+      rows_n, cols_n = self._plane_sizes(shapes[si], ax)
+      # A point of the plane's rare-class bounding box, then any crop that contains it.
+      cy = _randint(_hash(self.seed, e, r, 3), row[:, 3], row[:, 4])
+      cx = _randint(_hash(self.seed, e, r, 4), row[:, 5], row[:, 6])
+      oy = _randint(_hash(self.seed, e, r, 5), np.maximum(cy - pp + 1, np.minimum(0, rows_n - pp)),
+                    np.minimum(cy, np.maximum(0, rows_n - pp)))
+      ox = _randint(_hash(self.seed, e, r, 6), np.maximum(cx - pp + 1, np.minimum(0, cols_n - pp)),
+                    np.minimum(cx, np.maximum(0, cols_n - pp)))
+      out[rare] = np.stack([si, ax, plane, oy, ox], 1)
+    return out
+
+  @staticmethod
+  def _plane_sizes(shapes: np.ndarray, axes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    dims = np.array([_plane_dims(a) for a in range(3)], np.int64)[axes]
+    idx = np.arange(len(axes))
+    return shapes[idx, dims[:, 0]], shapes[idx, dims[:, 1]]
+
+  def local_positions(self, batch_start: int) -> np.ndarray:
+    start = batch_start + self.process_index * self.local_batch_size
+    return np.arange(start, start + self.local_batch_size, dtype=np.int64)
+
+  # -- reading --------------------------------------------------------------------------------
+
+  def _crop_request(self, row):
+    """Box to read and the index maps that mirror it out to P x P."""
+    si, axis, plane, oy, ox = (int(v) for v in row)
+    s = self.scans[si]
+    d0, d1 = _plane_dims(axis)
+    starts, sizes = [0, 0, 0], [0, 0, 0]
+    starts[axis], sizes[axis] = plane, 1
+    maps = []
+    for d, o in ((d0, oy), (d1, ox)):
+      idx = reflect_index(np.arange(o, o + self.patch_size), s.shape[d])
+      lo = int(idx.min())
+      starts[d], sizes[d] = lo, int(idx.max()) - lo + 1
+      identity = lo == o and sizes[d] == self.patch_size
+      maps.append(None if identity else idx - lo)
+    return s, axis, starts, sizes, maps
+
+  def read_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Reads and normalises the crops of `rows` (from records()) as one batch."""
+    n, pp = len(rows), self.patch_size
+    image = np.empty((n, pp, pp, 1), np.float32)
+    label = np.empty((n, pp, pp), np.int32)
+    requests = [self._crop_request(r) for r in rows]
+    # Issue every read before waiting on any: tensorstore overlaps the chunk I/O and decoding.
+    futures = [(store.read_box(s.scan.image, st, sz), store.read_box(s.scan.labels, st, sz))
+               for s, _, st, sz, _ in requests]
+
+    def finish(i: int) -> None:
+      s, axis, _, _, maps = requests[i]
+      img = futures[i][0].result().squeeze(axis)
+      lab = futures[i][1].result().squeeze(axis)
+      if maps[0] is not None:
+        img, lab = img[maps[0]], lab[maps[0]]
+      if maps[1] is not None:
+        img, lab = img[:, maps[1]], lab[:, maps[1]]
+      image[i, ..., 0] = intensity.normalize(img, s.norm, self.normalization)
+      label[i] = lab
+
+    list(self._pool.map(finish, range(n)))
+    return {"image": image, "label": label}
+
+  def batch_at(self, batch_start: int) -> dict[str, np.ndarray]:
+    """This host's share of the global batch starting at stream position `batch_start`."""
+    return self.read_batch(self.records(self.local_positions(batch_start)))
+
+  # -- iteration and state --------------------------------------------------------------------
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    with self._lock:
+      want = self.position
+      while self._pending and self._pending[0][0] != want:  # stale after set_state
+        self._pending.popleft()[1].cancel()
+      last = self._pending[-1][0] if self._pending else want - self.global_batch_size
+      while len(self._pending) < self.prefetch + 1:
+        last += self.global_batch_size
+        self._pending.append((last, self._producer.submit(self.batch_at, last)))
+      _, fut = self._pending.popleft()
+      self.position += self.global_batch_size
+    return fut.result()
+
+  @property
+  def epoch(self) -> int:
+    return self.position // self.records_per_epoch
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-able; `position` alone determines what follows."""
+    return {"position": int(self.position), "epoch": int(self.epoch), "seed": self.seed,
+            "records_per_epoch": int(self.records_per_epoch)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if int(state.get("records_per_epoch", self.records_per_epoch)) != self.records_per_epoch:
+      logging.warning("patch stream: records_per_epoch changed since the checkpoint (%s -> %s); "
+                      "resuming at the same position, but the batches differ from before",
+                      state["records_per_epoch"], self.records_per_epoch)
+    with self._lock:
+      self.position = int(state["position"])
+      while self._pending:
+        self._pending.popleft()[1].cancel()
+
+  def close(self) -> None:
+    with self._lock:
+      while self._pending:
+        self._pending.popleft()[1].cancel()
+    self._producer.shutdown(wait=True)
+    self._pool.shutdown(wait=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _round_up(n: int, m: int = 32) -> int:
+  return -(-int(n) // m) * m
+
+
+def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None = None,
+                       axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1,
+                       normalization: str = "percentile",
+                       num_threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
+  """A fixed, cheap validation set: every `stride`-th plane of each scan, in a fixed order.
+
+  Yields dict(image float32 (B, H, W, 1), label int32 (B, H, W), mask float32 (B, H, W)).
+  Whole planes, or their centre `crop` x `crop` (as the Scaling paper's centre crop), padded
+  to a multiple of 32 so every U-net level divides; padded pixels have mask 0 (image mirrored,
+  label 0). The last batch of each (scan, axis) is filled up with mask-0 examples, so each
+  (scan, axis) has one batch shape and the eval step compiles once per shape.
+  """
+  _check_rule(normalization)
+  stride, batch_size = max(1, int(stride)), int(batch_size)
+  if batch_size < 1:
+    raise cli.UserError(f"validation batch_size={batch_size} must be positive")
+  _, infos = _open_training_scans(dataset_path, scans)
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)), "val-read")
+  try:
+    for s in infos:
+      if s.scan.labels is None:
+        raise cli.UserError(f"validation scan {s.name!r} has no labels")
+      for axis in axes:
+        if axis not in (0, 1, 2):
+          raise cli.UserError(f"validation axis {axis} is not 0, 1 or 2")
+        d0, d1 = _plane_dims(axis)
+        n0, n1 = s.shape[d0], s.shape[d1]
+        # Centre crop (or the whole plane where it is smaller), padded up to a multiple of 32.
+        c0, c1 = (min(crop, n0), min(crop, n1)) if crop else (n0, n1)
+        o0, o1 = (n0 - c0) // 2, (n1 - c1) // 2
+        h, w = (_round_up(crop), _round_up(crop)) if crop else (_round_up(n0), _round_up(n1))
+        m0 = reflect_index(np.arange(h) - (h - c0) // 2, c0)
+        m1 = reflect_index(np.arange(w) - (w - c1) // 2, c1)
+        valid = np.zeros((h, w), np.float32)
+        valid[(h - c0) // 2:(h - c0) // 2 + c0, (w - c1) // 2:(w - c1) // 2 + c1] = 1.0
+        n = s.shape[axis]
+        planes = list(range(min(stride // 2, n - 1), n, stride))
+        for b0 in range(0, len(planes), batch_size):
+          chunk = planes[b0:b0 + batch_size]
+          image = np.zeros((batch_size, h, w, 1), np.float32)
+          label = np.zeros((batch_size, h, w), np.int32)
+          mask = np.zeros((batch_size, h, w), np.float32)
+          futures = []
+          for p in chunk:
+            starts, sizes = [0, 0, 0], [0, 0, 0]
+            starts[axis], sizes[axis] = p, 1
+            starts[d0], sizes[d0], starts[d1], sizes[d1] = o0, c0, o1, c1
+            futures.append((store.read_box(s.scan.image, starts, sizes),
+                            store.read_box(s.scan.labels, starts, sizes)))
+
+          def finish(i, s=s, axis=axis, futures=futures, m0=m0, m1=m1, valid=valid,
+                     image=image, label=label, mask=mask):
+            img = futures[i][0].result().squeeze(axis)
+            lab = futures[i][1].result().squeeze(axis)
+            image[i, ..., 0] = intensity.normalize(img[m0][:, m1], s.norm, normalization)
+            label[i] = lab[m0][:, m1] * valid.astype(np.int32)
+            mask[i] = valid
+
+          list(pool.map(finish, range(len(chunk))))
+          yield {"image": image, "label": label, "mask": mask}
+  finally:
+    pool.shutdown(wait=True)
+
+
+def num_validation_batches(dataset_path, scans: Sequence[str], *, axes: Sequence[int] = (0,),
+                           batch_size: int = 8, stride: int = 1) -> int:
+  """How many batches validation_batches yields (for progress bars)."""
+  _, infos = _open_training_scans(dataset_path, scans)
+  stride = max(1, int(stride))
+  total = 0
+  for s in infos:
+    for axis in axes:
+      n = s.shape[axis]
+      total += -(-len(range(min(stride // 2, n - 1), n, stride)) // batch_size)
+  return total

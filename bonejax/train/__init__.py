@@ -1,0 +1,1 @@
+"""Training: on-device augmentation (augment.py), the loop, losses and optimisers."""

@@ -1,0 +1,59 @@
+"""Whole-scan splits: explicit lists, fractions, refused leaks, k folds."""
+
+import pytest
+
+from bonejax import cli
+from bonejax.data import splits
+
+SCANS = [f"scan_{i:03d}" for i in range(7)]
+
+
+def test_explicit_lists_win():
+  s = splits.make_split(SCANS, train_scans=SCANS[:3], val_scans=[SCANS[5]])
+  assert s.train == SCANS[:3] and s.val == [SCANS[5]]
+
+
+def test_one_list_means_the_other_is_the_rest():
+  s = splits.make_split(SCANS, val_scans=[SCANS[2]])
+  assert s.val == [SCANS[2]] and s.train == [x for x in SCANS if x != SCANS[2]]
+  s = splits.make_split(SCANS, train_scans=SCANS[:5])
+  assert s.val == SCANS[5:]
+
+
+def test_leak_and_unknown_refused():
+  with pytest.raises(cli.UserError, match="scan_001.*both"):
+    splits.make_split(SCANS, train_scans=SCANS[:3], val_scans=[SCANS[1]])
+  with pytest.raises(cli.UserError, match="nope"):
+    splits.make_split(SCANS, val_scans=["nope"])
+  with pytest.raises(cli.UserError, match="at least 2"):
+    splits.make_split(SCANS[:1])
+  with pytest.raises(cli.UserError, match="no validation"):
+    splits.make_split(SCANS, train_scans=SCANS)
+
+
+def test_fraction_split_is_whole_scan_and_deterministic():
+  a = splits.make_split(SCANS, val_fraction=0.3, seed=4)
+  assert a == splits.make_split(SCANS, val_fraction=0.3, seed=4)
+  assert len(a.val) == 2 and sorted(a.train + a.val) == sorted(SCANS)
+  assert not set(a.train) & set(a.val)
+  tiny = splits.make_split(SCANS[:2], val_fraction=0.01)
+  assert len(tiny.train) == 1 and len(tiny.val) == 1
+  tiny = splits.make_split(SCANS[:2], val_fraction=0.99)
+  assert len(tiny.train) == 1 and len(tiny.val) == 1
+
+
+def test_kfold_covers_every_scan_once_as_val():
+  folds = splits.kfold(SCANS, 3, seed=1)
+  assert len(folds) == 3
+  vals = [s for f in folds for s in f.val]
+  assert sorted(vals) == sorted(SCANS)
+  for f in folds:
+    assert sorted(f.train + f.val) == sorted(SCANS) and not set(f.train) & set(f.val)
+  with pytest.raises(cli.UserError, match="folds=8"):
+    splits.kfold(SCANS, 8)
+
+
+def test_save_load_roundtrip(tmp_path):
+  s = splits.make_split(SCANS, seed=2)
+  splits.save_split(tmp_path / "split.json", s)
+  assert splits.load_split(tmp_path / "split.json") == s
