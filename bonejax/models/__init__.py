@@ -11,8 +11,11 @@ compute dtype) is; parameters are `param_dtype`. Every model accepts any H, W th
 STRIDE = 32; pad other planes with `pad_to_multiple` and cut the logits back with `crop_to`.
 
 Layouts follow segmentation_models_pytorch (smp), which BONe trains, so parameter counts match it
-exactly. The only stochastic layer is DeepLabV3+'s ASPP dropout (smp's 0.5): it draws from the
-`dropout` (or `default`) stream of the `rngs` given here, kept in the model as `nnx.RngState`.
+exactly. BatchNorm uses PyTorch's momentum 0.1 (Flax momentum=0.9) and eps 1e-5. Two models are
+stochastic in train mode, as in smp: DeepLabV3+ (ASPP dropout 0.5) and SegFormer (stochastic depth
+up to 0.1). They draw from streams forked at construction from the `dropout` (else `default`)
+stream of `rngs`, held in the model as `nnx.RngState`: a jitted train step that splits the model
+must carry that state out along with `nnx.BatchStat` (orbax saves it like any other state).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unet_resnet18": ("unet_resnet", "UnetResNet", {"encoder": "resnet18"}),
     "unet_resnet34": ("unet_resnet", "UnetResNet", {"encoder": "resnet34"}),
     "unet_resnet50": ("unet_resnet", "UnetResNet", {"encoder": "resnet50"}),
+    "unetpp_resnet18": ("unetpp", "UnetPlusPlusResNet", {"encoder": "resnet18"}),
+    "unetpp_resnet34": ("unetpp", "UnetPlusPlusResNet", {"encoder": "resnet34"}),
+    "deeplabv3plus_resnet18": ("deeplabv3plus", "DeepLabV3PlusResNet", {"encoder": "resnet18"}),
+    "deeplabv3plus_resnet34": ("deeplabv3plus", "DeepLabV3PlusResNet", {"encoder": "resnet34"}),
+    "segformer_b0": ("segformer", "SegFormer", {}),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -6,6 +6,10 @@ match and weights could be ported one to one: explicit symmetric padding `k // 2
 pixel), BatchNorm momentum 0.1 in PyTorch terms and eps 1e-5, no conv bias in front of a norm.
 
 `dtype` is the compute dtype (bf16 on GPU); parameters stay `param_dtype` (fp32).
+
+FP32_EDGES: every model runs its first conv (which sees the raw scan) and its head (which makes
+the logits) in float32 whatever `dtype` is. Micro-CT is often 16-bit and bfloat16 keeps 8 bits of
+mantissa; the logits feed soft voting across planes. Both layers are ~1 % of the FLOPs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from flax import nnx
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Grouped convs: PyTorch code divides fan_out by the groups; for depthwise convs that is fan_in.
+he_normal_grouped = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -46,7 +52,8 @@ def conv2d(cin: int, cout: int, kernel: int, *, stride: int = 1, dilation: int =
   pad = dilation * (kernel // 2) if padding is None else padding
   return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                   kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
-                  kernel_init=he_normal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=he_normal if groups == 1 else he_normal_grouped,
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def batch_norm(features: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -54,6 +61,11 @@ def batch_norm(features: int, *, dtype: Any = jnp.float32, param_dtype: Any = jn
   # Flax momentum is the weight of the old statistic: PyTorch's 0.1 is Flax's 0.9.
   return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def linear(din: int, dout: int, *, bias: bool = True, dtype: Any = jnp.float32,
@@ -67,9 +79,10 @@ class ConvBNAct(nnx.Module):
 
   def __init__(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1,
                dilation: int = 1, act: str = "relu", dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, conv_dtype: Any = None, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.conv = conv2d(cin, cout, kernel, stride=stride, dilation=dilation, **kw)
+    self.conv = conv2d(cin, cout, kernel, stride=stride, dilation=dilation,
+                       **{**kw, "dtype": conv_dtype or dtype})
     self.bn = batch_norm(cout, **kw)
     self.act = act
     activation(act)  # fail at construction, not at the first call

@@ -3,9 +3,10 @@
 Ronneberger et al.'s U-Net with BatchNorm after every conv and Mish activations, scaled by two
 numbers: `depth`, the number of encoder conv-blocks (resolution levels), and `width`, the
 channels of the first block, doubling per level. Each block is two 3x3 "same" convs (no bias:
-BatchNorm follows), each with BatchNorm and the activation. Down-sampling is 2x2 max-pooling;
-up-sampling is a learned 2x2 stride-2 transposed conv (the original "up-conv 2x2") that halves the
-channels, followed by concatenation of the skip and a conv-block. The head is a 1x1 conv with bias.
+BatchNorm follows), each with BatchNorm and the activation. Down-sampling is 2x2 max-pooling.
+For up-sampling we use the original U-Net's learned "up-conv 2x2" (a 2x2 stride-2 transposed
+conv with bias that halves the channels), then concatenation of the skip and a conv-block. The
+head is a 1x1 conv with bias.
 
 `depth` levels pool `depth - 1` times, so H and W must be multiples of 2**(depth - 1); depth is
 capped at 6 so that the zoo-wide promise (multiples of 32 always work) holds.
@@ -26,8 +27,8 @@ from bonejax.models.layers import ConvBNAct, check_input, conv2d, he_normal, max
 class ConvBlock(nnx.Module):
   """Two (conv3x3 -> BatchNorm -> activation)."""
 
-  def __init__(self, cin: int, cout: int, act: str, **kw):
-    self.conv1 = ConvBNAct(cin, cout, 3, act=act, **kw)
+  def __init__(self, cin: int, cout: int, act: str, conv_dtype: Any = None, **kw):
+    self.conv1 = ConvBNAct(cin, cout, 3, act=act, conv_dtype=conv_dtype, **kw)
     self.conv2 = ConvBNAct(cout, cout, 3, act=act, **kw)
 
   def __call__(self, x):
@@ -48,19 +49,20 @@ class UNet(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype, self.in_channels, self.stride = dtype, in_channels, 2**(depth - 1)
     chans = [width * 2**i for i in range(depth)]
-    self.down = nnx.List([ConvBlock(cin, c, activation, **kw)
-                          for cin, c in zip([in_channels] + chans[:-1], chans)])
+    # The first conv (raw scan in) and the head (logits out) run in float32: see FP32_EDGES.
+    self.down = nnx.List([ConvBlock(cin, c, activation, jnp.float32 if i == 0 else None, **kw)
+                          for i, (cin, c) in enumerate(zip([in_channels] + chans[:-1], chans))])
     self.up = nnx.List([
         nnx.ConvTranspose(chans[i + 1], chans[i], (2, 2), strides=(2, 2), padding="VALID",
                           kernel_init=he_normal, **kw)
         for i in reversed(range(depth - 1))])
     self.up_blocks = nnx.List([ConvBlock(2 * chans[i], chans[i], activation, **kw)
                                for i in reversed(range(depth - 1))])
-    self.head = conv2d(width, num_classes, 1, bias=True, **kw)
+    self.head = conv2d(width, num_classes, 1, bias=True, **{**kw, "dtype": jnp.float32})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, "unet")
-    x = x.astype(self.dtype)
+    x = x.astype(jnp.float32)  # the first conv casts to the compute dtype after itself
     skips = []
     for i, block in enumerate(self.down):
       if i:

@@ -56,11 +56,12 @@ class UnetResNet(nnx.Module):
     skips = enc[1:] + (0,)
     self.blocks = nnx.List([DecoderBlock(i, s, o, **kw)
                             for i, s, o in zip(ins, skips, decoder_channels)])
-    self.head = conv2d(decoder_channels[-1], num_classes, 3, bias=True, **kw)
+    self.head = conv2d(decoder_channels[-1], num_classes, 3, bias=True,
+                       **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, type(self).__name__)
-    feats = self.encoder(x.astype(self.dtype))[::-1]
+    feats = self.encoder(x.astype(jnp.float32))[::-1]  # the stem casts after its conv
     y, skips = feats[0], feats[1:] + [None]
     for block, skip in zip(self.blocks, skips):
       y = block(y, skip)
