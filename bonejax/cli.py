@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from absl import app, flags
+from absl import app, flags, logging
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -56,6 +56,10 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
   """Runs an absl `main` that returns a JSON-able dict, printed as the last stdout line."""
 
   def _wrapped(argv: list[str]) -> None:
+    # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep stderr
+    # for progress and the one-line error unless the user asks for more with --verbosity.
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
     try:
       result = main(argv)
     except UserError as e:
