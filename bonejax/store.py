@@ -86,6 +86,19 @@ def open_array(path: str | os.PathLike, write: bool = False) -> ts.TensorStore:
     raise cli.UserError(f"cannot open zarr array {str(p)!r}: {e}") from None
 
 
+def set_array_attrs(path: str | os.PathLike, attrs: dict[str, Any]) -> None:
+  """Stores user attributes in a zarr v3 array's zarr.json (tensorstore leaves them alone)."""
+  meta_path = Path(path) / "zarr.json"
+  meta = json.loads(meta_path.read_text())
+  meta["attributes"] = cli.to_jsonable(attrs)
+  cli.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+
+
+def array_attrs(path: str | os.PathLike) -> dict[str, Any]:
+  meta_path = Path(path) / "zarr.json"
+  return dict(json.loads(meta_path.read_text()).get("attributes", {})) if meta_path.exists() else {}
+
+
 def plane_index(axis: int, index: int, ndim: int = 3) -> tuple:
   sl = [slice(None)] * ndim
   sl[axis] = index
