@@ -67,13 +67,20 @@ def build_model(meta: dict[str, Any], dtype=jnp.float32, seed: int = 0) -> nnx.M
     raise cli.UserError(f"cannot build model {meta.get('model')!r}: {e}") from None
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  # A bundle is written (or read) by the calling process alone, e.g. process 0 of a multi-host
+  # training job: orbax must not wait at barriers for processes that never call it.
+  i = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=i, active_processes={i})
+
+
 def save_bundle(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any]) -> Path:
   """Writes a frozen copy of `model` atomically (a crash never leaves a half bundle)."""
   final = Path(path)
   state = jax.device_get(nnx.state(model))  # a host copy: later training steps cannot alter it
   with cli.atomic_output(final, overwrite=True) as tmp:
     tmp.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
       ckptr.save((tmp / WEIGHTS).absolute(), state)
       ckptr.wait_until_finished()
     cli.atomic_write_json(tmp / MODEL_JSON, meta)
@@ -110,7 +117,7 @@ def load_bundle(path: str | os.PathLike, dtype=jnp.float32) -> Bundle:
   if not (p / WEIGHTS).exists():
     raise cli.UserError(f"model bundle {str(p)!r} has no weights")
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
       state = ckptr.restore((p / WEIGHTS).absolute(), abstract_state)
   except Exception as e:  # pylint: disable=broad-except
     raise cli.UserError(f"cannot restore weights of {str(p)!r}: {type(e).__name__}: "

@@ -1,0 +1,78 @@
+r"""Train a segmentation model from a config (`--config=configs/X.py --workdir=W`).
+
+    python launch/train.py --config=configs/demo.py --workdir=/tmp/demo
+    python launch/train.py --config=configs/baseline.py --workdir=/tmp/run \
+        --config.dataset=DATA --config.num_steps=2000 --config.val_scans="('scan_003',)"
+    python launch/train.py --config=configs/scaling_unet.py:depth=4,width=64,patch=384 ...
+
+Writes WORKDIR/{config.json, split.json, metrics.csv, curves.png, checkpoints/, model/} and prints
+the result JSON (workdir, steps, best_val_miou, best_step, seconds, patches_per_second,
+model_dir, ...) as the last stdout line. Running the same command again resumes from the newest
+checkpoint in WORKDIR (a finished run returns its result at once).
+
+Several hosts (data-parallel over all their devices): run the same command on every host with
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+or, on a cluster JAX can detect by itself (SLURM, Open MPI, Kubernetes/GKE, Cloud TPU), with
+--multihost and no addresses: jax.distributed.initialize() reads them from the environment.
+`batch_size` stays the global batch; each host reads its own 1/N share of every batch.
+On CPU, JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo lets several local processes act as hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bonejax import cli  # noqa: E402
+from bonejax.train import configlib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/NAME.py[:ARG]); override fields with "
+    "--config.FIELD=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds "
+                               "checkpoints).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with "
+                               "cluster auto-detection (SLURM, Open MPI, GKE, Cloud TPU).")
+
+
+def init_distributed() -> None:
+  import jax
+  given = [f for f in (_COORD.value, _NPROC.value, _PID.value) if f is not None]
+  if given and len(given) != 3:
+    raise cli.UserError("multi-host needs all of --coordinator_address, --num_processes and "
+                        "--process_id (or --multihost for auto-detection)")
+  if given:
+    if not 0 <= _PID.value < _NPROC.value:
+      raise cli.UserError(f"--process_id={_PID.value} not in [0, {_NPROC.value})")
+    jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value,
+                               process_id=_PID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value:
+    raise cli.UserError("--workdir is required")
+  if _CONFIG.value is None:
+    raise cli.UserError("--config is required (e.g. --config=configs/demo.py)")
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    raise cli.UserError(f"--workdir={_WORKDIR.value!r} exists and is not a directory")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  init_distributed()
+  from bonejax.train import trainer
+  return trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  configlib.check_argv(sys.argv)
+  cli.run(main)
