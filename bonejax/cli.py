@@ -47,7 +47,8 @@ def _parse_flags_or_fail(argv: list[str]) -> list[str]:
       sys.stdout.flush()
       sys.exit(0)
     raise
-  except flags.Error as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # flags.Error, and what config_flags raises for a missing file or an unknown --config.KEY.
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Must happen before JAX initialises its backends.
@@ -9,6 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+# Many tests compile the same tiny models; a persistent cache shares them across tests (and
+# the subprocesses the CLI tests start), which on 2 CPU cores saves minutes.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), "bonejax-test-jax-cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
