@@ -31,7 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bonejax import cli  # noqa: E402
+from bonejax.train import configlib  # noqa: E402
 
+# A default config file is parsed when the flag is defined: check overrides first (one line).
+configlib.check_argv(sys.argv, default=str(REPO / "configs" / "demo.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, run, prediction, report.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(REPO / "configs" / "demo.py"), "Training config (override fields with "

@@ -141,13 +141,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def check_argv(argv: Sequence[str], flag: str = "config") -> None:
+def check_argv(argv: Sequence[str], flag: str = "config", default: str | None = None) -> None:
   """Fails with one `error:` line on a missing config file or an unknown `--config.KEY`.
 
   Call before absl parses the flags: config_flags raises these as plain exceptions, which would
   otherwise surface as tracebacks.
   """
-  spec, overrides = None, []
+  spec, overrides = default, []
   for a in argv[1:]:
     if a.startswith(f"--{flag}="):
       spec = a.split("=", 1)[1]
