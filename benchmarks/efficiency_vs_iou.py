@@ -1,0 +1,479 @@
+r"""Accuracy against cost over architectures x patch sizes (BONe's 30-experiment benchmark).
+
+    python benchmarks/efficiency_vs_iou.py --grid=smoke       # 2 CPU cores, <= 20 min
+    python benchmarks/efficiency_vs_iou.py --grid=full        # the GPU grid, 27 cells
+    python benchmarks/efficiency_vs_iou.py --grid=full --models=unet_resnet18 --patches=256
+
+Every cell (model, patch size) trains on the same phantom dataset for the same budget (the same
+number of patches seen: same batch, same steps), keeps the checkpoint with the best validation
+miou_fg, then predicts a held-out test scan with a 3-plane soft vote and scores it. A cell
+reports: parameters, forward GFLOP per patch (XLA, FLOP = 2 x MAC), training patches/s (the
+trainer's own figure: steady-state steps, data pipeline included, compilation and evaluation
+excluded), prediction voxels/s (warm: the median of the passes after the first, compiling one),
+peak memory (each subprocess's peak RSS; on a GPU also XLA's estimate of one training step's
+device memory), validation and test miou_fg.
+
+Each cell runs as subprocesses (`launch/train.py --config=benchmarks/efficiency_vs_iou.py:...`
+(this file is also the grid's training config), then this script's `--eval_bundle` mode), so a
+failing cell is recorded as failed and the others go on. Per-cell records go to
+`benchmarks/results/efficiency_<grid>_<machine>_cells/CELL.json`; a rerun skips cells that
+finished (and retries failed ones unless --noretry_failed). Training runs live under --workdir
+and resume from their checkpoints. Outputs: benchmarks/results/efficiency_<grid>_<machine>.
+{csv,md,png,json}; the PNG plots test miou_fg against prediction voxels/s and training
+patches/s with the Pareto fronts marked.
+
+`--fake` replaces the cell runner by a deterministic stand-in (no training) to test the grid's
+bookkeeping; `--fake_fail=MODEL` makes that model's cells fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from bonejax import cli  # noqa: E402
+
+THIS = Path(__file__).resolve()
+SMOKE_MODELS = ("unet", "unet_resnet18", "unet_resnet34", "unetpp_resnet18",
+                "deeplabv3plus_resnet18", "segformer_b0")
+FULL_MODELS = ("unet", "unet_resnet18", "unet_resnet34", "unet_resnet50", "unetpp_resnet18",
+               "unetpp_resnet34", "deeplabv3plus_resnet18", "deeplabv3plus_resnet34",
+               "segformer_b0")
+
+# Everything a grid fixes. The training budget is `steps` x `batch` patches for every cell.
+GRIDS: dict[str, dict[str, Any]] = {
+    "smoke": dict(models=SMOKE_MODELS, patches=(64, 128), batch=4, steps=24,
+                  phantom=dict(num_scans=4, shape=(32, 128, 128), kind="bone", seed=0),
+                  dtype="float32", lr=2e-3, warmup_steps=4, eval_every=0, checkpoint_every=0,
+                  val_stride=8, predict_batch=8, predict_runs=2, cell_timeout=900),
+    "full": dict(models=FULL_MODELS, patches=(128, 256, 512), batch=32, steps=2000,
+                 phantom=dict(num_scans=6, shape=(192, 512, 512), kind="bone", seed=0),
+                 dtype="bfloat16", lr=1e-3, warmup_steps=100, eval_every=250,
+                 checkpoint_every=500, val_stride=4, predict_batch=16, predict_runs=2,
+                 cell_timeout=3 * 3600),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training config of a cell (launch/train.py loads this file as its config).
+# ---------------------------------------------------------------------------------------------
+
+
+def get_config(arg=None):
+  """`--config=benchmarks/efficiency_vs_iou.py:grid=smoke,model=unet,patch=64`."""
+  from bonejax.train import configlib
+  a = configlib.parse_arg(arg, grid="smoke", model="unet_resnet18", patch=64)
+  if a.grid not in GRIDS:
+    raise cli.UserError(f"unknown grid {a.grid!r} (known: {', '.join(GRIDS)})")
+  g = GRIDS[a.grid]
+  c = configlib.default_config()
+  c.model.name = a.model
+  c.patch_size = int(a.patch)
+  c.batch_size = g["batch"]
+  c.num_steps = g["steps"]
+  c.dtype = g["dtype"]
+  c.loss = dict(ce=1.0, dice=1.0)
+  c.optimizer.name = "adam"
+  c.optimizer.lr = g["lr"]
+  c.schedule.name = "cosine"
+  c.schedule.warmup_steps = g["warmup_steps"]
+  c.schedule.final_lr_fraction = 0.05
+  c.eval_every = g["eval_every"]
+  c.val_axes = (0,)
+  c.val_stride = g["val_stride"]
+  c.val_batch_size = g["predict_batch"]
+  c.checkpoint_every = g["checkpoint_every"] or g["steps"]  # 0: only at the end
+  c.log_every = max(1, min(50, g["steps"] // 4))
+  c.best_metric = "miou_fg"
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells.
+# ---------------------------------------------------------------------------------------------
+
+
+def cell_name(model: str, patch: int) -> str:
+  return f"{model}_p{patch}"
+
+
+def split_scans(num_scans: int) -> dict[str, list[str]]:
+  """All but the last two scans train, one validates, the last is the held-out test scan."""
+  from bonejax.phantom import scan_name
+  if num_scans < 3:
+    raise cli.UserError(f"the grid needs >= 3 phantom scans, got {num_scans}")
+  names = [scan_name(i) for i in range(num_scans)]
+  return {"train": names[:-2], "val": [names[-2]], "test": [names[-1]]}
+
+
+def make_data(grid: dict, data_dir: Path) -> Path:
+  """The grid's phantom dataset, made once (reused when dataset.json is there)."""
+  if (data_dir / "dataset.json").exists():
+    return data_dir
+  from bonejax import phantom
+  p = grid["phantom"]
+  phantom.make_dataset(data_dir, num_scans=p["num_scans"], shape=p["shape"], seed=p["seed"],
+                       kind=p["kind"], overwrite=True)
+  return data_dir
+
+
+def run_cell_real(grid_name: str, grid: dict, model: str, patch: int, data: Path,
+                  run_dir: Path, log_dir: Path, timeout: float) -> dict[str, Any]:
+  """Trains (launch/train.py) then evaluates (--eval_bundle) one cell in subprocesses."""
+  scans = split_scans(grid["phantom"]["num_scans"])
+  train_cmd = [sys.executable, str(common.REPO / "launch" / "train.py"),
+               f"--config={THIS}:grid={grid_name},model={model},patch={patch}",
+               f"--workdir={run_dir}", f"--config.dataset={data}",
+               f"--config.train_scans={','.join(scans['train'])}",
+               f"--config.val_scans={','.join(scans['val'])}"]
+  t0 = time.perf_counter()
+  train = common.run_json(train_cmd, timeout=timeout, log=log_dir / "train.log")
+  remaining = max(60.0, timeout - (time.perf_counter() - t0))
+  eval_cmd = [sys.executable, str(THIS), f"--eval_bundle={run_dir / 'model'}",
+              f"--eval_scan={data / scans['test'][0]}", f"--eval_patch={patch}",
+              f"--eval_batch={grid['predict_batch']}", f"--eval_runs={grid['predict_runs']}",
+              f"--eval_train_batch={grid['batch']}"]
+  ev = common.run_json(eval_cmd, timeout=remaining, log=log_dir / "eval.log")
+  return {
+      "params": ev.get("params", train.get("params")),
+      "gflop_fwd": ev.get("gflop_fwd"),
+      "train_patches_per_s": train.get("patches_per_second"),
+      "train_seconds": train.get("seconds"),
+      "steps": train.get("steps"),
+      "patches_seen": (train.get("steps") or 0) * grid["batch"],
+      "val_miou_fg": train.get("best_val_miou"),
+      "best_step": train.get("best_step"),
+      "test_miou_fg": ev.get("miou_fg"),
+      "test_miou_all": ev.get("miou_all"),
+      "test_iou": ev.get("iou"),
+      "predict_voxels_per_s": ev.get("voxels_per_second"),
+      "predict_cold_s": ev.get("cold_seconds"),
+      "predict_seconds": ev.get("seconds"),
+      "train_peak_rss_mb": train.get("child_peak_rss_mb"),
+      "predict_peak_rss_mb": ev.get("child_peak_rss_mb"),
+      "train_step_device_mb": ev.get("train_step_device_mb"),
+      "predict_device_mb": ev.get("peak_device_mb"),
+      "test_scan": scans["test"][0],
+  }
+
+
+def run_cell_fake(grid_name: str, grid: dict, model: str, patch: int, data: Path, run_dir: Path,
+                  log_dir: Path, timeout: float, fail: str = "") -> dict[str, Any]:
+  """A deterministic stand-in for testing the bookkeeping (no jax, no training)."""
+  del grid_name, data, run_dir, timeout
+  log_dir.mkdir(parents=True, exist_ok=True)
+  (log_dir / "fake.log").write_text("fake cell\n")
+  if fail and model == fail:
+    raise common.JobFailed(f"error: fake failure of {model}", 3, "")
+  h = int(hashlib.sha256(f"{model}{patch}".encode()).hexdigest()[:8], 16) / 16**8
+  speed = 1e6 / (1 + 10 * h) * (128 / patch)
+  return {"params": int(1e6 * (5 + 20 * h)), "gflop_fwd": 10 * h * (patch / 256) ** 2,
+          "train_patches_per_s": speed / 1e3, "predict_voxels_per_s": speed,
+          "val_miou_fg": 0.5 + 0.4 * h, "test_miou_fg": 0.5 + 0.45 * (1 - h) * h * 4 * 0.9,
+          "test_miou_all": 0.7, "steps": grid["steps"],
+          "patches_seen": grid["steps"] * grid["batch"], "train_peak_rss_mb": 500 + 100 * h,
+          "predict_peak_rss_mb": 400.0}
+
+
+def run_grid(cells: list[tuple[str, int]], runner: Callable[..., dict], *, cells_dir: Path,
+             work_dir: Path, retry_failed: bool = True) -> list[dict[str, Any]]:
+  """Runs the cells not yet finished; each record is saved as cells_dir/CELL.json at once."""
+  cells_dir.mkdir(parents=True, exist_ok=True)
+  records = []
+  bar = cli.Progress(total=len(cells), desc="efficiency", unit="cells", every_s=0)
+  for model, patch in cells:
+    name = cell_name(model, patch)
+    path = cells_dir / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old and (old.get("status") == "ok" or (old.get("status") == "failed"
+                                              and not retry_failed)):
+      records.append(old)
+      bar.update(1, extra=f"{name} {old['status']} (kept)")
+      continue
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"cell": name, "model": model, "patch": patch}
+    try:
+      rec.update(runner(model=model, patch=patch, run_dir=work_dir / "runs" / name,
+                        log_dir=work_dir / "logs" / name))
+      rec["status"] = "ok"
+    except common.JobFailed as e:
+      rec.update(status="failed", error=str(e), stderr_tail=e.stderr_tail[-600:])
+    except Exception as e:  # pylint: disable=broad-except
+      rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+    rec["cell_seconds"] = time.perf_counter() - t0
+    rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    cli.atomic_write_json(path, rec)
+    records.append(rec)
+    bar.update(1, extra=f"{name} {rec['status']}"
+               + (f" test miou_fg {common.fmt(rec.get('test_miou_fg'))}" if rec["status"] == "ok"
+                  else f": {rec.get('error')}"))
+  bar.close()
+  return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: Pareto fronts, CSV, Markdown, PNG.
+# ---------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("cell", "model", "patch", "status", "params", "gflop_fwd", "train_patches_per_s",
+               "predict_voxels_per_s", "train_peak_rss_mb", "predict_peak_rss_mb",
+               "train_step_device_mb", "val_miou_fg", "test_miou_fg", "test_miou_all",
+               "patches_seen", "steps", "best_step", "train_seconds", "predict_cold_s",
+               "pareto_predict", "pareto_train", "error")
+
+
+def pareto(records: list[dict], x: str, y: str = "test_miou_fg") -> set[str]:
+  """Cells no other cell beats on both x and y (higher is better for both)."""
+  pts = [(r[x], r[y], r["cell"]) for r in records
+         if r.get("status") == "ok" and r.get(x) is not None and r.get(y) is not None]
+  front = set()
+  for xi, yi, ci in pts:
+    if not any(xj >= xi and yj >= yi and (xj > xi or yj > yi) for xj, yj, _ in pts):
+      front.add(ci)
+  return front
+
+
+def to_csv(records: list[dict]) -> str:
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+  w.writeheader()
+  for r in records:
+    w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+  return buf.getvalue()
+
+
+def to_markdown(records: list[dict], grid_name: str, grid: dict, info: dict, load) -> str:
+  rows = []
+  for r in records:
+    ok = r.get("status") == "ok"
+    rows.append({
+        "model": r["model"], "patch": r["patch"],
+        "params": r.get("params") / 1e6 if r.get("params") else None,
+        "gflop": r.get("gflop_fwd"), "tps": r.get("train_patches_per_s"),
+        "mvps": r["predict_voxels_per_s"] / 1e6 if r.get("predict_voxels_per_s") else None,
+        "mem": max(r.get("train_peak_rss_mb") or 0, r.get("predict_peak_rss_mb") or 0) / 1024
+               or None,
+        "dev": r.get("train_step_device_mb") / 1024 if r.get("train_step_device_mb") else None,
+        "val": r.get("val_miou_fg"), "test": r.get("test_miou_fg"),
+        "front": ("P" if r.get("pareto_predict") else "") + ("T" if r.get("pareto_train") else ""),
+        "status": "ok" if ok else f"failed: {r.get('error', '')[:60]}",
+    })
+  cols = ["model", "patch", "params", "gflop", "tps", "mvps", "mem", "dev", "val", "test",
+          "front", "status"]
+  heads = ["model", "patch", "params (M)", "GFLOP/patch", "train patches/s", "predict Mvoxel/s",
+           "peak RSS (GB)", "train step device (GB)", "val miou_fg", "test miou_fg",
+           "Pareto", "status"]
+  p = grid["phantom"]
+  lines = [f"# Efficiency vs IoU: grid `{grid_name}`, {info['tag']}", "",
+           common.machine_line(info), "", f"Load average at start / end: {load[0]} / {load[1]}.",
+           "", f"Phantom `{p['kind']}`: {p['num_scans']} scans of "
+           f"{'x'.join(map(str, p['shape']))} (train {p['num_scans'] - 2}, validation 1, test 1)."
+           f" Same budget for every cell: {grid['steps']} steps x batch {grid['batch']} = "
+           f"{grid['steps'] * grid['batch']:,} patches; {grid['dtype']}; Adam lr {grid['lr']} "
+           "cosine; CE + Dice; best checkpoint by validation miou_fg. Test: 3-plane soft vote on "
+           "the held-out scan. Pareto: P = on the front of test miou_fg vs prediction voxels/s, "
+           "T = vs training patches/s.", "", common.markdown_table(rows, cols, heads)]
+  return "\n".join(lines)
+
+
+def to_png(records: list[dict], path: Path, title: str) -> bool:
+  ok = [r for r in records if r.get("status") == "ok" and r.get("test_miou_fg") is not None]
+  if not ok:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  models = sorted({r["model"] for r in ok})
+  patches = sorted({r["patch"] for r in ok})
+  colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
+  markers = {p: "osD^v<>"[i % 7] for i, p in enumerate(patches)}
+  fig, axes = plt.subplots(1, 2, figsize=(15, 5.2))
+  for ax, key, label, flag in ((axes[0], "predict_voxels_per_s", "prediction voxels/s "
+                                "(3-plane soft vote)", "pareto_predict"),
+                               (axes[1], "train_patches_per_s", "training patches/s",
+                                "pareto_train")):
+    pts = [r for r in ok if r.get(key)]
+    for r in pts:
+      ax.scatter(r[key], r["test_miou_fg"], color=colors[r["model"]], marker=markers[r["patch"]],
+                 s=70 if r.get(flag) else 40, edgecolors="black" if r.get(flag) else "none",
+                 linewidths=1.2, zorder=3)
+    front = sorted((r for r in pts if r.get(flag)), key=lambda r: r[key])
+    if front:
+      ax.plot([r[key] for r in front], [r["test_miou_fg"] for r in front], "k--", lw=1,
+              zorder=2, label="Pareto front")
+      for r in front:
+        ax.annotate(r["cell"], (r[key], r["test_miou_fg"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    if pts and min(r[key] for r in pts) > 0:
+      ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test miou_fg")
+    ax.grid(alpha=0.3)
+  handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in models]
+  handles += [plt.Line2D([], [], color="gray", marker=markers[p], ls="", label=f"{p} px")
+              for p in patches]
+  handles += [plt.Line2D([], [], color="k", ls="--", label="Pareto front")]
+  axes[1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval_bundle: one cell's test evaluation, in its own process.
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_bundle(bundle_dir: str, scan_dir: str, patch: int, batch: int, runs: int,
+                train_batch: int, step_memory: bool | None) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  from bonejax import bundle, metrics, models, predict, store
+  gpu = jax.default_backend() != "cpu"
+  dtype = jnp.bfloat16 if gpu else jnp.float32
+  b = bundle.load_bundle(bundle_dir, dtype=dtype)
+  scan = store.open_scan(scan_dir)
+  raw = scan.read_image()
+  budget = 16.0  # GB: the test scan stays in memory (the predictor's default is 4)
+  engine = predict.make_engine(b.model, in_channels=b.in_channels, batch_size=batch,
+                               memory_budget_gb=budget)
+  times, labels = [], None
+  for _ in range(max(1, runs)):
+    t0 = time.perf_counter()
+    labels = predict.predict_volume(engine, raw, stats=scan.stats, rule=b.normalization,
+                                    planes=3, vote="soft", memory_budget_gb=budget)
+    times.append(time.perf_counter() - t0)
+  warm = times[1:] or times
+  sc = metrics.scores(metrics.confusion_matrix(labels, scan.read_labels(), b.num_classes),
+                      b.classes)
+  out = {"miou_fg": sc["miou_fg"], "miou_all": sc["miou_all"],
+         "iou": metrics.by_class(sc["iou"], sc["classes"]),
+         "voxels_per_second": raw.size / common.median(warm), "seconds": common.median(warm),
+         "cold_seconds": times[0], "run_seconds": times, "dtype": jnp.dtype(dtype).name,
+         "params": models.count_params(b.model),
+         "gflop_fwd": models.forward_gflops(b.model, patch, b.in_channels),
+         "peak_device_mb": common.jax_peak_device_mb(), "peak_rss_mb": common.peak_rss_mb()}
+  if step_memory if step_memory is not None else gpu:
+    model = common.bonejax_model(b.meta["model"], jnp.dtype(dtype).name,
+                                 num_classes=b.num_classes, in_channels=b.in_channels,
+                                 **b.meta.get("model_kwargs", {}))
+    step, state, _ = common.bonejax_train_step(model)
+    x = jax.ShapeDtypeStruct((train_batch, patch, patch, b.in_channels), jnp.float32)
+    y = jax.ShapeDtypeStruct((train_batch, patch, patch), jnp.int32)
+    out["train_step_device_mb"] = common.xla_memory_mb(step, state, x, y)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv):
+  del argv
+  if _EVAL_BUNDLE.value:
+    return eval_bundle(_EVAL_BUNDLE.value, _EVAL_SCAN.value, _EVAL_PATCH.value, _EVAL_BATCH.value,
+                       _EVAL_RUNS.value, _EVAL_TRAIN_BATCH.value,
+                       {"auto": None, "yes": True, "no": False}[_STEP_MEMORY.value])
+  if _GRID.value not in GRIDS:
+    raise cli.UserError(f"--grid={_GRID.value!r}: one of {', '.join(GRIDS)}")
+  grid = dict(GRIDS[_GRID.value])
+  if _MODELS.value:
+    grid["models"] = tuple(_MODELS.value)
+  if _PATCHES.value:
+    grid["patches"] = tuple(cli.parse_ints(",".join(_PATCHES.value), name="patches"))
+  if not _FAKE.value:
+    from bonejax import models as models_lib
+    unknown = [m for m in grid["models"] if m not in models_lib.MODEL_NAMES]
+    if unknown:
+      raise cli.UserError(f"unknown model(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(models_lib.MODEL_NAMES)}")
+  tag = _TAG.value or common.machine_tag()
+  stem = f"efficiency_{_GRID.value}"
+  results_dir = Path(_RESULTS.value)
+  cells_dir = results_dir / f"{stem}_{tag}_cells"
+  work = Path(_WORKDIR.value or f"/tmp/bonejax-efficiency/{_GRID.value}_{tag}")
+  load_start = common.load_average()
+  cells = [(m, p) for p in grid["patches"] for m in grid["models"]]
+  timeout = _CELL_TIMEOUT.value or grid["cell_timeout"]
+
+  if _FAKE.value:
+    data = work / "data"
+
+    def runner(**kw):
+      return run_cell_fake(_GRID.value, grid, data=data, timeout=timeout, fail=_FAKE_FAIL.value,
+                           **kw)
+  else:
+    data = make_data(grid, Path(_DATA.value) if _DATA.value else work / "data")
+
+    def runner(**kw):
+      return run_cell_real(_GRID.value, grid, data=data, timeout=timeout, **kw)
+
+  records = run_grid(cells, runner, cells_dir=cells_dir, work_dir=work,
+                     retry_failed=_RETRY.value)
+  front_p = pareto(records, "predict_voxels_per_s")
+  front_t = pareto(records, "train_patches_per_s")
+  for r in records:
+    r["pareto_predict"] = r["cell"] in front_p
+    r["pareto_train"] = r["cell"] in front_t
+  info = common.machine()
+  info["tag"] = tag
+  load = (load_start, common.load_average())
+  paths = common.result_paths(stem, tag, results_dir)
+  md = to_markdown(records, _GRID.value, grid, info, load)
+  print(md)
+  cli.atomic_write_text(paths["csv"], to_csv(records))
+  cli.atomic_write_text(paths["md"], md + "\n")
+  png = to_png(records, paths["png"], f"bonejax efficiency vs IoU: grid {_GRID.value}, {tag}")
+  grid_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid.items()}
+  common.write_results(stem, {"grid": _GRID.value, "config": grid_json, "cells": records,
+                              "fake": _FAKE.value, "load_average": {"start": load[0],
+                                                                    "end": load[1]},
+                              "machine": info}, None, tag=tag, results_dir=results_dir)
+  n_ok = sum(r.get("status") == "ok" for r in records)
+  return {"csv": paths["csv"], "md": paths["md"], "png": paths["png"] if png else None,
+          "json": paths["json"], "cells": len(records), "ok": n_ok,
+          "failed": [r["cell"] for r in records if r.get("status") != "ok"],
+          "pareto_predict": sorted(front_p)}
+
+
+if __name__ == "__main__":
+  from absl import flags
+  _GRID = flags.DEFINE_string("grid", "smoke", "smoke | full.")
+  _MODELS = flags.DEFINE_list("models", [], "Override the grid's models.")
+  _PATCHES = flags.DEFINE_list("patches", [], "Override the grid's patch sizes.")
+  _WORKDIR = flags.DEFINE_string("workdir", "", "Training runs and logs (default "
+                                 "/tmp/bonejax-efficiency/GRID_MACHINE).")
+  _DATA = flags.DEFINE_string("data", "", "Use this dataset instead of making the grid's "
+                              "phantom (needs the grid's scan names).")
+  _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
+  _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
+  _RETRY = flags.DEFINE_bool("retry_failed", True, "Rerun cells recorded as failed.")
+  _CELL_TIMEOUT = flags.DEFINE_integer("cell_timeout", 0, "Seconds per cell (0: the grid's).")
+  _FAKE = flags.DEFINE_bool("fake", False, "Fake cell runner (tests the bookkeeping only).")
+  _FAKE_FAIL = flags.DEFINE_string("fake_fail", "", "With --fake: this model's cells fail.")
+  _EVAL_BUNDLE = flags.DEFINE_string("eval_bundle", "", "Internal: evaluate this bundle.")
+  _EVAL_SCAN = flags.DEFINE_string("eval_scan", "", "Internal: the test scan.")
+  _EVAL_PATCH = flags.DEFINE_integer("eval_patch", 256, "Internal: patch for GFLOP/patch.")
+  _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 8, "Internal: planes per predictor call.")
+  _EVAL_RUNS = flags.DEFINE_integer("eval_runs", 2, "Internal: prediction passes.")
+  _EVAL_TRAIN_BATCH = flags.DEFINE_integer("eval_train_batch", 32, "Internal: batch for the "
+                                           "train-step memory estimate.")
+  _STEP_MEMORY = flags.DEFINE_enum("step_memory", "auto", ["auto", "yes", "no"],
+                                   "Internal: XLA memory estimate of a training step "
+                                   "(auto: on GPUs).")
+  cli.run(main)

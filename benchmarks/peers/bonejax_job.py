@@ -1,0 +1,163 @@
+"""One measured job of bonejax, in its own process (run by compare.py); the peer of monai_job.py.
+
+    python benchmarks/peers/bonejax_job.py --job=train --scan=DATA/scan_000 --patch=256 --batch=16
+    python benchmarks/peers/bonejax_job.py --job=predict --scan=DATA/scan_000 --batch=16
+
+Training: `models.create("unet_resnet18")` and the trainer's own jitted step
+(`bonejax.train.trainer.make_train_step`: Adam, cross-entropy, augmentation off, constant
+learning rate) on batches cycled from the same in-memory patch pool the peer uses
+(benchmarks/peers/volume.py). Prediction: `bonejax.predict.predict_volume` with planes=3,
+vote=soft on the raw scan (normalisation inside the jitted plane function), whole planes per
+call (bonejax's way; the peer tiles patches with sliding_window_inference).
+
+`--variant`: fp32 | bf16 (compute dtype; parameters, loss and optimiser stay fp32).
+The last stdout line is a JSON object (throughput, parameters, peak memory).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.peers import volume  # noqa: E402
+from bonejax import cli, store  # noqa: E402
+
+VARIANTS = ("fp32", "bf16")
+DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+
+if __name__ == "__main__":
+  _JOB = flags.DEFINE_enum("job", "train", ["train", "predict"], "What to measure.")
+  _SCAN = flags.DEFINE_string("scan", None, "Scan directory (zarr v3 group).")
+  _MODEL = flags.DEFINE_string("model", "unet_resnet18", "bonejax model name.")
+  _PATCH = flags.DEFINE_integer("patch", 256, "Training patch side in pixels.")
+  _BATCH = flags.DEFINE_integer("batch", 16, "Training batch and prediction planes per call.")
+  _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps.")
+  _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed training steps first (compile included).")
+  _RUNS = flags.DEFINE_integer("runs", 2, "Prediction runs; the first (compiling) is 'cold'.")
+  _VARIANT = flags.DEFINE_enum("variant", "fp32", VARIANTS, "Compute dtype.")
+  _CLASSES = flags.DEFINE_integer("num_classes", 3, "Output classes.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and patch sampling.")
+
+
+def ensure_scan(data_dir: str | Path, shape, seed: int = 0, kind: str = "bone") -> Path:
+  """DATA/scan_000 of a one-scan phantom dataset of `shape`, made once and reused."""
+  data_dir = Path(data_dir)
+  scan = data_dir / "scan_000"
+  if store.is_scan(scan):
+    found = tuple(store.open_scan(scan).shape)
+    if found == tuple(shape):
+      return scan
+    raise cli.UserError(f"{scan} has shape {found}, not {tuple(shape)}; use another directory")
+  try:
+    from bonejax import phantom
+  except ImportError:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return volume.synthetic_scan(scan, tuple(shape), seed)
+  phantom.make_dataset(data_dir, num_scans=1, shape=tuple(shape), seed=seed, kind=kind,
+                       overwrite=True, progress=False)
+  return scan
+
+
+def train_timed(name: str, image: np.ndarray, labels: np.ndarray | None, *, patch: int,
+                batch: int, steps: int, warmup: int, dtype: str, seed: int = 0,
+                num_classes: int = 3) -> dict:
+  import jax
+  import jax.numpy as jnp
+  model = common.bonejax_model(name, dtype, num_classes=num_classes, seed=seed)
+  step, state, source = common.bonejax_train_step(model, 1e-3)
+  del model
+  pool = volume.patch_pool(image, labels, patch, batch, num_batches=4, seed=seed,
+                           num_classes=num_classes)
+  pool = [(x[..., None], y) for x, y in pool]
+  holder = {"state": state}
+
+  def one(i: int):
+    x, y = pool[i % len(pool)]
+    holder["state"], loss = step(holder["state"], jnp.asarray(x), jnp.asarray(y))
+    return loss
+
+  t0 = time.perf_counter()
+  for i in range(warmup):
+    loss = one(i)
+  jax.block_until_ready(loss)
+  warmup_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for i in range(steps):
+    loss = one(i)
+  final_loss = float(loss)  # waits for the last step
+  seconds = time.perf_counter() - t0
+  return {"patches_per_second": steps * batch / seconds, "seconds": seconds, "steps": steps,
+          "warmup_seconds": warmup_s, "final_loss": final_loss, "train_step": source}
+
+
+def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: int = 2,
+                  seed: int = 0, num_classes: int = 3, memory_budget_gb: float = 16.0) -> dict:
+  """3-plane soft vote with bonejax.predict on the raw scan; first run cold, the rest warm.
+
+  The memory budget is raised over the predictor's 4 GB default so that a 512^3 volume stays in
+  memory, as the peer's does (`mode` in the result says which way it ran).
+  """
+  from bonejax import predict
+  model = common.bonejax_model(name, dtype, num_classes=num_classes, seed=seed)
+  model.eval()
+  engine = predict.make_engine(model, in_channels=1, batch_size=batch,
+                               memory_budget_gb=memory_budget_gb)
+  raw = scan.read_image()
+  times, info = [], {}
+  for _ in range(max(1, runs)):
+    t0 = time.perf_counter()
+    labels, info = predict.predict_volume(engine, raw, stats=scan.stats, planes=3, vote="soft",
+                                          memory_budget_gb=memory_budget_gb, return_info=True)
+    times.append(time.perf_counter() - t0)
+  warm = times[1:] or times
+  seconds = common.median(warm)
+  return {"voxels_per_second": raw.size / seconds, "seconds": seconds, "run_seconds": times,
+          "cold_seconds": times[0], "api": "bonejax.predict.predict_volume(planes=3, soft)",
+          "mode": info.get("mode"), "label_counts": np.bincount(labels.ravel()).tolist()}
+
+
+def predict_scan_timed(scan_path: str | Path, name: str, *, patch: int, batch: int, dtype: str,
+                       workdir: Path | None = None, runs: int = 2) -> dict:
+  del patch, workdir  # whole planes: the patch only matters for training
+  return predict_timed(name, store.open_scan(scan_path), batch=batch, dtype=dtype, runs=runs)
+
+
+def main(argv):
+  del argv
+  if not _SCAN.value:
+    raise cli.UserError("--scan is required")
+  t_start = time.perf_counter()
+  import jax
+  from bonejax import models
+  dtype = DTYPE[_VARIANT.value]
+  scan = store.open_scan(_SCAN.value)
+  params = models.count_params(models.abstract_model(
+      models.create, _MODEL.value, num_classes=_CLASSES.value, in_channels=1))
+  if _JOB.value == "train":
+    image, labels = volume.load_scan(_SCAN.value)
+    result = train_timed(_MODEL.value, image, labels, patch=_PATCH.value, batch=_BATCH.value,
+                         steps=_STEPS.value, warmup=_WARMUP.value, dtype=dtype, seed=_SEED.value,
+                         num_classes=_CLASSES.value)
+  else:
+    result = predict_timed(_MODEL.value, scan, batch=_BATCH.value, dtype=dtype,
+                           runs=_RUNS.value, seed=_SEED.value, num_classes=_CLASSES.value)
+  result.update({
+      "framework": "bonejax", "job": _JOB.value, "variant": _VARIANT.value,
+      "model": f"bonejax.{_MODEL.value}", "params": int(params), "patch": _PATCH.value,
+      "batch": _BATCH.value, "volume": list(scan.shape), "device": jax.default_backend(),
+      "jax": jax.__version__, "peak_rss_mb": common.peak_rss_mb(),
+      "peak_device_mb": common.jax_peak_device_mb(),
+      "process_seconds": time.perf_counter() - t_start,
+  })
+  return result
+
+
+if __name__ == "__main__":
+  cli.run(main)

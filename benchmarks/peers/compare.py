@@ -1,0 +1,253 @@
+"""bonejax against the PyTorch/MONAI peer on the same phantom scan, same patch and batch sizes.
+
+    python benchmarks/peers/compare.py                                    # defaults by machine
+    python benchmarks/peers/compare.py --volume=512,512,512 --patch=256 --batch=16 --repeats=5
+    python benchmarks/peers/compare.py --volume=48,96,96 --patch=64 --batch=4 --repeats=2 \
+        --steps=5 --results_dir=/tmp/peers                                # a smoke run
+
+Needs the `peers` extra (`pip install -e ".[peers]"`: torch, monai). Jobs:
+- train: steps of Adam + cross-entropy on batches of `--batch` patches of `--patch` px cut from
+  planes of the scan along all three axes (the same in-memory pool on both sides, so data
+  loading is not part of either figure); bonejax runs its trainer's step, the peer a plain
+  PyTorch loop over MONAI's FlexibleUNet(resnet18).
+- predict: the whole scan, 3-plane soft vote, raw intensities in memory to labels in memory.
+  bonejax: `bonejax.predict.predict_volume` (whole planes per call); the peer:
+  `monai.inferers.sliding_window_inference` (roi = patch, its default overlap 0.25) on the
+  slices along each axis, probabilities summed, argmax. Both with untrained weights.
+
+Every measured job runs in its own process (peak RSS read from VmHWM there) and the runs
+alternate (bonejax, peer, bonejax, peer, ...) so slow drift in machine load hits both sides
+alike. First each side's numerics are chosen by a short training calibration run of each
+variant (peer: fp32 / bf16 autocast, each with and without channels_last; bonejax: fp32 / bf16
+compute), the faster one is used for both jobs, and the calibration figures are kept.
+Reports medians and the ratio bonejax / peer (> 1: bonejax faster, or uses more memory).
+Writes benchmarks/results/peers_<machine>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from absl import flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from bonejax import cli  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SIDES = {"bonejax": HERE / "bonejax_job.py", "peer": HERE / "monai_job.py"}
+VARIANTS = {"bonejax": ("fp32", "bf16"), "peer": ("fp32", "bf16", "fp32_cl", "bf16_cl")}
+
+_VOLUME = flags.DEFINE_string("volume", "", "Z,Y,X of the phantom scan (default: 512^3 on a GPU, "
+                              "64,128,128 on a CPU).")
+_PATCH = flags.DEFINE_integer("patch", 0, "Patch side (0: 256 on a GPU, 128 on a CPU).")
+_BATCH = flags.DEFINE_integer("batch", 0, "Batch size (0: 16 on a GPU, 4 on a CPU).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Measured runs per side and job (alternating).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed training steps per run (0: 50 GPU, 10 CPU).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed training steps per run.")
+_PRED_RUNS = flags.DEFINE_integer("predict_runs", 2, "Prediction passes per run; the first is "
+                                  "cold (bonejax compiles), the rest are timed.")
+_JOBS = flags.DEFINE_list("jobs", ["train", "predict"], "Jobs to compare.")
+_BONEJAX_VARIANT = flags.DEFINE_string("bonejax_variant", "auto", "fp32 | bf16 | auto.")
+_PEER_VARIANT = flags.DEFINE_string("peer_variant", "auto", "fp32 | bf16 | fp32_cl | bf16_cl | "
+                                    "auto.")
+_MODEL = flags.DEFINE_string("model", "unet_resnet18", "bonejax model (peer: FlexibleUNet "
+                             "with the matching ResNet backbone).")
+_DATA = flags.DEFINE_string("data_dir", "", "Where the phantom scan is made (default: "
+                            "/tmp/bonejax-peers/Z_Y_X, reused).")
+_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds a single job may take.")
+_TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
+_RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
+
+METRIC = {"train": "patches_per_second", "predict": "voxels_per_second"}
+
+
+def _gpu() -> bool:
+  import jax
+  return jax.default_backend() != "cpu"
+
+
+def job_cmd(side: str, job: str, variant: str, scan: Path, patch: int, batch: int,
+            steps: int) -> list[str]:
+  cmd = [sys.executable, str(SIDES[side]), f"--job={job}", f"--scan={scan}", f"--patch={patch}",
+         f"--batch={batch}", f"--variant={variant}", f"--steps={steps}",
+         f"--warmup={_WARMUP.value}", f"--runs={_PRED_RUNS.value}"]
+  if side == "bonejax":
+    cmd.append(f"--model={_MODEL.value}")
+  else:
+    cmd.append(f"--backbone={_MODEL.value.split('_')[-1]}")
+  return cmd
+
+
+def run_job(side, job, variant, scan, patch, batch, steps, log_dir: Path) -> dict:
+  name = f"{side}_{job}_{variant}_{time.strftime('%H%M%S')}"
+  try:
+    res = common.run_json(job_cmd(side, job, variant, scan, patch, batch, steps),
+                          timeout=_TIMEOUT.value, log=log_dir / f"{name}.log")
+    res["ok"] = True
+  except common.JobFailed as e:
+    res = {"ok": False, "error": str(e), "stderr_tail": e.stderr_tail[-800:]}
+    print(f"{side} {job} ({variant}) failed: {e}", file=sys.stderr)
+  res.update({"side": side, "job": job, "variant": variant})
+  return res
+
+
+def calibrate(side: str, requested: str, scan, patch, batch, steps, log_dir) -> tuple[str, list]:
+  if requested != "auto":
+    if requested not in VARIANTS[side]:
+      raise cli.UserError(f"--{side if side == 'bonejax' else 'peer'}_variant={requested!r}: "
+                          f"one of {', '.join(VARIANTS[side])} or auto")
+    return requested, []
+  trials = [run_job(side, "train", v, scan, patch, batch, max(2, steps // 2), log_dir)
+            for v in VARIANTS[side]]
+  ok = [t for t in trials if t["ok"]]
+  if not ok:
+    raise RuntimeError(f"every {side} variant failed: {trials[0].get('error')}")
+  best = max(ok, key=lambda t: t["patches_per_second"])
+  print(f"{side}: " + ", ".join(f"{t['variant']} {t.get('patches_per_second', 0):.3g}"
+                                for t in trials) + f" patches/s -> {best['variant']}",
+        file=sys.stderr)
+  return best["variant"], [{k: t.get(k) for k in ("variant", "ok", "patches_per_second",
+                                                   "error")} for t in trials]
+
+
+def summarize(runs: list[dict]) -> dict:
+  out: dict = {}
+  for job in _JOBS.value:
+    per = {}
+    for side in SIDES:
+      rs = [r for r in runs if r["side"] == side and r["job"] == job]
+      good = [r for r in rs if r["ok"]]
+      vals = [r[METRIC[job]] for r in good]
+      per[side] = {
+          "runs": len(rs), "failed": len(rs) - len(good), "values": vals,
+          METRIC[job]: common.median(vals) if vals else None,
+          "spread": common.spread(vals) if vals else None,
+          "peak_rss_mb": common.median(r["peak_rss_mb"] for r in good) if good else None,
+          "peak_device_mb": (common.median(r["peak_device_mb"] for r in good)
+                             if good and good[0].get("peak_device_mb") is not None else None),
+          "params": good[0]["params"] if good else None,
+          "cold_seconds": (common.median(r["cold_seconds"] for r in good)
+                           if good and "cold_seconds" in good[0] else None),
+      }
+    ratio = {}
+    for key in (METRIC[job], "peak_rss_mb", "peak_device_mb"):
+      a, b = per["bonejax"][key], per["peer"][key]
+      ratio[key] = a / b if a and b else None
+    out[job] = {"bonejax": per["bonejax"], "peer": per["peer"], "ratio": ratio}
+  return out
+
+
+def markdown(summary, variants, calib, params, cfg, info, load) -> str:
+  rows = []
+  labels = {"train": "training patches/s", "predict": "prediction voxels/s"}
+  for job, s in summary.items():
+    m = METRIC[job]
+    rows.append({"what": labels[job], "bonejax": s["bonejax"][m], "peer": s["peer"][m],
+                 "ratio": s["ratio"][m],
+                 "n": f"{len(s['bonejax']['values'])}/{len(s['peer']['values'])}"})
+    rows.append({"what": f"{job}: peak RSS (MiB)", "bonejax": s["bonejax"]["peak_rss_mb"],
+                 "peer": s["peer"]["peak_rss_mb"], "ratio": s["ratio"]["peak_rss_mb"]})
+    if s["ratio"].get("peak_device_mb"):
+      rows.append({"what": f"{job}: peak device memory (MiB)",
+                   "bonejax": s["bonejax"]["peak_device_mb"], "peer": s["peer"]["peak_device_mb"],
+                   "ratio": s["ratio"]["peak_device_mb"]})
+  table = common.markdown_table(rows, ["what", "bonejax", "peer", "ratio", "n"],
+                                ["", "bonejax", "PyTorch + MONAI", "bonejax / peer",
+                                 "runs (bonejax/peer)"])
+  lines = [f"# bonejax vs PyTorch + MONAI: {info['tag']}", "", common.machine_line(info), "",
+           f"Load average at start / end: {load[0]} / {load[1]}.", "",
+           f"Phantom scan {'x'.join(map(str, cfg['volume']))}, patch {cfg['patch']} px, batch "
+           f"{cfg['batch']}, {cfg['steps']} timed training steps per run, {cfg['repeats']} "
+           "alternating runs per side; medians.", "",
+           f"Models: bonejax `{_MODEL.value}` {common.fmt(params.get('bonejax'))} parameters "
+           f"(smp's decoder); MONAI `FlexibleUNet({_MODEL.value.split('_')[-1]})` "
+           f"{common.fmt(params.get('peer'))} parameters (its own decoder; pretrained=False).",
+           "", f"Numerics: bonejax `{variants['bonejax']}`, peer `{variants['peer']}`"
+           + (" (fastest in a short training calibration run)." if calib else "."), "", table]
+  if calib:
+    lines += ["", "Calibration (training patches/s): " + "; ".join(
+        f"{side}: " + ", ".join(f"{t['variant']} {common.fmt(t['patches_per_second'])}"
+                                for t in trials) for side, trials in calib.items())]
+  if "predict" in summary:
+    lines += ["", "Prediction: bonejax runs whole planes per call "
+              "(`bonejax.predict.predict_volume`, planes=3, soft); the peer "
+              "`sliding_window_inference` with roi = patch and overlap 0.25 on the slices of each "
+              "axis. Cold first pass (bonejax compiles; not in the medians): bonejax "
+              f"{common.fmt(summary['predict']['bonejax']['cold_seconds'])} s, peer "
+              f"{common.fmt(summary['predict']['peer']['cold_seconds'])} s."]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if not _MODEL.value.startswith("unet_resnet"):
+    raise cli.UserError(f"--model={_MODEL.value!r}: the peer exists for unet_resnetNN only")
+  for j in _JOBS.value:
+    if j not in METRIC:
+      raise cli.UserError(f"--jobs: unknown job {j!r} (train, predict)")
+  try:
+    import torch  # noqa: F401  (only to fail early with a clear message)
+    import monai  # noqa: F401
+  except ImportError as e:
+    raise cli.UserError(f"the peer side needs torch and monai: pip install -e '.[peers]' ({e})")
+  gpu = _gpu()
+  shape = (cli.parse_ints(_VOLUME.value, 3, "volume") if _VOLUME.value
+           else ((512, 512, 512) if gpu else (64, 128, 128)))
+  patch = _PATCH.value or (256 if gpu else 128)
+  batch = _BATCH.value or (16 if gpu else 4)
+  steps = _STEPS.value or (50 if gpu else 10)
+  cfg = {"volume": list(shape), "patch": patch, "batch": batch, "steps": steps,
+         "repeats": _REPEATS.value, "warmup": _WARMUP.value, "predict_runs": _PRED_RUNS.value,
+         "model": _MODEL.value, "jobs": list(_JOBS.value)}
+  load_start = common.load_average()
+
+  from benchmarks.peers import bonejax_job
+  data = Path(_DATA.value or f"/tmp/bonejax-peers/{'_'.join(map(str, shape))}")
+  scan = bonejax_job.ensure_scan(data, shape)
+  log_dir = data / "logs"
+
+  variants, calib = {}, {}
+  for side, req in (("bonejax", _BONEJAX_VARIANT.value), ("peer", _PEER_VARIANT.value)):
+    variants[side], trials = calibrate(side, req, scan, patch, batch, steps, log_dir)
+    if trials:
+      calib[side] = trials
+
+  runs: list[dict] = []
+  total = _REPEATS.value * len(_JOBS.value) * 2
+  bar = cli.Progress(total=total, desc="peers", unit="runs", every_s=0)
+  for _ in range(_REPEATS.value):
+    for job in _JOBS.value:
+      for side in SIDES:  # bonejax first, then the peer: alternating
+        r = run_job(side, job, variants[side], scan, patch, batch, steps, log_dir)
+        runs.append(r)
+        bar.update(1, extra=f"{side} {job} " + (common.fmt(r.get(METRIC[job])) if r["ok"]
+                                                else "failed"))
+  bar.close()
+
+  summary = summarize(runs)
+  params = {}
+  for s in summary.values():
+    for side in SIDES:
+      params[side] = params.get(side) or s[side]["params"]
+  info = common.machine()
+  tag = _TAG.value or info["tag"]
+  info["tag"] = tag
+  load = (load_start, common.load_average())
+  md = markdown(summary, variants, calib, params, cfg, info, load)
+  print(md)
+  payload = {"config": cfg, "variants": variants, "calibration": calib, "params": params,
+             "summary": summary, "runs": runs, "scan": str(scan),
+             "load_average": {"start": load[0], "end": load[1]}, "machine": info}
+  paths = common.write_results("peers", payload, md, tag=tag, results_dir=_RESULTS.value)
+  out = {"json": paths["json"], "md": paths["md"], "variants": variants}
+  for job, s in summary.items():
+    out[f"{job}_ratio"] = s["ratio"][METRIC[job]]
+  return out
+
+
+if __name__ == "__main__":
+  cli.run(main)
