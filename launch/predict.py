@@ -1,0 +1,102 @@
+r"""Segments a micro-CT volume with a trained model bundle, voting over plane sets.
+
+  python launch/predict.py --model=WORKDIR/model --input=DATA/scan_000 --output=pred.zarr \
+      --planes=3 --vote=soft [--save_probs=probs.zarr] [--dtype=bfloat16]
+
+Inputs: a scan directory, a multi-page TIFF, a folder of 2D TIFFs, a .npy or a zarr array
+(intensity statistics are read from the scan or computed while reading). Outputs: zarr v3 uint8
+labels (attributes: model, planes, vote, classes) or a TIFF (BigTIFF over 4 GiB), written
+atomically. `--planes`: 1 (one axis, `--axis`), 3 (orthogonal), 9 (plus 45-degree rotations),
+12 (orthogonal x four 90-degree in-plane rotations). Volumes whose arrays exceed
+`--memory_budget_gb` are processed out of core in a scratch directory next to the output.
+Prints progress on stderr and, as the last stdout line, JSON with output, shape, seconds,
+voxels_per_second, planes, vote, classes, ...
+"""
+
+import sys
+from pathlib import Path
+
+# Lets `python launch/predict.py` run from a checkout that is not pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from absl import flags  # noqa: E402
+
+from bonejax import cli  # noqa: E402  (jax is imported only once the flags are good)
+
+PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
+VOTES = ("soft", "majority")
+DTYPES = ("float32", "bfloat16", "float16")
+
+_MODEL = flags.DEFINE_string("model", None, "Model bundle directory (WORKDIR/model).",
+                             required=True)
+_INPUT = flags.DEFINE_string("input", None, "Scan directory, .tif, TIFF folder, .npy or zarr "
+                             "array.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Labels output: PATH.zarr or PATH.tif.",
+                              required=True)
+_PLANES = flags.DEFINE_string("planes", "3", "Plane sets voted over: 1, 3, 9 or 12.")
+_VOTE = flags.DEFINE_string("vote", "soft", "soft (mean probabilities) or majority.")
+_AXIS = flags.DEFINE_string("axis", None, "Slicing axis for --planes=1: 0 (Z), 1 (Y), 2 (X); "
+                            "default 0.")
+_SAVE_PROBS = flags.DEFINE_string("save_probs", None, "Also write the mean probabilities "
+                                  "(Z, Y, X, C) float32 to this .zarr.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Planes per device call (shrunk per plane shape "
+                              "to fit the device memory).")
+_BUDGET = flags.DEFINE_float("memory_budget_gb", 4.0, "Host memory for volume and "
+                             "accumulators; beyond it the run goes out of core.")
+_DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Device memory one call may use "
+                                "(default: 70% of the accelerator's, or half the budget on CPU).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.")
+_TILE = flags.DEFINE_integer("tile_size", None, "Force tiling of planes larger than this "
+                             "(pixels); default: only when a plane does not fit the device.")
+_OVERLAP = flags.DEFINE_integer("tile_overlap", None, "Tile overlap in pixels (default tile/4).")
+_OOC = flags.DEFINE_enum("out_of_core", "auto", ["auto", "yes", "no"],
+                         "Force (yes) or forbid (no) out-of-core processing.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+
+
+def _int_flag(name: str, text: str | None, choices=None) -> int | None:
+  if text is None:
+    return None
+  try:
+    value = int(str(text).strip())
+  except ValueError:
+    raise cli.UserError(f"--{name}={text!r} is not an integer") from None
+  if choices is not None and value not in choices:
+    raise cli.UserError(f"--{name}={value} must be one of {', '.join(map(str, choices))}")
+  return value
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  planes = _int_flag("planes", _PLANES.value, PLANES)
+  axis = _int_flag("axis", _AXIS.value, (0, 1, 2))
+  if axis is not None and planes != 1:
+    raise cli.UserError(f"--axis goes with --planes=1 only (got --planes={planes})")
+  if _VOTE.value not in VOTES:
+    raise cli.UserError(f"--vote={_VOTE.value!r} must be soft or majority")
+  if _DTYPE.value not in DTYPES:
+    raise cli.UserError(f"--dtype={_DTYPE.value!r} must be one of {', '.join(DTYPES)}")
+  if not _BUDGET.value > 0:
+    raise cli.UserError(f"--memory_budget_gb={_BUDGET.value} must be positive")
+  if _BATCH.value < 1:
+    raise cli.UserError(f"--batch_size={_BATCH.value} must be positive")
+  # Fail on an existing output before any work.
+  cli.check_output(_OUTPUT.value, _OVERWRITE.value)
+  cli.require_exists(_MODEL.value, "model bundle")
+  cli.require_exists(_INPUT.value, "input")
+  ooc = {"auto": None, "yes": True, "no": False}[_OOC.value]
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+  from bonejax import predict
+  result = predict.predict_scan(
+      _MODEL.value, _INPUT.value, output=_OUTPUT.value, save_probs=_SAVE_PROBS.value,
+      planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
+      memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value, dtype=_DTYPE.value,
+      tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
+      overwrite=_OVERWRITE.value, progress=True, keep_labels=False)
+  return result
+
+
+if __name__ == "__main__":
+  cli.run(main)
