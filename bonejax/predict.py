@@ -916,13 +916,6 @@ def _output_kind(path: str | os.PathLike) -> str:
   raise cli.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels) or .tif/.tiff")
 
 
-def _set_zarr_attributes(path: Path, attrs: dict[str, Any]) -> None:
-  meta_path = path / "zarr.json"
-  meta = json.loads(meta_path.read_text())
-  meta["attributes"] = cli.to_jsonable(attrs)
-  cli.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-
-
 def _find_bundle(path: str | os.PathLike) -> Path:
   from bonejax import bundle as bundle_lib
   p = Path(path)
@@ -1043,9 +1036,10 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                         keep_labels=want_memory, keep_probs=False, progress=progress)
         labels = pred.labels
         if output is not None and out_kind == "zarr":
-          _set_zarr_attributes(out_tmp, attrs)
+          store.set_array_attrs(out_tmp, attrs)
         if probs_out is not None:
-          _set_zarr_attributes(probs_tmp, {**attrs, "content": "mean probabilities (Z, Y, X, K)"})
+          store.set_array_attrs(probs_tmp,
+                                {**attrs, "content": "mean probabilities (Z, Y, X, K)"})
         if output is not None and out_kind == "tiff":
           from bonejax import volume_io
           volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
