@@ -14,6 +14,14 @@ for `margin` pixels next to each interior tile edge and a sin^2 ramp after it. F
 receptive field is within the margin (and tile origins on the stride grid), tiled equals untiled
 up to float rounding; for real networks the smooth ramp hides the seams.
 
+On XLA's CPU backend a stride-1 convolution whose input has fewer spatial pixels than its kernel
+(a 3x3 conv on the 2x4 bottleneck of a 64x128 plane through a stride-32 network) has its operands
+swapped by the algebraic simplifier and then runs as a naive loop, 10-50x slower than the same
+conv on a 3x4 input (unet_resnet18, batch 4: a 64x128 plane takes 5x the time of a 128x128 one).
+So on CPU each plan checks the model's convolutions (from the traced jaxpr, no compile) and, where
+one would be swapped, pads the plane (reflect, like the stride padding) to the smallest larger
+multiple of the stride where none is; the crop is unchanged.
+
 `stream` keeps a couple of batches in flight: JAX dispatch is asynchronous, so the host copies
 the next batch in and the last results out while the device computes.
 """
@@ -36,6 +44,38 @@ from bonejax.models.utils import pad_to_multiple
 STRIDE = 32  # the model zoo's promise (bonejax.models.STRIDE)
 DEFAULT_BATCH = 8
 IN_FLIGHT = 2  # batches dispatched ahead of the one being collected
+MAX_EXTRA_BLOCKS = 8  # stride blocks a plane side may grow by to avoid a swapped CPU conv
+
+
+def _conv_eqns(jaxpr) -> Iterator[Any]:
+  """Every conv_general_dilated equation of a jaxpr, sub-jaxprs (jit, remat, ...) included."""
+  for e in jaxpr.eqns:
+    if e.primitive.name == "conv_general_dilated":
+      yield e
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+          yield from _conv_eqns(sub.jaxpr)
+        elif hasattr(sub, "eqns"):
+          yield from _conv_eqns(sub)
+
+
+def swapped_cpu_convs(jaxpr) -> int:
+  """Convolutions XLA's CPU algebraic simplifier would swap (kernel and input): stride 1, no
+  dilation, fewer input pixels than kernel taps in the spatial dims. Those run as a naive loop."""
+  n = 0
+  for e in _conv_eqns(jaxpr):
+    prm = e.params
+    if any(int(v) != 1 for v in tuple(prm["window_strides"]) + tuple(prm["lhs_dilation"])
+           + tuple(prm["rhs_dilation"])):
+      continue
+    dn = prm["dimension_numbers"]
+    lhs, rhs = e.invars[0].aval.shape, e.invars[1].aval.shape
+    spatial_in = math.prod(lhs[d] for d in dn.lhs_spec[2:])
+    spatial_k = math.prod(rhs[d] for d in dn.rhs_spec[2:])
+    if spatial_in < spatial_k:
+      n += 1
+  return n
 
 
 def compute_dtype(name: Any) -> Any:
@@ -93,6 +133,7 @@ class Plan:
   tile: tuple[int, int] | None = None  # (th, tw) in the rotated, padded frame; None: whole plane
   overlap: int = 0
   device_bytes: int = 0               # XLA's estimate of one call's peak memory (0: unknown)
+  padded: tuple[int, int] | None = None  # pad the (rotated) plane to this; None: stride multiple
 
   @property
   def rotated_shape(self) -> tuple[int, int]:
@@ -139,6 +180,7 @@ class PlaneEngine:
     self.offset, self.scale, self.clip = np.float32(0.0), np.float32(1.0), False
     self._plans: dict[tuple, Plan] = {}
     self._compiled: dict[Plan, Any] = {}
+    self.cpu = jax.default_backend() == "cpu"
     s = self.stride
     try:
       out = jax.eval_shape(lambda st, x: nnx.merge(self.graphdef, st)(x), self.state,
@@ -213,6 +255,10 @@ class PlaneEngine:
       if plan.k90:
         x = jnp.rot90(x, plan.k90, axes=(1, 2))
       xp, hw = pad_to_multiple(x, stride)
+      if plan.padded is not None and tuple(plan.padded) != tuple(xp.shape[1:3]):
+        widths = ((0, 0), (0, plan.padded[0] - xp.shape[1]), (0, plan.padded[1] - xp.shape[2]),
+                  (0, 0))
+        xp = jnp.pad(xp, widths, mode="reflect" if min(hw) > 1 else "edge")
       p = forward(state, xp) if plan.tile is None else tiled(state, xp)
       p = p[:, :hw[0], :hw[1]]
       if plan.k90:
@@ -247,6 +293,10 @@ class PlaneEngine:
                 clip=self.clip, batch=self.batch_size)
     hr, wr = base.rotated_shape
     hp, wp = _ceil_to(hr, self.stride), _ceil_to(wr, self.stride)
+    if self.cpu:
+      hp, wp = self._cpu_padded(hp, wp)
+      if (hp, wp) != (_ceil_to(hr, self.stride), _ceil_to(wr, self.stride)):
+        base = dataclasses.replace(base, padded=(hp, wp))
     budget = self.device_budget_bytes
     if self.tile_size and (hp > self.tile_size or wp > self.tile_size):
       plan = self._tiled(base, hp, wp, self.tile_size)
@@ -261,11 +311,37 @@ class PlaneEngine:
     self._compiled[plan] = compiled
     return plan
 
+  def _swapped(self, hp: int, wp: int, batch: int = 1) -> int:
+    x = jax.ShapeDtypeStruct((batch, hp, wp, self.in_channels), self.dtype or jnp.float32)
+    try:
+      jaxpr = jax.make_jaxpr(lambda st, x: nnx.merge(self.graphdef, st)(x))(self.state, x)
+    except Exception:  # pylint: disable=broad-except  # the compile reports real problems
+      return 0
+    return swapped_cpu_convs(jaxpr.jaxpr)
+
+  def _cpu_padded(self, hp: int, wp: int) -> tuple[int, int]:
+    """(hp, wp), or the smallest-area larger stride multiple without swapped CPU convs."""
+    if not self._swapped(hp, wp):
+      return hp, wp
+    s = self.stride
+    cands = sorted(((hp + i * s) * (wp + j * s), i + j, hp + i * s, wp + j * s)
+                   for i in range(MAX_EXTRA_BLOCKS + 1) for j in range(MAX_EXTRA_BLOCKS + 1)
+                   if i or j)
+    for _, _, h, w in cands:
+      if not self._swapped(h, w):
+        return h, w
+    return hp, wp
+
   def _tiled(self, base: Plan, hp: int, wp: int, tile: int, batch: int | None = None) -> Plan:
     tile = max(2 * self.stride, _ceil_to(tile, self.stride))
     overlap = self.tile_overlap if self.tile_overlap is not None else tile // 4
     overlap = min(max(self.stride, _ceil_to(overlap, self.stride)), tile - self.stride)
+    if base.padded is not None:
+      hp, wp = base.padded
     th, tw = min(tile, hp), min(tile, wp)
+    if self.cpu and (th, tw) != (hp, wp):
+      th, tw = self._cpu_padded(th, tw)  # a tile, too, must not hit a swapped conv
+      th, tw = min(th, hp), min(tw, wp)
     return dataclasses.replace(base, batch=batch or base.batch, tile=(th, tw), overlap=overlap)
 
   def _fit(self, base: Plan, hp: int, wp: int, nbytes: int, budget: int):
@@ -345,4 +421,5 @@ class PlaneEngine:
     """The plans made so far (for logs and results)."""
     return [{"shape": list(p.shape), "k90": p.k90, "batch": p.batch,
              "tile": list(p.tile) if p.tile else None, "overlap": p.overlap,
+             "padded": list(p.padded) if p.padded else None,
              "device_mb": round(p.device_bytes / 2**20, 1)} for p in self._plans.values()]
