@@ -78,27 +78,13 @@ def machine() -> dict:
 
 def build_model(num_classes: int, width: int, depth: int, dtype: str, seed: int = 0):
   """A classic U-Net with random weights, built abstractly (no slow eager initialisation)."""
-  import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
   from bonejax import models
   abstract = nnx.eval_shape(lambda: models.create(
       "unet", num_classes=num_classes, in_channels=1, rngs=nnx.Rngs(seed), depth=depth,
       width=width, dtype=jnp.dtype(dtype).type))
-  graphdef, shapes = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "'var'" in name or "'scale'" in name:
-      return np.ones(leaf.shape, leaf.dtype)
-    if "'mean'" in name or "'bias'" in name:
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return rng.normal(0, math.sqrt(2.0 / max(fan_in, 1)), leaf.shape).astype(leaf.dtype)
-
-  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, shapes))
+  model = models.fill_from_numpy(abstract, seed)
   model.eval()
   return model
 

@@ -23,20 +23,7 @@ def _concrete(name, seed=0, dtype=jnp.float32, **kw):
   """
   model = models.abstract_model(models.create, name, num_classes=3, in_channels=1, dtype=dtype,
                                 **kw)
-  graphdef, state = nnx.split(model)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, a):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      return jax.random.key(seed)
-    if len(a.shape) >= 2:
-      fan_in = int(np.prod(a.shape[:-1]))
-      return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), a.shape), a.dtype)
-    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-    ones = name in ("scale", "var")
-    return jnp.ones(a.shape, a.dtype) if ones else jnp.zeros(a.shape, a.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+  return models.fill_from_numpy(model, seed)
 
 
 def _jit_forward(model):

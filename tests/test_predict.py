@@ -267,19 +267,7 @@ def files(tmp_path_factory, volume):
   # Abstract model, weights filled from numpy: creating it eagerly costs far more on a busy CPU.
   abstract = nnx.eval_shape(lambda: models.create("unet", num_classes=K, in_channels=1,
                                                   rngs=nnx.Rngs(0), depth=2, width=4))
-  graphdef, shapes = nnx.split(abstract)
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "'var'" in name or "'scale'" in name:
-      return np.ones(leaf.shape, leaf.dtype)
-    if "'mean'" in name or "'bias'" in name:
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return (rng.normal(0, np.sqrt(2.0 / fan_in), leaf.shape)).astype(leaf.dtype)
-
-  net = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, shapes))
+  net = models.fill_from_numpy(abstract, 0)
   meta = bundle.make_meta(model_name="unet", model_kwargs={"depth": 2, "width": 4},
                           classes=["background", "bone", "pore"], in_channels=1,
                           normalization="percentile", patch_size=32, train_axes=[0, 1, 2])

@@ -27,8 +27,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.utils import (abstract_model, count_params, crop_to, forward_gflops,
-                                  pad_to_multiple)
+from bonejax.models.utils import (abstract_model, count_params, crop_to, fill_from_numpy,
+                                  forward_gflops, pad_to_multiple)
 
 STRIDE = 32
 
@@ -48,6 +48,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = ["MODEL_NAMES", "STRIDE", "abstract_model", "count_params", "create", "crop_to",
+           "fill_from_numpy",
            "forward_gflops", "model_class", "pad_to_multiple"]
 
 

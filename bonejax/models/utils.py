@@ -55,6 +55,29 @@ def abstract_model(factory, *args, **kwargs) -> nnx.Module:
   return nnx.eval_shape(lambda r: factory(*args, rngs=r, **kwargs), rngs)
 
 
+def fill_from_numpy(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
+  """A concrete model from an abstract one, with weights drawn by numpy (no XLA compiles).
+
+  Real initialisation compiles one RNG kernel per parameter shape, which takes tens of seconds
+  on a small CPU; tests and benchmarks that only need plausible weights use this instead.
+  Kernels are He-normal in their fan-in; BatchNorm scales and variances 1, the rest 0.
+  """
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      return jax.random.key(seed)
+    if len(a.shape) >= 2:
+      fan_in = int(np.prod(a.shape[:-1]))
+      return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), a.shape), a.dtype)
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    ones = name in ("scale", "var")
+    return jnp.ones(a.shape, a.dtype) if ones else jnp.zeros(a.shape, a.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
 def _inference_forward(model: nnx.Module, patch, in_channels: int, batch: int):
   """(pure forward fn, abstract state, abstract input) with BatchNorm in eval, dropout off."""
   h, w = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
