@@ -12,11 +12,9 @@ Every command writes its outputs through `atomic_output` (re-exported by `boneja
   containers mean nothing here) removes them, or restores the `.old` one when the crash fell
   between the two renames, and says so in one stderr line. `scratch_dir` does the same for
   working directories (`.bonejax-predict-HOST-PID-RAND/`).
-- Ownership. `--overwrite` replaces only what bonejax wrote, recognised by its own marks: a zarr
-  node whose attributes hold `bonejax_version` (every attribute writer in `store` adds it), a
-  scan group, a dataset (dataset.json and scans only), a model bundle (model.json), a TIFF from
-  `volume_io.export_tiff` (software tag), an evaluation report. Anything else is refused with a
-  line that says why. An output that is an input, lies inside one or holds one is refused too.
+- Ownership. `--overwrite` replaces only what bonejax wrote (bonejax/ownership.py says how it is
+  recognised); anything else is refused with a line that says why. An output that is an input,
+  lies inside one or holds one is refused too.
 - Parents. Directories made for an output are removed again (when still empty) if the run fails.
 
 Durability is against crashes of the process (kill -9, OOM kill, Ctrl-C), not power loss: files
@@ -41,18 +39,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from bonejax import cli
+from bonejax.ownership import foreign_reason, short_list as _list
 
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 SCRATCH_PREFIX = "bonejax-predict"
-# What bonejax itself leaves beside or inside its outputs: locks and (stale) temporaries.
-# (`.NAME.tmp-` + 8 hex digits is the name older versions gave temporaries.)
-_HIDDEN_OURS = re.compile(r"^\.+.+\.(lock|(tmp|old)-[0-9a-f]{6}-\d+-[0-9a-f]+.*|tmp-[0-9a-f]{8})$"
-                          r"|^\.bonejax-")
-_SCAN_ENTRIES = {"zarr.json", "image", "labels"}
-# Attribute keys of a predicted labels array written before outputs carried bonejax_version.
-_PREDICTION_KEYS = {"model", "planes", "vote", "classes"}
-_REPORT_KEYS = {"iou", "dice", "miou_all", "miou_fg"}
-_REPORT_TITLE = "# Segmentation evaluation"
 
 
 def _say(text: str) -> None:
@@ -291,107 +281,6 @@ def remove_made_dirs(dirs: Sequence[Path] | None = None) -> None:
       d.rmdir()
     with contextlib.suppress(ValueError):
       _MADE_DIRS.remove(d)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ownership.
-# ---------------------------------------------------------------------------------------------
-
-
-def _json(path: Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
-
-
-def _marked(attrs: Any) -> bool:
-  return isinstance(attrs, dict) and ("bonejax_version" in attrs or _PREDICTION_KEYS <= set(attrs))
-
-
-def _foreign_entries(p: Path, allowed: Iterable[str] = ()) -> list[str]:
-  allowed = set(allowed)
-  return sorted(e for e in os.listdir(p) if e not in allowed and not _HIDDEN_OURS.match(e))
-
-
-def _is_scan(p: Path) -> bool:
-  meta = _json(p / "zarr.json")
-  return (isinstance(meta, dict) and meta.get("node_type") == "group"
-          and (p / "image" / "zarr.json").exists())
-
-
-def _dir_reason(p: Path) -> str | None:
-  entries = _foreign_entries(p)
-  if not entries:
-    return None  # empty, or only our own leftovers: nothing to lose
-  meta = _json(p / "zarr.json")
-  if isinstance(meta, dict) and meta.get("zarr_format") == 3:
-    if _is_scan(p):
-      extra = _foreign_entries(p, _SCAN_ENTRIES)
-      return f"is a scan holding {_list(extra)} that bonejax did not write" if extra else None
-    if _marked(meta.get("attributes")):
-      return None
-    return "is a zarr node bonejax did not write (no bonejax_version attribute)"
-  if "dataset.json" in entries and isinstance(_json(p / "dataset.json"), dict):
-    extra = [e for e in entries if e != "dataset.json"
-             and not (_is_scan(p / e) and _dir_reason(p / e) is None)]
-    return f"is a dataset holding {_list(extra)} that bonejax did not write" if extra else None
-  bundle = _json(p / "model.json")
-  if isinstance(bundle, dict) and "model" in bundle and "classes" in bundle:
-    return None
-  return f"is a directory bonejax did not write (it holds {_list(entries)})"
-
-
-def _list(names: Sequence[str], n: int = 3) -> str:
-  shown = ", ".join(repr(x) for x in names[:n])
-  return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _tiff_is_ours(p: Path) -> bool:
-  try:
-    import tifffile
-    with tifffile.TiffFile(p) as tif:
-      page = tif.pages.first
-      return (str(page.software).startswith("bonejax")
-              or "bonejax_version" in str(page.description))
-  except Exception:  # pylint: disable=broad-except  # unreadable: not recognisably ours
-    return False
-
-
-def _file_reason(p: Path) -> str | None:
-  suffix = p.suffix.lower()
-  if suffix in (".tif", ".tiff", ".btf", ".tf8"):
-    return None if _tiff_is_ours(p) else "is a TIFF bonejax did not write"
-  try:
-    with open(p, "rb") as f:
-      head = f.read(1 << 16)
-  except OSError as e:
-    return f"cannot be read ({_os_reason(e)})"
-  if b'"bonejax_version"' in head or b"Software\x00bonejax" in head:
-    return None
-  if suffix == ".json":
-    obj = _json(p)
-    if isinstance(obj, dict) and _REPORT_KEYS <= set(obj):
-      return None
-  if suffix == ".md" and head.startswith(_REPORT_TITLE.encode()):
-    return None
-  if suffix == ".png" and b"Software\x00Matplotlib" in head:
-    return None  # a report picture from before pictures carried the bonejax mark
-  if p.stat().st_size == 0:
-    return None  # nothing to lose
-  return "is a file bonejax did not write"
-
-
-def foreign_reason(path: str | os.PathLike) -> str | None:
-  """None when `path` is a bonejax output (--overwrite may replace it), else why not."""
-  p = Path(path)
-  if p.is_symlink() and not p.exists():
-    return None  # a dangling link: replacing it loses nothing
-  if p.is_dir():
-    return _dir_reason(p)
-  if p.is_file():
-    return _file_reason(p)
-  return "is not a regular file or directory"
 
 
 def _contains(outer: str, inner: str) -> bool:

@@ -260,7 +260,8 @@ def main(argv):
   if what == "user":
     raise cli.UserError("cannot read TIFF 'x.tif'")
   if what == "ts":
-    raise ValueError('DATA_LOSS: Error reading local file "/d/c/0": bad [tensorstore_spec=\\'{{}}\\']')
+    raise ValueError('DATA_LOSS: Error reading local file "/d/c/0": bad '
+                     '[tensorstore_spec=\\'{{}}\\']')
   if what == "bug":
     raise KeyError("oops")
   return {{"ok": 1}}
