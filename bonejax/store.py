@@ -437,6 +437,7 @@ def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[st
   a warning: dataset.json can always be rebuilt from the scan directories.
   """
   p = Path(path)
+  p.mkdir(parents=True, exist_ok=True)
   with dataset_lock(p):
     if (p / DATASET_JSON).exists():
       ds = open_dataset(p)
