@@ -9,9 +9,11 @@ bonejax recognises what it wrote by its own marks, never by a name or a suffix a
 - a dataset: dataset.json and such scans, nothing else;
 - a model bundle (model.json with model and classes);
 - a TIFF from `volume_io.export_tiff` (software tag `bonejax ...`, `bonejax_version` in its
-  description); a file whose first 64 KiB hold `"bonejax_version"` (reports, JSON, safetensors
-  metadata) or a PNG with the `Software: bonejax` tag; an evaluation report (REPORT.json with
-  iou / dice / miou_all / miou_fg, REPORT.md with its title) and its Matplotlib pictures;
+  description);
+- a file whose first 64 KiB hold `"bonejax_version"` (reports, JSON, safetensors metadata), an
+  HTML page with `<meta name="generator" content="bonejax ...">`, a PNG with the `Software:
+  bonejax` tag; an evaluation report from before those marks (REPORT.json with iou / dice /
+  miou_all / miou_fg, REPORT.md with its title, its Matplotlib pictures);
 - an empty directory or file, which holds nothing to lose.
 bonejax's own leftovers inside a directory (locks, temporaries) never count against it.
 Everything else is somebody's data.
@@ -106,7 +108,8 @@ def _file_reason(p: Path) -> str | None:
       head = f.read(1 << 16)
   except OSError as e:
     return f"cannot be read ({os.strerror(e.errno) if e.errno else e})"
-  if b'"bonejax_version"' in head or b"Software\x00bonejax" in head:
+  if (b'"bonejax_version"' in head or b"Software\x00bonejax" in head
+      or b'<meta name="generator" content="bonejax' in head):
     return None
   if suffix == ".json":
     obj = _json(p)

@@ -74,9 +74,11 @@ def test_overwrite_replaces_bonejax_outputs(tmp_path):
   (bundle / "model.json").write_text(json.dumps({"model": "unet", "classes": ["a", "b"]}))
   report = tmp_path / "report.json"
   report.write_text(json.dumps({"iou": {}, "dice": {}, "miou_all": 0, "miou_fg": 0}))
+  html = tmp_path / "report.html"
+  html.write_text('<html><head><meta name="generator" content="bonejax 0.1"></head></html>')
   empty = tmp_path / "empty"
   empty.mkdir()
-  for p in (scan, data, arr, tmp_path / "pred.tif", bundle, report, empty):
+  for p in (scan, data, arr, tmp_path / "pred.tif", bundle, report, html, empty):
     assert outputs.foreign_reason(p) is None, p
     with cli.atomic_output(p, overwrite=True) as tmp:
       tmp.write_text("replaced")
