@@ -8,12 +8,13 @@ leaves nothing half-written at its output path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging as _logging
 import os
-import shutil
+import re
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -54,7 +55,12 @@ def _parse_flags_or_fail(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
-  """Runs an absl `main` that returns a JSON-able dict, printed as the last stdout line."""
+  """Runs an absl `main` that returns a JSON-able dict, printed as the last stdout line.
+
+  Whatever goes wrong ends in one `error:` line on stderr: bad input (UserError, unreadable or
+  unwritable files) exits 2, a bug exits 3. A failed run removes the directories it made for its
+  outputs (when still empty).
+  """
 
   def _wrapped(argv: list[str]) -> None:
     # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep stderr
@@ -62,23 +68,108 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     try:
-      result = main(argv)
+      with _quiet_tifffile() as tiff_log:
+        result = main(argv)
     except UserError as e:
-      print(f"error: {_one_line(e)}", file=sys.stderr)
-      sys.exit(EXIT_BAD_INPUT)
+      _fail(_one_line(e) + tiff_log.note_for(str(e)), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-      print("error: interrupted", file=sys.stderr)
-      sys.exit(130)
+      _fail("interrupted", 130)
+    except SystemExit as e:
+      if e.code not in (0, None):
+        _forget_outputs()
+      raise
     except Exception as e:  # pylint: disable=broad-except
+      line = io_error(e)
+      if line is not None:
+        _fail(line + tiff_log.note_for(line), EXIT_BAD_INPUT)
       if os.environ.get("BONEJAX_DEBUG"):
         raise
-      print(f"error: {type(e).__name__}: {_one_line(e)} (set BONEJAX_DEBUG=1 for the traceback)",
-            file=sys.stderr)
-      sys.exit(EXIT_INTERNAL)
+      _fail(f"{type(e).__name__}: {short_message(e)} (set BONEJAX_DEBUG=1 for the traceback)",
+            EXIT_INTERNAL)
+    tiff_log.warn()
     sys.stdout.flush()
     print(json.dumps(to_jsonable(result)), flush=True)
 
   app.run(_wrapped, flags_parser=_parse_flags_or_fail)
+
+
+def _forget_outputs() -> None:
+  from bonejax import outputs
+  outputs.remove_made_dirs()
+
+
+def _fail(line: str, code: int) -> None:
+  _forget_outputs()
+  print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+_TS_DETAILS = re.compile(r"\s*\[[a-z_ ]+='(?:[^'\\]|\\.)*'\]")
+_TS_STATUS = re.compile(r"^([A-Z_]+): ")
+# tensorstore statuses of files that cannot be read or written as they are: bad input, not bugs.
+_TS_IO = ("DATA_LOSS", "FAILED_PRECONDITION", "PERMISSION_DENIED", "NOT_FOUND",
+          "RESOURCE_EXHAUSTED", "OUT_OF_RANGE")
+_OS_IO = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+          errno.EROFS: "read-only filesystem", errno.ENOSPC: "no space left on device",
+          errno.EDQUOT: "disk quota exceeded"}
+
+
+def short_message(e: BaseException) -> str:
+  """One line, without the ~1 KB tensorstore spec and source locations tensorstore appends."""
+  return _one_line(_TS_DETAILS.sub("", str(e)))
+
+
+def io_error(e: BaseException) -> str | None:
+  """A one-line message when `e` says a file cannot be read or written (else None).
+
+  Covers tensorstore's errors on damaged chunks, bad zarr.json, permissions, full disks, and
+  the same OSErrors from Python: the user's files or disk, not a bug in bonejax.
+  """
+  if isinstance(e, OSError) and e.errno in _OS_IO:
+    where = f" {e.filename!r}" if e.filename else ""
+    return f"cannot write or read{where}: {_OS_IO[e.errno]}"
+  text = str(e)
+  m = _TS_STATUS.match(text)
+  if isinstance(e, ValueError) and m and m.group(1) in _TS_IO and "local file" in text:
+    return short_message(text[m.end():])
+  return None
+
+
+class _TiffLog(_logging.Handler):
+  """Collects what tifffile logs: it logs (rather than raises) on damaged files, and its line
+  on stderr would break the one-line error contract."""
+
+  def __init__(self):
+    super().__init__(_logging.WARNING)
+    self.messages: list[str] = []
+
+  def emit(self, record):
+    msg = _one_line(record.getMessage())
+    if msg not in self.messages:
+      self.messages.append(msg)
+
+  def note_for(self, error: str) -> str:
+    """What to add to an error line: tifffile's first complaint, unless it says it already."""
+    if not self.messages or self.messages[0] in error:
+      return ""
+    return f" (tifffile: {self.messages[0]})"
+
+  def warn(self) -> None:
+    for msg in self.messages:
+      print(f"warning: tifffile: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[_TiffLog]:
+  logger = _logging.getLogger("tifffile")
+  handler, propagate = _TiffLog(), logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  try:
+    yield handler
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -109,6 +200,11 @@ def parse_ints(text: str, n: int | None = None, name: str = "value") -> tuple[in
   return values
 
 
+def warn(text: str) -> None:
+  """One `warning:` line on stderr: something is wrong but the run goes on."""
+  print(f"warning: {_one_line(text)}", file=sys.stderr, flush=True)
+
+
 def require_exists(path: str | os.PathLike, what: str = "input") -> Path:
   if not path:
     raise UserError(f"no {what} path given")
@@ -118,66 +214,17 @@ def require_exists(path: str | os.PathLike, what: str = "input") -> Path:
   return p
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-  """Fails early (before any work) when an output exists and --overwrite is not set."""
-  if not path:
-    raise UserError("no output path given")
-  p = Path(path)
-  if p.exists() and not overwrite:
-    raise UserError(f"output {str(p)!r} exists; pass --overwrite to replace it")
-  if not p.parent.exists():
-    p.parent.mkdir(parents=True, exist_ok=True)
-  return p
+# Writing outputs safely (claims, temporaries, ownership, clean-up) is bonejax/outputs.py, which
+# imports this module; its names stay reachable as cli.NAME, the form every caller uses.
+_OUTPUT_NAMES = ("atomic_output", "atomic_write_json", "atomic_write_text", "check_output",
+                 "claim_output", "remove_path", "scratch_dir")
 
 
-def remove_path(p: Path) -> None:
-  if p.is_dir() and not p.is_symlink():
-    shutil.rmtree(p, ignore_errors=True)
-  elif p.exists() or p.is_symlink():
-    p.unlink()
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-  """Yields a temporary sibling path; renames it onto `path` only if the block succeeds.
-
-  Works for files and directories. A failure (or Ctrl-C) removes the temporary path, so the
-  output either appears complete or not at all.
-  """
-  final = check_output(path, overwrite)
-  tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    yield tmp
-    if not tmp.exists():
-      raise RuntimeError(f"nothing was written for {final}")
-    if final.exists():
-      # Move the old output aside first so a crash never leaves neither.
-      old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-      os.replace(final, old)
-      os.replace(tmp, final)
-      remove_path(old)
-    else:
-      os.replace(tmp, final)
-  except BaseException:
-    remove_path(tmp)
-    raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes a small file (JSON, CSV, Markdown) via a temporary name and a rename."""
-  p = Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, p)
-  except BaseException:
-    remove_path(tmp)
-    raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+def __getattr__(name: str) -> Any:
+  if name in _OUTPUT_NAMES:
+    from bonejax import outputs
+    return getattr(outputs, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Progress:

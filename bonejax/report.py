@@ -14,13 +14,13 @@ import json
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax import cli, measures, metrics, store, volume_io
+import bonejax
+from bonejax import cli, measures, metrics, outputs, store, volume_io
 
 # Fixed colours by class index (Okabe-Ito), so a class looks the same in every picture.
 COLOURS = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
@@ -107,6 +107,9 @@ def open_labels(path: str | os.PathLike, what: str) -> volume_io.VolumeSource:
   p = cli.require_exists(path, what)
   if store.is_scan(p) and not (p / "labels" / "zarr.json").exists():
     raise cli.UserError(f"{what} scan {str(p)!r} has no labels")
+  scan = _scan_dir_of(p)
+  if scan is not None:
+    store.warn_missing_chunks(scan)
   src = volume_io.open_volume(p, array="labels")
   if 0 in src.shape:
     raise cli.UserError(f"{what} {str(path)!r} is empty (shape {src.shape})")
@@ -319,9 +322,11 @@ def picture_paths(out: str | os.PathLike, overlay_slices: Sequence[int]) -> list
 
 
 def _save(fig, path: Path) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+  tmp = outputs.temporary_name(path)
   try:
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    # The Software tag marks the picture as bonejax's: --overwrite may replace it.
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight",
+                metadata={"Software": f"bonejax {bonejax.__version__}"})
     os.replace(tmp, path)
   except BaseException:
     cli.remove_path(tmp)
@@ -382,7 +387,7 @@ def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.n
 def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
   """Writes pictures, OUT.md, then OUT.json (last, so its presence means a full report)."""
   out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+  outputs.make_parents(out)
   md = out.with_suffix(".md")
   pictures: list[Path] = []
   if ev.profiles is not None:
@@ -391,7 +396,7 @@ def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
     for z, p in zip(sorted(ev.overlays), pictures[1:]):
       plot_overlay(z, *ev.overlays[z], ev.result["classes"], p)
   result = dict(ev.result, out=str(out), report_md=str(md),
-                pictures=[str(p) for p in pictures])
+                pictures=[str(p) for p in pictures], bonejax_version=bonejax.__version__)
   cli.atomic_write_text(md, markdown(result, [str(p) for p in pictures]))
   cli.atomic_write_json(out, result)
   return result

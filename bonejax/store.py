@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import tensorstore as ts
 
-from bonejax import cli
+from bonejax import cli, outputs
 
 IMAGE_DTYPES = ("uint8", "uint16", "float32")
 LABEL_DTYPE = "uint8"
@@ -83,14 +84,21 @@ def open_array(path: str | os.PathLike, write: bool = False) -> ts.TensorStore:
   try:
     return ts.open(spec, context=context(), **mode).result()
   except ValueError as e:
-    raise cli.UserError(f"cannot open zarr array {str(p)!r}: {e}") from None
+    raise cli.UserError(f"cannot open zarr array {str(p)!r}: {cli.short_message(e)}") from None
+
+
+def _marked(attrs: dict[str, Any]) -> dict[str, Any]:
+  """Attributes with bonejax's mark: how --overwrite knows this node is ours to replace."""
+  import bonejax
+  return {**cli.to_jsonable(attrs), "bonejax_version": attrs.get("bonejax_version",
+                                                                 bonejax.__version__)}
 
 
 def set_array_attrs(path: str | os.PathLike, attrs: dict[str, Any]) -> None:
   """Stores user attributes in a zarr v3 array's zarr.json (tensorstore leaves them alone)."""
   meta_path = Path(path) / "zarr.json"
   meta = json.loads(meta_path.read_text())
-  meta["attributes"] = cli.to_jsonable(attrs)
+  meta["attributes"] = _marked(attrs)
   cli.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
@@ -111,13 +119,24 @@ def slab_index(axis: int, start: int, stop: int, ndim: int = 3) -> tuple:
   return tuple(sl)
 
 
+def result(future: ts.Future, what: Any = "zarr array") -> Any:
+  """`future.result()`, with a damaged chunk reported as bad input in one line, not a bug."""
+  try:
+    return future.result()
+  except ValueError as e:
+    line = cli.io_error(e)
+    if line is None:
+      raise
+    raise cli.UserError(f"cannot read {what}: {line}") from None
+
+
 def read_plane(arr: ts.TensorStore, axis: int, index: int) -> np.ndarray:
   """One 2D plane perpendicular to `axis`; only the chunks it crosses are read."""
-  return arr[plane_index(axis, index, arr.rank)].read().result()
+  return result(arr[plane_index(axis, index, arr.rank)].read())
 
 
 def read_slab(arr: ts.TensorStore, axis: int, start: int, stop: int) -> np.ndarray:
-  return arr[slab_index(axis, start, stop, arr.rank)].read().result()
+  return result(arr[slab_index(axis, start, stop, arr.rank)].read())
 
 
 def write_slab(arr: ts.TensorStore, axis: int, start: int, data: np.ndarray) -> ts.Future:
@@ -138,7 +157,7 @@ def read_box(arr: ts.TensorStore, starts: Sequence[int], sizes: Sequence[int]) -
 
 
 def write_group_attrs(path: str | os.PathLike, attrs: dict[str, Any]) -> None:
-  meta = {"zarr_format": 3, "node_type": "group", "attributes": cli.to_jsonable(attrs)}
+  meta = {"zarr_format": 3, "node_type": "group", "attributes": _marked(attrs)}
   cli.atomic_write_text(Path(path) / "zarr.json", json.dumps(meta, indent=2) + "\n")
 
 
@@ -187,12 +206,12 @@ class Scan:
     return float(self.attrs.get("voxel_size_um", 1.0))
 
   def read_image(self) -> np.ndarray:
-    return self.image.read().result()
+    return result(self.image.read(), f"scan {str(self.path)!r}")
 
   def read_labels(self) -> np.ndarray:
     if self.labels is None:
       raise cli.UserError(f"scan {self.name!r} has no labels")
-    return self.labels.read().result()
+    return result(self.labels.read(), f"scan {str(self.path)!r}")
 
 
 def is_scan(path: str | os.PathLike) -> bool:
@@ -214,7 +233,62 @@ def open_scan(path: str | os.PathLike) -> Scan:
   if labels is not None and tuple(labels.shape) != tuple(image.shape):
     raise cli.UserError(f"scan {str(p)!r}: labels shape {tuple(labels.shape)} != image shape "
                         f"{tuple(image.shape)}")
+  warn_missing_chunks(p, attrs)
   return Scan(p, image, labels, attrs)
+
+
+# Chunks equal to the fill value are never written (tensorstore's default), so an absent chunk
+# file is normally "all zeros", and a deleted one would read as zeros too. A scan therefore
+# records how many chunk files each array had when it was written; fewer later means loss.
+STORED_CHUNKS = "stored_chunks"
+_WARNED: set[str] = set()
+
+
+def count_chunks(array_path: str | os.PathLike) -> int:
+  """Chunk files stored for a zarr v3 array (everything but its zarr.json)."""
+  n = 0
+  for root, _, files in os.walk(array_path):
+    n += sum(1 for f in files if not f.startswith(".")
+             and not (f == "zarr.json" and Path(root) == Path(array_path)))
+  return n
+
+
+def record_chunks(scan: Scan) -> None:
+  """Stores the chunk count of each array in the scan's attributes (call once written)."""
+  counts = {"image": count_chunks(scan.path / "image")}
+  if scan.labels is not None:
+    counts["labels"] = count_chunks(scan.path / "labels")
+  update_scan_attrs(scan, **{STORED_CHUNKS: counts})
+
+
+def missing_chunks(path: str | os.PathLike,
+                   attrs: dict[str, Any] | None = None) -> dict[str, tuple[int, int]]:
+  """{array: (chunks present, chunks recorded)} for the arrays of a scan that lost chunks."""
+  p = Path(path)
+  recorded = (attrs if attrs is not None else read_group_attrs(p)).get(STORED_CHUNKS)
+  if not isinstance(recorded, dict):
+    return {}  # written before scans kept the record
+  lost = {}
+  for name, n in recorded.items():
+    if (p / name / "zarr.json").exists() and isinstance(n, int):
+      have = count_chunks(p / name)
+      if have < n:
+        lost[name] = (have, n)
+  return lost
+
+
+def warn_missing_chunks(path: str | os.PathLike, attrs: dict[str, Any] | None = None) -> None:
+  """One warning line per damaged scan (once per process): its missing chunks read as 0."""
+  key = os.path.abspath(path)
+  if key in _WARNED:
+    return
+  lost = missing_chunks(path, attrs)
+  if lost:
+    _WARNED.add(key)
+    what = "; ".join(f"{name} has {have} of its {n} chunk files" for name, (have, n) in
+                     lost.items())
+    cli.warn(f"scan {str(path)!r} is damaged: {what} (deleted or lost?); the missing parts read "
+             f"as 0. Re-import the scan")
 
 
 def create_scan(path: str | os.PathLike, shape: Sequence[int], image_dtype: str | np.dtype,
@@ -265,6 +339,7 @@ def write_scan(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray | 
     futures.append(scan.labels.write(labels.astype(np.uint8)))
   for f in futures:
     f.result()
+  record_chunks(scan)
   return scan
 
 
@@ -323,23 +398,86 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     meta = json.loads(f.read_text())
   except json.JSONDecodeError as e:
     raise cli.UserError(f"{str(f)!r} is not valid JSON: {e}") from None
+  if not isinstance(meta, dict):
+    raise cli.UserError(f"{str(f)!r} is not a JSON object with classes and scans")
   classes = meta.get("classes")
   if not isinstance(classes, list) or len(classes) < 2:
     raise cli.UserError(f"{str(f)!r} needs a list of at least 2 classes")
-  scans = [s for s in meta.get("scans", [])]
-  return Dataset(p, [str(c) for c in classes], scans)
+  scans = meta.get("scans", [])
+  if not isinstance(scans, list):
+    raise cli.UserError(f"{str(f)!r}: scans must be a list of names")
+  return Dataset(p, [str(c) for c in classes], [str(s) for s in scans])
+
+
+def dataset_lock(path: str | os.PathLike):
+  """The lock every read-modify-write of DATA/dataset.json holds (parallel imports)."""
+  return outputs.locked(Path(path) / f".{DATASET_JSON}.lock")
+
+
+def _natural(name: str) -> list:
+  return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def unlisted_scans(path: str | os.PathLike, listed: Sequence[str]) -> list[str]:
+  """Scan directories in a dataset that dataset.json does not name, and no live run is writing
+  (an import registers its scan itself), in natural order."""
+  p = Path(path)
+  listed = set(listed)
+  found = [e.name for e in os.scandir(p) if e.is_dir() and not e.name.startswith(".")
+           and e.name not in listed and is_scan(p / e.name) and not outputs.is_claimed(p / e.name)]
+  return sorted(found, key=_natural)
 
 
 def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[str]) -> Dataset:
-  """Registers a scan in dataset.json, creating the file (with `classes`) if needed."""
+  """Registers a scan in dataset.json, creating the file (with `classes`) if needed.
+
+  Safe from many processes at once: the read-modify-write holds the dataset's lock and
+  replaces the file atomically. Scan directories found unlisted (an import killed between
+  renaming its scan into place and registering it; a lost dataset.json) are listed too, with
+  a warning: dataset.json can always be rebuilt from the scan directories.
+  """
   p = Path(path)
-  if (p / DATASET_JSON).exists():
-    ds = open_dataset(p)
-    if list(classes) != ds.classes:
-      raise cli.UserError(f"classes {list(classes)} disagree with dataset's {ds.classes}")
-  else:
-    ds = Dataset(p, list(classes), [])
-  if scan not in ds.scans:
-    ds.scans.append(scan)
-  write_dataset_json(p, ds.classes, ds.scans)
+  p.mkdir(parents=True, exist_ok=True)
+  with dataset_lock(p):
+    if (p / DATASET_JSON).exists():
+      ds = open_dataset(p)
+      if list(classes) != ds.classes:
+        raise cli.UserError(f"classes {list(classes)} disagree with dataset's {ds.classes}")
+    else:
+      ds = Dataset(p, list(classes), [])
+    orphans = [s for s in unlisted_scans(p, ds.scans) if s != scan]
+    if orphans:
+      cli.warn(f"dataset {str(p)!r}: scan director{'y' if len(orphans) == 1 else 'ies'} "
+               f"{', '.join(orphans)} existed but {'was' if len(orphans) == 1 else 'were'} not "
+               f"listed in {DATASET_JSON} (an interrupted import?); listed now")
+      ds.scans.extend(orphans)
+    if scan not in ds.scans:
+      ds.scans.append(scan)
+    write_dataset_json(p, ds.classes, ds.scans)
+  return ds
+
+
+def rebuild_dataset(path: str | os.PathLike, classes: Sequence[str] | None = None) -> Dataset:
+  """Writes dataset.json anew from the scan directories present (natural order).
+
+  `classes` default to those of the present dataset.json; scans it lists that are gone are
+  dropped, with a warning.
+  """
+  p = Path(path)
+  if not p.is_dir():
+    raise cli.UserError(f"dataset {str(p)!r} is not a directory")
+  with dataset_lock(p):
+    old = open_dataset(p) if (p / DATASET_JSON).exists() else None
+    if classes is None:
+      if old is None:
+        raise cli.UserError(f"{str(p)!r} has no {DATASET_JSON}: give the class names")
+      classes = old.classes
+    if len(classes) < 2:
+      raise cli.UserError(f"a dataset needs at least 2 classes, got {list(classes)}")
+    listed = [s for s in (old.scans if old else []) if is_scan(p / s)]
+    gone = [s for s in (old.scans if old else []) if s not in listed]
+    if gone:
+      cli.warn(f"dataset {str(p)!r}: {', '.join(gone)} listed but gone; dropped")
+    ds = Dataset(p, [str(c) for c in classes], listed + unlisted_scans(p, listed))
+    write_dataset_json(p, ds.classes, ds.scans)
   return ds

@@ -37,7 +37,7 @@ import tensorstore as ts
 import tifffile
 
 import bonejax
-from bonejax import cli, intensity, store
+from bonejax import cli, intensity, outputs, store
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 KEPT_DTYPES = ("uint8", "uint16", "float32")
@@ -447,10 +447,12 @@ def export_tiff(source, path: str | os.PathLike, overwrite: bool = False,
       data = np.asarray(read(z0, min(z0 + slab, shape[0]))).astype(dtype, copy=False)
       yield from data
 
+  # The software tag and the description mark the file as bonejax's: --overwrite may replace it.
   with cli.atomic_output(path, overwrite) as tmp:
     with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
       tw.write(pages(), shape=shape, dtype=dtype, photometric="minisblack",
-               metadata={"axes": "ZYX"})
+               software=f"bonejax {bonejax.__version__}",
+               metadata={"axes": "ZYX", "bonejax_version": bonejax.__version__})
   return {"output": str(path), "shape": list(shape), "dtype": dtype.name, "bigtiff": bigtiff}
 
 
@@ -513,34 +515,39 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
       raise cli.UserError(f"--classes {classes} disagree with {str(data / store.DATASET_JSON)!r}"
                           f" classes {existing.classes}")
   final = data / scan
-  if final.exists() and not overwrite:
-    raise cli.UserError(f"scan {str(final)!r} exists; pass --overwrite to replace it")
-
-  src = open_volume(image, "image")
-  lab = None
+  inputs = (image, labels)
+  outputs.check_not_input(final, inputs, "scan")
+  for given in inputs:
+    if given and store.is_scan(given):
+      store.warn_missing_chunks(given)
+  made = outputs.make_dirs(data)
   try:
-    if labels:
-      lab = open_volume(labels, "labels")
-      if lab.shape != src.shape:
-        raise cli.UserError(f"labels shape {lab.shape} != image shape {src.shape}")
-    created_data = not data.exists()
-    try:
-      stats = _stream_scan(src, lab, final, classes, voxel_size_um, chunks, slab, overwrite,
-                           progress_every_s)
+    # The claim makes a second import of the same scan fail at once, and is held until the scan
+    # is registered, so parallel imports never take it for an orphan (store.unlisted_scans).
+    with outputs.claim_output(final, "scan"):
+      cli.check_output(final, overwrite, inputs, "scan")
+      src = open_volume(image, "image")
+      lab = None
       try:
-        dataset = store.add_scan_to_dataset(data, scan, classes)
-      except BaseException:
-        cli.remove_path(final)
-        raise
-    except BaseException:
-      # Leave no empty dataset directory behind if this call made it.
-      if created_data and data.is_dir() and not any(data.iterdir()):
-        data.rmdir()
-      raise
-  finally:
-    src.close()
-    if lab is not None:
-      lab.close()
+        if labels:
+          lab = open_volume(labels, "labels")
+          if lab.shape != src.shape:
+            raise cli.UserError(f"labels shape {lab.shape} != image shape {src.shape}")
+        stats = _stream_scan(src, lab, final, classes, voxel_size_um, chunks, slab, overwrite,
+                             progress_every_s, inputs)
+        try:
+          dataset = store.add_scan_to_dataset(data, scan, classes)
+        except BaseException:
+          cli.remove_path(final)
+          raise
+      finally:
+        src.close()
+        if lab is not None:
+          lab.close()
+  except BaseException:
+    # Leave no empty dataset directory behind if this call made it.
+    outputs.remove_made_dirs(made)
+    raise
   return {"dataset": str(data), "scan": scan, "path": str(final), "shape": list(src.shape),
           "dtype": src.dtype.name, "source_dtype": src.source_dtype.name,
           "has_labels": lab is not None, "classes": classes,
@@ -550,7 +557,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
 
 def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, classes: list[str],
                  voxel_size_um: float, chunks: Sequence[int], slab: int, overwrite: bool,
-                 progress_every_s: float) -> dict[str, Any]:
+                 progress_every_s: float, inputs: Sequence[Any] = ()) -> dict[str, Any]:
   attrs = {
       "voxel_size_um": float(voxel_size_um),
       "source": str(Path(src.path).resolve()),
@@ -562,7 +569,7 @@ def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, class
     attrs["labels_source"] = str(Path(lab.path).resolve())
   depth = src.shape[0]
   n_slabs = -(-depth // slab)
-  with cli.atomic_output(final, overwrite) as tmp:
+  with cli.atomic_output(final, overwrite, inputs, "scan") as tmp:
     scan = store.create_scan(tmp, src.shape, src.dtype, lab is not None, attrs, chunks)
     acc = intensity.StatsAccumulator(src.dtype, math.prod(src.shape))
     progress = cli.Progress(total=n_slabs, desc=f"import {final.name}", unit="slabs",
@@ -606,5 +613,6 @@ def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, class
             pass
     stats = acc.finalize()
     store.update_scan_attrs(scan, intensity=stats)
+    store.record_chunks(scan)
     progress.close()
   return stats

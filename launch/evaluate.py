@@ -60,10 +60,10 @@ def _parse_slices(text):
                         f"integers") from None
 
 
-def _check_absent(paths):
+def _check_outputs(paths):
+  """Refuses outputs that exist (without --overwrite), are not bonejax's, or are an input."""
   for p in paths:
-    if p.exists() and not _OVERWRITE.value:
-      raise cli.UserError(f"output {str(p)!r} exists; pass --overwrite to replace it")
+    cli.check_output(p, _OVERWRITE.value, inputs=(_PRED.value, _TRUTH.value, _IMAGE.value))
 
 
 def main(argv):
@@ -82,19 +82,20 @@ def main(argv):
     if any(not c for c in classes) or len(set(classes)) != len(classes):
       raise cli.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
   slices = _parse_slices(_SLICES.value) if _SLICES.value else None
-  # Fail on an existing output before any work; nothing (not even a folder) is made until the
-  # report is complete.
-  _check_absent([out, out.with_suffix(".md")])
-  ev = report.evaluate(
-      _PRED.value, _TRUTH.value, classes=classes, num_classes=_NUM_CLASSES.value,
-      options=measures.Options(
-          roi_distance_um=_ROI.value, implant_time_years=_TIME.value,
-          initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
-      voxel_size_um=_VOXEL.value, image=_IMAGE.value, pictures=_PICTURES.value,
-      overlay_slices=slices, slab=_SLAB.value)
-  if _PICTURES.value:
-    _check_absent(report.picture_paths(out, sorted(ev.overlays)))
-  return report.write(ev, out)
+  # Fail on an existing output before any work; a folder made for the report goes again if the
+  # run fails. The claim refuses a second run writing the same report meanwhile.
+  with cli.claim_output(out):
+    _check_outputs([out, out.with_suffix(".md")])
+    ev = report.evaluate(
+        _PRED.value, _TRUTH.value, classes=classes, num_classes=_NUM_CLASSES.value,
+        options=measures.Options(
+            roi_distance_um=_ROI.value, implant_time_years=_TIME.value,
+            initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
+        voxel_size_um=_VOXEL.value, image=_IMAGE.value, pictures=_PICTURES.value,
+        overlay_slices=slices, slab=_SLAB.value)
+    if _PICTURES.value:
+      _check_outputs(report.picture_paths(out, sorted(ev.overlays)))
+    return report.write(ev, out)
 
 
 if __name__ == "__main__":

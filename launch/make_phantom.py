@@ -38,13 +38,20 @@ def main(argv):
 
   if not FLAGS.out:
     raise cli.UserError("--out is required")
+  if FLAGS.seed < 0:
+    raise cli.UserError(f"--seed={FLAGS.seed} must be a non-negative integer")
+  if FLAGS.num_scans < 1:
+    raise cli.UserError(f"--num_scans={FLAGS.num_scans} must be >= 1")
   shape = phantom.check_args(FLAGS.kind, cli.parse_ints(FLAGS.shape, 3, "shape"),
-                             FLAGS.num_scans)
+                             FLAGS.num_scans, FLAGS.seed)
+  phantom.check_memory(shape, FLAGS.kind)
   chunks = cli.parse_ints(FLAGS.chunks, 3, "chunks")
-  cli.check_output(FLAGS.out, FLAGS.overwrite)  # fail before any work
   t0 = time.perf_counter()
-  ds = phantom.make_dataset(FLAGS.out, num_scans=FLAGS.num_scans, shape=shape, seed=FLAGS.seed,
-                            kind=FLAGS.kind, overwrite=FLAGS.overwrite, chunks=chunks)
+  with cli.claim_output(FLAGS.out):
+    cli.check_output(FLAGS.out, FLAGS.overwrite)  # fail before any work
+    ds = phantom.make_dataset(FLAGS.out, num_scans=FLAGS.num_scans, shape=shape,
+                              seed=FLAGS.seed, kind=FLAGS.kind, overwrite=FLAGS.overwrite,
+                              chunks=chunks)
   return {"dataset": str(ds.path), "scans": ds.scans, "classes": ds.classes,
           "kind": FLAGS.kind, "shape": list(shape), "seed": FLAGS.seed,
           "seconds": round(time.perf_counter() - t0, 2)}

@@ -13,6 +13,7 @@ Prints progress on stderr and, as the last stdout line, JSON with output, shape,
 voxels_per_second, planes, vote, classes, ...
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -81,21 +82,37 @@ def main(argv):
     raise cli.UserError(f"--memory_budget_gb={_BUDGET.value} must be positive")
   if _BATCH.value < 1:
     raise cli.UserError(f"--batch_size={_BATCH.value} must be positive")
-  # Fail on an existing output before any work.
-  cli.check_output(_OUTPUT.value, _OVERWRITE.value)
-  cli.require_exists(_MODEL.value, "model bundle")
-  cli.require_exists(_INPUT.value, "input")
+  if _DEVICE_GB.value is not None and not _DEVICE_GB.value > 0:
+    raise cli.UserError(f"--device_memory_gb={_DEVICE_GB.value} must be positive")
+  if _TILE.value is not None and _TILE.value < 1:
+    raise cli.UserError(f"--tile_size={_TILE.value} must be positive")
+  if _OVERLAP.value is not None and _OVERLAP.value < 0:
+    raise cli.UserError(f"--tile_overlap={_OVERLAP.value} must be >= 0")
+  if _OVERLAP.value is not None and _TILE.value is not None and _OVERLAP.value >= _TILE.value:
+    raise cli.UserError(f"--tile_overlap={_OVERLAP.value} must be smaller than "
+                        f"--tile_size={_TILE.value}")
   ooc = {"auto": None, "yes": True, "no": False}[_OOC.value]
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
-  from bonejax import predict
-  result = predict.predict_scan(
-      _MODEL.value, _INPUT.value, output=_OUTPUT.value, save_probs=_SAVE_PROBS.value,
-      planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
-      memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value, dtype=_DTYPE.value,
-      tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
-      overwrite=_OVERWRITE.value, progress=True, keep_labels=False)
-  return result
+  bundle = Path(_MODEL.value)
+  if not (bundle / "model.json").exists() and (bundle / "model" / "model.json").exists():
+    bundle = bundle / "model"  # a training workdir: its bundle is the input, not the workdir
+  with contextlib.ExitStack() as claims:
+    # Claim the outputs for the whole run (a second run writing them is refused), then fail on
+    # an existing, foreign or input-overlapping output before any work.
+    for out in (_OUTPUT.value, _SAVE_PROBS.value):
+      if out:
+        claims.enter_context(cli.claim_output(out))
+        cli.check_output(out, _OVERWRITE.value, inputs=(_INPUT.value, bundle))
+    cli.require_exists(_MODEL.value, "model bundle")
+    cli.require_exists(_INPUT.value, "input")
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+    from bonejax import predict
+    return predict.predict_scan(
+        _MODEL.value, _INPUT.value, output=_OUTPUT.value, save_probs=_SAVE_PROBS.value,
+        planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
+        memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value, dtype=_DTYPE.value,
+        tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
+        overwrite=_OVERWRITE.value, progress=True, keep_labels=False)
 
 
 if __name__ == "__main__":

@@ -369,7 +369,15 @@ def test_export_tiff_overwrite_and_bigtiff(tmp_path, monkeypatch):
   out.write_bytes(b"old")
   with pytest.raises(cli.UserError, match="exists; pass --overwrite"):
     volume_io.export_tiff(make_labels(), out)
+  # --overwrite replaces only what bonejax wrote: not a file of someone else's.
+  with pytest.raises(cli.UserError, match="is a TIFF bonejax did not write"):
+    volume_io.export_tiff(make_labels(), out, overwrite=True)
   assert out.read_bytes() == b"old"
+  tifffile.imwrite(out, make_labels())  # a TIFF, but not one of bonejax's
+  with pytest.raises(cli.UserError, match="is a TIFF bonejax did not write"):
+    volume_io.export_tiff(make_labels(), out, overwrite=True)
+  out.unlink()
+  volume_io.export_tiff(make_labels(), out)
   monkeypatch.setattr(volume_io, "BIGTIFF_BYTES", 100)  # pretend the volume exceeds 4 GiB
   lab = make_labels() == 1
   assert volume_io.export_tiff(lab, out, overwrite=True, slab=7)["bigtiff"]

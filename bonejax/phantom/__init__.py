@@ -17,6 +17,8 @@ shape; its size, porosity, noise and contrast vary from scan to scan.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -32,9 +34,50 @@ KINDS = tuple(_GENERATORS)
 CLASSES = {kind: list(mod.CLASSES) for kind, mod in _GENERATORS.items()}
 MIN_SIDE = 32
 _KIND_STREAM = {"bone": 1, "implant": 2}  # part of the seed, so kinds never share streams
+# Peak host memory while one scan is generated, per voxel: float fields, distance maps and the
+# rendered image (measured with tracemalloc: 84-93 B/voxel for both kinds, 32^3 to 96x128^2).
+PEAK_BYTES_PER_VOXEL = 100
 
 
-def check_args(kind: str, shape: Sequence[int], num_scans: int = 1) -> tuple[int, int, int]:
+def available_memory() -> int | None:
+  """Bytes this process could still allocate: free RAM and swap, within a cgroup limit."""
+  avail = None
+  try:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+      key, _, value = line.partition(":")
+      info[key] = int(value.split()[0]) * 1024
+    avail = info["MemAvailable"] + info.get("SwapFree", 0)
+  except (OSError, KeyError, ValueError, IndexError):
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+      avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  try:  # a container's limit (cgroup v2), which /proc/meminfo does not show
+    limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    if limit != "max":
+      room = int(limit) - used
+      avail = room if avail is None else min(avail, room)
+  except (OSError, ValueError):
+    pass
+  return avail
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(shape: Sequence[int], kind: str = "bone") -> None:
+  """Refuses up front a scan that could not be generated in this machine's memory."""
+  need = math.prod(int(s) for s in shape) * PEAK_BYTES_PER_VOXEL
+  avail = available_memory()
+  if avail is not None and need > avail:
+    raise cli.UserError(f"shape {tuple(int(s) for s in shape)}: generating one {kind} phantom "
+                        f"scan needs about {_gib(need)} of memory, but only {_gib(avail)} is "
+                        f"available; choose a smaller shape")
+
+
+def check_args(kind: str, shape: Sequence[int], num_scans: int = 1,
+               seed: int = 0) -> tuple[int, int, int]:
   """Validates the generator's arguments; cli.UserError names what is wrong."""
   if kind not in _GENERATORS:
     raise cli.UserError(f"unknown phantom kind {kind!r} (known: {', '.join(KINDS)})")
@@ -48,13 +91,15 @@ def check_args(kind: str, shape: Sequence[int], num_scans: int = 1) -> tuple[int
     raise cli.UserError(f"shape {shape}: every side must be >= {MIN_SIDE} voxels")
   if int(num_scans) < 1:
     raise cli.UserError(f"num_scans must be >= 1, got {num_scans}")
+  if not isinstance(seed, (int, np.integer)) or int(seed) < 0:
+    raise cli.UserError(f"seed must be a non-negative integer, got {seed!r}")
   return shape
 
 
 def make_scan(kind: str, shape: Sequence[int], seed: int,
               index: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """One phantom scan: (image uint16 (Z, Y, X), labels uint8, attrs)."""
-  shape = check_args(kind, shape)
+  shape = check_args(kind, shape, seed=seed)
   seq = np.random.SeedSequence([int(seed), _KIND_STREAM[kind], int(index)])
   # Separate streams for geometry and scanner: changing one never reshuffles the other.
   geom_rng, ct_rng = (np.random.default_rng(s) for s in seq.spawn(2))
@@ -81,7 +126,8 @@ def make_dataset(path: str | os.PathLike, *, num_scans: int, shape: Sequence[int
                  kind: str = "bone", overwrite: bool = False, progress: bool = True,
                  chunks: Sequence[int] = store.DEFAULT_CHUNKS) -> store.Dataset:
   """Writes DATA/dataset.json and DATA/scan_000... atomically (all of it, or nothing)."""
-  shape = check_args(kind, shape, num_scans)
+  shape = check_args(kind, shape, num_scans, seed)
+  check_memory(shape, kind)
   classes = CLASSES[kind]
   names = [scan_name(i) for i in range(int(num_scans))]
   bar = cli.Progress(total=len(names), desc=f"phantom {kind}", unit="scans", every_s=0.0,
