@@ -153,7 +153,7 @@ def _warn_estimated() -> None:
     _WARNED_ESTIMATE = True
     logging.warning("bonejax.predict: this backend reports no memory analysis of compiled "
                     "calls; device memory per call is estimated from the traced program "
-                    "(an upper bound: batches may be smaller than they could be)")
+                    "(pass a smaller device_memory_gb if calls run out of memory)")
 
 
 class PlaneEngine:
@@ -345,7 +345,7 @@ class PlaneEngine:
     return dataclasses.replace(base, batch=batch or base.batch, tile=(th, tw), overlap=overlap)
 
   def _fit(self, base: Plan, hp: int, wp: int, nbytes: int, budget: int):
-    """Shrinks the batch, then tiles (smaller and smaller), until XLA's estimate fits."""
+    """Shrinks the batch, then tiles (smaller and smaller), until the call's memory fits."""
     fixed = self.state_bytes
     per_plane = max((nbytes - fixed) / base.batch, 1.0)
     batch = min(base.batch - 1, int((budget - fixed) // per_plane))

@@ -8,8 +8,10 @@ resident arrays exceed `resident_limit` goes out of core.
 
 Device: one compiled call may use `device_budget_bytes`; the engine shrinks batches or tiles
 planes until XLA's memory analysis of the compiled call fits. Where a backend has no memory
-analysis, `peak_bytes` estimates the peak from the traced program instead (the live values
-of its equations run one by one: an upper bound of what XLA, which fuses, allocates).
+analysis, `peak_bytes` estimates the peak from the traced program instead: the live values of
+its equations run one by one. XLA fuses (fewer temporaries) but also pads and keeps workspace,
+so the two land close: on CPU, unet depth 4 width 16 at 128x128 batch 8 estimates 44 MB where
+XLA says 36 MB; unet_resnet18 at 256x256 batch 4, 119 MB where XLA says 122 MB.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ def peak_bytes(jaxpr: Any) -> int:
       inputs = sum(_nbytes(v) for v in list(sub.invars) + list(sub.constvars))
       inner = max(inner, peak_bytes(sub) - inputs)
     out = sum(_nbytes(v) for v in e.outvars)
-    peak = max(peak, live + inner + out)
+    peak = max(peak, live + max(inner, out))  # a call's own peak includes its outputs
     live += out
     for v in e.outvars:
       if _is_var(v) and v not in last:  # never used
