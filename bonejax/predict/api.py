@@ -26,7 +26,7 @@ from flax import nnx
 
 from bonejax import cli, intensity, store
 from bonejax.predict import memory
-from bonejax.predict.engine import DEFAULT_BATCH, STRIDE, PlaneEngine
+from bonejax.predict.engine import DEFAULT_BATCH, PlaneEngine
 from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order, vote_labels
 from bonejax.predict.runner import Runner
 from bonejax.predict.volumes import Fuser, PerSet, SlabVolume, scratch_dir as make_scratch
@@ -69,7 +69,7 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
       model, dtype = bundle_model(model, dtype), None
   if stride is None:
     from bonejax import models
-    stride = int(getattr(models, "STRIDE", STRIDE))
+    stride = models.STRIDE
   return PlaneEngine(model, in_channels=in_channels, batch_size=batch_size, dtype=dtype,
                      stride=stride,
                      device_budget_bytes=memory.device_budget_bytes(device_memory_gb,
