@@ -24,10 +24,11 @@ Python API (for the demo, cross-validation and notebooks):
     labels, mean = fuse(probs, "soft")                           # or "majority"
     labels = predict_volume(model, vol, stats=stats, planes=3, vote="soft")
     result = predict_scan("WORKDIR/model", "DATA/scan_000", output="pred.zarr")
-`model` may be an nnx module or a prepared `PlaneEngine` (which keeps its compiled functions
-across calls).
+`model` may be an nnx module, a `bundle.Bundle` or a prepared `PlaneEngine` (which keeps its
+compiled functions across calls).
 """
 
+from bonejax import cli  # predict.cli.UserError, as callers of the old module used it
 from bonejax.predict import rotate
 from bonejax.predict.api import (Prediction, as_volume, axis_probabilities, bundle_model,
                                  make_engine, predict_planes, predict_volume, run_prediction)
@@ -44,7 +45,7 @@ from bonejax.predict.scan import predict_scan
 __all__ = [
     "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
     "PlaneEngine", "PlaneSet", "Prediction", "as_volume", "axis_probabilities",
-    "background_value", "blend_window", "bundle_model", "check_vote", "compute_dtype",
+    "background_value", "blend_window", "bundle_model", "check_vote", "cli", "compute_dtype",
     "device_budget_bytes", "fuse", "majority_labels", "make_engine", "one_hot_argmax",
     "plane_sets", "predict_planes", "predict_scan", "predict_volume", "resident_bytes",
     "resident_limit", "rotate", "run_order", "run_prediction", "swapped_cpu_convs",
