@@ -14,18 +14,15 @@ r"""Prediction throughput (pipeline vs bare model forward) and peak memory as th
    /proc/self/status) and its RSS before predicting (imports, JAX runtime). Out of core, the
    peak must not grow with Z.
 
-Prints a table and writes benchmarks/results/predict_throughput_<machine>.json and .md.
+Prints a table and writes benchmarks/results/predict_throughput_<machine>.{json,md} (see
+benchmarks/common: the machine record, command, date and load average go with the numbers).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import re
-import statistics
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 
 _SHAPE = flags.DEFINE_string("shape", "48,128,128", "Throughput volume Z,Y,X.")
 _WIDTH = flags.DEFINE_integer("width", 8, "Classic U-Net width (channels of the first block).")
@@ -57,23 +56,6 @@ def _rss_kib(field: str) -> int:
     if line.startswith(field + ":"):
       return int(line.split()[1])
   return 0
-
-
-def machine() -> dict:
-  import jax
-  dev = jax.devices()[0]
-  cpu = ""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"device": str(dev.device_kind), "platform": dev.platform,
-          "device_count": jax.device_count(), "cpu": cpu or platform.processor(),
-          "cpu_cores": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-          "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def build_model(num_classes: int, width: int, depth: int, dtype: str, seed: int = 0):
@@ -139,7 +121,8 @@ def bare_forward(engine, shape_counts):
 
 def throughput(results: dict) -> list[dict]:
   import numpy as np
-  from bonejax import intensity, predict, rotate
+  from bonejax import intensity, predict
+  from bonejax.predict import rotate
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   vol = synthetic_volume(shape)
   stats = intensity.compute_stats(vol)
@@ -171,8 +154,8 @@ def throughput(results: dict) -> list[dict]:
       run()
       pipes.append(time.perf_counter() - t)
       bares.append(bare_run())
-    pipe, bare = statistics.median(pipes), statistics.median(bares)
-    eff = statistics.median([b / p for b, p in zip(bares, pipes)])
+    pipe, bare = common.median(pipes), common.median(bares)
+    eff = common.median([b / p for b, p in zip(bares, pipes)])
     voxels = math.prod(shape)
     rows.append({"planes": planes, "shape": list(shape), "plane_voxels": plane_voxels,
                  "pipeline_s": round(pipe, 3), "cold_s": round(cold, 3),
@@ -207,7 +190,7 @@ def memory_child(spec: dict) -> dict:
                              keep_labels=False)
   return {"z": spec["z"], "mode": res["mode"], "seconds": round(time.perf_counter() - t, 2),
           "voxels_per_s": res["voxels_per_second"], "baseline_rss_mb": round(baseline / 1024, 1),
-          "peak_rss_mb": round(_rss_kib("VmHWM") / 1024, 1),
+          "peak_rss_mb": round(common.peak_rss_mb(), 1),
           "python_rss_mb": round(before_import / 1024, 1), "scratch_chunk": res["scratch_chunk"]}
 
 
@@ -227,20 +210,16 @@ def memory(results: dict) -> list[dict]:
       spec = {"bundle": str(tmp / "model"), "scan": str(tmp / f"scan{z}"),
               "output": str(tmp / f"pred{z}.zarr"), "planes": _MEM_PLANES.value,
               "budget": _MEM_BUDGET.value, "batch": _BATCH.value, "z": z}
-      env = {**os.environ, "BONEJAX_CACHE_BYTES": str(32 << 20)}
-      r = subprocess.run([sys.executable, __file__, f"--child={json.dumps(spec)}"],
-                         capture_output=True, text=True, env=env, timeout=3600)
-      if r.returncode != 0:
-        raise RuntimeError(f"memory case Z={z} failed: {r.stderr[-3000:]}")
-      row = json.loads(r.stdout.strip().splitlines()[-1])
+      row = common.run_json([sys.executable, __file__, f"--child={json.dumps(spec)}"],
+                            timeout=3600, env={"BONEJAX_CACHE_BYTES": str(32 << 20)})
+      row.pop("wall_seconds", None)
+      row.pop("child_peak_rss_mb", None)  # the child reports its own VmHWM as peak_rss_mb
       row["volume_mb"] = round(z * p * p * 2 / 2**20, 1)
       row["probs_mb"] = round(z * p * p * 3 * 4 / 2**20, 1)
       rows.append(row)
       print(f"Z={z}: {row['mode']}, peak RSS {row['peak_rss_mb']} MB (runtime "
             f"{row['baseline_rss_mb']} MB), {row['seconds']} s", flush=True)
-      store_path = tmp / f"scan{z}"
-      import shutil
-      shutil.rmtree(store_path, ignore_errors=True)
+      shutil.rmtree(tmp / f"scan{z}", ignore_errors=True)
       shutil.rmtree(tmp / f"pred{z}.zarr", ignore_errors=True)
   results["memory_config"] = {"plane": [p, p], "budget_gb": _MEM_BUDGET.value,
                               "planes": _MEM_PLANES.value, "model": "unet",
@@ -253,9 +232,9 @@ def memory(results: dict) -> list[dict]:
 
 def markdown(results: dict) -> str:
   m = results["machine"]
-  lines = [f"# predict throughput: {m['device']} ({m['platform']})", "",
-           f"Machine: {m['cpu']}, {m['cpu_cores']} cores, jax {m['jax']}, "
-           f"{m['device_count']} device(s); load average at start {m['load_average']}.", "",
+  load = results["load_average"]
+  lines = [f"# predict throughput: {m['tag']}", "",
+           f"{common.machine_line(m)}; load average {load['start']} -> {load['end']}.", "",
            f"Command: `{results['command']}`", "",
            "## Throughput (in memory, warm; medians of interleaved repeats)", "",
            f"Model: {json.dumps({k: v for k, v in results.get('throughput_config', {}).items() if k != 'plans'})}",
@@ -284,17 +263,17 @@ def main(argv):
   if _CHILD.value:
     print(json.dumps(memory_child(json.loads(_CHILD.value))), flush=True)
     return
-  from bonejax import cli
-  results = {"machine": machine(), "command": " ".join(["python"] + sys.argv)}
+  results = {"machine": common.machine(),
+             "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+             "load_average": {"start": common.load_average()}}
   print(json.dumps(results["machine"]), flush=True)
   results["throughput"] = throughput(results) if _PLANES.value else []
   results["memory"] = memory(results) if _MEM_Z.value else []
-  name = re.sub(r"[^a-z0-9]+", "_", results["machine"]["device"].lower()).strip("_") or "device"
-  out = Path(_OUT.value)
-  cli.atomic_write_json(out / f"predict_throughput_{name}.json", results)
+  results["load_average"]["end"] = common.load_average()
   md = markdown(results)
-  cli.atomic_write_text(out / f"predict_throughput_{name}.md", md)
+  paths = common.write_results("predict_throughput", results, md, results_dir=_OUT.value)
   print(md)
+  print(f"wrote {paths['json']} and {paths['md']}")
 
 
 if __name__ == "__main__":

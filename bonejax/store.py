@@ -51,12 +51,24 @@ def _chunks_for(shape: Sequence[int], chunks: Sequence[int]) -> list[int]:
   return [max(1, min(int(c), int(s))) for c, s in zip(chunks, shape)]
 
 
+_shared_context = context  # create_array's `context` argument hides the function
+
+
 def create_array(path: str | os.PathLike, shape: Sequence[int], dtype: str | np.dtype,
                  chunks: Sequence[int] = DEFAULT_CHUNKS, fill_value: Any = 0,
-                 compression_level: int = 1) -> ts.TensorStore:
-  """Creates (replacing) a chunked zarr v3 array; zstd level 1 keeps writes cheap."""
+                 compression_level: int | None = 1,
+                 context: ts.Context | None = None) -> ts.TensorStore:
+  """Creates (replacing) a chunked zarr v3 array; zstd level 1 keeps writes cheap.
+
+  Axes beyond `chunks` (the channels of a (Z, Y, X, C) array) are one chunk each.
+  `compression_level=None` stores raw chunks (scratch arrays that do not compress).
+  `context`: the tensorstore context (its chunk cache) to open it in; default the shared one.
+  """
   dtype = np.dtype(dtype).name
   shape = [int(s) for s in shape]
+  codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  if compression_level is not None:
+    codecs.append({"name": "zstd", "configuration": {"level": int(compression_level)}})
   spec = {
       "driver": "zarr3",
       "kvstore": {"driver": "file", "path": str(path)},
@@ -64,15 +76,15 @@ def create_array(path: str | os.PathLike, shape: Sequence[int], dtype: str | np.
           "shape": shape,
           "data_type": dtype,
           "chunk_grid": {"name": "regular",
-                         "configuration": {"chunk_shape": _chunks_for(shape, chunks)}},
-          "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                     {"name": "zstd", "configuration": {"level": compression_level}}],
+                         "configuration": {"chunk_shape": _chunks_for(shape, chunks)
+                                           + shape[len(chunks):]}},
+          "codecs": codecs,
           "fill_value": fill_value,
       },
       "create": True,
       "delete_existing": True,
   }
-  return ts.open(spec, context=context()).result()
+  return ts.open(spec, context=context if context is not None else _shared_context()).result()
 
 
 def open_array(path: str | os.PathLike, write: bool = False) -> ts.TensorStore:

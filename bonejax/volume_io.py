@@ -6,9 +6,14 @@
 - a folder of 2D TIFF slices, taken in natural order (slice_2 before slice_10);
 - a .npy file (memory-mapped);
 - a zarr array, v3 or v2 (through tensorstore), or a bonejax scan directory (its image, or its
-  labels with `array="labels"`).
+  labels with `array="labels"`; a scan's image also brings its stored intensity statistics).
 Nothing reads a whole volume: `read_slab(z0, z1)` reads only those slices, so an import needs
 memory for a couple of slabs, whatever the volume size.
+
+Channels: volumes are (Z, Y, X) by default. `channels=C` asks for a (Z, Y, X, C) .npy or zarr
+array (multi-channel models); `channels=None` takes what the file has (a last axis of size > 1
+after three others is the channel axis), and the source's `channels` says which. The predictor
+opens its input this way, the importer with the default.
 
 Image dtypes: uint8, uint16 and float32 are kept; bool becomes uint8; every other integer type
 (int8, int16 -- common in CT --, int32, int64, uint32, uint64) and float16/float64 become float32
@@ -91,14 +96,41 @@ def _squeeze_to_3d(shape: Sequence[int], what: str) -> list[int]:
   return keep
 
 
+def channels_of(shape: Sequence[int]) -> int:
+  """The channels of an array shape: its last axis when, singleton axes dropped, at least four
+  remain and the last is not 1 ((Z, Y, X, C), possibly with leading singletons); else 1."""
+  shape = tuple(int(s) for s in shape)
+  kept = [s for s in shape if s != 1]
+  return shape[-1] if len(kept) >= 4 and shape[-1] != 1 else 1
+
+
+def _keep_axes(shape: Sequence[int], what: str, channels: int) -> list[int]:
+  """The axes of a (Z, Y, X) volume, or of a (Z, Y, X, C) one with C = `channels` > 1."""
+  shape = tuple(int(s) for s in shape)
+  if channels == 1:
+    return _squeeze_to_3d(shape, what)
+  if len(shape) < 4 or shape[-1] != channels or len([s for s in shape if s != 1]) > 4:
+    raise cli.UserError(f"{what} has shape {shape}: not a (Z, Y, X, {channels}) volume "
+                        f"({channels} channels on the last axis)")
+  return _squeeze_to_3d(shape[:-1], what) + [len(shape) - 1]
+
+
+def _check_channels_arg(channels: int | None) -> None:
+  if channels is not None and (not isinstance(channels, (int, np.integer)) or channels < 1):
+    raise ValueError(f"channels must be a positive integer or None, got {channels!r}")
+
+
 class VolumeSource:
-  """A lazily read (Z, Y, X) volume. `dtype` is the dtype `read_slab` returns."""
+  """A lazily read (Z, Y, X) volume, or (Z, Y, X, C) with `channels` C > 1. `dtype` is the dtype
+  `read_slab` returns; `stats`, the intensity statistics stored with it (a scan's), or None."""
 
   kind = "volume"
+  stats: dict[str, Any] | None = None
 
   def __init__(self, path: Path, shape: Sequence[int], source_dtype: np.dtype, array: str):
     self.path = path
     self.shape = tuple(int(s) for s in shape)
+    self.channels = self.shape[3] if len(self.shape) == 4 else 1
     self.source_dtype = np.dtype(source_dtype)
     self.array = array
     self.dtype = (_label_dtype_for(self.source_dtype) if array == "labels"
@@ -110,8 +142,13 @@ class VolumeSource:
   def nbytes(self) -> int:
     return math.prod(self.shape) * self.dtype.itemsize
 
+  @property
+  def tensorstore(self) -> ts.TensorStore | None:
+    """The opened array itself when it is exactly this volume (a scan's image), else None."""
+    return None
+
   def read_slab(self, z0: int, z1: int) -> np.ndarray:
-    """Slices z0..z1-1 as a new (z1 - z0, Y, X) array of `self.dtype`."""
+    """Slices z0..z1-1 as a new (z1 - z0, Y, X[, C]) array of `self.dtype`."""
     z0, z1 = max(0, int(z0)), min(self.shape[0], int(z1))
     if z1 <= z0:
       return np.zeros((0,) + self.shape[1:], self.dtype)
@@ -138,9 +175,11 @@ class VolumeSource:
 class _IndexedSource(VolumeSource):
   """An array-like (numpy memmap, tensorstore) with singleton axes to index away."""
 
-  def __init__(self, path, arr, array, what):
+  def __init__(self, path, arr, array, what, channels: int | None = 1):
     self._arr = arr
-    self._keep = _squeeze_to_3d(arr.shape, what)
+    if channels is None:
+      channels = channels_of(arr.shape)
+    self._keep = _keep_axes(arr.shape, what, channels)
     super().__init__(path, [arr.shape[a] for a in self._keep], self._dtype_of(arr), array)
 
   @staticmethod
@@ -161,14 +200,14 @@ class _IndexedSource(VolumeSource):
 class NpySource(_IndexedSource):
   kind = "npy"
 
-  def __init__(self, path: Path, array: str = "image"):
+  def __init__(self, path: Path, array: str = "image", channels: int | None = 1):
     try:
       arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # a truncated header, a pickle, not an .npy at all
       raise cli.UserError(f"cannot read .npy {str(path)!r}: {cli._one_line(e)}") from None
     if not isinstance(arr, np.ndarray):
       raise cli.UserError(f"{str(path)!r} is not a single .npy array")
-    super().__init__(path, arr, array, f"{str(path)!r}")
+    super().__init__(path, arr, array, f"{str(path)!r}", channels)
 
   def close(self):
     mm = getattr(self._arr, "_mmap", None)
@@ -179,14 +218,20 @@ class NpySource(_IndexedSource):
 class ZarrSource(_IndexedSource):
   """A zarr v3 ('zarr3') or v2 ('zarr') array, read through tensorstore."""
 
-  def __init__(self, path: Path, driver: str, array: str = "image", what: str | None = None):
+  def __init__(self, path: Path, driver: str, array: str = "image", what: str | None = None,
+               channels: int | None = 1, context: ts.Context | None = None):
     self.kind = driver
     spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}}
     try:
-      arr = ts.open(spec, open=True, read=True, context=store.context()).result()
+      arr = ts.open(spec, open=True, read=True,
+                    context=context if context is not None else store.context()).result()
     except Exception as e:
       raise cli.UserError(f"cannot open zarr array {str(path)!r}: {cli._one_line(e)}") from None
-    super().__init__(path, arr, array, what or f"{str(path)!r}")
+    super().__init__(path, arr, array, what or f"{str(path)!r}", channels)
+
+  @property
+  def tensorstore(self) -> ts.TensorStore | None:
+    return self._arr if tuple(self._arr.shape) == self.shape else None
 
   @staticmethod
   def _dtype_of(arr) -> np.dtype:
@@ -366,47 +411,78 @@ def _zarr_json_node(path: Path) -> str | None:
     raise cli.UserError(f"{str(path / 'zarr.json')!r} is not valid zarr metadata") from None
 
 
-def open_volume(path: str | os.PathLike, array: str = "image") -> VolumeSource:
-  """Opens any supported input as a lazily read (Z, Y, X) volume.
+def open_volume(path: str | os.PathLike, array: str = "image", channels: int | None = 1,
+                context: ts.Context | None = None) -> VolumeSource:
+  """Opens any supported input as a lazily read (Z, Y, X) volume, or (Z, Y, X, C).
 
   `array` is "image" (dtypes converted as the module docstring says) or "labels" (integer
-  dtypes kept; floats rejected). For a bonejax scan directory it also picks the array read.
+  dtypes kept; floats rejected). For a bonejax scan directory it also picks the array read;
+  a scan's image brings its stored intensity statistics (`source.stats`).
+  `channels`: 1 (a 3D volume), C > 1 (a (Z, Y, X, C) .npy or zarr) or None (whatever the file
+  has; see the module docstring). `context`: the tensorstore context zarr arrays open in
+  (default the shared one), e.g. one with a chunk cache sized for the caller's memory budget.
   """
   if array not in ("image", "labels"):
     raise ValueError(f"array must be 'image' or 'labels', got {array!r}")
+  _check_channels_arg(channels)
+  if array == "labels" and channels not in (1, None):
+    raise ValueError(f"labels have one channel, got channels={channels}")
+  want = 1 if array == "labels" else channels
   p = cli.require_exists(path, array)
   if p.is_dir():
     if (p / "zarr.json").exists():
       node = _zarr_json_node(p)
       if node == "array":
-        return ZarrSource(p, "zarr3", array)
+        return ZarrSource(p, "zarr3", array, channels=want, context=context)
       if (p / array / "zarr.json").exists():  # a bonejax scan (or any group with that array)
-        source = ZarrSource(p / array, "zarr3", array, what=f"scan {str(p)!r} {array}")
+        source = ZarrSource(p / array, "zarr3", array, what=f"scan {str(p)!r} {array}",
+                            channels=want, context=context)
         source.kind, source.path = "scan", p  # report the path the user gave
+        if array == "image":
+          source.stats = store.read_group_attrs(p).get("intensity")
         return source
       raise cli.UserError(f"{str(p)!r} is a zarr group without an {array!r} array; "
                           f"point at the array itself")
     if (p / ".zarray").exists():
-      return ZarrSource(p, "zarr", array)
+      return ZarrSource(p, "zarr", array, channels=want, context=context)
     if (p / ".zgroup").exists():
       raise cli.UserError(f"{str(p)!r} is a zarr v2 group; point at the array inside it")
+    _one_channel(p, want, "a folder of 2D slices")
     return TiffFolderSource(p, array)
   suffix = p.suffix.lower()
   if suffix == ".npy":
-    return NpySource(p, array)
+    return NpySource(p, array, want)
   if suffix in TIFF_SUFFIXES:
-    return TiffSource(p, array)
+    return _tiff_source(p, array, want)
   try:
     with open(p, "rb") as f:
       magic = f.read(4)
   except OSError as e:
     raise cli.UserError(f"cannot read {str(p)!r}: {cli._one_line(e)}") from None
   if magic[:2] in (b"II", b"MM"):
-    return TiffSource(p, array)
+    return _tiff_source(p, array, want)
   if magic == b"\x93NUM":
-    return NpySource(p, array)
+    return NpySource(p, array, want)
   raise cli.UserError(f"{str(p)!r}: unsupported input (need a multi-page TIFF, a folder of "
                       f"2D TIFFs, a .npy, a zarr array or a scan directory)")
+
+
+def _one_channel(p: Path, channels: int | None, what: str) -> None:
+  if channels not in (1, None):
+    raise cli.UserError(f"{str(p)!r} is {what}, which has one channel; a {channels}-channel "
+                        f"volume must be a (Z, Y, X, {channels}) .npy or zarr")
+
+
+def _tiff_source(p: Path, array: str, channels: int | None) -> VolumeSource:
+  _one_channel(p, channels, "a TIFF")
+  if channels is None:
+    # Multi-channel TIFFs (RGB, CZYX hyperstacks) have no one channel-axis convention.
+    with _tiff_complaints(p), _open_tiff(p) as tif:
+      shape = tuple(tif.series[0].shape) if tif.series else ()
+    if shape and channels_of(shape) > 1:
+      raise cli.UserError(f"TIFF {str(p)!r} has {channels_of(shape)} channels (shape {shape}): "
+                          f"give a multi-channel volume as a (Z, Y, X, C) .npy or zarr")
+  return TiffSource(p, array)
 
 
 # ---------------------------------------------------------------------------------------------

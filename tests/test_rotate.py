@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from bonejax import rotate
+from bonejax.predict import rotate
 
 
 def _scipy_rotate(vol, rot, fill):

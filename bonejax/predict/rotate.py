@@ -15,7 +15,9 @@ of the original with (P, Q) replaced by (P2, Q2).
 Coordinates are voxel centres. With c, s = cos, sin of the angle and centres ci, cq, ... :
   rotated (i, j) samples original  p = cp + c (i - ci) - s (j - cj),  q = cq + s (i - ci) + c (j - cj)
 and the inverse takes the probabilities back. Samples outside the input take the fill value per
-corner (scipy.ndimage.map_coordinates(order=1, mode="grid-constant") semantics).
+corner (scipy.ndimage.map_coordinates(order=1, mode="grid-constant") semantics). The predictor
+fills raw intensities with the background's (`engine.background_value`): zero fill of the
+paper's normalised images, whatever the normalisation rule.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Whole-plane inference: raw planes in, class probabilities out, one compiled call per shape.
+"""The plane engine: raw planes in, class probabilities out, one compiled call per plane shape.
 
 `PlaneEngine` turns stacks of 2D planes (n, H, W[, C]) of raw intensities (uint8 / uint16 /
 float32) into softmax probabilities (n, H, W, K). Everything per batch runs inside one jitted
@@ -7,29 +7,25 @@ in-plane 90-degree rotation (the 12-plane mode), padding to the model's stride, 
 in the compute dtype, softmax in float32, the crop and the rotation back. Batches have a fixed
 size (the last one is padded), so each (plane shape, rotation) compiles exactly once.
 
-The device-memory budget is checked with XLA's own memory analysis of the compiled function:
+The device-memory budget is checked with XLA's own memory analysis of the compiled function
+(or, where a backend has none, an estimate from the traced program: `memory.peak_bytes`):
 when a batch does not fit, the batch shrinks; when a single plane does not fit, the plane is cut
 into overlapping tiles inside the same function and blended with a separable window that is zero
 for `margin` pixels next to each interior tile edge and a sin^2 ramp after it. For a model whose
 receptive field is within the margin (and tile origins on the stride grid), tiled equals untiled
-up to float rounding; for real networks the smooth ramp hides the seams.
-
-On XLA's CPU backend a stride-1 convolution whose input has fewer spatial pixels than its kernel
-(a 3x3 conv on the 2x4 bottleneck of a 64x128 plane through a stride-32 network) has its operands
-swapped by the algebraic simplifier and then runs as a naive loop, 10-50x slower than the same
-conv on a 3x4 input (unet_resnet18, batch 4: a 64x128 plane takes 5x the time of a 128x128 one).
-So on CPU each plan checks the model's convolutions (from the traced jaxpr, no compile) and, where
-one would be swapped, pads the plane (reflect, like the stride padding) to the smallest larger
-multiple of the stride where none is; the crop is unchanged.
+up to float rounding; for real networks the smooth ramp hides the seams. On XLA's CPU backend
+planes are also padded past its swapped small convolutions (`cpu_convs`).
 
 `stream` keeps a couple of batches in flight: JAX dispatch is asynchronous, so the host copies
-the next batch in and the last results out while the device computes.
+the next batch in and the last results out while the device computes. It is the one place
+batches meet the device.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 from typing import Any, Iterable, Iterator
 
@@ -40,42 +36,12 @@ from flax import nnx
 
 from bonejax import intensity
 from bonejax.models.utils import pad_to_multiple
+from bonejax.predict import cpu_convs, memory
 
 STRIDE = 32  # the model zoo's promise (bonejax.models.STRIDE)
 DEFAULT_BATCH = 8
 IN_FLIGHT = 2  # batches dispatched ahead of the one being collected
-MAX_EXTRA_BLOCKS = 8  # stride blocks a plane side may grow by to avoid a swapped CPU conv
-
-
-def _conv_eqns(jaxpr) -> Iterator[Any]:
-  """Every conv_general_dilated equation of a jaxpr, sub-jaxprs (jit, remat, ...) included."""
-  for e in jaxpr.eqns:
-    if e.primitive.name == "conv_general_dilated":
-      yield e
-    for v in e.params.values():
-      for sub in (v if isinstance(v, (list, tuple)) else (v,)):
-        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
-          yield from _conv_eqns(sub.jaxpr)
-        elif hasattr(sub, "eqns"):
-          yield from _conv_eqns(sub)
-
-
-def swapped_cpu_convs(jaxpr) -> int:
-  """Convolutions XLA's CPU algebraic simplifier would swap (kernel and input): stride 1, no
-  dilation, fewer input pixels than kernel taps in the spatial dims. Those run as a naive loop."""
-  n = 0
-  for e in _conv_eqns(jaxpr):
-    prm = e.params
-    if any(int(v) != 1 for v in tuple(prm["window_strides"]) + tuple(prm["lhs_dilation"])
-           + tuple(prm["rhs_dilation"])):
-      continue
-    dn = prm["dimension_numbers"]
-    lhs, rhs = e.invars[0].aval.shape, e.invars[1].aval.shape
-    spatial_in = math.prod(lhs[d] for d in dn.lhs_spec[2:])
-    spatial_k = math.prod(rhs[d] for d in dn.rhs_spec[2:])
-    if spatial_in < spatial_k:
-      n += 1
-  return n
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def compute_dtype(name: Any) -> Any:
@@ -121,6 +87,43 @@ def blend_window(length: int, margin: int, ramp: int, first: bool, last: bool) -
   return w
 
 
+def with_compute_dtype(model: nnx.Module, dtype: Any) -> nnx.Module:
+  """A copy of `model` that computes in `dtype` wherever it computes in its own compute dtype.
+
+  The model's own compute dtype is its `dtype` attribute (every model of the zoo has one: the
+  dtype it was built with). Submodules computing in it take `dtype`; submodules the model keeps
+  in another dtype keep theirs (the float32 stem and head of a zoo model built in bfloat16: see
+  FP32_EDGES in bonejax.models.layers). A model built in float32 cannot show which of its
+  float32 modules are pinned there, so every one of them changes: rebuild such a model in the
+  compute dtype instead (`load_bundle(dtype=...)`, `models.create(dtype=...)`; `make_engine` does
+  it for a `bundle.Bundle`). A model without a `dtype` of its own has every submodule's set.
+  """
+  own = getattr(model, "dtype", None)
+  own = None if own is None else jnp.dtype(own)
+  model = nnx.clone(model)
+  for _, m in nnx.iter_modules(model):
+    current = getattr(m, "dtype", False)
+    if current is False:
+      continue
+    if own is None or (current is not None and jnp.dtype(current) == own):
+      setattr(m, "dtype", dtype)
+  return model
+
+
+def background_value(stats: dict[str, Any], rule: str) -> float:
+  """The raw intensity of the background: what voxels the volume does not have look like.
+
+  The low percentile (p0_5: what the percentile rule maps to 0, dark air or embedding medium).
+  Not the value that normalises to 0: under z-score that is the mean intensity, mid-grey, and
+  45-degree rotations filled with it would show the model grey corners. Falls back to the
+  minimum, then to the normalisation offset, for statistics without percentiles.
+  """
+  for key in ("p0_5", "min"):
+    if stats.get(key) is not None:
+      return float(stats[key])
+  return float(intensity.normalize_params(stats, rule)[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """How one plane shape runs: planes per call and, for planes too big, the tiling."""
@@ -132,13 +135,25 @@ class Plan:
   batch: int                          # planes per call
   tile: tuple[int, int] | None = None  # (th, tw) in the rotated, padded frame; None: whole plane
   overlap: int = 0
-  device_bytes: int = 0               # XLA's estimate of one call's peak memory (0: unknown)
+  device_bytes: int = 0               # one call's peak device memory (XLA's, else estimated)
   padded: tuple[int, int] | None = None  # pad the (rotated) plane to this; None: stride multiple
 
   @property
   def rotated_shape(self) -> tuple[int, int]:
     h, w = self.shape
     return (w, h) if self.k90 % 2 else (h, w)
+
+
+_WARNED_ESTIMATE = False
+
+
+def _warn_estimated() -> None:
+  global _WARNED_ESTIMATE
+  if not _WARNED_ESTIMATE:
+    _WARNED_ESTIMATE = True
+    logging.warning("bonejax.predict: this backend reports no memory analysis of compiled "
+                    "calls; device memory per call is estimated from the traced program "
+                    "(pass a smaller device_memory_gb if calls run out of memory)")
 
 
 class PlaneEngine:
@@ -149,8 +164,9 @@ class PlaneEngine:
       (BatchNorm running statistics, dropout off); the module itself is not changed.
     in_channels: channels per voxel (planes are (n, H, W) for 1, else (n, H, W, C)).
     batch_size: planes per call (shrunk per shape to fit `device_budget_bytes`).
-    dtype: compute dtype (e.g. bfloat16): set on every submodule that has a `dtype` attribute,
-      like building the model with that dtype (parameters keep their own dtype).
+    dtype: compute dtype (e.g. bfloat16): replaces the model's own compute dtype where the
+      model uses it, like building the model with that dtype (see `with_compute_dtype`;
+      parameters keep their own dtype).
     stride: planes are padded (reflect) to multiples of this.
     device_budget_bytes: peak device memory one call may use (None: no limit).
     tile_size / tile_overlap: force tiling with this tile (pixels, rounded up to the stride).
@@ -164,10 +180,7 @@ class PlaneEngine:
                     raise_if_not_found=False)
     self.dtype = compute_dtype(dtype)
     if self.dtype is not None:
-      view = nnx.clone(view)
-      for _, m in nnx.iter_modules(view):
-        if hasattr(m, "dtype"):
-          setattr(m, "dtype", self.dtype)
+      view = with_compute_dtype(view, self.dtype)
     self.graphdef, state = nnx.split(view)
     self.state = jax.device_put(state)
     self.state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(self.state)))
@@ -178,6 +191,7 @@ class PlaneEngine:
     self.tile_size = _ceil_to(tile_size, self.stride) if tile_size else None
     self.tile_overlap = tile_overlap
     self.offset, self.scale, self.clip = np.float32(0.0), np.float32(1.0), False
+    self.background = np.float32(0.0)
     self._plans: dict[tuple, Plan] = {}
     self._compiled: dict[Plan, Any] = {}
     self.cpu = jax.default_backend() == "cpu"
@@ -200,6 +214,7 @@ class PlaneEngine:
   def set_normalization(self, stats: dict[str, Any], rule: str) -> None:
     offset, scale, clip = intensity.normalize_params(stats, rule)
     self.offset, self.scale, self.clip = np.float32(offset), np.float32(scale), bool(clip)
+    self.background = np.float32(background_value(stats, rule))
 
   # -------------------------------------------------------------------------------------------
   # The jitted function.
@@ -272,14 +287,15 @@ class PlaneEngine:
     shape = (plan.batch, h, w) + ((plan.channels,) if plan.channels > 1 else ())
     x = jax.ShapeDtypeStruct(shape, np.dtype(plan.raw_dtype))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    compiled = jax.jit(self._function(plan)).lower(self.state, x, scalar, scalar).compile()
-    try:
-      m = compiled.memory_analysis()
-      nbytes = int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # pylint: disable=broad-except  # some backends do not report it
-      nbytes = 0
-    return compiled, nbytes
+    fn = jax.jit(self._function(plan))
+    compiled = fn.lower(self.state, x, scalar, scalar).compile()
+    nbytes = memory.xla_bytes(compiled)
+    if nbytes is None:
+      # No memory analysis on this backend: estimate from the traced program, so the device
+      # budget still holds (batches shrink, planes tile) rather than silently turning off.
+      _warn_estimated()
+      nbytes = memory.peak_bytes(jax.make_jaxpr(fn)(self.state, x, scalar, scalar))
+    return compiled, int(nbytes)
 
   # -------------------------------------------------------------------------------------------
   # Planning: batch size and tiling per plane shape, from XLA's memory analysis.
@@ -311,26 +327,10 @@ class PlaneEngine:
     self._compiled[plan] = compiled
     return plan
 
-  def _swapped(self, hp: int, wp: int, batch: int = 1) -> int:
-    x = jax.ShapeDtypeStruct((batch, hp, wp, self.in_channels), self.dtype or jnp.float32)
-    try:
-      jaxpr = jax.make_jaxpr(lambda st, x: nnx.merge(self.graphdef, st)(x))(self.state, x)
-    except Exception:  # pylint: disable=broad-except  # the compile reports real problems
-      return 0
-    return swapped_cpu_convs(jaxpr.jaxpr)
-
   def _cpu_padded(self, hp: int, wp: int) -> tuple[int, int]:
-    """(hp, wp), or the smallest-area larger stride multiple without swapped CPU convs."""
-    if not self._swapped(hp, wp):
-      return hp, wp
-    s = self.stride
-    cands = sorted(((hp + i * s) * (wp + j * s), i + j, hp + i * s, wp + j * s)
-                   for i in range(MAX_EXTRA_BLOCKS + 1) for j in range(MAX_EXTRA_BLOCKS + 1)
-                   if i or j)
-    for _, _, h, w in cands:
-      if not self._swapped(h, w):
-        return h, w
-    return hp, wp
+    return cpu_convs.unswapped_plane(self.graphdef, self.state, hp, wp, stride=self.stride,
+                                     channels=self.in_channels,
+                                     dtype=self.dtype or jnp.float32)
 
   def _tiled(self, base: Plan, hp: int, wp: int, tile: int, batch: int | None = None) -> Plan:
     tile = max(2 * self.stride, _ceil_to(tile, self.stride))
@@ -345,7 +345,7 @@ class PlaneEngine:
     return dataclasses.replace(base, batch=batch or base.batch, tile=(th, tw), overlap=overlap)
 
   def _fit(self, base: Plan, hp: int, wp: int, nbytes: int, budget: int):
-    """Shrinks the batch, then tiles (smaller and smaller), until XLA's estimate fits."""
+    """Shrinks the batch, then tiles (smaller and smaller), until the call's memory fits."""
     fixed = self.state_bytes
     per_plane = max((nbytes - fixed) / base.batch, 1.0)
     batch = min(base.batch - 1, int((budget - fixed) // per_plane))

@@ -1,0 +1,53 @@
+"""Predicting whole volumes: plane sets, multi-axis voting, in memory or out of core.
+
+The volume is cut into stacks of 2D planes along 1, 3, 9 or 12 plane sets (`planesets`); every
+plane goes whole through the model in one compiled call per plane shape (`engine`, with its CPU
+workaround in `cpu_convs`); the 45-degree sets rotate the volume first and the probabilities
+back (`rotate`). A `runner` streams slabs of planes through the engine on reader and writer
+threads into accumulators (`volumes`: numpy arrays, or scratch zarr arrays out of core, as
+`memory` plans from the host budget). Each set gives probabilities (Z, Y, X, K); they are voted
+soft (mean) or by majority.
+
+Modules, one job each:
+  planesets  which planes (PlaneSet, plane_sets) and voting (fuse, majority_labels)
+  engine     PlaneEngine: raw planes -> probabilities, batching, tiling, device budget
+  cpu_convs  XLA-CPU workaround: pad planes past swapped small convolutions
+  rotate     45-degree rotations of volumes and back
+  volumes    slab volumes in memory or on disk; accumulators and sinks
+  memory     host and device budgets, resident sizes, device-memory estimates
+  runner     the threaded run of plane sets for one volume
+  api        predict_planes / predict_volume / make_engine: arrays in, arrays out
+  scan       predict_scan: bundle and file in, files out (launch/predict.py)
+
+Python API (for the demo, cross-validation and notebooks):
+    probs = predict_planes(model, vol, stats=stats, planes=3)   # one (Z,Y,X,K) per plane set
+    labels, mean = fuse(probs, "soft")                           # or "majority"
+    labels = predict_volume(model, vol, stats=stats, planes=3, vote="soft")
+    result = predict_scan("WORKDIR/model", "DATA/scan_000", output="pred.zarr")
+`model` may be an nnx module, a `bundle.Bundle` or a prepared `PlaneEngine` (which keeps its
+compiled functions across calls).
+"""
+
+from bonejax import cli  # predict.cli.UserError, as callers of the old module used it
+from bonejax.predict import rotate
+from bonejax.predict.api import (Prediction, as_volume, axis_probabilities, bundle_model,
+                                 make_engine, predict_planes, predict_volume, run_prediction)
+from bonejax.predict.cpu_convs import swapped_cpu_convs
+from bonejax.predict.engine import (DEFAULT_BATCH, DTYPES, STRIDE, Plan, PlaneEngine,
+                                    background_value, blend_window, compute_dtype, tile_starts,
+                                    with_compute_dtype)
+from bonejax.predict.memory import (DEFAULT_BUDGET_GB, device_budget_bytes, resident_bytes,
+                                    resident_limit)
+from bonejax.predict.planesets import (AXES, PLANES, VOTES, PlaneSet, check_vote, fuse,
+                                       majority_labels, one_hot_argmax, plane_sets, run_order)
+from bonejax.predict.scan import predict_scan
+
+__all__ = [
+    "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
+    "PlaneEngine", "PlaneSet", "Prediction", "as_volume", "axis_probabilities",
+    "background_value", "blend_window", "bundle_model", "check_vote", "cli", "compute_dtype",
+    "device_budget_bytes", "fuse", "majority_labels", "make_engine", "one_hot_argmax",
+    "plane_sets", "predict_planes", "predict_scan", "predict_volume", "resident_bytes",
+    "resident_limit", "rotate", "run_order", "run_prediction", "swapped_cpu_convs",
+    "tile_starts", "with_compute_dtype",
+]

@@ -1,0 +1,219 @@
+"""The run: every plane set of one volume through the engine, slab by slab, on three threads.
+
+A reader thread fetches the next slab of planes while the device computes (`PlaneEngine.stream`
+keeps batches in flight), and a writer thread adds the last slab's probabilities into a sink
+(`volumes.Fuser` or `volumes.PerSet`). A 45-degree set first rotates the volume into a scratch
+volume (on the device, chunk by chunk), runs its planes into a rotated accumulator and rotates
+the probabilities back into the sink. Slab sizes depend only on shapes and the budget, never on
+the mode, so in-memory and out-of-core runs make identical batches and give identical labels.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from bonejax import cli
+from bonejax.predict import memory, rotate
+from bonejax.predict.engine import PlaneEngine
+from bonejax.predict.planesets import PlaneSet
+from bonejax.predict.volumes import Accumulator, SlabVolume, create_scratch
+
+
+class Runner:
+  """Executes plane sets for one volume; owns the threads, the scratch arrays and progress."""
+
+  def __init__(self, engine: PlaneEngine, src: SlabVolume, *, budget_bytes: int,
+               out_of_core: bool, scratch_dir: Path | None,
+               progress: cli.Progress | None = None):
+    memory.limit_heap_growth()
+    self.engine, self.src = engine, src
+    self.budget = int(budget_bytes)
+    self.out_of_core = out_of_core
+    self.scratch_dir = scratch_dir
+    self.progress = progress
+    self.k = engine.num_classes
+    self.check_finite = np.issubdtype(src.dtype, np.floating)
+    biggest = max(math.prod(src.plane_shape(a)) for a in range(3))
+    # Chunk edge of the scratch arrays, and the unit of slab thickness (aligned slabs avoid
+    # partial-chunk rewrites): 32, or less when a slab that thick would not fit its budget.
+    self.chunk = memory.SCRATCH_CHUNK
+    while self.chunk > 1 and self.chunk * biggest * self._plane_bytes(src) > self.slab_bytes:
+      self.chunk //= 2
+    self.context = memory.cache_context(self.budget)
+    self.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bonejax-read")
+    self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bonejax-write")
+    self._scratch: list[Path] = []
+
+  def close(self) -> None:
+    self.reader.shutdown(wait=True)
+    self.writer.shutdown(wait=True)
+    for p in self._scratch:
+      shutil.rmtree(p, ignore_errors=True)
+
+  # -- arrays ----------------------------------------------------------------------------------
+
+  @property
+  def slab_bytes(self) -> int:
+    return int(self.budget * memory.SLAB_FRACTION)
+
+  def _plane_bytes(self, vol: SlabVolume) -> int:
+    """Host bytes per plane pixel in flight: raw planes and their probabilities."""
+    return vol.channels * vol.dtype.itemsize + self.k * 4
+
+  def array(self, name: str, shape3: Sequence[int], dtype: Any,
+            channels: int | None) -> SlabVolume:
+    """A zeroed volume for the run: numpy in memory, else a scratch zarr (removed on close)."""
+    shape = tuple(shape3) + ((channels,) if channels else ())
+    if not self.out_of_core:
+      return SlabVolume(np.zeros(shape, dtype))
+    path = self.scratch_dir / f"{name}-{uuid.uuid4().hex[:6]}.zarr"
+    self._scratch.append(path)
+    return SlabVolume(create_scratch(path, shape, dtype, self.chunk, self.context), path,
+                      piece=self.chunk)
+
+  def free(self, vol: SlabVolume) -> None:
+    if vol.path is not None:
+      shutil.rmtree(vol.path, ignore_errors=True)
+      self._scratch.remove(vol.path)
+
+  # -- slabs -----------------------------------------------------------------------------------
+
+  def slab_planes(self, vol: SlabVolume, axis: int, batch: int) -> int:
+    """Planes per slab: a multiple of the chunk edge (and of the batch when that fits), about
+    `slab_bytes` of raw planes and probabilities.
+
+    Depends only on shapes and the budget (not on the mode), so in-memory and out-of-core runs
+    make identical slabs and batches.
+    """
+    h, w = vol.plane_shape(axis)
+    per_plane = h * w * self._plane_bytes(vol)
+    unit = math.lcm(int(batch), self.chunk)
+    if unit * per_plane > self.slab_bytes:
+      unit = self.chunk  # the last batch of each slab is padded instead
+    n = int(self.slab_bytes // max(per_plane, 1)) // unit * unit
+    return max(unit, n)
+
+  def _slabs(self, vol: SlabVolume, axis: int, slab: int, check: bool) -> Iterator:
+    n = vol.shape[axis]
+    if n == 0:
+      return
+    future = self.reader.submit(vol.read, axis, 0, min(slab, n))
+    for s0 in range(0, n, slab):
+      planes = future.result()
+      if s0 + slab < n:
+        future = self.reader.submit(vol.read, axis, s0 + slab, min(s0 + 2 * slab, n))
+      if check and not np.isfinite(planes).all():
+        raise cli.UserError(f"the image contains {'NaN' if np.isnan(planes).any() else 'Inf'} "
+                            f"values (planes {s0}-{s0 + len(planes) - 1} along axis {axis})")
+      yield s0, planes
+
+  def _write_behind(self, writes: list, fn: Callable, *args) -> None:
+    """One slab is written while the next is computed; never more (memory)."""
+    while writes:
+      writes.pop(0).result()
+    writes.append(self.writer.submit(fn, *args))
+
+  def run_planes(self, vol: SlabVolume, axis: int, k90: int, sink: Callable,
+                 check: bool) -> None:
+    """Every plane of `vol` perpendicular to `axis` through the engine, into `sink`."""
+    plan = self.engine.plan(vol.plane_shape(axis), vol.dtype, k90)
+    slab = self.slab_planes(vol, axis, plan.batch)
+    writes: list = []
+    try:
+      for s0, probs in self.engine.stream(self._slabs(vol, axis, slab, check), k90):
+        self._write_behind(writes, sink, axis, s0, probs)
+        if self.progress is not None:
+          self.progress.update(len(probs))
+    finally:
+      for w in writes:
+        w.result()
+
+  # -- rotations -------------------------------------------------------------------------------
+
+  def _rot_chunk(self, rot: rotate.Rotation, channels: int) -> int:
+    """Planes per rotation call: a power of two with ~64 MiB of float32 samples in flight."""
+    p2, q2 = rot.out_plane
+    per = p2 * q2 * max(channels, self.k) * 4 * 6
+    n = 1
+    while n < 64 and 2 * n * per <= (64 << 20):
+      n *= 2
+    return n
+
+  def _rotate_pass(self, src: SlabVolume, dst_add: Callable, rot: rotate.Rotation,
+                   fn: Callable, channels: int) -> None:
+    """Chunks of planes perpendicular to rot.axis: read, transform on the device, write."""
+    chunk = self._rot_chunk(rot, channels)
+    a = rot.axis
+    writes: list = []
+    try:
+      for a0, part in self._slabs(src, a, chunk, check=False):
+        m = part.shape[0]
+        if m < chunk:
+          part = np.concatenate([part, np.zeros((chunk - m,) + part.shape[1:], part.dtype)])
+        out = np.asarray(fn(part))[:m]
+        if src.rank == 3 and out.ndim == 4 and channels == 1 and out.shape[-1] == 1:
+          out = out[..., 0]
+        self._write_behind(writes, dst_add, a, a0, out)
+    finally:
+      for w in writes:
+        w.result()
+
+  def _run_rotated(self, a: int, group: Sequence[PlaneSet], sink) -> None:
+    src, c = self.src, self.src.channels
+    rot = rotate.Rotation(a, src.shape)
+    rvol = self.array("rotated", rot.rotated_shape, src.dtype, c if src.rank == 4 else None)
+    # New voxels show the model background, not the value that normalises to 0 (under z-score
+    # that is the mean intensity: mid-grey corners).
+    fill = np.float32(self.engine.background)
+
+    def forward(x):
+      x = x if x.ndim == 4 else x[..., None]
+      return rotate.rotate_chunk(x, fill, rot=rot)
+
+    def backward(y):
+      return rotate.unrotate_chunk(y, rot=rot)
+
+    self._rotate_pass(src, rvol.write, rot, forward, c)
+    rprobs = Accumulator(self.array("rotated_probs", rot.rotated_shape, np.float32, self.k))
+    share = sink.soft_only  # soft voting: sum both sets, rotate back once
+    for i, ps in enumerate(group):
+      rprobs.first = i == 0 or not share
+      self.run_planes(rvol, ps.axis, ps.k90, rprobs.add, self.check_finite)
+      if not share:
+        sink.begin()
+        self._rotate_pass(rprobs.vol, sink.add, rot, backward, self.k)
+        sink.end()
+    if share:
+      sink.begin()
+      self._rotate_pass(rprobs.vol, sink.add, rot, backward, self.k)
+      sink.end(len(group))
+    self.free(rvol)
+    self.free(rprobs.vol)
+
+  # -- plane sets ------------------------------------------------------------------------------
+
+  def run(self, sets: Sequence[PlaneSet], sink) -> None:
+    """Every set into `sink`, in `planesets.run_order(sets)`."""
+    for ps in sets:
+      if ps.rot45 is None:
+        sink.begin()
+        self.run_planes(self.src, ps.axis, ps.k90, sink.add, self.check_finite)
+        sink.end()
+    for a in sorted({ps.rot45 for ps in sets if ps.rot45 is not None}):
+      self._run_rotated(a, [ps for ps in sets if ps.rot45 == a], sink)
+
+  def total_planes(self, sets: Sequence[PlaneSet]) -> int:
+    total = 0
+    for ps in sets:
+      shape = (self.src.shape if ps.rot45 is None
+               else rotate.Rotation(ps.rot45, self.src.shape).rotated_shape)
+      total += shape[ps.axis]
+    return total
+

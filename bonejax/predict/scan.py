@@ -1,0 +1,250 @@
+"""Bundle in, files out: what `launch/predict.py` runs.
+
+`predict_scan` checks every argument and the bundle before reading data, opens the input
+through `volume_io.open_volume` (any format it reads; a scan brings its stored statistics,
+other inputs get theirs computed while they are read), runs `api.run_prediction`, and writes the
+outputs under temporary names renamed into place when complete: zarr v3 labels with attributes,
+or a TIFF; optionally the mean probabilities (Z, Y, X, K) as zarr v3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bonejax
+from bonejax import cli, intensity, store, volume_io
+from bonejax.predict import memory
+from bonejax.predict.api import make_engine, run_prediction
+from bonejax.predict.engine import DTYPES
+from bonejax.predict.planesets import check_vote, plane_sets
+from bonejax.predict.volumes import SlabVolume, create_scratch, scratch_dir as make_scratch
+
+_STATS_VOXELS = 1 << 22  # voxels per statistics update (it makes float64 temporaries)
+
+
+def _open_source(source: Any, in_channels: int, budget_bytes: int) -> tuple[Any, str]:
+  """(volume_io source with .stats, input kind) for a path or an opened `store.Scan`."""
+  context = memory.cache_context(budget_bytes)  # a chunk cache bounded by the budget
+  if isinstance(source, store.Scan):
+    src = volume_io.open_volume(source.path, channels=None, context=context)
+    src.stats = source.attrs.get("intensity")
+  else:
+    src = volume_io.open_volume(cli.require_exists(source, "input"), channels=None,
+                                context=context)
+  if src.channels != in_channels:
+    shape = src.shape
+    src.close()
+    what = "scan" if src.kind == "scan" else "input"
+    raise cli.UserError(f"{what} {str(src.path)!r} has {src.channels} channel(s) (shape "
+                        f"{shape}); the model expects in_channels={in_channels}")
+  kind = "scan" if src.kind == "scan" else ("channels" if src.channels > 1 else "file")
+  return src, kind
+
+
+def load_source(src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
+                scratch_dir: Path | None, budget_bytes: int,
+                progress: bool) -> tuple[SlabVolume, dict[str, Any]]:
+  """Reads the input once: into memory, or (out of core) into a scratch zarr unless it is a scan
+  already; computes intensity statistics on the way when none are stored."""
+  if out_of_core and stats is not None and src.kind == "scan" and src.tensorstore is not None:
+    return SlabVolume(src.tensorstore), stats
+  shape, dtype = tuple(src.shape), np.dtype(src.dtype)
+  acc = intensity.StatsAccumulator(dtype, math.prod(shape)) if stats is None else None
+  if out_of_core:
+    target = create_scratch(scratch_dir / "input.zarr", shape, dtype, memory.SCRATCH_CHUNK,
+                            memory.cache_context(8 << 20, 1.0))
+  else:
+    target = np.empty(shape, dtype)
+  plane_bytes = math.prod(shape[1:]) * dtype.itemsize
+  slab = max(1, min(64, int(budget_bytes * memory.SLAB_FRACTION // max(plane_bytes, 1))))
+  bar = cli.Progress(total=shape[0], desc="read", unit="slices") if progress else None
+  pending = None
+  for z0 in range(0, shape[0], slab):
+    z1 = min(z0 + slab, shape[0])
+    data = np.asarray(src.read_slab(z0, z1))
+    where = f"(slices {z0}-{z1 - 1})"
+    try:
+      if acc is not None:
+        step = max(1, _STATS_VOXELS // max(1, math.prod(shape[1:])))
+        for p0 in range(0, data.shape[0], step):
+          acc.update(data[p0:p0 + step])
+      else:
+        intensity.validate_image(data)
+    except cli.UserError as e:
+      raise cli.UserError(f"{e} {where}") from None
+    if out_of_core:
+      if pending is not None:
+        pending.result()
+      pending = target[z0:z1].write(data)
+    else:
+      target[z0:z1] = data
+    if bar is not None:
+      bar.update(z1 - z0)
+  if pending is not None:
+    pending.result()
+  if bar is not None:
+    bar.close()
+  return SlabVolume(target), (stats if stats is not None else acc.finalize())
+
+
+def output_kind(path: str | os.PathLike) -> str:
+  suffix = Path(path).suffix.lower()
+  if suffix in (".tif", ".tiff"):
+    return "tiff"
+  if suffix == ".zarr":
+    return "zarr"
+  raise cli.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels) or .tif/.tiff")
+
+
+def find_bundle(path: str | os.PathLike) -> Path:
+  """A bundle directory, or the bundle of a training workdir (WORKDIR/model)."""
+  from bonejax import bundle as bundle_lib
+  p = Path(path)
+  if not (p / bundle_lib.MODEL_JSON).exists() and (p / "model" / bundle_lib.MODEL_JSON).exists():
+    p = p / "model"
+  return p
+
+
+def _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs,
+                overwrite) -> None:
+  check_vote(vote)
+  if dtype not in DTYPES:
+    raise cli.UserError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+  if not memory_budget_gb or memory_budget_gb <= 0:
+    raise cli.UserError(f"memory_budget_gb={memory_budget_gb} must be positive")
+  if int(batch_size) < 1:
+    raise cli.UserError(f"batch_size={batch_size} must be positive")
+  if output is not None:
+    output_kind(output)
+    cli.check_output(output, overwrite)
+  if save_probs is not None:
+    if Path(save_probs).suffix.lower() != ".zarr":
+      raise cli.UserError(f"save_probs {str(save_probs)!r} must end in .zarr")
+    cli.check_output(save_probs, overwrite)
+  if output is not None and save_probs is not None and \
+      Path(output).resolve() == Path(save_probs).resolve():
+    raise cli.UserError("output and save_probs are the same path")
+
+
+def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = None,
+                 save_probs: str | os.PathLike | None = None, planes: int = 3,
+                 axis: int | None = None, vote: str = "soft", batch_size: int = 8,
+                 memory_budget_gb: float = memory.DEFAULT_BUDGET_GB,
+                 device_memory_gb: float | None = None, dtype: str = "float32",
+                 tile_size: int | None = None, tile_overlap: int | None = None,
+                 out_of_core: bool | None = None, overwrite: bool = False,
+                 progress: bool = True, keep_labels: bool | None = None) -> dict[str, Any]:
+  """Predicts a scan or volume file with a model bundle; what `launch/predict.py` runs.
+
+  `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
+  in `dtype` the same way: the architecture rebuilt in that dtype, float32 stem and head kept).
+  `source`: a scan directory, any volume `volume_io.open_volume` reads (statistics computed
+  while reading), or an opened `store.Scan`. Writes `output` (.zarr labels with attributes, or
+  .tif) and `save_probs` (.zarr (Z, Y, X, K) float32 mean probabilities) atomically. Returns
+  the result dict; with `keep_labels` (default: when no output is given) it also holds "labels".
+  """
+  from bonejax import bundle as bundle_lib
+  start = time.perf_counter()
+  sets = plane_sets(planes, axis)
+  _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs, overwrite)
+  out_kind = output_kind(output) if output is not None else None
+
+  # Bundle metadata first: a bad bundle fails before any data is read.
+  if isinstance(model, bundle_lib.Bundle):
+    meta, bundle_path = model.meta, None
+  else:
+    bundle_path = find_bundle(model)
+    meta = bundle_lib.read_meta(bundle_path)
+  in_channels = int(meta.get("in_channels", 1))
+  classes = list(meta["classes"])
+  rule = str(meta.get("normalization", "percentile"))
+  budget = int(float(memory_budget_gb) * 2**30)
+
+  src, kind = _open_source(source, in_channels, budget)
+  shape = tuple(int(s) for s in src.shape)
+  if out_of_core is None:
+    need = memory.resident_bytes(shape[:3], src.channels, np.dtype(src.dtype).itemsize,
+                                 len(classes), sets, vote)
+    out_of_core = need > memory.resident_limit(budget)
+  if keep_labels is None:
+    keep_labels = output is None
+
+  anchor = Path(output if output is not None else (save_probs or tempfile.gettempdir()))
+  scratch_parent = anchor.parent if output is not None or save_probs is not None else anchor
+  labels = None
+  try:
+    with make_scratch(scratch_parent, out_of_core) as scratch:
+      vol, stats = load_source(src, src.stats, out_of_core=out_of_core, scratch_dir=scratch,
+                               budget_bytes=budget, progress=progress)
+      if isinstance(model, bundle_lib.Bundle):
+        net, engine_dtype = model, dtype  # make_engine rebuilds it in `dtype`, as load_bundle
+      else:
+        net = bundle_lib.load_bundle(bundle_path, dtype=jnp.dtype(dtype).type).model
+        engine_dtype = None
+      engine = make_engine(net, in_channels=in_channels, batch_size=batch_size,
+                           dtype=engine_dtype, memory_budget_gb=memory_budget_gb,
+                           device_memory_gb=device_memory_gb, tile_size=tile_size,
+                           tile_overlap=tile_overlap)
+      if engine.num_classes != len(classes):
+        raise cli.UserError(f"the model gives {engine.num_classes} classes but its bundle lists "
+                            f"{len(classes)}")
+      engine.set_normalization(stats, rule)
+      attrs = {"model": str(bundle_path) if bundle_path else meta.get("model"),
+               "architecture": meta.get("model"), "planes": int(planes),
+               "plane_sets": [ps.name for ps in sets], "vote": vote, "classes": classes,
+               "source": str(source) if not isinstance(source, store.Scan) else str(source.path),
+               "bonejax_version": bonejax.__version__}
+      out_ctx = memory.cache_context(budget, memory.CACHE_FRACTION / 2)
+      with contextlib.ExitStack() as stack:
+        labels_out = probs_out = None
+        out_tmp = probs_tmp = None
+        if output is not None:
+          out_tmp = stack.enter_context(cli.atomic_output(output, overwrite))
+          if out_kind == "zarr":
+            labels_out = store.create_array(out_tmp, shape[:3], np.uint8, context=out_ctx)
+        if save_probs is not None:
+          probs_tmp = stack.enter_context(cli.atomic_output(save_probs, overwrite))
+          probs_out = store.create_array(probs_tmp, shape[:3] + (len(classes),), np.float32,
+                                         context=out_ctx)
+        want_memory = keep_labels or (out_kind == "tiff" and not out_of_core)
+        labels_ts = labels_out
+        if out_kind == "tiff" and out_of_core:
+          labels_ts = store.create_array(scratch / "labels.zarr", shape[:3], np.uint8,
+                                         context=out_ctx)
+        pred = run_prediction(engine, vol, sets, vote, budget_bytes=budget,
+                              out_of_core=out_of_core, scratch_dir=scratch,
+                              labels_out=labels_ts, probs_out=probs_out,
+                              keep_labels=want_memory, keep_probs=False, progress=progress)
+        labels = pred.labels
+        if out_kind == "zarr":
+          store.set_array_attrs(out_tmp, attrs)
+        if probs_out is not None:
+          store.set_array_attrs(probs_tmp,
+                                {**attrs, "content": "mean probabilities (Z, Y, X, K)"})
+        if out_kind == "tiff":
+          volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
+                                overwrite=True)
+  finally:
+    src.close()
+  seconds = time.perf_counter() - start
+  voxels = math.prod(shape[:3])
+  result = {"output": str(output) if output is not None else None, "shape": list(shape[:3]),
+            "seconds": round(seconds, 3), "voxels_per_second": round(voxels / seconds, 1),
+            "planes": int(planes), "axis": sets[0].axis if int(planes) == 1 else None,
+            "vote": vote, "classes": classes, "save_probs": str(save_probs) if save_probs else None,
+            "dtype": dtype, "batch_size": int(batch_size), "memory_budget_gb": memory_budget_gb,
+            "input_kind": kind, "device": str(jax.devices()[0].device_kind),
+            **pred.info}
+  if keep_labels:
+    result["labels"] = labels
+  return result
