@@ -67,7 +67,8 @@ def run(base: ml_collections.ConfigDict, folds: int, workdir: str | Path, *, pla
   workdir = Path(workdir).absolute()
   fold_dirs = [workdir / f"fold_{i}" for i in range(max(int(folds), 0))]
   with rundir.removed_on_failure(workdir,
-                                 lambda: any(rundir.has_checkpoint(d) for d in fold_dirs)):
+                                 lambda: any(rundir.has_checkpoint(d) for d in fold_dirs),
+                                 names=("data", "fold_*", "crossval.json")):
     return _run(base, int(folds), workdir, planes, vote)
 
 

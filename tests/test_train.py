@@ -1,4 +1,6 @@
-"""The trainer: outputs, determinism, exact resume (stop_after and a real SIGKILL), bad input.
+"""The trainer: outputs, determinism, exact resume (stop_after and a real SIGKILL), bad input
+(config values, damaged scans, labels without a class) refused with nothing left behind, the
+run's record kept honest, and validation streamed from the host equal to device-resident.
 
 Everything runs the smoke demo config (U-Net depth 2 width 4, 32-px patches) on 3 phantom scans
 of 32 x 48 x 48, sharded over the suite's 4 fake CPU devices.
