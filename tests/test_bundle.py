@@ -35,6 +35,12 @@ def unet_bundle(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def segformer():
+  # SegFormer carries RNG state (stochastic depth): the model for the weights-only tests.
+  return _model("segformer_b0")
+
+
 def _assert_same_weights(a, b):
   wa, wb = nnx.state(a, bundle.WEIGHT_FILTER), nnx.state(b, bundle.WEIGHT_FILTER)
   assert jax.tree.structure(wa) == jax.tree.structure(wb)
@@ -47,9 +53,8 @@ def _modes(model):
           for k in ("use_running_average", "deterministic") if hasattr(m, k)}
 
 
-def test_weights_only_and_loaded_as_an_eval_view(tmp_path):
-  # SegFormer carries RNG state (stochastic depth): a bundle keeps none of it.
-  net = _model("segformer_b0")
+def test_weights_only_and_loaded_as_an_eval_view(segformer, tmp_path):
+  net = segformer
   assert any("rngs" in k for k in bundle.tree_shapes(nnx.state(net)))
   bundle.save_bundle(tmp_path / "m", net, _meta("segformer_b0", {}))
   stored = bundle.tree_shapes(bundle.stored_arrays(tmp_path / "m" / bundle.WEIGHTS))
@@ -62,8 +67,8 @@ def test_weights_only_and_loaded_as_an_eval_view(tmp_path):
   assert not any(_modes(net).values())          # the view left the trained model alone
 
 
-def test_bundles_written_with_rng_state_still_load(tmp_path):
-  net = _model("segformer_b0")
+def test_bundles_written_with_rng_state_still_load(segformer, tmp_path):
+  net = segformer
   (tmp_path / "m").mkdir()
   with ocp.StandardCheckpointer() as ckptr:  # what save_bundle wrote before: the whole state
     ckptr.save((tmp_path / "m" / bundle.WEIGHTS).absolute(), jax.device_get(nnx.state(net)))

@@ -94,8 +94,7 @@ def _truncate(path: Path) -> None:
   path.write_bytes(data[:len(data) // 2])
 
 
-@pytest.mark.parametrize("damaged", ["host/metadata", "state/_METADATA", "state/manifest.ocdbt",
-                                     "state/d"])
+@pytest.mark.parametrize("damaged", ["host/metadata", "state/_METADATA", "state/d"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(run8, tiny_dataset, tmp_path,
                                                               capfd, damaged):
   workdir = _copy(run8, tmp_path)
