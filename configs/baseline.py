@@ -6,9 +6,12 @@ r"""BONe's baseline: U-Net with a ResNet-18 encoder on 256-px patches, Adam 3e-4
 BONe (DLFit) trains this network (14.3 M parameters, about 10.6 GFLOP forward per 256^2 patch)
 on 2D patches of micro-CT planes with z-score normalisation; validation is on whole scans held
 out by name (never by slice). Planes of all three axes are trained so that 3-plane voting works.
-Expected: BONe reports mean IoU ~0.97 on its 20-scan dataset; on one H100 at bf16 expect roughly
-1-2k patches/s (see benchmarks/results/train_throughput_*.md), i.e. 50k steps of 32 patches in
-well under an hour. Not run here at full size (CPU only).
+Expected: BONe reports mean IoU ~0.97 on its 20-scan dataset. Throughput is not measured on a GPU
+yet: `python benchmarks/train_throughput.py` measures this network's step on the machine at hand;
+the only result so far is a 2-core CPU's (benchmarks/results/train_throughput_cpu-2c.md, about
+1.2 patches/s at fp32), so no run time for 50k steps is given here. Not run here at full size.
+The optimiser is Adam without weight decay: the weight_decay=1e-4 this file used to list was
+never applied by adam (now refused); use `optimizer.name=adamw` for decoupled decay.
 
 Smoke variant (a phantom made in WORKDIR/data, 64-px patches, 2 steps; tens of seconds on a
 CPU, most of it compiling): `--config=configs/baseline.py:smoke`.
@@ -30,7 +33,7 @@ def get_config(arg=None):
   c.batch_size = 32
   c.num_steps = 50_000
   c.loss = dict(ce=1.0, dice=1.0)
-  c.optimizer = dict(name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+  c.optimizer = dict(name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                      momentum=0.9, nesterov=False, clip_norm=0.0)
   c.schedule.name = "constant"
   c.eval_every = 1000

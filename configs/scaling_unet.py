@@ -10,8 +10,10 @@ cross-entropy, the learning rate halved when the validation loss has not improve
 iterations (here: 10 evaluations, one every 1000 steps), up to 1.5e6 iterations or early
 stopping; augmentation with random resized crops (85-100 % area, 3:4-4:3), flips, rotations of
 +-90 degrees, elastic deformation, brightness and contrast; validation on the centre 992 x 992
-crop; percentile normalisation. Model selection here is by validation miou_fg, and early
-stopping waits 20 evaluations without improvement of it.
+crop; percentile normalisation. Weight decay is off (adam refuses it; `optimizer.name=adamw`
+takes one). Model selection here is by validation miou_fg, and early stopping waits 20
+evaluations without improvement of it. The validation set (centre crops of every 4th plane)
+outgrows `val_device_limit_mb` on large scans and is then streamed from the host.
 Expected: the paper's best models reach IoU ~0.9+ on its synchrotron scans; run time depends on
 the model (not run here at full size: CPU only).
 
@@ -32,7 +34,7 @@ def get_config(arg=None):
   c.batch_size = a.batch
   c.num_steps = 1_500_000
   c.loss = dict(ce=1.0)
-  c.optimizer = dict(name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+  c.optimizer = dict(name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                      momentum=0.9, nesterov=False, clip_norm=0.0)
   c.schedule.name = "plateau"
   c.schedule.plateau_patience = 10

@@ -14,7 +14,8 @@
 
 The last stdout line is JSON with miou_all, miou_fg, baseline_miou_fg, seconds, per-class IoU
 and the voting table. Running it again reuses the dataset and resumes (or reuses) training.
-Any config field can be overridden: --config.num_steps=300.
+Any config field can be overridden: --config.num_steps=300. A run that fails before training
+has written a checkpoint removes what it created in WORKDIR (and WORKDIR itself if it made it).
 """
 
 from __future__ import annotations
@@ -164,5 +165,15 @@ def main(argv):
   }
 
 
+def main_removing_failed_runs(argv):
+  """main(), removing what it created in --workdir if it fails before training checkpoints."""
+  from bonejax.train import rundir
+  workdir = Path(_WORKDIR.value).absolute() if _WORKDIR.value else None
+  if workdir is None or (workdir.exists() and not workdir.is_dir()):
+    return main(argv)
+  with rundir.removed_on_failure(workdir, lambda: rundir.has_checkpoint(workdir)):
+    return main(argv)
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main_removing_failed_runs)

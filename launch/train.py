@@ -5,10 +5,13 @@ r"""Train a segmentation model from a config (`--config=configs/X.py --workdir=W
         --config.dataset=DATA --config.num_steps=2000 --config.val_scans="('scan_003',)"
     python launch/train.py --config=configs/scaling_unet.py:depth=4,width=64,patch=384 ...
 
-Writes WORKDIR/{config.json, split.json, metrics.csv, curves.png, checkpoints/, model/} and prints
-the result JSON (workdir, steps, best_val_miou, best_step, seconds, patches_per_second,
+Writes WORKDIR/{config.json, split.json, metrics.csv, curves.png, checkpoints/, best/, model/} and
+prints the result JSON (workdir, steps, best_val_miou, best_step, seconds, patches_per_second,
 model_dir, ...) as the last stdout line. Running the same command again resumes from the newest
-checkpoint in WORKDIR (a finished run returns its result at once).
+checkpoint in WORKDIR (a finished run returns its result at once); a damaged newest checkpoint
+is reported, moved to WORKDIR/checkpoints.corrupt/ and the previous one resumed. WORKDIR/model is
+exported from the best checkpoint (WORKDIR/best). A run that fails before its first checkpoint
+removes what it created; config.json is only (re)written once the config fits the run there.
 
 Several hosts (data-parallel over all their devices): run the same command on every host with
   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I

@@ -80,20 +80,3 @@ def test_geometry_moves_image_and_label_together():
 def test_unknown_option_refused():
   with pytest.raises(cli.UserError, match="colour"):
     aug.resolve_config({"colour": 1})
-
-
-def test_batch_sharded_on_an_explicit_mesh():
-  # Keys must follow the batch's sharding or vmap refuses the mix (jax's default mesh type).
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec
-  n = min(len(jax.devices()), 2)
-  mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Explicit,))
-  image, label = _batch()
-  image, label = jnp.concatenate([image] * n), jnp.concatenate([label] * n)
-  cfg = dict(crop=False, rotate_degrees=0.0, elastic_prob=0.0, brightness=0.0, contrast=0.1)
-  f = jax.jit(lambda k, a, b: aug.augment(k, a, b, cfg))
-  ref = f(jax.random.key(7), image, label)
-  sh = NamedSharding(mesh, PartitionSpec("data"))
-  with jax.set_mesh(mesh):
-    x, y = f(jax.random.key(7), jax.device_put(image, sh), jax.device_put(label, sh))
-  np.testing.assert_allclose(x, ref[0], atol=1e-6)
-  np.testing.assert_array_equal(y, ref[1])

@@ -46,7 +46,7 @@ def test_plateau_halves_after_patience_bad_evaluations():
 def test_scaling_updates_equals_scaling_the_learning_rate(name):
   params = {"w": jnp.arange(6.0).reshape(2, 3) - 2.0}
   grads = [{"w": jnp.sin(jnp.arange(6.0) + k).reshape(2, 3)} for k in range(3)]
-  cfg = {"name": name, "weight_decay": 0.1, "momentum": 0.9}
+  cfg = {"name": name, "weight_decay": 0.1 if name == "adamw" else 0.0, "momentum": 0.9}
   full = optim.make_optimizer(cfg, optim.make_schedule({}, 0.1, 10))
   half = optim.make_optimizer(cfg, optim.make_schedule({}, 0.05, 10))
   p1, s1 = params, full.init(params)
@@ -87,3 +87,20 @@ def test_step_jits_once_for_any_plateau_scale():
   for scale in (1.0, 0.5, 0.25):
     p, s = step(p, s, jnp.float32(scale))
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_weight_decay_is_refused_where_it_would_be_ignored(name):
+  schedule = optim.make_schedule({}, 1e-3, 10)
+  with pytest.raises(ValueError, match="adamw"):
+    optim.make_optimizer({"name": name, "weight_decay": 1e-4}, schedule)
+  optim.make_optimizer({"name": name, "weight_decay": 0.0}, schedule)
+
+
+def test_adamw_decays_the_weights():
+  # With zero gradients Adam's update is 0; AdamW's is -lr * wd * w.
+  params = {"w": jnp.array([2.0, -4.0])}
+  tx = optim.make_optimizer({"name": "adamw", "weight_decay": 0.1},
+                            optim.make_schedule({}, 0.5, 10))
+  updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.1, 0.2], rtol=1e-6)

@@ -156,3 +156,45 @@ def test_validation_batches(data):
   assert all(b["image"].shape == (8, 32, 32, 1) for b in crops)
   assert crops[0]["mask"][0].sum() == 30 * 30
   assert patches.num_validation_batches(root, NAMES, batch_size=8, stride=3) == len(crops)
+  nbytes = sum(v.nbytes for b in crops for v in b.values())
+  assert patches.validation_nbytes(root, NAMES, crop=30, batch_size=8, stride=3) == nbytes
+
+
+def _copy_with(tmp_path, data, edit):
+  """A copy of the dataset with `edit(root)` applied to it."""
+  import shutil
+  root = tmp_path / "ds"
+  shutil.copytree(data[0], root)
+  edit(root)
+  return root
+
+
+def _set_label(root, value):
+  arr = store.open_array(root / "s1" / "labels", write=True)
+  arr[5, 0:40, 0:36].write(np.full((40, 36), value, np.uint8)).result()
+
+
+def test_labels_without_a_class_are_refused(data, tmp_path):
+  # Label 3 in a 3-class dataset: the stream and the validation set name the scan (issue 13.3).
+  root = _copy_with(tmp_path, data, lambda r: _set_label(r, 3))
+  with pytest.raises(cli.UserError, match=r"scan 's1' has label value 3.*3 classes"):
+    with _stream(root, axes=(0,), patches_per_plane=1, global_batch_size=40) as s:
+      for _ in range(3):  # two epochs' worth: every plane of both scans
+        next(s)
+  with pytest.raises(cli.UserError, match=r"scan 's1' has label value 3"):
+    list(patches.validation_batches(root, ["s1"], batch_size=4))
+  with pytest.raises(cli.UserError, match=r"scan 's1'.*label value 3"):
+    _stream(root, oversample_rare=0.3)
+
+
+def test_a_damaged_chunk_is_bad_input(data, tmp_path):
+  def garbage(r):
+    chunk = sorted(p for p in (r / "s0" / "image" / "c").rglob("*") if p.is_file())[0]
+    chunk.write_bytes(b"not a zstd frame")
+  root = _copy_with(tmp_path, data, garbage)
+  with pytest.raises(cli.UserError, match=r"cannot read the image of scan 's0'"):
+    with _stream(root, axes=(0,), global_batch_size=40) as s:
+      for _ in range(2):
+        next(s)
+  with pytest.raises(cli.UserError, match=r"cannot read the image of scan 's0'"):
+    list(patches.validation_batches(root, ["s0"], batch_size=4))

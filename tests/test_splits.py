@@ -57,3 +57,18 @@ def test_save_load_roundtrip(tmp_path):
   s = splits.make_split(SCANS, seed=2)
   splits.save_split(tmp_path / "split.json", s)
   assert splits.load_split(tmp_path / "split.json") == s
+
+
+def test_nested_kfold_keeps_the_outer_fold_out_of_training_and_selection():
+  folds = splits.nested_kfold(SCANS, 3, seed=1, val_fraction=0.3)
+  outer = splits.kfold(SCANS, 3, seed=1)
+  assert [f.test for f in folds] == [o.val for o in outer]  # the same outer folds as kfold
+  assert sorted(s for f in folds for s in f.test) == sorted(SCANS)
+  for f in folds:
+    assert f.train and f.val
+    assert not set(f.test) & (set(f.train) | set(f.val)) and not set(f.train) & set(f.val)
+    assert sorted(f.train + f.val + f.test) == sorted(SCANS)
+  assert folds == splits.nested_kfold(SCANS, 3, seed=1, val_fraction=0.3)  # deterministic
+  assert len({tuple(f.val) for f in folds}) > 1
+  with pytest.raises(cli.UserError, match="fold 0 leaves 1 scan"):
+    splits.nested_kfold(SCANS[:3], 2)  # 3 scans, 2 folds: one fold keeps a single scan

@@ -1,4 +1,6 @@
-"""The trainer: outputs, determinism, exact resume (stop_after and a real SIGKILL), bad input.
+"""The trainer: outputs, determinism, exact resume (stop_after and a real SIGKILL), bad input
+(config values, damaged scans, labels without a class) refused with nothing left behind, the
+run's record kept honest, and validation streamed from the host equal to device-resident.
 
 Everything runs the smoke demo config (U-Net depth 2 width 4, 32-px patches) on 3 phantom scans
 of 32 x 48 x 48, sharded over the suite's 4 fake CPU devices.
@@ -89,6 +91,8 @@ def test_stop_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_path)
   _, ref_dir = reference
   first = trainer.train(_config(tiny_dataset, stop_after=5), tmp_path)
   assert first["steps"] == 5 and first["stopped"] == "stop_after"
+  again = trainer.train(_config(tiny_dataset, stop_after=5), tmp_path)  # the same preemption
+  assert again["steps"] == 5 and again["steps_this_run"] == 0 and again["stopped"] == "stop_after"
   second = trainer.train(_config(tiny_dataset), tmp_path)
   assert second["resumed_from"] == 5 and second["steps"] == STEPS
   _assert_same_state(load_state(tmp_path)[1], load_state(ref_dir)[1])
@@ -132,11 +136,95 @@ def test_sigkill_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_pa
     (dict(model=dict(name="vgg", kwargs={})), "unknown model"),
     (dict(dataset="/nonexistent/data"), "does not exist"),
     (dict(loss={"hinge": 1.0}), "unknown loss"),
+    # Absurd values, each refused naming its field (issue 13.9/13.10).
+    (dict(seed=-1), r"config.seed=-1 must be in \[0, "),
+    (dict(checkpoint_every=-1), "config.checkpoint_every=-1 must be >= 0"),
+    (dict(eval_every=-5), "config.eval_every=-5 must be >= 0"),
+    (dict(log_every=-1), "config.log_every=-1 must be >= 0"),
+    (dict(batch_size=0), "config.batch_size=0 must be >= 1"),
+    (dict(patches_per_plane=0), "config.patches_per_plane=0 must be >= 1"),
+    (dict(val_stride=0), "config.val_stride=0 must be >= 1"),
+    (dict(keep_checkpoints=0), "config.keep_checkpoints=0 must be >= 1"),
+    (dict(stop_after=-2), "config.stop_after=-2 must be >= 0"),
+    (dict(val_fraction=1.5), r"config.val_fraction=1.5 must be in \(0.0, 1.0\)"),
+    (dict(axes=(0, 3)), "config.axes=.* must be distinct axes"),
+    (dict(optimizer=dict(configlib.default_config().optimizer.to_dict(), weight_decay=1e-4)),
+     "adam does not use weight_decay"),
+    (dict(optimizer=dict(name="adam")), "config lacks field.*optimizer.lr"),
 ])
 def test_bad_input_is_refused(tiny_dataset, tmp_path, overrides, message):
+  workdir = tmp_path / "new" / "run"
   with pytest.raises(cli.UserError, match=message):
-    trainer.train(_config(tiny_dataset, **overrides), tmp_path)
-  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    trainer.train(_config(tiny_dataset, **overrides), workdir)
+  assert not (tmp_path / "new").exists()  # nothing left behind, not even the directories
+
+
+def test_failed_run_removes_only_what_it_created(tiny_dataset, tmp_path):
+  # An unknown model fails after the split: config.json and split.json used to stay behind.
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(cli.UserError, match="unknown model"):
+    trainer.train(_config(tiny_dataset, model=dict(name="vgg", kwargs={})), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+  # A phantom made for the run goes too when the run fails before its first checkpoint.
+  c = _config("", model=dict(name="vgg", kwargs={}))
+  c.phantom.num_scans, c.phantom.shape = 3, (32, 32, 32)
+  with pytest.raises(cli.UserError, match="unknown model"):
+    trainer.train(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_refused_config_change_leaves_the_record_alone(tiny_dataset, tmp_path):
+  trainer.train(_config(tiny_dataset, stop_after=1), tmp_path)
+  record = (tmp_path / "config.json").read_text()
+  with pytest.raises(cli.UserError, match="loss differ"):
+    trainer.train(_config(tiny_dataset, loss={"ce": 1.0}), tmp_path)
+  assert (tmp_path / "config.json").read_text() == record
+
+
+def _damaged_copy(tiny_dataset, tmp_path, how):
+  import shutil
+  from bonejax import store
+  root = tmp_path / "data"
+  shutil.copytree(tiny_dataset, root)
+  if how == "labels":
+    arr = store.open_array(root / "scan_001" / "labels", write=True)
+    arr[:, :, :].write(np.full(arr.shape, 7, np.uint8)).result()
+  elif how == "chunk":
+    for chunk in (root / "scan_000" / "image" / "c").rglob("*"):
+      if chunk.is_file():
+        chunk.write_bytes(b"garbage")
+  else:
+    (root / "scan_000" / "image" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+  return root
+
+
+@pytest.mark.parametrize("how, message", [
+    ("labels", "scan 'scan_001' has label value 7, but its dataset has 3 classes"),
+    ("chunk", "cannot read the image of scan 'scan_000'"),
+    ("zarr_json", "scan_000/image"),
+])
+def test_bad_scans_are_bad_input(tiny_dataset, tmp_path, how, message):
+  # Labels beyond the classes used to train silently; a damaged chunk crashed (exit 3).
+  data = _damaged_copy(tiny_dataset, tmp_path, how)
+  with pytest.raises(cli.UserError, match=message):
+    trainer.train(_config(data, train_scans=("scan_000", "scan_001"), val_scans=("scan_002",)),
+                  tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_streamed_validation_equals_device_resident(reference, tiny_dataset, tmp_path,
+                                                    monkeypatch):
+  from bonejax.data import patches
+  calls = []
+  original = patches.validation_batches
+  monkeypatch.setattr(patches, "validation_batches",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  result = trainer.train(_config(tiny_dataset, val_device_limit_mb=0), tmp_path)
+  assert len(calls) == 2  # read again at each of the 2 evaluations: nothing kept on the device
+  ref, ref_dir = reference
+  assert result["best_val"] == ref["best_val"] and result["final_val"] == ref["final_val"]
+  val = lambda p: [r.split(",")[4:] for r in p.read_text().splitlines()]  # noqa: E731
+  assert val(tmp_path / "metrics.csv") == val(ref_dir / "metrics.csv")
 
 
 def test_cli_one_line_errors(tiny_dataset, tmp_path):
@@ -146,6 +234,8 @@ def test_cli_one_line_errors(tiny_dataset, tmp_path):
       (["--config=configs/demo.py:smoke", "--config.bogus=1"], "unknown config key 'bogus'"),
       (["--config=configs/nope.py"], "does not exist"),
       (["--config=configs/demo.py:smoke", "--config.dataset=/nonexistent"], "does not exist"),
+      (["--config=configs/demo.py:smoke", f"--config.dataset={tiny_dataset}",
+        "--config.seed=-1"], "config.seed=-1 must be in"),
   ]:
     out = subprocess.run(base + args, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
@@ -153,3 +243,4 @@ def test_cli_one_line_errors(tiny_dataset, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr
     assert "Traceback" not in out.stderr
+  assert {p.name for p in tmp_path.iterdir()} <= {"jax_cache"}  # the refused runs left nothing

@@ -108,6 +108,25 @@ def _open_training_scans(dataset_path, scans: Sequence[str]) -> tuple[store.Data
   return ds, infos
 
 
+def _read(future, scan: _ScanInfo, what: str) -> np.ndarray:
+  """A tensorstore read's result; a damaged chunk is bad input naming the scan, not a crash."""
+  try:
+    return future.result()
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore: ValueError, RuntimeError)
+    text = cli._one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+    raise cli.UserError(f"cannot read the {what} of scan {scan.name!r} ({scan.scan.path}): "
+                        f"{text}") from None
+
+
+def check_labels(labels: np.ndarray, scan: _ScanInfo, classes: Sequence[str]) -> None:
+  """Refuses label values the model has no class for (they would train and score silently)."""
+  top = int(labels.max()) if labels.size else 0
+  if top >= len(classes):
+    raise cli.UserError(f"scan {scan.name!r} has label value {top}, but its dataset has "
+                        f"{len(classes)} classes ({', '.join(classes)}): fix the labels or "
+                        "the dataset's classes")
+
+
 def _check_rule(rule: str) -> None:
   if rule not in intensity.RULES:
     raise cli.UserError(f"unknown normalisation rule {rule!r} "
@@ -134,7 +153,9 @@ def class_projections(labels: store.ts.TensorStore, num_classes: int, slab: int 
   yx = np.zeros((num_classes, y, x), bool)
   for z0 in range(0, z, slab):
     lab = store.read_slab(labels, 0, z0, min(z, z0 + slab))
-    slab_counts = np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
+    slab_counts = np.bincount(lab.reshape(-1), minlength=num_classes)
+    if slab_counts.size > num_classes and slab_counts[num_classes:].any():
+      raise ValueError(f"label value {int(lab.max())} >= the {num_classes} classes")
     counts += slab_counts
     for c in np.flatnonzero(slab_counts):
       m = lab == c
@@ -264,7 +285,14 @@ class PatchStream:
 
   def _find_rare_planes(self, rare_classes) -> None:
     nc = self.dataset.num_classes
-    projections = [class_projections(s.scan.labels, nc) for s in self.scans]
+    projections = []
+    for s in self.scans:
+      try:
+        projections.append(class_projections(s.scan.labels, nc))
+      except Exception as e:  # pylint: disable=broad-except  (bad values, damaged chunks)
+        text = cli._one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+        raise cli.UserError(f"scan {s.name!r} ({s.scan.path}): {text} ({', '.join(self.classes)})"
+                            ) from None
     counts = sum(p[0] for p in projections)
     if rare_classes is None:
       rare = pick_rare_classes(counts)
@@ -375,8 +403,9 @@ class PatchStream:
 
     def finish(i: int) -> None:
       s, axis, _, _, maps = requests[i]
-      img = futures[i][0].result().squeeze(axis)
-      lab = futures[i][1].result().squeeze(axis)
+      img = _read(futures[i][0], s, "image").squeeze(axis)
+      lab = _read(futures[i][1], s, "labels").squeeze(axis)
+      check_labels(lab, s, self.classes)
       if maps[0] is not None:
         img, lab = img[maps[0]], lab[maps[0]]
       if maps[1] is not None:
@@ -451,6 +480,26 @@ def _round_up(n: int, m: int = 32) -> int:
   return -(-int(n) // m) * m
 
 
+def _val_geometry(shape: Sequence[int], axis: int, crop: int | None):
+  """Where a validation plane's crop sits and how it is padded: ((o0, c0, m0), (o1, c1, m1),
+  valid mask (h, w)). The crop (or whole plane, where smaller) starts at o, spans c, and the
+  index map m mirrors it out to h or w, a multiple of 32."""
+  d0, d1 = _plane_dims(axis)
+  n0, n1 = shape[d0], shape[d1]
+  c0, c1 = (min(crop, n0), min(crop, n1)) if crop else (n0, n1)
+  o0, o1 = (n0 - c0) // 2, (n1 - c1) // 2
+  h, w = (_round_up(crop), _round_up(crop)) if crop else (_round_up(n0), _round_up(n1))
+  m0 = reflect_index(np.arange(h) - (h - c0) // 2, c0)
+  m1 = reflect_index(np.arange(w) - (w - c1) // 2, c1)
+  valid = np.zeros((h, w), np.float32)
+  valid[(h - c0) // 2:(h - c0) // 2 + c0, (w - c1) // 2:(w - c1) // 2 + c1] = 1.0
+  return (o0, c0, m0), (o1, c1, m1), valid
+
+
+def _val_planes(n: int, stride: int) -> list[int]:
+  return list(range(min(stride // 2, n - 1), n, stride))
+
+
 def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None = None,
                        axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1,
                        normalization: str = "percentile",
@@ -461,13 +510,14 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
   Whole planes, or their centre `crop` x `crop` (as the Scaling paper's centre crop), padded
   to a multiple of 32 so every U-net level divides; padded pixels have mask 0 (image mirrored,
   label 0). The last batch of each (scan, axis) is filled up with mask-0 examples, so each
-  (scan, axis) has one batch shape and the eval step compiles once per shape.
+  (scan, axis) has one batch shape and the eval step compiles once per shape. A label value
+  without a class is refused, naming the scan.
   """
   _check_rule(normalization)
   stride, batch_size = max(1, int(stride)), int(batch_size)
   if batch_size < 1:
     raise cli.UserError(f"validation batch_size={batch_size} must be positive")
-  _, infos = _open_training_scans(dataset_path, scans)
+  ds, infos = _open_training_scans(dataset_path, scans)
   pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)), "val-read")
   try:
     for s in infos:
@@ -477,17 +527,9 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
         if axis not in (0, 1, 2):
           raise cli.UserError(f"validation axis {axis} is not 0, 1 or 2")
         d0, d1 = _plane_dims(axis)
-        n0, n1 = s.shape[d0], s.shape[d1]
-        # Centre crop (or the whole plane where it is smaller), padded up to a multiple of 32.
-        c0, c1 = (min(crop, n0), min(crop, n1)) if crop else (n0, n1)
-        o0, o1 = (n0 - c0) // 2, (n1 - c1) // 2
-        h, w = (_round_up(crop), _round_up(crop)) if crop else (_round_up(n0), _round_up(n1))
-        m0 = reflect_index(np.arange(h) - (h - c0) // 2, c0)
-        m1 = reflect_index(np.arange(w) - (w - c1) // 2, c1)
-        valid = np.zeros((h, w), np.float32)
-        valid[(h - c0) // 2:(h - c0) // 2 + c0, (w - c1) // 2:(w - c1) // 2 + c1] = 1.0
-        n = s.shape[axis]
-        planes = list(range(min(stride // 2, n - 1), n, stride))
+        (o0, c0, m0), (o1, c1, m1), valid = _val_geometry(s.shape, axis, crop)
+        h, w = valid.shape
+        planes = _val_planes(s.shape[axis], stride)
         for b0 in range(0, len(planes), batch_size):
           chunk = planes[b0:b0 + batch_size]
           image = np.zeros((batch_size, h, w, 1), np.float32)
@@ -503,8 +545,9 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
 
           def finish(i, s=s, axis=axis, futures=futures, m0=m0, m1=m1, valid=valid,
                      image=image, label=label, mask=mask):
-            img = futures[i][0].result().squeeze(axis)
-            lab = futures[i][1].result().squeeze(axis)
+            img = _read(futures[i][0], s, "image").squeeze(axis)
+            lab = _read(futures[i][1], s, "labels").squeeze(axis)
+            check_labels(lab, s, ds.classes)
             image[i, ..., 0] = intensity.normalize(img[m0][:, m1], s.norm, normalization)
             label[i] = lab[m0][:, m1] * valid.astype(np.int32)
             mask[i] = valid
@@ -520,9 +563,17 @@ def num_validation_batches(dataset_path, scans: Sequence[str], *, axes: Sequence
   """How many batches validation_batches yields (for progress bars)."""
   _, infos = _open_training_scans(dataset_path, scans)
   stride = max(1, int(stride))
-  total = 0
+  return sum(-(-len(_val_planes(s.shape[a], stride)) // batch_size)
+             for s in infos for a in axes)
+
+
+def validation_nbytes(dataset_path, scans: Sequence[str], *, crop: int | None = None,
+                      axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1) -> int:
+  """Bytes of everything validation_batches yields (image, label and mask: 12 B per pixel)."""
+  _, infos = _open_training_scans(dataset_path, scans)
+  stride, total = max(1, int(stride)), 0
   for s in infos:
-    for axis in axes:
-      n = s.shape[axis]
-      total += -(-len(range(min(stride // 2, n - 1), n, stride)) // batch_size)
+    for a in axes:
+      h, w = _val_geometry(s.shape, a, crop)[2].shape
+      total += -(-len(_val_planes(s.shape[a], stride)) // batch_size) * batch_size * h * w * 12
   return total

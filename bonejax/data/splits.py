@@ -86,6 +86,40 @@ def kfold(all_scans: Sequence[str], k: int, seed: int = 0) -> list[Split]:
                 [s for i, s in enumerate(all_scans) if fold_of[i] == f]) for f in range(k)]
 
 
+@dataclasses.dataclass
+class Fold:
+  """One fold of nested cross-validation, by whole scans."""
+  train: list[str]  # trains the fold's model
+  val: list[str]    # inner validation: model selection, early stopping, the plateau schedule
+  test: list[str]   # the outer fold: only ever scored
+
+
+def nested_kfold(all_scans: Sequence[str], k: int, seed: int = 0,
+                 val_fraction: float = 0.2) -> list[Fold]:
+  """k outer folds (as kfold); each fold's inner validation scans come from its training scans.
+
+  Choosing the model, when to stop and when to cut the learning rate on the scans that are then
+  reported makes the reported score optimistic; here the outer fold's scans take no part in
+  any of it. The inner split takes `val_fraction` of the fold's training scans (at least one,
+  never all), drawn with (seed, fold): deterministic, and different across folds.
+  """
+  if not 0.0 < float(val_fraction) < 1.0:
+    raise cli.UserError(f"val_fraction={val_fraction} must be in (0, 1)")
+  folds = []
+  for f, outer in enumerate(kfold(all_scans, k, seed)):
+    rest = outer.train
+    if len(rest) < 2:
+      raise cli.UserError(f"nested cross-validation: fold {f} leaves {len(rest)} scan(s) to "
+                          "train and select the model on; needs at least 2 (use fewer folds "
+                          "or more scans)")
+    order = np.random.default_rng([int(seed), f]).permutation(len(rest))
+    n_val = min(max(1, int(round(float(val_fraction) * len(rest)))), len(rest) - 1)
+    val_idx = set(order[:n_val].tolist())
+    folds.append(Fold(train=[s for i, s in enumerate(rest) if i not in val_idx],
+                      val=[s for i, s in enumerate(rest) if i in val_idx], test=outer.val))
+  return folds
+
+
 def save_split(path: str | Path, split: Split) -> None:
   cli.atomic_write_json(path, dataclasses.asdict(split))
 

@@ -15,6 +15,9 @@ aspect ratios 3:4 to 4:3 resized back to the patch, horizontal flips, rotations 
 rotations, gamma and noise are available and off by default.
 
 `cfg` is static (Python values read while tracing): close over it, do not pass it to jit.
+The batch may be sharded on the trainer's 'data' mesh axis (AxisType.Auto, bonejax.train.mesh):
+the per-example keys then follow it without help. (On an Explicit-axis mesh vmap would refuse
+replicated keys beside a sharded batch; nothing in bonejax builds one.)
 """
 
 from __future__ import annotations
@@ -90,16 +93,8 @@ def augment(key: jax.Array, image: jax.Array, label: jax.Array, cfg: Any = None)
   c = resolve_config(cfg)
   if not c.enabled:
     return image, label
-  keys = _like_batch(jax.random.split(key, image.shape[0]), image)
+  keys = jax.random.split(key, image.shape[0])
   return jax.vmap(lambda k, x, y: _augment_one(k, x, y, c))(keys, image, label)
-
-
-def _like_batch(keys: jax.Array, image: jax.Array) -> jax.Array:
-  """Shards the per-example keys like the batch: vmap refuses mixed specs on an explicit mesh."""
-  spec = getattr(jax.typeof(image).sharding, "spec", None)
-  if spec and spec[0] is not None:
-    keys = jax.sharding.reshard(keys, jax.sharding.PartitionSpec(spec[0]))
-  return keys
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,40 +1,55 @@
-"""Training checkpoints: orbax CheckpointManager over WORKDIR/checkpoints/STEP/{state,host}.
+"""Training checkpoints: orbax CheckpointManager over DIR/STEP/{state,host}.
 
-- `state`: the device pytree (params, BatchNorm statistics, optimiser state, step), saved with
-  StandardSave. orbax copies every array to the host before `save` returns (its default
-  transfer priority is SYNCHRONOUS) and writes the files in the background, so the train step may
-  donate and overwrite those buffers right after `save` returns.
+- `state`: a device pytree (the train state: params, BatchNorm statistics, optimiser state, step;
+  or the best model's params and statistics), saved with StandardSave. orbax copies every array
+  to the host before `save` returns (its default transfer priority is SYNCHRONOUS) and writes the
+  files in the background, so the train step may donate and overwrite those buffers right after
+  `save` returns.
 - `host`: JSON (data-iterator position, plateau scheduler, best metric, early-stopping counter,
-  seed, step): everything else an exact resume needs.
+  seed, step; or the best model's step, scores and id): everything else a resume needs.
 
 A step directory appears under its final name only when complete (orbax writes to a temporary
-name and renames), so a run killed mid-save resumes from the previous checkpoint.
+name and renames), so a run killed mid-save resumes from the previous checkpoint. A complete step
+can still be damaged later (a truncated or overwritten file, a full disk): `restore_newest`
+then warns, moves the damaged step aside to DIR.corrupt/ (kept for inspection, out of the
+manager's way) and falls back to the newest step that reads.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import sys
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bonejax import cli
+from bonejax import bundle, cli
 
 STATE, HOST = "state", "host"
+
+
+class Mismatch(cli.UserError):
+  """A checkpoint that reads, but belongs to another configuration."""
 
 
 class Checkpoints:
 
   def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
     self.directory = Path(directory).absolute()
+    self.keep = max(1, int(keep))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(1, int(keep)), create=True, cleanup_tmp_directories=True,
+        max_to_keep=self.keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE, HOST))
+
+  def steps(self) -> list[int]:
+    return sorted(int(s) for s in self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -48,18 +63,89 @@ class Checkpoints:
         **{STATE: ocp.args.StandardSave(state), HOST: ocp.args.JsonSave(copy.deepcopy(host))}),
         force=True)
 
+  def read_host(self, step: int) -> dict[str, Any]:
+    """The JSON item of a step, read directly (no arrays touched)."""
+    path = self.directory / str(step) / HOST / "metadata"
+    host = json.loads(path.read_text())
+    if not isinstance(host, dict):
+      raise ValueError(f"{path} holds a JSON {type(host).__name__}, not an object")
+    return host
+
   def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores into the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs)."""
+    """Restores into the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs).
+
+    Raises Mismatch when the stored arrays have other paths or shapes than `like`; anything
+    else a damaged step raises is passed on (see restore_newest).
+    """
+    bundle.quiet_closed_loop_noise()
+    host = self.read_host(step)
+    why = bundle.shape_mismatch(
+        bundle.tree_shapes(bundle.stored_arrays(self.directory / str(step) / STATE)),
+        bundle.tree_shapes(like))
+    if why:
+      raise Mismatch(f"checkpoint {self.directory / str(step)} does not fit this configuration "
+                     f"(another model or optimiser?): {why}; use a fresh --workdir")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    try:
-      out = self.manager.restore(int(step), args=ocp.args.Composite(
-          **{STATE: ocp.args.StandardRestore(abstract), HOST: ocp.args.JsonRestore()}))
-    except (ValueError, KeyError, TypeError) as e:
-      raise cli.UserError(
-          f"checkpoint {self.directory / str(step)} does not fit this configuration (another "
-          f"model or optimiser?): {cli._one_line(e)[:300]}; use a fresh --workdir") from None
-    return out[STATE], out[HOST]
+    out = self.manager.restore(int(step), args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract)}))
+    return out[STATE], host
+
+  def restore_newest(self, like: Any, check: Callable[[dict[str, Any]], None] | None = None
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, host) of the newest step that reads; None when there is no step.
+
+    `check(host)` runs on each candidate's JSON before its arrays are read and may raise a
+    UserError (a run with another configuration): that, and a Mismatch, end the search. A step
+    that fails to read is reported with a warning, and moved aside once an older one has
+    restored; when none reads, one line names the newest.
+    """
+    steps = self.steps()
+    bad: list[tuple[int, str]] = []
+    for step in reversed(steps):
+      try:
+        if check is not None:
+          check(self.read_host(step))
+        state, host = self.restore(step, like)
+      except cli.UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any damage: JSON, ocdbt, zstd)
+        reason = bundle.reason(e)
+        bad.append((step, reason))
+        print(f"[checkpoint] warning: {self.directory / str(step)} is unreadable ({reason}); "
+              "trying the previous checkpoint", file=sys.stderr, flush=True)
+        continue
+      self._set_aside([s for s, _ in bad])
+      return step, state, host
+    if bad:
+      step, reason = bad[0]
+      raise cli.UserError(f"no readable checkpoint in {self.directory}: the newest, "
+                          f"{self.directory / str(step)}, fails with: {reason}; move it away to "
+                          "resume from an older one, or use a fresh --workdir")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps to DIR.corrupt/STEP-ID so a resumed run can save those steps anew."""
+    if not steps:
+      return
+    if jax.process_count() > 1:  # every process has finished reading before one renames
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bonejax_checkpoint_fallback")
+    if jax.process_index() == 0:
+      aside = self.directory.with_name(self.directory.name + ".corrupt")
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        target = aside / f"{step}-{uuid.uuid4().hex[:8]}"
+        (self.directory / str(step)).rename(target)
+        print(f"[checkpoint] moved the unreadable step {step} to {target}", file=sys.stderr,
+              flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bonejax_checkpoint_fallback_done")
+    self.manager.reload()
+
+  def delete(self, step: int) -> None:
+    self.manager.delete(int(step))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -69,20 +155,34 @@ class Checkpoints:
     self.manager.close()
 
 
-def load_state(workdir: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+def read_state(path: str | Path, like: Any = None) -> Any:
+  """The numpy pytree of one saved state item (DIR/STEP/state), read by this process alone.
+
+  Into the structure of `like` (ShapeDtypeStructs), or the stored one (plain dicts); onto one
+  local device, whatever devices or processes wrote it. No other process takes part (process 0
+  exports the best model from it while the others train on).
+  """
+  bundle.quiet_closed_loop_noise()
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if like is None:
+    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                        bundle.stored_arrays(path))
+  handler = ocp.StandardCheckpointHandler(multiprocessing_options=bundle.this_process_only())
+  try:
+    state = handler.restore(Path(path).absolute(), args=ocp.args.StandardRestore(like))
+  finally:
+    handler.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def load_state(workdir: str | Path, step: int | None = None,
+               directory: str = "checkpoints") -> tuple[int, dict[str, Any]]:
   """(step, numpy pytree of the saved train state) of a run: for tests and tools."""
-  directory = Path(workdir).absolute() / "checkpoints"
-  mgr = ocp.CheckpointManager(directory, item_names=(STATE, HOST),
+  root = Path(workdir).absolute() / directory
+  mgr = ocp.CheckpointManager(root, item_names=(STATE, HOST),
                               options=ocp.CheckpointManagerOptions(read_only=True))
   step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise cli.UserError(f"no checkpoint in {directory}")
   mgr.close()
-  path = directory / str(step) / STATE
-  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    # Onto one local device, whatever devices or processes wrote it.
-    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
-                        ckptr.metadata(path).item_metadata.tree)
-    state = ckptr.restore(path, like)
-  return int(step), jax.tree.map(np.asarray, state)
+  if step is None:
+    raise cli.UserError(f"no checkpoint in {root}")
+  return int(step), read_state(root / str(step) / STATE)

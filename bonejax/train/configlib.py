@@ -9,6 +9,8 @@ names are tuples (ml_collections cannot override lists): `--config.val_scans="('
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,8 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_steps = 10_000
   c.seed = 0
   c.loss = ml_collections.ConfigDict({"ce": 1.0, "dice": 1.0})
+  # weight_decay: decoupled (AdamW); adam and sgd refuse a non-zero value (see optim.py).
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, momentum=0.9,
+      name="adam", lr=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.9,
       nesterov=False, clip_norm=0.0))
   c.schedule = ml_collections.ConfigDict(dict(
       name="constant", warmup_steps=0, final_lr_fraction=0.0, plateau_patience=10,
@@ -62,11 +65,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.val_crop = 0                 # centre crop of each validation plane; 0: whole planes
   c.val_stride = 1               # every k-th plane
   c.val_batch_size = 0           # 0: batch_size
+  c.val_device_limit_mb = 2048   # validation set kept on the device up to this size, else
+                                 # streamed from the host at each evaluation (0: always stream)
   c.best_metric = "miou_fg"      # miou_fg | miou_all (higher is better) | loss (lower)
   c.early_stopping_patience = 0  # evaluations without improvement; 0: off
   # Bookkeeping.
-  c.log_every = 50
-  c.checkpoint_every = 1000
+  c.log_every = 50               # steps; 0: every step
+  c.checkpoint_every = 1000      # steps; 0: only at the end, when stopped, and at a new best
   c.keep_checkpoints = 2
   c.stop_after = 0               # stop (resumably) after this step, as a preemption would
   return c
@@ -112,9 +117,111 @@ def names(value: Any) -> list[str]:
   return out
 
 
+# The optimiser fields each optimiser reads; the others cannot change a run.
+_OPTIMIZER_FIELDS = {"adam": ("lr", "b1", "b2", "eps", "clip_norm"),
+                     "adamw": ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm"),
+                     "sgd": ("lr", "momentum", "nesterov", "clip_norm")}
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The trajectory-defining values, compared when a run resumes."""
   d = config.to_dict()
-  return {k: cli.to_jsonable(d.get(k)) for k in TRAJECTORY_KEYS}
+  out = {k: cli.to_jsonable(d.get(k)) for k in TRAJECTORY_KEYS}
+  return normalize_fingerprint(out)
+
+
+def normalize_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+  """Drops optimiser fields the named optimiser never reads.
+
+  Runs written before adam refused `weight_decay` carried weight_decay=1e-4 that adam ignored;
+  they resume under configs that now say 0.
+  """
+  fp = dict(fp)
+  opt = fp.get("optimizer")
+  if isinstance(opt, dict) and opt.get("name") in _OPTIMIZER_FIELDS:
+    keep = ("name",) + _OPTIMIZER_FIELDS[opt["name"]]
+    fp["optimizer"] = {k: v for k, v in opt.items() if k in keep}
+  return fp
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: one line naming the field, before anything is read or written.
+# ---------------------------------------------------------------------------------------------
+
+# field: (lowest, highest) allowed, inclusive; None: unbounded. All are integers.
+_INT_RANGES = {
+    "seed": (0, 2**32 - 1), "num_steps": (1, None), "batch_size": (1, None),
+    "val_batch_size": (0, None), "patch_size": (1, None), "patches_per_plane": (1, None),
+    "in_channels": (1, None), "eval_every": (0, None), "log_every": (0, None),
+    "checkpoint_every": (0, None), "keep_checkpoints": (1, None), "stop_after": (0, None),
+    "val_crop": (0, None), "val_stride": (1, None), "early_stopping_patience": (0, None),
+    "val_device_limit_mb": (0, None), "phantom.num_scans": (0, None),
+    "phantom.seed": (0, 2**32 - 1), "schedule.warmup_steps": (0, None),
+}
+# field: (lowest, highest, lowest allowed?, highest allowed?) for real numbers.
+_FLOAT_RANGES = {
+    "val_fraction": (0.0, 1.0, False, False), "oversample_rare": (0.0, 1.0, True, False),
+    "optimizer.lr": (0.0, None, False, None), "optimizer.weight_decay": (0.0, None, True, None),
+    "optimizer.clip_norm": (0.0, None, True, None), "optimizer.b1": (0.0, 1.0, True, False),
+    "optimizer.b2": (0.0, 1.0, True, False), "optimizer.eps": (0.0, None, False, None),
+    "optimizer.momentum": (0.0, 1.0, True, False),
+    "schedule.final_lr_fraction": (0.0, None, True, None),
+}
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "get") or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Refuses (one line naming the field) values no run can use: negative intervals, a zero
+  batch, a negative seed, a fraction outside its range, axes other than 0/1/2."""
+  missing = [k for k in default_config() if k not in config]
+  if "optimizer" in config and _lookup(config, "optimizer.lr") is _MISSING:
+    missing.append("optimizer.lr")  # the one optimiser field without a default
+  if missing:
+    raise cli.UserError(f"config lacks field(s) {', '.join(missing)} (build configs on "
+                        "bonejax.train.configlib.default_config())")
+  for key, (lo, hi) in _INT_RANGES.items():
+    v = _lookup(config, key)
+    if v is _MISSING:
+      continue
+    if not _is_int(v):
+      raise cli.UserError(f"config.{key}={v!r} must be an integer")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+      what = (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+      raise cli.UserError(f"config.{key}={v} must be {what}")
+  for key, (lo, hi, lo_ok, hi_ok) in _FLOAT_RANGES.items():
+    v = _lookup(config, key)
+    if v is _MISSING:
+      continue
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+      raise cli.UserError(f"config.{key}={v!r} must be a finite number")
+    low = lo is not None and (v < lo or (v == lo and not lo_ok))
+    high = hi is not None and (v > hi or (v == hi and not hi_ok))
+    if low or high:
+      left, right = ("[" if lo_ok else "("), ("]" if hi_ok else ")")
+      what = (f"{'>=' if lo_ok else '>'} {lo}" if hi is None else f"in {left}{lo}, {hi}{right}")
+      raise cli.UserError(f"config.{key}={v} must be {what}")
+  for key in ("axes", "val_axes"):
+    v = tuple(config[key]) if isinstance(config[key], (tuple, list)) else (config[key],)
+    if not v or any(not _is_int(a) or a not in (0, 1, 2) for a in v) or len(set(v)) != len(v):
+      raise cli.UserError(f"config.{key}={config[key]!r} must be distinct axes from 0, 1, 2")
+  shape = _lookup(config, "phantom.shape")
+  if shape is not _MISSING and int(_lookup(config, "phantom.num_scans") or 0) > 0 and (
+      not isinstance(shape, (tuple, list)) or len(shape) != 3 or
+      any(not _is_int(s) or s < 1 for s in shape)):
+    raise cli.UserError(f"config.phantom.shape={shape!r} must be 3 positive integers (Z, Y, X)")
 
 
 # ---------------------------------------------------------------------------------------------

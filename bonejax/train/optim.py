@@ -11,6 +11,10 @@ as an argument (a device scalar replaced only when it changes), so the step comp
 Multiplying the updates by the factor is exactly multiplying the learning rate for Adam, AdamW
 (optax applies the weight decay before the learning rate) and SGD with momentum (the trace is
 taken before the learning rate), so the optimiser state never needs rewriting.
+
+Weight decay is decoupled (AdamW, Loshchilov & Hutter) and only `adamw` takes it: `adam` and
+`sgd` with a non-zero `weight_decay` are refused rather than silently training without it (an
+L2 term inside Adam is not the same regulariser, so `adam` does not quietly become `adamw`).
 """
 
 from __future__ import annotations
@@ -57,10 +61,15 @@ def make_schedule(cfg: Any, lr: float, num_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """adam | adamw | sgd (momentum), optionally after clipping by global norm (`clip_norm` > 0)."""
+  """adam | adamw (decoupled `weight_decay`) | sgd (momentum), optionally after clipping by
+  global norm (`clip_norm` > 0)."""
   name = str(_get(cfg, "name", "adam"))
   b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
   eps = float(_get(cfg, "eps", 1e-8))
+  if name in ("adam", "sgd") and float(_get(cfg, "weight_decay", 0.0)):
+    raise ValueError(f"{name} does not use weight_decay={_get(cfg, 'weight_decay', 0.0)}: set "
+                     "optimizer.name=adamw for decoupled weight decay, or "
+                     "optimizer.weight_decay=0")
   if name == "adam":
     tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
   elif name == "adamw":

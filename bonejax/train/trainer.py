@@ -1,7 +1,8 @@
 """The training loop: config -> mesh -> data -> model -> sharded jitted step -> checkpoints.
 
-`train(config, workdir)` is one flat function cut into sections (big_vision's train.py shape);
-read it top to bottom. launch/train.py and launch/crossval.py call it.
+`train(config, workdir)` runs `_train`, one flat function cut into sections (big_vision's
+train.py shape): read it top to bottom. launch/train.py, launch/demo.py and bonejax/crossval.py
+call it. Validation lives in evaluator.py, the best model in best.py.
 
 Performance choices (written for GPUs, checked on CPU):
 - The model is split into (graphdef, params, rest) once; the step is a pure function of a plain
@@ -15,11 +16,20 @@ Performance choices (written for GPUs, checked on CPU):
   (it waits on the loss of step s-2, without transferring it).
 - Exact resume: the step's augmentation key is fold_in(seed, step), the patch stream's state is
   one position, the plateau/best/early-stopping state is saved with the weights.
+
+What a crash or a bad input leaves (see also checkpoint.py, best.py, rundir.py):
+- every config value is checked before anything is written; config.json and split.json are
+  written once the config is known to fit the run already in WORKDIR;
+- the newest checkpoint that reads is resumed (a damaged one is reported and moved aside);
+- WORKDIR/model is always exported from the best checkpoint (WORKDIR/best), never from live
+  state, and re-exported at resume and finish when it is missing or stale;
+- a run that fails before its first checkpoint removes what it created.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import math
@@ -34,16 +44,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bonejax import bundle, cli, metrics, models, store
+from bonejax import bundle, cli, models, store
 from bonejax.data import patches, splits
 from bonejax.train import augment as augment_lib
-from bonejax.train import configlib, curves, losses, optim
+from bonejax.train import best as best_lib
+from bonejax.train import configlib, curves, losses, optim, rundir
+from bonejax.train import evaluator as evaluator_lib
 from bonejax.train import mesh as mesh_lib
 from bonejax.train.checkpoint import Checkpoints
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 BEST_METRICS = {"miou_fg": "max", "miou_all": "max", "loss": "min"}
-_CARRY = 30  # validation confusion matrices: exact int32 pairs (hi << 30) + lo
 _JITTED: dict[str, tuple[Callable, Callable, Callable]] = {}
 
 
@@ -101,31 +112,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
   return step_fn
 
 
-def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int) -> Callable:
-  """(state, batch, acc) -> acc: confusion matrix and masked loss summed over batches."""
-
-  def eval_fn(state, batch, acc):
-    model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
-    logits = model(batch["image"])
-    mask = batch["mask"]
-    loss, _ = loss_fn(logits, batch["label"], mask)
-    n = jnp.sum(mask)
-    cm = metrics.confusion_matrix_jax(jnp.argmax(logits, -1), batch["label"], num_classes,
-                                      mask=mask > 0)
-    lo = acc["cm_lo"] + cm
-    return {"cm_lo": lo & ((1 << _CARRY) - 1), "cm_hi": acc["cm_hi"] + (lo >> _CARRY),
-            "loss": acc["loss"] + loss * n, "n": acc["n"] + n}
-
-  return eval_fn
-
-
-def _empty_acc(num_classes: int, sharding) -> dict[str, jax.Array]:
-  zeros = {"cm_lo": np.zeros((num_classes, num_classes), np.int32),
-           "cm_hi": np.zeros((num_classes, num_classes), np.int32),
-           "loss": np.zeros((), np.float32), "n": np.zeros((), np.float32)}
-  return jax.device_put(zeros, sharding)
-
-
 def _better(value: float | None, best: float | None, mode: str) -> bool:
   if value is None or not math.isfinite(value):
     return False
@@ -134,7 +120,7 @@ def _better(value: float | None, best: float | None, mode: str) -> bool:
   return value > best if mode == "max" else value < best
 
 
-def _dataset_path(config, workdir: Path) -> Path:
+def resolve_dataset(config, workdir: Path) -> Path:
   """The configured dataset; or, with none given and `phantom.num_scans`, WORKDIR/data."""
   if config.dataset:
     return cli.require_exists(config.dataset, "dataset")
@@ -168,25 +154,30 @@ def _user(fn, what: str):
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           devices=None) -> dict[str, Any]:
-  t_start = time.perf_counter()
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  primary = jax.process_index() == 0
-  c = config
+  """Trains `config` in `workdir`, resuming from its newest readable checkpoint; the result.
 
-  # ---- Config -------------------------------------------------------------------------------
-  missing = [k for k in configlib.default_config() if k not in c]
-  if missing:
-    raise cli.UserError(f"config lacks field(s) {', '.join(missing)} (build configs on "
-                        "bonejax.train.configlib.default_config())")
+  A run that fails before its first checkpoint removes what it created in `workdir`.
+  """
+  workdir = Path(workdir).absolute()
+  with rundir.removed_on_failure(workdir, lambda: rundir.has_checkpoint(workdir),
+                                 enabled=jax.process_index() == 0), \
+      contextlib.ExitStack() as closers:  # checkpoint writers, readers: closed first
+    return _train(config, workdir, devices, closers)
+
+
+def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
+           closers: contextlib.ExitStack) -> dict[str, Any]:
+  t_start = time.perf_counter()
+  primary = jax.process_index() == 0
+
+  # ---- Config: every value checked before anything is read or written ---------------------
+  configlib.check(c)
   if c.dtype not in DTYPES:
     raise cli.UserError(f"dtype={c.dtype!r}; known: {', '.join(DTYPES)}")
   if c.best_metric not in BEST_METRICS:
     raise cli.UserError(f"best_metric={c.best_metric!r}; known: {', '.join(BEST_METRICS)}")
   num_steps, batch_size = int(c.num_steps), int(c.batch_size)
-  if num_steps < 1:
-    raise cli.UserError(f"num_steps={num_steps} must be >= 1")
-  if int(c.patch_size) < 1 or int(c.patch_size) % models.STRIDE:
+  if int(c.patch_size) % models.STRIDE:
     raise cli.UserError(f"patch_size={c.patch_size} must be a positive multiple of "
                         f"{models.STRIDE}")
   loss_fn = _user(lambda: losses.make_loss(c.loss), "loss")
@@ -207,22 +198,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   mesh_lib.check_batch_size(val_batch, mesh, "val_batch_size")
 
   # ---- Data and split -----------------------------------------------------------------------
-  dataset_path = _dataset_path(c, workdir)
+  dataset_path = resolve_dataset(c, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   dataset = store.open_dataset(dataset_path)
   classes, num_classes = dataset.classes, dataset.num_classes
   split = splits.make_split(dataset.scans, configlib.names(c.train_scans),
                             configlib.names(c.val_scans), float(c.val_fraction), int(c.seed))
   split_file = workdir / "split.json"
-  if split_file.exists() and (workdir / "checkpoints").exists():
+  if split_file.exists() and rundir.has_checkpoint(workdir):
     old = splits.load_split(split_file)
     if (old.train, old.val) != (split.train, split.val):
       raise cli.UserError(f"{workdir} holds a run with another split ({split_file}); use a "
                           "fresh --workdir")
-  resolved = c.to_dict()
-  resolved["dataset"] = str(dataset_path)
-  if primary:
-    splits.save_split(split_file, split)
-    cli.atomic_write_json(workdir / "config.json", resolved)
 
   # ---- Model and optimizer ------------------------------------------------------------------
   model_name, model_kwargs = str(c.model.name), dict(c.model.get("kwargs", {}) or {})
@@ -233,8 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   abstract = _user(lambda: nnx.eval_shape(lambda: create(rngs=nnx.Rngs(rng_key(int(c.seed), 0)))),
                    "model")
   graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
-  abstract.eval()
-  graphdef_eval, _, _ = nnx.split(abstract, nnx.Param, ...)
+  graphdef_eval, _, _ = nnx.split(bundle.eval_view(abstract), nnx.Param, ...)
 
   # ---- Sharding, initial state, update and evaluation steps ---------------------------------
   # The jitted functions depend only on these values: runs in one process that share them
@@ -251,7 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         jax.jit(make_train_step(graphdef, tx, loss_fn, augment_cfg, int(c.seed), schedule),
                 in_shardings=(repl, data_sharding, repl), out_shardings=(repl, repl),
                 donate_argnums=(0,)),
-        jax.jit(make_eval_step(graphdef_eval, loss_fn, num_classes),
+        jax.jit(evaluator_lib.make_eval_step(graphdef_eval, loss_fn, num_classes),
                 in_shardings=(repl, data_sharding, repl), out_shardings=repl,
                 donate_argnums=(2,)))
   init_fn, train_step, eval_step = _JITTED[jit_key]
@@ -259,31 +245,51 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                              jax.eval_shape(init_fn))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape["params"]))
 
-  # ---- Checkpoint: resume from the newest one -----------------------------------------------
-  ckpts = Checkpoints(workdir / "checkpoints", keep=int(c.keep_checkpoints))
+  # ---- Checkpoint: resume from the newest readable one --------------------------------------
   fingerprint = configlib.fingerprint(c)
   fingerprint["dataset"] = str(dataset_path)
+
+  def same_run(saved: dict[str, Any]) -> None:
+    old = configlib.normalize_fingerprint(saved.get("fingerprint") or {})
+    changed = sorted(k for k in fingerprint if json.dumps(old.get(k), sort_keys=True) !=
+                     json.dumps(fingerprint[k], sort_keys=True))
+    if changed:
+      raise cli.UserError(f"{workdir} holds a run whose {', '.join(changed)} differ(s) from "
+                          "this config; use a fresh --workdir (num_steps, eval/checkpoint "
+                          "intervals and early stopping may change)")
+
   host: dict[str, Any] = {"step": 0, "seed": int(c.seed), "data": None,
                           "plateau": plateau.get_state(), "best": None, "best_step": None,
                           "best_scores": None, "bad_evals": 0, "last_eval_step": None,
                           "last_scores": None, "stopped": None, "fingerprint": fingerprint}
-  resumed_from = ckpts.latest_step()
-  if resumed_from is None:
-    state = init_fn()
+  ckpts = Checkpoints(workdir / "checkpoints", keep=int(c.keep_checkpoints))
+  closers.callback(ckpts.close)  # waits for the async writes (also when interrupted)
+  restored = ckpts.restore_newest(state_shape, check=same_run)
+  if restored is None:
+    resumed_from, state = None, init_fn()
   else:
-    state, host = ckpts.restore(resumed_from, state_shape)
-    changed = sorted(k for k in fingerprint
-                     if json.dumps(host.get("fingerprint", {}).get(k), sort_keys=True) !=
-                     json.dumps(fingerprint[k], sort_keys=True))
-    if changed:
-      ckpts.close()
-      raise cli.UserError(f"{workdir} holds a run whose {', '.join(changed)} differ(s) from "
-                          "this config; use a fresh --workdir (num_steps, eval/checkpoint "
-                          "intervals and early stopping may change)")
+    resumed_from, state, host = restored
     plateau.set_state(host["plateau"])
   start = int(host["step"])
   lr_scale = jax.device_put(np.float32(plateau.scale), repl)
+  # The run's record: written only now that this config is known to fit the run in WORKDIR.
+  if primary:
+    splits.save_split(split_file, split)
+    resolved = c.to_dict()
+    resolved["dataset"] = str(dataset_path)
+    cli.atomic_write_json(workdir / "config.json", resolved)
   log_file = curves.MetricsLog(workdir / "metrics.csv", classes, resumed_from, enabled=primary)
+
+  # ---- Best model: its own checkpoint, and WORKDIR/model exported from it -------------------
+  meta = bundle.make_meta(
+      model_name=model_name, model_kwargs=model_kwargs, classes=classes,
+      in_channels=int(c.in_channels), normalization=str(c.normalization),
+      patch_size=int(c.patch_size), train_axes=list(c.axes), val_scans=list(split.val),
+      train_scans=list(split.train), train_dtype=str(c.dtype))
+  best = best_lib.BestModel(workdir / "best", workdir / "model", best_lib.weights_of(state_shape),
+                            meta, primary)
+  closers.callback(best.close)
+  best.resume(resumed_from, host, state)
 
   # ---- Input --------------------------------------------------------------------------------
   stream = patches.PatchStream(
@@ -292,44 +298,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       oversample_rare=float(c.oversample_rare), seed=int(c.seed),
       normalization=str(c.normalization), process_index=jax.process_index(),
       process_count=jax.process_count())
+  closers.callback(stream.close)
   if host["data"]:
     stream.set_state(host["data"])
 
   # ---- Evaluator ----------------------------------------------------------------------------
-  val_cache: list[dict[str, jax.Array]] = []
-
-  def val_batches():
-    # Validation planes are fixed: read once, then kept on the device (they are small:
-    # centre crops or strided planes). Each process holds its own rows of every batch.
-    if not val_cache:
-      for b in patches.validation_batches(
-          dataset_path, split.val, crop=int(c.val_crop) or None, axes=tuple(c.val_axes),
-          batch_size=val_batch, stride=int(c.val_stride), normalization=str(c.normalization)):
-        val_cache.append(mesh_lib.put_batch(mesh_lib.local_rows(b, val_batch), data_sharding,
-                                            val_batch))
-    return val_cache
-
-  def evaluate(state) -> dict[str, Any]:
-    acc = _empty_acc(num_classes, repl)
-    for b in val_batches():
-      acc = eval_step(state, b, acc)
-    acc = jax.device_get(acc)  # the evaluation's one fetch
-    cm = (acc["cm_hi"].astype(np.int64) << _CARRY) + acc["cm_lo"].astype(np.int64)
-    scores = metrics.scores(cm, classes)
-    return {"loss": float(acc["loss"] / max(float(acc["n"]), 1.0)), "iou": scores["iou"],
-            "miou_all": scores["miou_all"], "miou_fg": scores["miou_fg"]}
-
-  def save_best(state, step, scores) -> None:
-    if not primary:
-      return
-    model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
-    meta = bundle.make_meta(
-        model_name=model_name, model_kwargs=model_kwargs, classes=classes,
-        in_channels=int(c.in_channels), normalization=str(c.normalization),
-        patch_size=int(c.patch_size), train_axes=list(c.axes), train_step=int(step),
-        val_scores={k: scores[k] for k in ("loss", "miou_all", "miou_fg", "iou")},
-        val_scans=list(split.val), train_scans=list(split.train), train_dtype=str(c.dtype))
-    bundle.save_bundle(workdir / "model", model, meta)
+  # Each process holds its own rows of every validation batch.
+  val_args = dict(crop=int(c.val_crop) or None, axes=tuple(c.val_axes), batch_size=val_batch,
+                  stride=int(c.val_stride))
+  evaluate = evaluator_lib.Evaluator(
+      eval_step,
+      lambda: patches.validation_batches(dataset_path, split.val,
+                                         normalization=str(c.normalization), **val_args),
+      lambda b: mesh_lib.put_batch(mesh_lib.local_rows(b, val_batch), data_sharding, val_batch),
+      nbytes=patches.validation_nbytes(dataset_path, split.val, **val_args),
+      max_device_bytes=int(c.val_device_limit_mb) << 20, classes=classes, replicated=repl)
 
   # ---- Loop ---------------------------------------------------------------------------------
   mode = BEST_METRICS[c.best_metric]
@@ -342,83 +325,87 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   extra = ""
   stopped = host.get("stopped")
   if stopped == "stop_after":
-    stopped = None  # a preempted run continues
-  try:
-    while step < num_steps and stopped is None:
-      batch = mesh_lib.put_batch(next(stream), data_sharding, batch_size)
-      with jax.transfer_guard("disallow"):  # the step itself never moves data to or from the host
-        state, out = train_step(state, batch, lr_scale)
-      step += 1
-      pending_losses.append(out["loss"])
-      last_lr = out["lr"]
-      in_flight.append(out["loss"])
-      if len(in_flight) > 2:  # bound how far the host runs ahead, without a transfer
-        in_flight.popleft().block_until_ready()
-      timed_steps += 1
-      if t_first is None:
-        jax.block_until_ready(out["loss"])  # compile time is not throughput
-        t_first = t_log = time.perf_counter()
-        t_eval, timed_steps, steps_at_first = 0.0, 0, step
+    stopped = None  # a preempted run continues ...
+  if stop_after and start >= stop_after:
+    stopped = "stop_after"  # ... unless this call stops there too
+  while step < num_steps and stopped is None:
+    batch = mesh_lib.put_batch(next(stream), data_sharding, batch_size)
+    with jax.transfer_guard("disallow"):  # the step itself never moves data to or from the host
+      state, out = train_step(state, batch, lr_scale)
+    step += 1
+    pending_losses.append(out["loss"])
+    last_lr = out["lr"]
+    in_flight.append(out["loss"])
+    if len(in_flight) > 2:  # bound how far the host runs ahead, without a transfer
+      in_flight.popleft().block_until_ready()
+    timed_steps += 1
+    if t_first is None:
+      jax.block_until_ready(out["loss"])  # compile time is not throughput
+      t_first = t_log = time.perf_counter()
+      t_eval, timed_steps, steps_at_first = 0.0, 0, step
 
-      row: dict[str, Any] = {}
-      if step % log_every == 0 or step == num_steps:
-        fetched, lr = jax.device_get((pending_losses, last_lr))
-        loss, lr = float(np.mean(fetched)), float(lr)
-        now = time.perf_counter()
-        dt = now - t_log - t_eval
-        rate = timed_steps * batch_size / dt if dt > 0 and timed_steps else float("nan")
-        row.update(step=step, loss=loss, lr=lr, patches_per_s=rate)
-        extra = f"loss {loss:.4f} lr {lr:.3g} {rate:.1f} patches/s"
-        pending_losses, t_log, t_eval, timed_steps = [], now, 0.0, 0
-        if not math.isfinite(loss):
-          stopped = "nan"
+    row: dict[str, Any] = {}
+    if step % log_every == 0 or step == num_steps:
+      fetched, lr = jax.device_get((pending_losses, last_lr))
+      loss, lr = float(np.mean(fetched)), float(lr)
+      now = time.perf_counter()
+      dt = now - t_log - t_eval
+      rate = timed_steps * batch_size / dt if dt > 0 and timed_steps else float("nan")
+      row.update(step=step, loss=loss, lr=lr, patches_per_s=rate)
+      extra = f"loss {loss:.4f} lr {lr:.3g} {rate:.1f} patches/s"
+      pending_losses, t_log, t_eval, timed_steps = [], now, 0.0, 0
+      if not math.isfinite(loss):
+        stopped = "nan"
 
-      if (eval_every and step % eval_every == 0) or step == num_steps or stopped == "nan":
-        t0 = time.perf_counter()
-        ev = evaluate(state)
-        host["last_eval_step"], host["last_scores"] = step, ev
-        value = ev["loss"] if c.best_metric == "loss" else ev[c.best_metric]
-        if _better(value, host["best"], mode):
-          host["best"], host["best_step"], host["best_scores"] = value, step, ev
-          host["bad_evals"] = 0
-          save_best(state, step, ev)
-        else:
-          host["bad_evals"] += 1
-        if plateau.update(ev["loss"]):
-          lr_scale = jax.device_put(np.float32(plateau.scale), repl)
-          logging_line = f"[train] step {step}: validation loss plateaued, lr x{plateau.scale:g}"
-          print(logging_line, file=progress.stream, flush=True)
-        row.update(step=step, val_loss=ev["loss"], val_miou_all=ev["miou_all"],
-                   val_miou_fg=ev["miou_fg"],
-                   **{f"val_iou_{k}": v for k, v in zip(classes, ev["iou"])})
-        patience = int(c.early_stopping_patience)
-        if patience > 0 and host["bad_evals"] >= patience and stopped is None:
-          stopped = "early_stopping"
-        dt = time.perf_counter() - t0
-        t_eval += dt
-        evals_time += dt
-        print(f"[eval] step {step}: val loss {ev['loss']:.4f} miou_all {ev['miou_all']:.4f} "
-              f"miou_fg {ev['miou_fg']:.4f} ({dt:.1f}s)", file=progress.stream, flush=True)
+    improved = False
+    if (eval_every and step % eval_every == 0) or step == num_steps or stopped == "nan":
+      t0 = time.perf_counter()
+      ev = evaluate(state)
+      host["last_eval_step"], host["last_scores"] = step, ev
+      value = ev["loss"] if c.best_metric == "loss" else ev[c.best_metric]
+      if _better(value, host["best"], mode):
+        host["best"], host["best_step"], host["best_scores"] = value, step, ev
+        host["bad_evals"] = 0
+        improved = True
+      else:
+        host["bad_evals"] += 1
+      if plateau.update(ev["loss"]):
+        lr_scale = jax.device_put(np.float32(plateau.scale), repl)
+        logging_line = f"[train] step {step}: validation loss plateaued, lr x{plateau.scale:g}"
+        print(logging_line, file=progress.stream, flush=True)
+      row.update(step=step, val_loss=ev["loss"], val_miou_all=ev["miou_all"],
+                 val_miou_fg=ev["miou_fg"],
+                 **{f"val_iou_{k}": v for k, v in zip(classes, ev["iou"])})
+      patience = int(c.early_stopping_patience)
+      if patience > 0 and host["bad_evals"] >= patience and stopped is None:
+        stopped = "early_stopping"
+      dt = time.perf_counter() - t0
+      t_eval += dt
+      evals_time += dt
+      print(f"[eval] step {step}: val loss {ev['loss']:.4f} miou_all {ev['miou_all']:.4f} "
+            f"miou_fg {ev['miou_fg']:.4f} ({dt:.1f}s)", file=progress.stream, flush=True)
 
-      if stop_after and step >= stop_after and stopped is None:
-        stopped = "stop_after"
-      host.update(step=step, data=stream.get_state(), plateau=plateau.get_state(),
-                  stopped=stopped)
-      log_file.append(row)
-      if (ckpt_every and step % ckpt_every == 0) or step == num_steps or stopped:
-        t0 = time.perf_counter()
-        ckpts.save(step, state, host)  # returns once the arrays are on the host: safe to donate
-        t_eval += time.perf_counter() - t0
-      progress.update(1, extra)
-  finally:
-    ckpts.close()  # waits for the async writes (also when interrupted)
-    stream.close()
+    if stop_after and step >= stop_after and stopped is None:
+      stopped = "stop_after"
+    host.update(step=step, data=stream.get_state(), plateau=plateau.get_state(),
+                stopped=stopped)
+    log_file.append(row)
+    if (ckpt_every and step % ckpt_every == 0) or step == num_steps or stopped or improved:
+      t0 = time.perf_counter()
+      ckpts.save(step, state, host)  # returns once the arrays are on the host: safe to donate
+      if improved:  # the latest checkpoint that names this step best exists before the best
+        ckpts.wait()
+        best.save(step, state, host["best_scores"])
+      t_eval += time.perf_counter() - t0
+    progress.update(1, extra)
 
   # ---- Finish -------------------------------------------------------------------------------
+  ckpts.wait()
+  if host["best_step"] is None and not best.steps():  # no finite score: the last state stands in
+    best.save(step, state, host.get("last_scores"))
+  best.sync()
+
   progress.close()
-  if host["best_step"] is None and primary and not (workdir / "model").exists():
-    save_best(state, step, host.get("last_scores") or {"loss": None, "miou_all": None,
-                                                       "miou_fg": None, "iou": None})
   if primary and (workdir / "metrics.csv").exists():
     try:
       curves.plot(workdir / "metrics.csv", workdir / "curves.png", f"val_{c.best_metric}")

@@ -1,0 +1,84 @@
+"""Validation during training: the jitted confusion-matrix step and the evaluator that feeds it.
+
+The validation set is fixed (every k-th plane of the validation scans, whole or centre-cropped),
+so while it is small it is read once and kept on the device: an evaluation then costs only the
+forward passes. A large one (whole big planes of several scans: gigabytes) would pin that much
+device memory for the whole run, so above `max_device_bytes` its batches are read from the host
+at every evaluation instead (through the tensorstore chunk cache); the host reads batch i+1
+while the device evaluates batch i. Both ways feed the same batches in the same order, so the
+metrics are identical.
+
+Counts are exact: the confusion matrix is accumulated as int32 pairs (hi << 30) + lo, so no
+validation set overflows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bonejax import metrics
+
+_CARRY = 30
+
+
+def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int) -> Callable:
+  """(state, batch, acc) -> acc: confusion matrix and masked loss summed over batches."""
+
+  def eval_fn(state, batch, acc):
+    model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
+    logits = model(batch["image"])
+    mask = batch["mask"]
+    loss, _ = loss_fn(logits, batch["label"], mask)
+    n = jnp.sum(mask)
+    cm = metrics.confusion_matrix_jax(jnp.argmax(logits, -1), batch["label"], num_classes,
+                                      mask=mask > 0)
+    lo = acc["cm_lo"] + cm
+    return {"cm_lo": lo & ((1 << _CARRY) - 1), "cm_hi": acc["cm_hi"] + (lo >> _CARRY),
+            "loss": acc["loss"] + loss * n, "n": acc["n"] + n}
+
+  return eval_fn
+
+
+class Evaluator:
+  """`evaluator(state)` -> {loss, iou, miou_all, miou_fg} on the validation set.
+
+  eval_step: the jitted make_eval_step function. batches: () -> host batches (a fresh
+  iterator each call). put: host batch -> device batch. nbytes: the set's size, which decides
+  between keeping it on the device and streaming it.
+  """
+
+  def __init__(self, eval_step: Callable, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
+               put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]], *, nbytes: int,
+               max_device_bytes: int, classes: list[str], replicated):
+    self.eval_step, self.batches, self.put = eval_step, batches, put
+    self.nbytes, self.on_device = int(nbytes), int(nbytes) <= int(max_device_bytes)
+    self.classes, self.replicated = list(classes), replicated
+    self._cache: list[dict[str, jax.Array]] | None = None
+
+  def _device_batches(self) -> Iterable[dict[str, jax.Array]]:
+    if not self.on_device:
+      return (self.put(b) for b in self.batches())
+    if self._cache is None:
+      self._cache = [self.put(b) for b in self.batches()]
+    return self._cache
+
+  def _empty(self) -> dict[str, jax.Array]:
+    k = len(self.classes)
+    zeros = {"cm_lo": np.zeros((k, k), np.int32), "cm_hi": np.zeros((k, k), np.int32),
+             "loss": np.zeros((), np.float32), "n": np.zeros((), np.float32)}
+    return jax.device_put(zeros, self.replicated)
+
+  def __call__(self, state) -> dict[str, Any]:
+    acc = self._empty()
+    for b in self._device_batches():
+      acc = self.eval_step(state, b, acc)
+    acc = jax.device_get(acc)  # the evaluation's one fetch
+    cm = (acc["cm_hi"].astype(np.int64) << _CARRY) + acc["cm_lo"].astype(np.int64)
+    scores = metrics.scores(cm, self.classes)
+    return {"loss": float(acc["loss"] / max(float(acc["n"]), 1.0)), "iou": scores["iou"],
+            "miou_all": scores["miou_all"], "miou_fg": scores["miou_fg"]}

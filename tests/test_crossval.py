@@ -1,0 +1,85 @@
+"""Nested cross-validation: the outer fold's scans never reach training or model selection;
+they are only scored. And a failed run leaves no directory behind."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bonejax import cli, crossval, store
+from bonejax.data import patches
+from bonejax.train import configlib, trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  from bonejax import phantom
+  path = tmp_path_factory.mktemp("cv") / "data"
+  phantom.make_dataset(path, num_scans=4, shape=(32, 48, 48), seed=0, progress=False)
+  return path
+
+
+def _config(dataset_path, **overrides):
+  c = configlib.load_config_file(str(REPO / "configs/demo.py") + ":smoke")
+  c.dataset = str(dataset_path)
+  c.num_steps, c.batch_size, c.val_batch_size = 4, 8, 4
+  c.eval_every, c.checkpoint_every, c.log_every = 2, 4, 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
+  # Every scan that reaches a fold's patch stream or its validation (model selection, early
+  # stopping, plateau), and every scan it scores, recorded per fold.
+  fold, used, scored = [None], {}, {}
+  train, stream_init, val = trainer.train, patches.PatchStream.__init__, patches.validation_batches
+  score = crossval.score_fold
+
+  def spy_train(config, workdir, **kw):
+    fold[0] = Path(workdir).name
+    used[fold[0]] = set()
+    return train(config, workdir, **kw)
+
+  def spy_stream(self, path, scans, **kw):
+    used[fold[0]].update(scans)
+    return stream_init(self, path, scans, **kw)
+
+  def spy_val(path, scans, **kw):
+    used[fold[0]].update(scans)
+    return val(path, scans, **kw)
+
+  def spy_score(model_dir, ds, scans, planes, vote):
+    scored[model_dir.parent.name] = list(scans)
+    return score(model_dir, ds, scans, planes, vote)
+
+  monkeypatch.setattr(trainer, "train", spy_train)
+  monkeypatch.setattr(patches.PatchStream, "__init__", spy_stream)
+  monkeypatch.setattr(patches, "validation_batches", spy_val)
+  monkeypatch.setattr(crossval, "score_fold", spy_score)
+
+  out = crossval.run(_config(dataset), 2, tmp_path / "cv", planes=3, vote="soft")
+  json.dumps(cli.to_jsonable(out))
+  assert out["selection"].startswith("nested")
+  rows = out["folds"]
+  assert sorted(s for r in rows for s in r["test_scans"]) == store.open_dataset(dataset).scans
+  for r in rows:
+    name = f"fold_{r['fold']}"
+    assert not used[name] & set(r["test_scans"]), (name, used[name], r["test_scans"])
+    assert used[name] == set(r["train_scans"]) | set(r["inner_val_scans"])
+    assert r["inner_val_scans"] and not set(r["inner_val_scans"]) & set(r["train_scans"])
+    assert scored[name] == r["test_scans"] == r["val_scans"]
+    meta = json.loads((tmp_path / "cv" / name / "model" / "model.json").read_text())
+    assert meta["val_scans"] == r["inner_val_scans"] and meta["train_scans"] == r["train_scans"]
+    assert 0.0 <= r["miou_fg"] <= 1.0
+  assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["folds"][0]["test_scans"] \
+      == rows[0]["test_scans"]
+
+
+def test_failed_crossval_removes_its_directory(dataset, tmp_path):
+  workdir = tmp_path / "new" / "cv"
+  with pytest.raises(cli.UserError, match="unknown model"):
+    crossval.run(_config(dataset, model=dict(name="vgg", kwargs={})), 2, workdir)
+  assert not (tmp_path / "new").exists()
