@@ -198,8 +198,10 @@ class OmeZarrWriter:
       axes.append(ax)
     base = list(self.voxel_size_um) if self.voxel_size_um else [1.0, 1.0, 1.0]
     datasets = []
+    factor = [1.0, 1.0, 1.0]
     for level, shape in enumerate(self.shapes):
-      factor = [s0 / s for s0, s in zip(self.shapes[0], shape)]
+      if level:  # each level halves every axis longer than 1 (the last block padded)
+        factor = [f * (2 if n > 1 else 1) for f, n in zip(factor, self.shapes[level - 1])]
       scale = [b * f for b, f in zip(base, factor)]
       # A level-l voxel centre sits half a coarse voxel in from the corner, not at level 0's.
       shift = [b * (f - 1) / 2 for b, f in zip(base, factor)]

@@ -185,6 +185,12 @@ class _TiffMaps:
   def close(self) -> None:
     self._tif.close()
 
+  def __enter__(self) -> "_TiffMaps":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def open_maps(path: str | Path) -> Any:
   """An uncertainty output (zarr, OME-Zarr or TIFF) as a source of (Z, Y, X, 2) slabs."""
