@@ -254,8 +254,11 @@ def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
       m = ev.middles.get(axis)
       if not m or "truth" not in m:
         continue
+      shown = ["image", "truth", "prediction", "errors (prediction != truth, red)"] + (
+          ["uncertainty (entropy)"] if m.get("uncertainty") is not None else [])
       parts += [f"<h3>{'ZYX'[axis]} = {m['index']}</h3>",
-                _img(_slices_png(axis, m, names, voxel), f"middle slice across {'ZYX'[axis]}")]
+                _img(_slices_png(axis, m, names, voxel), f"middle slice across {'ZYX'[axis]}"),
+                f'<p class="meta">{" &middot; ".join(shown)}</p>']
   if r.get("measures"):
     parts += ["<h2>Bone measures</h2>", _measures_table(r["measures"])]
     if r.get("warning"):
