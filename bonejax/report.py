@@ -4,7 +4,9 @@
 array, a scan directory's labels, a TIFF, a .npy), streams them once for the confusion matrix
 and the per-slice IoU profiles, measures both (bonejax.measures), and returns an `Evaluation`.
 `write(...)` turns it into REPORT.json, REPORT.md and, optionally, PNG pictures: a per-slice
-foreground IoU profile along each axis and overlays of chosen Z slices.
+foreground IoU profile along each axis and overlays of chosen Z slices. With `middle_planes`
+the evaluation also keeps the middle slice across each of the three axes (image, truth,
+prediction and, when given, the uncertainty map) for the HTML report (`html_report`).
 """
 
 from __future__ import annotations
@@ -165,6 +167,28 @@ class Evaluation:
   result: dict[str, Any]                      # the JSON report
   profiles: list[np.ndarray] | None = None    # foreground IoU per slice along Z, Y, X
   overlays: dict[int, tuple] = dataclasses.field(default_factory=dict)  # z -> (img, truth, pred)
+  pictures: bool = False                      # write() draws the PNGs
+  # axis -> {"index", "image", "truth", "pred", "uncertainty"}: the middle slice across it
+  middles: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+class _Middles:
+  """Collects the middle plane across each axis from Z slabs (Y and X planes piece by piece)."""
+
+  def __init__(self, shape: Sequence[int]):
+    self.shape = tuple(shape)
+    self.index = [s // 2 for s in shape]
+    self.planes: dict[int, dict[str, Any]] = {a: {"index": self.index[a]} for a in range(3)}
+
+  def add(self, name: str, z0: int, slab: np.ndarray) -> None:
+    z1 = z0 + slab.shape[0]
+    mz, my, mx = self.index
+    if z0 <= mz < z1:
+      self.planes[0][name] = np.array(slab[mz - z0])
+    for axis, part in ((1, slab[:, my]), (2, slab[:, :, mx])):
+      if name not in self.planes[axis]:
+        self.planes[axis][name] = np.zeros((self.shape[0],) + part.shape[1:], part.dtype)
+      self.planes[axis][name][z0:z1] = part
 
 
 def default_overlay_slices(depth: int) -> list[int]:
@@ -176,8 +200,14 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
              options: measures.Options | None = None, voxel_size_um: float | None = None,
              image: str | os.PathLike | None = None, pictures: bool = False,
              overlay_slices: Sequence[int] | None = None, slab: int = 64,
-             progress: bool = True) -> Evaluation:
-  """Scores and measures of `pred` against `truth` (paths). Raises cli.UserError on bad input."""
+             progress: bool = True, middle_planes: bool = False,
+             uncertainty: str | os.PathLike | None = None) -> Evaluation:
+  """Scores and measures of `pred` against `truth` (paths). Raises cli.UserError on bad input.
+
+  `middle_planes` keeps the middle slice across each axis for the HTML report (with the
+  per-slice profile), including the uncertainty map `uncertainty` (predict.py
+  --save_uncertainty) when given.
+  """
   start = time.perf_counter()
   options = options or measures.Options()
   options.validate()
@@ -194,13 +224,20 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   if not (math.isfinite(voxel_size_um) and voxel_size_um > 0):
     raise cli.UserError(f"voxel size {voxel_size_um} um must be a positive number")
 
-  image_src = None
+  image_src = unc_src = None
   slices: list[int] = []
   if pictures:
     slices = sorted(set(overlay_slices)) if overlay_slices else default_overlay_slices(shape[0])
     bad = [z for z in slices if not 0 <= z < shape[0]]
     if bad:
       raise cli.UserError(f"overlay slices {bad} are outside 0..{shape[0] - 1}")
+  middles = _Middles(shape) if middle_planes else None
+  if uncertainty is not None and middles is not None:
+    from bonejax import uncertainty as uncertainty_lib
+    unc_src = uncertainty_lib.open_maps(cli.require_exists(uncertainty, "uncertainty map"))
+    if unc_src.shape[:3] != shape:
+      raise cli.UserError(f"uncertainty map shape {unc_src.shape[:3]} != label shape {shape}")
+  if pictures or middle_planes:
     image_path = image if image is not None else (truth if _scan_dir_of(Path(truth)) else None)
     if image_path is not None:
       scan = _scan_dir_of(Path(image_path))
@@ -209,7 +246,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
         raise cli.UserError(f"image shape {image_src.shape} != label shape {shape}")
 
   c = len(names) if names is not None else UNKNOWN_CLASSES_MAX
-  profile = SliceProfile(shape, c) if pictures else None
+  profile = SliceProfile(shape, c) if pictures or middle_planes else None
   planes: dict[int, list] = {}
 
   def on_slab(z0, p, t, slab_cm):
@@ -218,6 +255,14 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     for z in slices:
       if z0 <= z < z0 + t.shape[0]:
         planes[z] = [None, t[z - z0].copy(), p[z - z0].copy()]
+    if middles is not None:
+      z1 = z0 + t.shape[0]
+      middles.add("truth", z0, t)
+      middles.add("pred", z0, p)
+      if image_src is not None:
+        middles.add("image", z0, image_src.read_slab(z0, z1))
+      if unc_src is not None:
+        middles.add("uncertainty", z0, unc_src.read_slab(z0, z1)[..., 0])
 
   cm = metrics.streamed_confusion(pred_src, truth_src, c, slab=slab, progress=progress,
                                   on_slab=on_slab)
@@ -256,8 +301,11 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   }
   if not voxel_known and result["measures"]:
     result["warning"] = "voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)"
+  if unc_src is not None:
+    unc_src.close()
   return Evaluation(result, profile.foreground_iou(len(names)) if profile else None,
-                    {z: tuple(v) for z, v in planes.items()})
+                    {z: tuple(v) for z, v in planes.items()}, pictures=pictures,
+                    middles=middles.planes if middles is not None else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +438,7 @@ def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
   outputs.make_parents(out)
   md = out.with_suffix(".md")
   pictures: list[Path] = []
-  if ev.profiles is not None:
+  if ev.profiles is not None and ev.pictures:
     pictures = picture_paths(out, sorted(ev.overlays))
     plot_profile(ev.profiles, pictures[0])
     for z, p in zip(sorted(ev.overlays), pictures[1:]):

@@ -3,12 +3,17 @@
 `open_volume(path)` accepts
 - a multi-page TIFF (also an ImageJ hyperstack or a single 3D series; singleton T/C axes are
   dropped). Uncompressed files are memory-mapped, compressed ones read page range by page range;
-- a folder of 2D TIFF slices, taken in natural order (slice_2 before slice_10);
+- a folder of 2D slices, taken in natural order (slice_2 before slice_10): TIFFs through
+  tifffile, PNG / BMP / JPEG 2000 / ... through imageio (`formats`);
 - a .npy file (memory-mapped);
-- a zarr array, v3 or v2 (through tensorstore), or a bonejax scan directory (its image, or its
-  labels with `array="labels"`; a scan's image also brings its stored intensity statistics).
+- a zarr array, v3 or v2 (through tensorstore), an OME-Zarr image (its full-resolution level),
+  or a bonejax scan directory (its image, or its labels with `array="labels"`; a scan's image
+  also brings its stored intensity statistics);
+- HDF5 / NeXus (`key` names the dataset), MRC and Scanco .isq files (`formats`).
 Nothing reads a whole volume: `read_slab(z0, z1)` reads only those slices, so an import needs
-memory for a couple of slabs, whatever the volume size.
+memory for a couple of slabs, whatever the volume size. Every source says its voxel size,
+`voxel_size_um` = (Z, Y, X) in um, when the file records one (TIFF ImageJ / OME metadata, scan
+attributes, OME-Zarr scale, HDF5 attributes, MRC and ISQ headers, a SkyScan log), else None.
 
 Channels: volumes are (Z, Y, X) by default. `channels=C` asks for a (Z, Y, X, C) .npy or zarr
 array (multi-channel models); `channels=None` takes what the file has (a last axis of size > 1
@@ -126,6 +131,7 @@ class VolumeSource:
 
   kind = "volume"
   stats: dict[str, Any] | None = None
+  voxel_size_um: tuple[float, float, float] | None = None
 
   def __init__(self, path: Path, shape: Sequence[int], source_dtype: np.dtype, array: str):
     self.path = path
@@ -228,6 +234,7 @@ class ZarrSource(_IndexedSource):
     except Exception as e:
       raise cli.UserError(f"cannot open zarr array {str(path)!r}: {cli._one_line(e)}") from None
     super().__init__(path, arr, array, what or f"{str(path)!r}", channels)
+    self.voxel_size_um = _attrs_voxel_size(path)
 
   @property
   def tensorstore(self) -> ts.TensorStore | None:
@@ -246,6 +253,20 @@ class ZarrSource(_IndexedSource):
     except Exception as e:
       raise cli.UserError(f"cannot read {str(self.path)!r} slices {z0}-{z1 - 1}: "
                           f"{cli._one_line(e)}") from None
+
+
+def _attrs_voxel_size(path: Path) -> tuple[float, float, float] | None:
+  """`voxel_size_um` (a number, or (Z, Y, X)) from a zarr v3 node's attributes, if there."""
+  try:
+    attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+  except (OSError, ValueError, AttributeError):
+    return None
+  v = attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um"))
+  try:
+    from bonejax import resample
+    return resample.as_zyx(v)
+  except cli.UserError:
+    return None
 
 
 class _Complaints(logging.Handler):
@@ -323,6 +344,8 @@ class TiffSource(VolumeSource):
     self._paged = (len(pages) == shape[0] and pages[0] is not None
                    and math.prod(pages[0].shape) == shape[1] * shape[2])
     self._whole = None
+    from bonejax import formats
+    self.voxel_size_um = formats.tiff_voxel_size(self._tif)
 
   def _read(self, z0, z1):
     with _tiff_complaints(self.path):
@@ -380,6 +403,12 @@ class TiffFolderSource(VolumeSource):
             f"slice {f.name!r} is {shape} {dtype} but {files[0].name!r} is {first_shape} "
             f"{first_dtype}; all slices in {str(path)!r} must have one shape and dtype")
     super().__init__(path, (len(files),) + first_shape, first_dtype, array)
+    from bonejax import formats
+    self.voxel_size_um = formats.skyscan_voxel_size(path)
+    if self.voxel_size_um is None:
+      with _tiff_complaints(files[0]), _open_tiff(files[0]) as tif:
+        size = formats.tiff_voxel_size(tif)  # an ImageJ slice knows its pixel and spacing
+      self.voxel_size_um = size
 
   @staticmethod
   def _slice_shape(f: Path, series) -> tuple[int, int]:
@@ -412,7 +441,7 @@ def _zarr_json_node(path: Path) -> str | None:
 
 
 def open_volume(path: str | os.PathLike, array: str = "image", channels: int | None = 1,
-                context: ts.Context | None = None) -> VolumeSource:
+                context: ts.Context | None = None, key: str | None = None) -> VolumeSource:
   """Opens any supported input as a lazily read (Z, Y, X) volume, or (Z, Y, X, C).
 
   `array` is "image" (dtypes converted as the module docstring says) or "labels" (integer
@@ -421,6 +450,7 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
   `channels`: 1 (a 3D volume), C > 1 (a (Z, Y, X, C) .npy or zarr) or None (whatever the file
   has; see the module docstring). `context`: the tensorstore context zarr arrays open in
   (default the shared one), e.g. one with a chunk cache sized for the caller's memory budget.
+  `key`: the dataset inside an HDF5 / NeXus file (`--image_key`); refused for other formats.
   """
   if array not in ("image", "labels"):
     raise ValueError(f"array must be 'image' or 'labels', got {array!r}")
@@ -429,7 +459,14 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
     raise ValueError(f"labels have one channel, got channels={channels}")
   want = 1 if array == "labels" else channels
   p = cli.require_exists(path, array)
+  from bonejax import formats
+  if key and not _is_hdf5(p):
+    raise cli.UserError(f"a dataset key ({key!r}) only goes with an HDF5 / NeXus file, not "
+                        f"{str(p)!r}")
   if p.is_dir():
+    ome = formats.ome_multiscales(p)
+    if ome is not None:
+      return formats.open_ome_zarr(p, *ome, array, want, context)
     if (p / "zarr.json").exists():
       node = _zarr_json_node(p)
       if node == "array":
@@ -438,8 +475,10 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
         source = ZarrSource(p / array, "zarr3", array, what=f"scan {str(p)!r} {array}",
                             channels=want, context=context)
         source.kind, source.path = "scan", p  # report the path the user gave
+        attrs = store.read_group_attrs(p)
         if array == "image":
-          source.stats = store.read_group_attrs(p).get("intensity")
+          source.stats = attrs.get("intensity")
+        source.voxel_size_um = _attrs_voxel_size(p)
         return source
       raise cli.UserError(f"{str(p)!r} is a zarr group without an {array!r} array; "
                           f"point at the array itself")
@@ -448,23 +487,48 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
     if (p / ".zgroup").exists():
       raise cli.UserError(f"{str(p)!r} is a zarr v2 group; point at the array inside it")
     _one_channel(p, want, "a folder of 2D slices")
+    files = formats.slice_files(p)
+    if files and not all(_is_tiff_name(f) for f in files):
+      return formats.ImageFolderSource(p, array, files)
     return TiffFolderSource(p, array)
   suffix = p.suffix.lower()
   if suffix == ".npy":
     return NpySource(p, array, want)
   if suffix in TIFF_SUFFIXES:
     return _tiff_source(p, array, want)
-  try:
-    with open(p, "rb") as f:
-      magic = f.read(4)
-  except OSError as e:
-    raise cli.UserError(f"cannot read {str(p)!r}: {cli._one_line(e)}") from None
+  if _is_hdf5(p):
+    return formats.H5Source(p, key, array, want)
+  if suffix in formats.MRC_SUFFIXES:
+    _one_channel(p, want, "an MRC file")
+    return formats.MrcSource(p, array)
+  if suffix in formats.ISQ_SUFFIXES:
+    _one_channel(p, want, "a Scanco ISQ file")
+    return formats.IsqSource(p, array)
+  magic = _magic(p)
   if magic[:2] in (b"II", b"MM"):
     return _tiff_source(p, array, want)
-  if magic == b"\x93NUM":
+  if magic[:4] == b"\x93NUM":
     return NpySource(p, array, want)
-  raise cli.UserError(f"{str(p)!r}: unsupported input (need a multi-page TIFF, a folder of "
-                      f"2D TIFFs, a .npy, a zarr array or a scan directory)")
+  if magic[:16] == formats.ISQ_MAGIC:
+    return formats.IsqSource(p, array)
+  raise cli.UserError(f"{str(p)!r}: unsupported input (need a multi-page TIFF, a folder of 2D "
+                      f"slices, a .npy, a zarr or OME-Zarr array, a scan directory, an HDF5 / "
+                      f"NeXus, MRC or Scanco .isq file)")
+
+
+def _magic(p: Path) -> bytes:
+  try:
+    with open(p, "rb") as f:
+      return f.read(16)
+  except OSError as e:
+    raise cli.UserError(f"cannot read {str(p)!r}: {cli._one_line(e)}") from None
+
+
+def _is_hdf5(p: Path) -> bool:
+  from bonejax import formats
+  if p.is_dir():
+    return False
+  return p.suffix.lower() in formats.HDF5_SUFFIXES or _magic(p)[:8] == formats.HDF5_MAGIC
 
 
 def _one_channel(p: Path, channels: int | None, what: str) -> None:
@@ -561,19 +625,28 @@ def _wait(futures: list) -> None:
 
 def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
                   labels: str | os.PathLike | None = None,
-                  classes: str | Sequence[str] = DEFAULT_CLASSES, voxel_size_um: float = 1.0,
+                  classes: str | Sequence[str] = DEFAULT_CLASSES,
+                  voxel_size_um: float | Sequence[float] | None = None,
                   chunks: Sequence[int] = store.DEFAULT_CHUNKS, slab: int = 64,
-                  overwrite: bool = False, progress_every_s: float = 5.0) -> dict[str, Any]:
+                  overwrite: bool = False, progress_every_s: float = 5.0,
+                  resample_um: float | None = None, image_key: str | None = None,
+                  labels_key: str | None = None) -> dict[str, Any]:
   """Streams a volume (and optional labels) into DATA/scan and registers it in dataset.json.
 
-  The scan is written under a temporary name and renamed into place only once complete; any
-  error leaves the dataset as it was (no scan directory, dataset.json untouched).
+  `voxel_size_um`: a number or (Z, Y, X); default the file's own (TIFF / OME / HDF5 / MRC /
+  ISQ / OME-Zarr metadata), else 1 um. `resample_um`: resample image (linearly) and labels
+  (nearest) to this isotropic voxel size on the way, slab by slab. `image_key` / `labels_key`:
+  the datasets inside HDF5 / NeXus files. The scan is written under a temporary name and
+  renamed into place only once complete; any error leaves the dataset as it was (no scan
+  directory, dataset.json untouched).
   """
+  from bonejax import resample
   start = time.perf_counter()
   check_scan_name(scan)
   classes = parse_classes(classes)
-  if not (voxel_size_um > 0 and math.isfinite(voxel_size_um)):
-    raise cli.UserError(f"--voxel_size_um={voxel_size_um} must be a positive number")
+  given_voxel = resample.as_zyx(voxel_size_um)
+  if resample_um is not None:
+    resample.as_zyx(resample_um)
   if int(slab) < 1:
     raise cli.UserError(f"--slab={slab} must be positive")
   slab = int(slab)
@@ -602,15 +675,29 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
     # is registered, so parallel imports never take it for an orphan (store.unlisted_scans).
     with outputs.claim_output(final, "scan"):
       cli.check_output(final, overwrite, inputs, "scan")
-      src = open_volume(image, "image")
+      src = open_volume(image, "image", key=image_key)
       lab = None
       try:
         if labels:
-          lab = open_volume(labels, "labels")
+          lab = open_volume(labels, "labels", key=labels_key)
           if lab.shape != src.shape:
             raise cli.UserError(f"labels shape {lab.shape} != image shape {src.shape}")
-        stats = _stream_scan(src, lab, final, classes, voxel_size_um, chunks, slab, overwrite,
-                             progress_every_s, inputs)
+        found = src.voxel_size_um
+        voxel = given_voxel or found or (1.0, 1.0, 1.0)
+        voxel_from = "flag" if given_voxel else ("metadata" if found else "default")
+        original = {"shape": list(src.shape), "voxel_size_um": list(voxel)}
+        if resample_um is not None and not resample.same_size(voxel, resample_um):
+          src.voxel_size_um = voxel
+          src = resample.ResampledSource(src, resample_um, order=1)
+          if lab is not None:
+            lab.voxel_size_um = voxel
+            lab = resample.ResampledSource(lab, resample_um, order=0)
+          voxel = src.voxel_size_um
+        elif resample_um is not None:
+          voxel = resample.as_zyx(resample_um)
+        stats = _stream_scan(src, lab, final, classes, voxel, chunks, slab, overwrite,
+                             progress_every_s, inputs,
+                             original if tuple(original["shape"]) != src.shape else None)
         try:
           dataset = store.add_scan_to_dataset(data, scan, classes)
         except BaseException:
@@ -624,18 +711,32 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
     # Leave no empty dataset directory behind if this call made it.
     outputs.remove_made_dirs(made)
     raise
-  return {"dataset": str(data), "scan": scan, "path": str(final), "shape": list(src.shape),
-          "dtype": src.dtype.name, "source_dtype": src.source_dtype.name,
-          "has_labels": lab is not None, "classes": classes,
-          "num_scans": len(dataset.scans), "voxel_size_um": float(voxel_size_um),
-          "intensity": stats, "seconds": round(time.perf_counter() - start, 3)}
+  result = {"dataset": str(data), "scan": scan, "path": str(final), "shape": list(src.shape),
+            "dtype": src.dtype.name, "source_dtype": src.source_dtype.name,
+            "has_labels": lab is not None, "classes": classes,
+            "num_scans": len(dataset.scans), **_voxel_attrs(voxel),
+            "voxel_size_from": voxel_from, "intensity": stats,
+            "seconds": round(time.perf_counter() - start, 3)}
+  if isinstance(src, resample.ResampledSource):
+    result["resampled_from"] = original
+  return result
+
+
+def _voxel_attrs(voxel: Sequence[float]) -> dict[str, Any]:
+  """`voxel_size_um` as one number (the contract's), plus (Z, Y, X) when anisotropic."""
+  from bonejax import resample
+  voxel = [float(v) for v in voxel]
+  if resample.isotropic(voxel):
+    return {"voxel_size_um": voxel[2]}
+  return {"voxel_size_um": voxel[2], "voxel_size_zyx_um": voxel}
 
 
 def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, classes: list[str],
-                 voxel_size_um: float, chunks: Sequence[int], slab: int, overwrite: bool,
-                 progress_every_s: float, inputs: Sequence[Any] = ()) -> dict[str, Any]:
+                 voxel_size_um: Sequence[float], chunks: Sequence[int], slab: int,
+                 overwrite: bool, progress_every_s: float, inputs: Sequence[Any] = (),
+                 resampled_from: dict[str, Any] | None = None) -> dict[str, Any]:
   attrs = {
-      "voxel_size_um": float(voxel_size_um),
+      **_voxel_attrs(voxel_size_um),
       "source": str(Path(src.path).resolve()),
       "source_dtype": src.source_dtype.name,
       "imported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -643,6 +744,8 @@ def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, class
   }
   if lab is not None:
     attrs["labels_source"] = str(Path(lab.path).resolve())
+  if resampled_from is not None:
+    attrs["resampled_from"] = resampled_from
   depth = src.shape[0]
   n_slabs = -(-depth // slab)
   with cli.atomic_output(final, overwrite, inputs, "scan") as tmp:

@@ -3,15 +3,22 @@ r"""Scores a predicted segmentation against the truth and measures bone in both.
   python launch/evaluate.py --pred=/tmp/pred.zarr --truth=DATA/scan_003 --out=/tmp/report.json \
       --pictures
 
---pred and --truth: a zarr v3 labels array (what predict.py writes), a scan directory (its
-labels), a multi-page TIFF or a .npy. Class names come from --classes, else from the
+  python launch/evaluate.py --pred=/tmp/pred.ome.zarr --truth=DATA/scan_003 \
+      --out=/tmp/report.json --html=/tmp/report.html --uncertainty=/tmp/unc.zarr
+
+--pred and --truth: a zarr v3 labels array (what predict.py writes), an OME-Zarr, a scan
+directory (its labels), a multi-page TIFF, a .npy, or any other volume format open_volume reads. Class names come from --classes, else from the
 dataset.json beside the truth scan, else --num_classes, else max label + 1 (class_0, ...).
 Writes REPORT.json and REPORT.md (per-class IoU / Dice / precision / recall, means, bone
 measures of prediction and truth with relative differences) and with --pictures a per-slice IoU
-profile and overlays of Z slices as PNGs beside them. Streams both volumes slab by slab.
+profile and overlays of Z slices as PNGs beside them. --html writes one self-contained page
+(scores, confusion matrix, per-slice IoU, training curves when the prediction's bundle has a
+metrics.csv beside it, middle slices across Z, Y and X with errors and, with --uncertainty, the
+uncertainty map). Streams the volumes slab by slab.
 The last stdout line is the JSON report: iou and dice per class, miou_all, miou_fg, measures.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -48,6 +55,11 @@ _VI = flags.DEFINE_float("initial_volume_mm3", None, "Implants: initial implant 
                          "(default: volume of degradation layer + residual material).")
 _AI = flags.DEFINE_float("initial_surface_mm2", None, "Implants: initial implant surface "
                          "(default: estimated from degradation layer + residual material).")
+_HTML = flags.DEFINE_string("html", None, "Also write a self-contained HTML report here.")
+_UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Uncertainty map from predict.py "
+                                   "--save_uncertainty, shown in the HTML report.")
+_CURVES = flags.DEFINE_string("curves", None, "Training workdir, bundle or metrics.csv whose "
+                              "curves the HTML report shows (default: the prediction's bundle).")
 _SLAB = flags.DEFINE_integer("slab", 64, "Z slices read at a time.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing report.")
 
@@ -63,7 +75,8 @@ def _parse_slices(text):
 def _check_outputs(paths):
   """Refuses outputs that exist (without --overwrite), are not bonejax's, or are an input."""
   for p in paths:
-    cli.check_output(p, _OVERWRITE.value, inputs=(_PRED.value, _TRUTH.value, _IMAGE.value))
+    cli.check_output(p, _OVERWRITE.value, inputs=(_PRED.value, _TRUTH.value, _IMAGE.value,
+                                                   _UNCERTAINTY.value))
 
 
 def main(argv):
@@ -84,17 +97,31 @@ def main(argv):
   slices = _parse_slices(_SLICES.value) if _SLICES.value else None
   # Fail on an existing output before any work; a folder made for the report goes again if the
   # run fails. The claim refuses a second run writing the same report meanwhile.
-  with cli.claim_output(out):
-    _check_outputs([out, out.with_suffix(".md")])
+  html_path = Path(_HTML.value) if _HTML.value else None
+  if html_path is not None and html_path.suffix.lower() not in (".html", ".htm"):
+    raise cli.UserError(f"--html={str(html_path)!r} must end in .html")
+  if _UNCERTAINTY.value and html_path is None:
+    raise cli.UserError("--uncertainty is shown in the HTML report: give --html too")
+  with cli.claim_output(out), contextlib.ExitStack() as claims:
+    if html_path is not None:
+      claims.enter_context(cli.claim_output(html_path))
+    _check_outputs([out, out.with_suffix(".md")] + ([html_path] if html_path else []))
     ev = report.evaluate(
         _PRED.value, _TRUTH.value, classes=classes, num_classes=_NUM_CLASSES.value,
         options=measures.Options(
             roi_distance_um=_ROI.value, implant_time_years=_TIME.value,
             initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
         voxel_size_um=_VOXEL.value, image=_IMAGE.value, pictures=_PICTURES.value,
-        overlay_slices=slices, slab=_SLAB.value)
+        overlay_slices=slices, slab=_SLAB.value, middle_planes=html_path is not None,
+        uncertainty=_UNCERTAINTY.value)
     if _PICTURES.value:
       _check_outputs(report.picture_paths(out, sorted(ev.overlays)))
+    if html_path is not None:
+      from bonejax import html_report, store
+      model = store.array_attrs(_PRED.value).get("model") if Path(_PRED.value).is_dir() else None
+      html_report.write(ev, html_path,
+                        metrics_csv=html_report.find_metrics_csv(_CURVES.value, model))
+      ev.result["html"] = str(html_path)
     return report.write(ev, out)
 
 

@@ -2,8 +2,14 @@ r"""Imports a micro-CT volume (and optional labels) as a scan of a bonejax datas
 
   python launch/import_volume.py --image=stack.tif --labels=labels.tif --out=DATA --scan=femur_01
 
-Inputs: a multi-page TIFF, a folder of 2D TIFF slices (natural order), a .npy, a zarr array or
-a scan directory. The volume is streamed `--slab` slices at a time, so it may be larger than
+  python launch/import_volume.py --image=scan.h5 --image_key=/entry/data/data --out=DATA \
+      --scan=s1 --resample_um=5
+
+Inputs: a multi-page TIFF, a folder of 2D slices (TIFF, PNG, BMP, JPEG 2000, ...; natural
+order), a .npy, a zarr / OME-Zarr array, a scan directory, an HDF5 / NeXus file (`--image_key`),
+an MRC or a Scanco .isq file. The voxel size comes from the file's metadata unless
+`--voxel_size_um` is given; `--resample_um` resamples to that voxel size (image linearly, labels
+by nearest neighbour). The volume is streamed `--slab` slices at a time, so it may be larger than
 memory. The scan appears in DATA/ and dataset.json only once it is complete.
 Prints progress on stderr and, as the last stdout line, JSON with scan, shape, dtype, ...
 """
@@ -18,8 +24,9 @@ from absl import flags  # noqa: E402
 
 from bonejax import cli, volume_io  # noqa: E402  (no jax: start-up stays fast)
 
-_IMAGE = flags.DEFINE_string("image", None, "Input volume: multi-page TIFF, folder of 2D TIFFs, "
-                             ".npy, zarr array or scan directory.", required=True)
+_IMAGE = flags.DEFINE_string("image", None, "Input volume: multi-page TIFF, folder of 2D slices, "
+                             ".npy, zarr / OME-Zarr, scan directory, HDF5 / NeXus, MRC or .isq.",
+                             required=True)
 _OUT = flags.DEFINE_string("out", None, "Dataset directory (created if absent).", required=True)
 _SCAN = flags.DEFINE_string("scan", None, "Scan name: a directory name inside --out.",
                             required=True)
@@ -28,7 +35,13 @@ _LABELS = flags.DEFINE_string("labels", None, "Optional labels volume, same kind
 _CLASSES = flags.DEFINE_string("classes", ",".join(volume_io.DEFAULT_CLASSES),
                                "Comma-separated class names (class 0 first); must match an "
                                "existing dataset.json.")
-_VOXEL = flags.DEFINE_float("voxel_size_um", 1.0, "Voxel size in micrometres.")
+_VOXEL = flags.DEFINE_string("voxel_size_um", None, "Voxel size in micrometres: one number or "
+                             "Z,Y,X (default: from the file's metadata, else 1).")
+_RESAMPLE = flags.DEFINE_float("resample_um", None, "Resample to this isotropic voxel size in "
+                               "micrometres (e.g. 5, as Scaling the U-net); default: keep.")
+_IMAGE_KEY = flags.DEFINE_string("image_key", None, "Dataset inside an HDF5 / NeXus --image "
+                                 "(default: its only volume or the NeXus default signal).")
+_LABELS_KEY = flags.DEFINE_string("labels_key", None, "Dataset inside an HDF5 / NeXus --labels.")
 _CHUNKS = flags.DEFINE_string("chunks", "64,64,64", "zarr chunk shape Z,Y,X.")
 _SLAB = flags.DEFINE_integer("slab", 64, "Slices read and written per streamed slab.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing scan of that name.")
@@ -39,9 +52,22 @@ def main(argv):
     raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   return volume_io.import_volume(
       image=_IMAGE.value, out=_OUT.value, scan=_SCAN.value, labels=_LABELS.value,
-      classes=_CLASSES.value, voxel_size_um=_VOXEL.value,
+      classes=_CLASSES.value, voxel_size_um=_voxel_flag(_VOXEL.value),
       chunks=cli.parse_ints(_CHUNKS.value, 3, "chunks"), slab=_SLAB.value,
-      overwrite=_OVERWRITE.value)
+      overwrite=_OVERWRITE.value, resample_um=_RESAMPLE.value, image_key=_IMAGE_KEY.value,
+      labels_key=_LABELS_KEY.value)
+
+
+def _voxel_flag(text):
+  if text is None:
+    return None
+  try:
+    values = [float(v) for v in text.split(",")]
+  except ValueError:
+    raise cli.UserError(f"--voxel_size_um={text!r} is not a number or Z,Y,X") from None
+  if len(values) not in (1, 3):
+    raise cli.UserError(f"--voxel_size_um={text!r}: give one number or three (Z,Y,X)")
+  return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":

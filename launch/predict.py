@@ -3,10 +3,14 @@ r"""Segments a micro-CT volume with a trained model bundle, voting over plane se
   python launch/predict.py --model=WORKDIR/model --input=DATA/scan_000 --output=pred.zarr \
       --planes=3 --vote=soft [--save_probs=probs.zarr] [--dtype=bfloat16]
 
-Inputs: a scan directory, a multi-page TIFF, a folder of 2D TIFFs, a .npy or a zarr array
-(intensity statistics are read from the scan or computed while reading). Outputs: zarr v3 uint8
-labels (attributes: model, planes, vote, classes) or a TIFF (BigTIFF over 4 GiB), written
-atomically. `--planes`: 1 (one axis, `--axis`), 3 (orthogonal), 9 (plus 45-degree rotations),
+Inputs: a scan directory, a multi-page TIFF, a folder of 2D slices, a .npy, a zarr or OME-Zarr
+array, an HDF5 / NeXus (`--image_key`), MRC or Scanco .isq file (intensity statistics are read
+from the scan or computed while reading). Outputs: zarr v3 uint8 labels (attributes: model,
+planes, vote, classes), an OME-Zarr (PATH.ome.zarr: NGFF 0.5 multiscale labels with voxel size,
+class names and colours) or a TIFF (BigTIFF over 4 GiB), written atomically. An input whose
+voxel size differs from the one the bundle was trained at is resampled to it, predicted, and
+mapped back (`--no_resample` to skip). `--save_uncertainty` adds entropy / disagreement maps and
+lists the 10 most uncertain slices per axis in the result. `--planes`: 1 (one axis, `--axis`), 3 (orthogonal), 9 (plus 45-degree rotations),
 12 (orthogonal x four 90-degree in-plane rotations). Volumes whose arrays exceed
 `--memory_budget_gb` are processed out of core in a scratch directory next to the output.
 Prints progress on stderr and, as the last stdout line, JSON with output, shape, seconds,
@@ -25,21 +29,29 @@ from absl import flags  # noqa: E402
 from bonejax import cli  # noqa: E402  (jax is imported only once the flags are good)
 
 PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
-VOTES = ("soft", "majority")
+VOTES = ("soft", "majority", "max")
 DTYPES = ("float32", "bfloat16", "float16")
 
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (WORKDIR/model).",
                              required=True)
-_INPUT = flags.DEFINE_string("input", None, "Scan directory, .tif, TIFF folder, .npy or zarr "
-                             "array.", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Labels output: PATH.zarr or PATH.tif.",
-                              required=True)
+_INPUT = flags.DEFINE_string("input", None, "Scan directory, .tif, folder of 2D slices, .npy, "
+                             "zarr / OME-Zarr, HDF5 / NeXus, MRC or .isq.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Labels output: PATH.zarr, PATH.ome.zarr "
+                              "(OME-NGFF 0.5 multiscale labels) or PATH.tif.", required=True)
 _PLANES = flags.DEFINE_string("planes", "3", "Plane sets voted over: 1, 3, 9 or 12.")
-_VOTE = flags.DEFINE_string("vote", "soft", "soft (mean probabilities) or majority.")
+_VOTE = flags.DEFINE_string("vote", "soft", "soft (mean probabilities), majority, or max "
+                            "(class of the highest single-set probability).")
 _AXIS = flags.DEFINE_string("axis", None, "Slicing axis for --planes=1: 0 (Z), 1 (Y), 2 (X); "
                             "default 0.")
 _SAVE_PROBS = flags.DEFINE_string("save_probs", None, "Also write the mean probabilities "
                                   "(Z, Y, X, C) float32 to this .zarr.")
+_SAVE_UNC = flags.DEFINE_string("save_uncertainty", None, "Also write per-voxel uncertainty "
+                                "(entropy of the fused probabilities, fraction of plane sets "
+                                "disagreeing with the vote; uint8) to this .zarr, .ome.zarr or "
+                                ".tif.")
+_NO_RESAMPLE = flags.DEFINE_bool("no_resample", False, "Predict on the input grid even when its "
+                                 "voxel size differs from the one the model was trained at.")
+_IMAGE_KEY = flags.DEFINE_string("image_key", None, "Dataset inside an HDF5 / NeXus --input.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Planes per device call (shrunk per plane shape "
                               "to fit the device memory).")
 _BUDGET = flags.DEFINE_float("memory_budget_gb", 4.0, "Host memory for volume and "
@@ -76,7 +88,7 @@ def main(argv):
   if axis is not None and planes != 1:
     raise cli.UserError(f"--axis goes with --planes=1 only (got --planes={planes})")
   if _VOTE.value not in VOTES:
-    raise cli.UserError(f"--vote={_VOTE.value!r} must be soft or majority")
+    raise cli.UserError(f"--vote={_VOTE.value!r} must be soft, majority or max")
   if _DTYPE.value not in DTYPES:
     raise cli.UserError(f"--dtype={_DTYPE.value!r} must be one of {', '.join(DTYPES)}")
   if not _BUDGET.value > 0:
@@ -99,7 +111,7 @@ def main(argv):
   with contextlib.ExitStack() as claims:
     # Claim the outputs for the whole run (a second run writing them is refused), then fail on
     # an existing, foreign or input-overlapping output before any work.
-    for out in (_OUTPUT.value, _SAVE_PROBS.value):
+    for out in (_OUTPUT.value, _SAVE_PROBS.value, _SAVE_UNC.value):
       if out:
         claims.enter_context(cli.claim_output(out))
         cli.check_output(out, _OVERWRITE.value, inputs=(_INPUT.value, bundle))
@@ -113,7 +125,9 @@ def main(argv):
         planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
         memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value, dtype=_DTYPE.value,
         tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
-        overwrite=_OVERWRITE.value, progress=True, keep_labels=False)
+        overwrite=_OVERWRITE.value, progress=True, keep_labels=False,
+        save_uncertainty=_SAVE_UNC.value, resample=not _NO_RESAMPLE.value,
+        image_key=_IMAGE_KEY.value)
 
 
 if __name__ == "__main__":

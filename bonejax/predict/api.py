@@ -27,7 +27,7 @@ from flax import nnx
 from bonejax import cli, intensity, store
 from bonejax.predict import memory
 from bonejax.predict.engine import DEFAULT_BATCH, PlaneEngine
-from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order, vote_labels
+from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order
 from bonejax.predict.runner import Runner
 from bonejax.predict.volumes import Fuser, PerSet, SlabVolume, scratch_dir as make_scratch
 
@@ -168,37 +168,37 @@ class Prediction:
 def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet], vote: str, *,
                    budget_bytes: int, out_of_core: bool, scratch_dir: Path | None,
                    labels_out: Any = None, probs_out: Any = None, keep_labels: bool = True,
-                   keep_probs: bool = False, progress: bool = False) -> Prediction:
+                   keep_probs: bool = False, progress: bool = False,
+                   uncertainty_out: Any = None, regrid: Any = None) -> Prediction:
   """Runs the sets, fuses them and writes labels (and mean probabilities) slab by slab.
 
   `labels_out` / `probs_out` are tensorstores to fill (or None); labels are also returned in
-  memory when `keep_labels`, mean probabilities when `keep_probs`.
+  memory when `keep_labels`, mean probabilities when `keep_probs`. `uncertainty_out`
+  (`uncertainty.UncertaintyWriter`) gets every voted slab. `regrid` (`resample.Regrid`): `vol`
+  is the input resampled to the model's voxel size; each set's probabilities are mapped back to
+  the input grid (`regrid.out_shape`) before the vote.
   """
   start = time.perf_counter()
   runner = Runner(engine, vol, budget_bytes=budget_bytes, out_of_core=out_of_core,
                   scratch_dir=scratch_dir)
   k = engine.num_classes
+  shape = tuple(regrid.out_shape) if regrid is not None else vol.shape
   try:
     if progress:
       runner.progress = cli.Progress(total=runner.total_planes(sets), desc="predict",
                                      unit="planes")
-    probsum = runner.array("probsum", vol.shape, np.float32, k)
-    counts = runner.array("votes", vol.shape, np.uint8, k) if vote == "majority" else None
-    fuser = Fuser(probsum, counts)
-    runner.run(sets, fuser)
+    fuser = Fuser.create(runner.array, shape, k, vote, keep_counts=uncertainty_out is not None)
+    runner.run(sets, fuser if regrid is None else regrid.sink(fuser, runner))
     if runner.progress is not None:
       runner.progress.close()
     infer_s = time.perf_counter() - start
-    labels = np.empty(vol.shape, np.uint8) if keep_labels else None
-    probs = np.empty(vol.shape + (k,), np.float32) if keep_probs else None
-    scale = np.float32(1.0 / fuser.n_sets)
-    zs = runner.slab_planes(probsum, 0, 1)
+    labels = np.empty(shape, np.uint8) if keep_labels else None
+    probs = np.empty(shape + (k,), np.float32) if keep_probs else None
+    zs = runner.slab_planes(fuser.probs.vol, 0, 1)
     writes: list = []
-    for z0 in range(0, vol.shape[0], zs):
-      z1 = min(z0 + zs, vol.shape[0])
-      ps = probsum.read(0, z0, z1)
-      lab = vote_labels(vote, ps, None if counts is None else counts.read(0, z0, z1))
-      mean = ps * scale
+    for z0 in range(0, shape[0], zs):
+      z1 = min(z0 + zs, shape[0])
+      lab, mean, counts = fuser.decide(z0, z1)
       if labels is not None:
         labels[z0:z1] = lab
       if probs is not None:
@@ -209,6 +209,8 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
         writes.append(labels_out[z0:z1].write(lab))
       if probs_out is not None:
         writes.append(probs_out[z0:z1].write(mean))
+      if uncertainty_out is not None:
+        uncertainty_out.add(z0, lab, mean, counts, fuser.n_sets)
     for w in writes:
       w.result()
   finally:

@@ -7,8 +7,10 @@ A *plane set* is one way of cutting the volume into 2D planes (BONe DLPred; Scal
   perpendicular to the two axes the rotation changed (see `rotate`);
 - `planes=12`: the three stacks, each plane also seen turned in-plane by 90, 180 and 270 degrees.
 Each set gives a probability volume (Z, Y, X, K). `soft` voting averages them; `majority` takes
-the most frequent per-set label, ties broken by the summed probabilities. The streaming path
-(`volumes.Fuser`) sums the same quantities slab by slab and decides with the same functions.
+the most frequent per-set label, ties broken by the summed probabilities; `max` (max-probability
+fusion, as volume-segmantics fuses its planes) takes the class of the single highest probability
+any set gave, ties broken by the summed probabilities. The streaming path (`volumes.Fuser`)
+accumulates the same quantities slab by slab and decides with the same functions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from bonejax import cli
 
 PLANES = (1, 3, 9, 12)
-VOTES = ("soft", "majority")
+VOTES = ("soft", "majority", "max")
 AXES = "zyx"
 
 
@@ -93,10 +95,22 @@ def majority_labels(counts: np.ndarray, probsum: np.ndarray) -> np.ndarray:
   return np.argmax(score, axis=-1).astype(np.uint8)
 
 
-def vote_labels(vote: str, probsum: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
-  """uint8 labels from the summed probabilities (and, for majority, the summed one-hot votes)."""
+def max_labels(probmax: np.ndarray, probsum: np.ndarray) -> np.ndarray:
+  """The class of the highest single-set probability; ties go to the highest summed probability
+  (two sets both certain of different classes), then the lowest class."""
+  top = probmax.max(axis=-1, keepdims=True)
+  score = np.where(probmax == top, probsum, -np.inf)
+  return np.argmax(score, axis=-1).astype(np.uint8)
+
+
+def vote_labels(vote: str, probsum: np.ndarray, counts: np.ndarray | None,
+                probmax: np.ndarray | None = None) -> np.ndarray:
+  """uint8 labels from the summed probabilities (and, for majority, the summed one-hot votes;
+  for max, the per-class maximum over the sets)."""
   if vote == "soft":
     return np.argmax(probsum, axis=-1).astype(np.uint8)
+  if vote == "max":
+    return max_labels(probmax, probsum)
   return majority_labels(counts, probsum)
 
 
@@ -107,9 +121,12 @@ def fuse(probs: Sequence[np.ndarray], vote: str = "soft") -> tuple[np.ndarray, n
     raise ValueError("fuse needs at least one probability volume")
   total = np.zeros_like(probs[0], dtype=np.float32)
   counts = np.zeros(probs[0].shape, np.uint8) if vote == "majority" else None
+  top = np.full(probs[0].shape, -np.inf, np.float32) if vote == "max" else None
   for p in probs:
     total += p
     if counts is not None:
       counts += one_hot_argmax(p)
+    if top is not None:
+      np.maximum(top, p, out=top)
   mean = total * np.float32(1.0 / len(probs))
-  return vote_labels(vote, total, counts), mean
+  return vote_labels(vote, total, counts, top), mean

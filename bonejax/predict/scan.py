@@ -4,7 +4,14 @@
 through `volume_io.open_volume` (any format it reads; a scan brings its stored statistics,
 other inputs get theirs computed while they are read), runs `api.run_prediction`, and writes the
 outputs under temporary names renamed into place when complete: zarr v3 labels with attributes,
-or a TIFF; optionally the mean probabilities (Z, Y, X, K) as zarr v3.
+an OME-Zarr (NGFF 0.5 multiscale labels with class names and colours, `ome_zarr`) or a TIFF;
+optionally the mean probabilities (Z, Y, X, K) as zarr v3 or OME-Zarr, and the uncertainty maps
+(`uncertainty`).
+
+Voxel size: when the bundle records the voxel size it was trained at (model.json
+`voxel_size_um`) and the input's differs (from its metadata), the input is resampled to the
+bundle's on the way in, predicted there, and every plane set's probabilities are mapped back to
+the input grid before the vote (`resample`); `resample=False` predicts on the input grid as is.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bonejax
-from bonejax import cli, intensity, store, volume_io
+from bonejax import cli, intensity, ome_zarr, resample as resample_lib, store, uncertainty, volume_io
 from bonejax.predict import memory
 from bonejax.predict.api import make_engine, run_prediction
 from bonejax.predict.engine import DTYPES
@@ -32,7 +39,8 @@ from bonejax.predict.volumes import SlabVolume, create_scratch, scratch_dir as m
 _STATS_VOXELS = 1 << 22  # voxels per statistics update (it makes float64 temporaries)
 
 
-def _open_source(source: Any, in_channels: int, budget_bytes: int) -> tuple[Any, str]:
+def _open_source(source: Any, in_channels: int, budget_bytes: int,
+                 image_key: str | None = None) -> tuple[Any, str]:
   """(volume_io source with .stats, input kind) for a path or an opened `store.Scan`."""
   context = memory.cache_context(budget_bytes)  # a chunk cache bounded by the budget
   if isinstance(source, store.Scan):
@@ -40,7 +48,7 @@ def _open_source(source: Any, in_channels: int, budget_bytes: int) -> tuple[Any,
     src.stats = source.attrs.get("intensity")
   else:
     src = volume_io.open_volume(cli.require_exists(source, "input"), channels=None,
-                                context=context)
+                                context=context, key=image_key)
   if src.channels != in_channels:
     shape = src.shape
     src.close()
@@ -98,12 +106,15 @@ def load_source(src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
 
 
 def output_kind(path: str | os.PathLike) -> str:
+  if ome_zarr.is_ome_zarr_path(path):
+    return "ome-zarr"
   suffix = Path(path).suffix.lower()
   if suffix in (".tif", ".tiff"):
     return "tiff"
   if suffix == ".zarr":
     return "zarr"
-  raise cli.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels) or .tif/.tiff")
+  raise cli.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels), .ome.zarr "
+                      f"(OME-NGFF 0.5) or .tif/.tiff")
 
 
 def find_bundle(path: str | os.PathLike) -> Path:
@@ -116,7 +127,7 @@ def find_bundle(path: str | os.PathLike) -> Path:
 
 
 def _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs,
-                overwrite) -> None:
+                overwrite, save_uncertainty=None) -> None:
   check_vote(vote)
   if dtype not in DTYPES:
     raise cli.UserError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
@@ -129,11 +140,18 @@ def _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs,
     cli.check_output(output, overwrite)
   if save_probs is not None:
     if Path(save_probs).suffix.lower() != ".zarr":
-      raise cli.UserError(f"save_probs {str(save_probs)!r} must end in .zarr")
+      raise cli.UserError(f"save_probs {str(save_probs)!r} must end in .zarr or .ome.zarr")
     cli.check_output(save_probs, overwrite)
-  if output is not None and save_probs is not None and \
-      Path(output).resolve() == Path(save_probs).resolve():
-    raise cli.UserError("output and save_probs are the same path")
+  if save_uncertainty is not None:
+    uncertainty.output_kind(save_uncertainty)
+    cli.check_output(save_uncertainty, overwrite)
+  named = [(n, Path(p).resolve()) for n, p in (("output", output), ("save_probs", save_probs),
+                                               ("save_uncertainty", save_uncertainty))
+           if p is not None]
+  for i, (a, pa) in enumerate(named):
+    for b, pb in named[i + 1:]:
+      if pa == pb:
+        raise cli.UserError(f"{a} and {b} are the same path")
 
 
 def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = None,
@@ -143,20 +161,26 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  device_memory_gb: float | None = None, dtype: str = "float32",
                  tile_size: int | None = None, tile_overlap: int | None = None,
                  out_of_core: bool | None = None, overwrite: bool = False,
-                 progress: bool = True, keep_labels: bool | None = None) -> dict[str, Any]:
+                 progress: bool = True, keep_labels: bool | None = None,
+                 save_uncertainty: str | os.PathLike | None = None, resample: bool = True,
+                 image_key: str | None = None) -> dict[str, Any]:
   """Predicts a scan or volume file with a model bundle; what `launch/predict.py` runs.
 
   `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
   in `dtype` the same way: the architecture rebuilt in that dtype, float32 stem and head kept).
   `source`: a scan directory, any volume `volume_io.open_volume` reads (statistics computed
-  while reading), or an opened `store.Scan`. Writes `output` (.zarr labels with attributes, or
-  .tif) and `save_probs` (.zarr (Z, Y, X, K) float32 mean probabilities) atomically. Returns
-  the result dict; with `keep_labels` (default: when no output is given) it also holds "labels".
+  while reading), or an opened `store.Scan`. Writes `output` (.zarr labels with attributes,
+  .ome.zarr or .tif), `save_probs` (.zarr (Z, Y, X, K) float32 mean probabilities, or .ome.zarr)
+  and `save_uncertainty` (.zarr, .ome.zarr or .tif) atomically. `resample`: predict at the
+  bundle's voxel size when it records one (see the module docstring). `image_key`: the dataset
+  of an HDF5 / NeXus input. Returns the result dict; with `keep_labels` (default: when no
+  output is given) it also holds "labels".
   """
   from bonejax import bundle as bundle_lib
   start = time.perf_counter()
   sets = plane_sets(planes, axis)
-  _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs, overwrite)
+  _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs, overwrite,
+              save_uncertainty)
   out_kind = output_kind(output) if output is not None else None
 
   # Bundle metadata first: a bad bundle fails before any data is read.
@@ -170,11 +194,27 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   rule = str(meta.get("normalization", "percentile"))
   budget = int(float(memory_budget_gb) * 2**30)
 
-  src, kind = _open_source(source, in_channels, budget)
+  model_um = meta.get("voxel_size_um")
+  model_um = resample_lib.as_zyx(model_um) if model_um is not None else None
+
+  src, kind = _open_source(source, in_channels, budget, image_key)
   shape = tuple(int(s) for s in src.shape)
+  input_um = src.voxel_size_um
+  model_src, regrid = src, None
+  if resample and model_um is not None and input_um is not None and \
+      not resample_lib.same_size(input_um, model_um):
+    model_src = resample_lib.ResampledSource(src, model_um, order=1)
+    model_src.stats = src.stats  # a scan's stored statistics still describe its intensities
+    regrid = resample_lib.Regrid(shape, model_src.shape)
+  mshape = tuple(int(s) for s in model_src.shape)
   if out_of_core is None:
-    need = memory.resident_bytes(shape[:3], src.channels, np.dtype(src.dtype).itemsize,
-                                 len(classes), sets, vote)
+    k = len(classes)
+    need = memory.resident_bytes(mshape[:3], src.channels, np.dtype(src.dtype).itemsize, k,
+                                 sets, vote)
+    if vote == "max" or save_uncertainty is not None:  # per-class maxima / vote counts
+      need += math.prod(shape[:3]) * k * (4 if vote == "max" else 1)
+    if regrid is not None:  # the fused sums on the input grid
+      need += math.prod(shape[:3]) * (k * 4 + 1)
     out_of_core = need > memory.resident_limit(budget)
   if keep_labels is None:
     keep_labels = output is None
@@ -184,8 +224,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   labels = None
   try:
     with make_scratch(scratch_parent, out_of_core) as scratch:
-      vol, stats = load_source(src, src.stats, out_of_core=out_of_core, scratch_dir=scratch,
-                               budget_bytes=budget, progress=progress)
+      vol, stats = load_source(model_src, model_src.stats, out_of_core=out_of_core,
+                               scratch_dir=scratch, budget_bytes=budget, progress=progress)
       if isinstance(model, bundle_lib.Bundle):
         net, engine_dtype = model, dtype  # make_engine rebuilds it in `dtype`, as load_bundle
       else:
@@ -204,18 +244,39 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                "plane_sets": [ps.name for ps in sets], "vote": vote, "classes": classes,
                "source": str(source) if not isinstance(source, store.Scan) else str(source.path),
                "bonejax_version": bonejax.__version__}
+      if input_um is not None:
+        attrs.update(volume_io._voxel_attrs(input_um))
+      if regrid is not None:
+        attrs["predicted_at_voxel_size_um"] = list(model_um)
       out_ctx = memory.cache_context(budget, memory.CACHE_FRACTION / 2)
       with contextlib.ExitStack() as stack:
-        labels_out = probs_out = None
+        labels_out = probs_out = unc = None
         out_tmp = probs_tmp = None
+        labels_ome = probs_ome = None
         if output is not None:
           out_tmp = stack.enter_context(cli.atomic_output(output, overwrite))
           if out_kind == "zarr":
             labels_out = store.create_array(out_tmp, shape[:3], np.uint8, context=out_ctx)
+          elif out_kind == "ome-zarr":
+            labels_ome = ome_zarr.OmeZarrWriter(out_tmp, shape[:3], np.uint8, kind="labels",
+                                                classes=classes, voxel_size_um=input_um,
+                                                name=Path(output).name, context=out_ctx)
+            labels_out = labels_ome.view
         if save_probs is not None:
           probs_tmp = stack.enter_context(cli.atomic_output(save_probs, overwrite))
-          probs_out = store.create_array(probs_tmp, shape[:3] + (len(classes),), np.float32,
-                                         context=out_ctx)
+          if ome_zarr.is_ome_zarr_path(save_probs):
+            probs_ome = ome_zarr.OmeZarrWriter(probs_tmp, shape[:3], np.float32, kind="image",
+                                               channels=len(classes), channel_names=classes,
+                                               voxel_size_um=input_um,
+                                               name=Path(save_probs).name, context=out_ctx)
+            probs_out = probs_ome.view
+          else:
+            probs_out = store.create_array(probs_tmp, shape[:3] + (len(classes),), np.float32,
+                                           context=out_ctx)
+        if save_uncertainty is not None:
+          unc = stack.enter_context(uncertainty.UncertaintyWriter(
+              save_uncertainty, shape[:3], overwrite=overwrite, voxel_size_um=input_um,
+              attrs=attrs, scratch=scratch, context=out_ctx))
         want_memory = keep_labels or (out_kind == "tiff" and not out_of_core)
         labels_ts = labels_out
         if out_kind == "tiff" and out_of_core:
@@ -224,13 +285,18 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
         pred = run_prediction(engine, vol, sets, vote, budget_bytes=budget,
                               out_of_core=out_of_core, scratch_dir=scratch,
                               labels_out=labels_ts, probs_out=probs_out,
-                              keep_labels=want_memory, keep_probs=False, progress=progress)
+                              keep_labels=want_memory, keep_probs=False, progress=progress,
+                              uncertainty_out=unc, regrid=regrid)
         labels = pred.labels
         if out_kind == "zarr":
           store.set_array_attrs(out_tmp, attrs)
-        if probs_out is not None:
-          store.set_array_attrs(probs_tmp,
-                                {**attrs, "content": "mean probabilities (Z, Y, X, K)"})
+        if labels_ome is not None:
+          labels_ome.finish(attrs)
+        probs_attrs = {**attrs, "content": "mean probabilities (Z, Y, X, K)"}
+        if probs_ome is not None:
+          probs_ome.finish(probs_attrs)
+        elif probs_out is not None:
+          store.set_array_attrs(probs_tmp, probs_attrs)
         if out_kind == "tiff":
           volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
                                 overwrite=True)
@@ -244,7 +310,14 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
             "vote": vote, "classes": classes, "save_probs": str(save_probs) if save_probs else None,
             "dtype": dtype, "batch_size": int(batch_size), "memory_budget_gb": memory_budget_gb,
             "input_kind": kind, "device": str(jax.devices()[0].device_kind),
+            "voxel_size_um": list(input_um) if input_um is not None else None,
+            "model_voxel_size_um": list(model_um) if model_um is not None else None,
+            "resampled": ({"shape": list(mshape[:3]), "voxel_size_um": list(model_um)}
+                          if regrid is not None else None),
+            "save_uncertainty": str(save_uncertainty) if save_uncertainty else None,
             **pred.info}
+  if unc is not None:
+    result["uncertain_slices"] = unc.top_slices()
   if keep_labels:
     result["labels"] = labels
   return result

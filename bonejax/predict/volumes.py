@@ -12,13 +12,13 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from bonejax import outputs, store
-from bonejax.predict.planesets import one_hot_argmax
+from bonejax.predict.planesets import one_hot_argmax, vote_labels
 
 
 class SlabVolume:
@@ -76,10 +76,12 @@ class SlabVolume:
     for f in pending:
       f.result()
 
-  def add(self, axis: int, s0: int, planes: np.ndarray) -> None:
+  def add(self, axis: int, s0: int, planes: np.ndarray, op: Any = np.add) -> None:
+    """Combines `planes` into the volume in place with `op` (np.add; np.maximum for max)."""
     data = np.moveaxis(planes, 0, axis)
     if not self.on_disk:
-      self.arr[self._index(axis, s0, s0 + planes.shape[0])] += data
+      region = self.arr[self._index(axis, s0, s0 + planes.shape[0])]
+      op(region, data, out=region)
       return
     pending = []
     pieces = self._pieces(axis, s0, data)
@@ -91,7 +93,7 @@ class SlabVolume:
       nxt = next(pieces, None)
       if nxt is not None:
         current = self.arr[nxt[0]].read()  # the next piece is read while this one is added
-      cur += part
+      op(cur, part, out=cur)
       pending.append(self.arr[idx].write(cur))
       if len(pending) > 1:
         pending.pop(0).result()
@@ -125,40 +127,74 @@ def scratch_dir(parent: str | os.PathLike | None, needed: bool) -> Iterator[Path
 
 
 class Accumulator:
-  """The first contribution of a round is written, the others added."""
+  """The first contribution of a round is written, the others combined with `op`."""
 
-  def __init__(self, vol: SlabVolume):
-    self.vol, self.first = vol, True
+  def __init__(self, vol: SlabVolume, op: Any = np.add):
+    self.vol, self.first, self.op = vol, True, op
 
   def add(self, axis: int, s0: int, planes: np.ndarray) -> None:
-    (self.vol.write if self.first else self.vol.add)(axis, s0, planes)
+    if self.first:
+      self.vol.write(axis, s0, planes)
+    else:
+      self.vol.add(axis, s0, planes, self.op)
 
 
 class Fuser:
-  """Sums the plane sets' probabilities (and, for majority voting, their one-hot labels).
+  """Accumulates what the vote needs from every plane set: the summed probabilities, the summed
+  one-hot labels (majority voting, and the uncertainty map's disagreement), the per-class
+  maximum (max-probability fusion).
 
   A sink: `begin()` before a plane set, `add(axis, s0, probs)` per slab, `end(n)` after `n`
   sets. `soft_only`: sets may be summed before rotating back (only the sum is needed).
+  `decide(z0, z1)` then votes a Z slab: (labels, mean probabilities, counts or None).
   """
 
-  def __init__(self, probsum: SlabVolume, counts: SlabVolume | None):
+  def __init__(self, probsum: SlabVolume, counts: SlabVolume | None,
+               probmax: SlabVolume | None = None, vote: str | None = None):
     self.probs = Accumulator(probsum)
     self.counts = Accumulator(counts) if counts is not None else None
+    self.max = Accumulator(probmax, np.maximum) if probmax is not None else None
+    self.vote = vote or ("majority" if counts is not None else "soft")
     self.n_sets = 0
-    self.soft_only = counts is None
+    self.soft_only = counts is None and probmax is None
+
+  @classmethod
+  def create(cls, array: Callable, shape: Sequence[int], k: int, vote: str,
+             keep_counts: bool = False) -> "Fuser":
+    """The accumulators `vote` needs (with the counts also when `keep_counts`: uncertainty),
+    made by `array(name, shape, dtype, channels)` (`Runner.array`: memory or scratch zarr)."""
+    probsum = array("probsum", shape, np.float32, k)
+    counts = (array("votes", shape, np.uint8, k) if vote == "majority" or keep_counts
+              else None)
+    probmax = array("probmax", shape, np.float32, k) if vote == "max" else None
+    return cls(probsum, counts, probmax, vote)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.probs.vol.shape
 
   def begin(self) -> None:
-    self.probs.first = self.n_sets == 0
-    if self.counts is not None:
-      self.counts.first = self.n_sets == 0
+    for acc in (self.probs, self.counts, self.max):
+      if acc is not None:
+        acc.first = self.n_sets == 0
 
   def add(self, axis: int, s0: int, probs: np.ndarray) -> None:
     self.probs.add(axis, s0, probs)
     if self.counts is not None:
       self.counts.add(axis, s0, one_hot_argmax(probs))
+    if self.max is not None:
+      self.max.add(axis, s0, probs)
 
   def end(self, n: int = 1) -> None:
     self.n_sets += n
+
+  def decide(self, z0: int, z1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels (uint8), mean probabilities and the per-class vote counts of slices z0..z1-1."""
+    ps = self.probs.vol.read(0, z0, z1)
+    counts = self.counts.vol.read(0, z0, z1) if self.counts is not None else None
+    top = self.max.vol.read(0, z0, z1) if self.max is not None else None
+    labels = vote_labels(self.vote, ps, counts, top)
+    return labels, ps * np.float32(1.0 / max(self.n_sets, 1)), counts
 
 
 class PerSet:
