@@ -33,6 +33,7 @@ import contextlib
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -137,6 +138,27 @@ def resolve_dataset(config, workdir: Path) -> Path:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("bonejax_phantom")
   return path
+
+
+def training_voxel_size(dataset: store.Dataset, scans) -> list[float] | None:
+  """The (Z, Y, X) voxel size in um the training scans share, for model.json: the predictor
+  resamples inputs of another voxel size to it. None (with a warning) when the scans differ."""
+  from bonejax import resample
+  sizes = []
+  for name in scans:
+    attrs = store.read_group_attrs(dataset.scan_path(name))
+    v = attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um"))
+    try:
+      sizes.append(resample.as_zyx(v) if v is not None else None)
+    except cli.UserError:
+      sizes.append(None)
+  if not sizes or any(v is None for v in sizes):
+    return None
+  if all(resample.same_size(v, sizes[0]) for v in sizes):
+    return [float(x) for x in sizes[0]]
+  print(f"[train] note: the training scans have different voxel sizes ({sorted(set(sizes))} "
+        "um); the bundle records none, so predict.py will not resample inputs", file=sys.stderr)
+  return None
 
 
 def _user(fn, what: str):
@@ -285,7 +307,8 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
       model_name=model_name, model_kwargs=model_kwargs, classes=classes,
       in_channels=int(c.in_channels), normalization=str(c.normalization),
       patch_size=int(c.patch_size), train_axes=list(c.axes), val_scans=list(split.val),
-      train_scans=list(split.train), train_dtype=str(c.dtype))
+      train_scans=list(split.train), train_dtype=str(c.dtype),
+      voxel_size_um=training_voxel_size(dataset, split.train))
   best = best_lib.BestModel(workdir / "best", workdir / "model", best_lib.weights_of(state_shape),
                             meta, primary)
   closers.callback(best.close)
