@@ -18,6 +18,7 @@ strings, numbers, booleans and None), readable by `torch.load(path, weights_only
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -151,6 +152,10 @@ class _Unpickler(pickle.Unpickler):
     self._read_storage = read_storage
 
   def find_class(self, module: str, name: str):
+    # Protocol-2 pickles spell builtins the Python 2 way (__builtin__.set): map as pickle does.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
     try:
       return _ALLOWED[(module, name)]
     except KeyError:
