@@ -82,6 +82,10 @@ def main(argv):
   print(f"wrote {result['bundle']}: {result['arch']} from {result['source_kind']}, "
         f"{result['params']:,} parameters, classes {','.join(result['classes'])}, "
         f"normalisation {result['normalization']}", file=sys.stderr)
+  if "normalization_source" in result:
+    print(f"note: the checkpoint's normalisation {result['normalization_source']!r} has no exact "
+          f"bonejax rule; using {result['normalization']!r} (pass --normalization to choose)",
+          file=sys.stderr)
   return result
 
 

@@ -17,6 +17,7 @@ import pytest
 import bonejax.convert as convert
 from bonejax import bundle, cli, models
 from bonejax.convert import metadata, safetensors_io, torch_pickle, weights
+from smp_reference import random_smp, require
 
 REPO = Path(__file__).resolve().parents[1]
 DLFIT_META = {"architecture": "Unet", "encoder": "resnet18", "num_classes": 3, "in_channels": 1,
@@ -118,10 +119,11 @@ def test_2p5d_checkpoint_keeps_its_depth(tmp_path):
       models.create, "unet_resnet18", num_classes=2, in_channels=5))
   sd = weights.state_dict_from_model("unet_resnet18", model)
   _dlfit(tmp_path / "m.pth", sd, {"architecture": "Unet", "encoder": "resnet18",
-                                  "num_slices": 5, "normalization": "ZScore"})
+                                  "num_slices": 5, "normalization": "minMax"})
   r = convert.import_weights(tmp_path / "m.pth", tmp_path / "b")
   meta = bundle.read_meta(tmp_path / "b")
   assert (r["in_channels"], meta["in_channels"], meta["context_slices"]) == (5, 5, 2)
+  assert (meta["normalization"], meta["normalization_source"]) == ("percentile", "minMax")
 
 
 def _gadget_pth(path):
@@ -198,6 +200,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, smp_sd):
   assert r.returncode == 2 and "exists" in r.stderr and existing.read_text() == "keep"
   r = _cli(f"--pth={cases['gadget'][0]}", f"--to_pth={tmp_path / 'x.pth'}")
   assert r.returncode == 2 and "either" in r.stderr
+  r = _cli("--help")
+  assert r.returncode == 0 and "--to_pth" in r.stdout
   assert not (tmp_path / "pwned").exists()
 
 
@@ -218,24 +222,14 @@ def test_export_refuses_models_smp_does_not_have(tmp_path):
 # --- end to end: a BONe model predicts a phantom in bonejax as it does in PyTorch --------------
 
 def test_bone_unet_r18_predicts_like_smp_in_torch(tmp_path):
-  torch = pytest.importorskip("torch")
-  smp = pytest.importorskip("segmentation_models_pytorch")
+  torch = require("torch")
+  net, _, _ = random_smp("unet_resnet18")  # BatchNorm statistics random, as a trained model's
   import tifffile
   from bonejax import phantom, store
 
   phantom.make_dataset(tmp_path / "data", num_scans=1, shape=(32, 96, 96), seed=3,
                        progress=False)
   scan = store.open_scan(tmp_path / "data" / "scan_000")
-  torch.manual_seed(0)
-  net = smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=3)
-  g = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):  # a trained model's statistics are not 0 / 1
-        m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-        m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-  net.eval()
   torch.save({"model_state": net.state_dict(), "metadata": DLFIT_META}, tmp_path / "bp.pth")
 
   r = _cli(f"--pth={tmp_path / 'bp.pth'}", f"--out={tmp_path / 'bundle'}",

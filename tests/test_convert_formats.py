@@ -16,6 +16,7 @@ import pytest
 
 from bonejax import cli
 from bonejax.convert import safetensors_io, torch_pickle
+from smp_reference import require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,7 +170,7 @@ def test_importing_the_converter_does_not_import_torch():
 # --- against real torch ------------------------------------------------------------------------
 
 def test_files_written_by_torch_are_read(tmp_path):
-  torch = pytest.importorskip("torch")
+  torch = require("torch")
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
   net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
   sd = net.state_dict()  # an OrderedDict with a `_metadata` attribute (BUILD opcode)
@@ -195,7 +196,7 @@ def test_files_written_by_torch_are_read(tmp_path):
 
 
 def test_files_written_here_load_in_torch_weights_only(tmp_path):
-  torch = pytest.importorskip("torch")
+  torch = require("torch")
   obj = collections.OrderedDict((k, v) for k, v in ARRAYS.items() if k != "bf16")
   obj["bf16"] = ARRAYS["bf16"]
   torch_pickle.save({"state": obj, "meta": {"a": [1, 2.5, None, True]}}, tmp_path / "m.pth")
@@ -211,7 +212,7 @@ def test_files_written_here_load_in_torch_weights_only(tmp_path):
 
 
 def test_safetensors_written_here_load_in_the_reference_library(tmp_path):
-  st = pytest.importorskip("safetensors.numpy")
+  st = require("safetensors.numpy")
   arrays = {k: v for k, v in ARRAYS.items() if k not in ("bf16", "empty")}
   safetensors_io.save(arrays, tmp_path / "m.safetensors", {"k": "v"})
   back = st.load_file(str(tmp_path / "m.safetensors"))

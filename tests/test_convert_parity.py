@@ -10,54 +10,11 @@ from flax import nnx
 
 from bonejax import models
 from bonejax.convert import smp_layout, weights
+from smp_reference import random_smp, require
 
-torch = pytest.importorskip("torch")
-smp = pytest.importorskip("segmentation_models_pytorch")
+torch, smp = require("torch", "segmentation_models_pytorch")
 
 ATOL = 1e-4
-SIDE = 64
-
-
-def build_smp(name, **kwargs):
-  """smp's model for a bonejax name, randomly initialised (no download)."""
-  smp_class, encoder = smp_layout.SMP_ARCHS[name]
-  return getattr(smp, smp_class)(encoder_name=encoder, encoder_weights=None, **kwargs)
-
-
-def random_smp(name, in_channels=1, classes=3, seed=0, **kwargs):
-  """(smp model in eval mode with every weight and statistic random, input, its logits).
-
-  Deep random networks drift in scale, so the head is rescaled to give logits of std 2, as a
-  trained model's are O(1): that keeps the absolute tolerance meaningful. The head (and the
-  bilinear up-sampling after it) is linear, so the logits rescale exactly with it.
-  """
-  torch.manual_seed(seed)
-  net = build_smp(name, in_channels=in_channels, classes=classes, **kwargs)
-  g = torch.Generator().manual_seed(seed)
-
-  def uniform(t, lo, hi):
-    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-
-  x = torch.from_numpy(np.random.default_rng(seed).normal(
-      size=(1, in_channels, SIDE, SIDE)).astype(np.float32))
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        uniform(m.running_mean, -0.5, 0.5)
-        uniform(m.running_var, 0.5, 2.0)
-        uniform(m.weight, 0.5, 1.5)
-        uniform(m.bias, -0.5, 0.5)
-      elif isinstance(m, torch.nn.LayerNorm):
-        uniform(m.weight, 0.5, 1.5)
-        uniform(m.bias, -0.1, 0.1)
-      elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
-        uniform(m.bias, -0.1, 0.1)  # smp initialises them to 0
-    net.eval()
-    logits = net(x).numpy()
-    scale = 2.0 / float(logits.std())
-    net.segmentation_head[0].weight.mul_(scale)
-    net.segmentation_head[0].bias.mul_(scale)
-  return net, x, logits * scale
 
 
 def _numpy_sd(net):

@@ -15,6 +15,7 @@ normalisation and patch size come from DLFit's metadata (`metadata`) or the argu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -71,8 +72,6 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
                    patch_size: int | None = None, context_slices: int | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
   """Converts a DLFit checkpoint, smp state dict or .safetensors into a bundle at `out`."""
-  from bonejax import bundle, models  # pylint: disable=import-outside-toplevel
-  from bonejax.convert import weights  # pylint: disable=import-outside-toplevel
   cli.check_output(out, overwrite)
   if normalization is not None and normalization not in intensity.RULES:
     raise cli.UserError(f"--normalization={normalization!r} must be one of "
@@ -81,14 +80,14 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
   info = metadata.interpret(ckpt.metadata)
   sd = ckpt.state_dict
 
-  if arch is not None:
-    smp_layout.smp_arch(arch)  # known and convertible
-    name, seen = arch, _recognised(sd)
-    if seen is not None and seen != arch:
-      raise cli.UserError(f"--arch={arch} does not fit the weights: their keys are those of "
+  if arch is not None or info.get("bonejax_model") in smp_layout.SMP_ARCHS:
+    name = arch or info["bonejax_model"]
+    smp_layout.smp_arch(name)  # known and convertible
+    seen = _recognised(sd)
+    if seen is not None and seen != name:
+      given = f"--arch={name}" if arch else f"the metadata's model {name}"
+      raise cli.UserError(f"{given} does not fit the weights: their keys are those of "
                           f"{seen} (smp {'/'.join(smp_layout.SMP_ARCHS[seen])})")
-  elif info.get("bonejax_model") in smp_layout.SMP_ARCHS:
-    name = info["bonejax_model"]
   else:
     name = smp_layout.BY_SMP[smp_layout.recognise(sd)]
   if info.get("arch") and info["arch"] in smp_layout.BY_SMP and \
@@ -112,6 +111,9 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
                         f"slices) but the weights take {in_channels}")
   k = _context(info, context_slices, in_channels)
   kwargs = smp_layout.infer_kwargs(name, sd)
+  # jax, flax and orbax only from here on: bad input above fails in a fraction of a second.
+  from bonejax import bundle, models  # pylint: disable=import-outside-toplevel
+  from bonejax.convert import weights  # pylint: disable=import-outside-toplevel
   model = weights.model_from_state_dict(name, sd, num_classes=num_classes,
                                         in_channels=in_channels, model_kwargs=kwargs)
   rule = normalization or info.get("normalization") or DEFAULT_NORMALIZATION
@@ -127,7 +129,9 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
   return {"bundle": str(out), "arch": name, "params": models.count_params(model),
           "smp": {"class": smp_class, "encoder_name": encoder, **smp_kwargs(name, kwargs)},
           "in_channels": in_channels, "context_slices": k, "classes": names,
-          "normalization": rule, "patch_size": meta["patch_size"], "source_kind": ckpt.kind}
+          "normalization": rule, "patch_size": meta["patch_size"], "source_kind": ckpt.kind,
+          **({"normalization_source": extra["normalization_source"]}
+             if "normalization_source" in extra else {})}
 
 
 def smp_kwargs(name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -145,14 +149,13 @@ def smp_kwargs(name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
 def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
                    overwrite: bool = False) -> dict[str, Any]:
   """Writes a bundle's model as an smp state dict: `.pth` (torch.save format) or `.safetensors`."""
-  import json  # pylint: disable=import-outside-toplevel
-  from bonejax import bundle, models  # pylint: disable=import-outside-toplevel
-  from bonejax.convert import safetensors_io, torch_pickle, weights  # noqa: E501  pylint: disable=import-outside-toplevel
   to = Path(to)
   if to.suffix.lower() not in EXPORT_SUFFIXES:
     raise cli.UserError(f"--to_pth={str(to)!r} must end in {', '.join(EXPORT_SUFFIXES)}")
   cli.check_output(to, overwrite)
   cli.require_exists(bundle_dir, "model bundle")
+  from bonejax import bundle, models  # pylint: disable=import-outside-toplevel
+  from bonejax.convert import safetensors_io, torch_pickle, weights  # pylint: disable=C0415
   meta = bundle.read_meta(bundle_dir)
   name = meta["model"]
   smp_class, encoder = smp_layout.smp_arch(name)

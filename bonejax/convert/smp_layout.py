@@ -19,7 +19,6 @@ import re
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flax import nnx
 
 from bonejax import cli
 
@@ -160,13 +159,14 @@ def _path_str(path: Iterable[Any]) -> str:
   return ".".join(str(getattr(k, "key", k)) for k in path)
 
 
-def weight_paths(model: nnx.Module) -> list[tuple[tuple[Any, ...], Any]]:
+def weight_paths(model: Any) -> list[tuple[tuple[Any, ...], Any]]:
   """(path, variable) of every parameter and BatchNorm statistic (what a checkpoint holds)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel  # keeps `import` light for the CLI
   state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
   return [(tuple(path), var) for path, var in nnx.to_flat_state(state)]
 
 
-def layout(name: str, model: nnx.Module) -> tuple[list[Entry], list[str]]:
+def layout(name: str, model: Any) -> tuple[list[Entry], list[str]]:
   """Entries for every weight of `model` (abstract or concrete) and the smp BatchNorm modules."""
   table = rules(name)
   entries, bns = [], []

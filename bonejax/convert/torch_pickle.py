@@ -212,13 +212,16 @@ def load(path: str | os.PathLike) -> Any:
     def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
       if key not in storages:
         try:
-          raw = zf.read(f"{prefix}data/{key}")
+          info = zf.getinfo(f"{prefix}data/{key}")
         except KeyError:
           raise cli.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} is missing") \
               from None
-        if len(raw) < numel * dtype.itemsize:
-          raise cli.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} has {len(raw)} "
-                              f"bytes, {numel} x {dtype.itemsize} expected")
+        need = numel * dtype.itemsize
+        if info.file_size < need:  # checked before reading: the size in the pickle is untrusted
+          raise cli.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} has "
+                              f"{info.file_size} bytes, {numel} x {dtype.itemsize} expected")
+        with zf.open(info) as f:
+          raw = f.read(need)
         storages[key] = np.frombuffer(raw, dtype, count=numel)
       stored = storages[key]
       if stored.dtype != dtype:
