@@ -202,7 +202,7 @@ def strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
   while changed and sd:
     changed = False
     for p in _PREFIXES:
-      if all(k.startswith(p) for k in sd) and not any(k.startswith("encoder.") for k in sd):
+      if all(k.startswith(p) for k in sd):
         sd = {k[len(p):]: v for k, v in sd.items()}
         changed = True
   return sd
@@ -271,6 +271,7 @@ def infer_kwargs(name: str, sd: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def head_key(name: str) -> str:
+  del name  # every smp model in the zoo names its head alike
   return "segmentation_head.0.weight"
 
 
