@@ -44,7 +44,8 @@ def _abstract(name, **kw):
 
 def test_registry_has_the_contract_names():
   assert set(CONTRACT_NAMES) <= set(models.MODEL_NAMES)
-  assert any(n in models.MODEL_NAMES for n in ("segformer_b0", "unet_mit_b0"))
+  assert {"segformer_b0", "unet_mit_b0", "unetpp_resnet50", "deeplabv3plus_resnet50"} <= set(
+      models.MODEL_NAMES)
   assert models.STRIDE == 32
 
 
@@ -80,6 +81,15 @@ def test_parameter_counts_match_smp():
   assert models.count_params(_abstract("unet_resnet34")) == 24_430_387
   assert models.count_params(_abstract("unet_resnet50")) == 32_515_123
   assert models.count_params(_abstract("unetpp_resnet18")) == 15_964_467
+
+
+def test_parameter_counts_of_the_other_smp_architectures():
+  # segmentation_models_pytorch 0.6.0's own counts for 1 channel in, 3 classes out;
+  # tests/test_convert_parity.py also compares them live, weight for weight.
+  expected = {"deeplabv3plus_resnet18": 12_323_539, "deeplabv3plus_resnet50": 26_671_827,
+              "unetpp_resnet50": 48_979_763, "segformer_b0": 3_711_779, "unet_mit_b0": 5_546_643}
+  for name, n in expected.items():
+    assert models.count_params(_abstract(name)) == n, name
 
 
 def test_count_params_excludes_batch_stats():

@@ -40,9 +40,12 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unet_resnet50": ("unet_resnet", "UnetResNet", {"encoder": "resnet50"}),
     "unetpp_resnet18": ("unetpp", "UnetPlusPlusResNet", {"encoder": "resnet18"}),
     "unetpp_resnet34": ("unetpp", "UnetPlusPlusResNet", {"encoder": "resnet34"}),
+    "unetpp_resnet50": ("unetpp", "UnetPlusPlusResNet", {"encoder": "resnet50"}),
     "deeplabv3plus_resnet18": ("deeplabv3plus", "DeepLabV3PlusResNet", {"encoder": "resnet18"}),
     "deeplabv3plus_resnet34": ("deeplabv3plus", "DeepLabV3PlusResNet", {"encoder": "resnet34"}),
+    "deeplabv3plus_resnet50": ("deeplabv3plus", "DeepLabV3PlusResNet", {"encoder": "resnet50"}),
     "segformer_b0": ("segformer", "SegFormer", {}),
+    "unet_mit_b0": ("unet_mit", "UnetMiT", {}),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

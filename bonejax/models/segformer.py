@@ -1,19 +1,11 @@
 """SegFormer-B0: segmentation_models_pytorch's `smp.Segformer(encoder_name="mit_b0")`.
 
 Xie et al. 2021, "SegFormer: Simple and Efficient Design for Semantic Segmentation with
-Transformers". Encoder: the Mix Transformer MiT-B0 (NVlabs/SegFormer, as vendored by smp) -
-four stages of overlapping patch embeddings (7x7 stride 4, then 3x3 stride 2; conv + LayerNorm),
-transformer blocks with efficient self-attention (keys/values from a map shrunk by a strided
-conv, reduction ratios 8/4/2/1) and Mix-FFN (linear, 3x3 depthwise conv, GELU, linear), a
-LayerNorm after each stage; dims 32/64/160/256, depths 2/2/2/2, heads 1/2/5/8, MLP ratio 4,
-stochastic depth up to 0.1 (smp's default). Decoder: smp's all-MLP head - a linear layer per
-stage to 256 channels, bilinear resize to 1/4 of the input, concatenation, 1x1 conv-BN-ReLU
-fuse; a 1x1 head with bias whose logits are up-sampled x4 bilinearly (align_corners=True, smp's
-`UpsamplingBilinear2d`).
-
-Tokens stay in NHWC layout throughout: the linear layers act on the channel axis and the
-convolutions need no reshapes. Attention uses `jax.nn.dot_product_attention`, which XLA (or
-cuDNN) fuses on GPU. Stochastic depth draws from the model's own `dropout` RNG stream.
+Transformers". Encoder: the Mix Transformer MiT-B0 (`bonejax.models.mit`). Decoder: smp's
+all-MLP head - a linear layer per stage to 256 channels, bilinear resize to 1/4 of the input
+(align_corners=False), concatenation (deepest first), 1x1 conv-BN-ReLU fuse; a 1x1 head with bias
+whose logits are up-sampled x4 bilinearly (align_corners=True, smp's `UpsamplingBilinear2d`).
+Parameter layout and forward pass match smp one to one (tests/test_convert_parity.py).
 """
 
 from __future__ import annotations
@@ -22,80 +14,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from bonejax.models.layers import (ConvBNAct, activation, check_input, conv2d, layer_norm, linear,
-                                   resize_bilinear)
-
-MIT_B0 = dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), heads=(1, 2, 5, 8),
-              sr_ratios=(8, 4, 2, 1))
-
-
-class Attention(nnx.Module):
-  """Efficient multi-head self-attention with spatial reduction of the keys and values."""
-
-  def __init__(self, dim: int, heads: int, sr: int, **kw):
-    self.heads, self.sr = heads, sr
-    self.q = linear(dim, dim, **kw)
-    self.kv = linear(dim, 2 * dim, **kw)
-    self.proj = linear(dim, dim, **kw)
-    if sr > 1:
-      self.reduce = conv2d(dim, dim, sr, stride=sr, padding=0, bias=True, **kw)
-      self.norm = layer_norm(dim, 1e-5, **kw)
-
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    q = self.q(x).reshape(b, h * w, self.heads, c // self.heads)
-    kv_in = self.norm(self.reduce(x)) if self.sr > 1 else x
-    kv = self.kv(kv_in).reshape(b, -1, 2, self.heads, c // self.heads)
-    out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
-    return self.proj(out.reshape(b, h, w, c))
-
-
-class MixFFN(nnx.Module):
-
-  def __init__(self, dim: int, hidden: int, **kw):
-    self.fc1 = linear(dim, hidden, **kw)
-    self.dwconv = conv2d(hidden, hidden, 3, groups=hidden, bias=True, **kw)
-    self.fc2 = linear(hidden, dim, **kw)
-
-  def __call__(self, x):
-    return self.fc2(activation("gelu")(self.dwconv(self.fc1(x))))
-
-
-class Block(nnx.Module):
-
-  def __init__(self, dim: int, heads: int, sr: int, drop_path: float, **kw):
-    self.norm1 = layer_norm(dim, 1e-6, **kw)
-    self.attn = Attention(dim, heads, sr, **kw)
-    self.norm2 = layer_norm(dim, 1e-6, **kw)
-    self.mlp = MixFFN(dim, 4 * dim, **kw)
-    # Stochastic depth = dropout of a whole sample's residual branch.
-    self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=kw["rngs"])
-
-  def __call__(self, x):
-    x = x + self.drop_path(self.attn(self.norm1(x)))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class Stage(nnx.Module):
-
-  def __init__(self, cin: int, dim: int, depth: int, heads: int, sr: int, first: bool,
-               drop_paths, **kw):
-    k, s = (7, 4) if first else (3, 2)
-    embed_kw = {**kw, "dtype": jnp.float32} if first else kw  # see layers.FP32_EDGES
-    self.embed = conv2d(cin, dim, k, stride=s, bias=True, **embed_kw)
-    self.embed_norm = layer_norm(dim, 1e-5, **kw)
-    self.blocks = nnx.List([Block(dim, heads, sr, float(drop_paths[i]), **kw)
-                            for i in range(depth)])
-    self.norm = layer_norm(dim, 1e-6, **kw)
-
-  def __call__(self, x):
-    x = self.embed_norm(self.embed(x))
-    for blk in self.blocks:
-      x = blk(x)
-    return self.norm(x)
+from bonejax.models.layers import ConvBNAct, check_input, conv2d, linear, resize_bilinear
+from bonejax.models.mit import MIT_B0, mit_stages, run_stages
 
 
 class SegFormer(nnx.Module):
@@ -107,15 +29,9 @@ class SegFormer(nnx.Module):
                drop_path_rate: float = 0.1, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    dims, depths = MIT_B0["dims"], MIT_B0["depths"]
-    dpr = np.linspace(0.0, float(drop_path_rate), sum(depths))  # the usual linear decay
+    dims = MIT_B0["dims"]
     self.dtype, self.in_channels = dtype, in_channels
-    stages, cin, start = [], in_channels, 0
-    for i, (dim, depth) in enumerate(zip(dims, depths)):
-      stages.append(Stage(cin, dim, depth, MIT_B0["heads"][i], MIT_B0["sr_ratios"][i], i == 0,
-                          dpr[start:start + depth], **kw))
-      cin, start = dim, start + depth
-    self.stages = nnx.List(stages)
+    self.stages = mit_stages(in_channels, drop_path_rate, **kw)
     c = int(decoder_channels)
     self.mlps = nnx.List([linear(d, c, **kw) for d in dims[::-1]])  # deepest first, as smp
     self.fuse = ConvBNAct(len(dims) * c, c, 1, **kw)
@@ -124,10 +40,7 @@ class SegFormer(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, "segformer")
     h, w = x.shape[1:3]
-    y, feats = x.astype(jnp.float32), []
-    for stage in self.stages:
-      y = stage(y)
-      feats.append(y)
+    feats = run_stages(self.stages, x)
     size = (h // 4, w // 4)
     y = jnp.concatenate([resize_bilinear(mlp(f), size)
                          for mlp, f in zip(self.mlps, feats[::-1])], axis=-1)
