@@ -7,9 +7,12 @@ import os
 import numpy as np
 import pytest
 
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
 napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 if not os.environ.get("DISPLAY"):
+  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
+    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
   pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
               allow_module_level=True)
 
@@ -152,3 +155,27 @@ def test_bad_and_foreign_paths(make_napari_viewer, tmp_path, monkeypatch):
   fn = reader.get_reader(str(bad))
   assert fn(str(bad)) == [(None,)]  # napari's "nothing to add"
   assert len(shown) == 1 and "is not valid JSON" in shown[0] and "\n" not in shown[0]
+
+
+def _has_entry_point():
+  import importlib.metadata
+  try:
+    eps = importlib.metadata.distribution("bonejax").entry_points
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return any(ep.group == "napari.manifest" for ep in eps)
+
+
+@pytest.mark.skipif(not _has_entry_point(), reason="bonejax is installed without the "
+                    "napari.manifest entry point (an install older than the plugin)")
+def test_napari_opens_a_dataset_through_the_installed_plugin(make_napari_viewer, dataset):
+  # Drag and drop: napari picks the reader from the installed plugin's manifest.
+  from npe2 import PluginManager
+  pm = PluginManager.instance()
+  if "bonejax" not in {m.name for m in pm.iter_manifests()}:
+    pm.discover(include_npe1=False)
+  viewer = make_napari_viewer()
+  added = viewer.open(str(dataset / "scan_001"), plugin="bonejax")
+  assert [layer.name for layer in added] == ["scan_001", "scan_001 labels"]
+  v = store.open_scan(dataset / "scan_001").voxel_size_um
+  np.testing.assert_allclose(added[1].scale, [v, v, v])
