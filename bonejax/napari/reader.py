@@ -131,9 +131,11 @@ def open_array(p: Path) -> tuple[Any, dict[str, Any]]:
 def array_voxel_size(p: Path, attrs: dict[str, Any]) -> float | None:
   if attrs.get("voxel_size_um"):
     return float(attrs["voxel_size_um"])
-  sources = [s for s in (attrs.get("source"),) if s and Path(s).exists()]
-  scan_dir = p.parent if p.name in ("image", "labels") else None
-  return report.voxel_size_of(*sources, *(s for s in (scan_dir,) if s is not None))
+  candidates = [attrs.get("source"),
+                 # demo.py names its held-out scan: WORKDIR/prediction.zarr beside WORKDIR/data
+                 p.parent / "data" / attrs["scan"] if isinstance(attrs.get("scan"), str) else None,
+                 p.parent if p.name in ("image", "labels") else None]
+  return report.voxel_size_of(*(c for c in candidates if c and Path(c).exists()))
 
 
 def array_classes(p: Path, attrs: dict[str, Any]) -> list[str] | None:

@@ -88,6 +88,7 @@ class TrainWidget(QWidget):
     box.addWidget(self.plot, 1)
     self._source_changed(0)
 
+    self.extra: dict[str, Any] = {}  # loaded --config.KEY overrides the form has no field for
     self.proc = None
     self._worker = None
     self._stopping = False
@@ -134,7 +135,7 @@ class TrainWidget(QWidget):
     if o.get("dataset"):
       self.dataset.setText(str(o.pop("dataset")))
       self.source.setCurrentIndex(1)
-    self.extra = o  # other --config.KEY overrides ride along unchanged
+    self.extra = o
 
   def _save_dialog(self) -> None:
     path, _ = QFileDialog.getSaveFileName(self, "Save settings", "", "JSON (*.json)")
@@ -161,7 +162,7 @@ class TrainWidget(QWidget):
       return
     try:
       config, workdir = self.config.text(), self.workdir.text()
-      overrides = dict(getattr(self, "extra", {}), **self.overrides())
+      overrides = dict(self.extra, **self.overrides())
       if self.source.currentIndex() == 1 and not overrides.get("dataset"):
         raise cli.UserError("choose a dataset directory")
       tp.check_settings(config, workdir, overrides)
