@@ -18,7 +18,7 @@ if not os.environ.get("DISPLAY"):
 from flax import nnx  # noqa: E402
 
 from bonejax import bundle, models, phantom, predict, report, store  # noqa: E402
-from bonejax.napari import jobs, reader  # noqa: E402
+from bonejax.napari import jobs, predict_widget, reader  # noqa: E402
 from bonejax.napari.predict_widget import PredictWidget  # noqa: E402
 
 CLASSES = ["background", "bone", "pore"]
@@ -94,6 +94,31 @@ def test_predict_widget_gives_predict_volumes_labels(make_napari_viewer, qtbot, 
   assert pred[1]["metadata"]["bonejax"]["classes"] == CLASSES
 
 
+@pytest.mark.skipif(not (predict_widget.HAS_UNCERTAINTY and predict_widget.HAS_OME_ZARR),
+                    reason="this bonejax has no uncertainty maps or OME-Zarr writer")
+def test_uncertainty_layer_and_ome_zarr_output(make_napari_viewer, qtbot, files, tmp_path):
+  from bonejax import uncertainty
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  out = tmp_path / "pred.ome.zarr"
+  w.uncertainty.setChecked(True)
+  w.output.setText(str(out))
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  scan = store.open_scan(files["scan"])
+  b = bundle.load_bundle(files["model"])
+  labels, probs = predict.predict_volume(b, scan.read_image(), stats=scan.stats,
+                                         rule=b.normalization, planes=3, return_probs=True)
+  np.testing.assert_array_equal(viewer.layers["scan_000 prediction"].data, labels)
+  np.testing.assert_array_equal(viewer.layers["scan_000 uncertainty"].data,
+                                uncertainty.maps(probs, None, labels, 1)[..., 0])
+  (data, kwargs, kind) = reader.read(str(out))[0]
+  assert kind == "labels" and kwargs["metadata"]["bonejax"]["classes"] == CLASSES
+  np.testing.assert_allclose(kwargs["scale"], [scan.voxel_size_um] * 3)
+  np.testing.assert_array_equal(np.asarray(data[0] if kwargs.get("multiscale") else data),
+                                labels)
+
+
 def test_cancel_mid_run_leaves_no_output(make_napari_viewer, qtbot, files, tmp_path,
                                          monkeypatch):
   viewer, w = widget_for(make_napari_viewer, qtbot, files)
@@ -165,7 +190,6 @@ def test_bad_input_is_a_message_and_writes_nothing(make_napari_viewer, qtbot, fi
 
 def test_weights_file_needs_the_converter(make_napari_viewer, qtbot, files, tmp_path,
                                           monkeypatch):
-  from bonejax.napari import predict_widget
   viewer, w = widget_for(make_napari_viewer, qtbot, files)
   pth = tmp_path / "model.pth"
   pth.write_bytes(b"not really")
