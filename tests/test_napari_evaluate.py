@@ -100,7 +100,8 @@ def test_html_report(make_napari_viewer, qtbot, tmp_path):
   w.write()
   assert w.status.error is None, w.status.text()
   page = (tmp_path / "eval.html").read_text()
-  assert page.startswith("<!DOCTYPE html>") and "miou" in page.lower()
+  assert page.startswith("<!DOCTYPE html>") and "Per class" in page and "porosity" in page
+  assert w.status.text().endswith("eval.html")
 
 
 def test_labels_past_the_class_count_are_a_message(make_napari_viewer, qtbot, tmp_path,

@@ -199,6 +199,44 @@ def test_weights_file_needs_the_converter(make_napari_viewer, qtbot, files, tmp_
   assert not w.busy and "convert_weights.py" in w.status.error
 
 
+FAKE_CONVERTER = """
+import shutil, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+if open(args["pth"], "rb").read() != b"weights":
+  print("error: not a PyTorch checkpoint", file=sys.stderr)
+  sys.exit(2)
+shutil.copytree(%r, args["out"])
+print("{}")
+"""
+
+
+def test_weights_file_is_converted_first(make_napari_viewer, qtbot, files, tmp_path,
+                                         monkeypatch):
+  # The converter's command line (--pth, --out) and its one-line errors; converting itself is
+  # launch/convert_weights.py's (tests/test_convert*.py).
+  from bonejax.napari import predict_widget
+  converter = tmp_path / "convert_weights.py"
+  converter.write_text(FAKE_CONVERTER % str(files["model"]))
+  monkeypatch.setattr(predict_widget, "CONVERTER", converter)
+  monkeypatch.setattr(predict_widget.tempfile, "gettempdir", lambda: str(tmp_path / "cache"))
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"junk")
+  w.model.setText(str(bad))
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error == "not a PyTorch checkpoint"
+  good = tmp_path / "model.pth"
+  good.write_bytes(b"weights")
+  w.model.setText(str(good))
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  assert "scan_000 prediction" in viewer.layers
+  (converted,) = (tmp_path / "cache" / "bonejax-napari-bundles").iterdir()
+  assert converted.name.startswith("model-") and (converted / "model.json").exists()
+
+
 def test_colours_match_the_reports(files):
   from bonejax.napari import layers
   assert layers.label_colours(3) == {None: layers.OTHER_LABEL, 1: report.colour(1),

@@ -142,6 +142,10 @@ def test_ome_zarr_image_with_a_label_image(make_napari_viewer, dataset, tmp_path
   assert list(lab.features["class"]) == CLASSES
   np.testing.assert_allclose(lab.colormap.color_dict[1], [1, 0, 0, 1])
   assert lab.metadata["bonejax"]["voxel_size_um"] == 2.5
+  # The widgets take a multiscale layer's full resolution.
+  from bonejax.napari import layers, predict_widget
+  assert layers.data_of(img).shape == image.shape
+  predict_widget.check_layer(img, {"in_channels": 1})
 
 
 def test_bad_and_foreign_paths(make_napari_viewer, tmp_path, monkeypatch):

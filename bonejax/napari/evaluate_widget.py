@@ -31,13 +31,14 @@ HAS_HTML = (importlib.util.find_spec("bonejax.html_report") is not None and
 def check_pair(pred, truth) -> None:
   if pred is None or truth is None:
     raise cli.UserError("choose a prediction and a truth labels layer")
+  shapes = []
   for what, layer in (("prediction", pred), ("truth", truth)):
-    if layer.data.ndim != 3:
-      raise cli.UserError(f"{what} layer {layer.name!r} has shape {tuple(layer.data.shape)}; "
-                          f"evaluation needs 3D (Z, Y, X) labels")
-  if tuple(pred.data.shape) != tuple(truth.data.shape):
-    raise cli.UserError(f"prediction shape {tuple(pred.data.shape)} != truth shape "
-                        f"{tuple(truth.data.shape)}")
+    shapes.append(tuple(layers.data_of(layer).shape))
+    if len(shapes[-1]) != 3:
+      raise cli.UserError(f"{what} layer {layer.name!r} has shape {shapes[-1]}; evaluation "
+                          f"needs 3D (Z, Y, X) labels")
+  if shapes[0] != shapes[1]:
+    raise cli.UserError(f"prediction shape {shapes[0]} != truth shape {shapes[1]}")
 
 
 def evaluate_layers(pred, truth, html: bool = False) -> report.Evaluation:
@@ -50,7 +51,7 @@ def evaluate_layers(pred, truth, html: bool = False) -> report.Evaluation:
     paths = []
     for name, layer in (("pred", pred), ("truth", truth)):
       path = Path(tmp) / f"{name}.npy"
-      np.save(path, np.asarray(layer.data))
+      np.save(path, np.asarray(layers.data_of(layer)))
       paths.append(path)
     ev = report.evaluate(*paths, classes=classes, voxel_size_um=voxel, progress=False, **extra)
   ev.result["pred"] = layers.source_of(pred) or pred.name

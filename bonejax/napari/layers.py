@@ -110,6 +110,11 @@ def labels_layer(data, name: str, classes: Sequence[str] | None, *,
 # ---------------------------------------------------------------------------------------------
 
 
+def data_of(layer):
+  """A layer's full-resolution array (level 0 of a multiscale layer)."""
+  return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
 def info(layer) -> dict[str, Any]:
   return dict((getattr(layer, "metadata", None) or {}).get(KEY) or {})
 

@@ -54,7 +54,7 @@ def check_layer(layer, meta: dict[str, Any]) -> None:
   """Bad input before any work: no layer, not 3D, channels the bundle does not take."""
   if layer is None:
     raise cli.UserError("choose an image layer")
-  shape = tuple(layer.data.shape)
+  shape = tuple(layers.data_of(layer).shape)
   rgb = bool(getattr(layer, "rgb", False))
   spatial = len(shape) - (1 if rgb else 0)
   if spatial == 2:
@@ -289,7 +289,7 @@ class PredictWidget(QWidget):
       planes = int(self.planes.currentText())
       axis = self.axis.currentIndex() if planes == 1 else None
       info = layers.info(layer)
-      volume = as_array(layer.data)
+      volume = as_array(layers.data_of(layer))
     except Exception as e:  # pylint: disable=broad-except
       self.status.fail(qt.user_message(e))
       return

@@ -203,7 +203,7 @@ class TrainWidget(QWidget):
     image, labels = self.image.layer(), self.labels.layer()
     if image is None or labels is None:
       raise cli.UserError("choose an image layer and a labels layer")
-    img, lab = np.asarray(image.data), np.asarray(labels.data)
+    img, lab = np.asarray(layers.data_of(image)), np.asarray(layers.data_of(labels))
     classes = tp.check_layer_pair(img, lab, layers.classes_of(labels) or
                                   layers.classes_of(image))
     return (image.name, img, lab, classes,
@@ -252,7 +252,12 @@ class TrainWidget(QWidget):
     self.result = result
     stopped = self._stopping
     self._finish()
-    if result is not None:
+    if result is not None and stopped and result.get("stopped") != "num_steps":
+      # A trainer that answers Ctrl-C with a checkpoint at the step it stopped and its result.
+      self.status.say(f"stopped at step {result.get('steps')} ({result.get('stopped')}); newest "
+                      f"checkpoint: step {tp.latest_checkpoint(self._workdir)}: Start resumes "
+                      f"from it")
+    elif result is not None:
       self.status.say(line)
     elif stopped:
       ckpt = tp.latest_checkpoint(self._workdir)
