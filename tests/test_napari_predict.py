@@ -188,6 +188,23 @@ def test_bad_input_is_a_message_and_writes_nothing(make_napari_viewer, qtbot, fi
   assert list((tmp_path / "old.zarr").iterdir()) == []
 
 
+def test_the_layers_own_file_is_never_the_output(make_napari_viewer, qtbot, files, tmp_path):
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  src = tmp_path / "image.zarr"  # an image array read by the reader, then chosen as output
+  image = store.open_scan(files["scan"]).read_image()
+  store.create_array(src, image.shape, image.dtype).write(image).result()
+  store.set_array_attrs(src, {"source": "test"})
+  for data in reader.get_reader(str(src))(str(src)):
+    viewer._add_layer_from_data(*data)
+  w.image.select("image")
+  w.output.setText(str(src))
+  w.overwrite.setChecked(True)
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert "would destroy the input" in w.status.error
+  np.testing.assert_array_equal(store.open_array(src).read().result(), image)
+
+
 def test_weights_file_needs_the_converter(make_napari_viewer, qtbot, files, tmp_path,
                                           monkeypatch):
   viewer, w = widget_for(make_napari_viewer, qtbot, files)

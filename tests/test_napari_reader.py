@@ -97,6 +97,15 @@ def test_prediction_and_probabilities_take_the_source_scans_voxel_size(make_napa
   assert [c.name for c in channels] == [f"probs p({c})" for c in CLASSES]
   np.testing.assert_allclose(channels[1].scale, [v, v, v])
   np.testing.assert_array_equal(np.asarray(channels[2].data), probs[..., 2])
+  # Uncertainty maps (predict.py --save_uncertainty): named uint8 channels, images not labels.
+  unc = np.stack([labels * 40, labels * 80], axis=-1).astype(np.uint8)
+  store.create_array(tmp_path / "unc.zarr", unc.shape, np.uint8).write(unc).result()
+  store.set_array_attrs(tmp_path / "unc.zarr", {"classes": CLASSES, "source": str(scan.path),
+                                                "channels": ["entropy", "disagreement"]})
+  maps = open_in(viewer, tmp_path / "unc.zarr")
+  assert [m.name for m in maps] == ["unc entropy", "unc disagreement"]
+  assert {type(m).__name__ for m in maps} == {"Image"}
+  np.testing.assert_allclose(maps[0].scale, [v, v, v])
 
 
 def write_ome_group(path, attrs):

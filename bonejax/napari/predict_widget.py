@@ -4,10 +4,12 @@ What launch/predict.py does, on the volume already open: the same `predict_volum
 sets, voting, memory budget, compute dtype) with the bundle's normalisation rule and, for a
 layer read from a scan, the scan's stored intensity statistics. The labels come back as a
 labels layer (class names and colours from the bundle, the image's scale), optionally with one
-probability layer per class. An optional output (.zarr labels with attributes, or .tif) is
-claimed at the start and written under a temporary name, renamed when complete: Cancel, or a
-failure, leaves nothing at that path. A `.pth` / `.safetensors` model is converted to a bundle
-first by launch/convert_weights.py when this bonejax has it.
+probability layer per class and an uncertainty (entropy) layer. An optional output (.zarr labels
+with attributes, .ome.zarr, or .tif) is claimed at the start and written under a temporary
+name, renamed when complete: Cancel, or a failure, leaves nothing at that path. A `.pth` /
+`.safetensors` model is first converted to a bundle (cached under the temp directory) by
+launch/convert_weights.py, when this bonejax has it. Unlike predict.py, the layer is predicted
+on its own grid (no resampling to the model's voxel size).
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: i
   uncertainty = uncertainty and HAS_UNCERTAINTY
   with contextlib.ExitStack() as stack:
     # Claimed before the work, written under a temporary name: Cancel leaves nothing there.
-    tmp = stack.enter_context(cli.atomic_output(output, overwrite)) if output else None
+    # The file a layer was read from is an input: never overwritten.
+    inputs = [attrs["source"]] if Path(str(attrs.get("source"))).exists() else []
+    tmp = stack.enter_context(cli.atomic_output(output, overwrite, inputs)) if output else None
     t0 = time.perf_counter()
     out = predict_volume(b, volume, stats=stats, rule=b.normalization, planes=planes, axis=axis,
                          vote=vote, memory_budget_gb=memory_budget_gb,

@@ -4,8 +4,9 @@
 so napari falls back to other readers for everything else:
   DATA/ (dataset.json)        every scan: image + labels layers, class names from dataset.json
   DATA/scan_000 (zarr group)  its image (stored statistics as contrast limits) and labels
-  pred.zarr (zarr array)      labels (integers) or an image (floats); (Z, Y, X, K) mean
-                              probabilities as one image layer per class
+  pred.zarr (zarr array)      labels (integers with class names, as predict.py writes them)
+                              or an image; (Z, Y, X, K) mean probabilities as one image
+                              layer per class
   x.ome.zarr                  OME-NGFF 0.4 / 0.5 (see ngff)
 Scale is the voxel size in micrometres (a prediction takes its source scan's when it has none).
 Bad input (a damaged scan, a dataset.json that does not parse) is one napari notification,
@@ -152,17 +153,29 @@ def read_array(p: Path) -> list[tuple]:
   name = p.name[:-5] if p.name.endswith(".zarr") else p.name
   v = array_voxel_size(p, attrs)
   classes = array_classes(p, attrs)
-  if arr.rank == 3 and np.issubdtype(dtype, np.integer) and p.name != "image":
+  # Labels: predictions name their classes (predict.py, demo.py), a scan's labels/ has them in
+  # dataset.json; any other integer array is an image (a uint16 volume is not a segmentation).
+  is_labels = attrs.get("classes") or (p.name == "labels" and store.is_scan(p.parent))
+  if arr.rank == 3 and np.issubdtype(dtype, np.integer) and is_labels:
     return [layers.labels_layer(layers.volume(arr), name, classes, voxel_size_um=v, source=p)]
-  if arr.rank == 4 and np.issubdtype(dtype, np.floating):
-    # (Z, Y, X, K) mean probabilities: one image layer per class, coloured as the class.
+  if arr.rank == 4 and arr.shape[3] <= 16:
+    # Channels last: (Z, Y, X, K) mean probabilities, one layer per class in the class's colour;
+    # other channels (uncertainty maps: entropy, disagreement) one layer each.
     k = int(arr.shape[3])
-    names = classes if classes and len(classes) == k else [f"class_{i}" for i in range(k)]
+    probs = np.issubdtype(dtype, np.floating) and classes and len(classes) == k
+    names = (list(attrs.get("channels") or []) if not probs else classes) or []
+    if len(names) != k:
+      names = [f"class_{i}" for i in range(k)] if np.issubdtype(dtype, np.floating) \
+          else [str(i) for i in range(k)]
     data, kwargs, _ = layers.image_layer(layers.volume(arr), name, voxel_size_um=v, source=p)
-    kwargs.update(channel_axis=3, name=[f"{name} p({c})" for c in names],
-                  colormap=["gray"] + [_colormap(i) for i in range(1, k)],
-                  contrast_limits=[(0.0, 1.0)] * k, blending="additive",
-                  visible=[i > 0 for i in range(k)])
+    kwargs.update(channel_axis=3, blending="additive")
+    if np.issubdtype(dtype, np.floating):
+      kwargs.update(name=[f"{name} p({c})" for c in names], contrast_limits=[(0.0, 1.0)] * k,
+                    colormap=["gray"] + [_colormap(i) for i in range(1, k)],
+                    visible=[i > 0 for i in range(k)])
+    else:
+      kwargs.update(name=[f"{name} {c}" for c in names], colormap="magma",
+                    visible=[i == 0 for i in range(k)])
     return [(data, kwargs, "image")]
   if arr.rank in (3, 4):
     return [layers.image_layer(layers.volume(arr), name, voxel_size_um=v, source=p)]
