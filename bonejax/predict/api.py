@@ -185,8 +185,10 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
   shape = tuple(regrid.out_shape) if regrid is not None else vol.shape
   try:
     if progress:
-      runner.progress = cli.Progress(total=runner.total_planes(sets), desc="predict",
-                                     unit="planes")
+      # A caller's own cli.Progress (a GUI's bar; its update may raise to cancel), else a line.
+      runner.progress = progress if isinstance(progress, cli.Progress) else cli.Progress(
+          desc="predict", unit="planes")
+      runner.progress.total = runner.total_planes(sets)
     fuser = Fuser.create(runner.array, shape, k, vote, keep_counts=uncertainty_out is not None)
     runner.run(sets, fuser if regrid is None else regrid.sink(fuser, runner))
     if runner.progress is not None:
@@ -233,7 +235,8 @@ def predict_volume(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
   Returns labels, or (labels, mean probabilities) with `return_probs` (and the run's info
   dict appended with `return_info`). Runs out of core (scratch zarr under `scratch_dir`, default
   the system temp dir) when the in-memory arrays would exceed `memory_budget_gb`, or when
-  `out_of_core=True`. `engine_kw`: batch_size, dtype, device_memory_gb, tile_size, tile_overlap,
+  `out_of_core=True`. `progress`: True (a stderr line) or a `cli.Progress` to update.
+  `engine_kw`: batch_size, dtype, device_memory_gb, tile_size, tile_overlap,
   stride (see `make_engine`).
   """
   check_vote(vote)

@@ -1,0 +1,245 @@
+"""launch/train.py as a child process: its command line, the widget's settings, its progress.
+
+Training runs in its own process (the viewer stays responsive, and JAX, the data stream and
+orbax live and die with it), started exactly as a user would start it from a shell:
+`python launch/train.py --config=C --workdir=W --config.KEY=VALUE ...`. Stop is Ctrl-C: SIGINT,
+which the trainer answers by ending its loop and waiting for its checkpoint writes; the run
+resumes from the newest checkpoint in WORKDIR when started again (same command). Progress is
+read from the files the trainer writes anyway: WORKDIR/metrics.csv (crash-safe appends) and
+WORKDIR/checkpoints/STEP/.
+
+Settings (config, workdir and the `--config.KEY` overrides) load from and save to a JSON file:
+  {"config": "configs/demo.py", "workdir": "/tmp/run",
+   "overrides": {"num_steps": 400, "batch_size": 16, "patch_size": 64, "dataset": "/data"}}
+A JSON object of overrides alone loads too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import bonejax
+from bonejax import cli, store
+
+REPO = Path(bonejax.__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+DEMO_CONFIG = REPO / "configs" / "demo.py"
+STDOUT, STDERR = "napari-train.out", "napari-train.log"
+LAYERS_DATASET = "layers-data"  # WORKDIR/layers-data: image and labels layers imported
+VAL_FRACTION = 0.2              # of the slices of a layer pair, the last ones: validation
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings.
+# ---------------------------------------------------------------------------------------------
+
+
+def config_file(spec: str) -> Path:
+  """The file of a `configs/x.py[:arg]` spec (relative to the repository when not found)."""
+  path = spec.partition(":")[0]
+  p = Path(path)
+  if not p.is_absolute() and not p.exists() and (REPO / p).exists():
+    p = REPO / p
+  return p
+
+
+def check_settings(config: str, workdir: str, overrides: dict[str, Any]) -> None:
+  if not TRAIN.exists():
+    raise cli.UserError(f"training needs launch/train.py from a bonejax checkout; not found at "
+                        f"{TRAIN}")
+  if not config:
+    raise cli.UserError("choose a config file (configs/demo.py is the demo)")
+  if not config_file(config).is_file():
+    raise cli.UserError(f"config file {config.partition(':')[0]!r} does not exist")
+  if not workdir:
+    raise cli.UserError("choose a run directory (workdir)")
+  if Path(workdir).exists() and not Path(workdir).is_dir():
+    raise cli.UserError(f"workdir {workdir!r} exists and is not a directory")
+  dataset = overrides.get("dataset")
+  if dataset:
+    check_dataset(dataset)
+
+
+def check_dataset(path: str | os.PathLike) -> store.Dataset:
+  p = Path(path)
+  if not p.is_dir():
+    raise cli.UserError(f"dataset {str(p)!r} is not a directory")
+  if not (p / store.DATASET_JSON).exists():
+    raise cli.UserError(f"{str(p)!r} is not a dataset (no {store.DATASET_JSON}); import scans "
+                        f"with launch/import_volume.py, or train on layers")
+  return store.open_dataset(p)
+
+
+def command(config: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
+  cfg = config_file(config)
+  arg = config.partition(":")[2]
+  argv = [sys.executable, "-u", str(TRAIN), f"--config={cfg}{':' + arg if arg else ''}",
+          f"--workdir={workdir}"]
+  for key, value in overrides.items():
+    if isinstance(value, (list, tuple)):
+      value = ",".join(str(v) for v in value)
+    argv.append(f"--config.{key}={value}")
+  return argv
+
+
+def save_settings(path: str | os.PathLike, config: str, workdir: str,
+                  overrides: dict[str, Any]) -> None:
+  cli.atomic_write_json(path, {"config": config, "workdir": workdir,
+                               "overrides": dict(overrides)})
+
+
+def load_settings(path: str | os.PathLike) -> dict[str, Any]:
+  """{"config", "workdir", "overrides"} (missing ones None / {}) from a settings JSON."""
+  p = cli.require_exists(path, "settings file")
+  try:
+    data = json.loads(p.read_text())
+  except (OSError, ValueError) as e:
+    raise cli.UserError(f"{str(p)!r} is not a JSON settings file: {cli._one_line(e)}") from None
+  if not isinstance(data, dict):
+    raise cli.UserError(f"{str(p)!r} must hold a JSON object")
+  if "overrides" in data or "config" in data or "workdir" in data:
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+      raise cli.UserError(f"{str(p)!r}: overrides must be a JSON object")
+    return {"config": data.get("config"), "workdir": data.get("workdir"),
+            "overrides": overrides}
+  return {"config": None, "workdir": None, "overrides": data}
+
+
+# ---------------------------------------------------------------------------------------------
+# A dataset from layers.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_layer_pair(image: np.ndarray, labels: np.ndarray,
+                     classes: Sequence[str] | None) -> list[str]:
+  """The class names of an image / labels layer pair to train on (bad input: UserError)."""
+  if image.ndim != 3:
+    raise cli.UserError(f"the image layer must be 3D (Z, Y, X), got shape {image.shape}")
+  if labels.shape != image.shape:
+    raise cli.UserError(f"labels shape {labels.shape} != image shape {image.shape}")
+  if image.shape[0] < 2:
+    raise cli.UserError("the volume needs at least 2 slices (training and validation parts)")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise cli.UserError(f"labels must be integers, got {labels.dtype}")
+  hi = int(labels.max()) if labels.size else 0
+  if classes is None:
+    classes = ["background"] + [f"class_{k}" for k in range(1, max(hi, 1) + 1)]
+  store.validate_labels(labels, image.shape, len(classes))
+  return list(classes)
+
+
+def import_layers(out: str | os.PathLike, name: str, image: np.ndarray, labels: np.ndarray,
+                  classes: Sequence[str], voxel_size_um: float | None) -> Path:
+  """Writes the pair as a two-scan dataset: the first slices train, the last validate.
+
+  One volume cannot be split by scan, and a split by interleaved slices leaks near-copies into
+  validation; a contiguous block of the last ~20 % of slices is the least leaky split of one
+  volume (it touches training only at one face).
+  """
+  z = image.shape[0]
+  n_val = min(max(1, int(round(VAL_FRACTION * z))), z - 1)
+  attrs = {"source": f"napari layer {name}", "voxel_size_um": voxel_size_um or 1.0,
+           "classes": list(classes)}
+  with cli.atomic_output(out, overwrite=False) as tmp:
+    tmp.mkdir(parents=True)
+    for scan, sl in (("train", slice(0, z - n_val)), ("val", slice(z - n_val, z))):
+      store.write_scan(tmp / scan, image[sl], labels[sl].astype(np.uint8), attrs,
+                       num_classes=len(classes))
+    store.write_dataset_json(tmp, classes, ["train", "val"])
+  return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The process and what it leaves in WORKDIR.
+# ---------------------------------------------------------------------------------------------
+
+_LIVE: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
+
+
+def start(argv: list[str], workdir: str | os.PathLike) -> subprocess.Popen:
+  """Starts the run with stdout and stderr in WORKDIR files (a pipe nobody drains would block
+  the trainer)."""
+  w = Path(workdir)
+  w.mkdir(parents=True, exist_ok=True)
+  with open(w / STDOUT, "w") as out, open(w / STDERR, "w") as err:
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+  _LIVE.add(proc)
+  return proc
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+  """Ctrl-C: the trainer stops its loop and waits for its checkpoint writes."""
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGINT)
+
+
+@atexit.register
+def _stop_all() -> None:
+  # Closing napari stops its training runs as Ctrl-C would (they resume later).
+  for proc in list(_LIVE):
+    interrupt(proc)
+
+
+def metrics_rows(workdir: str | os.PathLike) -> list[dict[str, str]]:
+  from bonejax.train import curves
+  path = Path(workdir) / "metrics.csv"
+  if not path.exists():
+    return []
+  try:
+    return curves.read_rows(path)
+  except OSError:
+    return []
+
+
+def series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]]:
+  xs, ys = [], []
+  for r in rows:
+    try:
+      x, y = int(r["step"]), float(r[key])
+    except (KeyError, TypeError, ValueError):
+      continue
+    xs.append(x)
+    ys.append(y)
+  return xs, ys
+
+
+def latest_checkpoint(workdir: str | os.PathLike) -> int | None:
+  """The newest complete checkpoint step (orbax renames a step into place when written)."""
+  d = Path(workdir) / "checkpoints"
+  if not d.is_dir():
+    return None
+  steps = [int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()]
+  return max(steps) if steps else None
+
+
+def outcome(workdir: str | os.PathLike, returncode: int) -> tuple[dict[str, Any] | None, str]:
+  """(result JSON or None, one line for the status) of a finished run."""
+  w = Path(workdir)
+  out = (w / STDOUT).read_text() if (w / STDOUT).exists() else ""
+  err = (w / STDERR).read_text() if (w / STDERR).exists() else ""
+  result = None
+  lines = [ln for ln in out.splitlines() if ln.strip()]
+  if returncode == 0 and lines:
+    try:
+      result = json.loads(lines[-1])
+    except ValueError:
+      result = None
+  if result is not None:
+    best = result.get("best_val_miou")
+    best = f"{best:.4f}" if isinstance(best, (int, float)) else "n/a"
+    return result, (f"finished at step {result.get('steps')} ({result.get('stopped')}); best "
+                    f"validation miou_fg {best} at step {result.get('best_step')}; model: "
+                    f"{result.get('model_dir')}")
+  errors = [ln[len("error:"):].strip() for ln in err.splitlines() if ln.startswith("error:")]
+  return None, errors[-1] if errors else f"launch/train.py exited with status {returncode}"

@@ -1,0 +1,260 @@
+"""The Predict widget: the labels of predict_volume, on a worker thread; Cancel mid-run leaves
+nothing; bad input is a message in the widget and nothing written."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+if not os.environ.get("DISPLAY"):
+  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
+    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
+  pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
+              allow_module_level=True)
+
+from flax import nnx  # noqa: E402
+
+from bonejax import bundle, models, phantom, predict, report, store  # noqa: E402
+from bonejax.napari import jobs, predict_widget, reader  # noqa: E402
+from bonejax.napari.predict_widget import PredictWidget  # noqa: E402
+
+CLASSES = ["background", "bone", "pore"]
+WAIT_MS = 300_000
+
+
+def make_bundle(path, in_channels=1):
+  """A tiny classic U-Net bundle, weights drawn by numpy (no slow eager initialisation)."""
+  kwargs = {"depth": 2, "width": 4}
+  abstract = nnx.eval_shape(lambda: models.create("unet", num_classes=len(CLASSES),
+                                                  in_channels=in_channels, rngs=nnx.Rngs(0),
+                                                  **kwargs))
+  meta = bundle.make_meta(model_name="unet", model_kwargs=kwargs, classes=CLASSES,
+                          in_channels=in_channels, normalization="percentile", patch_size=32,
+                          train_axes=[0, 1, 2])
+  bundle.save_bundle(path, models.fill_from_numpy(abstract, 0), meta)
+  return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("napari-predict")
+  phantom.make_dataset(root / "data", num_scans=1, shape=(32, 32, 32), seed=5, progress=False)
+  return {"scan": root / "data" / "scan_000", "model": make_bundle(root / "model"),
+          "model2": make_bundle(root / "model2", in_channels=2)}
+
+
+def open_scan(viewer, path):
+  for data in reader.get_reader(str(path))(str(path)):
+    viewer._add_layer_from_data(*data)
+
+
+def widget_for(make_napari_viewer, qtbot, files):
+  viewer = make_napari_viewer()
+  open_scan(viewer, files["scan"])
+  w = PredictWidget(viewer)
+  qtbot.addWidget(w)
+  w.model.setText(str(files["model"]))
+  w.image.select("scan_000")
+  return viewer, w
+
+
+def test_predict_widget_gives_predict_volumes_labels(make_napari_viewer, qtbot, files, tmp_path):
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  out = tmp_path / "pred.zarr"
+  w.planes.setCurrentText("3")
+  w.vote.setCurrentText("soft")
+  w.probs.setChecked(True)
+  w.output.setText(str(out))
+  w.start()
+  assert w.busy and not w.run_button.isEnabled() and w.cancel_button.isEnabled()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  scan = store.open_scan(files["scan"])
+  b = bundle.load_bundle(files["model"])
+  want, probs = predict.predict_volume(b, scan.read_image(), stats=scan.stats,
+                                       rule=b.normalization, planes=3, vote="soft",
+                                       return_probs=True)
+  layer = viewer.layers["scan_000 prediction"]
+  np.testing.assert_array_equal(layer.data, want)
+  np.testing.assert_allclose(layer.scale, [scan.voxel_size_um] * 3)
+  assert list(layer.features["class"]) == CLASSES
+  np.testing.assert_allclose(viewer.layers["scan_000 p(pore)"].data, probs[..., 2], atol=1e-6)
+  saved = store.open_array(out).read().result()
+  np.testing.assert_array_equal(saved, want)
+  attrs = store.array_attrs(out)
+  assert attrs["classes"] == CLASSES and attrs["planes"] == 3
+  assert attrs["voxel_size_um"] == pytest.approx(scan.voxel_size_um)
+  assert w.bar.value() == w.bar.maximum()
+  assert "voxels/s" in w.status.text() and w.result["voxels_per_second"] > 0
+  # The saved prediction reads back with the scan's scale and the classes.
+  (pred,) = reader.read(str(out))
+  assert pred[1]["metadata"]["bonejax"]["classes"] == CLASSES
+
+
+@pytest.mark.skipif(not (predict_widget.HAS_UNCERTAINTY and predict_widget.HAS_OME_ZARR),
+                    reason="this bonejax has no uncertainty maps or OME-Zarr writer")
+def test_uncertainty_layer_and_ome_zarr_output(make_napari_viewer, qtbot, files, tmp_path):
+  from bonejax import uncertainty
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  out = tmp_path / "pred.ome.zarr"
+  w.uncertainty.setChecked(True)
+  w.output.setText(str(out))
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  scan = store.open_scan(files["scan"])
+  b = bundle.load_bundle(files["model"])
+  labels, probs = predict.predict_volume(b, scan.read_image(), stats=scan.stats,
+                                         rule=b.normalization, planes=3, return_probs=True)
+  np.testing.assert_array_equal(viewer.layers["scan_000 prediction"].data, labels)
+  np.testing.assert_array_equal(viewer.layers["scan_000 uncertainty"].data,
+                                uncertainty.maps(probs, None, labels, 1)[..., 0])
+  (data, kwargs, kind) = reader.read(str(out))[0]
+  assert kind == "labels" and kwargs["metadata"]["bonejax"]["classes"] == CLASSES
+  np.testing.assert_allclose(kwargs["scale"], [scan.voxel_size_um] * 3)
+  np.testing.assert_array_equal(np.asarray(data[0] if kwargs.get("multiscale") else data),
+                                labels)
+
+
+def test_cancel_mid_run_leaves_no_output(make_napari_viewer, qtbot, files, tmp_path,
+                                         monkeypatch):
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  out_dir = tmp_path / "out"
+  w.output.setText(str(out_dir / "pred.zarr"))
+  update = jobs.JobProgress.update
+  seen = []
+
+  def cancel_after_first_slab(self, n=1, extra=""):
+    # Cancel as the user would, once the first slab of planes has gone through the model.
+    seen.append(n)
+    self.cancel()
+    update(self, n, extra)
+
+  monkeypatch.setattr(jobs.JobProgress, "update", cancel_after_first_slab)
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert seen == [seen[0]] and 0 < seen[0] < w._progress.total  # stopped after one slab
+  assert w.status.text().startswith("cancelled") and w.status.error is None
+  assert [layer.name for layer in viewer.layers] == ["scan_000", "scan_000 labels"]
+  # Nothing at the output: no labels, no temporary, no lock, not even the folder made for it.
+  assert not out_dir.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cancel_button(make_napari_viewer, qtbot, files, tmp_path):
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  w.output.setText(str(tmp_path / "pred.tif"))
+  w.start()
+  qtbot.mouseClick(w.cancel_button, __import__("qtpy").QtCore.Qt.LeftButton)
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.text().startswith("cancelled")
+  assert list(tmp_path.iterdir()) == []
+  assert len(viewer.layers) == 2
+
+
+def test_bad_input_is_a_message_and_writes_nothing(make_napari_viewer, qtbot, files, tmp_path,
+                                                   monkeypatch):
+  shown = []
+  monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  out = tmp_path / "pred.zarr"
+  w.output.setText(str(out))
+
+  def attempt():
+    w.start()
+    assert not w.busy  # refused before any work
+    assert w.status.error and "\n" not in w.status.error
+    assert shown[-1] == f"bonejax: {w.status.error}"
+    return w.status.error
+
+  w.model.setText(str(files["model2"]))  # a 2-channel model on a 1-channel layer
+  assert "1 channel(s)" in attempt() and "expects 2" in attempt()
+  w.model.setText(str(tmp_path / "nothing"))
+  assert "does not exist" in attempt()
+  w.model.setText(str(files["model"]))
+  viewer.add_image(np.zeros((32, 32), np.float32), name="slice")
+  w.image.select("slice")
+  assert "2D" in attempt()
+  w.image.select("scan_000")
+  w.output.setText(str(tmp_path / "pred.png"))
+  assert "must end in" in attempt()
+  (tmp_path / "old.zarr").mkdir()  # exists, and overwrite is not ticked
+  w.output.setText(str(tmp_path / "old.zarr"))
+  assert "exists" in attempt()
+  assert [p.name for p in tmp_path.iterdir()] == ["old.zarr"] and len(viewer.layers) == 3
+  assert list((tmp_path / "old.zarr").iterdir()) == []
+
+
+def test_the_layers_own_file_is_never_the_output(make_napari_viewer, qtbot, files, tmp_path):
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  src = tmp_path / "image.zarr"  # an image array read by the reader, then chosen as output
+  image = store.open_scan(files["scan"]).read_image()
+  store.create_array(src, image.shape, image.dtype).write(image).result()
+  store.set_array_attrs(src, {"source": "test"})
+  for data in reader.get_reader(str(src))(str(src)):
+    viewer._add_layer_from_data(*data)
+  w.image.select("image")
+  w.output.setText(str(src))
+  w.overwrite.setChecked(True)
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert "would destroy the input" in w.status.error
+  np.testing.assert_array_equal(store.open_array(src).read().result(), image)
+
+
+def test_weights_file_needs_the_converter(make_napari_viewer, qtbot, files, tmp_path,
+                                          monkeypatch):
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  pth = tmp_path / "model.pth"
+  pth.write_bytes(b"not really")
+  monkeypatch.setattr(predict_widget, "CONVERTER", tmp_path / "absent.py")
+  w.model.setText(str(pth))
+  w.start()
+  assert not w.busy and "convert_weights.py" in w.status.error
+
+
+FAKE_CONVERTER = """
+import shutil, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+if open(args["pth"], "rb").read() != b"weights":
+  print("error: not a PyTorch checkpoint", file=sys.stderr)
+  sys.exit(2)
+shutil.copytree(%r, args["out"])
+print("{}")
+"""
+
+
+def test_weights_file_is_converted_first(make_napari_viewer, qtbot, files, tmp_path,
+                                         monkeypatch):
+  # The converter's command line (--pth, --out) and its one-line errors; converting itself is
+  # launch/convert_weights.py's (tests/test_convert*.py).
+  from bonejax.napari import predict_widget
+  converter = tmp_path / "convert_weights.py"
+  converter.write_text(FAKE_CONVERTER % str(files["model"]))
+  monkeypatch.setattr(predict_widget, "CONVERTER", converter)
+  monkeypatch.setattr(predict_widget.tempfile, "gettempdir", lambda: str(tmp_path / "cache"))
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"junk")
+  w.model.setText(str(bad))
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error == "not a PyTorch checkpoint"
+  good = tmp_path / "model.pth"
+  good.write_bytes(b"weights")
+  w.model.setText(str(good))
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  assert "scan_000 prediction" in viewer.layers
+  (converted,) = (tmp_path / "cache" / "bonejax-napari-bundles").iterdir()
+  assert converted.name.startswith("model-") and (converted / "model.json").exists()
+
+
+def test_colours_match_the_reports(files):
+  from bonejax.napari import layers
+  assert layers.label_colours(3) == {None: layers.OTHER_LABEL, 1: report.colour(1),
+                                     2: report.colour(2)}

@@ -1,0 +1,156 @@
+"""The Train widget: launch/train.py in a child process, stopped with Ctrl-C after its first
+checkpoint and resumed from it; settings as JSON; layers imported as a dataset; bad input is a
+message and starts nothing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+if not os.environ.get("DISPLAY"):
+  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
+    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
+  pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
+              allow_module_level=True)
+
+from bonejax import store  # noqa: E402
+from bonejax.napari import layers  # noqa: E402
+from bonejax.napari import train_process as tp  # noqa: E402
+from bonejax.napari.train_widget import TrainWidget  # noqa: E402
+
+SMOKE = f"{tp.DEMO_CONFIG}:smoke"  # 32-px patches of a 3-scan phantom; checkpoints every 3 steps
+WAIT_MS = 400_000
+
+
+def make_widget(make_napari_viewer, qtbot, workdir):
+  viewer = make_napari_viewer()
+  w = TrainWidget(viewer)
+  qtbot.addWidget(w)
+  w.config.setText(SMOKE)
+  w.workdir.setText(str(workdir))
+  return viewer, w
+
+
+def last_step(workdir):
+  rows = tp.metrics_rows(workdir)
+  return int(rows[-1]["step"]) if rows else 0
+
+
+def test_start_stop_and_resume(make_napari_viewer, qtbot, tmp_path):
+  workdir = tmp_path / "run"
+  _, w = make_widget(make_napari_viewer, qtbot, workdir)
+  w.steps.setValue(1000)
+  w.start()
+  assert w.running and w.stop_button.isEnabled() and not w.start_button.isEnabled()
+  # metrics.csv logs every 2 steps: a row at step 4 means the step-3 checkpoint was started.
+  qtbot.waitUntil(lambda: last_step(workdir) >= 4 or not w.running, timeout=WAIT_MS)
+  assert w.running, w.status.text()
+  w.stop()
+  qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  ckpt = tp.latest_checkpoint(workdir)
+  assert ckpt is not None and ckpt >= 3
+  assert "Start resumes" in w.status.text() or (w.result and w.result["stopped"] != "num_steps")
+  assert w.plot.steps and w.plot.steps[-1] >= 4  # the live plot followed metrics.csv
+  # Start again: it resumes from that checkpoint and finishes at the steps asked.
+  w.steps.setValue(ckpt + 3)
+  w.start()
+  qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  assert w.result["resumed_from"] == ckpt and w.result["steps"] == ckpt + 3
+  assert "finished at step" in w.status.text()
+  assert (workdir / "model" / "model.json").exists()
+
+
+def test_settings_round_trip(make_napari_viewer, qtbot, tmp_path):
+  _, w = make_widget(make_napari_viewer, qtbot, tmp_path / "run")
+  w.steps.setValue(250)
+  w.batch.setValue(8)
+  w.source.setCurrentIndex(1)
+  w.dataset.setText(str(tmp_path / "data"))
+  path = tmp_path / "settings.json"
+  w.save_settings(str(path))
+  saved = json.loads(path.read_text())
+  assert saved == {"config": SMOKE, "workdir": str(tmp_path / "run"),
+                   "overrides": {"num_steps": 250, "batch_size": 8,
+                                 "dataset": str(tmp_path / "data")}}
+  _, w2 = make_widget(make_napari_viewer, qtbot, "")
+  w2.load_settings(str(path))
+  assert (w2.steps.value(), w2.batch.value(), w2.patch.value()) == (250, 8, 0)
+  assert w2.source.currentIndex() == 1 and w2.overrides() == saved["overrides"]
+  # A bare object of overrides loads too, as --config.KEY=VALUE would set them.
+  (tmp_path / "flat.json").write_text(json.dumps({"num_steps": 7, "seed": 3}))
+  w2.load_settings(str(tmp_path / "flat.json"))
+  assert w2.steps.value() == 7 and w2.extra == {"seed": 3}
+  assert tp.command(SMOKE, "/w", {"num_steps": 7, "val_scans": ("a", "b")})[-2:] == [
+      "--config.num_steps=7", "--config.val_scans=a,b"]
+
+
+def test_layers_become_a_dataset(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+  viewer, w = make_widget(make_napari_viewer, qtbot, tmp_path / "run")
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 4000, (20, 32, 32)).astype(np.uint16)
+  labels = (image > 2000).astype(np.uint8)
+  viewer.add_image(image, name="ct", scale=(5, 5, 5))
+  lab, kwargs, _ = layers.labels_layer(labels, "seg", ["background", "bone"], voxel_size_um=5)
+  viewer.add_labels(lab, **kwargs)
+  launched = []
+  monkeypatch.setattr(tp, "start", lambda argv, workdir: launched.append(argv) or _Done())
+  w.source.setCurrentIndex(2)
+  w.image.select("ct")
+  w.labels.select("seg")
+  w.start()
+  qtbot.waitUntil(lambda: bool(launched) or w.status.error is not None, timeout=60_000)
+  assert w.status.error is None, w.status.text()
+  data = tmp_path / "run" / tp.LAYERS_DATASET
+  assert f"--config.dataset={data}" in launched[0]
+  ds = store.open_dataset(data)
+  assert ds.classes == ["background", "bone"] and ds.scans == ["train", "val"]
+  train, val = ds.open_scan("train"), ds.open_scan("val")
+  assert train.shape == (16, 32, 32) and val.shape == (4, 32, 32)
+  np.testing.assert_array_equal(np.concatenate([train.read_image(), val.read_image()]), image)
+  np.testing.assert_array_equal(val.read_labels(), labels[16:])
+  assert train.voxel_size_um == 5
+  qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+
+
+class _Done:
+  """A child process that has already exited with an error (the launch is what is tested)."""
+  pid = 0
+
+  def poll(self):
+    return 2
+
+
+def test_bad_input_starts_nothing(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+  shown = []
+  monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+  viewer, w = make_widget(make_napari_viewer, qtbot, tmp_path / "run")
+  monkeypatch.setattr(tp, "start", lambda *a: pytest.fail("must not start"))
+  (tmp_path / "plain").mkdir()
+  w.source.setCurrentIndex(1)
+  w.dataset.setText(str(tmp_path / "plain"))  # a directory without dataset.json
+  w.start()
+  assert "is not a dataset (no dataset.json)" in w.status.error and not w.running
+  assert shown == [f"bonejax: {w.status.error}"]
+  w.source.setCurrentIndex(0)
+  w.config.setText(str(tmp_path / "nope.py"))
+  w.start()
+  assert "does not exist" in w.status.error
+  w.config.setText(SMOKE)
+  w.source.setCurrentIndex(2)
+  image = np.zeros((8, 16, 16), np.float32)
+  lab = np.zeros((8, 16, 16), np.uint8)
+  lab[0, 0, 0] = 3  # past the two classes the layer names
+  viewer.add_image(image, name="ct")
+  data, kwargs, _ = layers.labels_layer(lab, "seg", ["background", "bone"])
+  viewer.add_labels(data, **kwargs)
+  w.image.select("ct")
+  w.labels.select("seg")
+  w.start()
+  assert "label value 3 >= number of classes 2" in w.status.error and not w.running
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no workdir, no dataset
