@@ -153,6 +153,7 @@ def _lax_conv(x, k, spec):
     dict(kernel=(7, 7), stride=(2, 2), dilation=(1, 1), padding=((3, 3), (3, 3))),
     dict(kernel=(1, 1), stride=(2, 2), dilation=(1, 1), padding=((0, 0), (0, 0))),
     dict(kernel=(2, 3), stride=(1, 2), dilation=(1, 1), padding=((0, 1), (1, 0))),
+    dict(kernel=(5, 5), stride=(1, 1), dilation=(1, 1), padding=((2, 2), (2, 2))),
 ])
 def test_rows_lowering_equals_the_convolution(geom):
   spec = ConvSpec(batch=2, height=12, width=10, cin=5, cout=4, groups=1, dtype="float32",
@@ -162,7 +163,10 @@ def test_rows_lowering_equals_the_convolution(geom):
   k = jnp.asarray(rng.normal(size=geom["kernel"] + (5, 4)), jnp.float32)
   want = _lax_conv(x, k, spec)
   assert want.shape[1:3] == spec.out_hw
-  for how in conv_lowering.candidates(spec):
+  hows = conv_lowering.candidates(spec)
+  if geom["stride"] == (1, 1):
+    assert "taps" in hows and ("blocks" in hows) == (geom["dilation"] == (1, 1))
+  for how in hows:
     got = conv_lowering.apply(how, x, k, spec)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
@@ -184,7 +188,7 @@ def test_planner_policies(tmp_path, monkeypatch):
   assert Planner("dots", cache=False).choose(depthwise) == "xla"  # nothing else applies
   assert Planner("dots", cache=False, backend="gpu").choose(big) == "xla"  # GPUs keep cuDNN
   monkeypatch.setattr(conv_lowering, "native_bf16_dots", lambda: True)
-  assert Planner("auto", cache=False).choose(big) == "rows"
+  assert Planner("auto", cache=False).choose(big) == "taps"
   assert Planner("auto", cache=False).choose(
       ConvSpec(4, 256, 256, 16, 16, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1,
                "bfloat16")) == "xla"
@@ -220,3 +224,33 @@ def test_measurement_inside_jit_picks_a_lowering_per_shape(tmp_path, monkeypatch
   measured = [c for c in fast.planner.choices.values() if "seconds" in c]
   assert measured and all(c["choice"] == min(c["seconds"], key=c["seconds"].get)
                           for c in measured)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_lowering_gradients(dtype):
+  """Training through the dot lowering: float32 gradients equal the convolution's; bf16 ones
+  (bf16 cotangents, float32 accumulation: `conv_lowering._dot_bf16`) stay close to them."""
+  spec = ConvSpec(batch=2, height=8, width=8, cin=16, cout=8, kernel=(3, 3), stride=(2, 2),
+                  dilation=(1, 1), padding=((1, 1), (1, 1)), groups=1, dtype=dtype)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(2, 4, 4, 8)), jnp.float32)
+
+  def loss(fn):
+    return lambda x, k: jnp.sum(jnp.square(fn(x.astype(dtype), k.astype(dtype)) - t))
+
+  want = jax.grad(loss(lambda x, k: _lax_conv(x.astype(jnp.float32), k.astype(jnp.float32),
+                                              spec)), argnums=(0, 1))(x, k)
+  got = jax.jit(jax.grad(loss(lambda x, k: conv_lowering.conv_rows(x, k, spec)),
+                         argnums=(0, 1)))(x, k)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+    assert rel < (1e-5 if dtype == "float32" else 2e-2), rel
+  if dtype == "bfloat16":  # the backward runs bf16 dots, not float32 ones
+    text = jax.jit(jax.grad(loss(lambda x, k: conv_lowering.conv_rows(x, k, spec)),
+                            argnums=(0, 1))).lower(x, k).as_text()
+    operands = [l.split(" : (")[1].split(") ->")[0] for l in text.splitlines()
+                if "dot_general" in l]
+    assert len(operands) == 9 and all("f32" not in o for o in operands)

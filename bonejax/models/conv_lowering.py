@@ -9,16 +9,24 @@ runs 2-6x faster than XLA's convolution where the layer is compute-bound (few pi
 channels: a ResNet's deep stages), and slower where it is memory-bound (the concatenation
 triples the input traffic: large maps with few channels). Hence a per-layer choice, not a switch:
 
-  "xla"   lax.conv_general_dilated (cuDNN on GPU, XLA/YNNPACK on CPU)
-  "rows"  KH dot_generals over the column-shifted input, float32 accumulation (any stride,
-          dilation and padding; groups == 1; a 1x1 convolution is a single dot)
+  "xla"     lax.conv_general_dilated (cuDNN on GPU, XLA/YNNPACK on CPU)
+  "rows"    KH dot_generals over the column-shifted input, float32 accumulation (any stride,
+            dilation and padding; groups == 1; a 1x1 convolution is a single dot)
+  "taps"    one dot over the padded input into KH*KW outputs per pixel, then the sum of the
+            shifted products (stride 1; no input copy: best on small maps, many channels)
+  "blocks"  the convolution on 2x2 pixel blocks (space-to-depth: 4x channels), as "taps"
+            (stride 1, dilation 1: for few channels on large maps)
+
+XLA's CPU backend also computes bf16 concatenations in float32 (convert, concatenate, convert
+back), which makes the input-side copies of "rows" dearer than their byte count; "taps" and
+"blocks" avoid them.
 
 `Planner` makes the choice for a `ConvSpec` (the static shape of one call) under a policy:
 
   "xla"      always XLA (the reference; the GPU path)
   "dots"     "rows" wherever it applies (tests; forcing the lowering)
-  "auto"     deterministic rule: "rows" only on a CPU backend with native bf16 dots, in bf16,
-             on layers whose measured class favours it (see `_auto_rule`); XLA elsewhere
+  "auto"     deterministic rule: the dot lowerings only on a CPU backend with native bf16
+             dots, in bf16, on layers whose measured class favours them (`_auto_rule`)
   "measure"  time each candidate on this machine once per spec (median of interleaved runs)
              and keep the faster; results are cached in memory and in a JSON file per machine
              (`cache_path()`), so a user pays the measurement once. Off the CPU: "xla".
@@ -46,7 +54,7 @@ import numpy as np
 from jax import lax
 
 POLICIES = ("xla", "dots", "auto", "measure")
-LOWERINGS = ("xla", "rows")
+LOWERINGS = ("xla", "rows", "taps", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +94,17 @@ class ConvSpec:
 
 def candidates(spec: ConvSpec) -> tuple[str, ...]:
   """Lowerings that can compute `spec` (XLA always can)."""
-  if spec.groups == 1:
-    return LOWERINGS
-  return ("xla",)
+  if spec.groups != 1:
+    return ("xla",)
+  out = ["xla", "rows"]
+  unit_stride = spec.stride == (1, 1)
+  if unit_stride and spec.kernel != (1, 1):
+    out.append("taps")
+  ho, wo = spec.out_hw
+  if (unit_stride and spec.dilation == (1, 1) and spec.kernel != (1, 1)
+      and ho % 2 == 0 and wo % 2 == 0):
+    out.append("blocks")
+  return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +121,42 @@ def conv_xla(x, kernel, spec: ConvSpec):
       preferred_element_type=jnp.float32)
 
 
+@jax.custom_vjp
+def _dot_bf16(a, w):
+  """(..., K) x (K, O) in bf16 with a float32 result, whose backward also runs bf16 dots.
+
+  Plain autodiff would contract the float32 cotangent with the bf16 operands, a mixed dot that
+  XLA computes in float32 (the slow path this lowering exists to avoid). Rounding the cotangent
+  to bf16 first is what PyTorch's autocast backward does too; accumulation stays float32.
+  """
+  return lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _dot_bf16_fwd(a, w):
+  return _dot_bf16(a, w), (a, w)
+
+
+def _dot_bf16_bwd(res, g):
+  a, w = res
+  g = g.astype(a.dtype)
+  da = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
+                       preferred_element_type=jnp.float32).astype(a.dtype)
+  dw = lax.dot_general(a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]),
+                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return da, dw.astype(w.dtype)
+
+
+_dot_bf16.defvjp(_dot_bf16_fwd, _dot_bf16_bwd)
+
+
+def _dot(a, w):
+  if a.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16:
+    return _dot_bf16(a, w)
+  return lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
 def conv_rows(x, kernel, spec: ConvSpec):
   """KH dot products over the KW column shifts of `x` concatenated along channels."""
   (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
@@ -119,12 +171,86 @@ def conv_rows(x, kernel, spec: ConvSpec):
   for r in range(kh):
     rows = lax.slice_in_dim(xc, r * dh, r * dh + (ho - 1) * sh + 1, sh, axis=1)
     w = kernel[r].reshape(kw * kernel.shape[2], kernel.shape[3])
-    y = lax.dot_general(rows, w, (((3,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    y = _dot(rows, w)
     out = y if out is None else out + y
   return out
 
 
-LOWERING_FNS = {"xla": conv_xla, "rows": conv_rows}
+def conv_taps(x, kernel, spec: ConvSpec):
+  """Every tap on the output side: one dot (B*Hp*Wp, C) x (C, KH*KW*O) over the padded input,
+  then the sum of KH*KW shifted slices of the float32 product (one fused loop). Nothing is
+  copied on the input side but the padding; the product is KH*KW outputs wide. Stride 1."""
+  (kh, kw), (dh, dw) = spec.kernel, spec.dilation
+  ho, wo = spec.out_hw
+  (pt, pb), (pl, pr) = spec.padding
+  if pt or pb or pl or pr:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  c, o = kernel.shape[2], kernel.shape[3]
+  wide = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c, kh * kw * o)
+  y = _dot(x, wide).reshape(x.shape[:3] + (kh * kw, o))
+  out = None
+  for r in range(kh):
+    for j in range(kw):
+      t = y[:, r * dh:r * dh + ho, j * dw:j * dw + wo, r * kw + j]
+      out = t if out is None else out + t
+  return out
+
+
+def block_kernel(kernel):
+  """(KH, KW, C, O) -> (T, T, 4C, 4O), T = K//2 + 1: the kernel of the same convolution on
+  2x2 pixel blocks. Output pixel 2i+b reads padded input 2i+b+t = block i+ti, element a with
+  t = 2*ti + a - b; taps outside the kernel are zeros (1.8x the FLOPs of a 3x3 kernel)."""
+  kh, kw, c, o = kernel.shape
+  th, tw = kh // 2 + 1, kw // 2 + 1
+  rows = []
+  for ti in range(th):
+    cols = []
+    for tj in range(tw):
+      blocks = []  # (ai, aj) x (bi, bj) blocks of C x O
+      for ai in range(2):
+        for aj in range(2):
+          line = []
+          for bi in range(2):
+            for bj in range(2):
+              r, q = 2 * ti + ai - bi, 2 * tj + aj - bj
+              line.append(kernel[r, q] if 0 <= r < kh and 0 <= q < kw
+                          else jnp.zeros((c, o), kernel.dtype))
+          blocks.append(jnp.concatenate(line, axis=1))  # C x 4O
+      cols.append(jnp.concatenate(blocks, axis=0))  # 4C x 4O
+    rows.append(jnp.stack(cols))
+  return jnp.stack(rows)  # (T, T, 4C, 4O)
+
+
+def conv_blocks(x, kernel, spec: ConvSpec):
+  """The convolution on 2x2 pixel blocks (space-to-depth): 4x the channels in and out, a
+  (K//2+1)^2 kernel. Layers with few channels on large maps (a U-Net decoder's last stages,
+  16-64 channels at 128-256 px) run XLA's convolution at a few % of the CPU's peak; as blocks
+  they become one dense dot (B*Hb*Wb, 4C) x (4C, T*T*4O), which bf16 matrix units run well
+  even with the 1.8x FLOPs of the zero taps. Stride 1, dilation 1, even output sides."""
+  kh, kw = spec.kernel
+  ho, wo = spec.out_hw
+  th, tw = kh // 2 + 1, kw // 2 + 1
+  (pt, _), (pl, _) = spec.padding
+  b, h, w, c = x.shape
+  # Pad so that the padded sides are exactly 2 * (blocks of output + T - 1).
+  hp, wp = ho + 2 * (th - 1), wo + 2 * (tw - 1)
+  x = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)))
+  x = x.reshape(b, hp // 2, 2, wp // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, hp // 2, wp // 2, 4 * c)
+  k = block_kernel(kernel)
+  o = kernel.shape[3]
+  wide = jnp.transpose(k, (2, 0, 1, 3)).reshape(4 * c, th * tw * 4 * o)
+  y = _dot(x, wide).reshape(x.shape[:3] + (th * tw, 4 * o))
+  out = None
+  for r in range(th):
+    for j in range(tw):
+      t = y[:, r:r + ho // 2, j:j + wo // 2, r * tw + j]
+      out = t if out is None else out + t
+  out = out.reshape(b, ho // 2, wo // 2, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(b, ho, wo, o)
+
+
+LOWERING_FNS = {"xla": conv_xla, "rows": conv_rows, "taps": conv_taps, "blocks": conv_blocks}
 
 
 def apply(how: str, x, kernel, spec: ConvSpec):
@@ -155,19 +281,20 @@ def native_bf16_dots() -> bool:
 def _auto_rule(spec: ConvSpec) -> str:
   """The no-measurement choice on a CPU with native bf16 dots, in bf16.
 
-  From `benchmarks/cpu_conv_lowering.py` on a 2-core Xeon with AMX: the dot lowering wins where
-  each output pixel carries a lot of work relative to the bytes it moves, i.e. many channels on
-  small maps (16^2 x 512, 32^2 x 256: 3-6x), and loses on large maps with few channels
-  (128^2 x 64, 256^2 x 16). The threshold below keeps "rows" to the clear wins.
+  From `benchmarks/cpu_conv_lowering.py` on a 2-core Xeon with AMX (unet_resnet18's layers,
+  batch 4): the dot lowerings win where each pixel carries many channels on a small map - the
+  ResNet's last stages and the decoder's first blocks, 8^2-32^2 px with 128-768 channels: 2.6-12x
+  faster than XLA's convolution ("taps" for stride 1, "rows" for stride 2) - and a 1x1
+  convolution is a plain dot; XLA's convolution stays on the large maps with few channels
+  (64^2 and up), where the lowerings' extra memory traffic costs more than the dots save.
   """
+  cmin = min(spec.cin, spec.cout)
   if spec.groups != 1:
     return "xla"
-  cmin = min(spec.cin, spec.cout)
-  pixels = spec.height * spec.width
-  if cmin >= 256:
+  if spec.kernel == (1, 1):
     return "rows"
-  if cmin >= 128 and pixels <= 64 * 64:
-    return "rows"
+  if spec.height * spec.width <= 32 * 32 and cmin >= 128:
+    return "taps" if spec.stride == (1, 1) else "rows"
   return "xla"
 
 
@@ -195,8 +322,10 @@ def cache_path() -> Path:
 
 
 def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
-                   min_seconds: float = 0.02) -> dict[str, float]:
+                   min_seconds: float = 0.02, train: bool = False) -> dict[str, float]:
   """Median seconds per call of each lowering (conv + bias, output in the compute dtype).
+
+  train=True times forward and backward (gradients of input and kernel) instead.
 
   Runs are interleaved (a, b, a, b, ...) so that load from other processes hits all alike.
   Called at trace time, so it evaluates eagerly whatever trace is live.
@@ -209,8 +338,15 @@ def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
     k = jnp.asarray(rng.standard_normal(spec.kernel + (spec.cin // spec.groups, spec.cout),
                                         np.float32) * 0.05, dtype)
     b = jnp.zeros((spec.cout,), jnp.float32)
-    fns = {how: jax.jit(lambda x, k, b, how=how: (apply(how, x, k, spec) + b).astype(dtype))
-           for how in lowerings}
+    def layer(x, k, b, how):
+      return (apply(how, x, k, spec) + b).astype(dtype)
+
+    if train:  # the cotangent's values do not matter for the time: sum of squares
+      fns = {how: jax.jit(jax.grad(
+          lambda x, k, b, how=how: jnp.sum(jnp.square(layer(x, k, b, how).astype(jnp.float32))),
+          argnums=(0, 1))) for how in lowerings}
+    else:
+      fns = {how: jax.jit(functools.partial(layer, how=how)) for how in lowerings}
     calls = {}
     for how, f in fns.items():  # compile + warm up; count calls to fill `min_seconds`
       jax.block_until_ready(f(x, k, b))
@@ -231,17 +367,19 @@ def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
 class Planner:
   """Chooses a lowering per `ConvSpec` under `policy`; one instance is shared by a model's layers.
 
-  Hashes by identity (it sits in the static part of an NNX graph). `choices` records what was
+  Hashes by identity (it sits in the static part of an NNX graph). `train=True` (for
+  `inference_graph.lower_convs`) measures forward + backward. `choices` records what was
   chosen for every spec seen, with measured times where there were any (`report()`).
   """
 
   _lock = threading.Lock()
 
   def __init__(self, policy: str = "auto", *, cache: bool | str | Path = True,
-               backend: str | None = None, repeats: int = 5):
+               backend: str | None = None, repeats: int = 5, train: bool = False):
     if policy not in POLICIES:
       raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     self.policy, self.repeats, self._backend = policy, int(repeats), backend
+    self.train = bool(train)  # measure forward + backward (a training step) instead
     self._cache_file = (None if cache is False
                         else cache_path() if cache is True else Path(cache))
     self.choices: dict[str, dict[str, Any]] = {}
@@ -301,11 +439,11 @@ class Planner:
         pass  # read-only home: keep the choice in memory only
 
   def _measured(self, spec: ConvSpec, options) -> tuple[str, dict[str, float]]:
-    key = spec.key()
+    key = spec.key() + ("_train" if self.train else "")
     hit = self._load().get(key)
     if hit and set(hit.get("seconds", {})) >= set(options):
       return hit["choice"], hit["seconds"]
-    seconds = time_lowerings(spec, options, repeats=self.repeats)
+    seconds = time_lowerings(spec, options, repeats=self.repeats, train=self.train)
     choice = min(seconds, key=seconds.get)
     self._store(key, {"choice": choice, "seconds": seconds})
     return choice, seconds

@@ -316,7 +316,7 @@ def lower_convs(model: nnx.Module, *, policy: str = "auto", planner: Planner | N
   The state tree (`nnx.state(model)`) is unchanged, so optimiser states and checkpoints of the
   original model fit. Returns `model`.
   """
-  planner = planner or Planner(policy)
+  planner = planner or Planner(policy, train=True)
   for path, node in _modules(model, nnx.Conv):
     _set(model, path, FastConv.from_conv(node, planner=planner, dtype=dtype))
   return model
