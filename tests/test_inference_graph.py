@@ -256,3 +256,16 @@ def test_rows_lowering_gradients(dtype):
     operands = [l.split(" : (")[1].split(") ->")[0] for l in text.splitlines()
                 if "dot_general" in l]
     assert len(operands) == 9 and all("f32" not in o for o in operands)
+
+
+def test_make_folder_folds_current_weights_under_jit():
+  """The trainer's validation path: fold the train state's params inside jit, then evaluate."""
+  model = _model("unet")
+  graphdef, fold = inference_graph.make_folder(model, policy="dots")
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p * 1.5, params)  # weights moved on since the folder was made
+  model_now = nnx.merge(nnx.split(model, nnx.Param, ...)[0], params, rest)
+  ref = _forward(model_now)
+  out = jax.jit(lambda p, r, x: nnx.merge(graphdef, fold(p, r))(x))(params, rest, jnp.asarray(X))
+  out = np.asarray(out)
+  assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5

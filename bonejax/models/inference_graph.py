@@ -320,3 +320,25 @@ def lower_convs(model: nnx.Module, *, policy: str = "auto", planner: Planner | N
   for path, node in _modules(model, nnx.Conv):
     _set(model, path, FastConv.from_conv(node, planner=planner, dtype=dtype))
   return model
+
+
+def make_folder(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
+                planner: Planner | None = None, sample_shape: Sequence[int] | None = None):
+  """(graphdef of the inference graph, fold) for a model whose weights keep changing.
+
+  `fold(params, rest) -> state` is a pure, jittable function from the model's own state
+  (`nnx.split(model, nnx.Param, ...)`, as the trainer holds it) to the inference graph's state,
+  so `nnx.merge(graphdef, fold(params, rest))` is `build_inference_model` of the current
+  weights: the trainer's validation can run the fast graph without rebuilding it in Python at
+  every evaluation. The graph's structure (which BatchNorm folds into which conv, lowering
+  planner, dtypes) is fixed here once, from `model`.
+  """
+  planner = planner or Planner(policy)
+  graphdef_model, _, _ = nnx.split(model, nnx.Param, ...)
+  kwargs = dict(dtype=dtype, planner=planner, sample_shape=sample_shape)
+
+  def fold(params, rest):
+    return nnx.split(build_inference_model(nnx.merge(graphdef_model, params, rest), **kwargs))[1]
+
+  graphdef, _ = nnx.split(build_inference_model(model, **kwargs))
+  return graphdef, fold
