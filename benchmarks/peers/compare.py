@@ -225,7 +225,9 @@ def markdown(summary, variants, calib, params, cfg, info, load, pred_variants=No
            + (" (fastest in a short training calibration run)." if calib else ".")
            + ("" if not pred_variants or pred_variants == variants else
               f" Prediction: bonejax `{pred_variants['bonejax']}`, peer `{pred_variants['peer']}`"
-              " (bonejax on CPU predicts in fp32: XLA CPU emulates bf16 convolutions)."),
+              + (" (each side's fastest of the variants below)." if _PRED_BONEJAX.value
+                 or _PRED_PEER.value else
+                 " (bonejax on CPU predicts in fp32: XLA CPU emulates bf16 convolutions).")),
            "", table]
   if calib:
     lines += ["", "Calibration (training patches/s): " + "; ".join(
