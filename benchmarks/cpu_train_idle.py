@@ -101,14 +101,21 @@ class Sampler(threading.Thread):
 
 
 def _summarize(samples: list[dict], cores: int) -> dict:
+  """Cores busy from per-thread CPU time between samples (threads that end before the last
+  sample keep the time they were last seen with; the process's own total would lose them)."""
   first, last = samples[0], samples[-1]
   wall = last["t"] - first["t"]
+  start: dict[int, int] = {}
+  seen: dict[int, tuple[str, int]] = {}
+  for smp in samples:
+    for tid, (name, ticks) in smp["threads"].items():
+      start.setdefault(tid, 0 if smp is not first else ticks)
+      seen[tid] = (name, ticks)
   groups: dict[str, float] = collections.Counter()
   names: dict[str, float] = collections.Counter()
-  for tid, (name, ticks) in last["threads"].items():
-    start = first["threads"].get(tid, (name, 0))[1]
-    groups[_group(name)] += (ticks - start) / TICK
-    names[name] += (ticks - start) / TICK
+  for tid, (name, ticks) in seen.items():
+    groups[_group(name)] += (ticks - start[tid]) / TICK
+    names[name] += (ticks - start[tid]) / TICK
   busy = sum(groups.values())
   total0, idle0 = first["machine"]
   total1, idle1 = last["machine"]
@@ -122,7 +129,7 @@ def _summarize(samples: list[dict], cores: int) -> dict:
           "machine_cores_busy": machine_busy * cores,
           "cpu_seconds_by_group": dict(groups.most_common()),
           "cpu_seconds_by_thread_name": dict(names.most_common(15)),
-          "timeline_cores_busy": timeline}
+          "threads_seen": len(seen), "timeline_cores_busy": timeline}
 
 
 def _pyspy_summary(raw: Path, top: int = 12) -> list[dict]:

@@ -269,3 +269,23 @@ def test_make_folder_folds_current_weights_under_jit():
   out = jax.jit(lambda p, r, x: nnx.merge(graphdef, fold(p, r))(x))(params, rest, jnp.asarray(X))
   out = np.asarray(out)
   assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_off_the_cpu_the_graph_keeps_every_convolution():
+  """A GPU planner: the same conv_general_dilated equations as the model (cuDNN keeps them);
+  only BatchNorm is gone."""
+  model = _model("unet")
+  fast = inference_graph.build_inference_model(
+      model, planner=Planner("measure", backend="gpu", cache=False), dtype=jnp.bfloat16)
+  assert not any(isinstance(n, inference_graph.DotConvTranspose)
+                 for _, n in nnx.iter_graph(fast))
+  x = jnp.asarray(X)
+
+  def convs(m):
+    jaxpr = jax.make_jaxpr(lambda x: m(x))(x)
+    return sorted(str(e.params["window_strides"]) + str(e.invars[1].aval.shape)
+                  for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated")
+
+  ref = nnx.view(model, use_running_average=True, deterministic=True, raise_if_not_found=False)
+  assert convs(fast) == convs(ref)
+  assert {c["choice"] for c in fast.planner.choices.values()} == {"xla"}

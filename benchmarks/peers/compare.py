@@ -4,6 +4,9 @@
     python benchmarks/peers/compare.py --volume=512,512,512 --patch=256 --batch=16 --repeats=5
     python benchmarks/peers/compare.py --volume=48,96,96 --patch=64 --batch=4 --repeats=2 \
         --steps=5 --results_dir=/tmp/peers                                # a smoke run
+    python benchmarks/peers/compare.py --volume=64,384,384 --patch=256 --batch=4 --jobs=predict \
+        --bonejax_predict_variants=fp32,bf16_graph --peer_predict_variants=fp32,bf16_cl \
+        --repeats=2 --name=peers_64x384x384     # planes larger than a patch; several variants
 
 Needs the `peers` extra (`pip install -e ".[peers]"`: torch, monai). Jobs:
 - train: steps of Adam + cross-entropy on batches of `--batch` patches of `--patch` px cut from
@@ -23,8 +26,12 @@ compute), the faster one is used for both jobs, and the calibration figures are 
 bonejax prediction on a CPU with --bonejax_variant=auto: it runs fp32, whatever training chose
 (XLA's CPU backend emulates bf16 convolutions: unet_resnet18 3-plane prediction of 64x128x128
 took 13.2 s in bf16 vs 9.8 s in fp32, while training was a tie, 9.17 vs 9.13 patches/s).
+With `--bonejax_predict_variants` / `--peer_predict_variants` every listed prediction variant
+runs in the alternation (bonejax fp32, peer fp32, bonejax bf16_graph, peer bf16_cl, ...) and
+each side's fastest is the headline: the peer's best CPU setting measured on the prediction
+itself, bonejax's `*_graph` variants predict through `bonejax.models.inference_graph`.
 Reports medians and the ratio bonejax / peer (> 1: bonejax faster, or uses more memory).
-Writes benchmarks/results/peers_<machine>.{json,md}.
+Writes benchmarks/results/<--name, default peers>_<machine>.{json,md}.
 """
 
 from __future__ import annotations

@@ -114,11 +114,15 @@ def candidates(spec: ConvSpec) -> tuple[str, ...]:
 
 
 def conv_xla(x, kernel, spec: ConvSpec):
-  # preferred f32: the accumulator stays float32 in bf16 too (cuDNN and XLA CPU both honour it).
-  return lax.conv_general_dilated(
+  # On the CPU a float32 result costs nothing (XLA computes bf16 convolutions in float32
+  # anyway) and saves a rounding. Elsewhere the call is exactly nnx.Conv's (output in the
+  # compute dtype), so the GPU runs the same cuDNN convolutions as the unfolded model.
+  cpu = jax.default_backend() == "cpu"
+  y = lax.conv_general_dilated(
       x, kernel, spec.stride, spec.padding, rhs_dilation=spec.dilation,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=spec.groups,
-      preferred_element_type=jnp.float32)
+      preferred_element_type=jnp.float32 if cpu else None)
+  return y if cpu else y.astype(jnp.float32)
 
 
 @jax.custom_vjp

@@ -17,8 +17,9 @@ watching one abstract forward pass:
 3. Each such pair becomes one `FastConv` whose kernel and bias absorb the BatchNorm:
    W' = W * g / sqrt(v + eps) per output channel, b' = (b - m) * g / sqrt(v + eps) + beta; the
    BatchNorm becomes `Identity`. Every other convolution becomes a `FastConv` too (same weights),
-   so the lowering applies everywhere. A 2x2 stride-2 transposed convolution (the classic U-Net's
-   up-sampling) becomes one dot product and a pixel shuffle. LayerNorm, attention, linear
+   so the lowering applies everywhere. On the CPU (policy other than "xla") a 2x2 stride-2
+   transposed convolution (the classic U-Net's up-sampling) becomes one dot product and a pixel
+   shuffle. LayerNorm, attention, linear
    layers and an unpaired BatchNorm stay as they are (eval mode).
 4. `dtype` sets the compute dtype of every layer except the first and last convolutions called,
    which stay float32 (the FP32_EDGES rule of bonejax.models.layers: the raw scan in, the logits
@@ -287,7 +288,9 @@ def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str =
     if path not in called:
       continue  # defined but unused in this forward: leave it alone
     if isinstance(node, nnx.ConvTranspose):
-      if DotConvTranspose.applies(node):
+      # A lowering change like the others: CPU only, and not under policy "xla".
+      if (DotConvTranspose.applies(node) and planner.backend == "cpu"
+          and planner.policy != "xla"):
         _set(model, path, DotConvTranspose(node, dtype=node.dtype or jnp.float32))
       continue
     cdt = node.dtype or jnp.float32
