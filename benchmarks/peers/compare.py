@@ -62,6 +62,9 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Timed training steps per run (0: 50 G
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed training steps per run.")
 _PRED_RUNS = flags.DEFINE_integer("predict_runs", 2, "Prediction passes per run; the first is "
                                   "cold (bonejax compiles), the rest are timed.")
+_PEER_PRED_RUNS = flags.DEFINE_integer(
+    "peer_predict_runs", 0, "Prediction passes per peer run (0: --predict_runs). PyTorch has "
+    "nothing to compile, so 1 pass is a warm figure: halves the peer's time on slow machines.")
 _JOBS = flags.DEFINE_list("jobs", ["train", "predict"], "Jobs to compare.")
 _BONEJAX_VARIANT = flags.DEFINE_string("bonejax_variant", "auto", "fp32 | bf16 | auto.")
 _PEER_VARIANT = flags.DEFINE_string("peer_variant", "auto", "fp32 | bf16 | fp32_cl | bf16_cl | "
@@ -94,7 +97,11 @@ def job_cmd(side: str, job: str, variant: str, scan: Path, patch: int, batch: in
             steps: int) -> list[str]:
   cmd = [sys.executable, str(SIDES[side]), f"--job={job}", f"--scan={scan}", f"--patch={patch}",
          f"--batch={batch}", f"--variant={variant}", f"--steps={steps}",
-         f"--warmup={_WARMUP.value}", f"--runs={_PRED_RUNS.value}"]
+         f"--warmup={_WARMUP.value}"]
+  runs = _PRED_RUNS.value
+  if side == "peer" and _PEER_PRED_RUNS.value:
+    runs = _PEER_PRED_RUNS.value
+  cmd.append(f"--runs={runs}")
   if side == "bonejax":
     cmd.append(f"--model={_MODEL.value}")
   else:
@@ -270,6 +277,7 @@ def main(argv):
   steps = _STEPS.value or (50 if gpu else 10)
   cfg = {"volume": list(shape), "patch": patch, "batch": batch, "steps": steps,
          "repeats": _REPEATS.value, "warmup": _WARMUP.value, "predict_runs": _PRED_RUNS.value,
+         "peer_predict_runs": _PEER_PRED_RUNS.value or _PRED_RUNS.value,
          "model": _MODEL.value, "jobs": list(_JOBS.value)}
   load_start = common.load_average()
 
