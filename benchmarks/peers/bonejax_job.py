@@ -10,7 +10,11 @@ learning rate) on batches cycled from the same in-memory patch pool the peer use
 vote=soft on the raw scan (normalisation inside the jitted plane function), whole planes per
 call (bonejax's way; the peer tiles patches with sliding_window_inference).
 
-`--variant`: fp32 | bf16 (compute dtype; parameters, loss and optimiser stay fp32).
+`--variant`: fp32 | bf16 (compute dtype; parameters, loss and optimiser stay fp32), or for
+prediction fp32_graph | bf16_graph: the same model through
+`bonejax.models.inference_graph.build_inference_model` (BatchNorm folded, convolutions lowered
+per layer by measurement; choices cached in ~/.cache/bonejax, so only the first run on a
+machine measures) handed to the predictor with its dtype left alone.
 The last stdout line is a JSON object (throughput, parameters, peak memory).
 """
 
@@ -29,8 +33,9 @@ from benchmarks import common  # noqa: E402
 from benchmarks.peers import volume  # noqa: E402
 from bonejax import cli, store  # noqa: E402
 
-VARIANTS = ("fp32", "bf16")
-DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph")
+DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp32_graph": "float32",
+         "bf16_graph": "bfloat16"}
 
 if __name__ == "__main__":
   _JOB = flags.DEFINE_enum("job", "train", ["train", "predict"], "What to measure.")
@@ -98,7 +103,8 @@ def train_timed(name: str, image: np.ndarray, labels: np.ndarray | None, *, patc
 
 
 def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: int = 2,
-                  seed: int = 0, num_classes: int = 3, memory_budget_gb: float = 16.0) -> dict:
+                  seed: int = 0, num_classes: int = 3, memory_budget_gb: float = 16.0,
+                  graph: bool = False, policy: str = "measure") -> dict:
   """3-plane soft vote with bonejax.predict on the raw scan; first run cold, the rest warm.
 
   The memory budget is raised over the predictor's 4 GB default so that a 512^3 volume stays in
@@ -107,6 +113,10 @@ def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: 
   from bonejax import predict
   model = common.bonejax_model(name, dtype, num_classes=num_classes, seed=seed)
   model.eval()
+  if graph:  # the inference graph carries its own dtypes (float32 edges): none for the engine
+    from bonejax.models import inference_graph
+    model = inference_graph.build_inference_model(model, dtype=common.dtype_of(dtype),
+                                                  policy=policy)
   engine = predict.make_engine(model, in_channels=1, batch_size=batch,
                                memory_budget_gb=memory_budget_gb)
   raw = scan.read_image()
@@ -119,7 +129,8 @@ def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: 
   warm = times[1:] or times
   seconds = common.median(warm)
   return {"voxels_per_second": raw.size / seconds, "seconds": seconds, "run_seconds": times,
-          "cold_seconds": times[0], "api": "bonejax.predict.predict_volume(planes=3, soft)",
+          "cold_seconds": times[0], "api": "bonejax.predict.predict_volume(planes=3, soft)"
+          + (f" on build_inference_model(policy={policy!r})" if graph else ""),
           "mode": info.get("mode"), "label_counts": np.bincount(labels.ravel()).tolist()}
 
 
@@ -141,13 +152,16 @@ def main(argv):
   params = models.count_params(models.abstract_model(
       models.create, _MODEL.value, num_classes=_CLASSES.value, in_channels=1))
   if _JOB.value == "train":
+    if _VARIANT.value.endswith("_graph"):
+      raise cli.UserError(f"--variant={_VARIANT.value}: the inference graph is for prediction")
     image, labels = volume.load_scan(_SCAN.value)
     result = train_timed(_MODEL.value, image, labels, patch=_PATCH.value, batch=_BATCH.value,
                          steps=_STEPS.value, warmup=_WARMUP.value, dtype=dtype, seed=_SEED.value,
                          num_classes=_CLASSES.value)
   else:
     result = predict_timed(_MODEL.value, scan, batch=_BATCH.value, dtype=dtype,
-                           runs=_RUNS.value, seed=_SEED.value, num_classes=_CLASSES.value)
+                           runs=_RUNS.value, seed=_SEED.value, num_classes=_CLASSES.value,
+                           graph=_VARIANT.value.endswith("_graph"))
   result.update({
       "framework": "bonejax", "job": _JOB.value, "variant": _VARIANT.value,
       "model": f"bonejax.{_MODEL.value}", "params": int(params), "patch": _PATCH.value,

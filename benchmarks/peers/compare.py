@@ -4,6 +4,9 @@
     python benchmarks/peers/compare.py --volume=512,512,512 --patch=256 --batch=16 --repeats=5
     python benchmarks/peers/compare.py --volume=48,96,96 --patch=64 --batch=4 --repeats=2 \
         --steps=5 --results_dir=/tmp/peers                                # a smoke run
+    python benchmarks/peers/compare.py --volume=64,384,384 --patch=256 --batch=4 --jobs=predict \
+        --bonejax_predict_variants=fp32,bf16_graph --peer_predict_variants=fp32,bf16_cl \
+        --repeats=2 --name=peers_64x384x384     # planes larger than a patch; several variants
 
 Needs the `peers` extra (`pip install -e ".[peers]"`: torch, monai). Jobs:
 - train: steps of Adam + cross-entropy on batches of `--batch` patches of `--patch` px cut from
@@ -23,8 +26,12 @@ compute), the faster one is used for both jobs, and the calibration figures are 
 bonejax prediction on a CPU with --bonejax_variant=auto: it runs fp32, whatever training chose
 (XLA's CPU backend emulates bf16 convolutions: unet_resnet18 3-plane prediction of 64x128x128
 took 13.2 s in bf16 vs 9.8 s in fp32, while training was a tie, 9.17 vs 9.13 patches/s).
+With `--bonejax_predict_variants` / `--peer_predict_variants` every listed prediction variant
+runs in the alternation (bonejax fp32, peer fp32, bonejax bf16_graph, peer bf16_cl, ...) and
+each side's fastest is the headline: the peer's best CPU setting measured on the prediction
+itself, bonejax's `*_graph` variants predict through `bonejax.models.inference_graph`.
 Reports medians and the ratio bonejax / peer (> 1: bonejax faster, or uses more memory).
-Writes benchmarks/results/peers_<machine>.{json,md}.
+Writes benchmarks/results/<--name, default peers>_<machine>.{json,md}.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from bonejax import cli  # noqa: E402
 HERE = Path(__file__).resolve().parent
 SIDES = {"bonejax": HERE / "bonejax_job.py", "peer": HERE / "monai_job.py"}
 VARIANTS = {"bonejax": ("fp32", "bf16"), "peer": ("fp32", "bf16", "fp32_cl", "bf16_cl")}
+PREDICT_VARIANTS = {"bonejax": ("fp32", "bf16", "fp32_graph", "bf16_graph"),
+                    "peer": VARIANTS["peer"]}
 
 _VOLUME = flags.DEFINE_string("volume", "", "Z,Y,X of the phantom scan (default: 512^3 on a GPU, "
                               "64,128,128 on a CPU).")
@@ -53,10 +62,21 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Timed training steps per run (0: 50 G
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed training steps per run.")
 _PRED_RUNS = flags.DEFINE_integer("predict_runs", 2, "Prediction passes per run; the first is "
                                   "cold (bonejax compiles), the rest are timed.")
+_PEER_PRED_RUNS = flags.DEFINE_integer(
+    "peer_predict_runs", 0, "Prediction passes per peer run (0: --predict_runs). PyTorch has "
+    "nothing to compile, so 1 pass is a warm figure: halves the peer's time on slow machines.")
 _JOBS = flags.DEFINE_list("jobs", ["train", "predict"], "Jobs to compare.")
 _BONEJAX_VARIANT = flags.DEFINE_string("bonejax_variant", "auto", "fp32 | bf16 | auto.")
 _PEER_VARIANT = flags.DEFINE_string("peer_variant", "auto", "fp32 | bf16 | fp32_cl | bf16_cl | "
                                     "auto.")
+_PRED_BONEJAX = flags.DEFINE_list(
+    "bonejax_predict_variants", [], "Prediction: measure each of these bonejax variants (fp32, "
+    "bf16, fp32_graph, bf16_graph: the last two through the inference graph) in the "
+    "alternation; the fastest is the headline. Default: the one variant chosen as above.")
+_PRED_PEER = flags.DEFINE_list(
+    "peer_predict_variants", [], "Prediction: the same for the peer (fp32, bf16, fp32_cl, "
+    "bf16_cl): its best CPU setting measured on the prediction itself.")
+_NAME = flags.DEFINE_string("name", "peers", "Result file stem (results/NAME_<machine>.*).")
 _MODEL = flags.DEFINE_string("model", "unet_resnet18", "bonejax model (peer: FlexibleUNet "
                              "with the matching ResNet backbone).")
 _DATA = flags.DEFINE_string("data_dir", "", "Where the phantom scan is made (default: "
@@ -77,7 +97,11 @@ def job_cmd(side: str, job: str, variant: str, scan: Path, patch: int, batch: in
             steps: int) -> list[str]:
   cmd = [sys.executable, str(SIDES[side]), f"--job={job}", f"--scan={scan}", f"--patch={patch}",
          f"--batch={batch}", f"--variant={variant}", f"--steps={steps}",
-         f"--warmup={_WARMUP.value}", f"--runs={_PRED_RUNS.value}"]
+         f"--warmup={_WARMUP.value}"]
+  runs = _PRED_RUNS.value
+  if side == "peer" and _PEER_PRED_RUNS.value:
+    runs = _PEER_PRED_RUNS.value
+  cmd.append(f"--runs={runs}")
   if side == "bonejax":
     cmd.append(f"--model={_MODEL.value}")
   else:
@@ -144,6 +168,48 @@ def summarize(runs: list[dict]) -> dict:
   return out
 
 
+def per_variant(runs: list[dict], job: str) -> list[dict]:
+  """One row per (side, variant) of `job`: median, spread, peak RSS, runs."""
+  rows = []
+  for side in SIDES:
+    for v in dict.fromkeys(r["variant"] for r in runs if r["side"] == side and r["job"] == job):
+      rs = [r for r in runs if r["side"] == side and r["job"] == job and r["variant"] == v]
+      good = [r for r in rs if r["ok"]]
+      vals = [r[METRIC[job]] for r in good]
+      rows.append({"side": side, "variant": v, METRIC[job]: common.median(vals) if vals else None,
+                   "spread": common.spread(vals) if vals else None, "values": vals,
+                   "peak_rss_mb": common.median(r["peak_rss_mb"] for r in good) if good else None,
+                   "cold_seconds": (common.median(r["cold_seconds"] for r in good)
+                                    if good and "cold_seconds" in good[0] else None),
+                   "runs": len(rs), "failed": len(rs) - len(good)})
+  return rows
+
+
+def best_variants(rows: list[dict], job: str) -> dict[str, str]:
+  best = {}
+  for side in SIDES:
+    ok = [r for r in rows if r["side"] == side and r[METRIC[job]]]
+    if ok:
+      best[side] = max(ok, key=lambda r: r[METRIC[job]])["variant"]
+  return best
+
+
+def variants_markdown(rows: list[dict], job: str) -> str:
+  m = METRIC[job]
+  peer_best = max((r[m] for r in rows if r["side"] == "peer" and r[m]), default=None)
+  peer_rss = next((r["peak_rss_mb"] for r in rows if r["side"] == "peer" and r[m] == peer_best),
+                  None)
+  table = [{"what": f"{r['side']} {r['variant']}", "rate": r[m], "rss": r["peak_rss_mb"],
+            "ratio": r[m] / peer_best if r[m] and peer_best else None,
+            "rss_ratio": r["peak_rss_mb"] / peer_rss if r["peak_rss_mb"] and peer_rss else None,
+            "halfrange": (r["spread"] or {}).get("rel_halfrange"),
+            "n": f"{len(r['values'])}/{r['runs']}"} for r in rows]
+  return common.markdown_table(
+      table, ["what", "rate", "ratio", "rss", "rss_ratio", "halfrange", "n"],
+      ["variant", "voxels/s" if job == "predict" else "patches/s", "/ best peer",
+       "peak RSS (MiB)", "RSS / best peer's", "rel. half-range", "ok/runs"])
+
+
 def markdown(summary, variants, calib, params, cfg, info, load, pred_variants=None) -> str:
   rows = []
   labels = {"train": "training patches/s", "predict": "prediction voxels/s"}
@@ -173,7 +239,9 @@ def markdown(summary, variants, calib, params, cfg, info, load, pred_variants=No
            + (" (fastest in a short training calibration run)." if calib else ".")
            + ("" if not pred_variants or pred_variants == variants else
               f" Prediction: bonejax `{pred_variants['bonejax']}`, peer `{pred_variants['peer']}`"
-              " (bonejax on CPU predicts in fp32: XLA CPU emulates bf16 convolutions)."),
+              + (" (each side's fastest of the variants below)." if _PRED_BONEJAX.value
+                 or _PRED_PEER.value else
+                 " (bonejax on CPU predicts in fp32: XLA CPU emulates bf16 convolutions).")),
            "", table]
   if calib:
     lines += ["", "Calibration (training patches/s): " + "; ".join(
@@ -209,6 +277,7 @@ def main(argv):
   steps = _STEPS.value or (50 if gpu else 10)
   cfg = {"volume": list(shape), "patch": patch, "batch": batch, "steps": steps,
          "repeats": _REPEATS.value, "warmup": _WARMUP.value, "predict_runs": _PRED_RUNS.value,
+         "peer_predict_runs": _PEER_PRED_RUNS.value or _PRED_RUNS.value,
          "model": _MODEL.value, "jobs": list(_JOBS.value)}
   load_start = common.load_average()
 
@@ -219,9 +288,13 @@ def main(argv):
 
   variants, calib = {}, {}
   cpu_predict_only = not _gpu() and _BONEJAX_VARIANT.value == "auto" and "train" not in _JOBS.value
+  peer_predict_only = bool(_PRED_PEER.value) and "train" not in _JOBS.value
   for side, req in (("bonejax", _BONEJAX_VARIANT.value), ("peer", _PEER_VARIANT.value)):
     if side == "bonejax" and cpu_predict_only:
       variants[side] = "fp32"  # prediction on CPU: fp32 (below); no training calibration needed
+      continue
+    if side == "peer" and peer_predict_only:
+      variants[side] = _PRED_PEER.value[0]  # measured on the prediction itself, below
       continue
     variants[side], trials = calibrate(side, req, scan, patch, batch, steps, log_dir)
     if trials:
@@ -232,20 +305,37 @@ def main(argv):
   if not _gpu() and _BONEJAX_VARIANT.value == "auto":
     pred_variants["bonejax"] = "fp32"
 
+  # Prediction variants per side (several: all measured in the alternation, the best counts).
+  pred_lists = {}
+  for side, given in (("bonejax", _PRED_BONEJAX.value), ("peer", _PRED_PEER.value)):
+    for v in given:
+      if v not in PREDICT_VARIANTS[side]:
+        raise cli.UserError(f"--{side}_predict_variants: {v!r} is not one of "
+                            f"{', '.join(PREDICT_VARIANTS[side])}")
+    pred_lists[side] = list(given) or [pred_variants[side]]
+  pairs = {job: ([(side, v) for i in range(max(map(len, pred_lists.values())))
+                  for side in SIDES for v in pred_lists[side][i:i + 1]]
+                 if job == "predict" else [(side, variants[side]) for side in SIDES])
+           for job in _JOBS.value}
+
   runs: list[dict] = []
-  total = _REPEATS.value * len(_JOBS.value) * 2
+  total = _REPEATS.value * sum(len(p) for p in pairs.values())
   bar = cli.Progress(total=total, desc="peers", unit="runs", every_s=0)
   for _ in range(_REPEATS.value):
     for job in _JOBS.value:
-      for side in SIDES:  # bonejax first, then the peer: alternating
-        v = (pred_variants if job == "predict" else variants)[side]
+      for side, v in pairs[job]:  # bonejax, peer, bonejax, peer, ...: alternating
         r = run_job(side, job, v, scan, patch, batch, steps, log_dir)
         runs.append(r)
-        bar.update(1, extra=f"{side} {job} " + (common.fmt(r.get(METRIC[job])) if r["ok"]
-                                                else "failed"))
+        bar.update(1, extra=f"{side} {job} {v} " + (common.fmt(r.get(METRIC[job])) if r["ok"]
+                                                     else "failed"))
   bar.close()
 
-  summary = summarize(runs)
+  variant_rows = {job: per_variant(runs, job) for job in _JOBS.value}
+  if "predict" in _JOBS.value and max(map(len, pred_lists.values())) > 1:
+    pred_variants.update(best_variants(variant_rows["predict"], "predict"))
+  headline = [r for r in runs if r["job"] != "predict"
+              or r["variant"] == pred_variants[r["side"]]]
+  summary = summarize(headline)
   params = {}
   for s in summary.values():
     for side in SIDES:
@@ -255,12 +345,16 @@ def main(argv):
   info["tag"] = tag
   load = (load_start, common.load_average())
   md = markdown(summary, variants, calib, params, cfg, info, load, pred_variants)
+  if "predict" in _JOBS.value and max(map(len, pred_lists.values())) > 1:
+    md += ("\n\nEvery prediction variant, alternating in the same run (the headline above takes "
+           "each side's fastest):\n\n" + variants_markdown(variant_rows["predict"], "predict"))
   print(md)
   payload = {"config": cfg, "variants": variants, "predict_variants": pred_variants,
+             "predict_variant_lists": pred_lists, "per_variant": variant_rows,
              "calibration": calib, "params": params,
              "summary": summary, "runs": runs, "scan": str(scan),
              "load_average": {"start": load[0], "end": load[1]}, "machine": info}
-  paths = common.write_results("peers", payload, md, tag=tag, results_dir=_RESULTS.value)
+  paths = common.write_results(_NAME.value, payload, md, tag=tag, results_dir=_RESULTS.value)
   out = {"json": paths["json"], "md": paths["md"], "variants": variants}
   for job, s in summary.items():
     out[f"{job}_ratio"] = s["ratio"][METRIC[job]]

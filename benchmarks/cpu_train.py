@@ -1,0 +1,189 @@
+"""Training step only, bonejax vs PyTorch on this CPU, side by side in one run.
+
+    python benchmarks/cpu_train.py                          # unet_resnet18, batch 8, 256 px
+    python benchmarks/cpu_train.py --batch=8 --size=256 --repeats=5 --calls=2
+    python benchmarks/cpu_train.py --size=64 --repeats=2 --results_dir=/tmp/trn   # a smoke run
+
+One step = forward, cross-entropy, backward, Adam update, on a batch already in memory (the
+input pipeline is in neither figure; benchmarks/train_throughput.py measures bonejax's).
+
+  bonejax fp32 / bf16        the trainer's own jitted, donated step
+                             (`bonejax.train.trainer.make_train_step` via
+                             `benchmarks.common.bonejax_train_step`: augmentation off, Adam, CE)
+  bonejax bf16 dots          the same step on `inference_graph.lower_convs(model,
+                             policy=--policy)`: convolutions lowered to bf16 dot products
+                             where the planner (forward + backward timed) finds it faster;
+                             same parameters, same state tree, BatchNorm in train mode
+  torch fp32 NCHW / fp32 channels-last / bf16 autocast channels-last
+                             smp `Unet("resnet18")` (else MONAI FlexibleUNet), Adam + CE
+
+Workers and interleaving as in cpu_forward.py (benchmarks/cpu_workers.py). Ratios divide by
+the fastest PyTorch variant of the run. Writes benchmarks/results/cpu_train_<machine>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import flags  # noqa: E402
+
+from benchmarks import common, cpu_workers  # noqa: E402
+from bonejax import cli  # noqa: E402
+
+_BATCH = flags.DEFINE_integer("batch", 8, "Patches per step.")
+_SIZE = flags.DEFINE_integer("size", 256, "Patch side in pixels.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds over all variants (median over rounds).")
+_CALLS = flags.DEFINE_integer("calls", 2, "Steps per timed batch.")
+_POLICY = flags.DEFINE_string("policy", "measure", "Lowering policy of the dots variant.")
+_VARIANTS = flags.DEFINE_list("variants", [], "Only these variants (default: all).")
+_SIDES = flags.DEFINE_list("sides", ["bonejax", "torch"], "Workers to run.")
+_WORKER = flags.DEFINE_string("worker", "", "internal: run as the worker of this side.")
+_TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
+_RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
+
+
+def _wanted(name: str) -> bool:
+  return not _VARIANTS.value or name in _VARIANTS.value
+
+
+def bonejax_worker(batch: int, size: int, policy: str) -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from bonejax import models
+  from bonejax.models import inference_graph
+
+  t0 = time.perf_counter()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=(batch, size, size)), jnp.int32)
+  variants, info, planners = {}, {}, {}
+  for name, dtype, lower in (("bonejax fp32", "float32", False),
+                             ("bonejax bf16", "bfloat16", False),
+                             ("bonejax bf16 dots", "bfloat16", True)):
+    if not _wanted(name):
+      continue
+    model = models.fill_from_numpy(models.abstract_model(
+        models.create, "unet_resnet18", num_classes=3, in_channels=1, dtype=jnp.dtype(dtype)))
+    info["params"] = models.count_params(model)
+    if lower:
+      model = inference_graph.lower_convs(model, policy=policy)
+      planners[name] = model.encoder.stem.conv.planner
+    step, state, source = common.bonejax_train_step(model, 1e-3)
+    info["train_step"] = source
+    holder = {"state": state}
+
+    def one(step=step, holder=holder):
+      holder["state"], loss = step(holder["state"], x, y)
+      return loss
+
+    jax.block_until_ready(one())  # compile (and measure layers)
+    jax.block_until_ready(one())
+    variants[name] = one
+  info["build_seconds"] = time.perf_counter() - t0
+  info["lowering"] = {k: p.report() for k, p in planners.items()}
+  info["jax"] = jax.__version__
+  cpu_workers.serve(variants, info, jax.block_until_ready)
+
+
+def torch_worker(batch: int, size: int) -> None:
+  import copy
+
+  import numpy as np
+  import torch
+  torch.set_num_threads(common.usable_cores())
+  base, arch = cpu_workers.torch_unet_resnet18()
+  params = sum(p.numel() for p in base.parameters() if p.requires_grad)
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.normal(size=(batch, 1, size, size)).astype(np.float32))
+  y = torch.from_numpy(rng.integers(0, 3, size=(batch, size, size))).long()
+  loss_fn = torch.nn.CrossEntropyLoss()
+  variants = {}
+  for name, cl, bf16 in (("torch fp32 NCHW", False, False),
+                         ("torch fp32 channels-last", True, False),
+                         ("torch bf16 channels-last", True, True)):
+    if not _wanted(name):
+      continue
+    net = copy.deepcopy(base).train()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    inp = x.contiguous(memory_format=fmt)
+
+    def one(net=net, opt=opt, inp=inp, bf16=bf16):
+      opt.zero_grad(set_to_none=True)
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = net(inp)
+      loss = loss_fn(logits.float(), y)
+      loss.backward()
+      opt.step()
+      return loss
+
+    one(), one()
+    variants[name] = one
+  cpu_workers.serve(variants, {"params": params, "arch": arch, "torch": torch.__version__,
+                               "threads": torch.get_num_threads()}, lambda out: float(out))
+
+
+def main(argv):
+  del argv
+  batch, size = _BATCH.value, _SIZE.value
+  if _WORKER.value == "bonejax":
+    return bonejax_worker(batch, size, _POLICY.value)
+  if _WORKER.value == "torch":
+    return torch_worker(batch, size)
+  load_start = common.load_average()
+  passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}"]
+  if _VARIANTS.value:
+    passed.append(f"--variants={','.join(_VARIANTS.value)}")
+  workers, ready = cpu_workers.start(__file__, _SIDES.value, passed)
+  order = [(side, v) for side in workers for v in ready[side]["ready"]]
+  times = cpu_workers.interleave(workers, ready, _REPEATS.value, _CALLS.value,
+                                 lambda s: batch / s, "patches/s")
+  for w in workers.values():
+    w.close()
+  load = (load_start, common.load_average())
+
+  med = {v: common.median(t) for v, t in times.items()}
+  torch_best = max((v for v in med if v.startswith("torch")), key=lambda v: -med[v],
+                   default=None)
+  ref = batch / med[torch_best] if torch_best else None
+  rows = []
+  for side, v in order:
+    pps = batch / med[v]
+    rows.append({"engine": v, "params": ready[side].get("params"), "pps": pps,
+                 "ms": 1e3 * med[v], "halfrange": common.spread(times[v]).get("rel_halfrange"),
+                 "ratio": pps / ref if ref else None})
+  info = common.machine()
+  tag = _TAG.value or info["tag"]
+  info["tag"] = tag
+  table = common.markdown_table(
+      rows, ["engine", "params", "pps", "ms", "halfrange", "ratio"],
+      ["engine", "parameters", "patches/s", "ms per step", "rel. half-range",
+       f"/ {torch_best or 'torch'}"])
+  md = "\n".join([
+      f"# Training step, bonejax vs PyTorch: {tag}", "", common.machine_line(info), "",
+      f"CPU flags: {', '.join(info.get('cpu_flags', []))}. Load average at start / end: "
+      f"{load[0]} / {load[1]}.", "",
+      f"`unet_resnet18` (1 in, 3 classes), batch {batch} x {size} x {size}, Adam + "
+      f"cross-entropy, batch in memory; medians of {_REPEATS.value} rounds of {_CALLS.value} "
+      f"step(s), all variants interleaved in one run (each framework in its own worker "
+      f"process). PyTorch model: {ready.get('torch', {}).get('arch', '-')}. bonejax step: "
+      f"{ready.get('bonejax', {}).get('train_step', '-')}; dots variant: "
+      f"`lower_convs(policy={_POLICY.value!r})`.", "", table])
+  print(md)
+  payload = {"config": {"batch": batch, "size": size, "repeats": _REPEATS.value,
+                        "calls": _CALLS.value, "policy": _POLICY.value},
+             "rows": rows, "times": times, "workers": ready,
+             "load_average": {"start": load[0], "end": load[1]}, "machine": info}
+  paths = common.write_results("cpu_train", payload, md, tag=tag, results_dir=_RESULTS.value)
+  return {"json": paths["json"], "md": paths["md"],
+          **{r["engine"]: round(r["pps"], 3) for r in rows}}
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,459 @@
+"""How one 2D convolution runs: XLA's convolution or bf16 matrix products, chosen per layer shape.
+
+XLA's CPU backend computes every bf16 *convolution* in float32 (it upcasts both operands), but
+runs bf16 *dot products* natively where the CPU has bf16 matrix units (AMX, AVX512-BF16): on a
+2-core Sapphire-Rapids-class Xeon a 2048^2 bf16 dot reaches ~1,260 GFLOP/s, a float32 one ~277.
+So a KHxKW convolution written as KH dot products - for each kernel row, the KW column shifts of
+the input concatenated along channels, (B*Ho*Wo, KW*C) x (KW*C, O), accumulated in float32 -
+runs 2-6x faster than XLA's convolution where the layer is compute-bound (few pixels, many
+channels: a ResNet's deep stages), and slower where it is memory-bound (the concatenation
+triples the input traffic: large maps with few channels). Hence a per-layer choice, not a switch:
+
+  "xla"     lax.conv_general_dilated (cuDNN on GPU, XLA/YNNPACK on CPU)
+  "rows"    KH dot_generals over the column-shifted input, float32 accumulation (any stride,
+            dilation and padding; groups == 1; a 1x1 convolution is a single dot)
+  "taps"    one dot over the padded input into KH*KW outputs per pixel, then the sum of the
+            shifted products (stride 1; no input copy: best on small maps, many channels)
+  "blocks"  the convolution on 2x2 pixel blocks (space-to-depth: 4x channels), as "taps"
+            (stride 1, dilation 1: for few channels on large maps)
+
+XLA's CPU backend also computes bf16 concatenations in float32 (convert, concatenate, convert
+back), which makes the input-side copies of "rows" dearer than their byte count; "taps" and
+"blocks" avoid them.
+
+`Planner` makes the choice for a `ConvSpec` (the static shape of one call) under a policy:
+
+  "xla"      always XLA (the reference; the GPU path)
+  "dots"     "rows" wherever it applies (tests; forcing the lowering)
+  "auto"     deterministic rule: the dot lowerings only on a CPU backend with native bf16
+             dots, in bf16, on layers whose measured class favours them (`_auto_rule`)
+  "measure"  time each candidate on this machine once per spec (median of interleaved runs)
+             and keep the faster; results are cached in memory and in a JSON file per machine
+             (`cache_path()`), so a user pays the measurement once. Off the CPU: "xla".
+
+Measurement happens at trace time, the first time a spec is seen, under
+`jax.ensure_compile_time_eval()`: a jitted model needs no separate tuning call, and every
+plane shape the predictor compiles gets its own choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+POLICIES = ("xla", "dots", "auto", "measure")
+LOWERINGS = ("xla", "rows", "taps", "blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """The static shape of one convolution call: what a lowering choice depends on."""
+  batch: int
+  height: int
+  width: int
+  cin: int
+  cout: int
+  kernel: tuple[int, int]
+  stride: tuple[int, int]
+  dilation: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  groups: int
+  dtype: str  # compute dtype of the operands
+
+  def key(self) -> str:
+    return (f"b{self.batch}_{self.height}x{self.width}_{self.cin}to{self.cout}"
+            f"_k{self.kernel[0]}x{self.kernel[1]}_s{self.stride[0]}x{self.stride[1]}"
+            f"_d{self.dilation[0]}x{self.dilation[1]}_p{self.padding[0][0]}.{self.padding[0][1]}"
+            f".{self.padding[1][0]}.{self.padding[1][1]}_g{self.groups}_{self.dtype}")
+
+  @property
+  def out_hw(self) -> tuple[int, int]:
+    return tuple(
+        (n + p[0] + p[1] - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip((self.height, self.width), self.padding, self.dilation,
+                                 self.kernel, self.stride))
+
+  @property
+  def flops(self) -> int:
+    ho, wo = self.out_hw
+    return 2 * self.batch * ho * wo * self.cout * self.kernel[0] * self.kernel[1] * (
+        self.cin // self.groups)
+
+
+def candidates(spec: ConvSpec) -> tuple[str, ...]:
+  """Lowerings that can compute `spec` (XLA always can)."""
+  if spec.groups != 1:
+    return ("xla",)
+  out = ["xla", "rows"]
+  unit_stride = spec.stride == (1, 1)
+  if unit_stride and spec.kernel != (1, 1):
+    out.append("taps")
+  ho, wo = spec.out_hw
+  if (unit_stride and spec.dilation == (1, 1) and spec.kernel != (1, 1)
+      and ho % 2 == 0 and wo % 2 == 0):
+    out.append("blocks")
+  return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lowerings. x (B, H, W, C) and kernel (KH, KW, C/groups, O) already in the compute dtype;
+# the result is float32 (the accumulator), bias not yet added.
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_xla(x, kernel, spec: ConvSpec):
+  # On the CPU a float32 result costs nothing (XLA computes bf16 convolutions in float32
+  # anyway) and saves a rounding. Elsewhere the call is exactly nnx.Conv's (output in the
+  # compute dtype), so the GPU runs the same cuDNN convolutions as the unfolded model.
+  cpu = jax.default_backend() == "cpu"
+  y = lax.conv_general_dilated(
+      x, kernel, spec.stride, spec.padding, rhs_dilation=spec.dilation,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=spec.groups,
+      preferred_element_type=jnp.float32 if cpu else None)
+  return y if cpu else y.astype(jnp.float32)
+
+
+@jax.custom_vjp
+def _dot_bf16(a, w):
+  """(..., K) x (K, O) in bf16 with a float32 result, whose backward also runs bf16 dots.
+
+  Plain autodiff would contract the float32 cotangent with the bf16 operands, a mixed dot that
+  XLA computes in float32 (the slow path this lowering exists to avoid). Rounding the cotangent
+  to bf16 first is what PyTorch's autocast backward does too; accumulation stays float32.
+  """
+  return lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _dot_bf16_fwd(a, w):
+  return _dot_bf16(a, w), (a, w)
+
+
+def _dot_bf16_bwd(res, g):
+  a, w = res
+  g = g.astype(a.dtype)
+  da = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
+                       preferred_element_type=jnp.float32).astype(a.dtype)
+  dw = lax.dot_general(a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]),
+                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return da, dw.astype(w.dtype)
+
+
+_dot_bf16.defvjp(_dot_bf16_fwd, _dot_bf16_bwd)
+
+
+def _dot(a, w):
+  if a.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16:
+    return _dot_bf16(a, w)
+  return lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def conv_rows(x, kernel, spec: ConvSpec):
+  """KH dot products over the KW column shifts of `x` concatenated along channels."""
+  (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+  ho, wo = spec.out_hw
+  (pt, pb), (pl, pr) = spec.padding
+  if pt or pb or pl or pr:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  # Column shifts (strided by the column stride) concatenated along channels: (B, Hp, Wo, KW*C).
+  cols = [lax.slice_in_dim(x, j * dw, j * dw + (wo - 1) * sw + 1, sw, axis=2) for j in range(kw)]
+  xc = cols[0] if kw == 1 else jnp.concatenate(cols, axis=-1)
+  out = None
+  for r in range(kh):
+    rows = lax.slice_in_dim(xc, r * dh, r * dh + (ho - 1) * sh + 1, sh, axis=1)
+    w = kernel[r].reshape(kw * kernel.shape[2], kernel.shape[3])
+    y = _dot(rows, w)
+    out = y if out is None else out + y
+  return out
+
+
+def conv_taps(x, kernel, spec: ConvSpec):
+  """Every tap on the output side: one dot (B*Hp*Wp, C) x (C, KH*KW*O) over the padded input,
+  then the sum of KH*KW shifted slices of the float32 product (one fused loop). Nothing is
+  copied on the input side but the padding; the product is KH*KW outputs wide. Stride 1."""
+  (kh, kw), (dh, dw) = spec.kernel, spec.dilation
+  ho, wo = spec.out_hw
+  (pt, pb), (pl, pr) = spec.padding
+  if pt or pb or pl or pr:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  c, o = kernel.shape[2], kernel.shape[3]
+  wide = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c, kh * kw * o)
+  y = _dot(x, wide).reshape(x.shape[:3] + (kh * kw, o))
+  out = None
+  for r in range(kh):
+    for j in range(kw):
+      t = y[:, r * dh:r * dh + ho, j * dw:j * dw + wo, r * kw + j]
+      out = t if out is None else out + t
+  return out
+
+
+def block_kernel(kernel):
+  """(KH, KW, C, O) -> (T, T, 4C, 4O), T = K//2 + 1: the kernel of the same convolution on
+  2x2 pixel blocks. Output pixel 2i+b reads padded input 2i+b+t = block i+ti, element a with
+  t = 2*ti + a - b; taps outside the kernel are zeros (1.8x the FLOPs of a 3x3 kernel)."""
+  kh, kw, c, o = kernel.shape
+  th, tw = kh // 2 + 1, kw // 2 + 1
+  rows = []
+  for ti in range(th):
+    cols = []
+    for tj in range(tw):
+      blocks = []  # (ai, aj) x (bi, bj) blocks of C x O
+      for ai in range(2):
+        for aj in range(2):
+          line = []
+          for bi in range(2):
+            for bj in range(2):
+              r, q = 2 * ti + ai - bi, 2 * tj + aj - bj
+              line.append(kernel[r, q] if 0 <= r < kh and 0 <= q < kw
+                          else jnp.zeros((c, o), kernel.dtype))
+          blocks.append(jnp.concatenate(line, axis=1))  # C x 4O
+      cols.append(jnp.concatenate(blocks, axis=0))  # 4C x 4O
+    rows.append(jnp.stack(cols))
+  return jnp.stack(rows)  # (T, T, 4C, 4O)
+
+
+def conv_blocks(x, kernel, spec: ConvSpec):
+  """The convolution on 2x2 pixel blocks (space-to-depth): 4x the channels in and out, a
+  (K//2+1)^2 kernel. Layers with few channels on large maps (a U-Net decoder's last stages,
+  16-64 channels at 128-256 px) run XLA's convolution at a few % of the CPU's peak; as blocks
+  they become one dense dot (B*Hb*Wb, 4C) x (4C, T*T*4O), which bf16 matrix units run well
+  even with the 1.8x FLOPs of the zero taps. Stride 1, dilation 1, even output sides."""
+  kh, kw = spec.kernel
+  ho, wo = spec.out_hw
+  th, tw = kh // 2 + 1, kw // 2 + 1
+  (pt, _), (pl, _) = spec.padding
+  b, h, w, c = x.shape
+  # Pad so that the padded sides are exactly 2 * (blocks of output + T - 1).
+  hp, wp = ho + 2 * (th - 1), wo + 2 * (tw - 1)
+  x = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)))
+  x = x.reshape(b, hp // 2, 2, wp // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, hp // 2, wp // 2, 4 * c)
+  k = block_kernel(kernel)
+  o = kernel.shape[3]
+  wide = jnp.transpose(k, (2, 0, 1, 3)).reshape(4 * c, th * tw * 4 * o)
+  y = _dot(x, wide).reshape(x.shape[:3] + (th * tw, 4 * o))
+  out = None
+  for r in range(th):
+    for j in range(tw):
+      t = y[:, r:r + ho // 2, j:j + wo // 2, r * tw + j]
+      out = t if out is None else out + t
+  out = out.reshape(b, ho // 2, wo // 2, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(b, ho, wo, o)
+
+
+LOWERING_FNS = {"xla": conv_xla, "rows": conv_rows, "taps": conv_taps, "blocks": conv_blocks}
+
+
+def apply(how: str, x, kernel, spec: ConvSpec):
+  return LOWERING_FNS[how](x, kernel, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def native_bf16_dots() -> bool:
+  """Whether the CPU has bf16 matrix/dot instructions that XLA's dot emitter uses."""
+  return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def _auto_rule(spec: ConvSpec) -> str:
+  """The no-measurement choice on a CPU with native bf16 dots, in bf16.
+
+  From `benchmarks/cpu_conv_lowering.py` on a 2-core Xeon with AMX (unet_resnet18's layers,
+  batch 4): the dot lowerings win where each pixel carries many channels on a small map - the
+  ResNet's last stages and the decoder's first blocks, 8^2-32^2 px with 128-768 channels: 2.6-12x
+  faster than XLA's convolution ("taps" for stride 1, "rows" for stride 2) - and a 1x1
+  convolution is a plain dot; XLA's convolution stays on the large maps with few channels
+  (64^2 and up), where the lowerings' extra memory traffic costs more than the dots save.
+  """
+  cmin = min(spec.cin, spec.cout)
+  if spec.groups != 1:
+    return "xla"
+  if spec.kernel == (1, 1):
+    return "rows"
+  if spec.height * spec.width <= 32 * 32 and cmin >= 128:
+    return "taps" if spec.stride == (1, 1) else "rows"
+  return "xla"
+
+
+def machine_key() -> str:
+  """What a measured choice is valid for: backend, device kind, CPU model and flags, jax."""
+  dev = jax.devices()[0]
+  cpu = ""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  flags = ",".join(sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma"))))
+  raw = f"{dev.platform}|{getattr(dev, 'device_kind', '')}|{cpu}|{flags}|{os.cpu_count()}|" \
+        f"{jax.__version__}"
+  return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path:
+  """$BONEJAX_CACHE_DIR/conv_lowering.json (default ~/.cache/bonejax)."""
+  root = os.environ.get("BONEJAX_CACHE_DIR") or Path.home() / ".cache" / "bonejax"
+  return Path(root) / "conv_lowering.json"
+
+
+def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
+                   min_seconds: float = 0.02, train: bool = False) -> dict[str, float]:
+  """Median seconds per call of each lowering (conv + bias, output in the compute dtype).
+
+  train=True times forward and backward (gradients of input and kernel) instead.
+
+  Runs are interleaved (a, b, a, b, ...) so that load from other processes hits all alike.
+  Called at trace time, so it evaluates eagerly whatever trace is live.
+  """
+  dtype = jnp.dtype(spec.dtype)
+  rng = np.random.default_rng(0)
+  with jax.ensure_compile_time_eval():
+    x = jnp.asarray(rng.standard_normal((spec.batch, spec.height, spec.width, spec.cin),
+                                        np.float32), dtype)
+    k = jnp.asarray(rng.standard_normal(spec.kernel + (spec.cin // spec.groups, spec.cout),
+                                        np.float32) * 0.05, dtype)
+    b = jnp.zeros((spec.cout,), jnp.float32)
+    def layer(x, k, b, how):
+      return (apply(how, x, k, spec) + b).astype(dtype)
+
+    if train:  # the cotangent's values do not matter for the time: sum of squares
+      fns = {how: jax.jit(jax.grad(
+          lambda x, k, b, how=how: jnp.sum(jnp.square(layer(x, k, b, how).astype(jnp.float32))),
+          argnums=(0, 1))) for how in lowerings}
+    else:
+      fns = {how: jax.jit(functools.partial(layer, how=how)) for how in lowerings}
+    calls = {}
+    for how, f in fns.items():  # compile + warm up; count calls to fill `min_seconds`
+      jax.block_until_ready(f(x, k, b))
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(x, k, b))
+      calls[how] = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+    times: dict[str, list[float]] = {how: [] for how in fns}
+    for _ in range(repeats):
+      for how, f in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(calls[how]):
+          y = f(x, k, b)
+        jax.block_until_ready(y)
+        times[how].append((time.perf_counter() - t0) / calls[how])
+  return {how: float(np.median(t)) for how, t in times.items()}
+
+
+class Planner:
+  """Chooses a lowering per `ConvSpec` under `policy`; one instance is shared by a model's layers.
+
+  Hashes by identity (it sits in the static part of an NNX graph). `train=True` (for
+  `inference_graph.lower_convs`) measures forward + backward. `choices` records what was
+  chosen for every spec seen, with measured times where there were any (`report()`).
+  """
+
+  _lock = threading.Lock()
+
+  def __init__(self, policy: str = "auto", *, cache: bool | str | Path = True,
+               backend: str | None = None, repeats: int = 5, train: bool = False):
+    if policy not in POLICIES:
+      raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    self.policy, self.repeats, self._backend = policy, int(repeats), backend
+    self.train = bool(train)  # measure forward + backward (a training step) instead
+    self._cache_file = (None if cache is False
+                        else cache_path() if cache is True else Path(cache))
+    self.choices: dict[str, dict[str, Any]] = {}
+
+  def __repr__(self):
+    return f"Planner({self.policy!r})"
+
+  @property
+  def backend(self) -> str:
+    return self._backend or jax.default_backend()
+
+  def choose(self, spec: ConvSpec) -> str:
+    key = spec.key()
+    if key in self.choices:
+      return self.choices[key]["choice"]
+    options = candidates(spec)
+    record: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
+    if self.policy == "xla" or len(options) == 1 or self.backend != "cpu":
+      choice = "xla"  # on GPU/TPU the graph keeps the vendor convolution
+    elif self.policy == "dots":
+      choice = "rows"
+    elif self.policy == "auto":
+      bf16 = spec.dtype == "bfloat16" and native_bf16_dots()
+      choice = _auto_rule(spec) if bf16 else "xla"
+    else:
+      choice, seconds = self._measured(spec, options)
+      record["seconds"] = seconds
+    record["choice"] = choice
+    self.choices[key] = record
+    return choice
+
+  # -- measurement and its on-disk cache ------------------------------------------------------
+
+  def _load(self) -> dict:
+    if self._cache_file is None or not self._cache_file.exists():
+      return {}
+    try:
+      return json.loads(self._cache_file.read_text()).get(machine_key(), {})
+    except (OSError, ValueError):
+      return {}  # a damaged cache is only lost time: measure again
+
+  def _store(self, key: str, entry: dict) -> None:
+    if self._cache_file is None:
+      return
+    with self._lock:
+      try:
+        self._cache_file.parent.mkdir(parents=True, exist_ok=True)
+        data = (json.loads(self._cache_file.read_text()) if self._cache_file.exists() else {})
+      except (OSError, ValueError):
+        data = {}
+      data.setdefault(machine_key(), {})[key] = entry
+      tmp = self._cache_file.with_suffix(f".tmp{os.getpid()}")
+      try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self._cache_file)
+      except OSError:
+        pass  # read-only home: keep the choice in memory only
+
+  def _measured(self, spec: ConvSpec, options) -> tuple[str, dict[str, float]]:
+    key = spec.key() + ("_train" if self.train else "")
+    hit = self._load().get(key)
+    if hit and set(hit.get("seconds", {})) >= set(options):
+      return hit["choice"], hit["seconds"]
+    seconds = time_lowerings(spec, options, repeats=self.repeats, train=self.train)
+    choice = min(seconds, key=seconds.get)
+    self._store(key, {"choice": choice, "seconds": seconds})
+    return choice, seconds
+
+  def report(self) -> list[dict[str, Any]]:
+    """One row per spec seen: its key, the choice and the measured seconds (if any)."""
+    return [{"spec": k, "choice": v["choice"], **{f"s_{h}": t for h, t in
+                                                   v.get("seconds", {}).items()}}
+            for k, v in self.choices.items()]

@@ -1,0 +1,347 @@
+"""A model's inference graph built for speed: BatchNorm folded away, convolutions lowered per layer.
+
+    fast = build_inference_model(model, dtype=jnp.bfloat16, policy="measure")
+    probs = jax.nn.softmax(fast(x), -1)     # same call, same logits (to rounding) as model.eval()
+
+Design: no model is rewritten by hand. The graph is found by walking the NNX module tree and
+watching one abstract forward pass:
+
+1. The model is cloned and put in eval mode (BatchNorm running statistics, dropout off).
+2. Every `nnx.Conv`, `nnx.ConvTranspose` and `nnx.BatchNorm` in the tree is swapped for a probe
+   that records the call order and the identity of its input and output tracers; the model is
+   traced once with `jax.eval_shape` on a tiny input (no FLOPs), and the originals put back.
+   A BatchNorm whose input *is* the output of a convolution follows that convolution directly
+   (conv -> BN, the only pattern of the zoo: ConvBNAct, ResNet blocks and shortcuts, the
+   pointwise half of DeepLabV3+'s separable convs); a convolution's output feeds nothing else
+   in any zoo model (tests/test_inference_graph.py checks each model against the unfolded one).
+3. Each such pair becomes one `FastConv` whose kernel and bias absorb the BatchNorm:
+   W' = W * g / sqrt(v + eps) per output channel, b' = (b - m) * g / sqrt(v + eps) + beta; the
+   BatchNorm becomes `Identity`. Every other convolution becomes a `FastConv` too (same weights),
+   so the lowering applies everywhere. On the CPU (policy other than "xla") a 2x2 stride-2
+   transposed convolution (the classic U-Net's up-sampling) becomes one dot product and a pixel
+   shuffle. LayerNorm, attention, linear
+   layers and an unpaired BatchNorm stay as they are (eval mode).
+4. `dtype` sets the compute dtype of every layer except the first and last convolutions called,
+   which stay float32 (the FP32_EDGES rule of bonejax.models.layers: the raw scan in, the logits
+   out). Folded kernels are stored in their layer's compute dtype (cast once, not per call).
+5. Each `FastConv` asks a shared `conv_lowering.Planner` at trace time which lowering to use
+   for its input shape (XLA's convolution or bf16 dot products; measured per machine, cached).
+
+Activations are not fused by hand: the model's own code applies them after the (now Identity)
+BatchNorm, and XLA fuses bias + activation + cast into one elementwise loop after each
+convolution or dot (benchmarks/cpu_inference.py --hlo shows the fusions).
+
+The result is an ordinary NNX module: `nnx.split` it once and jit a pure forward, as the
+predictor does with the model itself. `lower_convs` is the training-side variant: convolutions
+lowered (sharing the original Param variables, so the state tree and checkpoints are unchanged),
+nothing folded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bonejax.models import conv_lowering
+from bonejax.models.conv_lowering import ConvSpec, Planner
+
+
+class Identity(nnx.Module):
+  """Stands where a folded BatchNorm was; takes (and ignores) BatchNorm's call arguments."""
+
+  def __call__(self, x, *args, **kwargs):
+    del args, kwargs
+    return x
+
+
+def _pairs(value, n: int = 2) -> tuple:
+  if value is None:
+    value = 1
+  return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _explicit_padding(conv: nnx.Conv) -> tuple[tuple[int, int], tuple[int, int]]:
+  pad = conv.padding
+  if isinstance(pad, str):
+    if pad.upper() == "VALID":
+      return ((0, 0), (0, 0))
+    raise ValueError(f"FastConv needs explicit or VALID padding, got {pad!r}")
+  if isinstance(pad, int):
+    return ((pad, pad), (pad, pad))
+  return tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
+               for p in pad)
+
+
+class FastConv(nnx.Module):
+  """A 2D convolution (NHWC, HWIO kernel) whose lowering a `Planner` picks per input shape.
+
+  Attribute names match `nnx.Conv` (`kernel`, `bias`), so a model whose convs are swapped for
+  FastConvs has the same state tree as before. The accumulator is float32; `out_dtype` is what
+  the layer hands on (a folded BatchNorm's dtype, else the compute dtype).
+  """
+
+  def __init__(self, kernel: nnx.Variable | jax.Array, bias: nnx.Variable | jax.Array | None, *,
+               strides, padding, dilation, groups: int, dtype: Any, out_dtype: Any = None,
+               planner: Planner):
+    self.kernel = kernel if isinstance(kernel, nnx.Variable) else nnx.Param(kernel)
+    self.bias = bias if (bias is None or isinstance(bias, nnx.Variable)) else nnx.Param(bias)
+    self.strides, self.padding = _pairs(strides), padding
+    self.dilation, self.groups = _pairs(dilation), int(groups)
+    self.dtype = jnp.dtype(dtype).type
+    self.out_dtype = jnp.dtype(out_dtype or dtype).type
+    self.planner = planner
+
+  @classmethod
+  def from_conv(cls, conv: nnx.Conv, *, planner: Planner, dtype: Any = None,
+                out_dtype: Any = None, share: bool = True) -> "FastConv":
+    """The same convolution; `share` keeps the very Param variables (training)."""
+    dtype = dtype or conv.dtype or jnp.float32
+    kernel, bias = conv.kernel, conv.bias
+    if not share:
+      kernel = nnx.Param(jnp.asarray(kernel[...]))
+      bias = None if bias is None else nnx.Param(jnp.asarray(bias[...]))
+    return cls(kernel, bias, strides=conv.strides, padding=_explicit_padding(conv),
+               dilation=conv.kernel_dilation, groups=conv.feature_group_count, dtype=dtype,
+               out_dtype=out_dtype, planner=planner)
+
+  def spec(self, x) -> ConvSpec:
+    kh, kw, _, cout = self.kernel.shape
+    return ConvSpec(batch=int(x.shape[0]), height=int(x.shape[1]), width=int(x.shape[2]),
+                    cin=int(x.shape[3]), cout=int(cout), kernel=(int(kh), int(kw)),
+                    stride=self.strides, dilation=self.dilation, padding=self.padding,
+                    groups=self.groups, dtype=jnp.dtype(self.dtype).name)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    spec = self.spec(x)
+    y = conv_lowering.apply(self.planner.choose(spec), x, kernel, spec)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.out_dtype)
+
+
+class DotConvTranspose(nnx.Module):
+  """A kxk, stride-k, VALID transposed convolution as one dot product and a pixel shuffle.
+
+  Each input pixel paints its own kxk output block, so the transposed convolution is
+  (B*H*W, C) x (C, k*k*O): a dense bf16-friendly matmul instead of XLA's dilated convolution.
+  lax.conv_transpose (transpose_kernel=False) applies the kernel flipped; the stored kernel is
+  flipped once at build time so that the call is a plain reshape.
+  """
+
+  def __init__(self, conv: nnx.ConvTranspose, *, dtype: Any):
+    k = conv.kernel[...]
+    kh, kw, cin, cout = k.shape
+    self.k, self.cout = int(kh), int(cout)
+    self.dtype = jnp.dtype(dtype).type
+    flipped = k[::-1, ::-1]  # (kh, kw, C, O) -> (C, kh*kw*O), blocks in output order
+    self.kernel = nnx.Param(jnp.transpose(flipped, (2, 0, 1, 3)).reshape(cin, kh * kw * cout)
+                            .astype(self.dtype))
+    self.bias = None if conv.bias is None else nnx.Param(jnp.asarray(conv.bias[...],
+                                                                     jnp.float32))
+
+  @staticmethod
+  def applies(conv: nnx.ConvTranspose) -> bool:
+    ks = tuple(conv.kernel_size)
+    return (len(ks) == 2 and ks[0] == ks[1] and _pairs(conv.strides) == ks
+            and isinstance(conv.padding, str) and conv.padding.upper() == "VALID"
+            and not conv.transpose_kernel and _pairs(conv.kernel_dilation) == (1, 1)
+            and conv.mask is None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, _ = x.shape
+    k, o = self.k, self.cout
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...], (((3,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + jnp.tile(self.bias[...], k * k)
+    y = y.reshape(b, h, w, k, k, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * k, w * k, o)
+    return y.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the module tree.
+# ---------------------------------------------------------------------------------------------
+
+
+def _modules(root: nnx.Module, types) -> list[tuple[tuple, nnx.Module]]:
+  return [(tuple(path), node) for path, node in nnx.iter_graph(root)
+          if isinstance(node, types) and path]
+
+
+def _get(root, path):
+  node = root
+  for key in path:
+    node = node[key] if isinstance(node, (nnx.List, nnx.Dict, list, dict)) else getattr(node, key)
+  return node
+
+
+def _set(root, path, new) -> None:
+  parent = _get(root, path[:-1])
+  if isinstance(parent, (nnx.List, nnx.Dict)):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
+
+
+class _Probe(nnx.Module):
+  """Stands in for a layer during the tracing pass and records what flows through it."""
+
+  def __init__(self, inner: nnx.Module, path: tuple, log: list):
+    self.inner, self.path, self.log = inner, path, log
+
+  def __call__(self, x, *args, **kwargs):
+    y = self.inner(x, *args, **kwargs)
+    self.log.append((self.path, x, y))
+    return y
+
+
+def trace_layers(model: nnx.Module, sample_shape: Sequence[int]) -> list[tuple[tuple, Any, Any]]:
+  """(path, input, output) of every conv / transposed conv / BatchNorm call, in call order.
+
+  One abstract pass (`jax.eval_shape`: shapes only, nothing computed); the model is left as it
+  was. Inputs and outputs are the pass's tracers, compared by identity to find conv -> BN.
+  """
+  layers = _modules(model, (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm))
+  log: list = []
+  for path, node in layers:
+    _set(model, path, _Probe(node, path, log))
+  try:
+    jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32))
+    calls = list(log)  # the tracers are dead after eval_shape, but identity still holds
+  finally:
+    for path, node in layers:
+      _set(model, path, node)
+  return calls
+
+
+def _eval_mode(model: nnx.Module) -> None:
+  for _, node in _modules(model, nnx.Module):
+    if hasattr(node, "use_running_average"):
+      node.use_running_average = True
+    if hasattr(node, "deterministic"):
+      node.deterministic = True
+
+
+def fold_batchnorm(conv_kernel, conv_bias, bn: nnx.BatchNorm):
+  """(kernel, bias) of conv -> eval BatchNorm as one convolution, in float32."""
+  kernel = jnp.asarray(conv_kernel, jnp.float32)
+  scale = jnp.asarray(bn.scale[...], jnp.float32) if bn.scale is not None else 1.0
+  shift = jnp.asarray(bn.bias[...], jnp.float32) if bn.bias is not None else 0.0
+  inv = scale * jax.lax.rsqrt(jnp.asarray(bn.var[...], jnp.float32) + bn.epsilon)
+  bias = jnp.zeros(kernel.shape[-1], jnp.float32) if conv_bias is None else \
+      jnp.asarray(conv_bias, jnp.float32)
+  return kernel * inv, (bias - jnp.asarray(bn.mean[...], jnp.float32)) * inv + shift
+
+
+def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
+                          planner: Planner | None = None,
+                          sample_shape: Sequence[int] | None = None) -> nnx.Module:
+  """An eval-mode copy of `model` with BatchNorm folded and convolutions lowered per layer.
+
+  dtype: compute dtype of the inner layers (None: each layer's own). The first and last
+    convolution stay float32 either way.
+  policy: "auto" | "measure" | "xla" | "dots" (see bonejax.models.conv_lowering); ignored when
+    `planner` is given. On a GPU every policy keeps XLA's (cuDNN) convolutions.
+  sample_shape: the NHWC shape of the tracing pass (default (1, S, S, model.in_channels) with S
+    the model's stride); any valid input shape gives the same graph.
+  `model` itself is not changed. The returned module's `planner` attribute reports the choices.
+  """
+  planner = planner or Planner(policy)
+  model = nnx.clone(model)
+  _eval_mode(model)
+  if sample_shape is None:
+    side = int(getattr(model, "stride", 32))
+    sample_shape = (1, side, side, int(getattr(model, "in_channels", 1)))
+  calls = trace_layers(model, sample_shape)
+
+  conv_calls = [c for c in calls if isinstance(_get(model, c[0]), (nnx.Conv, nnx.ConvTranspose))]
+  edges = {conv_calls[0][0], conv_calls[-1][0]} if conv_calls else set()
+  made_by = {}  # id(output tracer) -> path of the conv that made it
+  bn_of: dict[tuple, tuple] = {}  # conv path -> BN path
+  for path, x, y in calls:
+    node = _get(model, path)
+    if isinstance(node, nnx.Conv):
+      made_by[id(y)] = path
+    elif isinstance(node, nnx.BatchNorm) and id(x) in made_by:
+      conv_path = made_by.pop(id(x))
+      if conv_path in bn_of:  # a conv output normalised twice: leave both as they are
+        continue
+      bn_of[conv_path] = path
+
+  # Compute dtypes first (BN output dtypes decide the folded convs' output dtypes).
+  if dtype is not None:
+    dtype = jnp.dtype(dtype).type
+    for path, node in _modules(model, nnx.Module):
+      if path in edges or not hasattr(node, "dtype") or isinstance(node, (Identity,)):
+        continue
+      if isinstance(node, (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.LayerNorm,
+                           nnx.Linear)):
+        node.dtype = dtype
+
+  called = {c[0] for c in conv_calls}
+  for path, node in _modules(model, (nnx.Conv, nnx.ConvTranspose)):
+    if path not in called:
+      continue  # defined but unused in this forward: leave it alone
+    if isinstance(node, nnx.ConvTranspose):
+      # A lowering change like the others: CPU only, and not under policy "xla".
+      if (DotConvTranspose.applies(node) and planner.backend == "cpu"
+          and planner.policy != "xla"):
+        _set(model, path, DotConvTranspose(node, dtype=node.dtype or jnp.float32))
+      continue
+    cdt = node.dtype or jnp.float32
+    if path in bn_of:
+      bn = _get(model, bn_of[path])
+      bias = None if node.bias is None else node.bias[...]
+      kernel, bias = fold_batchnorm(node.kernel[...], bias, bn)
+      fast = FastConv(kernel.astype(cdt), bias, strides=node.strides,
+                      padding=_explicit_padding(node), dilation=node.kernel_dilation,
+                      groups=node.feature_group_count, dtype=cdt,
+                      out_dtype=bn.dtype or cdt, planner=planner)
+      _set(model, bn_of[path], Identity())
+    else:
+      fast = FastConv.from_conv(node, planner=planner, dtype=cdt, share=False)
+      fast.kernel = nnx.Param(jnp.asarray(fast.kernel[...], cdt))
+    _set(model, path, fast)
+  model.planner = planner
+  return model
+
+
+def lower_convs(model: nnx.Module, *, policy: str = "auto", planner: Planner | None = None,
+                dtype: Any = None) -> nnx.Module:
+  """`model` with every `nnx.Conv` replaced, in place, by a FastConv over the same variables.
+
+  Nothing is folded and train mode is kept: this is the training-side use of the lowering.
+  The state tree (`nnx.state(model)`) is unchanged, so optimiser states and checkpoints of the
+  original model fit. Returns `model`.
+  """
+  planner = planner or Planner(policy, train=True)
+  for path, node in _modules(model, nnx.Conv):
+    _set(model, path, FastConv.from_conv(node, planner=planner, dtype=dtype))
+  return model
+
+
+def make_folder(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
+                planner: Planner | None = None, sample_shape: Sequence[int] | None = None):
+  """(graphdef of the inference graph, fold) for a model whose weights keep changing.
+
+  `fold(params, rest) -> state` is a pure, jittable function from the model's own state
+  (`nnx.split(model, nnx.Param, ...)`, as the trainer holds it) to the inference graph's state,
+  so `nnx.merge(graphdef, fold(params, rest))` is `build_inference_model` of the current
+  weights: the trainer's validation can run the fast graph without rebuilding it in Python at
+  every evaluation. The graph's structure (which BatchNorm folds into which conv, lowering
+  planner, dtypes) is fixed here once, from `model`.
+  """
+  planner = planner or Planner(policy)
+  graphdef_model, _, _ = nnx.split(model, nnx.Param, ...)
+  kwargs = dict(dtype=dtype, planner=planner, sample_shape=sample_shape)
+
+  def fold(params, rest):
+    return nnx.split(build_inference_model(nnx.merge(graphdef_model, params, rest), **kwargs))[1]
+
+  graphdef, _ = nnx.split(build_inference_model(model, **kwargs))
+  return graphdef, fold
