@@ -51,6 +51,7 @@ from bonejax.data import patches
 ROW_BITS = 15
 ROW = 1 << ROW_BITS  # elements per buffer row
 MAX_DIM = 1 << 16    # a scan side; keeps pos * (stride mod ROW) below 2^31 (see _term)
+RECORD_STEPS = 16    # batches of records computed per call on the host
 DEFAULT_DEVICE_FRACTION = 0.5  # of an accelerator's memory, when no budget is configured
 DEFAULT_RAM_FRACTION = 0.25    # of the host's RAM (CPU devices), shared by its devices
 _PLANE_DIMS = np.array([[1, 2], [0, 2], [0, 1]], np.int32)  # patches._plane_dims, per axis
@@ -268,6 +269,7 @@ class DeviceSampler:
       raise ValueError(f"layout does not fit: {layout.describe()}")
     self.stream, self.mesh, self.layout = stream, mesh, layout
     self.global_batch_size = stream.global_batch_size
+    self._rows, self._rows_first = None, None
     self._groups = host_groups(mesh)
     self._rows_sharding = NamedSharding(self._groups, P("host"))
     sharded = layout.placement == "sharded"
@@ -334,10 +336,23 @@ class DeviceSampler:
 
   # -- batches --------------------------------------------------------------------------------
 
+  def rows_at(self, batch_start: int) -> np.ndarray:
+    """This host's records of the batch at `batch_start`, computed RECORD_STEPS batches at a
+    time: records() costs ~1 ms per call plus ~1-10 us per record, and a host feeding 8 GPUs
+    has ~3 ms per step."""
+    g = self.global_batch_size
+    first = self._rows_first
+    if first is None or not first <= batch_start < first + len(self._rows) * g or \
+        (batch_start - first) % g:
+      starts = batch_start + g * np.arange(RECORD_STEPS)
+      positions = np.concatenate([self.stream.local_positions(int(b)) for b in starts])
+      self._rows = self.stream.records(positions).astype(np.int32).reshape(RECORD_STEPS, -1, 5)
+      self._rows_first = first = batch_start
+    return self._rows[(batch_start - first) // g]
+
   def batch_at(self, batch_start: int) -> dict[str, jax.Array]:
     """The global batch at stream position `batch_start` (this host's rows cut by its devices)."""
-    rows = self.stream.records(self.stream.local_positions(batch_start)).astype(np.int32)
-    rows = jax.make_array_from_process_local_data(self._rows_sharding, rows,
+    rows = jax.make_array_from_process_local_data(self._rows_sharding, self.rows_at(batch_start),
                                                   (self.global_batch_size, 5))
     return self._crop(self._image, self._label, self._tables, rows)
 
