@@ -130,6 +130,8 @@ def device_budget(devices: Sequence[jax.Device], budget_mb: int = 0) -> int:
 def host_groups(mesh: Mesh) -> Mesh | None:
   """The 1-D 'data' mesh as (host, local), same device order; None when a process's devices
   are not contiguous in it."""
+  if mesh.devices.size % jax.process_count():
+    return None
   devices = mesh.devices.reshape(jax.process_count(), -1)
   if any(len({d.process_index for d in row}) != 1 for row in devices):
     return None
@@ -151,15 +153,16 @@ def plan(shapes: Sequence[Sequence[int]], dtypes: Sequence[Any], mesh: Mesh,
   rows = -(-max(row, 1) // local) * local
   reason = ""
   if image_dtype not in (np.uint8, np.uint16, np.float32):
-    reason = f"images of dtype {image_dtype} (the device sampler takes uint8, uint16, float32)"
+    reason = (f"the device sampler cannot hold images of dtype {image_dtype} (uint8, uint16, "
+              "float32)")
   elif max(max(s) for s in shapes) >= MAX_DIM:
-    reason = f"a scan side of {max(max(s) for s in shapes)} voxels (>= {MAX_DIM})"
+    reason = (f"the device sampler cannot hold a scan side of {max(max(s) for s in shapes)} "
+              f"voxels (>= {MAX_DIM})")
   elif rows >= 2**31:
-    reason = f"{rows} buffer rows (>= 2^31)"
+    reason = f"the device sampler cannot index {rows} buffer rows (>= 2^31)"
   elif groups is None:
-    reason = "the mesh's devices are not grouped by process"
-  layout = Layout(shapes, tuple(starts), rows, image_dtype.name, local, int(budget), "",
-                  f"the device sampler cannot hold {reason}" if reason else "")
+    reason = "the device sampler needs each process's devices side by side in the mesh"
+  layout = Layout(shapes, tuple(starts), rows, image_dtype.name, local, int(budget), "", reason)
   if reason:
     return layout
   for placement in ("replicated", "sharded") if local > 1 else ("replicated",):

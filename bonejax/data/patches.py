@@ -47,14 +47,11 @@ import grain
 import numpy as np
 
 from bonejax import cli, intensity, store
+from bonejax.data import shuffle
 
-try:  # grain's own per-index shuffle, without MapDataset's per-call overhead (3x faster)
-  from grain._src.python.experimental.index_shuffle.python import (
-      index_shuffle_module as _index_shuffle)
-except ImportError:  # another grain layout: fall back to indexing the MapDataset
-  _index_shuffle = None
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_WHOLE_EPOCH_RECORDS = 1 << 22  # epochs up to this size keep their whole permutation (32 MiB)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -278,6 +275,11 @@ class PatchStream:
     # Grain picks the indices: a fresh permutation of the epoch's records every epoch.
     self._shuffle_seed = int(_hash(self.seed, 0x5EED) % np.uint64(2**32))
     self._order = grain.MapDataset.range(self.records_per_epoch).shuffle(seed=self._shuffle_seed)
+    n = self.records_per_epoch
+    probe = np.array([0, n // 3, n - 1, n, 2 * n + n // 2], np.int64)
+    self._fast_shuffle, self._epoch_perm = True, {}
+    self._fast_shuffle = bool(np.array_equal(self._shuffled(probe),
+                                             [self._order[int(p)] for p in probe]))
 
     self.position = 0  # records consumed by all hosts together
     self.num_threads = max(1, int(num_threads))
@@ -370,17 +372,28 @@ class PatchStream:
     return out
 
   def _shuffled(self, positions: np.ndarray) -> np.ndarray:
-    """self._order[p] for every p: grain's ShuffleMapDataset, whose per-index call is the
-    host's main cost per record (the device sampler needs ~10k records/s per GPU)."""
-    if _index_shuffle is None:
+    """self._order[p] for every p: grain's shuffle, computed for whole arrays by
+    shuffle.index_shuffle (grain answers one index per call, the host's main cost per record);
+    grain's own call if the two ever disagree (checked at start)."""
+    positions = np.asarray(positions, np.int64)
+    if not self._fast_shuffle:
       return np.array([self._order[int(p)] for p in positions], np.int64)
     n = self.records_per_epoch
+    epoch, index = np.divmod(positions, n)
     out = np.empty(positions.size, np.int64)
-    for k, p in enumerate(positions.tolist()):
-      epoch, i = divmod(p, n)  # as ShuffleMapDataset._shuffled_index, with the epoch's seed
-      out[k] = _index_shuffle.index_shuffle(i, max_index=n - 1,
-                                            seed=(self._shuffle_seed + epoch) % 2**32,
-                                            rounds=4) % n
+    for e in np.unique(epoch).tolist():  # each epoch has its own seed, as in ShuffleMapDataset
+      sel = epoch == e
+      seed = (self._shuffle_seed + e) % 2**32
+      if n > _WHOLE_EPOCH_RECORDS:
+        out[sel] = shuffle.index_shuffle(index[sel], n - 1, seed).astype(np.int64)
+        continue
+      # Small epochs: the whole permutation once (cycle walking repeats most for small n).
+      perm = self._epoch_perm.get(e)
+      if perm is None:
+        perm = shuffle.index_shuffle(np.arange(n), n - 1, seed).astype(np.int64)
+        self._epoch_perm = {k: v for k, v in self._epoch_perm.items() if k >= e - 1}
+        self._epoch_perm[e] = perm
+      out[sel] = perm[index[sel]]
     return out
 
   @staticmethod
