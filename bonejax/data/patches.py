@@ -52,6 +52,7 @@ from bonejax.data import shuffle
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _WHOLE_EPOCH_RECORDS = 1 << 22  # epochs up to this size keep their whole permutation (32 MiB)
+_GRAIN_EPOCH_RECORDS = 4096     # smaller epochs walk ~2^16 / n cycles: grain's C++ is faster
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -389,7 +390,9 @@ class PatchStream:
         continue
       # Small epochs: the whole permutation once (cycle walking repeats most for small n).
       perm = self._epoch_perm.get(e)
-      if perm is None:
+      if perm is None and n < _GRAIN_EPOCH_RECORDS:  # many cycle-walking rounds: grain's loop
+        perm = np.array([self._order[e * n + i] for i in range(n)], np.int64)
+      elif perm is None:
         perm = shuffle.index_shuffle(np.arange(n), n - 1, seed).astype(np.int64)
         self._epoch_perm = {k: v for k, v in self._epoch_perm.items() if k >= e - 1}
         self._epoch_perm[e] = perm
