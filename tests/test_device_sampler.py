@@ -162,6 +162,29 @@ def test_plan():
   assert not one.fits and "sharded" not in one.describe()  # one device: nothing to shard over
 
 
+def test_out_of_memory_while_loading(datasets, monkeypatch, capsys):
+  # The budget is an estimate: running out of memory anyway is the same as not fitting.
+  import jax
+  from bonejax import cli
+  from bonejax.data import device_sampler, feed
+  from bonejax.train import mesh as mesh_lib
+
+  def oom(*a, **k):
+    raise MemoryError("Unable to allocate 12.0 GiB")
+  monkeypatch.setattr(device_sampler.DeviceSampler, "__init__", oom)
+  mesh = mesh_lib.make_mesh(jax.devices()[:4])
+  put = lambda b: mesh_lib.put_batch(b, mesh_lib.data_sharding(mesh), BATCH)  # noqa: E731
+  with pytest.raises(cli.UserError, match=r"sampler=device: .*, replicated .* ran out of memory "
+                     r"\(Unable to allocate 12.0 GiB\); set sampler=host"):
+    feed.make_feed("device", _stream(datasets["uint"]), mesh, put)
+  capsys.readouterr()
+  f = feed.make_feed("auto", _stream(datasets["uint"]), mesh, put)
+  err = capsys.readouterr().err.splitlines()
+  assert f.kind == "host" and len(err) == 1 and err[0].startswith("warning: sampler=auto: ")
+  assert next(f)["image"].shape == (BATCH, PATCH, PATCH, 1)
+  f.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Two processes (jax.distributed over gloo), 2 CPU devices each.
 # ---------------------------------------------------------------------------------------------

@@ -292,7 +292,7 @@ class DeviceSampler:
 
   def _make_tables(self) -> dict[str, np.ndarray]:
     shapes = np.array(self.layout.shapes, np.int64)
-    strides = np.stack([shapes[:, 1] * shapes[:, 2], shapes[:, 2], np.ones(len(shapes))], 1)
+    strides = np.stack([shapes[:, 1] * shapes[:, 2], shapes[:, 2], np.ones_like(shapes[:, 2])], 1)
     norm = [intensity.normalize_params(s.norm, self.stream.normalization)
             for s in self.stream.scans]
     return {"shape": shapes.astype(np.int32),

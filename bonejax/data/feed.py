@@ -6,7 +6,8 @@
   there; a step moves only 5 integers per patch. Refused, in one line naming the sizes, when the
   scans do not fit the per-device budget (`sampler_device_mb`, default half the device memory).
 - "auto" (the default): the device path when the scans fit, else the host path with one
-  `warning:` line.
+  `warning:` line. Running out of memory while loading them counts as not fitting (in a
+  single-process run; with several processes it is an error, since all must take one path).
 
 Both give the same batches for a seed (device_sampler.py says why), so the choice changes speed,
 never the run, and a run may resume under the other path. Either way the trainer sees one
@@ -64,15 +65,24 @@ def make_feed(sampler: str, stream: patches.PatchStream, mesh: Mesh,
   layout = device_sampler.plan([s.shape for s in stream.scans],
                                [s.scan.dtype for s in stream.scans], mesh,
                                device_sampler.device_budget(list(mesh.devices.flat), budget_mb))
+  why = layout.describe()
   if layout.fits:
     try:
       return device_sampler.DeviceSampler(stream, mesh, layout)
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:
+      # The budget is an estimate: other users of the memory can leave less. One process may
+      # change its path alone only when it is the only one (the others would wait on it).
+      if jax.process_count() > 1 or not (isinstance(e, MemoryError) or
+                                         "RESOURCE_EXHAUSTED" in str(e)):
+        stream.close()
+        raise
+      why = f"{why}, but loading it ran out of memory ({cli._one_line(str(e))[:200]})"
     except BaseException:  # a damaged chunk or a bad label value while loading
       stream.close()
       raise
   if sampler == "device":
     stream.close()
-    raise cli.UserError(f"sampler=device: {layout.describe()}; set sampler=host or auto, or "
-                        "a larger sampler_device_mb")
-  cli.warn(f"sampler=auto: {layout.describe()}; training from the host patch stream")
+    raise cli.UserError(f"sampler=device: {why}; set sampler=host or auto, or a larger "
+                        "sampler_device_mb")
+  cli.warn(f"sampler=auto: {why}; training from the host patch stream")
   return HostFeed(stream, put)

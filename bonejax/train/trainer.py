@@ -11,6 +11,8 @@ Performance choices (written for GPUs, checked on CPU):
   the optimiser stay float32.
 - Batches are sharded over the 'data' mesh axis, state is replicated: XLA makes the gradient and
   BatchNorm reductions global. Augmentation runs inside the step, on the device.
+- The patches are cut on the devices from training scans held in their memory when the scans
+  fit (config.sampler, bonejax/data/feed.py): a step then sends only 5 integers per patch.
 - Nothing is fetched from the device per step: the loss is fetched every `log_every` steps, the
   validation confusion matrix once per evaluation. The host may run at most two steps ahead
   (it waits on the loss of step s-2, without transferring it).
