@@ -9,7 +9,11 @@ out by name (never by slice). Planes of all three axes are trained so that 3-pla
 Expected: BONe reports mean IoU ~0.97 on its 20-scan dataset. Throughput is not measured on a GPU
 yet: `python benchmarks/train_throughput.py` measures this network's step on the machine at hand;
 the only result so far is a 2-core CPU's (benchmarks/results/train_throughput_cpu-2c.md, about
-1.2 patches/s at fp32), so no run time for 50k steps is given here. Not run here at full size.
+1 patch/s at fp32), so no run time for 50k steps is given here. Not run here at full size.
+Input: the training scans are kept in GPU memory and the patches cut there (`sampler=auto`, the
+default) when they fit half of each GPU's memory, replicated or sharded over a host's GPUs;
+else they are read on the host with one warning. The batches are the same either way;
+`--config.sampler=host` forces the host path, `--config.sampler_device_mb=N` sets the budget.
 The optimiser is Adam without weight decay: the weight_decay=1e-4 this file used to list was
 never applied by adam (now refused); use `optimizer.name=adamw` for decoupled decay.
 

@@ -13,7 +13,10 @@ stopping; augmentation with random resized crops (85-100 % area, 3:4-4:3), flips
 crop; percentile normalisation. Weight decay is off (adam refuses it; `optimizer.name=adamw`
 takes one). Model selection here is by validation miou_fg, and early stopping waits 20
 evaluations without improvement of it. The validation set (centre crops of every 4th plane)
-outgrows `val_device_limit_mb` on large scans and is then streamed from the host.
+outgrows `val_device_limit_mb` on large scans and is then streamed from the host. Training
+patches are cut on the GPUs while the scans fit `sampler_device_mb` (default: half of each GPU),
+sharded over a host's GPUs when one cannot hold them all (a 2510 x 2510 x 2130 uint16 scan with
+its labels is 40 GB: 5 GB per GPU over eight), and read on the host otherwise (one warning).
 Expected: the paper's best models reach IoU ~0.9+ on its synchrotron scans; run time depends on
 the model (not run here at full size: CPU only).
 

@@ -70,6 +70,32 @@ def test_epoch_enumerates_every_plane_once(data):
   s.close()
 
 
+@pytest.mark.parametrize("path", ["grain", "whole_epochs", "positions"])
+def test_shuffle_is_grains(data, monkeypatch, path):
+  # records() computes grain's shuffle with numpy (50x faster); the order must stay grain's.
+  from grain._src.python.experimental.index_shuffle.python import index_shuffle_module as g
+  from bonejax.data import shuffle
+  root, _ = data
+  if path != "grain":  # this test's epochs are small: grain's own loop unless told otherwise
+    monkeypatch.setattr(patches, "_GRAIN_EPOCH_RECORDS", 0)
+  if path == "positions":  # epochs too large to keep whole: the positions asked for only
+    monkeypatch.setattr(patches, "_WHOLE_EPOCH_RECORDS", 0)
+  with _stream(root, seed=7) as s:
+    assert s._fast_shuffle
+    positions = np.arange(0, 3 * s.records_per_epoch + 5, 3)
+    np.testing.assert_array_equal(s._shuffled(positions),
+                                  [s._order[int(p)] for p in positions])
+  if path != "grain":
+    return
+  # Block sizes 16..24 bits, one past a power of two, the extreme seeds, cycle walking.
+  for n in (1, 5000, 65536, 65537, 2**20, 2**20 + 1, 3_000_001):
+    for seed in (0, 2**32 - 1, 123456789):
+      idx = np.unique(np.linspace(0, n - 1, 300).astype(np.int64))
+      np.testing.assert_array_equal(
+          shuffle.index_shuffle(idx, n - 1, seed),
+          [g.index_shuffle(int(i), max_index=n - 1, seed=seed, rounds=4) for i in idx])
+
+
 def test_deterministic_and_resumable(data):
   root, _ = data
   a = _stream(root, seed=3)

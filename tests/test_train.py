@@ -70,6 +70,7 @@ def test_outputs(reference):
   json.dumps(cli.to_jsonable(result))
   assert result["steps"] == STEPS and result["devices"] == jax.device_count()
   assert 0.0 <= result["best_val_miou"] <= 1.0 and result["best_step"] in (4, 8)
+  assert result["sampler"] == "device (replicated)"  # the default, auto, on scans this small
   assert result["patches_per_second"] > 0 and result["seconds"] > 0
   for name in ("config.json", "split.json", "metrics.csv", "curves.png", "model/model.json"):
     assert (workdir / name).exists(), name
@@ -101,6 +102,32 @@ def test_stop_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_path)
   # averages steps 5-6 in one run and step 6 alone in the other.)
   cut = lambda p: [r.split(",")[:1] + r.split(",")[4:] for r in p.read_text().splitlines()]
   assert cut(tmp_path / "metrics.csv") == cut(ref_dir / "metrics.csv")
+
+
+def test_host_and_device_paths_train_the_same(reference, tiny_dataset, tmp_path, monkeypatch,
+                                              capsys):
+  # The reference ran on the device sampler. With a budget nothing fits, sampler=device is
+  # refused in one line naming the sizes, and auto falls back to the host path with one warning;
+  # that run, resumed on the device path, ends in the reference's state, bit for bit.
+  from bonejax.data import device_sampler
+  budget = device_sampler.device_budget
+  monkeypatch.setattr(device_sampler, "device_budget", lambda devices, mb=0: 1000)
+  with pytest.raises(cli.UserError, match=r"sampler=device: 2 training scan\(s\), [\d,]+ voxels: "
+                     r"uint16 images \+ uint8 labels = .* per device replicated, .* sharded "
+                     r"over 4 devices: over the budget of 1.0 KiB per device"):
+    trainer.train(_config(tiny_dataset, sampler="device"), tmp_path / "refused")
+  assert not (tmp_path / "refused").exists()
+  capsys.readouterr()
+  first = trainer.train(_config(tiny_dataset, stop_after=5), tmp_path / "run")
+  warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+  assert len(warnings) == 1 and warnings[0].startswith("warning: sampler=auto: ") and \
+      warnings[0].endswith("training from the host patch stream"), warnings
+  assert first["sampler"] == "host" and first["steps"] == 5
+  monkeypatch.setattr(device_sampler, "device_budget", budget)
+  second = trainer.train(_config(tiny_dataset, sampler="device"), tmp_path / "run")
+  assert second["sampler"] == "device (replicated)" and second["resumed_from"] == 5
+  _assert_same_state(load_state(tmp_path / "run")[1], load_state(reference[1])[1])
+  assert second["best_val_miou"] == reference[0]["best_val_miou"]
 
 
 def test_sigkill_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_path):
@@ -148,6 +175,8 @@ def test_sigkill_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_pa
     (dict(stop_after=-2), "config.stop_after=-2 must be >= 0"),
     (dict(val_fraction=1.5), r"config.val_fraction=1.5 must be in \(0.0, 1.0\)"),
     (dict(axes=(0, 3)), "config.axes=.* must be distinct axes"),
+    (dict(sampler="gpu"), "config.sampler='gpu' must be auto, device or host"),
+    (dict(sampler_device_mb=-1), "config.sampler_device_mb=-1 must be >= 0"),
     (dict(optimizer=dict(configlib.default_config().optimizer.to_dict(), weight_decay=1e-4)),
      "adam does not use weight_decay"),
     (dict(optimizer=dict(name="adam")), "config lacks field.*optimizer.lr"),

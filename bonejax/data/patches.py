@@ -47,8 +47,12 @@ import grain
 import numpy as np
 
 from bonejax import cli, intensity, store
+from bonejax.data import shuffle
+
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_WHOLE_EPOCH_RECORDS = 1 << 22  # epochs up to this size keep their whole permutation (32 MiB)
+_GRAIN_EPOCH_RECORDS = 4096     # smaller epochs walk ~2^16 / n cycles: grain's C++ is faster
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -270,8 +274,13 @@ class PatchStream:
     self.records_per_epoch = self.uniform_records + self.rare_records
 
     # Grain picks the indices: a fresh permutation of the epoch's records every epoch.
-    shuffle_seed = int(_hash(self.seed, 0x5EED) % np.uint64(2**32))
-    self._order = grain.MapDataset.range(self.records_per_epoch).shuffle(seed=shuffle_seed)
+    self._shuffle_seed = int(_hash(self.seed, 0x5EED) % np.uint64(2**32))
+    self._order = grain.MapDataset.range(self.records_per_epoch).shuffle(seed=self._shuffle_seed)
+    n = self.records_per_epoch
+    probe = np.array([0, n // 3, n - 1, n, 2 * n + n // 2], np.int64)
+    self._fast_shuffle, self._epoch_perm = True, {}
+    self._fast_shuffle = bool(np.array_equal(self._shuffled(probe),
+                                             [self._order[int(p)] for p in probe]))
 
     self.position = 0  # records consumed by all hosts together
     self.num_threads = max(1, int(num_threads))
@@ -328,7 +337,7 @@ class PatchStream:
     positions = np.asarray(positions, np.int64)
     n = self.records_per_epoch
     epoch = positions // n
-    rec = np.array([self._order[int(p)] for p in positions], np.int64)
+    rec = self._shuffled(positions)
     out = np.zeros((positions.size, 5), np.int64)
     pp = self.patch_size
     shapes = np.array([s.shape for s in self.scans], np.int64)
@@ -361,6 +370,33 @@ class PatchStream:
       ox = _randint(_hash(self.seed, e, r, 6), np.maximum(cx - pp + 1, np.minimum(0, cols_n - pp)),
                     np.minimum(cx, np.maximum(0, cols_n - pp)))
       out[rare] = np.stack([si, ax, plane, oy, ox], 1)
+    return out
+
+  def _shuffled(self, positions: np.ndarray) -> np.ndarray:
+    """self._order[p] for every p: grain's shuffle, computed for whole arrays by
+    shuffle.index_shuffle (grain answers one index per call, the host's main cost per record);
+    grain's own call if the two ever disagree (checked at start)."""
+    positions = np.asarray(positions, np.int64)
+    if not self._fast_shuffle:
+      return np.array([self._order[int(p)] for p in positions], np.int64)
+    n = self.records_per_epoch
+    epoch, index = np.divmod(positions, n)
+    out = np.empty(positions.size, np.int64)
+    for e in np.unique(epoch).tolist():  # each epoch has its own seed, as in ShuffleMapDataset
+      sel = epoch == e
+      seed = (self._shuffle_seed + e) % 2**32
+      if n > _WHOLE_EPOCH_RECORDS:
+        out[sel] = shuffle.index_shuffle(index[sel], n - 1, seed).astype(np.int64)
+        continue
+      # Small epochs: the whole permutation once (cycle walking repeats most for small n).
+      perm = self._epoch_perm.get(e)
+      if perm is None and n < _GRAIN_EPOCH_RECORDS:  # many cycle-walking rounds: grain's loop
+        perm = np.array([self._order[e * n + i] for i in range(n)], np.int64)
+      elif perm is None:
+        perm = shuffle.index_shuffle(np.arange(n), n - 1, seed).astype(np.int64)
+        self._epoch_perm = {k: v for k, v in self._epoch_perm.items() if k >= e - 1}
+        self._epoch_perm[e] = perm
+      out[sel] = perm[index[sel]]
     return out
 
   @staticmethod

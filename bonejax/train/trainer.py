@@ -11,6 +11,8 @@ Performance choices (written for GPUs, checked on CPU):
   the optimiser stay float32.
 - Batches are sharded over the 'data' mesh axis, state is replicated: XLA makes the gradient and
   BatchNorm reductions global. Augmentation runs inside the step, on the device.
+- The patches are cut on the devices from training scans held in their memory when the scans
+  fit (config.sampler, bonejax/data/feed.py): a step then sends only 5 integers per patch.
 - Nothing is fetched from the device per step: the loss is fetched every `log_every` steps, the
   validation confusion matrix once per evaluation. The host may run at most two steps ahead
   (it waits on the loss of step s-2, without transferring it).
@@ -46,6 +48,7 @@ import optax
 from flax import nnx
 
 from bonejax import bundle, cli, models, store
+from bonejax.data import feed as feed_lib
 from bonejax.data import patches, splits
 from bonejax.train import augment as augment_lib
 from bonejax.train import best as best_lib
@@ -315,15 +318,20 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   best.resume(resumed_from, host, state)
 
   # ---- Input --------------------------------------------------------------------------------
+  # The records (and so the batches) are the patch stream's either way; config.sampler decides
+  # who cuts them: the host, or the devices from scans held in their memory (feed.py).
   stream = patches.PatchStream(
       dataset_path, split.train, patch_size=int(c.patch_size), global_batch_size=batch_size,
       axes=tuple(c.axes), patches_per_plane=int(c.patches_per_plane),
       oversample_rare=float(c.oversample_rare), seed=int(c.seed),
       normalization=str(c.normalization), process_index=jax.process_index(),
       process_count=jax.process_count())
-  closers.callback(stream.close)
+  train_feed = feed_lib.make_feed(
+      str(c.sampler), stream, mesh, lambda b: mesh_lib.put_batch(b, data_sharding, batch_size),
+      budget_mb=int(c.sampler_device_mb))
+  closers.callback(train_feed.close)
   if host["data"]:
-    stream.set_state(host["data"])
+    train_feed.set_state(host["data"])
 
   # ---- Evaluator ----------------------------------------------------------------------------
   # Each process holds its own rows of every validation batch.
@@ -343,6 +351,8 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   pending_losses: list[jax.Array] = []
   in_flight: collections.deque = collections.deque()
   progress = cli.Progress(total=max(num_steps - start, 0), desc="train", unit="steps")
+  if primary:
+    print(f"[train] patches cut by: {train_feed.kind}", file=progress.stream, flush=True)
   t_log, t_eval, t_first, evals_time = time.perf_counter(), 0.0, None, 0.0
   timed_steps, steps_at_first = 0, start
   extra = ""
@@ -352,7 +362,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   if stop_after and start >= stop_after:
     stopped = "stop_after"  # ... unless this call stops there too
   while step < num_steps and stopped is None:
-    batch = mesh_lib.put_batch(next(stream), data_sharding, batch_size)
+    batch = next(train_feed)
     with jax.transfer_guard("disallow"):  # the step itself never moves data to or from the host
       state, out = train_step(state, batch, lr_scale)
     step += 1
@@ -410,7 +420,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
 
     if stop_after and step >= stop_after and stopped is None:
       stopped = "stop_after"
-    host.update(step=step, data=stream.get_state(), plateau=plateau.get_state(),
+    host.update(step=step, data=train_feed.get_state(), plateau=plateau.get_state(),
                 stopped=stopped)
     log_file.append(row)
     if (ckpt_every and step % ckpt_every == 0) or step == num_steps or stopped or improved:
@@ -451,6 +461,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
       "steps_this_run": trained,
       "seconds": time.perf_counter() - t_start,
       "patches_per_second": timed * batch_size / loop_s if timed > 0 and loop_s > 0 else None,
+      "sampler": train_feed.kind,
       "model_dir": workdir / "model",
       "dataset": dataset_path,
       "split": {"train": split.train, "val": split.val},
