@@ -78,6 +78,12 @@ class AugmentConfig:
         tuple(self.scale) != (1.0, 1.0)
 
 
+# Options added after runs were written, at the values that keep the old augmentation (a run's
+# fingerprint leaves them out at these values: configlib.normalize_fingerprint).
+ADDED_DEFAULTS = {"one_of": (), "brightness_prob": 1.0, "scale": (1.0, 1.0), "scale_prob": 1.0,
+                  "clip": ()}
+
+
 def default_augment_config() -> ml_collections.ConfigDict:
   """The defaults as a ConfigDict (a training config's `augment` field)."""
   return ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig()))
