@@ -1,6 +1,7 @@
-"""The trainer: outputs, determinism, exact resume (stop_after and a real SIGKILL), bad input
-(config values, damaged scans, labels without a class) refused with nothing left behind, the
-run's record kept honest, and validation streamed from the host equal to device-resident.
+"""The trainer: outputs, determinism, exact resume (stop_after, a real SIGKILL, a clean stop on
+SIGINT), bad input (config values, damaged scans, labels without a class) refused with nothing
+left behind, the run's record kept honest, and validation streamed from the host equal to
+device-resident.
 
 Everything runs the smoke demo config (U-Net depth 2 width 4, 32-px patches) on 3 phantom scans
 of 32 x 48 x 48, sharded over the suite's 4 fake CPU devices.
@@ -155,6 +156,58 @@ def test_sigkill_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_pa
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["resumed_from"] is not None and result["steps"] == STEPS
   _assert_same_state(load_state(workdir)[1], load_state(ref_dir)[1])
+
+
+def test_sigint_stops_cleanly_and_resumes(reference, tiny_dataset, tmp_path):
+  # Ctrl-C (as napari's Stop sends it): the step in progress finishes, a checkpoint is written
+  # at it, one line says so, the result JSON says "stopped": "signal" and the exit code is 0.
+  # The same run resumed ends in the uninterrupted run's state, bit for bit.
+  _, ref_dir = reference
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, str(REPO / "launch/train.py"), "--config=configs/demo.py:smoke",
+         f"--workdir={workdir}", f"--config.dataset={tiny_dataset}",
+         f"--config.num_steps={STEPS}", "--config.batch_size=8", "--config.val_batch_size=4",
+         "--config.eval_every=2", "--config.log_every=1", "--config.checkpoint_every=0"]
+  err = open(tmp_path / "stderr", "w")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                          stderr=err, text=True)
+  deadline = time.time() + 300
+  metrics = workdir / "metrics.csv"
+  while time.time() < deadline and proc.poll() is None:  # after step 1 (the eval at 2 compiles)
+    if metrics.exists() and any(r.startswith("1,") for r in metrics.read_text().splitlines()):
+      proc.send_signal(signal.SIGINT)
+      break
+    time.sleep(0.01)
+  out, _ = proc.communicate(timeout=300)
+  err.close()
+  log = (tmp_path / "stderr").read_text()
+  assert proc.returncode == 0, log[-2000:]
+  result = json.loads(out.strip().splitlines()[-1])
+  stopped_at = result["steps"]
+  assert result["stopped"] == "signal" and 1 <= stopped_at < STEPS, result
+  assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
+  assert log.count("[train] stopped by SIGINT") == 1 and \
+      f"after step {stopped_at}, checkpoint written" in log
+  second = trainer.train(_config(tiny_dataset), workdir)
+  assert second["resumed_from"] == stopped_at and second["steps"] == STEPS
+  _assert_same_state(load_state(workdir)[1], load_state(ref_dir)[1])
+
+
+def test_a_second_signal_aborts_at_once():
+  from bonejax.train.stop import StopRequest
+  before = signal.getsignal(signal.SIGINT)
+  stop = StopRequest()
+  with pytest.raises(KeyboardInterrupt):
+    with stop.installed():
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(100):  # the handler runs between bytecodes of the main thread
+        if stop.requested:
+          break
+        time.sleep(0.01)
+      assert stop.name == "SIGINT"
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)  # interrupted
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.parametrize("overrides, message", [

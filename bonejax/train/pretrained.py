@@ -105,16 +105,14 @@ def _family(rule: str | None) -> str | None:
 
 
 def check_config(model_cfg: Any) -> None:
-  """One line for what can be refused before anything is read: both starts at once, a path
-  that does not exist, a negative freeze."""
+  """One line for what can be refused before anything is read: both starts at once, a
+  negative freeze. (The files are checked when a run starts from step 0: a resumed run does
+  not need them.)"""
   init_from = str(model_cfg.get("init_from", "") or "")
   encoder = str(model_cfg.get("encoder_weights", "") or "")
   if init_from and encoder:
     raise cli.UserError("model.init_from and model.encoder_weights both given: init_from "
                         "already sets the encoder; give one of them")
-  for key, value in (("init_from", init_from), ("encoder_weights", encoder)):
-    if value and not Path(value).exists():
-      raise cli.UserError(f"model.{key}={value!r} does not exist")
   steps = model_cfg.get("freeze_encoder_steps", 0)
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
     raise cli.UserError(f"config.model.freeze_encoder_steps={steps!r} must be an integer >= 0")
@@ -125,8 +123,12 @@ def initial_weights(model_cfg: Any, *, abstract, model_name: str, model_kwargs: 
                     normalization: str) -> dict[str, np.ndarray] | None:
   """{state path: array} to overlay on the freshly initialised model; None when the config
   names no pretrained start."""
+  check_config(model_cfg)
   init_from = str(model_cfg.get("init_from", "") or "")
   encoder = str(model_cfg.get("encoder_weights", "") or "")
+  for key, value in (("init_from", init_from), ("encoder_weights", encoder)):
+    if value and not Path(value).exists():
+      raise cli.UserError(f"model.{key}={value!r} does not exist")
   if init_from:
     return _whole_model(init_from, abstract=abstract, model_name=model_name,
                         model_kwargs=model_kwargs, classes=classes, in_channels=in_channels,
