@@ -25,7 +25,8 @@ import tensorstore as ts
 from flax import nnx
 
 from bonejax import cli, intensity, store
-from bonejax.predict import memory
+from bonejax.distributed import SINGLE, Group
+from bonejax.predict import hosts, memory
 from bonejax.predict.engine import DEFAULT_BATCH, PlaneEngine
 from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order, vote_labels
 from bonejax.predict.runner import Runner
@@ -52,17 +53,42 @@ def bundle_model(b: Any, dtype: Any = None) -> nnx.Module:
   return model
 
 
+def local_devices(devices: Any = None) -> list:
+  """This process's devices to predict on: all (None), the first `devices` (an int), or the
+  given list. A count below 1 or above what this process has is bad input."""
+  import jax
+  local = jax.local_devices()
+  if devices is None:
+    return local
+  if isinstance(devices, (int, np.integer, str)):
+    try:
+      n = int(devices)
+    except ValueError:
+      raise cli.UserError(f"devices={devices!r} is not a number of devices") from None
+    if n < 1:
+      raise cli.UserError(f"devices={n} must be at least 1")
+    if n > len(local):
+      raise cli.UserError(f"devices={n} but this process has only {len(local)} "
+                          f"{local[0].platform} device(s)")
+    return local[:n]
+  return list(devices)
+
+
 def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_BATCH,
                 dtype: Any = None, memory_budget_gb: float = memory.DEFAULT_BUDGET_GB,
                 device_memory_gb: float | None = None, tile_size: int | None = None,
-                tile_overlap: int | None = None, stride: int | None = None) -> PlaneEngine:
+                tile_overlap: int | None = None, stride: int | None = None,
+                devices: Any = None) -> PlaneEngine:
   """A PlaneEngine for `model` (returned as is if it already is one).
 
   A `bundle.Bundle` with a `dtype` is rebuilt in that dtype from its model.json (see
   `bundle_model`), so it predicts exactly as the bundle loaded with `load_bundle(dtype=...)`.
+  `devices`: how many of this process's devices (default all), or a list of them; every
+  batch is spread over them, `batch_size` planes on each.
   """
   if isinstance(model, PlaneEngine):
     return model
+  devices = local_devices(devices)
   if not isinstance(model, nnx.Module):
     from bonejax import bundle as bundle_lib
     if isinstance(model, bundle_lib.Bundle):
@@ -73,8 +99,8 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
   return PlaneEngine(model, in_channels=in_channels, batch_size=batch_size, dtype=dtype,
                      stride=stride,
                      device_budget_bytes=memory.device_budget_bytes(device_memory_gb,
-                                                                    memory_budget_gb),
-                     tile_size=tile_size, tile_overlap=tile_overlap)
+                                                                    memory_budget_gb, devices),
+                     tile_size=tile_size, tile_overlap=tile_overlap, devices=devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,20 +194,25 @@ class Prediction:
 def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet], vote: str, *,
                    budget_bytes: int, out_of_core: bool, scratch_dir: Path | None,
                    labels_out: Any = None, probs_out: Any = None, keep_labels: bool = True,
-                   keep_probs: bool = False, progress: bool = False) -> Prediction:
+                   keep_probs: bool = False, progress: bool = False,
+                   group: Group = SINGLE) -> Prediction:
   """Runs the sets, fuses them and writes labels (and mean probabilities) slab by slab.
 
   `labels_out` / `probs_out` are tensorstores to fill (or None); labels are also returned in
-  memory when `keep_labels`, mean probabilities when `keep_probs`.
+  memory when `keep_labels`, mean probabilities when `keep_probs`. With several processes
+  (`group`), each writes its share of the outputs (whole chunks of them), nothing is kept in
+  memory, and every process returns once all outputs are written everywhere.
   """
+  if group.size > 1 and (keep_labels or keep_probs):
+    raise ValueError("with several processes the labels go to labels_out, not to memory")
   start = time.perf_counter()
   runner = Runner(engine, vol, budget_bytes=budget_bytes, out_of_core=out_of_core,
-                  scratch_dir=scratch_dir)
+                  scratch_dir=scratch_dir, group=group)
   k = engine.num_classes
   try:
     if progress:
-      runner.progress = cli.Progress(total=runner.total_planes(sets), desc="predict",
-                                     unit="planes")
+      runner.progress = cli.Progress(total=runner.total_planes(sets, mine=True),
+                                     desc="predict", unit="planes")
     probsum = runner.array("probsum", vol.shape, np.float32, k)
     counts = runner.array("votes", vol.shape, np.uint8, k) if vote == "majority" else None
     fuser = Fuser(probsum, counts)
@@ -192,10 +223,14 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
     labels = np.empty(vol.shape, np.uint8) if keep_labels else None
     probs = np.empty(vol.shape + (k,), np.float32) if keep_probs else None
     scale = np.float32(1.0 / fuser.n_sets)
-    zs = runner.slab_planes(probsum, 0, 1)
+    # Each process votes whole output chunks of its own; one process votes everything.
+    unit = hosts.unit_of([labels_out, probs_out]) if group.size > 1 else 1
+    lo, hi = hosts.share(vol.shape[0], unit, group)
+    zs = runner.slab_planes(probsum, 0, unit)
     writes: list = []
-    for z0 in range(0, vol.shape[0], zs):
-      z1 = min(z0 + zs, vol.shape[0])
+    for z0 in range(lo, hi, zs):
+      z1 = min(z0 + zs, hi)
+      group.check("the vote")
       ps = probsum.read(0, z0, z1)
       lab = vote_labels(vote, ps, None if counts is None else counts.read(0, z0, z1))
       mean = ps * scale
@@ -211,12 +246,15 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
         writes.append(probs_out[z0:z1].write(mean))
     for w in writes:
       w.result()
+    group.barrier("outputs written")
   finally:
     runner.close()
   info = {"plane_sets": [ps.name for ps in sets], "mode": "out_of_core" if out_of_core
           else "in_memory", "infer_seconds": round(infer_s, 3),
-          "planes_per_second": round(runner.total_planes(sets) / max(infer_s, 1e-9), 2),
-          "plans": engine.describe(), "scratch_chunk": runner.chunk if out_of_core else None}
+          "planes_per_second": round(runner.total_planes(sets, mine=True) / max(infer_s, 1e-9),
+                                     2),
+          "plans": engine.describe(),
+          "scratch_chunk": runner.chunk if runner.out_of_core else None}
   return Prediction(labels, probs, info)
 
 
@@ -232,7 +270,7 @@ def predict_volume(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
   dict appended with `return_info`). Runs out of core (scratch zarr under `scratch_dir`, default
   the system temp dir) when the in-memory arrays would exceed `memory_budget_gb`, or when
   `out_of_core=True`. `engine_kw`: batch_size, dtype, device_memory_gb, tile_size, tile_overlap,
-  stride (see `make_engine`).
+  stride, devices (see `make_engine`; default: every batch spread over all local devices).
   """
   check_vote(vote)
   sets = plane_sets(planes, axis)

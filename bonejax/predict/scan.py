@@ -4,7 +4,8 @@
 through `volume_io.open_volume` (any format it reads; a scan brings its stored statistics,
 other inputs get theirs computed while they are read), runs `api.run_prediction`, and writes the
 outputs under temporary names renamed into place when complete: zarr v3 labels with attributes,
-or a TIFF; optionally the mean probabilities (Z, Y, X, K) as zarr v3.
+or a TIFF; optionally the mean probabilities (Z, Y, X, K) as zarr v3. With several processes
+(`group`) they share the work and the files as `hosts` describes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 
 import bonejax
 from bonejax import cli, intensity, store, volume_io
-from bonejax.predict import memory
-from bonejax.predict.api import make_engine, run_prediction
+from bonejax.distributed import SINGLE, Group
+from bonejax.predict import hosts, memory
+from bonejax.predict.api import local_devices, make_engine, run_prediction
 from bonejax.predict.engine import DTYPES
 from bonejax.predict.planesets import check_vote, plane_sets
 from bonejax.predict.volumes import SlabVolume, create_scratch, scratch_dir as make_scratch
@@ -143,7 +145,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  device_memory_gb: float | None = None, dtype: str = "float32",
                  tile_size: int | None = None, tile_overlap: int | None = None,
                  out_of_core: bool | None = None, overwrite: bool = False,
-                 progress: bool = True, keep_labels: bool | None = None) -> dict[str, Any]:
+                 progress: bool = True, keep_labels: bool | None = None,
+                 devices: Any = None, group: Group = SINGLE) -> dict[str, Any]:
   """Predicts a scan or volume file with a model bundle; what `launch/predict.py` runs.
 
   `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
@@ -152,11 +155,15 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   while reading), or an opened `store.Scan`. Writes `output` (.zarr labels with attributes, or
   .tif) and `save_probs` (.zarr (Z, Y, X, K) float32 mean probabilities) atomically. Returns
   the result dict; with `keep_labels` (default: when no output is given) it also holds "labels".
+  `devices`: how many of this process's devices to spread batches over (default all).
+  `group`: the processes predicting this volume together (`distributed.Group`; each process
+  calls this with the same arguments; process 0 returns the labels of `keep_labels`).
   """
   from bonejax import bundle as bundle_lib
   start = time.perf_counter()
   sets = plane_sets(planes, axis)
   _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs, overwrite)
+  devices = local_devices(devices)  # a bad count fails before any data is read
   out_kind = output_kind(output) if output is not None else None
 
   # Bundle metadata first: a bad bundle fails before any data is read.
@@ -170,22 +177,34 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   rule = str(meta.get("normalization", "percentile"))
   budget = int(float(memory_budget_gb) * 2**30)
 
+  shared = group.size > 1
+  if shared and output is None and save_probs is None:
+    raise cli.UserError("several processes need an output (or save_probs) on a filesystem "
+                        "they all share")
   src, kind = _open_source(source, in_channels, budget)
   shape = tuple(int(s) for s in src.shape)
   if out_of_core is None:
     need = memory.resident_bytes(shape[:3], src.channels, np.dtype(src.dtype).itemsize,
-                                 len(classes), sets, vote)
+                                 len(classes), sets, vote, shared=shared)
     out_of_core = need > memory.resident_limit(budget)
   if keep_labels is None:
     keep_labels = output is None
+  if shared:
+    hosts.agree(group, planes=planes, axis=axis, vote=vote, dtype=dtype, tile_size=tile_size,
+                tile_overlap=tile_overlap, shape=shape, dtype_in=str(src.dtype),
+                classes=classes, output=output and Path(output).name,
+                save_probs=save_probs and Path(save_probs).name)
+    out_of_core = bool(group.broadcast_json("out of core", out_of_core))
 
   anchor = Path(output if output is not None else (save_probs or tempfile.gettempdir()))
   scratch_parent = anchor.parent if output is not None or save_probs is not None else anchor
   labels = None
   try:
-    with make_scratch(scratch_parent, out_of_core) as scratch:
-      vol, stats = load_source(src, src.stats, out_of_core=out_of_core, scratch_dir=scratch,
-                               budget_bytes=budget, progress=progress)
+    with (hosts.scratch_dir(group, scratch_parent) if shared
+          else make_scratch(scratch_parent, out_of_core)) as scratch:
+      vol, stats = hosts.load_source(group, src, src.stats, out_of_core=out_of_core,
+                                     scratch_dir=scratch, budget_bytes=budget,
+                                     progress=progress)
       if isinstance(model, bundle_lib.Bundle):
         net, engine_dtype = model, dtype  # make_engine rebuilds it in `dtype`, as load_bundle
       else:
@@ -194,7 +213,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
       engine = make_engine(net, in_channels=in_channels, batch_size=batch_size,
                            dtype=engine_dtype, memory_budget_gb=memory_budget_gb,
                            device_memory_gb=device_memory_gb, tile_size=tile_size,
-                           tile_overlap=tile_overlap)
+                           tile_overlap=tile_overlap, devices=devices)
       if engine.num_classes != len(classes):
         raise cli.UserError(f"the model gives {engine.num_classes} classes but its bundle lists "
                             f"{len(classes)}")
@@ -205,35 +224,48 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                "source": str(source) if not isinstance(source, store.Scan) else str(source.path),
                "bonejax_version": bonejax.__version__}
       out_ctx = memory.cache_context(budget, memory.CACHE_FRACTION / 2)
+
+      def new(path, *args, **kw):
+        """An output array; several processes: process 0 makes it, the others open it."""
+        make = lambda: store.create_array(path, *args, **kw)  # noqa: E731
+        return hosts.shared_array(group, path, make, out_ctx, "output") if shared else make()
+
       with contextlib.ExitStack() as stack:
         labels_out = probs_out = None
         out_tmp = probs_tmp = None
         if output is not None:
-          out_tmp = stack.enter_context(cli.atomic_output(output, overwrite))
+          out_tmp = stack.enter_context(hosts.atomic_output(group, output, overwrite))
           if out_kind == "zarr":
-            labels_out = store.create_array(out_tmp, shape[:3], np.uint8, context=out_ctx)
+            labels_out = new(out_tmp, shape[:3], np.uint8, context=out_ctx)
         if save_probs is not None:
-          probs_tmp = stack.enter_context(cli.atomic_output(save_probs, overwrite))
-          probs_out = store.create_array(probs_tmp, shape[:3] + (len(classes),), np.float32,
-                                         context=out_ctx)
-        want_memory = keep_labels or (out_kind == "tiff" and not out_of_core)
+          probs_tmp = stack.enter_context(hosts.atomic_output(group, save_probs, overwrite))
+          probs_out = new(probs_tmp, shape[:3] + (len(classes),), np.float32, context=out_ctx)
+        want_memory = (keep_labels or (out_kind == "tiff" and not out_of_core)) and not shared
         labels_ts = labels_out
-        if out_kind == "tiff" and out_of_core:
-          labels_ts = store.create_array(scratch / "labels.zarr", shape[:3], np.uint8,
-                                         context=out_ctx)
+        if (out_kind == "tiff" and (out_of_core or shared)) or \
+            (shared and keep_labels and labels_ts is None):
+          labels_ts = new(scratch / "labels.zarr", shape[:3], np.uint8, context=out_ctx)
+        # On an error, the other processes are told before anything here is cleaned up.
+        stack.enter_context(group.on_error())
         pred = run_prediction(engine, vol, sets, vote, budget_bytes=budget,
                               out_of_core=out_of_core, scratch_dir=scratch,
                               labels_out=labels_ts, probs_out=probs_out,
-                              keep_labels=want_memory, keep_probs=False, progress=progress)
+                              keep_labels=want_memory, keep_probs=False, progress=progress,
+                              group=group)
         labels = pred.labels
-        if out_kind == "zarr":
-          store.set_array_attrs(out_tmp, attrs)
-        if probs_out is not None:
-          store.set_array_attrs(probs_tmp,
-                                {**attrs, "content": "mean probabilities (Z, Y, X, K)"})
-        if out_kind == "tiff":
-          volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
-                                overwrite=True)
+        if group.is_main:
+          if shared and keep_labels:
+            labels = labels_ts.read().result()
+          if out_kind == "zarr":
+            store.set_array_attrs(out_tmp, attrs)
+          if probs_out is not None:
+            store.set_array_attrs(probs_tmp,
+                                  {**attrs, "content": "mean probabilities (Z, Y, X, K)"})
+          if out_kind == "tiff":
+            volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
+                                  overwrite=True)
+    # Every process returns once process 0 has put the outputs in place.
+    per_process = group.allgather("outputs in place", str(engine.num_devices))
   finally:
     src.close()
   seconds = time.perf_counter() - start
@@ -244,6 +276,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
             "vote": vote, "classes": classes, "save_probs": str(save_probs) if save_probs else None,
             "dtype": dtype, "batch_size": int(batch_size), "memory_budget_gb": memory_budget_gb,
             "input_kind": kind, "device": str(jax.devices()[0].device_kind),
+            "devices": sum(int(n) for n in per_process), "processes": group.size,
             **pred.info}
   if keep_labels:
     result["labels"] = labels
