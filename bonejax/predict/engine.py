@@ -15,9 +15,10 @@ each process predicts its own planes on its own devices (`hosts`).
 
 The device-memory budget is per device, checked with XLA's own memory analysis of the
 compiled function (per device; or, where a backend has none, an estimate from the traced
-per-device program: `memory.peak_bytes`): when a batch does not fit, the batch shrinks; when a single plane does not fit, the plane is cut
-into overlapping tiles inside the same function and blended with a separable window that is zero
-for `margin` pixels next to each interior tile edge and a sin^2 ramp after it. For a model whose
+per-device program: `memory.peak_bytes`): when a batch does not fit, the batch shrinks; when a
+single plane does not fit, the plane is cut into overlapping tiles inside the same function and
+blended with a separable window that is zero for `margin` pixels next to each interior tile
+edge and a sin^2 ramp after it. For a model whose
 receptive field is within the margin (and tile origins on the stride grid), tiled equals untiled
 up to float rounding; for real networks the smooth ramp hides the seams. On XLA's CPU backend
 planes are also padded past its swapped small convolutions (`cpu_convs`).
