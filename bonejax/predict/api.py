@@ -253,7 +253,7 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
           else "in_memory", "infer_seconds": round(infer_s, 3),
           "planes_per_second": round(runner.total_planes(sets, mine=True) / max(infer_s, 1e-9),
                                      2),
-          "plans": engine.describe(),
+          "plans": engine.describe(), "device_peak_mb": memory.device_peak_mb(engine.devices),
           "scratch_chunk": runner.chunk if runner.out_of_core else None}
   return Prediction(labels, probs, info)
 

@@ -205,3 +205,17 @@ def peak_bytes(jaxpr: Any) -> int:
       if last.get(v) == i and v not in held:
         live -= _nbytes(v)
   return peak
+
+
+def device_peak_mb(devices: Sequence[Any]) -> float | None:
+  """The highest peak memory in use on any of `devices` so far (MiB), where the backend
+  reports it (GPU, TPU); None on CPU."""
+  peaks = []
+  for d in devices:
+    try:
+      peak = (d.memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # pylint: disable=broad-except  # backends without memory stats
+      peak = None
+    if peak is not None:
+      peaks.append(peak)
+  return round(max(peaks) / 2**20, 1) if peaks else None
