@@ -151,8 +151,11 @@ def main(argv):
   model = TINY if cpu and not flags.FLAGS["model"].present else _MODEL.value
   # The benchmark scripts' interpreter: plain, or one that knows the stand-in.
   py = [sys.executable] + (["-c", _WITH_TINY] if model == TINY else [])
-  env = {"JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  # A compilation cache shared by the jobs (the second prediction is warm): the one already
+  # configured in the environment, else one in the work directory.
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                                     str(work / "jax-cache"))}
   if cpu:
     env["JAX_PLATFORMS"] = "cpu"
   if _TAG.value:
