@@ -13,9 +13,11 @@ Jobs, each its own process, each the project's own benchmark or command:
    run twice, the second with the first's compilation cache (reported as warm);
 4. the MONAI peer on the same model, training and prediction jobs, when torch and monai are
    installed (`peers/compare.py`, numerics fixed to bf16 on both sides: no calibration runs).
-A job that fails or runs out of its time is recorded as such and the suite goes on. Writes
-benchmarks/results/gpu_suite_<machine>.{json,md} (the jobs also write their own result files
-there) and prints the table.
+A job that fails or runs out of its time is recorded as such and the suite goes on; every
+job's time limit is cut to what is left of `--budget_s` (under 8 minutes on a GPU), and a job
+that would start with less than 20 s left is skipped, so the command ends in time whatever
+happens. Writes benchmarks/results/gpu_suite_<machine>.{json,md} (the jobs also write their own
+result files there) and prints the table.
 
 CPU mode (`--cpu`, or no accelerator) runs every job the same way on tiny shapes and, unless
 `--model` is given, on a stand-in model: a classic U-Net of depth 2 and width 4 (`unet_tiny`,
@@ -52,6 +54,8 @@ _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch (scan, bundle, caches); default a "
                                "temporary directory, removed afterwards.")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
+_BUDGET_S = flags.DEFINE_float("budget_s", 0, "Seconds for the whole suite (0: 470 on a GPU, "
+                               "900 in CPU mode).")
 
 # Shapes and counts by mode. GPU: the headline jobs sized to finish within ~8 minutes together.
 GPU = {"patch": 256, "batch": 32, "dtype": "bfloat16", "matmul_n": 8192, "repeats": 5,
@@ -88,10 +92,19 @@ def peers_available() -> bool:
   return r.returncode == 0
 
 
+_DEADLINE = [float("inf")]  # time.perf_counter() by which every job must have ended
+_MIN_JOB_S = 20.0
+
+
 def run_job(name: str, cmd: list[str], timeout: float, env: dict, log_dir: Path) -> dict:
   """Runs a job; its JSON result line (if it prints one: train_throughput.py writes only its
   result files), or why it failed."""
   t0 = time.perf_counter()
+  left = _DEADLINE[0] - t0
+  if left < _MIN_JOB_S:
+    print(f"[gpu_suite] {name}: skipped, out of time", file=sys.stderr, flush=True)
+    return {"ok": False, "skipped": True, "error": "out of time (--budget_s)"}
+  timeout = min(timeout, left)
   shown = [c for c in cmd if not c.startswith("import runpy")]  # not the stand-in's bootstrap
   print(f"[gpu_suite] {name}: {' '.join(shown[1:])}", file=sys.stderr, flush=True)
   try:
@@ -135,9 +148,10 @@ def main(argv):
   del argv
   t_start = time.perf_counter()
   load_start = common.load_average()
-  backend = accelerator()
-  cpu = _CPU.value or backend is None
+  backend = None if _CPU.value else accelerator()
+  cpu = backend is None
   cfg = CPU if cpu else GPU
+  _DEADLINE[0] = t_start + (_BUDGET_S.value or (900.0 if cpu else 470.0))
   results = Path(_RESULTS.value)
   results.mkdir(parents=True, exist_ok=True)
   tmp = None
@@ -183,9 +197,9 @@ def main(argv):
     if "predict" in _JOBS.value or "peers" in _JOBS.value:
       bundle, scan = prepare(work, model, cfg["volume"])
     if "predict" in _JOBS.value:
-      cmd = [sys.executable, str(REPO / "launch/predict.py"), f"--model={bundle}", f"--input={scan}",
-             f"--output={work / 'pred.zarr'}", "--planes=3", "--vote=soft", f"--dtype={dt}",
-             f"--batch_size={cfg['predict_batch']}", f"--memory_budget_gb={cfg['budget_gb']}",
+      cmd = [sys.executable, str(REPO / "launch/predict.py"), f"--model={bundle}",
+             f"--input={scan}", f"--output={work / 'pred.zarr'}", "--planes=3", "--vote=soft",
+             f"--dtype={dt}", f"--batch_size={cfg['predict_batch']}", f"--memory_budget_gb={cfg['budget_gb']}",
              "--overwrite"]
       cold = run_job("predict_cold", cmd, cfg["timeouts"]["predict"], env, work / "logs")
       warm = run_job("predict", cmd, cfg["timeouts"]["predict"], env, work / "logs")

@@ -37,6 +37,9 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 KILL_AT_ENV = "BONEJAX_TEST_KILL_AT"
 _POLL_MAX_S = 0.05
 _CHECK_EVERY_S = 0.5
+# After a failure, how long process 0 waits for the others to notice it and leave (they check
+# every slab); one still busy after that is ended by JAX when the service goes.
+_LEAVE_AFTER_FAILURE_S = 60.0
 
 
 def requested(coordinator_address: str | None, num_processes: int | None,
@@ -109,6 +112,7 @@ class Group:
     self._seq = 0
     self._last_check = 0.0
     self._failed_here = False
+    self._others_gone = False
 
   @classmethod
   def from_jax(cls, barrier_timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S,
@@ -248,6 +252,8 @@ class Group:
   def _wait_others_gone(self, timeout_s: float) -> None:
     """Process 0 (which hosts the coordination service) waits for the others to disconnect:
     leaving first would end them with JAX's fatal error."""
+    if self._others_gone:
+      return
     deadline = time.monotonic() + timeout_s
     others = set(range(1, self.size))
     while time.monotonic() < deadline:
@@ -258,9 +264,11 @@ class Group:
                 self.client.key_value_dir_get(f"{self.ns}/left/")}
         if others <= left:
           time.sleep(1.0)  # their disconnect follows the note at once
+          self._others_gone = True
           return
       else:
         if not others & live:
+          self._others_gone = True
           return
       time.sleep(0.05)
 
@@ -270,7 +278,8 @@ class Group:
       return
     import jax
     if self.is_main:
-      self._wait_others_gone(self.timeout_s)
+      self._wait_others_gone(min(self.timeout_s, _LEAVE_AFTER_FAILURE_S) if self._failed_here
+                             else self.timeout_s)
     else:
       with contextlib.suppress(Exception):
         self.client.key_value_set(f"{self.ns}/left/{self.index}", "1", allow_overwrite=True)
@@ -287,7 +296,7 @@ class Group:
     except BaseException as e:
       self.fail(_message(e))
       if self.is_main and self.size > 1 and self.client is not None:
-        self._wait_others_gone(self.timeout_s)
+        self._wait_others_gone(min(self.timeout_s, _LEAVE_AFTER_FAILURE_S))
       raise
 
   @contextlib.contextmanager

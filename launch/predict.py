@@ -53,9 +53,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Planes per device call (shrunk p
                               "to fit the device memory).")
 _BUDGET = flags.DEFINE_float("memory_budget_gb", 4.0, "Host memory for volume and "
                              "accumulators; beyond it the run goes out of core.")
-_DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Device memory one call may use "
-                                "(default: 70% of the accelerator's, or a quarter of "
-                                "--memory_budget_gb on CPU).")
+_DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Memory one call may use on each "
+                                "device (default: 70% of the accelerator's, or on CPU a quarter "
+                                "of --memory_budget_gb shared by the devices).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.")
 _TILE = flags.DEFINE_integer("tile_size", None, "Force tiling of planes larger than this "
                              "(pixels); default: only when a plane does not fit the device.")

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from bonejax import predict, store
+from bonejax.distributed import Group
+from bonejax.predict import hosts
 from test_predict_scan import make_bundle, phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,14 @@ def launch(files, outputs, *args, env=None, timeout=300):
       if p.poll() is None:
         p.kill()
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, results)]
+
+
+def test_shares_are_contiguous_chunk_aligned_and_cover_the_axis():
+  for n, unit, size in [(70, 32, 2), (40, 16, 3), (5, 32, 2), (100, 8, 7), (64, 64, 1)]:
+    shares = [hosts.share(n, unit, Group(i, size)) for i in range(size)]
+    assert shares[0][0] == 0 and shares[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))  # disjoint, no gap
+    assert all(lo % unit == 0 and (hi % unit == 0 or hi == n) for lo, hi in shares)
 
 
 def single(files, tmp_path, planes, vote, out_of_core):
