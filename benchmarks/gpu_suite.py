@@ -199,8 +199,8 @@ def main(argv):
     if "predict" in _JOBS.value:
       cmd = [sys.executable, str(REPO / "launch/predict.py"), f"--model={bundle}",
              f"--input={scan}", f"--output={work / 'pred.zarr'}", "--planes=3", "--vote=soft",
-             f"--dtype={dt}", f"--batch_size={cfg['predict_batch']}", f"--memory_budget_gb={cfg['budget_gb']}",
-             "--overwrite"]
+             f"--dtype={dt}", f"--batch_size={cfg['predict_batch']}",
+             f"--memory_budget_gb={cfg['budget_gb']}", "--overwrite"]
       cold = run_job("predict_cold", cmd, cfg["timeouts"]["predict"], env, work / "logs")
       warm = run_job("predict", cmd, cfg["timeouts"]["predict"], env, work / "logs")
       warm["cold"] = {k: cold.get(k) for k in ("ok", "error", "seconds", "voxels_per_second",
