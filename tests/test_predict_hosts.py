@@ -42,14 +42,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(files, outputs, *args, env=None, timeout=300):
+def launch(files, outputs, *args, env=None, timeout=300, model="model", input="vol.npy"):
   """Runs predict.py as len(outputs) processes; outputs[i] is process i's (output, probs)."""
   port = _free_port()
   full_env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
                   PYTHONPATH=str(REPO), **(env or {}))
   procs = [subprocess.Popen(
-      [sys.executable, str(REPO / "launch/predict.py"), f"--model={files / 'model'}",
-       f"--input={files / 'vol.npy'}", f"--output={out}", f"--save_probs={probs}", *BUDGET,
+      [sys.executable, str(REPO / "launch/predict.py"), f"--model={files / model}",
+       f"--input={files / input}", f"--output={out}", f"--save_probs={probs}", *BUDGET,
        f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={len(outputs)}",
        f"--process_id={i}", *args],
       cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -144,3 +144,37 @@ def test_an_output_directory_that_is_not_shared(files, tmp_path):
   for d in (here, elsewhere):
     assert not (d / "pred.zarr").exists() and not (d / "probs.zarr").exists()
     assert not d.exists() or not debris(d)
+
+
+def test_two_processes_ome_zarr_max_vote_and_resampling(files, tmp_path):
+  """The issue-14 paths shared by two processes: OME-Zarr labels and probabilities (process 0
+  builds the pyramids), the max vote, and an input resampled to the bundle's voxel size (each
+  process maps back its own share)."""
+  import shutil
+  from bonejax import ome_zarr
+  model = tmp_path / "model_1um"
+  shutil.copytree(files / "model", model)
+  meta = json.loads((model / "model.json").read_text())
+  (model / "model.json").write_text(json.dumps({**meta, "voxel_size_um": [1.0, 1.0, 1.0]}))
+  store.write_scan(tmp_path / "scan", phantom((36, 40, 48), seed=5),
+                   attrs={"voxel_size_um": 1.5})
+  kw = dict(planes=3, vote="max", memory_budget_gb=0.008, device_memory_gb=0.5, batch_size=8,
+            progress=False)
+  ref = predict.predict_scan(model, tmp_path / "scan", output=tmp_path / "one.ome.zarr",
+                             save_probs=tmp_path / "one_probs.ome.zarr", devices=1, **kw)
+  assert ref["resampled"] is not None  # 1.5 um input, 1 um bundle
+  out, probs = tmp_path / "two.ome.zarr", tmp_path / "two_probs.ome.zarr"
+  runs = launch(tmp_path, [(out, probs)] * 2, "--planes=3", "--vote=max", model="model_1um",
+                input="scan")
+  for rc, _, err in runs:
+    assert rc == 0, err[-3000:]
+  result = json.loads(runs[0][1].strip().splitlines()[-1])
+  assert result["processes"] == 2 and result["resampled"] == ref["resampled"]
+  for one, two in ((tmp_path / "one.ome.zarr", out), (tmp_path / "one_probs.ome.zarr", probs)):
+    levels = sorted(p.name for p in one.iterdir() if p.name.isdigit())
+    assert levels == sorted(p.name for p in two.iterdir() if p.name.isdigit()) and levels
+    for level in levels:  # every pyramid level, written by process 0 from the shared level 0
+      np.testing.assert_allclose(store.open_array(two / level).read().result(),
+                                 store.open_array(one / level).read().result(), atol=1e-6)
+  assert ome_zarr.is_ome_zarr_path(out)
+  assert not debris(tmp_path)
