@@ -69,6 +69,11 @@ _DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Memory one call may u
                                 "device (default: 70% of the accelerator's, or on CPU a quarter "
                                 "of --memory_budget_gb shared by the devices).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.")
+_GRAPH = flags.DEFINE_enum("inference_graph", "auto", ["auto", "measure", "xla", "off"],
+                           "BatchNorm folded into the convolutions, each convolution lowered "
+                           "by a fixed rule (auto: bf16 dot products where the CPU has them "
+                           "and they pay), by timing each layer once per machine (measure), "
+                           "as XLA's convolutions (xla); or off (the model as it is).")
 _TILE = flags.DEFINE_integer("tile_size", None, "Force tiling of planes larger than this "
                              "(pixels); default: only when a plane does not fit the device.")
 _OVERLAP = flags.DEFINE_integer("tile_overlap", None, "Tile overlap in pixels (default tile/4).")
@@ -164,7 +169,8 @@ def main(argv):
         tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
         overwrite=_OVERWRITE.value, progress=True, keep_labels=False,
         save_uncertainty=_SAVE_UNC.value, resample=not _NO_RESAMPLE.value,
-        image_key=_IMAGE_KEY.value, devices=_DEVICES.value, group=group)
+        image_key=_IMAGE_KEY.value, devices=_DEVICES.value, group=group,
+        graph=_GRAPH.value)
 
 
 if __name__ == "__main__":

@@ -78,13 +78,14 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
                 dtype: Any = None, memory_budget_gb: float = memory.DEFAULT_BUDGET_GB,
                 device_memory_gb: float | None = None, tile_size: int | None = None,
                 tile_overlap: int | None = None, stride: int | None = None,
-                devices: Any = None) -> PlaneEngine:
+                devices: Any = None, graph: str = "auto") -> PlaneEngine:
   """A PlaneEngine for `model` (returned as is if it already is one).
 
   A `bundle.Bundle` with a `dtype` is rebuilt in that dtype from its model.json (see
   `bundle_model`), so it predicts exactly as the bundle loaded with `load_bundle(dtype=...)`.
   `devices`: how many of this process's devices (default all), or a list of them; every
-  batch is spread over them, `batch_size` planes on each.
+  batch is spread over them, `batch_size` planes on each. `graph`: the inference graph's
+  convolution policy, or "off" for the model as it is (`engine.GRAPHS`).
   """
   if isinstance(model, PlaneEngine):
     return model
@@ -100,7 +101,8 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
                      stride=stride,
                      device_budget_bytes=memory.device_budget_bytes(device_memory_gb,
                                                                     memory_budget_gb, devices),
-                     tile_size=tile_size, tile_overlap=tile_overlap, devices=devices)
+                     tile_size=tile_size, tile_overlap=tile_overlap, devices=devices,
+                     graph=graph)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,11 @@ STRIDE = 32  # the model zoo's promise (bonejax.models.STRIDE)
 DEFAULT_BATCH = 8
 IN_FLIGHT = 2  # batches dispatched ahead of the one being collected
 DTYPES = ("float32", "bfloat16", "float16")
+# The inference graph (bonejax.models.inference_graph): BatchNorm folded into the convolutions,
+# each convolution lowered as its policy says ("auto": a fixed rule, bf16 dot products where the
+# CPU has native bf16 dots and the layer is compute-bound; "measure": timed once per machine and
+# layer shape, cached; "xla": XLA's convolutions, as on GPUs) or "off": the model as it is.
+GRAPHS = ("auto", "measure", "xla", "off")
 
 
 def compute_dtype(name: Any) -> Any:
@@ -187,12 +192,26 @@ class PlaneEngine:
   def __init__(self, model: nnx.Module, *, in_channels: int = 1,
                batch_size: int = DEFAULT_BATCH, dtype: Any = None, stride: int = STRIDE,
                device_budget_bytes: int | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None, devices: Sequence[Any] | None = None):
+               tile_overlap: int | None = None, devices: Sequence[Any] | None = None,
+               graph: str = "auto"):
     view = nnx.view(model, use_running_average=True, deterministic=True,
                     raise_if_not_found=False)
     self.dtype = compute_dtype(dtype)
     if self.dtype is not None:
       view = with_compute_dtype(view, self.dtype)
+    if graph not in GRAPHS:
+      raise ValueError(f"graph={graph!r} must be one of {', '.join(GRAPHS)}")
+    self.graph = graph
+    if graph != "off":
+      # Built once per engine; each layer keeps the dtype it has now (float32 edges included).
+      from bonejax.models import inference_graph
+      s = max(1, int(stride))
+      try:
+        view = inference_graph.build_inference_model(
+            view, policy=graph, sample_shape=(1, s, s, int(in_channels)))
+      except ValueError as e:  # a layer the graph cannot rewrite: the model as it is
+        logging.getLogger(__name__).warning("inference graph off for this model: %s", e)
+        self.graph = "off"
     self.graphdef, state = nnx.split(view)
     self.devices = list(devices) if devices is not None else jax.local_devices()
     if not self.devices:

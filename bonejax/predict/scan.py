@@ -168,7 +168,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  out_of_core: bool | None = None, overwrite: bool = False,
                  progress: bool = True, keep_labels: bool | None = None,
                  save_uncertainty: str | os.PathLike | None = None, resample: bool = True,
-                 image_key: str | None = None, devices: Any = None,
+                 image_key: str | None = None, devices: Any = None, graph: str = "auto",
                  group: Group = SINGLE) -> dict[str, Any]:
   """Predicts a scan or volume file with a model bundle; what `launch/predict.py` runs.
 
@@ -182,6 +182,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   of an HDF5 / NeXus input. Returns the result dict; with `keep_labels` (default: when no
   output is given) it also holds "labels".
   `devices`: how many of this process's devices to spread batches over (default all).
+  `graph`: the inference graph's convolution policy, or "off" (`engine.GRAPHS`).
   `group`: the processes predicting this volume together (`distributed.Group`; each process
   calls this with the same arguments; process 0 returns the labels of `keep_labels`).
   """
@@ -259,7 +260,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
       engine = make_engine(net, in_channels=in_channels, batch_size=batch_size,
                            dtype=engine_dtype, memory_budget_gb=memory_budget_gb,
                            device_memory_gb=device_memory_gb, tile_size=tile_size,
-                           tile_overlap=tile_overlap, devices=devices)
+                           tile_overlap=tile_overlap, devices=devices, graph=graph)
       if engine.num_classes != len(classes):
         raise cli.UserError(f"the model gives {engine.num_classes} classes but its bundle lists "
                             f"{len(classes)}")
