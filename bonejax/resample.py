@@ -218,10 +218,13 @@ class RegridSink:
 
   def end(self, n: int = 1) -> None:
     vol = self.staging.vol
+    # Several processes: every share of the staging volume must be written before it is read,
+    # and each process maps back its own (chunk-aligned) share of the input grid's Z.
+    self.runner.sync("regrid staged")
     zs = self.runner.slab_planes(self.fuser.probs.vol, 0, 1)
     self.fuser.begin()
-    depth = self.resampler.out_shape[0]
-    for z0 in range(0, depth, zs):
+    lo, depth = self.runner.share(self.resampler.out_shape[0])
+    for z0 in range(lo, depth, zs):
       z1 = min(z0 + zs, depth)
       self.fuser.add(0, z0, self.resampler.read(lambda a, b: vol.read(0, a, b), z0, z1,
                                                 np.float32))

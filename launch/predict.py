@@ -14,7 +14,16 @@ lists the 10 most uncertain slices per axis in the result. `--planes`: 1 (one ax
 12 (orthogonal x four 90-degree in-plane rotations). Volumes whose arrays exceed
 `--memory_budget_gb` are processed out of core in a scratch directory next to the output.
 Prints progress on stderr and, as the last stdout line, JSON with output, shape, seconds,
-voxels_per_second, planes, vote, classes, ...
+voxels_per_second, planes, vote, classes, devices, processes, ...
+
+Every batch of planes is spread over all local devices (`--devices=N`: the first N). Several
+hosts predict one volume together with the flags of train.py, the same command on every host:
+  --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+or --multihost on a cluster JAX detects by itself (SLURM, Open MPI, Kubernetes/GKE, Cloud TPU).
+Each process predicts its own share of the planes; the output (and the scratch directory beside
+it) must be on a filesystem every host sees at the same path. Process 0 claims the outputs and
+marks them complete. A process that fails or dies makes the others fail with one line (at most
+--heartbeat_timeout_s after a death; --barrier_timeout_s bounds every wait).
 """
 
 import contextlib
@@ -26,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli  # noqa: E402  (jax is imported only once the flags are good)
+from bonejax import cli, distributed  # noqa: E402  (jax is imported once the flags are good)
 
 PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
 VOTES = ("soft", "majority", "max")
@@ -56,16 +65,32 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Planes per device call (shrunk p
                               "to fit the device memory).")
 _BUDGET = flags.DEFINE_float("memory_budget_gb", 4.0, "Host memory for volume and "
                              "accumulators; beyond it the run goes out of core.")
-_DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Device memory one call may use "
-                                "(default: 70% of the accelerator's, or a quarter of "
-                                "--memory_budget_gb on CPU).")
+_DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Memory one call may use on each "
+                                "device (default: 70% of the accelerator's, or on CPU a quarter "
+                                "of --memory_budget_gb shared by the devices).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.")
+_GRAPH = flags.DEFINE_enum("inference_graph", "auto", ["auto", "measure", "xla", "off"],
+                           "BatchNorm folded into the convolutions, each convolution lowered "
+                           "by a fixed rule (auto: bf16 dot products where the CPU has them "
+                           "and they pay), by timing each layer once per machine (measure), "
+                           "as XLA's convolutions (xla); or off (the model as it is).")
 _TILE = flags.DEFINE_integer("tile_size", None, "Force tiling of planes larger than this "
                              "(pixels); default: only when a plane does not fit the device.")
 _OVERLAP = flags.DEFINE_integer("tile_overlap", None, "Tile overlap in pixels (default tile/4).")
 _OOC = flags.DEFINE_enum("out_of_core", "auto", ["auto", "yes", "no"],
                          "Force (yes) or forbid (no) out-of-core processing.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+_DEVICES = flags.DEFINE_integer("devices", None, "Local devices to spread batches over (default: "
+                                "all); each takes --batch_size planes per call.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with "
+                               "cluster auto-detection (SLURM, Open MPI, GKE, Cloud TPU).")
+_BARRIER_S = flags.DEFINE_float("barrier_timeout_s", 1800.0, "Multi-host: the longest one "
+                                "process waits for the others (at the start and between passes).")
+_HEARTBEAT_S = flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-host: a process silent this "
+                                    "long is taken for dead and the others fail.")
 
 
 def _int_flag(name: str, text: str | None, choices=None) -> int | None:
@@ -104,16 +129,33 @@ def main(argv):
   if _OVERLAP.value is not None and _TILE.value is not None and _OVERLAP.value >= _TILE.value:
     raise cli.UserError(f"--tile_overlap={_OVERLAP.value} must be smaller than "
                         f"--tile_size={_TILE.value}")
+  if _DEVICES.value is not None and _DEVICES.value < 1:
+    raise cli.UserError(f"--devices={_DEVICES.value} must be at least 1")
+  if not _BARRIER_S.value > 0:
+    raise cli.UserError(f"--barrier_timeout_s={_BARRIER_S.value} must be positive")
+  if _HEARTBEAT_S.value < 1:
+    raise cli.UserError(f"--heartbeat_timeout_s={_HEARTBEAT_S.value} must be positive")
+  multihost = distributed.requested(_COORD.value, _NPROC.value, _PID.value, _MULTIHOST.value)
   ooc = {"auto": None, "yes": True, "no": False}[_OOC.value]
   bundle = Path(_MODEL.value)
   if not (bundle / "model.json").exists() and (bundle / "model" / "model.json").exists():
     bundle = bundle / "model"  # a training workdir: its bundle is the input, not the workdir
-  with contextlib.ExitStack() as claims:
+  group = distributed.SINGLE
+  if multihost:
+    # Recoverable: a process that dies must not take the others down with JAX's fatal log;
+    # they notice it themselves and fail with one line.
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value, _MULTIHOST.value,
+                           recoverable=True, heartbeat_timeout_s=_HEARTBEAT_S.value,
+                           init_timeout_s=_BARRIER_S.value)
+    group = distributed.Group.from_jax(_BARRIER_S.value, namespace="bonejax/predict")
+  with group.guard(), contextlib.ExitStack() as claims:
     # Claim the outputs for the whole run (a second run writing them is refused), then fail on
-    # an existing, foreign or input-overlapping output before any work.
+    # an existing, foreign or input-overlapping output before any work. Several processes:
+    # process 0 holds the claims for all of them.
     for out in (_OUTPUT.value, _SAVE_PROBS.value, _SAVE_UNC.value):
       if out:
-        claims.enter_context(cli.claim_output(out))
+        if group.is_main:
+          claims.enter_context(cli.claim_output(out))
         cli.check_output(out, _OVERWRITE.value, inputs=(_INPUT.value, bundle))
     cli.require_exists(_MODEL.value, "model bundle")
     cli.require_exists(_INPUT.value, "input")
@@ -127,7 +169,8 @@ def main(argv):
         tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
         overwrite=_OVERWRITE.value, progress=True, keep_labels=False,
         save_uncertainty=_SAVE_UNC.value, resample=not _NO_RESAMPLE.value,
-        image_key=_IMAGE_KEY.value)
+        image_key=_IMAGE_KEY.value, devices=_DEVICES.value, group=group,
+        graph=_GRAPH.value)
 
 
 if __name__ == "__main__":

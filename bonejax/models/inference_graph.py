@@ -68,7 +68,15 @@ def _explicit_padding(conv: nnx.Conv) -> tuple[tuple[int, int], tuple[int, int]]
   if isinstance(pad, str):
     if pad.upper() == "VALID":
       return ((0, 0), (0, 0))
-    raise ValueError(f"FastConv needs explicit or VALID padding, got {pad!r}")
+    if pad.upper() == "SAME" and _pairs(conv.strides) == (1, 1):
+      # At stride 1 "SAME" does not depend on the input size: (k - 1) * d split low-first.
+      pads = []
+      for k, d in zip(conv.kernel_size, _pairs(conv.kernel_dilation)):
+        total = (int(k) - 1) * d
+        pads.append((total // 2, total - total // 2))
+      return tuple(pads)
+    raise ValueError(f"FastConv needs explicit, VALID or stride-1 SAME padding, got {pad!r} "
+                     f"at strides {conv.strides}")
   if isinstance(pad, int):
     return ((pad, pad), (pad, pad))
   return tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))

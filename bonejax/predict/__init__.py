@@ -10,12 +10,13 @@ soft (mean) or by majority.
 
 Modules, one job each:
   planesets  which planes (PlaneSet, plane_sets) and voting (fuse, majority_labels)
-  engine     PlaneEngine: raw planes -> probabilities, batching, tiling, device budget
+  engine     PlaneEngine: raw planes -> probabilities, batching over devices, tiling, budget
   cpu_convs  XLA-CPU workaround: pad planes past swapped small convolutions
   rotate     45-degree rotations of volumes and back
   volumes    slab volumes in memory or on disk; accumulators and sinks
   memory     host and device budgets, resident sizes, device-memory estimates
   runner     the threaded run of plane sets for one volume
+  hosts      several processes on one volume: shares, shared scratch and outputs
   api        predict_planes / predict_volume / make_engine: arrays in, arrays out
   scan       predict_scan: bundle and file in, files out (launch/predict.py)
 
@@ -24,6 +25,8 @@ Python API (for the demo, cross-validation and notebooks):
     labels, mean = fuse(probs, "soft")                           # or "majority"
     labels = predict_volume(model, vol, stats=stats, planes=3, vote="soft")
     result = predict_scan("WORKDIR/model", "DATA/scan_000", output="pred.zarr")
+Every batch is spread over all local devices (`devices=N`: the first N). Several processes
+predict one volume with `predict_scan(..., group=distributed.Group.from_jax())` in each.
 `model` may be an nnx module, a `bundle.Bundle` or a prepared `PlaneEngine` (which keeps its
 compiled functions across calls).
 """

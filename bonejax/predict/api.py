@@ -25,7 +25,8 @@ import tensorstore as ts
 from flax import nnx
 
 from bonejax import cli, intensity, store
-from bonejax.predict import memory
+from bonejax.distributed import SINGLE, Group
+from bonejax.predict import hosts, memory
 from bonejax.predict.engine import DEFAULT_BATCH, PlaneEngine
 from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order
 from bonejax.predict.runner import Runner
@@ -52,17 +53,43 @@ def bundle_model(b: Any, dtype: Any = None) -> nnx.Module:
   return model
 
 
+def local_devices(devices: Any = None) -> list:
+  """This process's devices to predict on: all (None), the first `devices` (an int), or the
+  given list. A count below 1 or above what this process has is bad input."""
+  import jax
+  local = jax.local_devices()
+  if devices is None:
+    return local
+  if isinstance(devices, (int, np.integer, str)):
+    try:
+      n = int(devices)
+    except ValueError:
+      raise cli.UserError(f"devices={devices!r} is not a number of devices") from None
+    if n < 1:
+      raise cli.UserError(f"devices={n} must be at least 1")
+    if n > len(local):
+      raise cli.UserError(f"devices={n} but this process has only {len(local)} "
+                          f"{local[0].platform} device(s)")
+    return local[:n]
+  return list(devices)
+
+
 def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_BATCH,
                 dtype: Any = None, memory_budget_gb: float = memory.DEFAULT_BUDGET_GB,
                 device_memory_gb: float | None = None, tile_size: int | None = None,
-                tile_overlap: int | None = None, stride: int | None = None) -> PlaneEngine:
+                tile_overlap: int | None = None, stride: int | None = None,
+                devices: Any = None, graph: str = "auto") -> PlaneEngine:
   """A PlaneEngine for `model` (returned as is if it already is one).
 
   A `bundle.Bundle` with a `dtype` is rebuilt in that dtype from its model.json (see
   `bundle_model`), so it predicts exactly as the bundle loaded with `load_bundle(dtype=...)`.
+  `devices`: how many of this process's devices (default all), or a list of them; every
+  batch is spread over them, `batch_size` planes on each. `graph`: the inference graph's
+  convolution policy, or "off" for the model as it is (`engine.GRAPHS`).
   """
   if isinstance(model, PlaneEngine):
     return model
+  devices = local_devices(devices)
   if not isinstance(model, nnx.Module):
     from bonejax import bundle as bundle_lib
     if isinstance(model, bundle_lib.Bundle):
@@ -73,8 +100,9 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
   return PlaneEngine(model, in_channels=in_channels, batch_size=batch_size, dtype=dtype,
                      stride=stride,
                      device_budget_bytes=memory.device_budget_bytes(device_memory_gb,
-                                                                    memory_budget_gb),
-                     tile_size=tile_size, tile_overlap=tile_overlap)
+                                                                    memory_budget_gb, devices),
+                     tile_size=tile_size, tile_overlap=tile_overlap, devices=devices,
+                     graph=graph)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,19 +196,27 @@ class Prediction:
 def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet], vote: str, *,
                    budget_bytes: int, out_of_core: bool, scratch_dir: Path | None,
                    labels_out: Any = None, probs_out: Any = None, keep_labels: bool = True,
-                   keep_probs: bool = False, progress: bool = False,
-                   uncertainty_out: Any = None, regrid: Any = None) -> Prediction:
+                   keep_probs: bool = False, progress: bool | cli.Progress = False,
+                   uncertainty_out: Any = None, regrid: Any = None,
+                   group: Group = SINGLE) -> Prediction:
   """Runs the sets, fuses them and writes labels (and mean probabilities) slab by slab.
 
   `labels_out` / `probs_out` are tensorstores to fill (or None); labels are also returned in
   memory when `keep_labels`, mean probabilities when `keep_probs`. `uncertainty_out`
   (`uncertainty.UncertaintyWriter`) gets every voted slab. `regrid` (`resample.Regrid`): `vol`
   is the input resampled to the model's voxel size; each set's probabilities are mapped back to
-  the input grid (`regrid.out_shape`) before the vote.
+  the input grid (`regrid.out_shape`) before the vote. With several processes (`group`), each
+  writes its share of the outputs (whole chunks of them), nothing is kept in memory, and every
+  process returns once all outputs are written everywhere.
   """
+  if group.size > 1 and (keep_labels or keep_probs):
+    raise ValueError("with several processes the labels go to labels_out, not to memory")
+  if group.size > 1 and uncertainty_out is not None:
+    raise cli.UserError("--save_uncertainty is not supported with several processes yet "
+                        "(its slice ranking needs the whole volume): run it on one host")
   start = time.perf_counter()
   runner = Runner(engine, vol, budget_bytes=budget_bytes, out_of_core=out_of_core,
-                  scratch_dir=scratch_dir)
+                  scratch_dir=scratch_dir, group=group)
   k = engine.num_classes
   shape = tuple(regrid.out_shape) if regrid is not None else vol.shape
   try:
@@ -188,7 +224,7 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
       # A caller's own cli.Progress (a GUI's bar; its update may raise to cancel), else a line.
       runner.progress = progress if isinstance(progress, cli.Progress) else cli.Progress(
           desc="predict", unit="planes")
-      runner.progress.total = runner.total_planes(sets)
+      runner.progress.total = runner.total_planes(sets, mine=True)
     fuser = Fuser.create(runner.array, shape, k, vote, keep_counts=uncertainty_out is not None)
     runner.run(sets, fuser if regrid is None else regrid.sink(fuser, runner))
     if runner.progress is not None:
@@ -196,10 +232,14 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
     infer_s = time.perf_counter() - start
     labels = np.empty(shape, np.uint8) if keep_labels else None
     probs = np.empty(shape + (k,), np.float32) if keep_probs else None
-    zs = runner.slab_planes(fuser.probs.vol, 0, 1)
+    # Each process votes whole output chunks of its own; one process votes everything.
+    unit = hosts.unit_of([labels_out, probs_out]) if group.size > 1 else 1
+    lo, hi = hosts.share(shape[0], unit, group)
+    zs = runner.slab_planes(fuser.probs.vol, 0, unit)
     writes: list = []
-    for z0 in range(0, shape[0], zs):
-      z1 = min(z0 + zs, shape[0])
+    for z0 in range(lo, hi, zs):
+      z1 = min(z0 + zs, hi)
+      group.check("the vote")
       lab, mean, counts = fuser.decide(z0, z1)
       if labels is not None:
         labels[z0:z1] = lab
@@ -215,12 +255,15 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
         uncertainty_out.add(z0, lab, mean, counts, fuser.n_sets)
     for w in writes:
       w.result()
+    group.barrier("outputs written")
   finally:
     runner.close()
   info = {"plane_sets": [ps.name for ps in sets], "mode": "out_of_core" if out_of_core
           else "in_memory", "infer_seconds": round(infer_s, 3),
-          "planes_per_second": round(runner.total_planes(sets) / max(infer_s, 1e-9), 2),
-          "plans": engine.describe(), "scratch_chunk": runner.chunk if out_of_core else None}
+          "planes_per_second": round(runner.total_planes(sets, mine=True) / max(infer_s, 1e-9),
+                                     2),
+          "plans": engine.describe(), "device_peak_mb": memory.device_peak_mb(engine.devices),
+          "scratch_chunk": runner.chunk if runner.out_of_core else None}
   return Prediction(labels, probs, info)
 
 
@@ -236,8 +279,8 @@ def predict_volume(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
   dict appended with `return_info`). Runs out of core (scratch zarr under `scratch_dir`, default
   the system temp dir) when the in-memory arrays would exceed `memory_budget_gb`, or when
   `out_of_core=True`. `progress`: True (a stderr line) or a `cli.Progress` to update.
-  `engine_kw`: batch_size, dtype, device_memory_gb, tile_size, tile_overlap,
-  stride (see `make_engine`).
+  `engine_kw`: batch_size, dtype, device_memory_gb, tile_size, tile_overlap, stride, devices
+  (see `make_engine`; default: every batch spread over all local devices).
   """
   check_vote(vote)
   sets = plane_sets(planes, axis)

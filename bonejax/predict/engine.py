@@ -7,18 +7,27 @@ in-plane 90-degree rotation (the 12-plane mode), padding to the model's stride, 
 in the compute dtype, softmax in float32, the crop and the rotation back. Batches have a fixed
 size (the last one is padded), so each (plane shape, rotation) compiles exactly once.
 
-The device-memory budget is checked with XLA's own memory analysis of the compiled function
-(or, where a backend has none, an estimate from the traced program: `memory.peak_bytes`):
-when a batch does not fit, the batch shrinks; when a single plane does not fit, the plane is cut
-into overlapping tiles inside the same function and blended with a separable window that is zero
-for `margin` pixels next to each interior tile edge and a sin^2 ramp after it. For a model whose
+Every batch is spread over the engine's devices (all local devices by default): a one-axis
+`data` mesh, the weights replicated on it once, each device running the same per-device program
+on its `batch` planes (`shard_map`: no communication, so a plane's probabilities do not depend on
+the number of devices), the global batch `batch x devices`. Several hosts do not share batches:
+each process predicts its own planes on its own devices (`hosts`).
+
+The device-memory budget is per device, checked with XLA's own memory analysis of the
+compiled function (per device; or, where a backend has none, an estimate from the traced
+per-device program: `memory.peak_bytes`): when a batch does not fit, the batch shrinks; when a
+single plane does not fit, the plane is cut into overlapping tiles inside the same function and
+blended with a separable window that is zero for `margin` pixels next to each interior tile
+edge and a sin^2 ramp after it. For a model whose
 receptive field is within the margin (and tile origins on the stride grid), tiled equals untiled
 up to float rounding; for real networks the smooth ramp hides the seams. On XLA's CPU backend
 planes are also padded past its swapped small convolutions (`cpu_convs`).
 
 `stream` keeps a couple of batches in flight: JAX dispatch is asynchronous, so the host copies
-the next batch in and the last results out while the device computes. It is the one place
-batches meet the device.
+the next batch in and the last results out while the devices compute; nothing in the loop waits
+for the device except the collection of the oldest batch. It is the one place batches meet the
+devices. (Nothing is donated: the raw planes in and the probabilities out never share a
+buffer's size, so XLA could not reuse one for the other.)
 """
 
 from __future__ import annotations
@@ -27,12 +36,13 @@ import collections
 import dataclasses
 import logging
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bonejax import intensity
 from bonejax.models.utils import pad_to_multiple
@@ -42,6 +52,11 @@ STRIDE = 32  # the model zoo's promise (bonejax.models.STRIDE)
 DEFAULT_BATCH = 8
 IN_FLIGHT = 2  # batches dispatched ahead of the one being collected
 DTYPES = ("float32", "bfloat16", "float16")
+# The inference graph (bonejax.models.inference_graph): BatchNorm folded into the convolutions,
+# each convolution lowered as its policy says ("auto": a fixed rule, bf16 dot products where the
+# CPU has native bf16 dots and the layer is compute-bound; "measure": timed once per machine and
+# layer shape, cached; "xla": XLA's convolutions, as on GPUs) or "off": the model as it is.
+GRAPHS = ("auto", "measure", "xla", "off")
 
 
 def compute_dtype(name: Any) -> Any:
@@ -132,10 +147,10 @@ class Plan:
   channels: int
   raw_dtype: str
   clip: bool
-  batch: int                          # planes per call
+  batch: int                          # planes per call and device
   tile: tuple[int, int] | None = None  # (th, tw) in the rotated, padded frame; None: whole plane
   overlap: int = 0
-  device_bytes: int = 0               # one call's peak device memory (XLA's, else estimated)
+  device_bytes: int = 0               # one call's peak memory per device (XLA's, else estimated)
   padded: tuple[int, int] | None = None  # pad the (rotated) plane to this; None: stride multiple
 
   @property
@@ -163,26 +178,48 @@ class PlaneEngine:
     model: any nnx module mapping NHWC floats to logits (B, H, W, K). Its eval view is used
       (BatchNorm running statistics, dropout off); the module itself is not changed.
     in_channels: channels per voxel (planes are (n, H, W) for 1, else (n, H, W, C)).
-    batch_size: planes per call (shrunk per shape to fit `device_budget_bytes`).
+    batch_size: planes per call and device (shrunk per shape to fit `device_budget_bytes`);
+      a call takes `batch_size x len(devices)` planes.
     dtype: compute dtype (e.g. bfloat16): replaces the model's own compute dtype where the
       model uses it, like building the model with that dtype (see `with_compute_dtype`;
       parameters keep their own dtype).
     stride: planes are padded (reflect) to multiples of this.
-    device_budget_bytes: peak device memory one call may use (None: no limit).
+    device_budget_bytes: peak memory one call may use on each device (None: no limit).
     tile_size / tile_overlap: force tiling with this tile (pixels, rounded up to the stride).
+    devices: the devices batches are spread over (default: all of this process's devices).
   """
 
   def __init__(self, model: nnx.Module, *, in_channels: int = 1,
                batch_size: int = DEFAULT_BATCH, dtype: Any = None, stride: int = STRIDE,
                device_budget_bytes: int | None = None, tile_size: int | None = None,
-               tile_overlap: int | None = None):
+               tile_overlap: int | None = None, devices: Sequence[Any] | None = None,
+               graph: str = "auto"):
     view = nnx.view(model, use_running_average=True, deterministic=True,
                     raise_if_not_found=False)
     self.dtype = compute_dtype(dtype)
     if self.dtype is not None:
       view = with_compute_dtype(view, self.dtype)
+    if graph not in GRAPHS:
+      raise ValueError(f"graph={graph!r} must be one of {', '.join(GRAPHS)}")
+    self.graph = graph
+    if graph != "off":
+      # Built once per engine; each layer keeps the dtype it has now (float32 edges included).
+      from bonejax.models import inference_graph
+      s = max(1, int(stride))
+      try:
+        view = inference_graph.build_inference_model(
+            view, policy=graph, sample_shape=(1, s, s, int(in_channels)))
+      except ValueError as e:  # a layer the graph cannot rewrite: the model as it is
+        logging.getLogger(__name__).warning("inference graph off for this model: %s", e)
+        self.graph = "off"
     self.graphdef, state = nnx.split(view)
-    self.state = jax.device_put(state)
+    self.devices = list(devices) if devices is not None else jax.local_devices()
+    if not self.devices:
+      raise ValueError("a PlaneEngine needs at least one device")
+    self.mesh = Mesh(np.array(self.devices), ("data",))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.sharded = NamedSharding(self.mesh, P("data"))
+    self.state = jax.device_put(state, self.replicated)  # once, on every device
     self.state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(self.state)))
     self.in_channels = int(in_channels)
     self.batch_size = max(1, int(batch_size))
@@ -192,6 +229,7 @@ class PlaneEngine:
     self.tile_overlap = tile_overlap
     self.offset, self.scale, self.clip = np.float32(0.0), np.float32(1.0), False
     self.background = np.float32(0.0)
+    self._norm = jax.device_put((self.offset, self.scale), self.replicated)
     self._plans: dict[tuple, Plan] = {}
     self._compiled: dict[Plan, Any] = {}
     self.cpu = jax.default_backend() == "cpu"
@@ -207,6 +245,14 @@ class PlaneEngine:
                        f"expected (1, {s}, {s}, num_classes) logits")
     self.num_classes = int(out.shape[-1])
 
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  def global_batch(self, plan: Plan) -> int:
+    """Planes per call: the plan's per-device batch on every device."""
+    return plan.batch * self.num_devices
+
   # -------------------------------------------------------------------------------------------
   # Normalisation (traced scalars: a new scan never recompiles).
   # -------------------------------------------------------------------------------------------
@@ -215,6 +261,8 @@ class PlaneEngine:
     offset, scale, clip = intensity.normalize_params(stats, rule)
     self.offset, self.scale, self.clip = np.float32(offset), np.float32(scale), bool(clip)
     self.background = np.float32(background_value(stats, rule))
+    # On the devices once per scan, not once per batch.
+    self._norm = jax.device_put((self.offset, self.scale), self.replicated)
 
   # -------------------------------------------------------------------------------------------
   # The jitted function.
@@ -284,17 +332,28 @@ class PlaneEngine:
 
   def _compile(self, plan: Plan) -> tuple[Any, int]:
     h, w = plan.shape
-    shape = (plan.batch, h, w) + ((plan.channels,) if plan.channels > 1 else ())
-    x = jax.ShapeDtypeStruct(shape, np.dtype(plan.raw_dtype))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    fn = jax.jit(self._function(plan))
+    rest = (h, w) + ((plan.channels,) if plan.channels > 1 else ())
+    dtype = np.dtype(plan.raw_dtype)
+    x = jax.ShapeDtypeStruct((self.global_batch(plan),) + rest, dtype, sharding=self.sharded)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
+    per_device = self._function(plan)
+    # Each device runs the single-device program on its own planes: no collectives, and the
+    # memory analysis below is per device.
+    # (No collectives, so the varying-axes check has nothing to check; it would reject the
+    # tiled path's loop, whose zero carry does not vary over devices until the first tile.)
+    fn = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P("data"), P(), P()),
+                               out_specs=P("data"), check_vma=False),
+                 in_shardings=(self.replicated, self.sharded, self.replicated, self.replicated),
+                 out_shardings=self.sharded)
     compiled = fn.lower(self.state, x, scalar, scalar).compile()
     nbytes = memory.xla_bytes(compiled)
     if nbytes is None:
       # No memory analysis on this backend: estimate from the traced program, so the device
       # budget still holds (batches shrink, planes tile) rather than silently turning off.
       _warn_estimated()
-      nbytes = memory.peak_bytes(jax.make_jaxpr(fn)(self.state, x, scalar, scalar))
+      local = jax.ShapeDtypeStruct((plan.batch,) + rest, dtype)
+      flat = jax.ShapeDtypeStruct((), jnp.float32)
+      nbytes = memory.peak_bytes(jax.make_jaxpr(per_device)(self.state, local, flat, flat))
     return compiled, int(nbytes)
 
   # -------------------------------------------------------------------------------------------
@@ -393,14 +452,16 @@ class PlaneEngine:
         continue
       plan = self.plan(planes.shape[1:3], planes.dtype, k90)
       fn = self._compiled[plan]
-      b = plan.batch
+      b = self.global_batch(plan)
       out = np.empty((n,) + tuple(planes.shape[1:3]) + (self.num_classes,), np.float32)
       rec = [key, out, -(-n // b)]
       for b0 in range(0, n, b):
         x = planes[b0:b0 + b]
         if x.shape[0] < b:
           x = np.concatenate([x, np.zeros((b - x.shape[0],) + x.shape[1:], x.dtype)])
-        y = fn(self.state, x, self.offset, self.scale)
+        # Placed explicitly (each device gets its rows): jit takes no sharded numpy input in
+        # a multi-process job.
+        y = fn(self.state, jax.device_put(x, self.sharded), *self._norm)
         y.copy_to_host_async()
         pending.append((rec, b0, min(b0 + b, n), y))
         while len(pending) > in_flight:
@@ -422,4 +483,5 @@ class PlaneEngine:
     return [{"shape": list(p.shape), "k90": p.k90, "batch": p.batch,
              "tile": list(p.tile) if p.tile else None, "overlap": p.overlap,
              "padded": list(p.padded) if p.padded else None,
-             "device_mb": round(p.device_bytes / 2**20, 1)} for p in self._plans.values()]
+             "devices": self.num_devices, "device_mb": round(p.device_bytes / 2**20, 1)}
+            for p in self._plans.values()]

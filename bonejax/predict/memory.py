@@ -6,8 +6,9 @@ accumulators, rotated volumes: `resident_bytes`), about two slabs of planes in f
 XLA's buffers are host memory too, the device's share (`DEVICE_FRACTION_CPU`). A run whose
 resident arrays exceed `resident_limit` goes out of core.
 
-Device: one compiled call may use `device_budget_bytes`; the engine shrinks batches or tiles
-planes until XLA's memory analysis of the compiled call fits. Where a backend has no memory
+Device: one compiled call may use `device_budget_bytes` on each device (its share of the call:
+the engine's per-device batch); the engine shrinks batches or tiles planes until XLA's
+(per-device) memory analysis of the compiled call fits. Where a backend has no memory
 analysis, `peak_bytes` estimates the peak from the traced program instead: the live values of
 its equations run one by one. XLA fuses (fewer temporaries) but also pads and keeps workspace,
 so the two land close: on CPU, unet depth 4 width 16 at 128x128 batch 8 estimates 44 MB where
@@ -41,12 +42,16 @@ DEVICE_FRACTION_ACCELERATOR = 0.7  # of an accelerator's memory
 
 def resident_bytes(shape: Sequence[int], channels: int, itemsize: int, k: int,
                    sets: Sequence[PlaneSet], vote: str, per_set: bool = False,
-                   volume_in_memory: bool = True, keep_probs: bool = False) -> int:
+                   volume_in_memory: bool = True, keep_probs: bool = False,
+                   shared: bool = False) -> int:
   """Host bytes an in-memory run keeps for the whole run: the volume, the accumulators, the
   labels, a rotated volume and its probabilities, and (`keep_probs`) the mean probabilities
-  handed back to the caller."""
+  handed back to the caller. `shared` (several processes): only the volume; everything else
+  is in shared files."""
   v = math.prod(shape)
   total = v * channels * itemsize if volume_in_memory else 0
+  if shared:
+    return total
   total += v * k * 4 * (len(sets) if per_set else 1)
   total += v * k if vote == "majority" and not per_set else 0
   total += v  # the labels
@@ -107,12 +112,15 @@ def limit_heap_growth() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def device_budget_bytes(device_memory_gb: float | None, memory_budget_gb: float) -> int:
-  """Device memory for one call: given, else 70 % of an accelerator's, else a quarter of the
-  host budget on CPU."""
+def device_budget_bytes(device_memory_gb: float | None, memory_budget_gb: float,
+                        devices: Sequence[Any] | None = None) -> int:
+  """Memory one call may use on each of `devices` (default: this process's): given, else 70 %
+  of an accelerator's, else (CPU devices share the host's memory) a quarter of the host budget
+  split between them."""
   if device_memory_gb:
     return int(float(device_memory_gb) * 2**30)
-  dev = jax.devices()[0]
+  devices = list(devices) if devices else jax.local_devices()
+  dev = devices[0]
   if dev.platform != "cpu":
     try:
       limit = (dev.memory_stats() or {}).get("bytes_limit")
@@ -120,7 +128,7 @@ def device_budget_bytes(device_memory_gb: float | None, memory_budget_gb: float)
       limit = None
     if limit:
       return int(DEVICE_FRACTION_ACCELERATOR * limit)
-  return int(float(memory_budget_gb) * 2**30 * DEVICE_FRACTION_CPU)
+  return int(float(memory_budget_gb) * 2**30 * DEVICE_FRACTION_CPU / len(devices))
 
 
 def xla_bytes(compiled: Any) -> int | None:
@@ -197,3 +205,17 @@ def peak_bytes(jaxpr: Any) -> int:
       if last.get(v) == i and v not in held:
         live -= _nbytes(v)
   return peak
+
+
+def device_peak_mb(devices: Sequence[Any]) -> float | None:
+  """The highest peak memory in use on any of `devices` so far (MiB), where the backend
+  reports it (GPU, TPU); None on CPU."""
+  peaks = []
+  for d in devices:
+    try:
+      peak = (d.memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # pylint: disable=broad-except  # backends without memory stats
+      peak = None
+    if peak is not None:
+      peaks.append(peak)
+  return round(max(peaks) / 2**20, 1) if peaks else None

@@ -6,6 +6,12 @@ keeps batches in flight), and a writer thread adds the last slab's probabilities
 volume (on the device, chunk by chunk), runs its planes into a rotated accumulator and rotates
 the probabilities back into the sink. Slab sizes depend only on shapes and the budget, never on
 the mode, so in-memory and out-of-core runs make identical batches and give identical labels.
+
+With several processes (`group`, see `hosts`), every array the run makes is a zarr array in the
+shared scratch directory, every pass covers only this process's share of the planes (chunk
+aligned, so no chunk has two writers), and the processes meet at a barrier after each pass,
+since the next one reads what all of them wrote. A plane's probabilities do not depend on which
+process or device computed it, nor on the batch it was in, so the result is the same.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from bonejax import cli
-from bonejax.predict import memory, rotate
+from bonejax.distributed import SINGLE, Group
+from bonejax.predict import hosts, memory, rotate
 from bonejax.predict.engine import PlaneEngine
 from bonejax.predict.planesets import PlaneSet
 from bonejax.predict.volumes import Accumulator, SlabVolume, create_scratch
@@ -31,11 +38,13 @@ class Runner:
 
   def __init__(self, engine: PlaneEngine, src: SlabVolume, *, budget_bytes: int,
                out_of_core: bool, scratch_dir: Path | None,
-               progress: cli.Progress | None = None):
+               progress: cli.Progress | None = None, group: Group = SINGLE):
     memory.limit_heap_growth()
     self.engine, self.src = engine, src
     self.budget = int(budget_bytes)
-    self.out_of_core = out_of_core
+    self.group = group
+    self.shared = group.size > 1
+    self.out_of_core = out_of_core or self.shared  # shared accumulators live in files
     self.scratch_dir = scratch_dir
     self.progress = progress
     self.k = engine.num_classes
@@ -46,16 +55,28 @@ class Runner:
     self.chunk = memory.SCRATCH_CHUNK
     while self.chunk > 1 and self.chunk * biggest * self._plane_bytes(src) > self.slab_bytes:
       self.chunk //= 2
+    if self.shared:  # process 0's chunk edge (the budgets of the hosts may differ)
+      self.chunk = int(group.broadcast_json("scratch chunk", self.chunk))
     self.context = memory.cache_context(self.budget)
     self.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bonejax-read")
     self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bonejax-write")
     self._scratch: list[Path] = []
+    self._made = 0
 
   def close(self) -> None:
     self.reader.shutdown(wait=True)
     self.writer.shutdown(wait=True)
-    for p in self._scratch:
-      shutil.rmtree(p, ignore_errors=True)
+    if self.group.is_main:  # shared scratch is process 0's to remove
+      for p in self._scratch:
+        shutil.rmtree(p, ignore_errors=True)
+
+  def sync(self, name: str) -> None:
+    """The end of a pass: every process's writes are done before anyone reads them."""
+    self.group.barrier(name)
+
+  def share(self, n: int) -> tuple[int, int]:
+    """This process's planes [lo, hi) of a pass over `n` (whole chunks of the arrays)."""
+    return hosts.share(n, self.chunk, self.group)
 
   # -- arrays ----------------------------------------------------------------------------------
 
@@ -73,14 +94,21 @@ class Runner:
     shape = tuple(shape3) + ((channels,) if channels else ())
     if not self.out_of_core:
       return SlabVolume(np.zeros(shape, dtype))
-    path = self.scratch_dir / f"{name}-{uuid.uuid4().hex[:6]}.zarr"
+    self._made += 1
+    # Shared: the same name in every process; process 0 creates it, the others open it.
+    tag = str(self._made) if self.shared else uuid.uuid4().hex[:6]
+    path = self.scratch_dir / f"{name}-{tag}.zarr"
     self._scratch.append(path)
-    return SlabVolume(create_scratch(path, shape, dtype, self.chunk, self.context), path,
-                      piece=self.chunk)
+    create = lambda: create_scratch(path, shape, dtype, self.chunk, self.context)  # noqa: E731
+    arr = (hosts.shared_array(self.group, path, create, self.context) if self.shared
+           else create())
+    return SlabVolume(arr, path, piece=self.chunk)
 
   def free(self, vol: SlabVolume) -> None:
+    """Removes a scratch array once no process needs it (after the pass's barrier)."""
     if vol.path is not None:
-      shutil.rmtree(vol.path, ignore_errors=True)
+      if self.group.is_main:
+        shutil.rmtree(vol.path, ignore_errors=True)
       self._scratch.remove(vol.path)
 
   # -- slabs -----------------------------------------------------------------------------------
@@ -101,11 +129,13 @@ class Runner:
     return max(unit, n)
 
   def _slabs(self, vol: SlabVolume, axis: int, slab: int, check: bool) -> Iterator:
-    n = vol.shape[axis]
-    if n == 0:
+    """This process's share of the planes along `axis`, `slab` at a time, read ahead."""
+    lo, n = self.share(vol.shape[axis])
+    if n <= lo:
       return
-    future = self.reader.submit(vol.read, axis, 0, min(slab, n))
-    for s0 in range(0, n, slab):
+    future = self.reader.submit(vol.read, axis, lo, min(lo + slab, n))
+    for s0 in range(lo, n, slab):
+      self.group.check(f"the planes along axis {axis}")  # another process failed: stop now
       planes = future.result()
       if s0 + slab < n:
         future = self.reader.submit(vol.read, axis, s0 + slab, min(s0 + 2 * slab, n))
@@ -124,7 +154,7 @@ class Runner:
                  check: bool) -> None:
     """Every plane of `vol` perpendicular to `axis` through the engine, into `sink`."""
     plan = self.engine.plan(vol.plane_shape(axis), vol.dtype, k90)
-    slab = self.slab_planes(vol, axis, plan.batch)
+    slab = self.slab_planes(vol, axis, self.engine.global_batch(plan))
     writes: list = []
     try:
       for s0, probs in self.engine.stream(self._slabs(vol, axis, slab, check), k90):
@@ -165,7 +195,7 @@ class Runner:
       for w in writes:
         w.result()
 
-  def _run_rotated(self, a: int, group: Sequence[PlaneSet], sink) -> None:
+  def _run_rotated(self, a: int, members: Sequence[PlaneSet], sink) -> None:
     src, c = self.src, self.src.channels
     rot = rotate.Rotation(a, src.shape)
     rvol = self.array("rotated", rot.rotated_shape, src.dtype, c if src.rank == 4 else None)
@@ -181,19 +211,23 @@ class Runner:
       return rotate.unrotate_chunk(y, rot=rot)
 
     self._rotate_pass(src, rvol.write, rot, forward, c)
+    self.sync(f"rotated {rot.axis}")
     rprobs = Accumulator(self.array("rotated_probs", rot.rotated_shape, np.float32, self.k))
     share = sink.soft_only  # soft voting: sum both sets, rotate back once
-    for i, ps in enumerate(group):
+    for i, ps in enumerate(members):
       rprobs.first = i == 0 or not share
       self.run_planes(rvol, ps.axis, ps.k90, rprobs.add, self.check_finite)
+      self.sync(f"set {ps.name}")
       if not share:
         sink.begin()
         self._rotate_pass(rprobs.vol, sink.add, rot, backward, self.k)
         sink.end()
+        self.sync(f"set {ps.name} back")
     if share:
       sink.begin()
       self._rotate_pass(rprobs.vol, sink.add, rot, backward, self.k)
-      sink.end(len(group))
+      sink.end(len(members))
+      self.sync(f"rotation {rot.axis} back")
     self.free(rvol)
     self.free(rprobs.vol)
 
@@ -206,14 +240,17 @@ class Runner:
         sink.begin()
         self.run_planes(self.src, ps.axis, ps.k90, sink.add, self.check_finite)
         sink.end()
+        self.sync(f"set {ps.name}")
     for a in sorted({ps.rot45 for ps in sets if ps.rot45 is not None}):
       self._run_rotated(a, [ps for ps in sets if ps.rot45 == a], sink)
 
-  def total_planes(self, sets: Sequence[PlaneSet]) -> int:
+  def total_planes(self, sets: Sequence[PlaneSet], mine: bool = False) -> int:
+    """Planes the sets have (`mine`: only this process's shares of them)."""
     total = 0
     for ps in sets:
       shape = (self.src.shape if ps.rot45 is None
                else rotate.Rotation(ps.rot45, self.src.shape).rotated_shape)
-      total += shape[ps.axis]
+      lo, hi = self.share(shape[ps.axis]) if mine else (0, shape[ps.axis])
+      total += max(0, hi - lo)
     return total
 

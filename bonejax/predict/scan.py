@@ -12,6 +12,7 @@ Voxel size: when the bundle records the voxel size it was trained at (model.json
 `voxel_size_um`) and the input's differs (from its metadata), the input is resampled to the
 bundle's on the way in, predicted there, and every plane set's probabilities are mapped back to
 the input grid before the vote (`resample`); `resample=False` predicts on the input grid as is.
+With several processes (`group`) they share the work and the files as `hosts` describes.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ import math
 import os
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 
 import bonejax
-from bonejax import cli, intensity, ome_zarr, resample as resample_lib, store, uncertainty, volume_io
-from bonejax.predict import memory
-from bonejax.predict.api import make_engine, run_prediction
+from bonejax import (cli, intensity, ome_zarr, resample as resample_lib, store, uncertainty,
+                     volume_io)
+from bonejax.distributed import SINGLE, Group
+from bonejax.predict import hosts, memory
+from bonejax.predict.api import local_devices, make_engine, run_prediction
 from bonejax.predict.engine import DTYPES
 from bonejax.predict.planesets import check_vote, plane_sets
 from bonejax.predict.volumes import SlabVolume, create_scratch, scratch_dir as make_scratch
@@ -163,7 +168,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  out_of_core: bool | None = None, overwrite: bool = False,
                  progress: bool = True, keep_labels: bool | None = None,
                  save_uncertainty: str | os.PathLike | None = None, resample: bool = True,
-                 image_key: str | None = None) -> dict[str, Any]:
+                 image_key: str | None = None, devices: Any = None, graph: str = "auto",
+                 group: Group = SINGLE) -> dict[str, Any]:
   """Predicts a scan or volume file with a model bundle; what `launch/predict.py` runs.
 
   `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
@@ -175,12 +181,17 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   bundle's voxel size when it records one (see the module docstring). `image_key`: the dataset
   of an HDF5 / NeXus input. Returns the result dict; with `keep_labels` (default: when no
   output is given) it also holds "labels".
+  `devices`: how many of this process's devices to spread batches over (default all).
+  `graph`: the inference graph's convolution policy, or "off" (`engine.GRAPHS`).
+  `group`: the processes predicting this volume together (`distributed.Group`; each process
+  calls this with the same arguments; process 0 returns the labels of `keep_labels`).
   """
   from bonejax import bundle as bundle_lib
   start = time.perf_counter()
   sets = plane_sets(planes, axis)
   _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs, overwrite,
               save_uncertainty)
+  devices = local_devices(devices)  # a bad count fails before any data is read
   out_kind = output_kind(output) if output is not None else None
 
   # Bundle metadata first: a bad bundle fails before any data is read.
@@ -197,6 +208,13 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   model_um = meta.get("voxel_size_um")
   model_um = resample_lib.as_zyx(model_um) if model_um is not None else None
 
+  shared = group.size > 1
+  if shared and output is None and save_probs is None:
+    raise cli.UserError("several processes need an output (or save_probs) on a filesystem "
+                        "they all share")
+  if shared and save_uncertainty is not None:
+    raise cli.UserError("--save_uncertainty is not supported with several processes yet "
+                        "(its slice ranking needs the whole volume): run it on one host")
   src, kind = _open_source(source, in_channels, budget, image_key)
   shape = tuple(int(s) for s in src.shape)
   input_um = src.voxel_size_um
@@ -210,7 +228,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   if out_of_core is None:
     k = len(classes)
     need = memory.resident_bytes(mshape[:3], src.channels, np.dtype(src.dtype).itemsize, k,
-                                 sets, vote)
+                                 sets, vote, shared=shared)
     if vote == "max" or save_uncertainty is not None:  # per-class maxima / vote counts
       need += math.prod(shape[:3]) * k * (4 if vote == "max" else 1)
     if regrid is not None:  # the fused sums on the input grid
@@ -218,14 +236,22 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
     out_of_core = need > memory.resident_limit(budget)
   if keep_labels is None:
     keep_labels = output is None
+  if shared:
+    hosts.agree(group, planes=planes, axis=axis, vote=vote, dtype=dtype, tile_size=tile_size,
+                tile_overlap=tile_overlap, shape=shape, dtype_in=str(src.dtype),
+                classes=classes, output=output and Path(output).name,
+                save_probs=save_probs and Path(save_probs).name)
+    out_of_core = bool(group.broadcast_json("out of core", out_of_core))
 
   anchor = Path(output if output is not None else (save_probs or tempfile.gettempdir()))
   scratch_parent = anchor.parent if output is not None or save_probs is not None else anchor
   labels = None
   try:
-    with make_scratch(scratch_parent, out_of_core) as scratch:
-      vol, stats = load_source(model_src, model_src.stats, out_of_core=out_of_core,
-                               scratch_dir=scratch, budget_bytes=budget, progress=progress)
+    with (hosts.scratch_dir(group, scratch_parent) if shared
+          else make_scratch(scratch_parent, out_of_core)) as scratch:
+      vol, stats = hosts.load_source(group, model_src, model_src.stats, out_of_core=out_of_core,
+                                     scratch_dir=scratch, budget_bytes=budget,
+                                     progress=progress)
       if isinstance(model, bundle_lib.Bundle):
         net, engine_dtype = model, dtype  # make_engine rebuilds it in `dtype`, as load_bundle
       else:
@@ -234,7 +260,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
       engine = make_engine(net, in_channels=in_channels, batch_size=batch_size,
                            dtype=engine_dtype, memory_budget_gb=memory_budget_gb,
                            device_memory_gb=device_memory_gb, tile_size=tile_size,
-                           tile_overlap=tile_overlap)
+                           tile_overlap=tile_overlap, devices=devices, graph=graph)
       if engine.num_classes != len(classes):
         raise cli.UserError(f"the model gives {engine.num_classes} classes but its bundle lists "
                             f"{len(classes)}")
@@ -249,57 +275,83 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
       if regrid is not None:
         attrs["predicted_at_voxel_size_um"] = list(model_um)
       out_ctx = memory.cache_context(budget, memory.CACHE_FRACTION / 2)
+
+      def new(path, *args, **kw):
+        """An output array; several processes: process 0 makes it, the others open it."""
+        make = lambda: store.create_array(path, *args, **kw)  # noqa: E731
+        return hosts.shared_array(group, path, make, out_ctx, "output") if shared else make()
+
+      def new_ome(path, *args, **kw):
+        """An OME-Zarr writer; several processes: process 0 makes it (and alone finishes it),
+        the others write their shares into its level 0."""
+        if not shared:
+          return ome_zarr.OmeZarrWriter(path, *args, **kw)
+        writer = ome_zarr.OmeZarrWriter(path, *args, **kw) if group.is_main else None
+        group.barrier(f"create {Path(path).name}")
+        if writer is not None:
+          return writer
+        level0 = hosts.open_array(Path(path) / "0", out_ctx, "output")
+        return types.SimpleNamespace(view=level0 if kw.get("channels") is None
+                                     else level0[ts.d[0].transpose[3]])
+
       with contextlib.ExitStack() as stack:
         labels_out = probs_out = unc = None
         out_tmp = probs_tmp = None
         labels_ome = probs_ome = None
         if output is not None:
-          out_tmp = stack.enter_context(cli.atomic_output(output, overwrite))
+          out_tmp = stack.enter_context(hosts.atomic_output(group, output, overwrite))
           if out_kind == "zarr":
-            labels_out = store.create_array(out_tmp, shape[:3], np.uint8, context=out_ctx)
+            labels_out = new(out_tmp, shape[:3], np.uint8, context=out_ctx)
           elif out_kind == "ome-zarr":
-            labels_ome = ome_zarr.OmeZarrWriter(out_tmp, shape[:3], np.uint8, kind="labels",
-                                                classes=classes, voxel_size_um=input_um,
-                                                name=Path(output).name, context=out_ctx)
+            labels_ome = new_ome(out_tmp, shape[:3], np.uint8, kind="labels",
+                                 classes=classes, voxel_size_um=input_um,
+                                 name=Path(output).name, context=out_ctx)
             labels_out = labels_ome.view
         if save_probs is not None:
-          probs_tmp = stack.enter_context(cli.atomic_output(save_probs, overwrite))
+          probs_tmp = stack.enter_context(hosts.atomic_output(group, save_probs, overwrite))
           if ome_zarr.is_ome_zarr_path(save_probs):
-            probs_ome = ome_zarr.OmeZarrWriter(probs_tmp, shape[:3], np.float32, kind="image",
-                                               channels=len(classes), channel_names=classes,
-                                               voxel_size_um=input_um,
-                                               name=Path(save_probs).name, context=out_ctx)
+            probs_ome = new_ome(probs_tmp, shape[:3], np.float32, kind="image",
+                                channels=len(classes), channel_names=classes,
+                                voxel_size_um=input_um, name=Path(save_probs).name,
+                                context=out_ctx)
             probs_out = probs_ome.view
           else:
-            probs_out = store.create_array(probs_tmp, shape[:3] + (len(classes),), np.float32,
-                                           context=out_ctx)
+            probs_out = new(probs_tmp, shape[:3] + (len(classes),), np.float32,
+                            context=out_ctx)
         if save_uncertainty is not None:
           unc = stack.enter_context(uncertainty.UncertaintyWriter(
               save_uncertainty, shape[:3], overwrite=overwrite, voxel_size_um=input_um,
               attrs=attrs, scratch=scratch, context=out_ctx))
-        want_memory = keep_labels or (out_kind == "tiff" and not out_of_core)
+        want_memory = (keep_labels or (out_kind == "tiff" and not out_of_core)) and not shared
         labels_ts = labels_out
-        if out_kind == "tiff" and out_of_core:
-          labels_ts = store.create_array(scratch / "labels.zarr", shape[:3], np.uint8,
-                                         context=out_ctx)
+        if (out_kind == "tiff" and (out_of_core or shared)) or \
+            (shared and keep_labels and labels_ts is None):
+          labels_ts = new(scratch / "labels.zarr", shape[:3], np.uint8, context=out_ctx)
+        # On an error, the other processes are told before anything here is cleaned up.
+        stack.enter_context(group.on_error())
         pred = run_prediction(engine, vol, sets, vote, budget_bytes=budget,
                               out_of_core=out_of_core, scratch_dir=scratch,
                               labels_out=labels_ts, probs_out=probs_out,
                               keep_labels=want_memory, keep_probs=False, progress=progress,
-                              uncertainty_out=unc, regrid=regrid)
+                              uncertainty_out=unc, regrid=regrid, group=group)
         labels = pred.labels
-        if out_kind == "zarr":
-          store.set_array_attrs(out_tmp, attrs)
-        if labels_ome is not None:
-          labels_ome.finish(attrs)
-        probs_attrs = {**attrs, "content": "mean probabilities (Z, Y, X, K)"}
-        if probs_ome is not None:
-          probs_ome.finish(probs_attrs)
-        elif probs_out is not None:
-          store.set_array_attrs(probs_tmp, probs_attrs)
-        if out_kind == "tiff":
-          volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
-                                overwrite=True)
+        if group.is_main:
+          if shared and keep_labels:
+            labels = labels_ts.read().result()
+          if out_kind == "zarr":
+            store.set_array_attrs(out_tmp, attrs)
+          if labels_ome is not None:
+            labels_ome.finish(attrs)
+          probs_attrs = {**attrs, "content": "mean probabilities (Z, Y, X, K)"}
+          if probs_ome is not None:
+            probs_ome.finish(probs_attrs)
+          elif probs_out is not None:
+            store.set_array_attrs(probs_tmp, probs_attrs)
+          if out_kind == "tiff":
+            volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
+                                  overwrite=True)
+    # Every process returns once process 0 has put the outputs in place.
+    per_process = group.allgather("outputs in place", str(engine.num_devices))
   finally:
     src.close()
   seconds = time.perf_counter() - start
@@ -315,6 +367,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
             "resampled": ({"shape": list(mshape[:3]), "voxel_size_um": list(model_um)}
                           if regrid is not None else None),
             "save_uncertainty": str(save_uncertainty) if save_uncertainty else None,
+            "devices": sum(int(n) for n in per_process), "processes": group.size,
             **pred.info}
   if unc is not None:
     result["uncertain_slices"] = unc.top_slices()
