@@ -30,7 +30,7 @@ host p cuts the records PatchStream gives process p, and the batch comes out sha
 exactly where mesh.put_batch puts the host path's batch.
 
 2.5D (`context_slices` = k): the plane term of `_buffer_index` is one per context plane (mirrored
-along the axis like the crop's rows: patches.context_planes), a channel axis of 2k + 1 on the
+along the axis like the crop's rows: context.context_planes), a channel axis of 2k + 1 on the
 gather; the labels are gathered at the centre plane. Sharded, the channels and the label travel
 together through one reduce-scatter (int32 or float32).
 """

@@ -3,9 +3,9 @@
 Training records are (scan, axis, plane, crop origin): 2D patches cut from planes perpendicular
 to any of the requested axes, so one 2D model learns all three viewing directions (what
 multi-plane prediction votes over). With `context_slices` = k (2.5D, as BONe's DLFit trains), an
-example is the 2k + 1 planes plane-k .. plane+k stacked as channels (`context_planes`: mirrored
-back into the volume at its ends, never an edge repeat), labelled by the centre plane; the
-predictor stacks its planes the same way. One epoch enumerates, for every training scan, axis and
+example is the 2k + 1 planes plane-k .. plane+k stacked as channels (context.py: mirrored back
+into the volume at its ends, never an edge repeat), labelled by the centre plane; the predictor
+stacks its planes by the same rule. One epoch enumerates, for every training scan, axis and
 plane, `patches_per_plane` crops at random origins (new origins every epoch), plus optional
 extra records from planes holding the rarest classes. Grain shuffles the record indices
 (a fresh permutation every epoch, forever); whole batches are then read straight from
@@ -52,6 +52,7 @@ import numpy as np
 
 from bonejax import cli, intensity, store
 from bonejax.data import shuffle
+from bonejax.data.context import context_planes, reflect_index  # noqa: F401  (also patches.*)
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -81,21 +82,6 @@ def _randint(h: np.ndarray, lo, hi) -> np.ndarray:
   lo = np.asarray(lo, np.int64)
   span = (np.asarray(hi, np.int64) - lo + 1).astype(np.uint64)
   return lo + (h % span).astype(np.int64)
-
-
-def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
-  """Mirror indices into [0, n) without repeating the edge (numpy's 'reflect' pad mode)."""
-  if n == 1:
-    return np.zeros_like(idx)
-  period = 2 * (n - 1)
-  m = np.mod(idx, period)
-  return np.where(m < n, m, period - m)
-
-
-def context_planes(plane: int, n: int, k: int) -> np.ndarray:
-  """The 2k + 1 plane indices a 2.5D example stacks as channels, in order: plane-k .. plane+k,
-  mirrored into [0, n) without repeating the edge plane (numpy's 'reflect'). k = 0: [plane]."""
-  return reflect_index(np.arange(int(plane) - int(k), int(plane) + int(k) + 1), int(n))
 
 
 def _plane_dims(axis: int) -> tuple[int, int]:
