@@ -326,3 +326,39 @@ def test_cli_one_line_errors(tiny_dataset, tmp_path):
     assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr
     assert "Traceback" not in out.stderr
   assert {p.name for p in tmp_path.iterdir()} <= {"jax_cache"}  # the refused runs left nothing
+
+
+def test_bone_recipe_config_and_older_fingerprints():
+  from bonejax.train import augment, optim
+  c = configlib.load_config_file(str(REPO / "configs/bone_dlfit.py"))
+  configlib.check(c)
+  assert (c.model.name, c.patch_size, c.patches_per_plane, c.batch_size) == (
+      "unet_resnet18", 256, 4, 32)
+  assert (c.optimizer.name, c.optimizer.lr, c.schedule.name) == ("adam", 1e-3, "cosine")
+  assert np.isclose(float(optim.make_schedule(c.schedule, 1e-3, 100)(100)), 1e-6)
+  assert dict(c.loss) == {"jaccard": 1.0} and c.dtype == "bfloat16"
+  assert (c.normalization, c.best_metric) == ("zscore_nonzero", "miou_all")
+  a = augment.resolve_config(c.augment)
+  assert set(a.one_of) == {"none", "flip_h", "flip_v", "rot90", "rot180", "rot270"}
+  assert not (a.crop or a.flip_h or a.rotate_degrees or a.elastic_prob or a.contrast)
+  assert (a.brightness, a.brightness_prob, a.scale, a.scale_prob, a.clip) == (
+      0.15, 0.4, (0.75, 1.25), 0.4, (-5.0, 5.0))
+  assert configlib.load_config_file(str(REPO / "configs/bone_dlfit.py") + ":context=2"
+                                    ).context_slices == 2
+  # A run written before context_slices, the pretrained fields and the BONe augment options
+  # existed resumes under today's config: its fingerprint lacks them, at their old meaning.
+  d = configlib.default_config().to_dict()
+  del d["context_slices"]
+  for k in ("init_from", "encoder_weights", "freeze_encoder_steps"):
+    del d["model"][k]
+  for k in augment.ADDED_DEFAULTS:
+    del d["augment"][k]
+  old = configlib.normalize_fingerprint({k: cli.to_jsonable(d[k])
+                                         for k in configlib.TRAJECTORY_KEYS if k in d})
+  assert old == configlib.fingerprint(configlib.default_config())
+  changed = configlib.default_config()
+  changed.context_slices = 1
+  assert configlib.fingerprint(changed) != old
+  with pytest.raises(cli.UserError, match="in_channels=2 does not fit context_slices=1"):
+    changed.in_channels = 2
+    configlib.check(changed)
