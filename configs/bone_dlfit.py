@@ -12,23 +12,26 @@ r"""BONe's DLFit recipe: U-Net / ResNet-18, 256-px patches, Adam 1e-3 on a cosin
     # 2.5D: 2k + 1 adjacent planes as channels (BONe: 3 to 9 planes), here 5:
     python launch/train.py --config=configs/bone_dlfit.py:context=2 --workdir=/tmp/bone-25d ...
 
-DLFit's defaults (as issue 12 lists them; DLFit's source is not public): smp U-Net with a ResNet-18 encoder, 256 x 256
-patches, 4 per slice, batch 32, Adam with lr 1e-3 and a cosine schedule down to 1e-6, Jaccard
-(IoU) loss, mixed precision (bf16 here), z-score normalisation with the statistics of the voxels
-> 0 (the zero padding of reconstructed scans left out: `zscore_nonzero`), and per slice ONE
-geometric operation drawn from the table none / flip H / flip V / rot90 / rot180 / rot270
-(uniformly: DLFit's source is not public, so the draw's weights are an assumption), an intensity
+DLFit's defaults (as issue 12 lists them; DLFit's source is not public): smp U-Net with a
+ResNet-18 encoder, 256 x 256 patches, 4 per slice, batch 32, Adam with lr 1e-3 and a cosine
+schedule down to 1e-6, Jaccard (IoU) loss, mixed precision (bf16 here), z-score normalisation
+with the statistics of the voxels > 0 (the zero padding of reconstructed scans left out:
+`zscore_nonzero`), and per slice ONE geometric operation drawn from the table none / flip H /
+flip V / rot90 / rot180 / rot270 (uniformly: the table's weights are an assumption), an intensity
 shift in +-0.15 and a scale in [0.75, 1.25] each with probability 0.4, then a clip to [-5, 5].
 The best model is the one with the highest validation mean IoU over ALL classes (background
 included), as DLFit selects it (`best_metric=miou_all`; `miou_fg` stays reported).
-Planes of all three axes are trained (for 3-plane voting). DLFit counts epochs; here `num_steps`
-(50,000 batches of 32) is a placeholder to set for the dataset at hand. Not run at full size
-here (no GPU in this session): no run time or IoU is claimed; BONe reports mean IoU ~0.97 for
-BP-2D-03 on its 20-scan dataset.
+The clip bounds the augmented training inputs; the predictor does not clip (voxels beyond 5
+standard deviations, e.g. metal, reach the model unclipped). Planes of all three axes are
+trained (for 3-plane voting; which axes DLFit samples is not documented). DLFit counts epochs;
+here `num_steps` (50,000 batches of 32) is a placeholder to set for the dataset at hand. Not run
+at full size here (no GPU in this session): no run time or IoU is claimed; BONe's benchmark
+reports mean IoU ~0.97 for its best models on its 20-scan dataset.
 
 Arguments (`:a=1,b=2`): context (2.5D planes each side, 0: 2D), smoke.
-Smoke variant (seconds on a CPU; a phantom made in WORKDIR/data, the same recipe on a tiny
-classic U-Net with 32-px patches for 4 steps): `--config=configs/bone_dlfit.py:smoke`.
+Smoke variant (a phantom made in WORKDIR/data, the same recipe on a tiny classic U-Net with 32-px
+patches for 4 steps; 19 s wall on 2 shared CPU cores, most of it compiling):
+`--config=configs/bone_dlfit.py:smoke`.
 """
 
 from bonejax.train import configlib

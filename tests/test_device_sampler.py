@@ -1,6 +1,7 @@
 """The device-resident sampler against the host path: bit-identical batches (every axis, mirror
-padding, rare-class records, mixed dtypes, every normalisation, 2.5D context planes), replicated and sharded over 1
-and 4 devices and over 2 processes; resume; int32-safe indices past 2^31 voxels; placement.
+padding, rare-class records, mixed dtypes, every normalisation, 2.5D context planes),
+replicated and sharded over 1 and 4 devices and over 2 processes; resume; int32-safe indices
+past 2^31 voxels; placement.
 
 Run as `python tests/test_device_sampler.py worker ...` it is one process of the 2-process test.
 """

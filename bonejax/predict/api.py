@@ -6,9 +6,10 @@
 
 `vol` is a numpy array, a tensorstore or a `store.Scan`, (Z, Y, X) or (Z, Y, X, C). `model` is
 an nnx module, a `bundle.Bundle` or a prepared `PlaneEngine` (which keeps its compiled functions
-across calls). A 2.5D model (a bundle's `context_slices` = k, or `context_slices=k` for a module)
-predicts a plain 1-channel volume: the runner stacks each plane's 2k + 1 neighbours. `run_prediction` is the shared core of `predict_volume` and `scan.predict_scan`:
+across calls). `run_prediction` is the shared core of `predict_volume` and `scan.predict_scan`:
 run the sets through a `Runner`, then vote slab by slab into labels (and mean probabilities).
+A 2.5D model (a bundle's `context_slices` = k, or `context_slices=k` for a module) predicts a
+plain 1-channel volume: the runner stacks each plane's 2k + 1 neighbours as its channels.
 """
 
 from __future__ import annotations

@@ -157,7 +157,10 @@ def _whole_model(path: str, *, abstract, model_name, model_kwargs, classes, in_c
       raise cli.UserError(f"{where} is a PyTorch file, and model {model_name!r} has no "
                           "segmentation_models_pytorch counterpart: init_from a bonejax bundle "
                           f"instead (smp models: {', '.join(smp_layout.SMP_ARCHS)})")
-    name = smp_layout.BY_SMP[smp_layout.recognise(sd)]
+    try:
+      name = smp_layout.BY_SMP[smp_layout.recognise(sd)]
+    except cli.UserError as e:  # its "give --arch" is convert_weights.py's remedy, not ours
+      raise cli.UserError(f"{where}: {str(e).removesuffix('; give --arch')}") from None
     kwargs = None  # the tensors' shapes below say whether the arguments fit
     for key in (smp_layout.head_key(name), smp_layout.stem_key(name)):
       if len(np.shape(sd.get(key))) != 4:

@@ -27,6 +27,7 @@ class StopRequest:
 
   def __init__(self):
     self.name: str | None = None
+    self.active = False  # handlers installed: only then do processes compare flags
 
   @property
   def requested(self) -> bool:
@@ -46,9 +47,11 @@ class StopRequest:
       yield self
       return
     previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+    self.active = True
     try:
       yield self
     finally:
+      self.active = False
       for s, h in previous.items():
         signal.signal(s, h)
 
@@ -56,7 +59,7 @@ class StopRequest:
     """Whether to stop after `step`: this process's flag, or with several processes, any
     process's flag at steps that are multiples of `every` (all processes ask at the same
     steps)."""
-    if processes <= 1:
+    if processes <= 1 or not self.active:
       return self.requested
     if step % max(1, every):
       return False

@@ -21,7 +21,7 @@ Performance choices (written for GPUs, checked on CPU):
 - Pretrained starts (`model.init_from`, `model.encoder_weights`) only shape the state at step 0
   (pretrained.py); `model.freeze_encoder_steps` holds the encoder still inside the step.
 - 2.5D (`context_slices` = k): the model takes 2k + 1 planes as channels, stacked by the data
-  path (patches.context_planes) and recorded in the bundle for the predictor.
+  path (bonejax/data/context.py) and recorded in the bundle for the predictor.
 - A clean stop (`stop_on_signal`, launch/train.py): SIGINT / SIGTERM end the loop after the
   current step with a checkpoint there (stop.py).
 
@@ -320,7 +320,9 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
         c.model, abstract=abstract, model_name=model_name, model_kwargs=model_kwargs,
         classes=classes, in_channels=in_channels, context_slices=context,
         normalization=str(c.normalization))
-    resumed_from, state = None, (init_fn(weights) if weights else init_fn())
+    # Every process read the same file: the values are placed replicated, like the state.
+    resumed_from, state = None, (init_fn(jax.device_put(weights, repl)) if weights
+                                 else init_fn())
   else:
     resumed_from, state, host = restored
     plateau.set_state(host["plateau"])
