@@ -26,7 +26,7 @@ from bonejax import cli
 DEFAULT_BINS = 256
 DEFAULT_SLAB = 16
 # Normalised intensities: "percentile" lies in [0, 1]; "zscore" is clipped to +-5 std.
-RANGES = {"percentile": (0.0, 1.0), "zscore": (-5.0, 5.0)}
+RANGES = {"percentile": (0.0, 1.0), "zscore": (-5.0, 5.0), "zscore_nonzero": (-5.0, 5.0)}
 
 
 # ---------------------------------------------------------------------------------------------

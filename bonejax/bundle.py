@@ -2,7 +2,9 @@
 
 model.json says everything needed to rebuild and use the model without the training config:
 architecture name and arguments, classes, input channels, normalisation rule, patch size,
-training axes and the bonejax version that wrote it.
+training axes and the bonejax version that wrote it; `context_slices` = k for a 2.5D model (it
+takes the 2k + 1 planes around each plane as channels: in_channels = 2k + 1, and the predictor
+stacks them from a plain 1-channel volume).
 
 The weights are the model's parameters and BatchNorm statistics only. Random-number state
 (dropout and stochastic-depth streams) is no part of a trained model: it is rebuilt when a
@@ -52,6 +54,11 @@ class Bundle:
   @property
   def in_channels(self) -> int:
     return int(self.meta.get("in_channels", 1))
+
+  @property
+  def context_slices(self) -> int:
+    """2.5D: planes each side of the predicted one (0: a 2D model)."""
+    return int(self.meta.get("context_slices", 0) or 0)
 
   @property
   def normalization(self) -> str:
@@ -105,6 +112,12 @@ def check_meta(meta: Any, where: str) -> None:
        "in_channels", "a positive integer"),
       ("model_kwargs" in meta and not isinstance(meta["model_kwargs"], dict), "model_kwargs",
        "an object"),
+      ("context_slices" in meta and (not _is_int(meta["context_slices"]) or
+                                     meta["context_slices"] < 0), "context_slices",
+       "an integer >= 0"),
+      (_is_int(meta.get("context_slices")) and meta["context_slices"] > 0 and
+       meta.get("in_channels", 1) != 2 * meta["context_slices"] + 1, "in_channels",
+       "2 * context_slices + 1 for a 2.5D model"),
       ("normalization" in meta and meta["normalization"] not in intensity.RULES,
        "normalization", f"one of {', '.join(intensity.RULES)}"),
       ("patch_size" in meta and (not _is_int(meta["patch_size"]) or meta["patch_size"] < 1),

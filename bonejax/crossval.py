@@ -39,7 +39,7 @@ def score_fold(model_dir: Path, dataset: store.Dataset, scans, planes: int,
   from bonejax import bundle, metrics, predict
 
   b = bundle.load_bundle(model_dir)
-  engine = predict.make_engine(b.model, in_channels=b.in_channels)  # compiled once per fold
+  engine = predict.make_engine(b)  # compiled once per fold; a 2.5D bundle stacks its planes
   total = np.zeros((b.num_classes, b.num_classes), np.int64)
   per_scan = {}
   for name in scans:

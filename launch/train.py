@@ -13,6 +13,10 @@ is reported, moved to WORKDIR/checkpoints.corrupt/ and the previous one resumed.
 exported from the best checkpoint (WORKDIR/best). A run that fails before its first checkpoint
 removes what it created; config.json is only (re)written once the config fits the run there.
 
+Ctrl-C (SIGINT) or SIGTERM stops cleanly: the current step finishes, a checkpoint is written at
+it, one line says so, and the result JSON (`"stopped": "signal"`) ends a run that exits 0; the
+same command resumes there. A second signal aborts at once (exit 130).
+
 Several hosts (data-parallel over all their devices): run the same command on every host with
   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 or, on a cluster JAX can detect by itself (SLURM, Open MPI, Kubernetes/GKE, Cloud TPU), with
@@ -73,7 +77,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   init_distributed()
   from bonejax.train import trainer
-  return trainer.train(_CONFIG.value, _WORKDIR.value)
+  return trainer.train(_CONFIG.value, _WORKDIR.value, stop_on_signal=True)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,55 @@ def test_geometry_moves_image_and_label_together():
 def test_unknown_option_refused():
   with pytest.raises(cli.UserError, match="colour"):
     aug.resolve_config({"colour": 1})
+
+
+def test_bone_recipe_one_op_shift_scale_clip():
+  # BONe's augmentation (configs/bone_dlfit.py): one table op per example, shift and scale each
+  # with p = 0.4, clip to [-5, 5]; on 3-channel (2.5D) examples. Every output is exactly
+  # clip((D(x) + s) * f) for one D of the table, s = 0 or |s| <= 0.15, f = 1 or in [0.75, 1.25].
+  n, p, ops = 240, 8, aug.DIHEDRAL
+  rng = np.random.default_rng(0)
+  image = rng.uniform(-3, 3, (n, p, p, 3)).astype(np.float32)
+  image[:, 0, 0, 0] = 20.0  # clipped to 5 whatever the shift and scale
+  label = rng.integers(0, 3, (n, p, p)).astype(np.int32)
+  cfg = dict(crop=False, flip_h=False, rotate_degrees=0.0, elastic_prob=0.0, contrast=0.0,
+             one_of=tuple(ops), brightness=0.15, brightness_prob=0.4, scale=(0.75, 1.25),
+             scale_prob=0.4, clip=(-5.0, 5.0))
+  x, y = jax.jit(lambda k, a, b: aug.augment(k, a, b, cfg))(jax.random.key(7), image, label)
+  x, y = np.asarray(x), np.asarray(y)
+  assert x.max() == 5.0 and x.min() >= -5.0
+  seen, shifted, scaled = [], 0, 0
+  for i in range(n):
+    fits = []
+    for name, m in ops.items():
+      k = {"none": 0, "rot90": 1, "rot180": 2, "rot270": 3}.get(name)
+      # (row, col) -> m (row, col): rot90 is numpy's rot90 the other way round (output pixel
+      # (r, c) reads the input at m (r, c)).
+      t = (lambda a, k=k: np.rot90(a, -k)) if k is not None else (
+          (lambda a: a[:, ::-1]) if name == "flip_h" else (lambda a: a[::-1]))
+      src = t(image[i])
+      ok = src < 10  # the clipped pixel aside
+      a, b = np.polyfit(src[ok], x[i][ok], 1)
+      if np.abs(a * src[ok] + b - x[i][ok]).max() < 1e-4:
+        fits.append((name, a, b))
+        np.testing.assert_array_equal(y[i], t(label[i]))
+    assert len(fits) == 1, fits
+    name, f, b = fits[0]
+    s = b / f
+    seen.append(name)
+    assert abs(f - 1) < 1e-5 or 0.75 - 1e-5 <= f <= 1.25 + 1e-5
+    assert abs(s) <= 0.15 + 1e-5
+    shifted += abs(s) > 1e-6
+    scaled += abs(f - 1) > 1e-6
+  counts = [seen.count(k) for k in ops]
+  assert min(counts) >= 20, counts  # each op ~40 of 240
+  assert 0.28 < shifted / n < 0.52 and 0.28 < scaled / n < 0.52, (shifted, scaled)
+
+
+def test_bone_options_refused_when_wrong():
+  for bad, message in ((dict(one_of=("flip_d",)), "unknown operation"),
+                       (dict(scale=(1.2, 0.8)), "augment.scale"),
+                       (dict(clip=(5.0, -5.0)), "augment.clip"),
+                       (dict(scale_prob=1.5), "scale_prob")):
+    with pytest.raises(cli.UserError, match=message):
+      aug.resolve_config(bad)

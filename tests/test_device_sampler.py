@@ -1,6 +1,7 @@
 """The device-resident sampler against the host path: bit-identical batches (every axis, mirror
-padding, rare-class records, mixed dtypes, both normalisations), replicated and sharded over 1
-and 4 devices and over 2 processes; resume; int32-safe indices past 2^31 voxels; placement.
+padding, rare-class records, mixed dtypes, every normalisation, 2.5D context planes),
+replicated and sharded over 1 and 4 devices and over 2 processes; resume; int32-safe indices
+past 2^31 voxels; placement.
 
 Run as `python tests/test_device_sampler.py worker ...` it is one process of the 2-process test.
 """
@@ -71,17 +72,22 @@ def _assert_same(host, dev, mesh):
     np.testing.assert_array_equal(np.asarray(dev[k]), host[k])  # bitwise
 
 
-@pytest.mark.parametrize("data, rule, ndev, placement", [
-    ("uint", "percentile", 1, "replicated"),
-    ("uint", "percentile", 4, "replicated"),
-    ("uint", "percentile", 4, "sharded"),     # packed integer reduce-scatter
-    ("float", "zscore", 4, "sharded"),        # float32 reduce-scatter
-    ("float", "zscore", 1, "replicated"),
+@pytest.mark.parametrize("data, rule, ndev, placement, context", [
+    ("uint", "percentile", 1, "replicated", 0),
+    ("uint", "percentile", 4, "replicated", 0),
+    ("uint", "percentile", 4, "sharded", 0),     # packed integer reduce-scatter
+    ("float", "zscore", 4, "sharded", 0),        # float32 reduce-scatter
+    ("float", "zscore", 1, "replicated", 0),
+    # 2.5D: 2k + 1 context planes as channels (s1 has 7 planes along Z: k = 4 mirrors twice).
+    ("uint", "zscore_nonzero", 1, "replicated", 4),
+    ("uint", "percentile", 4, "sharded", 2),     # channels + label, one int32 reduce-scatter
+    ("float", "zscore", 4, "sharded", 1),        # ... float32
 ])
-def test_batches_equal_the_host_path(datasets, data, rule, ndev, placement):
+def test_batches_equal_the_host_path(datasets, data, rule, ndev, placement, context):
   import jax
-  sampler, mesh = _sampler(datasets[data], jax.devices()[:ndev], placement, normalization=rule)
-  host = _stream(datasets[data], normalization=rule)
+  sampler, mesh = _sampler(datasets[data], jax.devices()[:ndev], placement, normalization=rule,
+                           context_slices=context)
+  host = _stream(datasets[data], normalization=rule, context_slices=context)
   start = host.records_per_epoch - BATCH - 3  # the third batch straddles an epoch boundary
   host.set_state({"position": start})
   sampler.set_state({"position": start})
@@ -126,17 +132,20 @@ def test_indices_past_int32():
        "stride_r": (strides % ds.ROW).astype(np.int32), "start_row": start.astype(np.int32)}
   rows = np.array([[0, 0, 1999, 1480, 1690], [2, 2, 2299, 890, 2090], [2, 1, 2099, -3, 2290],
                    [1, 1, 2, 65530, -2], [1, 0, 65534, 0, 0], [2, 0, 899, 2090, 2290]], np.int32)
-  p = 12
+  p, k = 12, 2  # 2.5D: 5 context planes, mirrored at the scans' ends (planes 0, 1999, 65534)
   q, r = (np.asarray(v) for v in ds._buffer_index({k: jnp.asarray(v) for k, v in t.items()},
-                                                   jnp.asarray(rows), p))
+                                                   jnp.asarray(rows), p, k))
+  assert q.shape == r.shape == (len(rows), p, p, 2 * k + 1)
   for n, (s, axis, plane, oy, ox) in enumerate(rows):
     dims = [d for d in range(3) if d != axis]
     i = ds.patches.reflect_index(np.arange(oy, oy + p), shapes[s][dims[0]])
     j = ds.patches.reflect_index(np.arange(ox, ox + p), shapes[s][dims[1]])
-    flat = (start[s] * ds.ROW + plane * strides[s][axis] + i[:, None] * strides[s][dims[0]] +
-            j[None, :] * strides[s][dims[1]])
-    np.testing.assert_array_equal(q[n], flat // ds.ROW)
-    np.testing.assert_array_equal(r[n], flat % ds.ROW)
+    for c, pl in enumerate(ds.patches.reflect_index(np.arange(plane - k, plane + k + 1),
+                                                    shapes[s][axis])):
+      flat = (start[s] * ds.ROW + pl * strides[s][axis] + i[:, None] * strides[s][dims[0]] +
+              j[None, :] * strides[s][dims[1]])
+      np.testing.assert_array_equal(q[n, ..., c], flat // ds.ROW)
+      np.testing.assert_array_equal(r[n, ..., c], flat % ds.ROW)
   assert (start[2] + sizes[2] // ds.ROW) * ds.ROW > 2**33
 
 

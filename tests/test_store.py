@@ -213,6 +213,12 @@ def _check_moments(stats, x):
   np.testing.assert_allclose(stats["mean"], x64.mean(), rtol=1e-12)
   np.testing.assert_allclose(stats["std"], x64.std(), rtol=1e-9)
   assert stats["min"] == x64.min() and stats["max"] == x64.max()
+  pos = x64[x64 > 0]  # the voxels > 0 (BONe's z-score leaves the zero padding out)
+  assert stats["voxels_nonzero"] == pos.size
+  np.testing.assert_allclose(stats["mean_nonzero"], pos.mean() if pos.size else x64.mean(),
+                             rtol=1e-12)
+  np.testing.assert_allclose(stats["std_nonzero"], pos.std() if pos.size else x64.std(),
+                             rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype,high", [(np.uint8, 256), (np.uint16, 65536), (np.uint16, 300)])
@@ -272,8 +278,41 @@ def test_stats_reject_bad_images():
     intensity.StatsAccumulator(np.uint8, 0).finalize()
 
 
+def test_zero_padding_is_left_out_of_zscore_nonzero(tmp_path):
+  # A reconstructed scan: a sample inside zero padding. zscore_nonzero normalises with the
+  # sample's own statistics; a scan imported before they were stored gets them computed.
+  rng = np.random.default_rng(3)
+  x = np.zeros((6, 20, 20), np.float32)
+  x[1:5, 4:16, 4:16] = rng.normal(1000.0, 50.0, (4, 12, 12)).astype(np.float32)
+  stats = intensity.compute_stats(x)
+  _check_moments(stats, x)
+  inside = x[1:5, 4:16, 4:16].astype(np.float64)
+  z = intensity.normalize(x[1:5, 4:16, 4:16], stats, "zscore_nonzero")
+  np.testing.assert_allclose(z, (inside - inside.mean()) / inside.std(), rtol=1e-4, atol=1e-4)
+  old = {k: v for k, v in stats.items() if "nonzero" not in k}
+  assert not intensity.has_stats(old, "zscore_nonzero") and intensity.has_stats(old, "zscore")
+  with pytest.raises(cli.UserError, match="lack mean_nonzero"):
+    intensity.normalize_params(old, "zscore_nonzero")
+  again = intensity.nonzero_stats(old, lambda a, b: x[a:b], x.shape[0], slab=4)
+  for k in ("mean_nonzero", "std_nonzero", "voxels_nonzero"):
+    np.testing.assert_allclose(again[k], stats[k], rtol=1e-9)
+  # The patch stream of such a scan computes them (one note) and cuts the same batches.
+  from bonejax.data import patches
+  lab = (x > 0).astype(np.uint8)
+  store.write_scan(tmp_path / "d" / "s", x, lab)
+  store.write_dataset_json(tmp_path / "d", ["background", "bone"], ["s"])
+  kw = dict(patch_size=8, global_batch_size=4, process_index=0, process_count=1,
+            normalization="zscore_nonzero")
+  with patches.PatchStream(tmp_path / "d", ["s"], **kw) as stream:
+    want = next(stream)["image"]
+  store.update_scan_attrs(store.open_scan(tmp_path / "d" / "s"), intensity=old)
+  with patches.PatchStream(tmp_path / "d", ["s"], **kw) as stream:
+    np.testing.assert_allclose(next(stream)["image"], want, rtol=1e-6)
+
+
 def test_normalize_rules():
-  stats = {"p0_5": 10.0, "p99_9": 110.0, "mean": 50.0, "std": 4.0}
+  stats = {"p0_5": 10.0, "p99_9": 110.0, "mean": 50.0, "std": 4.0, "mean_nonzero": 60.0,
+           "std_nonzero": 2.0}
   x = np.array([0, 10, 60, 110, 500], np.uint16)
   pct = intensity.normalize(x, stats, "percentile")
   assert pct.dtype == np.float32
@@ -281,13 +320,16 @@ def test_normalize_rules():
   np.testing.assert_array_equal(intensity.normalize(x, stats), pct)  # percentile is the default
   z = intensity.normalize(x, stats, "zscore")
   np.testing.assert_allclose(z, (x - 50.0) / 4.0, rtol=1e-6)
+  z = intensity.normalize(x, stats, "zscore_nonzero")
+  np.testing.assert_allclose(z, (x - 60.0) / 2.0, rtol=1e-6)
   for rule in intensity.RULES:
     offset, scale, clip = intensity.normalize_params(stats, rule)
     y = (x.astype(np.float32) - offset) * scale
     np.testing.assert_allclose(y.clip(0, 1) if clip else y,
                                intensity.normalize(x, stats, rule), rtol=1e-6)
   # A constant image (p0.5 == p99.9, std 0) must not divide by zero.
-  flat = {"p0_5": 7.0, "p99_9": 7.0, "mean": 7.0, "std": 0.0}
+  flat = {"p0_5": 7.0, "p99_9": 7.0, "mean": 7.0, "std": 0.0, "mean_nonzero": 7.0,
+          "std_nonzero": 0.0}
   assert np.isfinite(intensity.normalize(x, flat, "percentile")).all()
   assert np.isfinite(intensity.normalize(x, flat, "zscore")).all()
   with pytest.raises(cli.UserError, match="unknown normalisation rule"):

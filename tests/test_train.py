@@ -1,6 +1,7 @@
-"""The trainer: outputs, determinism, exact resume (stop_after and a real SIGKILL), bad input
-(config values, damaged scans, labels without a class) refused with nothing left behind, the
-run's record kept honest, and validation streamed from the host equal to device-resident.
+"""The trainer: outputs, determinism, exact resume (stop_after, a real SIGKILL, a clean stop on
+SIGINT), bad input (config values, damaged scans, labels without a class) refused with nothing
+left behind, the run's record kept honest, and validation streamed from the host equal to
+device-resident.
 
 Everything runs the smoke demo config (U-Net depth 2 width 4, 32-px patches) on 3 phantom scans
 of 32 x 48 x 48, sharded over the suite's 4 fake CPU devices.
@@ -157,6 +158,58 @@ def test_sigkill_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_pa
   _assert_same_state(load_state(workdir)[1], load_state(ref_dir)[1])
 
 
+def test_sigint_stops_cleanly_and_resumes(reference, tiny_dataset, tmp_path):
+  # Ctrl-C (as napari's Stop sends it): the step in progress finishes, a checkpoint is written
+  # at it, one line says so, the result JSON says "stopped": "signal" and the exit code is 0.
+  # The same run resumed ends in the uninterrupted run's state, bit for bit.
+  _, ref_dir = reference
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, str(REPO / "launch/train.py"), "--config=configs/demo.py:smoke",
+         f"--workdir={workdir}", f"--config.dataset={tiny_dataset}",
+         f"--config.num_steps={STEPS}", "--config.batch_size=8", "--config.val_batch_size=4",
+         "--config.eval_every=2", "--config.log_every=1", "--config.checkpoint_every=0"]
+  err = open(tmp_path / "stderr", "w")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                          stderr=err, text=True)
+  deadline = time.time() + 300
+  metrics = workdir / "metrics.csv"
+  while time.time() < deadline and proc.poll() is None:  # after step 1 (the eval at 2 compiles)
+    if metrics.exists() and any(r.startswith("1,") for r in metrics.read_text().splitlines()):
+      proc.send_signal(signal.SIGINT)
+      break
+    time.sleep(0.01)
+  out, _ = proc.communicate(timeout=300)
+  err.close()
+  log = (tmp_path / "stderr").read_text()
+  assert proc.returncode == 0, log[-2000:]
+  result = json.loads(out.strip().splitlines()[-1])
+  stopped_at = result["steps"]
+  assert result["stopped"] == "signal" and 1 <= stopped_at < STEPS, result
+  assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
+  assert log.count("[train] stopped by SIGINT") == 1 and \
+      f"after step {stopped_at}, checkpoint written" in log
+  second = trainer.train(_config(tiny_dataset), workdir)
+  assert second["resumed_from"] == stopped_at and second["steps"] == STEPS
+  _assert_same_state(load_state(workdir)[1], load_state(ref_dir)[1])
+
+
+def test_a_second_signal_aborts_at_once():
+  from bonejax.train.stop import StopRequest
+  before = signal.getsignal(signal.SIGINT)
+  stop = StopRequest()
+  with pytest.raises(KeyboardInterrupt):
+    with stop.installed():
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(100):  # the handler runs between bytecodes of the main thread
+        if stop.requested:
+          break
+        time.sleep(0.01)
+      assert stop.name == "SIGINT"
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)  # interrupted
+  assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(train_scans=("scan_000", "scan_001"), val_scans=("scan_001",)), "leaks"),
     (dict(batch_size=6), "multiple of the 4 devices"),
@@ -273,3 +326,39 @@ def test_cli_one_line_errors(tiny_dataset, tmp_path):
     assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr
     assert "Traceback" not in out.stderr
   assert {p.name for p in tmp_path.iterdir()} <= {"jax_cache"}  # the refused runs left nothing
+
+
+def test_bone_recipe_config_and_older_fingerprints():
+  from bonejax.train import augment, optim
+  c = configlib.load_config_file(str(REPO / "configs/bone_dlfit.py"))
+  configlib.check(c)
+  assert (c.model.name, c.patch_size, c.patches_per_plane, c.batch_size) == (
+      "unet_resnet18", 256, 4, 32)
+  assert (c.optimizer.name, c.optimizer.lr, c.schedule.name) == ("adam", 1e-3, "cosine")
+  assert np.isclose(float(optim.make_schedule(c.schedule, 1e-3, 100)(100)), 1e-6)
+  assert dict(c.loss) == {"jaccard": 1.0} and c.dtype == "bfloat16"
+  assert (c.normalization, c.best_metric) == ("zscore_nonzero", "miou_all")
+  a = augment.resolve_config(c.augment)
+  assert set(a.one_of) == {"none", "flip_h", "flip_v", "rot90", "rot180", "rot270"}
+  assert not (a.crop or a.flip_h or a.rotate_degrees or a.elastic_prob or a.contrast)
+  assert (a.brightness, a.brightness_prob, a.scale, a.scale_prob, a.clip) == (
+      0.15, 0.4, (0.75, 1.25), 0.4, (-5.0, 5.0))
+  assert configlib.load_config_file(str(REPO / "configs/bone_dlfit.py") + ":context=2"
+                                    ).context_slices == 2
+  # A run written before context_slices, the pretrained fields and the BONe augment options
+  # existed resumes under today's config: its fingerprint lacks them, at their old meaning.
+  d = configlib.default_config().to_dict()
+  del d["context_slices"]
+  for k in ("init_from", "encoder_weights", "freeze_encoder_steps"):
+    del d["model"][k]
+  for k in augment.ADDED_DEFAULTS:
+    del d["augment"][k]
+  old = configlib.normalize_fingerprint({k: cli.to_jsonable(d[k])
+                                         for k in configlib.TRAJECTORY_KEYS if k in d})
+  assert old == configlib.fingerprint(configlib.default_config())
+  changed = configlib.default_config()
+  changed.context_slices = 1
+  assert configlib.fingerprint(changed) != old
+  with pytest.raises(cli.UserError, match="in_channels=2 does not fit context_slices=1"):
+    changed.in_channels = 2
+    configlib.check(changed)

@@ -42,7 +42,8 @@ ALIASES = {
 ARCH_NAMES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
               "segformer": "Segformer"}
 NORMALIZATION = {"zscore": "zscore", "standard": "zscore", "standardize": "zscore",
-                 "standardization": "zscore", "percentile": "percentile", "minmax": "percentile"}
+                 "standardization": "zscore", "percentile": "percentile", "minmax": "percentile",
+                 "zscorenonzero": "zscore_nonzero"}
 
 
 def _norm_key(k: str) -> str:
@@ -128,7 +129,7 @@ def interpret(meta: dict[str, Any]) -> dict[str, Any]:
       raise cli.UserError(f"metadata normalisation {norm!r} has no bonejax counterpart (known: "
                           f"ZScore, minMax, {', '.join(intensity.RULES)}); give --normalization")
     out["normalization"] = rule
-    if _norm_key(norm) not in intensity.RULES:
+    if _norm_key(norm) not in {_norm_key(r) for r in intensity.RULES}:
       out["normalization_source"] = norm
   patch = _get(flat, "patch_size")
   if patch is not None:

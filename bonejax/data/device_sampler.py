@@ -29,8 +29,10 @@ Multi-host: the trainer's 'data' mesh is regrouped as (host, local) with the sam
 host p cuts the records PatchStream gives process p, and the batch comes out sharded over 'data'
 exactly where mesh.put_batch puts the host path's batch.
 
-To grow (2.5D context, 2k+1 input channels): the plane term of `_buffer_index` becomes one per
-neighbouring plane (mirrored along the axis like the crop's rows), adding a channel axis to q, r.
+2.5D (`context_slices` = k): the plane term of `_buffer_index` is one per context plane (mirrored
+along the axis like the crop's rows: context.context_planes), a channel axis of 2k + 1 on the
+gather; the labels are gathered at the centre plane. Sharded, the channels and the label travel
+together through one reduce-scatter (int32 or float32).
 """
 
 from __future__ import annotations
@@ -192,29 +194,32 @@ def _term(pos: jax.Array, sq: jax.Array, sr: jax.Array) -> tuple[jax.Array, jax.
   return pos * sq + (low >> ROW_BITS), low & (ROW - 1)
 
 
-def _buffer_index(t: dict[str, jax.Array], rows: jax.Array, patch: int):
-  """Buffer (row, column), each (n, P, P) int32, of every pixel of the crops `rows` (n, 5)."""
+def _buffer_index(t: dict[str, jax.Array], rows: jax.Array, patch: int, context: int = 0):
+  """Buffer (row, column), each (n, P, P, 2 * context + 1) int32, of every pixel of the crops
+  `rows` (n, 5), channel c at plane + c - context (mirrored into the scan)."""
   s, axis, plane, oy, ox = (rows[:, k] for k in range(5))
   dims = jnp.asarray(_PLANE_DIMS)[axis]                        # (n, 2)
   pick = lambda a, d: jnp.take_along_axis(a[s], d[:, None], 1)[:, 0]  # noqa: E731
   ramp = jnp.arange(patch, dtype=jnp.int32)
-  # The voxel offset is separable: plane term + row term (i) + column term (j).
-  qb, rb = _term(plane, pick(t["stride_q"], axis), pick(t["stride_r"], axis))
-  qb = qb + t["start_row"][s]
+  # The voxel offset is separable: plane term (c) + row term (i) + column term (j).
+  offsets = jnp.arange(-context, context + 1, dtype=jnp.int32)
+  planes = _reflect(plane[:, None] + offsets, pick(t["shape"], axis)[:, None])  # (n, C)
+  qb, rb = _term(planes, pick(t["stride_q"], axis)[:, None], pick(t["stride_r"], axis)[:, None])
+  qb = qb + t["start_row"][s][:, None]
   terms = []
   for k, origin in ((0, oy), (1, ox)):
     d = dims[:, k]
     pos = _reflect(origin[:, None] + ramp, pick(t["shape"], d)[:, None])  # (n, P)
     terms.append(_term(pos, pick(t["stride_q"], d)[:, None], pick(t["stride_r"], d)[:, None]))
   (q0, r0), (q1, r1) = terms
-  r = rb[:, None, None] + r0[:, :, None] + r1[:, None, :]  # < 3 * ROW
-  q = qb[:, None, None] + q0[:, :, None] + q1[:, None, :] + (r >> ROW_BITS)
+  r = rb[:, None, None, :] + r0[:, :, None, None] + r1[:, None, :, None]  # < 3 * ROW
+  q = qb[:, None, None, :] + q0[:, :, None, None] + q1[:, None, :, None] + (r >> ROW_BITS)
   return q, r & (ROW - 1)
 
 
 @functools.lru_cache(maxsize=8)
 def _crop_fn(groups: Mesh, out_sharding: NamedSharding, patch: int, clip: bool, sharded: bool,
-             packed: bool):
+             packed: bool, context: int = 0):
   """jit((image buffer, label buffer, tables, rows) -> batch), `rows` (G, 5) sharded by host."""
   n_local = groups.shape["local"]
 
@@ -222,31 +227,36 @@ def _crop_fn(groups: Mesh, out_sharding: NamedSharding, patch: int, clip: bool, 
     local = jax.lax.axis_index("local")
     own = rows.shape[0] // n_local  # this device's rows of its host's share
     if sharded:
-      q, r = _buffer_index(t, rows, patch)
+      q, r = _buffer_index(t, rows, patch, context)
       q = q - local * image.shape[0]
       inside = (q >= 0) & (q < image.shape[0])
       q = jnp.clip(q, 0, image.shape[0] - 1)
       img = jnp.where(inside, image.at[q, r].get(mode="clip"), 0)
-      lab = jnp.where(inside, label.at[q, r].get(mode="clip"), 0)
+      c = context  # the centre plane's channel: its labels
+      lab = jnp.where(inside[..., c], label.at[q[..., c], r[..., c]].get(mode="clip"), 0)
       # Each pixel is non-zero on at most one device: the sum is exact (x + 0 = x).
       scatter = functools.partial(jax.lax.psum_scatter, axis_name="local", scatter_dimension=0,
                                   tiled=True)
-      if packed:
-        v = scatter((img.astype(jnp.int32) << 8) | lab.astype(jnp.int32))
-        img, lab = v >> 8, v & 0xFF
-      else:
-        img, lab = scatter(img.astype(jnp.float32)), scatter(lab.astype(jnp.int32))
+      if packed and context == 0:
+        v = scatter((img[..., 0].astype(jnp.int32) << 8) | lab.astype(jnp.int32))
+        img, lab = (v >> 8)[..., None], v & 0xFF
+      else:  # the channels and the label as one array, one collective
+        dt = jnp.int32 if packed else jnp.float32
+        v = scatter(jnp.concatenate([img.astype(dt), lab[..., None].astype(dt)], -1))
+        img, lab = v[..., :-1], v[..., -1]
       rows = jax.lax.dynamic_slice_in_dim(rows, local * own, own)
     else:
       rows = jax.lax.dynamic_slice_in_dim(rows, local * own, own)
-      q, r = _buffer_index(t, rows, patch)
-      img, lab = image.at[q, r].get(mode="clip"), label.at[q, r].get(mode="clip")
+      q, r = _buffer_index(t, rows, patch, context)
+      img = image.at[q, r].get(mode="clip")
+      lab = label.at[q[..., context], r[..., context]].get(mode="clip")
     s = rows[:, 0]
     # As intensity.normalize on the host: float32 (x - offset) * scale, then the clip.
-    x = (img.astype(jnp.float32) - t["offset"][s][:, None, None]) * t["scale"][s][:, None, None]
+    x = ((img.astype(jnp.float32) - t["offset"][s][:, None, None, None]) *
+         t["scale"][s][:, None, None, None])
     if clip:
       x = jnp.clip(x, 0.0, 1.0)
-    return {"image": x[..., None], "label": lab.astype(jnp.int32)}
+    return {"image": x, "label": lab.astype(jnp.int32)}
 
   buf = P("local") if sharded else P()
   return jax.jit(jax.shard_map(body, mesh=groups, in_specs=(buf, buf, P(), P("host")),
@@ -260,7 +270,7 @@ def _crop_fn(groups: Mesh, out_sharding: NamedSharding, patch: int, clip: bool, 
 
 
 class DeviceSampler:
-  """`next(sampler)` -> dict(image float32 (G, P, P, 1), label int32 (G, P, P)): global arrays
+  """`next(sampler)` -> dict(image float32 (G, P, P, C), label int32 (G, P, P)): global arrays
   sharded over the mesh's 'data' axis, equal to `put_batch(next(stream))` of the host path.
 
   `stream` supplies the records and the position (its reading machinery stays unused);
@@ -282,7 +292,8 @@ class DeviceSampler:
     self._tables = jax.device_put(self._make_tables(), NamedSharding(self._groups, P()))
     clip = intensity.normalize_params(stream.scans[0].norm, stream.normalization)[2]
     self._crop = _crop_fn(self._groups, NamedSharding(mesh, P("data")), stream.patch_size, clip,
-                          sharded, np.issubdtype(np.dtype(layout.image_dtype), np.integer))
+                          sharded, np.issubdtype(np.dtype(layout.image_dtype), np.integer),
+                          stream.context_slices)
 
   @property
   def kind(self) -> str:

@@ -2,7 +2,10 @@
 
 Training records are (scan, axis, plane, crop origin): 2D patches cut from planes perpendicular
 to any of the requested axes, so one 2D model learns all three viewing directions (what
-multi-plane prediction votes over). One epoch enumerates, for every training scan, axis and
+multi-plane prediction votes over). With `context_slices` = k (2.5D, as BONe's DLFit trains), an
+example is the 2k + 1 planes plane-k .. plane+k stacked as channels (context.py: mirrored back
+into the volume at its ends, never an edge repeat), labelled by the centre plane; the predictor
+stacks its planes by the same rule. One epoch enumerates, for every training scan, axis and
 plane, `patches_per_plane` crops at random origins (new origins every epoch), plus optional
 extra records from planes holding the rarest classes. Grain shuffles the record indices
 (a fresh permutation every epoch, forever); whole batches are then read straight from
@@ -40,6 +43,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import sys
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -48,6 +52,7 @@ import numpy as np
 
 from bonejax import cli, intensity, store
 from bonejax.data import shuffle
+from bonejax.data.context import context_planes, reflect_index  # noqa: F401  (also patches.*)
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -79,15 +84,6 @@ def _randint(h: np.ndarray, lo, hi) -> np.ndarray:
   return lo + (h % span).astype(np.int64)
 
 
-def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
-  """Mirror indices into [0, n) without repeating the edge (numpy's 'reflect' pad mode)."""
-  if n == 1:
-    return np.zeros_like(idx)
-  period = 2 * (n - 1)
-  m = np.mod(idx, period)
-  return np.where(m < n, m, period - m)
-
-
 def _plane_dims(axis: int) -> tuple[int, int]:
   return tuple(d for d in range(3) if d != axis)
 
@@ -100,15 +96,23 @@ class _ScanInfo:
   norm: dict[str, Any]
 
 
-def _open_training_scans(dataset_path, scans: Sequence[str]) -> tuple[store.Dataset,
-                                                                      list[_ScanInfo]]:
+def _open_training_scans(dataset_path, scans: Sequence[str],
+                         rule: str | None = None) -> tuple[store.Dataset, list[_ScanInfo]]:
   ds = store.open_dataset(dataset_path)
   if not scans:
     raise cli.UserError("no scans given for the patch stream")
   infos = []
   for name in scans:
     scan = ds.open_scan(name)
-    infos.append(_ScanInfo(name, scan, scan.shape, scan.stats))
+    stats = scan.stats
+    if rule == "zscore_nonzero" and not intensity.has_stats(stats, rule):
+      # A scan imported before the voxels > 0 statistics were stored: computed here (one pass).
+      print(f"note: scan {name!r} has no voxels > 0 statistics (imported by an older "
+            "bonejax); computing them now (re-import it to store them)", file=sys.stderr,
+            flush=True)
+      stats = intensity.nonzero_stats(
+          stats, lambda z0, z1, scan=scan: store.read_slab(scan.image, 0, z0, z1), scan.shape[0])
+    infos.append(_ScanInfo(name, scan, scan.shape, stats))
   return ds, infos
 
 
@@ -209,8 +213,8 @@ def _rare_planes_of_scan(zy, zx, yx, axes) -> list[tuple[int, int, int, int, int
 class PatchStream:
   """Infinite, resumable, per-host-sharded stream of training batches.
 
-  `next(stream)` -> dict(image=float32 (L, P, P, 1) normalised, label=int32 (L, P, P)),
-  L = global_batch_size // process_count.
+  `next(stream)` -> dict(image=float32 (L, P, P, C) normalised, label=int32 (L, P, P)),
+  L = global_batch_size // process_count, C = 2 * context_slices + 1 (1 for 2D).
   """
 
   def __init__(self, dataset_path, scans: Sequence[str], *, patch_size: int,
@@ -218,7 +222,7 @@ class PatchStream:
                patches_per_plane: int = 4, oversample_rare: float = 0.0, seed: int = 0,
                normalization: str = "percentile", process_index: int | None = None,
                process_count: int | None = None, num_threads: int = 8, prefetch: int = 2,
-               rare_classes: Sequence[int] | None = None):
+               rare_classes: Sequence[int] | None = None, context_slices: int = 0):
     self.patch_size = int(patch_size)
     self.global_batch_size = int(global_batch_size)
     self.axes = tuple(int(a) for a in axes)
@@ -226,6 +230,8 @@ class PatchStream:
     self.oversample_rare = float(oversample_rare)
     self.seed = int(seed)
     self.normalization = normalization
+    self.context_slices = int(context_slices)
+    self.channels = 2 * self.context_slices + 1
     if process_index is None or process_count is None:
       import jax  # only when not told: keeps the data side importable without a backend
       process_index = jax.process_index() if process_index is None else process_index
@@ -239,6 +245,8 @@ class PatchStream:
       raise cli.UserError(f"axes={tuple(axes)} must be distinct values from 0, 1, 2")
     if self.patches_per_plane < 1:
       raise cli.UserError(f"patches_per_plane={patches_per_plane} must be >= 1")
+    if self.context_slices < 0:
+      raise cli.UserError(f"context_slices={context_slices} must be >= 0")
     if not 0.0 <= self.oversample_rare < 1.0:
       raise cli.UserError(f"oversample_rare={oversample_rare} must be in [0, 1)")
     if not 0 <= self.process_index < self.process_count:
@@ -249,7 +257,7 @@ class PatchStream:
     self.local_batch_size = self.global_batch_size // self.process_count
     _check_rule(normalization)
 
-    self.dataset, self.scans = _open_training_scans(dataset_path, scans)
+    self.dataset, self.scans = _open_training_scans(dataset_path, scans, normalization)
     self.classes = list(self.dataset.classes)
     for s in self.scans:
       if s.scan.labels is None:
@@ -412,41 +420,51 @@ class PatchStream:
   # -- reading --------------------------------------------------------------------------------
 
   def _crop_request(self, row):
-    """Box to read and the index maps that mirror it out to P x P."""
+    """Box to read, and the index maps that mirror it out to P x P (and, for 2.5D, pick the
+    context planes along the axis: the box spans them, the map orders them)."""
     si, axis, plane, oy, ox = (int(v) for v in row)
     s = self.scans[si]
     d0, d1 = _plane_dims(axis)
     starts, sizes = [0, 0, 0], [0, 0, 0]
-    starts[axis], sizes[axis] = plane, 1
-    maps = []
+    planes = context_planes(plane, s.shape[axis], self.context_slices)
+    starts[axis], sizes[axis] = int(planes.min()), int(planes.max() - planes.min()) + 1
+    maps = [planes - int(planes.min())]
     for d, o in ((d0, oy), (d1, ox)):
       idx = reflect_index(np.arange(o, o + self.patch_size), s.shape[d])
       lo = int(idx.min())
       starts[d], sizes[d] = lo, int(idx.max()) - lo + 1
       identity = lo == o and sizes[d] == self.patch_size
       maps.append(None if identity else idx - lo)
-    return s, axis, starts, sizes, maps
+    return s, axis, plane, starts, sizes, maps
 
   def read_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Reads and normalises the crops of `rows` (from records()) as one batch."""
     n, pp = len(rows), self.patch_size
-    image = np.empty((n, pp, pp, 1), np.float32)
+    image = np.empty((n, pp, pp, self.channels), np.float32)
     label = np.empty((n, pp, pp), np.int32)
     requests = [self._crop_request(r) for r in rows]
+
+    def label_box(axis, plane, st, sz):  # the centre plane only
+      st, sz = list(st), list(sz)
+      st[axis], sz[axis] = plane, 1
+      return st, sz
+
     # Issue every read before waiting on any: tensorstore overlaps the chunk I/O and decoding.
-    futures = [(store.read_box(s.scan.image, st, sz), store.read_box(s.scan.labels, st, sz))
-               for s, _, st, sz, _ in requests]
+    futures = [(store.read_box(s.scan.image, st, sz),
+                store.read_box(s.scan.labels, *label_box(a, p, st, sz)))
+               for s, a, p, st, sz, _ in requests]
 
     def finish(i: int) -> None:
-      s, axis, _, _, maps = requests[i]
-      img = _read(futures[i][0], s, "image").squeeze(axis)
+      s, axis, _, _, _, maps = requests[i]
+      # (rows, cols, C): the context planes become the channels, in plane order.
+      img = np.moveaxis(np.take(_read(futures[i][0], s, "image"), maps[0], axis), axis, -1)
       lab = _read(futures[i][1], s, "labels").squeeze(axis)
       check_labels(lab, s, self.classes)
-      if maps[0] is not None:
-        img, lab = img[maps[0]], lab[maps[0]]
       if maps[1] is not None:
-        img, lab = img[:, maps[1]], lab[:, maps[1]]
-      image[i, ..., 0] = intensity.normalize(img, s.norm, self.normalization)
+        img, lab = img[maps[1]], lab[maps[1]]
+      if maps[2] is not None:
+        img, lab = img[:, maps[2]], lab[:, maps[2]]
+      image[i] = intensity.normalize(img, s.norm, self.normalization)
       label[i] = lab
 
     list(self._pool.map(finish, range(n)))
@@ -538,11 +556,12 @@ def _val_planes(n: int, stride: int) -> list[int]:
 
 def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None = None,
                        axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1,
-                       normalization: str = "percentile",
-                       num_threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
+                       normalization: str = "percentile", num_threads: int = 8,
+                       context_slices: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """A fixed, cheap validation set: every `stride`-th plane of each scan, in a fixed order.
 
-  Yields dict(image float32 (B, H, W, 1), label int32 (B, H, W), mask float32 (B, H, W)).
+  Yields dict(image float32 (B, H, W, C), label int32 (B, H, W), mask float32 (B, H, W)),
+  C = 2 * context_slices + 1: a 2.5D example's context planes as channels (`context_planes`).
   Whole planes, or their centre `crop` x `crop` (as the Scaling paper's centre crop), padded
   to a multiple of 32 so every U-net level divides; padded pixels have mask 0 (image mirrored,
   label 0). The last batch of each (scan, axis) is filled up with mask-0 examples, so each
@@ -553,7 +572,8 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
   stride, batch_size = max(1, int(stride)), int(batch_size)
   if batch_size < 1:
     raise cli.UserError(f"validation batch_size={batch_size} must be positive")
-  ds, infos = _open_training_scans(dataset_path, scans)
+  ds, infos = _open_training_scans(dataset_path, scans, normalization)
+  k = int(context_slices)
   pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)), "val-read")
   try:
     for s in infos:
@@ -568,23 +588,28 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
         planes = _val_planes(s.shape[axis], stride)
         for b0 in range(0, len(planes), batch_size):
           chunk = planes[b0:b0 + batch_size]
-          image = np.zeros((batch_size, h, w, 1), np.float32)
+          image = np.zeros((batch_size, h, w, 2 * k + 1), np.float32)
           label = np.zeros((batch_size, h, w), np.int32)
           mask = np.zeros((batch_size, h, w), np.float32)
-          futures = []
+          futures, context = [], []
           for p in chunk:
             starts, sizes = [0, 0, 0], [0, 0, 0]
-            starts[axis], sizes[axis] = p, 1
             starts[d0], sizes[d0], starts[d1], sizes[d1] = o0, c0, o1, c1
-            futures.append((store.read_box(s.scan.image, starts, sizes),
-                            store.read_box(s.scan.labels, starts, sizes)))
+            around = context_planes(p, s.shape[axis], k)
+            lo = int(around.min())
+            context.append(around - lo)
+            starts[axis], sizes[axis] = p, 1
+            lab_future = store.read_box(s.scan.labels, starts, sizes)
+            starts[axis], sizes[axis] = lo, int(around.max()) - lo + 1
+            futures.append((store.read_box(s.scan.image, starts, sizes), lab_future))
 
-          def finish(i, s=s, axis=axis, futures=futures, m0=m0, m1=m1, valid=valid,
-                     image=image, label=label, mask=mask):
-            img = _read(futures[i][0], s, "image").squeeze(axis)
+          def finish(i, s=s, axis=axis, futures=futures, context=context, m0=m0, m1=m1,
+                     valid=valid, image=image, label=label, mask=mask):
+            img = np.moveaxis(np.take(_read(futures[i][0], s, "image"), context[i], axis), axis,
+                              -1)
             lab = _read(futures[i][1], s, "labels").squeeze(axis)
             check_labels(lab, s, ds.classes)
-            image[i, ..., 0] = intensity.normalize(img[m0][:, m1], s.norm, normalization)
+            image[i] = intensity.normalize(img[m0][:, m1], s.norm, normalization)
             label[i] = lab[m0][:, m1] * valid.astype(np.int32)
             mask[i] = valid
 
@@ -604,12 +629,15 @@ def num_validation_batches(dataset_path, scans: Sequence[str], *, axes: Sequence
 
 
 def validation_nbytes(dataset_path, scans: Sequence[str], *, crop: int | None = None,
-                      axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1) -> int:
-  """Bytes of everything validation_batches yields (image, label and mask: 12 B per pixel)."""
+                      axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1,
+                      context_slices: int = 0) -> int:
+  """Bytes of everything validation_batches yields (image, label and mask: 12 B per pixel,
+  4 B more per context plane)."""
   _, infos = _open_training_scans(dataset_path, scans)
   stride, total = max(1, int(stride)), 0
   for s in infos:
     for a in axes:
       h, w = _val_geometry(s.shape, a, crop)[2].shape
-      total += -(-len(_val_planes(s.shape[a], stride)) // batch_size) * batch_size * h * w * 12
+      total += (-(-len(_val_planes(s.shape[a], stride)) // batch_size) * batch_size * h * w *
+                (12 + 8 * int(context_slices)))
   return total

@@ -8,6 +8,8 @@
 an nnx module, a `bundle.Bundle` or a prepared `PlaneEngine` (which keeps its compiled functions
 across calls). `run_prediction` is the shared core of `predict_volume` and `scan.predict_scan`:
 run the sets through a `Runner`, then vote slab by slab into labels (and mean probabilities).
+A 2.5D model (a bundle's `context_slices` = k, or `context_slices=k` for a module) predicts a
+plain 1-channel volume: the runner stacks each plane's 2k + 1 neighbours as its channels.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def local_devices(devices: Any = None) -> list:
   return list(devices)
 
 
-def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_BATCH,
+def make_engine(model: Any, *, in_channels: int | None = None,
+                context_slices: int | None = None, batch_size: int = DEFAULT_BATCH,
                 dtype: Any = None, memory_budget_gb: float = memory.DEFAULT_BUDGET_GB,
                 device_memory_gb: float | None = None, tile_size: int | None = None,
                 tile_overlap: int | None = None, stride: int | None = None,
@@ -86,6 +89,9 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
   `devices`: how many of this process's devices (default all), or a list of them; every
   batch is spread over them, `batch_size` planes on each. `graph`: the inference graph's
   convolution policy, or "off" for the model as it is (`engine.GRAPHS`).
+  `in_channels`: channels per voxel of the volumes to predict (default: a bundle's, else 1);
+  `context_slices`: 2.5D planes each side (default: a bundle's, else 0). The model takes
+  in_channels x (2 * context_slices + 1) channels.
   """
   if isinstance(model, PlaneEngine):
     return model
@@ -93,11 +99,18 @@ def make_engine(model: Any, *, in_channels: int = 1, batch_size: int = DEFAULT_B
   if not isinstance(model, nnx.Module):
     from bonejax import bundle as bundle_lib
     if isinstance(model, bundle_lib.Bundle):
+      if context_slices is None:
+        context_slices = model.context_slices
+      if in_channels is None:
+        in_channels = model.in_channels // (2 * int(context_slices) + 1)
       model, dtype = bundle_model(model, dtype), None
+  context_slices = int(context_slices or 0)
+  in_channels = 1 if in_channels is None else int(in_channels)
   if stride is None:
     from bonejax import models
     stride = models.STRIDE
-  return PlaneEngine(model, in_channels=in_channels, batch_size=batch_size, dtype=dtype,
+  return PlaneEngine(model, in_channels=in_channels * (2 * context_slices + 1),
+                     context_slices=context_slices, batch_size=batch_size, dtype=dtype,
                      stride=stride,
                      device_budget_bytes=memory.device_budget_bytes(device_memory_gb,
                                                                     memory_budget_gb, devices),
@@ -135,10 +148,13 @@ def stats_for(vol: SlabVolume, stats: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def check_channels(vol: SlabVolume, engine: PlaneEngine) -> None:
-  if vol.channels != engine.in_channels:
-    raise cli.UserError(f"the volume has {vol.channels} channel(s) (shape "
-                        f"{vol.shape + ((vol.channels,) if vol.rank == 4 else ())}); the model "
-                        f"expects {engine.in_channels}")
+  k = engine.context_slices
+  if vol.channels * (2 * k + 1) != engine.in_channels or (k and vol.channels != 1):
+    shape = vol.shape + ((vol.channels,) if vol.rank == 4 else ())
+    want = (f"a 1-channel volume (a 2.5D model of {2 * k + 1} planes)" if k
+            else f"{engine.in_channels}")
+    raise cli.UserError(f"the volume has {vol.channels} channel(s) (shape {shape}); the model "
+                        f"expects {want}")
 
 
 # ---------------------------------------------------------------------------------------------

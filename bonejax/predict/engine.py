@@ -177,7 +177,9 @@ class PlaneEngine:
   Args:
     model: any nnx module mapping NHWC floats to logits (B, H, W, K). Its eval view is used
       (BatchNorm running statistics, dropout off); the module itself is not changed.
-    in_channels: channels per voxel (planes are (n, H, W) for 1, else (n, H, W, C)).
+    in_channels: the model's input channels (planes are (n, H, W) for 1, else (n, H, W, C)).
+    context_slices: 2.5D (k > 0): the model takes the 2k + 1 planes around each plane as its
+      channels; the runner stacks them (bonejax.data.context), the engine only records k.
     batch_size: planes per call and device (shrunk per shape to fit `device_budget_bytes`);
       a call takes `batch_size x len(devices)` planes.
     dtype: compute dtype (e.g. bfloat16): replaces the model's own compute dtype where the
@@ -193,7 +195,7 @@ class PlaneEngine:
                batch_size: int = DEFAULT_BATCH, dtype: Any = None, stride: int = STRIDE,
                device_budget_bytes: int | None = None, tile_size: int | None = None,
                tile_overlap: int | None = None, devices: Sequence[Any] | None = None,
-               graph: str = "auto"):
+               graph: str = "auto", context_slices: int = 0):
     view = nnx.view(model, use_running_average=True, deterministic=True,
                     raise_if_not_found=False)
     self.dtype = compute_dtype(dtype)
@@ -222,6 +224,7 @@ class PlaneEngine:
     self.state = jax.device_put(state, self.replicated)  # once, on every device
     self.state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(self.state)))
     self.in_channels = int(in_channels)
+    self.context_slices = int(context_slices)
     self.batch_size = max(1, int(batch_size))
     self.stride = max(1, int(stride))
     self.device_budget_bytes = device_budget_bytes

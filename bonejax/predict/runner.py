@@ -7,6 +7,10 @@ volume (on the device, chunk by chunk), runs its planes into a rotated accumulat
 the probabilities back into the sink. Slab sizes depend only on shapes and the budget, never on
 the mode, so in-memory and out-of-core runs make identical batches and give identical labels.
 
+A 2.5D engine (`context_slices` = k) gets each plane with its 2k + 1 neighbours as channels: the
+reader fetches every slab with k-plane halos (mirrored at the volume's ends, as training does:
+bonejax.data.context) and stacks them, for every plane set, rotated ones included.
+
 With several processes (`group`, see `hosts`), every array the run makes is a zarr array in the
 shared scratch directory, every pass covers only this process's share of the planes (chunk
 aligned, so no chunk has two writers), and the processes meet at a barrier after each pass,
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from bonejax import cli
+from bonejax.data import context as context_lib
 from bonejax.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory, rotate
 from bonejax.predict.engine import PlaneEngine
@@ -53,7 +58,8 @@ class Runner:
     # Chunk edge of the scratch arrays, and the unit of slab thickness (aligned slabs avoid
     # partial-chunk rewrites): 32, or less when a slab that thick would not fit its budget.
     self.chunk = memory.SCRATCH_CHUNK
-    while self.chunk > 1 and self.chunk * biggest * self._plane_bytes(src) > self.slab_bytes:
+    while self.chunk > 1 and self.chunk * biggest * self._plane_bytes(
+        src, engine.context_slices) > self.slab_bytes:
       self.chunk //= 2
     if self.shared:  # process 0's chunk edge (the budgets of the hosts may differ)
       self.chunk = int(group.broadcast_json("scratch chunk", self.chunk))
@@ -84,9 +90,10 @@ class Runner:
   def slab_bytes(self) -> int:
     return int(self.budget * memory.SLAB_FRACTION)
 
-  def _plane_bytes(self, vol: SlabVolume) -> int:
-    """Host bytes per plane pixel in flight: raw planes and their probabilities."""
-    return vol.channels * vol.dtype.itemsize + self.k * 4
+  def _plane_bytes(self, vol: SlabVolume, context: int = 0) -> int:
+    """Host bytes per plane pixel in flight: raw planes (with 2.5D context) and their
+    probabilities."""
+    return vol.channels * (2 * context + 1) * vol.dtype.itemsize + self.k * 4
 
   def array(self, name: str, shape3: Sequence[int], dtype: Any,
             channels: int | None) -> SlabVolume:
@@ -113,7 +120,7 @@ class Runner:
 
   # -- slabs -----------------------------------------------------------------------------------
 
-  def slab_planes(self, vol: SlabVolume, axis: int, batch: int) -> int:
+  def slab_planes(self, vol: SlabVolume, axis: int, batch: int, context: int = 0) -> int:
     """Planes per slab: a multiple of the chunk edge (and of the batch when that fits), about
     `slab_bytes` of raw planes and probabilities.
 
@@ -121,24 +128,31 @@ class Runner:
     make identical slabs and batches.
     """
     h, w = vol.plane_shape(axis)
-    per_plane = h * w * self._plane_bytes(vol)
+    per_plane = h * w * self._plane_bytes(vol, context)
     unit = math.lcm(int(batch), self.chunk)
     if unit * per_plane > self.slab_bytes:
       unit = self.chunk  # the last batch of each slab is padded instead
     n = int(self.slab_bytes // max(per_plane, 1)) // unit * unit
     return max(unit, n)
 
-  def _slabs(self, vol: SlabVolume, axis: int, slab: int, check: bool) -> Iterator:
-    """This process's share of the planes along `axis`, `slab` at a time, read ahead."""
+  def _slabs(self, vol: SlabVolume, axis: int, slab: int, check: bool,
+             context: int = 0) -> Iterator:
+    """This process's share of the planes along `axis`, `slab` at a time, read ahead; with
+    `context` = k, each plane with its 2k + 1 neighbours as the last axis."""
     lo, n = self.share(vol.shape[axis])
     if n <= lo:
       return
-    future = self.reader.submit(vol.read, axis, lo, min(lo + slab, n))
+    read = vol.read
+    if context:
+      def read(a, s0, s1):  # pylint: disable=function-redefined
+        return context_lib.read_with_context(
+            lambda p0, p1: _one_channel(vol.read(a, p0, p1)), vol.shape[a], s0, s1, context)
+    future = self.reader.submit(read, axis, lo, min(lo + slab, n))
     for s0 in range(lo, n, slab):
       self.group.check(f"the planes along axis {axis}")  # another process failed: stop now
       planes = future.result()
       if s0 + slab < n:
-        future = self.reader.submit(vol.read, axis, s0 + slab, min(s0 + 2 * slab, n))
+        future = self.reader.submit(read, axis, s0 + slab, min(s0 + 2 * slab, n))
       if check and not np.isfinite(planes).all():
         raise cli.UserError(f"the image contains {'NaN' if np.isnan(planes).any() else 'Inf'} "
                             f"values (planes {s0}-{s0 + len(planes) - 1} along axis {axis})")
@@ -154,10 +168,11 @@ class Runner:
                  check: bool) -> None:
     """Every plane of `vol` perpendicular to `axis` through the engine, into `sink`."""
     plan = self.engine.plan(vol.plane_shape(axis), vol.dtype, k90)
-    slab = self.slab_planes(vol, axis, self.engine.global_batch(plan))
+    ctx = self.engine.context_slices
+    slab = self.slab_planes(vol, axis, self.engine.global_batch(plan), ctx)
     writes: list = []
     try:
-      for s0, probs in self.engine.stream(self._slabs(vol, axis, slab, check), k90):
+      for s0, probs in self.engine.stream(self._slabs(vol, axis, slab, check, ctx), k90):
         self._write_behind(writes, sink, axis, s0, probs)
         if self.progress is not None:
           self.progress.update(len(probs))
@@ -254,3 +269,8 @@ class Runner:
       total += max(0, hi - lo)
     return total
 
+
+
+def _one_channel(planes: np.ndarray) -> np.ndarray:
+  """(n, H, W) of a one-channel volume's planes, stored (n, H, W) or (n, H, W, 1)."""
+  return planes[..., 0] if planes.ndim == 4 else planes

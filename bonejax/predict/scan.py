@@ -200,7 +200,9 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   else:
     bundle_path = find_bundle(model)
     meta = bundle_lib.read_meta(bundle_path)
-  in_channels = int(meta.get("in_channels", 1))
+  context = int(meta.get("context_slices", 0) or 0)
+  # Channels per voxel of the input: a 2.5D model's 2k + 1 channels are planes of a plain volume.
+  in_channels = int(meta.get("in_channels", 1)) // (2 * context + 1)
   classes = list(meta["classes"])
   rule = str(meta.get("normalization", "percentile"))
   budget = int(float(memory_budget_gb) * 2**30)
@@ -216,6 +218,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
     raise cli.UserError("--save_uncertainty is not supported with several processes yet "
                         "(its slice ranking needs the whole volume): run it on one host")
   src, kind = _open_source(source, in_channels, budget, image_key)
+  if getattr(src, "stats", None) is not None and not intensity.has_stats(src.stats, rule):
+    src.stats = None  # e.g. no voxels > 0 figures (an older scan): computed while reading
   shape = tuple(int(s) for s in src.shape)
   input_um = src.voxel_size_um
   model_src, regrid = src, None
@@ -257,7 +261,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
       else:
         net = bundle_lib.load_bundle(bundle_path, dtype=jnp.dtype(dtype).type).model
         engine_dtype = None
-      engine = make_engine(net, in_channels=in_channels, batch_size=batch_size,
+      engine = make_engine(net, in_channels=in_channels, context_slices=context,
+                           batch_size=batch_size,
                            dtype=engine_dtype, memory_budget_gb=memory_budget_gb,
                            device_memory_gb=device_memory_gb, tile_size=tile_size,
                            tile_overlap=tile_overlap, devices=devices, graph=graph)

@@ -14,6 +14,14 @@ aspect ratios 3:4 to 4:3 resized back to the patch, horizontal flips, rotations 
 [-90, 90] degrees, elastic deformation, brightness and contrast. Vertical flips, 90-degree
 rotations, gamma and noise are available and off by default.
 
+BONe's (DLFit's) recipe is expressible too (configs/bone_dlfit.py): `one_of` draws ONE geometric
+operation per example from a table (none, flip H, flip V, rot90 x k), uniformly; `brightness`
+with `brightness_prob` is its intensity shift with a probability, `scale` with `scale_prob` its
+multiplicative intensity scale (about 0, not the mean: on z-scored intensities it rescales the
+spread of the values around the scan mean), `clip` bounds the result. These options draw their
+random numbers from a stream of their own, so configs that do not use them get exactly the
+augmentation they always had.
+
 `cfg` is static (Python values read while tracing): close over it, do not pass it to jit.
 The batch may be sharded on the trainer's 'data' mesh axis (AxisType.Auto, bonejax.train.mesh):
 the per-example keys then follow it without help. (On an Explicit-axis mesh vmap would refuse
@@ -51,11 +59,29 @@ class AugmentConfig:
   contrast: float = 0.1                   # scale about the mean by U(1 - c, 1 + c)
   gamma: float = 0.0                      # x^exp(U(-g, g)) on the example's [min, max]
   noise_std: float = 0.0                  # Gaussian noise, std U(0, s)
+  one_of: tuple = ()                      # one op per example, uniform over these DIHEDRAL names
+  brightness_prob: float = 1.0            # probability of the brightness shift
+  scale: tuple = (1.0, 1.0)               # multiply by U(lo, hi)
+  scale_prob: float = 1.0                 # probability of the scale
+  clip: tuple = ()                        # (lo, hi): clip after every intensity change
 
   @property
   def geometric(self) -> bool:
     return self.enabled and (self.crop or self.flip_h or self.flip_v or self.rot90 or
-                             self.rotate_degrees > 0 or self.elastic_prob > 0)
+                             self.rotate_degrees > 0 or self.elastic_prob > 0 or
+                             bool(self.one_of))
+
+  @property
+  def extra_draws(self) -> bool:
+    """Whether the options with a random stream of their own are used."""
+    return bool(self.one_of) or (self.brightness > 0 and self.brightness_prob < 1) or \
+        tuple(self.scale) != (1.0, 1.0)
+
+
+# Options added after runs were written, at the values that keep the old augmentation (a run's
+# fingerprint leaves them out at these values: configlib.normalize_fingerprint).
+ADDED_DEFAULTS = {"one_of": (), "brightness_prob": 1.0, "scale": (1.0, 1.0), "scale_prob": 1.0,
+                  "clip": ()}
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -82,10 +108,25 @@ def resolve_config(cfg: Any = None) -> AugmentConfig:
   if unknown:
     raise cli.UserError(f"unknown augment option(s) {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(known))})")
-  for k in ("crop_area", "crop_ratio"):
+  for k in ("crop_area", "crop_ratio", "scale", "clip"):
     if k in d:
       d[k] = tuple(float(v) for v in d[k])
-  return AugmentConfig(**d)
+  if "one_of" in d:
+    d["one_of"] = tuple(str(v) for v in ((d["one_of"],) if isinstance(d["one_of"], str)
+                                         else d["one_of"]))
+  c = AugmentConfig(**d)
+  bad = sorted(set(c.one_of) - set(DIHEDRAL))
+  if bad:
+    raise cli.UserError(f"augment.one_of has unknown operation(s) {', '.join(bad)} "
+                        f"(known: {', '.join(DIHEDRAL)})")
+  if len(c.scale) != 2 or not 0 < c.scale[0] <= c.scale[1]:
+    raise cli.UserError(f"augment.scale={c.scale} must be (lo, hi) with 0 < lo <= hi")
+  if c.clip and (len(c.clip) != 2 or not c.clip[0] < c.clip[1]):
+    raise cli.UserError(f"augment.clip={c.clip} must be () or (lo, hi) with lo < hi")
+  for k in ("brightness_prob", "scale_prob"):
+    if not 0.0 <= getattr(c, k) <= 1.0:
+      raise cli.UserError(f"augment.{k}={getattr(c, k)} must be in [0, 1]")
+  return c
 
 
 def augment(key: jax.Array, image: jax.Array, label: jax.Array, cfg: Any = None):
@@ -106,6 +147,8 @@ def _augment_one(key, image, label, c: AugmentConfig):
   # Few, vectorised draws: every threefry call adds a sizeable subgraph to compile.
   k_u, k_elastic, k_noise = jax.random.split(key, 3)
   u = jax.random.uniform(k_u, (_NUM_UNIFORMS,))
+  if c.extra_draws:  # their own stream: the draws above stay what they always were
+    u = jnp.concatenate([u, jax.random.uniform(jax.random.fold_in(k_u, 1), (_NUM_EXTRA,))])
   if c.geometric:
     src = _sampling_grid(u, k_elastic, label.shape, c)
     image = _gather_bilinear(image, src)
@@ -114,9 +157,11 @@ def _augment_one(key, image, label, c: AugmentConfig):
   return image, label
 
 
-# Slots of the per-example uniform draws.
+# Slots of the per-example uniform draws (the extra ones only when `extra_draws`).
 (_U_ELASTIC, _U_AREA, _U_RATIO, _U_CY, _U_CX, _U_FLIPV, _U_FLIPH, _U_ANGLE, _U_ROT90,
  _U_BRIGHT, _U_CONTRAST, _U_GAMMA, _U_NOISE, _NUM_UNIFORMS) = range(14)
+_U_ONE_OF, _U_BRIGHT_P, _U_SCALE, _U_SCALE_P, _END = range(_NUM_UNIFORMS, _NUM_UNIFORMS + 5)
+_NUM_EXTRA = _END - _NUM_UNIFORMS
 
 
 def _between(u, lo, hi):
@@ -127,6 +172,10 @@ def _between(u, lo, hi):
 # numpy, not jnp: a module-level jax array would start the backend at import time.
 _ROT90 = np.array([[[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]]],
                   np.float32)
+# BONe's table of geometric operations, as (row, col) maps: `one_of` picks one per example.
+DIHEDRAL = {"none": _ROT90[0], "flip_h": np.diag([1, -1]).astype(np.float32),
+            "flip_v": np.diag([-1, 1]).astype(np.float32), "rot90": _ROT90[1],
+            "rot180": _ROT90[2], "rot270": _ROT90[3]}
 
 
 def _sampling_grid(u, key, shape, c: AugmentConfig) -> jax.Array:
@@ -171,6 +220,10 @@ def _sampling_grid(u, key, shape, c: AugmentConfig) -> jax.Array:
     m = jnp.array([[cos, -sin], [sin, cos]]) @ m
   if c.rot90:
     m = jnp.asarray(_ROT90)[jnp.minimum((u[_U_ROT90] * 4).astype(jnp.int32), 3)] @ m
+  if c.one_of:
+    table = np.stack([DIHEDRAL[name] for name in c.one_of])
+    n = len(c.one_of)
+    m = jnp.asarray(table)[jnp.minimum((u[_U_ONE_OF] * n).astype(jnp.int32), n - 1)] @ m
   src = p @ m.T + centre
   return src + jnp.array([(h - 1) / 2, (w - 1) / 2], jnp.float32)
 
@@ -221,7 +274,10 @@ def _gather_nearest(label, src):
 
 def _intensity(u, key, x, c: AugmentConfig):
   if c.brightness > 0:
-    x = x + _between(u[_U_BRIGHT], -c.brightness, c.brightness)
+    shift = _between(u[_U_BRIGHT], -c.brightness, c.brightness)
+    if c.brightness_prob < 1:
+      shift = jnp.where(u[_U_BRIGHT_P] < c.brightness_prob, shift, 0.0)
+    x = x + shift
   if c.contrast > 0:
     mean = x.mean()
     x = mean + (x - mean) * _between(u[_U_CONTRAST], 1 - c.contrast, 1 + c.contrast)
@@ -231,6 +287,13 @@ def _intensity(u, key, x, c: AugmentConfig):
     lo, hi = x.min(), x.max()
     span = jnp.maximum(hi - lo, 1e-6)
     x = lo + jnp.power((x - lo) / span, g) * span
+  if tuple(c.scale) != (1.0, 1.0):
+    factor = _between(u[_U_SCALE], *c.scale)
+    if c.scale_prob < 1:
+      factor = jnp.where(u[_U_SCALE_P] < c.scale_prob, factor, 1.0)
+    x = x * factor
   if c.noise_std > 0:
     x = x + c.noise_std * u[_U_NOISE] * jax.random.normal(key, x.shape, x.dtype)
+  if c.clip:
+    x = jnp.clip(x, c.clip[0], c.clip[1])
   return x

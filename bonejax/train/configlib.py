@@ -23,7 +23,11 @@ from bonejax import cli
 TRAJECTORY_KEYS = ("dataset", "train_scans", "val_scans", "val_fraction", "model", "in_channels",
                    "patch_size", "batch_size", "seed", "dtype", "axes", "patches_per_plane",
                    "oversample_rare", "normalization", "loss", "optimizer", "schedule", "augment",
-                   "phantom")
+                   "phantom", "context_slices")
+# Fields added after runs were already written, with the value that means "as before": a
+# fingerprint leaves them out at that value, so older runs still resume.
+_ADDED_FIELDS = {("context_slices",): 0, ("model", "init_from"): "",
+                 ("model", "encoder_weights"): "", ("model", "freeze_encoder_steps"): 0}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -37,8 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.val_fraction = 0.2
   c.phantom = ml_collections.ConfigDict(dict(num_scans=0, shape=(96, 128, 128), kind="bone",
                                              seed=0))
-  c.normalization = "percentile"  # percentile | zscore
+  c.normalization = "percentile"  # percentile | zscore | zscore_nonzero (voxels > 0, as BONe)
   c.axes = (0, 1, 2)             # training planes perpendicular to these axes
+  c.context_slices = 0           # 2.5D: k planes each side, 2k + 1 input channels; 0: 2D
   c.patch_size = 256
   c.patches_per_plane = 4
   c.oversample_rare = 0.0
@@ -50,8 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler_device_mb = 0        # per-device budget for the scans; 0: half the device memory
                                  # (CPU devices: a quarter of the RAM, shared)
   # Model.
-  c.model = ml_collections.ConfigDict(dict(name="unet_resnet18", kwargs={}))
-  c.in_channels = 1
+  # init_from: a bundle or an smp/DLFit .pth/.safetensors to fine-tune (the same network);
+  # encoder_weights: an ImageNet ResNet/MiT state dict for the encoder; freeze_encoder_steps:
+  # the encoder's parameters held still for this many steps (see bonejax/train/pretrained.py).
+  c.model = ml_collections.ConfigDict(dict(name="unet_resnet18", kwargs={}, init_from="",
+                                           encoder_weights="", freeze_encoder_steps=0))
+  c.in_channels = 1              # channels per plane; with context_slices = k: 1 or 2k + 1
   c.dtype = "bfloat16"           # compute dtype; parameters, BN statistics and the loss are fp32
   # Optimisation.
   c.batch_size = 32              # global, over all devices and hosts
@@ -137,12 +146,22 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def normalize_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
-  """Drops optimiser fields the named optimiser never reads.
+  """Drops optimiser fields the named optimiser never reads, and fields added since older runs
+  were written while they hold the value that keeps the old behaviour.
 
   Runs written before adam refused `weight_decay` carried weight_decay=1e-4 that adam ignored;
   they resume under configs that now say 0.
   """
-  fp = dict(fp)
+  from bonejax.train.augment import ADDED_DEFAULTS
+  fp = {k: (dict(v) if isinstance(v, dict) else v) for k, v in fp.items()}
+  added = {**_ADDED_FIELDS, **{("augment", k): v for k, v in ADDED_DEFAULTS.items()}}
+  for path, default in added.items():
+    node = fp
+    for part in path[:-1]:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] in node and \
+        cli.to_jsonable(node[path[-1]]) == cli.to_jsonable(default):
+      del node[path[-1]]
   opt = fp.get("optimizer")
   if isinstance(opt, dict) and opt.get("name") in _OPTIMIZER_FIELDS:
     keep = ("name",) + _OPTIMIZER_FIELDS[opt["name"]]
@@ -161,6 +180,7 @@ _INT_RANGES = {
     "in_channels": (1, None), "eval_every": (0, None), "log_every": (0, None),
     "checkpoint_every": (0, None), "keep_checkpoints": (1, None), "stop_after": (0, None),
     "val_crop": (0, None), "val_stride": (1, None), "early_stopping_patience": (0, None),
+    "context_slices": (0, 64), "model.freeze_encoder_steps": (0, None),
     "val_device_limit_mb": (0, None), "sampler_device_mb": (0, None),
     "phantom.num_scans": (0, None),
     "phantom.seed": (0, 2**32 - 1), "schedule.warmup_steps": (0, None),
@@ -222,6 +242,11 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise cli.UserError(f"config.{key}={v} must be {what}")
   if config.sampler not in ("auto", "device", "host"):
     raise cli.UserError(f"config.sampler={config.sampler!r} must be auto, device or host")
+  k = _lookup(config, "context_slices")
+  if k and config.in_channels not in (1, 2 * k + 1):
+    raise cli.UserError(f"config.in_channels={config.in_channels} does not fit "
+                        f"context_slices={k}: a 2.5D model takes 2k + 1 = {2 * k + 1} planes "
+                        "(leave in_channels at 1)")
   for key in ("axes", "val_axes"):
     v = tuple(config[key]) if isinstance(config[key], (tuple, list)) else (config[key],)
     if not v or any(not _is_int(a) or a not in (0, 1, 2) for a in v) or len(set(v)) != len(v):

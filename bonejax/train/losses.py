@@ -5,6 +5,9 @@ voxels) contribute nothing. Pixel losses (cross-entropy, focal) are means over t
 Region losses (Dice, Jaccard, Tversky, focal-Tversky) pool true/false positives per class over the
 whole batch (all devices: under a sharded `jit` the sums are global), then average over the classes
 present in the batch's truth; a class absent from the truth has no defined overlap and is left out.
+Lovasz-softmax (Berman et al. 2018, which BONe offers) is the convex Lovasz extension of the
+Jaccard loss, per class over the whole batch, averaged over the classes present, as in the
+authors' reference code (`classes='present'`, `per_image=False`).
 
 `make_loss({"ce": 1.0, "dice": 1.0})` builds a weighted sum; a value can also be a dict with
 `weight` and the loss's own arguments, e.g. `{"tversky": {"weight": 1.0, "alpha": 0.3}}`.
@@ -105,6 +108,47 @@ def focal_tversky(logits, labels, mask=None, *, alpha: float = 0.3, beta: float 
   return _mean_present(base**gamma, present)
 
 
+def _lovasz_grad(fg_sorted):
+  """The Lovasz extension's gradient of the Jaccard loss at errors sorted in decreasing order:
+  g_i = J(first i) - J(first i-1), J the Jaccard loss of predicting the first i pixels wrong."""
+  gts = jnp.sum(fg_sorted)
+  intersection = gts - jnp.cumsum(fg_sorted)
+  union = gts + jnp.cumsum(1.0 - fg_sorted)
+  jac = 1.0 - intersection / jnp.maximum(union, EPS)
+  return jnp.concatenate([jac[:1], jac[1:] - jac[:-1]])
+
+
+def lovasz_from_probs(probs, labels, mask=None):
+  """Lovasz-softmax on probabilities (B, H, W, C) (the loss itself; `lovasz` takes logits)."""
+  probs = jnp.asarray(probs, jnp.float32)
+  c = probs.shape[-1]
+  labels = jnp.asarray(labels, jnp.int32).reshape(-1)
+  w = (jnp.ones(labels.shape, bool) if mask is None else
+       jnp.broadcast_to(jnp.asarray(mask), probs.shape[:-1]).reshape(-1) > 0)
+  p = probs.reshape(-1, c)
+  fg = jax.nn.one_hot(labels, c, dtype=jnp.float32) * w[:, None]
+
+  def one_class(p_c, fg_c):
+    errors = jnp.abs(fg_c - p_c)
+    # Masked-out pixels sort after every real one (errors are in [0, 1]) with error 0 and no
+    # foreground: they change neither the sum nor the gradient of the pixels before them.
+    key = jnp.where(w, errors, -1.0)
+    order = jnp.argsort(-key)
+    errors_sorted = jnp.where(w[order], errors[order], 0.0)
+    grad = jax.lax.stop_gradient(_lovasz_grad(fg_c[order]))
+    return jnp.dot(errors_sorted, grad)
+
+  per_class = jax.vmap(one_class, in_axes=(1, 1))(p, fg)
+  present = jnp.sum(fg, axis=0) > 0
+  return _mean_present(per_class, present)
+
+
+def lovasz(logits, labels, mask=None):
+  """Lovasz-softmax (Berman et al. 2018) on the softmax of `logits`."""
+  logits, labels, _, _ = _prep(logits, labels, mask)
+  return lovasz_from_probs(jax.nn.softmax(logits, axis=-1), labels, mask)
+
+
 LOSSES: dict[str, Callable[..., jax.Array]] = {
     "ce": cross_entropy,
     "focal": focal,
@@ -112,6 +156,7 @@ LOSSES: dict[str, Callable[..., jax.Array]] = {
     "jaccard": jaccard,
     "tversky": tversky,
     "focal_tversky": focal_tversky,
+    "lovasz": lovasz,
 }
 
 

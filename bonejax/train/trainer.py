@@ -18,6 +18,12 @@ Performance choices (written for GPUs, checked on CPU):
   (it waits on the loss of step s-2, without transferring it).
 - Exact resume: the step's augmentation key is fold_in(seed, step), the patch stream's state is
   one position, the plateau/best/early-stopping state is saved with the weights.
+- Pretrained starts (`model.init_from`, `model.encoder_weights`) only shape the state at step 0
+  (pretrained.py); `model.freeze_encoder_steps` holds the encoder still inside the step.
+- 2.5D (`context_slices` = k): the model takes 2k + 1 planes as channels, stacked by the data
+  path (bonejax/data/context.py) and recorded in the bundle for the predictor.
+- A clean stop (`stop_on_signal`, launch/train.py): SIGINT / SIGTERM end the loop after the
+  current step with a checkpoint there (stop.py).
 
 What a crash or a bad input leaves (see also checkpoint.py, best.py, rundir.py):
 - every config value is checked before anything is written; config.json and split.json are
@@ -52,10 +58,11 @@ from bonejax.data import feed as feed_lib
 from bonejax.data import patches, splits
 from bonejax.train import augment as augment_lib
 from bonejax.train import best as best_lib
-from bonejax.train import configlib, curves, losses, optim, rundir
+from bonejax.train import configlib, curves, losses, optim, pretrained, rundir
 from bonejax.train import evaluator as evaluator_lib
 from bonejax.train import mesh as mesh_lib
 from bonejax.train.checkpoint import Checkpoints
+from bonejax.train.stop import StopRequest
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 BEST_METRICS = {"miou_fg": "max", "miou_all": "max", "loss": "min"}
@@ -75,11 +82,14 @@ def rng_key(seed: int, stream: int) -> jax.Array:
 
 
 def make_init(create: Callable, tx: optax.GradientTransformation, seed: int) -> Callable:
-  """() -> the initial train state; `create(rngs=...)` builds the model."""
+  """(weights=None) -> the initial train state; `create(rngs=...)` builds the model, and
+  `weights` ({state path: array}, pretrained.initial_weights) replaces some of its values."""
 
-  def init_fn():
+  def init_fn(weights=None):
     model = create(rngs=nnx.Rngs(rng_key(seed, 0)))
     _, params, rest = nnx.split(model, nnx.Param, ...)
+    if weights:
+      params, rest = pretrained.overlay(params, weights), pretrained.overlay(rest, weights)
     return {"params": params, "rest": rest, "opt": tx.init(params),
             "step": jnp.zeros((), jnp.int32)}
 
@@ -87,9 +97,12 @@ def make_init(create: Callable, tx: optax.GradientTransformation, seed: int) -> 
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable,
-                    augment_cfg: Any, seed: int,
-                    schedule: optax.Schedule | None = None) -> Callable:
-  """(state, batch, lr_scale) -> (state, metrics); state = dict(params, rest, opt, step)."""
+                    augment_cfg: Any, seed: int, schedule: optax.Schedule | None = None,
+                    freeze_encoder_steps: int = 0) -> Callable:
+  """(state, batch, lr_scale) -> (state, metrics); state = dict(params, rest, opt, step).
+
+  For the first `freeze_encoder_steps` steps the encoder's parameters and their optimiser
+  state keep their values (pretrained.freeze)."""
   aug = augment_lib.resolve_config(augment_cfg)
 
   def step_fn(state, batch, lr_scale):
@@ -107,6 +120,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     (loss, (parts, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], optim.scale_updates(updates, lr_scale))
+    if freeze_encoder_steps:
+      frozen = step < freeze_encoder_steps
+      params = pretrained.freeze(params, state["params"], frozen)
+      opt = pretrained.freeze(opt, state["opt"], frozen)
     out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
            **{f"loss_{k}": v for k, v in parts.items()}}
     if schedule is not None:
@@ -177,21 +194,24 @@ def _user(fn, what: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
-          devices=None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=None,
+          stop_on_signal: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest readable checkpoint; the result.
 
-  A run that fails before its first checkpoint removes what it created in `workdir`.
+  A run that fails before its first checkpoint removes what it created in `workdir`. With
+  `stop_on_signal` (main thread only), SIGINT / SIGTERM stop it cleanly after the current step
+  (`"stopped": "signal"`); a second signal raises KeyboardInterrupt.
   """
   workdir = Path(workdir).absolute()
-  with rundir.removed_on_failure(workdir, lambda: rundir.has_checkpoint(workdir),
-                                 enabled=jax.process_index() == 0), \
+  with StopRequest().installed(stop_on_signal) as stop, \
+      rundir.removed_on_failure(workdir, lambda: rundir.has_checkpoint(workdir),
+                                enabled=jax.process_index() == 0), \
       contextlib.ExitStack() as closers:  # checkpoint writers, readers: closed first
-    return _train(config, workdir, devices, closers)
+    return _train(config, workdir, devices, closers, stop)
 
 
 def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
-           closers: contextlib.ExitStack) -> dict[str, Any]:
+           closers: contextlib.ExitStack, stop: StopRequest) -> dict[str, Any]:
   t_start = time.perf_counter()
   primary = jax.process_index() == 0
 
@@ -211,6 +231,9 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   tx = _user(lambda: optim.make_optimizer(c.optimizer, schedule), "optimizer")
   plateau = _user(lambda: optim.plateau_from_config(c.schedule), "schedule")
   augment_cfg = augment_lib.resolve_config(c.augment)
+  pretrained.check_config(c.model)
+  context = int(c.context_slices)
+  in_channels = 2 * context + 1 if context else int(c.in_channels)
   log_every = max(1, int(c.log_every))
   eval_every, ckpt_every = int(c.eval_every), int(c.checkpoint_every)
   stop_after = int(c.stop_after)
@@ -238,9 +261,10 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
 
   # ---- Model and optimizer ------------------------------------------------------------------
   model_name, model_kwargs = str(c.model.name), dict(c.model.get("kwargs", {}) or {})
+  freeze_steps = int(c.model.get("freeze_encoder_steps", 0) or 0)
   dtype = DTYPES[c.dtype]
   create = functools.partial(models.create, model_name, num_classes=num_classes,
-                             in_channels=int(c.in_channels), dtype=dtype,
+                             in_channels=in_channels, dtype=dtype,
                              param_dtype=jnp.float32, **model_kwargs)
   abstract = _user(lambda: nnx.eval_shape(lambda: create(rngs=nnx.Rngs(rng_key(int(c.seed), 0)))),
                    "model")
@@ -253,13 +277,14 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   jit_key = json.dumps([num_classes, int(num_steps), [d.id for d in mesh.devices.flat],
                         {k: cli.to_jsonable(c.to_dict()[k]) for k in (
                             "model", "in_channels", "dtype", "seed", "loss", "optimizer",
-                            "schedule", "augment")}], sort_keys=True)
+                            "schedule", "augment", "context_slices")}], sort_keys=True)
   if jit_key not in _JITTED:
     _JITTED.clear()  # keep one set: executables hold device memory
     _JITTED[jit_key] = (
         # Parameters are created directly on the devices, replicated (no host copy).
         jax.jit(make_init(create, tx, int(c.seed)), out_shardings=repl),
-        jax.jit(make_train_step(graphdef, tx, loss_fn, augment_cfg, int(c.seed), schedule),
+        jax.jit(make_train_step(graphdef, tx, loss_fn, augment_cfg, int(c.seed), schedule,
+                                freeze_steps),
                 in_shardings=(repl, data_sharding, repl), out_shardings=(repl, repl),
                 donate_argnums=(0,)),
         jax.jit(evaluator_lib.make_eval_step(graphdef_eval, loss_fn, num_classes),
@@ -291,7 +316,13 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   closers.callback(ckpts.close)  # waits for the async writes (also when interrupted)
   restored = ckpts.restore_newest(state_shape, check=same_run)
   if restored is None:
-    resumed_from, state = None, init_fn()
+    weights = pretrained.initial_weights(
+        c.model, abstract=abstract, model_name=model_name, model_kwargs=model_kwargs,
+        classes=classes, in_channels=in_channels, context_slices=context,
+        normalization=str(c.normalization))
+    # Every process read the same file: the values are placed replicated, like the state.
+    resumed_from, state = None, (init_fn(jax.device_put(weights, repl)) if weights
+                                 else init_fn())
   else:
     resumed_from, state, host = restored
     plateau.set_state(host["plateau"])
@@ -308,7 +339,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   # ---- Best model: its own checkpoint, and WORKDIR/model exported from it -------------------
   meta = bundle.make_meta(
       model_name=model_name, model_kwargs=model_kwargs, classes=classes,
-      in_channels=int(c.in_channels), normalization=str(c.normalization),
+      in_channels=in_channels, context_slices=context, normalization=str(c.normalization),
       patch_size=int(c.patch_size), train_axes=list(c.axes), val_scans=list(split.val),
       train_scans=list(split.train), train_dtype=str(c.dtype),
       voxel_size_um=training_voxel_size(dataset, split.train))
@@ -325,7 +356,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
       axes=tuple(c.axes), patches_per_plane=int(c.patches_per_plane),
       oversample_rare=float(c.oversample_rare), seed=int(c.seed),
       normalization=str(c.normalization), process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), context_slices=context)
   train_feed = feed_lib.make_feed(
       str(c.sampler), stream, mesh, lambda b: mesh_lib.put_batch(b, data_sharding, batch_size),
       budget_mb=int(c.sampler_device_mb))
@@ -336,7 +367,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   # ---- Evaluator ----------------------------------------------------------------------------
   # Each process holds its own rows of every validation batch.
   val_args = dict(crop=int(c.val_crop) or None, axes=tuple(c.val_axes), batch_size=val_batch,
-                  stride=int(c.val_stride))
+                  stride=int(c.val_stride), context_slices=context)
   evaluate = evaluator_lib.Evaluator(
       eval_step,
       lambda: patches.validation_batches(dataset_path, split.val,
@@ -357,8 +388,8 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   timed_steps, steps_at_first = 0, start
   extra = ""
   stopped = host.get("stopped")
-  if stopped == "stop_after":
-    stopped = None  # a preempted run continues ...
+  if stopped in ("stop_after", "signal"):
+    stopped = None  # a preempted or interrupted run continues ...
   if stop_after and start >= stop_after:
     stopped = "stop_after"  # ... unless this call stops there too
   while step < num_steps and stopped is None:
@@ -420,6 +451,8 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
 
     if stop_after and step >= stop_after and stopped is None:
       stopped = "stop_after"
+    if stopped is None and stop.should_stop(step, log_every, jax.process_count()):
+      stopped = "signal"  # a checkpoint at this step follows
     host.update(step=step, data=train_feed.get_state(), plateau=plateau.get_state(),
                 stopped=stopped)
     log_file.append(row)
@@ -439,6 +472,9 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   best.sync()
 
   progress.close()
+  if stopped == "signal" and primary:
+    print(f"[train] stopped by {stop.name or 'a signal'} after step {step}, checkpoint "
+          "written; the same command resumes", file=progress.stream, flush=True)
   if primary and (workdir / "metrics.csv").exists():
     try:
       curves.plot(workdir / "metrics.csv", workdir / "curves.png", f"val_{c.best_metric}")
