@@ -351,5 +351,15 @@ def make_folder(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
   def fold(params, rest):
     return nnx.split(build_inference_model(nnx.merge(graphdef_model, params, rest), **kwargs))[1]
 
-  graphdef, _ = nnx.split(build_inference_model(model, **kwargs))
-  return graphdef, fold
+  # The graph's structure only: traced abstractly, so `model` may be abstract too (the trainer's
+  # nnx.eval_shape model) and no weights are folded here.
+  found = {}
+
+  def structure(params, rest):
+    found["graphdef"], state = nnx.split(
+        build_inference_model(nnx.merge(graphdef_model, params, rest), **kwargs))
+    return state
+
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  jax.eval_shape(structure, params, rest)
+  return found["graphdef"], fold

@@ -23,11 +23,12 @@ from bonejax import cli
 TRAJECTORY_KEYS = ("dataset", "train_scans", "val_scans", "val_fraction", "model", "in_channels",
                    "patch_size", "batch_size", "seed", "dtype", "axes", "patches_per_plane",
                    "oversample_rare", "normalization", "loss", "optimizer", "schedule", "augment",
-                   "phantom", "context_slices")
+                   "phantom", "context_slices", "conv_lowering")
 # Fields added after runs were already written, with the value that means "as before": a
 # fingerprint leaves them out at that value, so older runs still resume.
 _ADDED_FIELDS = {("context_slices",): 0, ("model", "init_from"): "",
-                 ("model", "encoder_weights"): "", ("model", "freeze_encoder_steps"): 0}
+                 ("model", "encoder_weights"): "", ("model", "freeze_encoder_steps"): 0,
+                 ("conv_lowering",): "xla"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
                                            encoder_weights="", freeze_encoder_steps=0))
   c.in_channels = 1              # channels per plane; with context_slices = k: 1 or 2k + 1
   c.dtype = "bfloat16"           # compute dtype; parameters, BN statistics and the loss are fp32
+  # How the training step computes its convolutions (bonejax.models.conv_lowering): xla (XLA's
+  # own; always on GPUs) | auto (bf16 dot products on the compute-bound layers, on CPUs with
+  # native bf16 dots such as AMX: pays with dtype bfloat16) | measure (each layer timed once).
+  c.conv_lowering = "xla"
   # Optimisation.
   c.batch_size = 32              # global, over all devices and hosts
   c.num_steps = 10_000
@@ -82,6 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.val_batch_size = 0           # 0: batch_size
   c.val_device_limit_mb = 2048   # validation set kept on the device up to this size, else
                                  # streamed from the host at each evaluation (0: always stream)
+  c.eval_graph = "auto"          # validation through the inference graph (BatchNorm folded,
+                                 # as predict.py runs the bundle): auto | measure | xla | off
   c.best_metric = "miou_fg"      # miou_fg | miou_all (higher is better) | loss (lower)
   c.early_stopping_patience = 0  # evaluations without improvement; 0: off
   # Bookkeeping.
@@ -242,6 +249,12 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise cli.UserError(f"config.{key}={v} must be {what}")
   if config.sampler not in ("auto", "device", "host"):
     raise cli.UserError(f"config.sampler={config.sampler!r} must be auto, device or host")
+  if _lookup(config, "conv_lowering") not in (_MISSING, "xla", "auto", "measure"):
+    raise cli.UserError(f"config.conv_lowering={config.conv_lowering!r} must be xla, auto or "
+                        "measure")
+  if _lookup(config, "eval_graph") not in (_MISSING, "auto", "measure", "xla", "off"):
+    raise cli.UserError(f"config.eval_graph={config.eval_graph!r} must be auto, measure, xla "
+                        "or off")
   k = _lookup(config, "context_slices")
   if k and config.in_channels not in (1, 2 * k + 1):
     raise cli.UserError(f"config.in_channels={config.in_channels} does not fit "

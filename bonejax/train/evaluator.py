@@ -26,11 +26,20 @@ from bonejax import metrics
 _CARRY = 30
 
 
-def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int) -> Callable:
-  """(state, batch, acc) -> acc: confusion matrix and masked loss summed over batches."""
+def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int,
+                   fold: Callable | None = None) -> Callable:
+  """(state, batch, acc) -> acc: confusion matrix and masked loss summed over batches.
+
+  `fold` (`inference_graph.make_folder`): `graphdef_eval` is then the inference graph's, and
+  its state is folded from the training state inside the step (a few elementwise ops per
+  weight, against a forward pass per batch).
+  """
 
   def eval_fn(state, batch, acc):
-    model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
+    if fold is None:
+      model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
+    else:
+      model = nnx.merge(graphdef_eval, fold(state["params"], state["rest"]))
     logits = model(batch["image"])
     mask = batch["mask"]
     loss, _ = loss_fn(logits, batch["label"], mask)

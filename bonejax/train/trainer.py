@@ -269,15 +269,34 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   abstract = _user(lambda: nnx.eval_shape(lambda: create(rngs=nnx.Rngs(rng_key(int(c.seed), 0)))),
                    "model")
   graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
-  graphdef_eval, _, _ = nnx.split(bundle.eval_view(abstract), nnx.Param, ...)
+  lowering = str(c.get("conv_lowering", "xla"))
+  if lowering != "xla":
+    # The same variables, the convolutions computed as the policy says (bf16 dot products on
+    # CPUs with native bf16 dots): the state tree, checkpoints and bundles are unchanged.
+    from bonejax.models import inference_graph
+    lowered = nnx.eval_shape(lambda: inference_graph.lower_convs(
+        create(rngs=nnx.Rngs(rng_key(int(c.seed), 0))), policy=lowering))
+    graphdef, _, _ = nnx.split(lowered, nnx.Param, ...)
+  # Validation runs the inference graph predict.py will run (BatchNorm folded into the
+  # convolutions, folded from the current weights inside the jitted step), or the eval view.
+  eval_graph = str(c.get("eval_graph", "auto"))
+  fold = None
+  if eval_graph != "off":
+    from bonejax.models import inference_graph
+    s = models.STRIDE
+    graphdef_eval, fold = inference_graph.make_folder(
+        bundle.eval_view(abstract), policy=eval_graph, sample_shape=(1, s, s, in_channels))
+  else:
+    graphdef_eval, _, _ = nnx.split(bundle.eval_view(abstract), nnx.Param, ...)
 
   # ---- Sharding, initial state, update and evaluation steps ---------------------------------
   # The jitted functions depend only on these values: runs in one process that share them
   # (cross-validation folds, tests) share the compiled executables.
   jit_key = json.dumps([num_classes, int(num_steps), [d.id for d in mesh.devices.flat],
-                        {k: cli.to_jsonable(c.to_dict()[k]) for k in (
+                        {k: cli.to_jsonable(c.to_dict().get(k)) for k in (
                             "model", "in_channels", "dtype", "seed", "loss", "optimizer",
-                            "schedule", "augment", "context_slices")}], sort_keys=True)
+                            "schedule", "augment", "context_slices", "conv_lowering",
+                            "eval_graph")}], sort_keys=True)
   if jit_key not in _JITTED:
     _JITTED.clear()  # keep one set: executables hold device memory
     _JITTED[jit_key] = (
@@ -287,7 +306,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
                                 freeze_steps),
                 in_shardings=(repl, data_sharding, repl), out_shardings=(repl, repl),
                 donate_argnums=(0,)),
-        jax.jit(evaluator_lib.make_eval_step(graphdef_eval, loss_fn, num_classes),
+        jax.jit(evaluator_lib.make_eval_step(graphdef_eval, loss_fn, num_classes, fold),
                 in_shardings=(repl, data_sharding, repl), out_shardings=repl,
                 donate_argnums=(2,)))
   init_fn, train_step, eval_step = _JITTED[jit_key]
