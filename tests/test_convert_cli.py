@@ -59,7 +59,7 @@ def test_cli_dlfit_to_bundle_and_back(tmp_path, smp_sd):
   meta = bundle.read_meta(tmp_path / "bundle")
   assert meta["model"] == "unet_resnet18" and meta["classes"] == ["background", "bone", "pores"]
   assert (meta["in_channels"], meta["context_slices"], meta["normalization"],
-          meta["patch_size"]) == (1, 0, "zscore", 256)
+          meta["patch_size"]) == (1, 0, "zscore_nonzero", 256)
   assert meta["source"]["kind"] == "dlfit" and meta["source"]["metadata"]["epochs"] == 40
 
   r = _cli(f"--bundle={tmp_path / 'bundle'}", f"--to_pth={tmp_path / 'back.pth'}")

@@ -24,7 +24,7 @@ from bonejax import cli, intensity
 from bonejax.convert import checkpoint, metadata, smp_layout
 
 DEFAULT_PATCH = 256  # BONe's default patch side
-DEFAULT_NORMALIZATION = "zscore"  # BONe's default
+DEFAULT_NORMALIZATION = "zscore_nonzero"  # BONe's default: z-score over the voxels > 0
 EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 __all__ = ["export_weights", "import_weights", "smp_kwargs"]

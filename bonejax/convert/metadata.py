@@ -7,9 +7,11 @@ and each field has a few common spellings (below). What is read:
 - classes: a count or a list of names;
 - input channels, and the 2.5D depth (the number of adjacent slices fed as channels, odd):
   bonejax stores `in_channels` = depth and `context_slices` = (depth - 1) / 2;
-- normalisation: "ZScore" -> bonejax `zscore`; "minMax" -> `percentile` (bonejax has no plain
-  min-max rule; its percentile rule is min-max scaling between robust percentiles, clipped to
-  [0, 1]; the original name is kept as `normalization_source`);
+- normalisation: "ZScore" -> bonejax `zscore_nonzero` (BONe computes its z-score statistics
+  over the voxels > 0, leaving out the zero padding of reconstructed scans); "minMax" ->
+  `percentile` (bonejax has no plain min-max rule; its percentile rule is min-max scaling
+  between robust percentiles, clipped to [0, 1]; the original name is kept as
+  `normalization_source`);
 - patch size (an int or [h, w]) and the training axes.
 Everything read is also kept verbatim under `source.metadata` in model.json.
 """
@@ -41,8 +43,8 @@ ALIASES = {
 }
 ARCH_NAMES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
               "segformer": "Segformer"}
-NORMALIZATION = {"zscore": "zscore", "standard": "zscore", "standardize": "zscore",
-                 "standardization": "zscore", "percentile": "percentile", "minmax": "percentile",
+NORMALIZATION = {"zscore": "zscore_nonzero", "standard": "zscore_nonzero",
+                 "standardize": "zscore_nonzero", "standardization": "zscore_nonzero", "percentile": "percentile", "minmax": "percentile",
                  "zscorenonzero": "zscore_nonzero"}
 
 
