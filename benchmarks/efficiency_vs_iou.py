@@ -1,6 +1,8 @@
 r"""Accuracy against cost over architectures x patch sizes (BONe's 30-experiment benchmark).
 
     python benchmarks/efficiency_vs_iou.py --grid=smoke       # 2 CPU cores, <= 20 min
+    python benchmarks/efficiency_vs_iou.py --grid=cpu         # 6 models x 64/128 px x 2 seeds
+    python benchmarks/efficiency_vs_iou.py --grid=scaling     # classic U-Net, depth x width x input
     python benchmarks/efficiency_vs_iou.py --grid=full        # the GPU grid, 27 cells
     python benchmarks/efficiency_vs_iou.py --grid=full --models=unet_resnet18 --patches=256
 
@@ -56,6 +58,23 @@ GRIDS: dict[str, dict[str, Any]] = {
                   phantom=dict(num_scans=4, shape=(32, 128, 128), kind="bone", seed=0),
                   dtype="float32", lr=2e-3, warmup_steps=4, eval_every=0, checkpoint_every=0,
                   val_stride=8, predict_batch=8, predict_runs=2, cell_timeout=900),
+    # The phantom-scale experiment of issue 16 on 2 CPU cores: every cell sees the same 2,400
+    # patches (150 steps x 16); each cell's validation curve (every 25 steps) is kept to show
+    # whether that budget let it converge. Two seeds per cell (init and patch order).
+    "cpu": dict(models=SMOKE_MODELS, patches=(64, 128), seeds=(0, 1), batch=16, steps=150,
+                phantom=dict(num_scans=5, shape=(128, 128, 128), kind="bone", seed=0),
+                dtype="float32", lr=1e-3, warmup_steps=10, eval_every=25, checkpoint_every=0,
+                val_stride=4, predict_batch=8, predict_runs=2, cell_timeout=1800),
+    # Scaling the U-net's compound scaling on the implant phantom (4 classes): the classic U-Net
+    # at depth x width (`unet-dDwW`) x input size, one seed, the same budget for every cell
+    # (4,000 patches). Widths 8 / 16 (the paper: 16-64) keep the 12 cells within ~30 min on
+    # 2 CPU cores; the phantom's structures are simpler than a synchrotron scan's.
+    "scaling": dict(models=tuple(f"unet-d{d}w{w}" for w in (8, 16) for d in (3, 4, 5)),
+                    patches=(64, 128), seeds=(0,), batch=16, steps=250,
+                    phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
+                    dtype="float32", lr=1e-3, warmup_steps=10, eval_every=25,
+                    checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
+                    cell_timeout=1800),
     "full": dict(models=FULL_MODELS, patches=(128, 256, 512), batch=32, steps=2000,
                  phantom=dict(num_scans=6, shape=(192, 512, 512), kind="bone", seed=0),
                  dtype="bfloat16", lr=1e-3, warmup_steps=100, eval_every=250,
@@ -69,15 +88,30 @@ GRIDS: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_model(spec: str) -> tuple[str, dict[str, int]]:
+  """`unet_resnet18` -> (name, {}); `unet-d4w16` -> ("unet", {"depth": 4, "width": 16})."""
+  name, _, shape = spec.partition("-")
+  if not shape:
+    return name, {}
+  d, _, w = shape.lstrip("d").partition("w")
+  try:
+    return name, {"depth": int(d), "width": int(w)}
+  except ValueError:
+    raise cli.UserError(f"model {spec!r}: expected NAME or NAME-dDEPTHwWIDTH") from None
+
+
 def get_config(arg=None):
-  """`--config=benchmarks/efficiency_vs_iou.py:grid=smoke,model=unet,patch=64`."""
+  """`--config=benchmarks/efficiency_vs_iou.py:grid=smoke,model=unet,patch=64,seed=0`."""
   from bonejax.train import configlib
-  a = configlib.parse_arg(arg, grid="smoke", model="unet_resnet18", patch=64)
+  a = configlib.parse_arg(arg, grid="smoke", model="unet_resnet18", patch=64, seed=0)
   if a.grid not in GRIDS:
     raise cli.UserError(f"unknown grid {a.grid!r} (known: {', '.join(GRIDS)})")
   g = GRIDS[a.grid]
   c = configlib.default_config()
-  c.model.name = a.model
+  c.model.name, kwargs = parse_model(a.model)
+  if kwargs:
+    c.model.kwargs = kwargs
+  c.seed = int(a.seed)
   c.patch_size = int(a.patch)
   c.batch_size = g["batch"]
   c.num_steps = g["steps"]
@@ -103,8 +137,36 @@ def get_config(arg=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def cell_name(model: str, patch: int) -> str:
-  return f"{model}_p{patch}"
+def cell_name(model: str, patch: int, seed: int | None = None) -> str:
+  """`MODEL_pPATCH`, with `_sSEED` in grids that repeat cells over seeds."""
+  return f"{model}_p{patch}" + ("" if seed is None else f"_s{seed}")
+
+
+def grid_cells(grid: dict) -> list[tuple[str, int, int | None]]:
+  """(model, patch, seed) of every cell; seed None where the grid has no seeds."""
+  seeds = grid.get("seeds") or (None,)
+  return [(m, p, s) for s in seeds for p in grid["patches"] for m in grid["models"]]
+
+
+def read_val_curve(run_dir: Path) -> list[tuple[int, float]]:
+  """(step, validation miou_fg) of every evaluation in the run's metrics.csv."""
+  path = run_dir / "metrics.csv"
+  if not path.exists():
+    return []
+  rows = csv.DictReader(io.StringIO(path.read_text()))
+  return [(int(r["step"]), float(r["val_miou_fg"])) for r in rows if r.get("val_miou_fg")]
+
+
+def late_gain(curve: list[tuple[int, float]], steps: int) -> float | None:
+  """How much the best validation miou_fg still rose in the budget's last third.
+
+  The convergence check of a cell: a gain below ~0.01 means more steps would not have
+  changed its ranking; a larger one means the budget cut it short (the report flags it).
+  """
+  early = [v for s, v in curve if s <= 2 * steps // 3]
+  if not early or len(early) == len(curve):
+    return None
+  return max(v for _, v in curve) - max(early)
 
 
 def split_scans(num_scans: int) -> dict[str, list[str]]:
@@ -128,11 +190,12 @@ def make_data(grid: dict, data_dir: Path) -> Path:
 
 
 def run_cell_real(grid_name: str, grid: dict, model: str, patch: int, data: Path,
-                  run_dir: Path, log_dir: Path, timeout: float) -> dict[str, Any]:
+                  run_dir: Path, log_dir: Path, timeout: float,
+                  seed: int | None = None) -> dict[str, Any]:
   """Trains (launch/train.py) then evaluates (--eval_bundle) one cell in subprocesses."""
   scans = split_scans(grid["phantom"]["num_scans"])
   train_cmd = [sys.executable, str(common.REPO / "launch" / "train.py"),
-               f"--config={THIS}:grid={grid_name},model={model},patch={patch}",
+               f"--config={THIS}:grid={grid_name},model={model},patch={patch},seed={seed or 0}",
                f"--workdir={run_dir}", f"--config.dataset={data}",
                f"--config.train_scans={','.join(scans['train'])}",
                f"--config.val_scans={','.join(scans['val'])}"]
@@ -144,7 +207,11 @@ def run_cell_real(grid_name: str, grid: dict, model: str, patch: int, data: Path
               f"--eval_batch={grid['predict_batch']}", f"--eval_runs={grid['predict_runs']}",
               f"--eval_train_batch={grid['batch']}"]
   ev = common.run_json(eval_cmd, timeout=remaining, log=log_dir / "eval.log")
+  curve = read_val_curve(run_dir)
   return {
+      "seed": seed,
+      "val_curve": curve,
+      "late_gain": late_gain(curve, grid["steps"]),
       "params": ev.get("params", train.get("params")),
       "gflop_fwd": ev.get("gflop_fwd"),
       "train_patches_per_s": train.get("patches_per_second"),
@@ -168,7 +235,8 @@ def run_cell_real(grid_name: str, grid: dict, model: str, patch: int, data: Path
 
 
 def run_cell_fake(grid_name: str, grid: dict, model: str, patch: int, data: Path, run_dir: Path,
-                  log_dir: Path, timeout: float, fail: str = "") -> dict[str, Any]:
+                  log_dir: Path, timeout: float, fail: str = "",
+                  seed: int | None = None) -> dict[str, Any]:
   """A deterministic stand-in for testing the bookkeeping (no jax, no training)."""
   del grid_name, data, run_dir, timeout
   log_dir.mkdir(parents=True, exist_ok=True)
@@ -176,23 +244,33 @@ def run_cell_fake(grid_name: str, grid: dict, model: str, patch: int, data: Path
   if fail and model == fail:
     raise common.JobFailed(f"error: fake failure of {model}", 3, "")
   h = int(hashlib.sha256(f"{model}{patch}".encode()).hexdigest()[:8], 16) / 16**8
+  jitter = 0.0 if seed is None else 0.01 * seed
   speed = 1e6 / (1 + 10 * h) * (128 / patch)
   return {"params": int(1e6 * (5 + 20 * h)), "gflop_fwd": 10 * h * (patch / 256) ** 2,
           "train_patches_per_s": speed / 1e3, "predict_voxels_per_s": speed,
-          "val_miou_fg": 0.5 + 0.4 * h, "test_miou_fg": 0.5 + 0.45 * (1 - h) * h * 4 * 0.9,
+          "seed": seed, "val_curve": [(grid["steps"] // 2, 0.4 + 0.4 * h),
+                                      (grid["steps"], 0.5 + 0.4 * h)],
+          "late_gain": 0.1 * h,
+          "val_miou_fg": 0.5 + 0.4 * h,
+          "test_miou_fg": 0.5 + 0.45 * (1 - h) * h * 4 * 0.9 + jitter,
           "test_miou_all": 0.7, "steps": grid["steps"],
           "patches_seen": grid["steps"] * grid["batch"], "train_peak_rss_mb": 500 + 100 * h,
           "predict_peak_rss_mb": 400.0}
 
 
-def run_grid(cells: list[tuple[str, int]], runner: Callable[..., dict], *, cells_dir: Path,
+def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path,
              work_dir: Path, retry_failed: bool = True) -> list[dict[str, Any]]:
-  """Runs the cells not yet finished; each record is saved as cells_dir/CELL.json at once."""
+  """Runs the cells not yet finished; each record is saved as cells_dir/CELL.json at once.
+
+  A cell is (model, patch) or (model, patch, seed); seed None means the grid has no seeds.
+  """
   cells_dir.mkdir(parents=True, exist_ok=True)
   records = []
   bar = cli.Progress(total=len(cells), desc="efficiency", unit="cells", every_s=0)
-  for model, patch in cells:
-    name = cell_name(model, patch)
+  for cell in cells:
+    model, patch, seed = (tuple(cell) + (None,))[:3]
+    name = cell_name(model, patch, seed)
+    seed_kw = {} if seed is None else {"seed": seed}
     path = cells_dir / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() else None
     if old and (old.get("status") == "ok" or (old.get("status") == "failed"
@@ -201,10 +279,10 @@ def run_grid(cells: list[tuple[str, int]], runner: Callable[..., dict], *, cells
       bar.update(1, extra=f"{name} {old['status']} (kept)")
       continue
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"cell": name, "model": model, "patch": patch}
+    rec: dict[str, Any] = {"cell": name, "model": model, "patch": patch, **seed_kw}
     try:
       rec.update(runner(model=model, patch=patch, run_dir=work_dir / "runs" / name,
-                        log_dir=work_dir / "logs" / name))
+                        log_dir=work_dir / "logs" / name, **seed_kw))
       rec["status"] = "ok"
     except common.JobFailed as e:
       rec.update(status="failed", error=str(e), stderr_tail=e.stderr_tail[-600:])
@@ -225,11 +303,15 @@ def run_grid(cells: list[tuple[str, int]], runner: Callable[..., dict], *, cells
 # Reports: Pareto fronts, CSV, Markdown, PNG.
 # ---------------------------------------------------------------------------------------------
 
-CSV_COLUMNS = ("cell", "model", "patch", "status", "params", "gflop_fwd", "train_patches_per_s",
-               "predict_voxels_per_s", "train_peak_rss_mb", "predict_peak_rss_mb",
-               "train_step_device_mb", "val_miou_fg", "test_miou_fg", "test_miou_all",
-               "patches_seen", "steps", "best_step", "train_seconds", "predict_cold_s",
-               "pareto_predict", "pareto_train", "error")
+CSV_COLUMNS = ("cell", "model", "patch", "seed", "status", "params", "gflop_fwd",
+               "train_patches_per_s", "predict_voxels_per_s", "train_peak_rss_mb",
+               "predict_peak_rss_mb", "train_step_device_mb", "val_miou_fg", "test_miou_fg",
+               "test_miou_all", "late_gain", "patches_seen", "steps", "best_step",
+               "train_seconds", "predict_cold_s", "pareto_predict", "pareto_train", "error")
+LATE_GAIN_LIMIT = 0.01  # best validation miou_fg rising more than this in the last third: cut short
+_MEAN_KEYS = ("params", "gflop_fwd", "train_patches_per_s", "predict_voxels_per_s",
+              "train_peak_rss_mb", "predict_peak_rss_mb", "train_step_device_mb", "val_miou_fg",
+              "test_miou_fg", "test_miou_all", "late_gain")
 
 
 def pareto(records: list[dict], x: str, y: str = "test_miou_fg") -> set[str]:
@@ -243,6 +325,39 @@ def pareto(records: list[dict], x: str, y: str = "test_miou_fg") -> set[str]:
   return front
 
 
+def aggregate(records: list[dict]) -> list[dict[str, Any]]:
+  """One row per (model, patch): means over the seeds that finished, and the spread.
+
+  `test_spread` is half the range of test miou_fg over seeds (with two seeds: |a - b| / 2);
+  per-class test IoUs are averaged too. A row is ok when at least one seed finished.
+  """
+  groups: dict[tuple[str, int], list[dict]] = {}
+  for r in records:
+    groups.setdefault((r["model"], r["patch"]), []).append(r)
+  rows = []
+  for (model, patch), rs in groups.items():
+    ok = [r for r in rs if r.get("status") == "ok"]
+    row: dict[str, Any] = {"cell": cell_name(model, patch), "model": model, "patch": patch,
+                           "seeds": len(ok), "seeds_planned": len(rs),
+                           "status": "ok" if ok else "failed",
+                           "error": "; ".join(str(r.get("error", ""))[:80] for r in rs
+                                              if r.get("status") != "ok")}
+    for k in _MEAN_KEYS:
+      vals = [r[k] for r in ok if r.get(k) is not None]
+      row[k] = sum(vals) / len(vals) if vals else None
+    tests = [r["test_miou_fg"] for r in ok if r.get("test_miou_fg") is not None]
+    row["test_spread"] = (max(tests) - min(tests)) / 2 if len(tests) > 1 else None
+    gains = [r["late_gain"] for r in ok if r.get("late_gain") is not None]
+    row["max_late_gain"] = max(gains) if gains else None
+    iou: dict[str, list[float]] = {}
+    for r in ok:
+      for c, v in (r.get("test_iou") or {}).items():
+        iou.setdefault(c, []).append(v)
+    row["test_iou"] = {c: sum(v) / len(v) for c, v in iou.items()}
+    rows.append(row)
+  return rows
+
+
 def to_csv(records: list[dict]) -> str:
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -252,28 +367,118 @@ def to_csv(records: list[dict]) -> str:
   return buf.getvalue()
 
 
-def to_markdown(records: list[dict], grid_name: str, grid: dict, info: dict, load) -> str:
-  rows = []
-  for r in records:
-    ok = r.get("status") == "ok"
-    rows.append({
+def _test_cell(r: dict) -> str:
+  t = r.get("test_miou_fg")
+  if t is None:
+    return "-"
+  spread = r.get("test_spread")
+  return f"{t:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
+
+
+def _summary_table(rows: list[dict]) -> str:
+  out = []
+  for r in rows:
+    mem = max(r.get("train_peak_rss_mb") or 0, r.get("predict_peak_rss_mb") or 0) / 1024
+    gain = r.get("max_late_gain")
+    out.append({
         "model": r["model"], "patch": r["patch"],
         "params": r.get("params") / 1e6 if r.get("params") else None,
         "gflop": r.get("gflop_fwd"), "tps": r.get("train_patches_per_s"),
         "mvps": r["predict_voxels_per_s"] / 1e6 if r.get("predict_voxels_per_s") else None,
-        "mem": max(r.get("train_peak_rss_mb") or 0, r.get("predict_peak_rss_mb") or 0) / 1024
-               or None,
+        "mem": mem or None,
         "dev": r.get("train_step_device_mb") / 1024 if r.get("train_step_device_mb") else None,
-        "val": r.get("val_miou_fg"), "test": r.get("test_miou_fg"),
+        "val": r.get("val_miou_fg"), "test": _test_cell(r),
+        "seeds": f"{r.get('seeds', 1)}/{r.get('seeds_planned', 1)}",
+        "conv": "-" if gain is None else ("yes" if gain <= LATE_GAIN_LIMIT else f"no (+{gain:.3f})"),
         "front": ("P" if r.get("pareto_predict") else "") + ("T" if r.get("pareto_train") else ""),
-        "status": "ok" if ok else f"failed: {r.get('error', '')[:60]}",
+        "status": "ok" if r.get("status") == "ok" else f"failed: {r.get('error', '')[:60]}",
     })
   cols = ["model", "patch", "params", "gflop", "tps", "mvps", "mem", "dev", "val", "test",
-          "front", "status"]
+          "seeds", "conv", "front", "status"]
   heads = ["model", "patch", "params (M)", "GFLOP/patch", "train patches/s", "predict Mvoxel/s",
            "peak RSS (GB)", "train step device (GB)", "val miou_fg", "test miou_fg",
-           "Pareto", "status"]
+           "seeds", "converged", "Pareto", "status"]
+  return common.markdown_table(out, cols, heads)
+
+
+def _curve_table(records: list[dict]) -> str:
+  """Each cell's validation curve: the evidence that its budget was (or was not) enough."""
+  out = []
+  for r in records:
+    if r.get("status") != "ok":
+      continue
+    curve = r.get("val_curve") or []
+    out.append({"cell": r["cell"], "best": r.get("best_step"),
+                "curve": " ".join(f"{v:.3f}" for _, v in curve) or "-",
+                "gain": r.get("late_gain"), "test": r.get("test_miou_fg")})
+  return common.markdown_table(out, ["cell", "best", "curve", "gain", "test"],
+                               ["cell", "best step", "validation miou_fg at each evaluation",
+                                "gain in the last third", "test miou_fg"])
+
+
+def class_table(rows: list[dict]) -> str:
+  """Per-class test IoU against forward GFLOP (Scaling the U-net's view), cheapest first."""
+  classes = []
+  for r in rows:
+    for c in r.get("test_iou") or {}:
+      if c not in classes and c != "background":
+        classes.append(c)
+  out = []
+  for r in sorted((r for r in rows if r.get("status") == "ok"),
+                  key=lambda r: r.get("gflop_fwd") or 0):
+    out.append({"model": r["model"], "patch": r["patch"], "gflop": r.get("gflop_fwd"),
+                "scaled": scaled_dims(r), **{c: (r.get("test_iou") or {}).get(c) for c in classes},
+                "fg": r.get("test_miou_fg")})
+  return common.markdown_table(out, ["model", "patch", "gflop", "scaled", *classes, "fg"],
+                               ["model", "input", "GFLOP/patch", "scaled from the base",
+                                *[f"IoU {c}" for c in classes], "test miou_fg"])
+
+
+def scaled_dims(row: dict) -> str:
+  """Which of depth / width / input a scaling-grid cell scales above the grid's smallest."""
+  name, kw = parse_model(row["model"])
+  if not kw:
+    return ""
+  base = row.get("_base") or {}
+  dims = [d for d, v in (("depth", kw["depth"]), ("width", kw["width"]),
+                         ("input", row["patch"])) if base and v > base.get(d, v)]
+  return " + ".join(dims) if dims else "base"
+
+
+def mark_base(rows: list[dict]) -> None:
+  """Stores the smallest depth, width and input of the grid on each row (for scaled_dims)."""
+  kws = [(parse_model(r["model"])[1], r["patch"]) for r in rows]
+  if not kws or not all(k for k, _ in kws):
+    return
+  base = {"depth": min(k["depth"] for k, _ in kws), "width": min(k["width"] for k, _ in kws),
+          "input": min(p for _, p in kws)}
+  for r in rows:
+    r["_base"] = base
+
+
+def compound_summary(rows: list[dict]) -> str:
+  """Best test miou_fg per kind of scaling, with the GFLOP it costs: does scaling all three
+  dimensions together beat scaling one (Scaling the U-net's finding)?"""
+  best: dict[str, dict] = {}
+  for r in rows:
+    if r.get("status") != "ok" or r.get("test_miou_fg") is None:
+      continue
+    kind = scaled_dims(r)
+    n = 0 if kind == "base" else kind.count("+") + 1
+    key = {0: "base", 1: "one dimension", 2: "two dimensions", 3: "all three"}[n]
+    if key not in best or r["test_miou_fg"] > best[key]["test_miou_fg"]:
+      best[key] = r
+  out = [{"kind": k, "cell": f"{best[k]['model']} @ {best[k]['patch']} px ({scaled_dims(best[k])})",
+          "gflop": best[k].get("gflop_fwd"), "test": best[k].get("test_miou_fg")}
+         for k in ("base", "one dimension", "two dimensions", "all three") if k in best]
+  return common.markdown_table(out, ["kind", "cell", "gflop", "test"],
+                               ["scaling", "best cell", "GFLOP/patch", "test miou_fg"])
+
+
+def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dict, info: dict,
+                load) -> str:
   p = grid["phantom"]
+  seeds = grid.get("seeds")
   lines = [f"# Efficiency vs IoU: grid `{grid_name}`, {info['tag']}", "",
            common.machine_line(info), "", f"Load average at start / end: {load[0]} / {load[1]}.",
            "", f"Phantom `{p['kind']}`: {p['num_scans']} scans of "
@@ -282,7 +487,15 @@ def to_markdown(records: list[dict], grid_name: str, grid: dict, info: dict, loa
            f"{grid['steps'] * grid['batch']:,} patches; {grid['dtype']}; Adam lr {grid['lr']} "
            "cosine; CE + Dice; best checkpoint by validation miou_fg. Test: 3-plane soft vote on "
            "the held-out scan. Pareto: P = on the front of test miou_fg vs prediction voxels/s, "
-           "T = vs training patches/s.", "", common.markdown_table(rows, cols, heads)]
+           "T = vs training patches/s."
+           + (f" Seeds {', '.join(map(str, seeds))}: test miou_fg is the mean ± half the range "
+              "over seeds; the other columns are means." if seeds else "")
+           + f" Converged: the best validation miou_fg rose by at most {LATE_GAIN_LIMIT} in the "
+           "budget's last third (per cell curves below).", "", _summary_table(rows)]
+  if any(parse_model(r["model"])[1] for r in rows):
+    lines += ["", "## Per-class test IoU against cost", "", class_table(rows), "",
+              "## Scaling one dimension or all three", "", compound_summary(rows)]
+  lines += ["", "## Validation curves", "", _curve_table(records)]
   return "\n".join(lines)
 
 
@@ -307,6 +520,9 @@ def to_png(records: list[dict], path: Path, title: str) -> bool:
       ax.scatter(r[key], r["test_miou_fg"], color=colors[r["model"]], marker=markers[r["patch"]],
                  s=70 if r.get(flag) else 40, edgecolors="black" if r.get(flag) else "none",
                  linewidths=1.2, zorder=3)
+      if r.get("test_spread"):
+        ax.errorbar(r[key], r["test_miou_fg"], yerr=r["test_spread"], color=colors[r["model"]],
+                    lw=1, capsize=2, zorder=2)
     front = sorted((r for r in pts if r.get(flag)), key=lambda r: r[key])
     if front:
       ax.plot([r[key] for r in front], [r["test_miou_fg"] for r in front], "k--", lw=1,
@@ -324,6 +540,41 @@ def to_png(records: list[dict], path: Path, title: str) -> bool:
               for p in patches]
   handles += [plt.Line2D([], [], color="k", ls="--", label="Pareto front")]
   axes[1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return True
+
+
+def to_class_png(rows: list[dict], path: Path, title: str) -> bool:
+  """Per-class test IoU against forward GFLOP/patch, one panel per foreground class."""
+  ok = [r for r in rows if r.get("status") == "ok" and r.get("test_iou") and r.get("gflop_fwd")]
+  classes = [c for c in (ok[0]["test_iou"] if ok else {}) if c != "background"]
+  if not classes:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  kinds = ["base", "one dimension", "two dimensions", "all three"]
+  colors = dict(zip(kinds, ("black", "tab:blue", "tab:orange", "tab:red")))
+  fig, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4.4), squeeze=False)
+  for ax, c in zip(axes[0], classes):
+    for r in ok:
+      dims = scaled_dims(r)
+      n = 0 if dims == "base" else dims.count("+") + 1
+      ax.scatter(r["gflop_fwd"], r["test_iou"].get(c), color=colors[kinds[n]], s=40, zorder=3)
+      ax.annotate(f"{r['model'].partition('-')[2]} {r['patch']}",
+                  (r["gflop_fwd"], r["test_iou"].get(c)), textcoords="offset points",
+                  xytext=(3, 3), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("forward GFLOP / patch")
+    ax.set_ylabel(f"test IoU: {c}")
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(handles=[plt.Line2D([], [], color=colors[k], marker="o", ls="",
+                                         label=f"scaled: {k}") for k in kinds], fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   tmp = path.with_name(f".{path.name}.tmp.png")
@@ -396,9 +647,11 @@ def main(argv):
     grid["models"] = tuple(_MODELS.value)
   if _PATCHES.value:
     grid["patches"] = tuple(cli.parse_ints(",".join(_PATCHES.value), name="patches"))
+  if _SEEDS.value:
+    grid["seeds"] = tuple(cli.parse_ints(",".join(_SEEDS.value), name="seeds"))
   if not _FAKE.value:
     from bonejax import models as models_lib
-    unknown = [m for m in grid["models"] if m not in models_lib.MODEL_NAMES]
+    unknown = [m for m in grid["models"] if parse_model(m)[0] not in models_lib.MODEL_NAMES]
     if unknown:
       raise cli.UserError(f"unknown model(s) {', '.join(unknown)}; known: "
                           f"{', '.join(models_lib.MODEL_NAMES)}")
@@ -408,7 +661,7 @@ def main(argv):
   cells_dir = results_dir / f"{stem}_{tag}_cells"
   work = Path(_WORKDIR.value or f"/tmp/bonejax-efficiency/{_GRID.value}_{tag}")
   load_start = common.load_average()
-  cells = [(m, p) for p in grid["patches"] for m in grid["models"]]
+  cells = grid_cells(grid)
   timeout = _CELL_TIMEOUT.value or grid["cell_timeout"]
 
   if _FAKE.value:
@@ -425,27 +678,39 @@ def main(argv):
 
   records = run_grid(cells, runner, cells_dir=cells_dir, work_dir=work,
                      retry_failed=_RETRY.value)
-  front_p = pareto(records, "predict_voxels_per_s")
-  front_t = pareto(records, "train_patches_per_s")
-  for r in records:
-    r["pareto_predict"] = r["cell"] in front_p
-    r["pareto_train"] = r["cell"] in front_t
+  rows = aggregate(records)
+  mark_base(rows)
+  front_p = pareto(rows, "predict_voxels_per_s")
+  front_t = pareto(rows, "train_patches_per_s")
+  for r in rows + records:
+    key = cell_name(r["model"], r["patch"])
+    r["pareto_predict"] = key in front_p
+    r["pareto_train"] = key in front_t
   info = common.machine()
   info["tag"] = tag
   load = (load_start, common.load_average())
   paths = common.result_paths(stem, tag, results_dir)
-  md = to_markdown(records, _GRID.value, grid, info, load)
+  md = to_markdown(rows, records, _GRID.value, grid, info, load)
   print(md)
   cli.atomic_write_text(paths["csv"], to_csv(records))
   cli.atomic_write_text(paths["md"], md + "\n")
-  png = to_png(records, paths["png"], f"bonejax efficiency vs IoU: grid {_GRID.value}, {tag}")
+  png = to_png(rows, paths["png"], f"bonejax efficiency vs IoU: grid {_GRID.value}, {tag}")
+  class_png = None
+  if any(parse_model(r["model"])[1] for r in rows):
+    class_png = paths["png"].with_name(paths["png"].stem + "_classes.png")
+    if not to_class_png(rows, class_png, f"bonejax scaling grid {_GRID.value}: per-class test "
+                        f"IoU vs cost, {tag}"):
+      class_png = None
   grid_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid.items()}
+  for r in rows:
+    r.pop("_base", None)
   common.write_results(stem, {"grid": _GRID.value, "config": grid_json, "cells": records,
-                              "fake": _FAKE.value, "load_average": {"start": load[0],
-                                                                    "end": load[1]},
+                              "summary": rows, "fake": _FAKE.value,
+                              "load_average": {"start": load[0], "end": load[1]},
                               "machine": info}, None, tag=tag, results_dir=results_dir)
   n_ok = sum(r.get("status") == "ok" for r in records)
   return {"csv": paths["csv"], "md": paths["md"], "png": paths["png"] if png else None,
+          "class_png": class_png,
           "json": paths["json"], "cells": len(records), "ok": n_ok,
           "failed": [r["cell"] for r in records if r.get("status") != "ok"],
           "pareto_predict": sorted(front_p)}
@@ -453,9 +718,11 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import flags
-  _GRID = flags.DEFINE_string("grid", "smoke", "smoke | full.")
+  _GRID = flags.DEFINE_string("grid", "smoke", "smoke | cpu | scaling | full.")
   _MODELS = flags.DEFINE_list("models", [], "Override the grid's models.")
   _PATCHES = flags.DEFINE_list("patches", [], "Override the grid's patch sizes.")
+  _SEEDS = flags.DEFINE_list("seeds", [], "Override the grid's seeds (cells of other seeds "
+                             "already recorded stay out of this run's report).")
   _WORKDIR = flags.DEFINE_string("workdir", "", "Training runs and logs (default "
                                  "/tmp/bonejax-efficiency/GRID_MACHINE).")
   _DATA = flags.DEFINE_string("data", "", "Use this dataset instead of making the grid's "

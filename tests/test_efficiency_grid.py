@@ -1,0 +1,87 @@
+"""The experiment grids' bookkeeping (benchmarks/efficiency_vs_iou.py), without training.
+
+The real cells train for minutes each; here the `--fake` runner stands in, so what is checked is
+what the committed tables rest on: seeds aggregated into mean +- half-range, the convergence
+check from each cell's validation curve, Pareto fronts over the aggregated rows, the scaling
+grid's per-class and compound-scaling tables, resumption (finished cells are kept) and failed
+cells recorded as failed.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import efficiency_vs_iou as ev  # noqa: E402
+
+
+def test_parse_model_and_cells():
+  assert ev.parse_model("unet_resnet18") == ("unet_resnet18", {})
+  assert ev.parse_model("unet-d4w16") == ("unet", {"depth": 4, "width": 16})
+  grid = dict(models=("a", "b"), patches=(64, 128), seeds=(0, 1))
+  cells = ev.grid_cells(grid)
+  assert len(cells) == 8 and cells[0] == ("a", 64, 0) and cells[-1] == ("b", 128, 1)
+  assert ev.grid_cells(dict(models=("a",), patches=(64,))) == [("a", 64, None)]
+  assert ev.cell_name("a", 64, 1) == "a_p64_s1" and ev.cell_name("a", 64) == "a_p64"
+
+
+def test_late_gain_flags_a_budget_cut_short():
+  plateau = [(25, 0.5), (50, 0.9), (75, 0.95), (100, 0.955), (125, 0.956), (150, 0.957)]
+  rising = [(25, 0.3), (50, 0.5), (75, 0.6), (100, 0.7), (125, 0.8), (150, 0.9)]
+  assert ev.late_gain(plateau, 150) == pytest.approx(0.957 - 0.955)
+  assert ev.late_gain(rising, 150) == pytest.approx(0.9 - 0.7)
+  assert ev.late_gain([(150, 0.9)], 150) is None  # one evaluation: nothing to compare
+
+
+def test_aggregate_over_seeds_and_pareto():
+  recs = [dict(cell="m_p64_s0", model="m", patch=64, seed=0, status="ok", test_miou_fg=0.90,
+               predict_voxels_per_s=10.0, late_gain=0.0, test_iou={"bone": 0.8}),
+          dict(cell="m_p64_s1", model="m", patch=64, seed=1, status="ok", test_miou_fg=0.94,
+               predict_voxels_per_s=12.0, late_gain=0.02, test_iou={"bone": 0.9}),
+          dict(cell="n_p64_s0", model="n", patch=64, seed=0, status="ok", test_miou_fg=0.80,
+               predict_voxels_per_s=5.0, late_gain=0.0),
+          dict(cell="n_p64_s1", model="n", patch=64, seed=1, status="failed", error="boom")]
+  rows = {r["cell"]: r for r in ev.aggregate(recs)}
+  m, n = rows["m_p64"], rows["n_p64"]
+  assert m["test_miou_fg"] == pytest.approx(0.92) and m["test_spread"] == pytest.approx(0.02)
+  assert m["predict_voxels_per_s"] == pytest.approx(11.0) and m["max_late_gain"] == 0.02
+  assert m["test_iou"]["bone"] == pytest.approx(0.85) and m["seeds"] == 2
+  assert n["seeds"] == 1 and n["seeds_planned"] == 2 and n["test_spread"] is None
+  assert "boom" in n["error"] and n["status"] == "ok"
+  assert ev.pareto(list(rows.values()), "predict_voxels_per_s") == {"m_p64"}
+
+
+def _run(tmp_path, *args):
+  out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "efficiency_vs_iou.py"),
+                        "--fake", f"--results_dir={tmp_path / 'res'}", "--tag=t",
+                        f"--workdir={tmp_path / 'work'}", *args],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_grid_fake_end_to_end_and_resume(tmp_path):
+  res = _run(tmp_path, "--grid=cpu", "--models=unet,segformer_b0", "--fake_fail=segformer_b0")
+  assert res["cells"] == 8 and res["ok"] == 4 and len(res["failed"]) == 4
+  md = Path(res["md"]).read_text()
+  assert "mean ± half the range over seeds" in md and "## Validation curves" in md
+  assert "unet_p64_s1" in md and "failed: error: fake failure of segformer_b0" in md
+  cells = tmp_path / "res" / "efficiency_cpu_t_cells"
+  first = json.loads((cells / "unet_p64_s0.json").read_text())
+  assert first["seed"] == 0 and first["val_curve"]
+  res2 = _run(tmp_path, "--grid=cpu", "--models=unet,segformer_b0", "--noretry_failed")
+  assert res2["ok"] == 4
+  assert json.loads((cells / "unet_p64_s0.json").read_text())["finished"] == first["finished"]
+
+
+def test_scaling_grid_tables(tmp_path):
+  res = _run(tmp_path, "--grid=scaling")
+  assert res["cells"] == 12 and res["ok"] == 12
+  md = Path(res["md"]).read_text()
+  assert "## Scaling one dimension or all three" in md
+  assert "depth + width + input" in md and "| base | unet-d3w8 @ 64 px (base)" in md
