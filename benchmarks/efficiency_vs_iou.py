@@ -499,6 +499,17 @@ def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dic
   return "\n".join(lines)
 
 
+def _save(fig, path: Path, title: str) -> None:
+  """Titles, lays out and writes the figure atomically (temporary file, then rename)."""
+  import matplotlib.pyplot as plt
+  fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
 def to_png(records: list[dict], path: Path, title: str) -> bool:
   ok = [r for r in records if r.get("status") == "ok" and r.get("test_miou_fg") is not None]
   if not ok:
@@ -540,12 +551,7 @@ def to_png(records: list[dict], path: Path, title: str) -> bool:
               for p in patches]
   handles += [plt.Line2D([], [], color="k", ls="--", label="Pareto front")]
   axes[1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  fig.suptitle(title)
-  fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save(fig, path, title)
   return True
 
 
@@ -575,12 +581,7 @@ def to_class_png(rows: list[dict], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
   axes[0][-1].legend(handles=[plt.Line2D([], [], color=colors[k], marker="o", ls="",
                                          label=f"scaled: {k}") for k in kinds], fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save(fig, path, title)
   return True
 
 

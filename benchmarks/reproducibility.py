@@ -129,8 +129,8 @@ def main(argv):
                              "validation miou_fg at each evaluation"]), "",
       common.markdown_table(pairs, ["pair", "what", "weights", "loss", "val", "identical",
                                     "within"],
-                            ["pair", "", "max |Δ weight|", "|Δ last loss|",
-                             "max |Δ val miou_fg|", "bitwise identical",
+                            ["pair", "runs", "max abs Δ weight", "abs Δ last loss",
+                             "max abs Δ val miou_fg", "bitwise identical",
                              f"val within {_MIOU_TOL.value}"])])
   print(md)
   paths = common.result_paths("reproducibility", tag, Path(_RESULTS.value))
