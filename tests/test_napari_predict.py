@@ -1,19 +1,13 @@
 """The Predict widget: the labels of predict_volume, on a worker thread; Cancel mid-run leaves
 nothing; bad input is a message in the widget and nothing written."""
 
-import os
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if not os.environ.get("DISPLAY"):
-  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
-    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
-  pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
-              allow_module_level=True)
+from napari_helpers import CLASSES, require_napari
+
+require_napari()  # skips this module without napari or a display
 
 from flax import nnx  # noqa: E402
 
@@ -21,7 +15,6 @@ from bonejax import bundle, models, phantom, predict, report, store  # noqa: E40
 from bonejax.napari import jobs, predict_widget, reader  # noqa: E402
 from bonejax.napari.predict_widget import PredictWidget  # noqa: E402
 
-CLASSES = ["background", "bone", "pore"]
 WAIT_MS = 300_000
 
 
