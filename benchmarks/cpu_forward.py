@@ -79,10 +79,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
       fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
       jax.block_until_ready(fn(state, x))  # compile (and, for the graph, measure layers)
       variants[name] = (lambda fn=fn, s=state: fn(s, x))
-  info["build_seconds"] = time.perf_counter() - t0
-  info["lowering"] = {k: p.report() for k, p in planners.items()}
-  info["jax"] = jax.__version__
-  cpu_workers.serve(variants, info, jax.block_until_ready)
+  cpu_workers.serve_jax(variants, info, planners, t0)
 
 
 def torch_worker(batch: int, size: int) -> None:
@@ -91,7 +88,6 @@ def torch_worker(batch: int, size: int) -> None:
   torch.set_num_threads(common.usable_cores())
   net, arch = cpu_workers.torch_unet_resnet18()
   net.eval()
-  params = sum(p.numel() for p in net.parameters() if p.requires_grad)
   x = torch.from_numpy(np.random.default_rng(0).normal(size=(batch, 1, size, size))
                        .astype(np.float32))
   net_cl = __import__("copy").deepcopy(net).to(memory_format=torch.channels_last)
@@ -106,8 +102,7 @@ def torch_worker(batch: int, size: int) -> None:
               REFERENCE: lambda: run(net_cl, x_cl, True)}
   for fn in variants.values():  # oneDNN picks and caches its kernels on the first calls
     fn(), fn()
-  cpu_workers.serve(variants, {"params": params, "arch": arch, "torch": torch.__version__,
-                    "threads": torch.get_num_threads()}, lambda out: None)
+  cpu_workers.serve(variants, cpu_workers.torch_info(net, arch), lambda out: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,49 +117,22 @@ def main(argv):
     return bonejax_worker(batch, size, _POLICY.value)
   if _WORKER.value == "torch":
     return torch_worker(batch, size)
-  load_start = common.load_average()
   passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}"]
-  workers, ready = cpu_workers.start(__file__, _SIDES.value, passed)
-  order = [(side, v) for side in workers for v in ready[side]["ready"]]
-  times = cpu_workers.interleave(workers, ready, _REPEATS.value, _CALLS.value,
-                                 lambda s: batch / s, "images/s")
-  for w in workers.values():
-    w.close()
-  load = (load_start, common.load_average())
-
-  med = {v: common.median(t) for v, t in times.items()}
-  ref = batch / med[REFERENCE] if REFERENCE in med else None
-  params = {side: ready[side].get("params") for side in ready}
-  rows = []
-  for side, v in order:
-    ips = batch / med[v]
-    rows.append({"engine": v, "params": params[side], "ips": ips,
-                 "ms": 1e3 * med[v], "halfrange": common.spread(times[v]).get("rel_halfrange"),
-                 "ratio": ips / ref if ref else None})
-  info = common.machine()
-  tag = _TAG.value or info["tag"]
-  info["tag"] = tag
+  order, times, ready, load = cpu_workers.run(__file__, _SIDES.value, passed, _REPEATS.value,
+                                              _CALLS.value, lambda s: batch / s, "images/s")
+  rows = cpu_workers.rate_rows(order, times, ready, batch, REFERENCE, "ips")
   torch_arch = ready.get("torch", {}).get("arch", "-")
-  table = common.markdown_table(
-      rows, ["engine", "params", "ips", "ms", "halfrange", "ratio"],
-      ["engine", "parameters", "images/s", "ms per call", "rel. half-range",
-       f"/ {REFERENCE}"])
-  md = "\n".join([
-      f"# Forward only, bonejax vs PyTorch: {tag}", "", common.machine_line(info), "",
-      f"CPU flags: {', '.join(info.get('cpu_flags', []))}. Load average at start / end: "
-      f"{load[0]} / {load[1]}.", "",
+  return cpu_workers.report(
+      "cpu_forward", "Forward only, bonejax vs PyTorch",
       f"`unet_resnet18` (1 in, 3 classes) on {batch} x {size} x {size}, logits; medians of "
       f"{_REPEATS.value} rounds of {_CALLS.value} call(s), all variants interleaved in one run "
       f"(each framework in its own worker process). PyTorch model: {torch_arch}. Graph "
-      f"variants: `build_inference_model(policy={_POLICY.value!r})`.", "", table])
-  print(md)
-  payload = {"config": {"batch": batch, "size": size, "repeats": _REPEATS.value,
-                        "calls": _CALLS.value, "policy": _POLICY.value},
-             "rows": rows, "times": times, "workers": ready,
-             "load_average": {"start": load[0], "end": load[1]}, "machine": info}
-  paths = common.write_results("cpu_forward", payload, md, tag=tag, results_dir=_RESULTS.value)
-  return {"json": paths["json"], "md": paths["md"],
-          **{r["engine"]: round(r["ips"], 3) for r in rows}}
+      f"variants: `build_inference_model(policy={_POLICY.value!r})`.",
+      rows, "ips", ["engine", "parameters", "images/s", "ms per call", "rel. half-range",
+                    f"/ {REFERENCE}"],
+      config={"batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,
+              "policy": _POLICY.value},
+      times=times, ready=ready, load=load, tag=_TAG.value, results_dir=_RESULTS.value)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     jax.block_until_ready(one())  # compile (and measure layers)
     jax.block_until_ready(one())
     variants[name] = one
-  info["build_seconds"] = time.perf_counter() - t0
-  info["lowering"] = {k: p.report() for k, p in planners.items()}
-  info["jax"] = jax.__version__
-  cpu_workers.serve(variants, info, jax.block_until_ready)
+  cpu_workers.serve_jax(variants, info, planners, t0)
 
 
 def torch_worker(batch: int, size: int) -> None:
@@ -97,7 +94,6 @@ def torch_worker(batch: int, size: int) -> None:
   import torch
   torch.set_num_threads(common.usable_cores())
   base, arch = cpu_workers.torch_unet_resnet18()
-  params = sum(p.numel() for p in base.parameters() if p.requires_grad)
   rng = np.random.default_rng(0)
   x = torch.from_numpy(rng.normal(size=(batch, 1, size, size)).astype(np.float32))
   y = torch.from_numpy(rng.integers(0, 3, size=(batch, size, size))).long()
@@ -125,8 +121,7 @@ def torch_worker(batch: int, size: int) -> None:
 
     one(), one()
     variants[name] = one
-  cpu_workers.serve(variants, {"params": params, "arch": arch, "torch": torch.__version__,
-                               "threads": torch.get_num_threads()}, lambda out: float(out))
+  cpu_workers.serve(variants, cpu_workers.torch_info(base, arch), lambda out: float(out))
 
 
 def main(argv):
@@ -136,53 +131,28 @@ def main(argv):
     return bonejax_worker(batch, size, _POLICY.value)
   if _WORKER.value == "torch":
     return torch_worker(batch, size)
-  load_start = common.load_average()
   passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}"]
   if _VARIANTS.value:
     passed.append(f"--variants={','.join(_VARIANTS.value)}")
-  workers, ready = cpu_workers.start(__file__, _SIDES.value, passed)
-  order = [(side, v) for side in workers for v in ready[side]["ready"]]
-  times = cpu_workers.interleave(workers, ready, _REPEATS.value, _CALLS.value,
-                                 lambda s: batch / s, "patches/s")
-  for w in workers.values():
-    w.close()
-  load = (load_start, common.load_average())
-
-  med = {v: common.median(t) for v, t in times.items()}
-  torch_best = max((v for v in med if v.startswith("torch")), key=lambda v: -med[v],
-                   default=None)
-  ref = batch / med[torch_best] if torch_best else None
-  rows = []
-  for side, v in order:
-    pps = batch / med[v]
-    rows.append({"engine": v, "params": ready[side].get("params"), "pps": pps,
-                 "ms": 1e3 * med[v], "halfrange": common.spread(times[v]).get("rel_halfrange"),
-                 "ratio": pps / ref if ref else None})
-  info = common.machine()
-  tag = _TAG.value or info["tag"]
-  info["tag"] = tag
-  table = common.markdown_table(
-      rows, ["engine", "params", "pps", "ms", "halfrange", "ratio"],
-      ["engine", "parameters", "patches/s", "ms per step", "rel. half-range",
-       f"/ {torch_best or 'torch'}"])
-  md = "\n".join([
-      f"# Training step, bonejax vs PyTorch: {tag}", "", common.machine_line(info), "",
-      f"CPU flags: {', '.join(info.get('cpu_flags', []))}. Load average at start / end: "
-      f"{load[0]} / {load[1]}.", "",
+  order, times, ready, load = cpu_workers.run(__file__, _SIDES.value, passed, _REPEATS.value,
+                                              _CALLS.value, lambda s: batch / s, "patches/s")
+  # Ratios divide by the fastest PyTorch variant of this run.
+  torch_best = min((v for v in times if v.startswith("torch")),
+                   key=lambda v: common.median(times[v]), default=None)
+  rows = cpu_workers.rate_rows(order, times, ready, batch, torch_best, "pps")
+  return cpu_workers.report(
+      "cpu_train", "Training step, bonejax vs PyTorch",
       f"`unet_resnet18` (1 in, 3 classes), batch {batch} x {size} x {size}, Adam + "
       f"cross-entropy, batch in memory; medians of {_REPEATS.value} rounds of {_CALLS.value} "
       f"step(s), all variants interleaved in one run (each framework in its own worker "
       f"process). PyTorch model: {ready.get('torch', {}).get('arch', '-')}. bonejax step: "
       f"{ready.get('bonejax', {}).get('train_step', '-')}; dots variant: "
-      f"`lower_convs(policy={_POLICY.value!r})`.", "", table])
-  print(md)
-  payload = {"config": {"batch": batch, "size": size, "repeats": _REPEATS.value,
-                        "calls": _CALLS.value, "policy": _POLICY.value},
-             "rows": rows, "times": times, "workers": ready,
-             "load_average": {"start": load[0], "end": load[1]}, "machine": info}
-  paths = common.write_results("cpu_train", payload, md, tag=tag, results_dir=_RESULTS.value)
-  return {"json": paths["json"], "md": paths["md"],
-          **{r["engine"]: round(r["pps"], 3) for r in rows}}
+      f"`lower_convs(policy={_POLICY.value!r})`.",
+      rows, "pps", ["engine", "parameters", "patches/s", "ms per step", "rel. half-range",
+                    f"/ {torch_best or 'torch'}"],
+      config={"batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,
+              "policy": _POLICY.value},
+      times=times, ready=ready, load=load, tag=_TAG.value, results_dir=_RESULTS.value)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ cpu_train.py.
 Protocol (JSON lines on the worker's stdout): first {"ready": [variants], ...info}; then for
 each request line "VARIANT CALLS" on stdin one {"variant", "seconds"} (seconds per call);
 "quit" ends the worker.
+
+The driver's steps, shared by both scripts: `run` times every variant interleaved, `rate_rows`
+makes one table row per variant, `report` prints the table and writes the result files.
 """
 
 from __future__ import annotations
@@ -70,6 +73,25 @@ class Worker:
     self.proc.wait(timeout=120)
 
 
+def serve_jax(variants: dict[str, Callable[[], Any]], info: dict, planners: dict,
+              started: float) -> None:
+  """`serve` for the bonejax worker: adds the build time since `started` (perf_counter), each
+  lowering planner's report and the jax version to `info`."""
+  import jax
+  info["build_seconds"] = time.perf_counter() - started
+  info["lowering"] = {k: p.report() for k, p in planners.items()}
+  info["jax"] = jax.__version__
+  serve(variants, info, jax.block_until_ready)
+
+
+def torch_info(net, arch: str) -> dict:
+  """What the torch worker announces: its model's trainable parameters and description, the
+  torch version and its thread count."""
+  import torch
+  return {"params": sum(p.numel() for p in net.parameters() if p.requires_grad), "arch": arch,
+          "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def start(script: str, sides: list[str], argv: list[str]) -> tuple[dict, dict]:
   """Starts the workers one at a time (building competes for the cores); (workers, ready)."""
   workers, ready = {}, {}
@@ -93,6 +115,56 @@ def interleave(workers: dict, ready: dict, repeats: int, calls: int,
     print(f"round {r + 1}/{repeats} ({unit}): " + ", ".join(
         f"{v} {per_call(times[v][-1]):.3g}" for _, v in order), file=sys.stderr, flush=True)
   return times
+
+
+def run(script: str, sides: list[str], argv: list[str], repeats: int, calls: int,
+        per_call: Callable[[float], float], unit: str) -> tuple[list, dict, dict, tuple]:
+  """Starts the workers, times every variant in `repeats` interleaved rounds, stops them:
+  (order: [(side, variant)], times, ready, load average at (start, end))."""
+  load_start = common.load_average()
+  workers, ready = start(script, sides, argv)
+  order = [(side, v) for side in workers for v in ready[side]["ready"]]
+  times = interleave(workers, ready, repeats, calls, per_call, unit)
+  for w in workers.values():
+    w.close()
+  return order, times, ready, (load_start, common.load_average())
+
+
+def rate_rows(order: list, times: dict, ready: dict, batch: int, reference: str | None,
+              rate: str) -> list[dict]:
+  """One row per variant: `rate` = batch / median seconds per call, ms per call, the relative
+  half-range over rounds, and the ratio of the rate to `reference`'s (None: no ratio)."""
+  med = {v: common.median(t) for v, t in times.items()}
+  ref = batch / med[reference] if reference in med else None
+  rows = []
+  for side, v in order:
+    per_second = batch / med[v]
+    rows.append({"engine": v, "params": ready[side].get("params"), rate: per_second,
+                 "ms": 1e3 * med[v], "halfrange": common.spread(times[v]).get("rel_halfrange"),
+                 "ratio": per_second / ref if ref else None})
+  return rows
+
+
+def report(name: str, title: str, setup: str, rows: list[dict], rate: str, headers: list[str],
+           *, config: dict, times: dict, ready: dict, load: tuple, tag: str,
+           results_dir: str) -> dict:
+  """Prints the Markdown report (machine, CPU flags, load, `setup`, the rows' table), writes
+  results/NAME_<tag>.{json,md}; the script's return value: the paths and each variant's rate."""
+  info = common.machine()
+  tag = tag or info["tag"]
+  info["tag"] = tag
+  table = common.markdown_table(rows, ["engine", "params", rate, "ms", "halfrange", "ratio"],
+                                headers)
+  md = "\n".join([
+      f"# {title}: {tag}", "", common.machine_line(info), "",
+      f"CPU flags: {', '.join(info.get('cpu_flags', []))}. Load average at start / end: "
+      f"{load[0]} / {load[1]}.", "", setup, "", table])
+  print(md)
+  payload = {"config": config, "rows": rows, "times": times, "workers": ready,
+             "load_average": {"start": load[0], "end": load[1]}, "machine": info}
+  paths = common.write_results(name, payload, md, tag=tag, results_dir=results_dir)
+  return {"json": paths["json"], "md": paths["md"],
+          **{r["engine"]: round(r[rate], 3) for r in rows}}
 
 
 def import_torchvision_python_only() -> None:

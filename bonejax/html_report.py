@@ -106,13 +106,7 @@ def _confusion_table(r: dict[str, Any]) -> str:
 def _profile_png(profiles: Sequence[np.ndarray]) -> str:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(8, 3.2))
-  for name, prof in zip("ZYX", profiles):
-    ax.plot(np.arange(len(prof)), prof, label=f"along {name}", lw=1.2)
-  ax.set_xlabel("slice index")
-  ax.set_ylabel("foreground mean IoU")
-  ax.set_ylim(0, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend(loc="lower right")
+  report.draw_profile(ax, profiles)
   return _png(fig)
 
 

@@ -381,11 +381,9 @@ def _save(fig, path: Path) -> None:
     raise
 
 
-def plot_profile(profiles: Sequence[np.ndarray], path: Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+def draw_profile(ax, profiles: Sequence[np.ndarray]) -> None:
+  """The per-slice foreground IoU along Z, Y and X on matplotlib axes (this report's PNG and
+  the HTML report's inline picture)."""
   for name, prof in zip("ZYX", profiles):
     ax.plot(np.arange(len(prof)), prof, label=f"along {name}", lw=1.2)
   ax.set_xlabel("slice index")
@@ -393,6 +391,14 @@ def plot_profile(profiles: Sequence[np.ndarray], path: Path) -> None:
   ax.set_ylim(0, 1.02)
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
+
+
+def plot_profile(profiles: Sequence[np.ndarray], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  draw_profile(ax, profiles)
   ax.set_title("Per-slice foreground IoU")
   _save(fig, path)
   plt.close(fig)

@@ -30,13 +30,9 @@ TOP_SLICES = 10
 
 
 def output_kind(path: str | Path) -> str:
-  if ome_zarr.is_ome_zarr_path(path):
-    return "ome-zarr"
-  suffix = Path(path).suffix.lower()
-  if suffix in (".tif", ".tiff"):
-    return "tiff"
-  if suffix == ".zarr":
-    return "zarr"
+  kind = volume_io.output_format(path)
+  if kind is not None:
+    return kind
   raise cli.UserError(f"save_uncertainty {str(path)!r} must end in .zarr, .ome.zarr or "
                       f".tif/.tiff")
 

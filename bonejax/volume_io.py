@@ -47,7 +47,7 @@ import tensorstore as ts
 import tifffile
 
 import bonejax
-from bonejax import cli, intensity, outputs, store
+from bonejax import cli, intensity, ome_zarr, outputs, store
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 KEPT_DTYPES = ("uint8", "uint16", "float32")
@@ -565,6 +565,19 @@ def _slab_reader(source):
     return tuple(source.shape), dtype, lambda z0, z1: source[z0:z1].read().result()
   arr = source if hasattr(source, "shape") and hasattr(source, "dtype") else np.asarray(source)
   return tuple(arr.shape), np.dtype(arr.dtype), lambda z0, z1: np.asarray(arr[z0:z1])
+
+
+def output_format(path: str | os.PathLike) -> str | None:
+  """How a volume written to `path` is stored, by its name: "ome-zarr" (.ome.zarr), "tiff"
+  (.tif/.tiff) or "zarr" (zarr v3); None for any other name (each caller says what it takes)."""
+  if ome_zarr.is_ome_zarr_path(path):
+    return "ome-zarr"
+  suffix = Path(path).suffix.lower()
+  if suffix in (".tif", ".tiff"):
+    return "tiff"
+  if suffix == ".zarr":
+    return "zarr"
+  return None
 
 
 def export_tiff(source, path: str | os.PathLike, overwrite: bool = False,

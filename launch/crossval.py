@@ -45,16 +45,9 @@ _VOTE = flags.DEFINE_enum("vote", "soft", ["soft", "majority"], "Voting rule whe
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    raise cli.UserError("--workdir is required")
-  if _CONFIG.value is None:
-    raise cli.UserError("--config is required (e.g. --config=configs/demo.py)")
+  configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
   if _PLANES.value not in (1, 3, 9, 12):
     raise cli.UserError(f"--planes={_PLANES.value} must be 1, 3, 9 or 12")
-  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-    raise cli.UserError(f"--workdir={_WORKDIR.value!r} exists and is not a directory")
   logging.set_verbosity(logging.WARNING)
   from bonejax import crossval
   return crossval.run(_CONFIG.value, _FOLDS.value, _WORKDIR.value, planes=_PLANES.value,

@@ -66,14 +66,7 @@ def init_distributed() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    raise cli.UserError("--workdir is required")
-  if _CONFIG.value is None:
-    raise cli.UserError("--config is required (e.g. --config=configs/demo.py)")
-  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-    raise cli.UserError(f"--workdir={_WORKDIR.value!r} exists and is not a directory")
+  configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   init_distributed()
   from bonejax.train import trainer

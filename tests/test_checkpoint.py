@@ -16,29 +16,16 @@ import pytest
 from flax import nnx
 
 from bonejax import bundle, cli
-from bonejax.train import configlib, trainer
+from bonejax.train import trainer
 from bonejax.train.checkpoint import load_state, read_state
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-  from bonejax import phantom
-  path = tmp_path_factory.mktemp("tiny") / "data"
-  phantom.make_dataset(path, num_scans=3, shape=(32, 48, 48), seed=0, progress=False)
-  return path
+from train_helpers import smoke_config
 
 
 def _config(dataset_path, **overrides):
-  c = configlib.load_config_file(str(REPO / "configs/demo.py") + ":smoke")
-  c.dataset = str(dataset_path)
-  c.num_steps, c.batch_size, c.val_batch_size = 8, 8, 4
-  c.eval_every, c.checkpoint_every, c.log_every = 2, 4, 2
-  c.keep_checkpoints, c.best_metric = 10, "loss"
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  # 8 steps; every checkpoint kept and the validation loss as the best metric, so the best model
+  # changes at most evaluations.
+  return smoke_config(dataset_path, **{"num_steps": 8, "keep_checkpoints": 10,
+                                       "best_metric": "loss", **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,13 @@ import pytest
 
 from bonejax import cli, crossval, store
 from bonejax.data import patches
-from bonejax.train import configlib, trainer
-
-REPO = Path(__file__).resolve().parents[1]
+from bonejax.train import trainer
+from train_helpers import phantom_dataset, smoke_config
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-  from bonejax import phantom
-  path = tmp_path_factory.mktemp("cv") / "data"
-  phantom.make_dataset(path, num_scans=4, shape=(32, 48, 48), seed=0, progress=False)
-  return path
-
-
-def _config(dataset_path, **overrides):
-  c = configlib.load_config_file(str(REPO / "configs/demo.py") + ":smoke")
-  c.dataset = str(dataset_path)
-  c.num_steps, c.batch_size, c.val_batch_size = 4, 8, 4
-  c.eval_every, c.checkpoint_every, c.log_every = 2, 4, 2
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  return phantom_dataset(tmp_path_factory, "cv", num_scans=4)
 
 
 def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
@@ -60,7 +46,7 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
   monkeypatch.setattr(patches, "validation_batches", spy_val)
   monkeypatch.setattr(crossval, "score_fold", spy_score)
 
-  out = crossval.run(_config(dataset), 2, tmp_path / "cv", planes=3, vote="soft")
+  out = crossval.run(smoke_config(dataset), 2, tmp_path / "cv", planes=3, vote="soft")
   json.dumps(cli.to_jsonable(out))
   assert out["selection"].startswith("nested")
   rows = out["folds"]
@@ -81,5 +67,5 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
 def test_failed_crossval_removes_its_directory(dataset, tmp_path):
   workdir = tmp_path / "new" / "cv"
   with pytest.raises(cli.UserError, match="unknown model"):
-    crossval.run(_config(dataset, model=dict(name="vgg", kwargs={})), 2, workdir)
+    crossval.run(smoke_config(dataset, model=dict(name="vgg", kwargs={})), 2, workdir)
   assert not (tmp_path / "new").exists()

@@ -27,14 +27,6 @@ from bonejax.train.checkpoint import load_state
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-  from bonejax import phantom
-  path = tmp_path_factory.mktemp("tiny") / "data"
-  phantom.make_dataset(path, num_scans=3, shape=(32, 48, 48), seed=0, progress=False)
-  return path
-
-
 def _one_step(devices, batch, seed=0):
   mesh = mesh_lib.make_mesh(devices)
   repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)

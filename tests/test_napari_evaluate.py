@@ -2,25 +2,18 @@
 writes is evaluate.py's; labels past the class count are a message, and nothing is written."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if not os.environ.get("DISPLAY"):
-  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
-    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
-  pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
-              allow_module_level=True)
+from napari_helpers import CLASSES, require_napari
+
+require_napari()  # skips this module without napari or a display
 
 from bonejax import measures, metrics  # noqa: E402
 from bonejax.napari import layers  # noqa: E402
 from bonejax.napari.evaluate_widget import EvaluateWidget  # noqa: E402
 
-CLASSES = ["background", "bone", "pore"]
 VOXEL = 12.5
 WAIT_MS = 120_000
 

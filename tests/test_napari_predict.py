@@ -1,41 +1,19 @@
 """The Predict widget: the labels of predict_volume, on a worker thread; Cancel mid-run leaves
 nothing; bad input is a message in the widget and nothing written."""
 
-import os
-
 import numpy as np
 import pytest
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if not os.environ.get("DISPLAY"):
-  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
-    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
-  pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
-              allow_module_level=True)
+from napari_helpers import CLASSES, require_napari
 
-from flax import nnx  # noqa: E402
+require_napari()  # skips this module without napari or a display
 
-from bonejax import bundle, models, phantom, predict, report, store  # noqa: E402
+from bonejax import bundle, phantom, predict, report, store  # noqa: E402
 from bonejax.napari import jobs, predict_widget, reader  # noqa: E402
 from bonejax.napari.predict_widget import PredictWidget  # noqa: E402
+from bundle_helpers import make_bundle  # noqa: E402
 
-CLASSES = ["background", "bone", "pore"]
 WAIT_MS = 300_000
-
-
-def make_bundle(path, in_channels=1):
-  """A tiny classic U-Net bundle, weights drawn by numpy (no slow eager initialisation)."""
-  kwargs = {"depth": 2, "width": 4}
-  abstract = nnx.eval_shape(lambda: models.create("unet", num_classes=len(CLASSES),
-                                                  in_channels=in_channels, rngs=nnx.Rngs(0),
-                                                  **kwargs))
-  meta = bundle.make_meta(model_name="unet", model_kwargs=kwargs, classes=CLASSES,
-                          in_channels=in_channels, normalization="percentile", patch_size=32,
-                          train_axes=[0, 1, 2])
-  bundle.save_bundle(path, models.fill_from_numpy(abstract, 0), meta)
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,17 @@
 with the voxel size as scale and the class names and colours; bad input is a notification."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless; OpenGL from the X display
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if not os.environ.get("DISPLAY"):
-  if os.environ.get("CI"):  # .ci/run installs Xvfb: no display there is a broken install
-    raise RuntimeError("no X display for napari's OpenGL canvas: is Xvfb installed?")
-  pytest.skip("napari's canvas needs an OpenGL display: install Xvfb (pytest-xvfb starts it)",
-              allow_module_level=True)
+from napari_helpers import CLASSES, require_napari
+
+require_napari()  # skips this module without napari or a display
 
 from bonejax import phantom, report, store  # noqa: E402
 from bonejax.napari import reader  # noqa: E402
 
-CLASSES = ["background", "bone", "pore"]
 
 
 @pytest.fixture(scope="module")

@@ -10,33 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from flax import nnx
 
-from bonejax import bundle, cli, models, ome_zarr, predict, report, store, volume_io
+from bonejax import cli, ome_zarr, predict, report, store, volume_io
+from bundle_helpers import CLASSES, make_bundle, phantom
 
 zarr = pytest.importorskip("zarr")
 ngff = pytest.importorskip("ome_zarr_models.v05")
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["background", "bone", "pore"]
-
-
-def make_bundle(path, **extra):
-  kwargs = {"depth": 2, "width": 4}
-  abstract = nnx.eval_shape(lambda: models.create("unet", num_classes=3, in_channels=1,
-                                                  rngs=nnx.Rngs(0), **kwargs))
-  meta = bundle.make_meta(model_name="unet", model_kwargs=kwargs, classes=CLASSES,
-                          in_channels=1, normalization="percentile", patch_size=32,
-                          train_axes=[0, 1, 2], **extra)
-  bundle.save_bundle(path, models.fill_from_numpy(abstract, 0), meta)
-  return path
-
-
-def phantom(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-  smooth = 1500 + 1000 * np.sin(z / 3.0) * np.cos(y / 4.0) + 800 * np.sin(x / 2.5)
-  return np.clip(smooth + rng.normal(0, 200, shape), 0, 65535).astype(np.uint16)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ The PyTorch parts need the `dev` extra (skipped without it, except in CI).
 import functools
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +25,12 @@ import pytest
 from flax import nnx
 
 from bonejax import bundle, cli, models
-from bonejax.train import configlib, pretrained, trainer
+from bonejax.train import pretrained, trainer
 from bonejax.train.checkpoint import load_state
+from train_helpers import smoke_config
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "bone", "pore"]
 TINY = dict(depth=2, width=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-  from bonejax import phantom
-  path = tmp_path_factory.mktemp("tiny") / "data"
-  phantom.make_dataset(path, num_scans=3, shape=(32, 48, 48), seed=0, progress=False)
-  return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,16 +95,8 @@ def test_init_from_bundle_is_the_state_at_step_0(tmp_path):
 
 
 def _config(dataset, **overrides):
-  c = configlib.load_config_file(str(REPO / "configs/demo.py") + ":smoke")
-  c.dataset = str(dataset)
-  c.num_steps, c.batch_size, c.val_batch_size = 4, 8, 4
-  c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2
-  for k, v in overrides.items():
-    if k.startswith("model."):
-      c.model[k[len("model."):]] = v
-    else:
-      c[k] = v
-  return c
+  # A checkpoint at every evaluation (every 2 steps).
+  return smoke_config(dataset, **{"checkpoint_every": 2, **overrides})
 
 
 def test_fine_tune_freezes_the_encoder_then_resumes_exactly(tiny_dataset, tmp_path):

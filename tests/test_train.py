@@ -22,27 +22,15 @@ import pytest
 from bonejax import cli
 from bonejax.train import configlib, trainer
 from bonejax.train.checkpoint import load_state
+from train_helpers import smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-  from bonejax import phantom
-  path = tmp_path_factory.mktemp("tiny") / "data"
-  phantom.make_dataset(path, num_scans=3, shape=(32, 48, 48), seed=0, progress=False)
-  return path
-
-
 def _config(dataset_path, **overrides):
-  c = configlib.load_config_file(str(REPO / "configs/demo.py") + ":smoke")
-  c.dataset = str(dataset_path)
-  c.num_steps, c.batch_size, c.val_batch_size = STEPS, 8, 4
-  c.eval_every, c.checkpoint_every, c.log_every = 4, 4, 2
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  # STEPS steps, evaluated at every checkpoint (every 4 steps).
+  return smoke_config(dataset_path, **{"num_steps": STEPS, "eval_every": 4, **overrides})
 
 
 def _assert_same_state(a, b):

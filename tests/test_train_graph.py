@@ -2,40 +2,19 @@
 runs (config.eval_graph, default auto), and the training step may compute its convolutions as
 bf16 dot products (config.conv_lowering) with the same state tree, checkpoints and bundles."""
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 from bonejax import cli
-from bonejax.train import configlib, trainer
+from bonejax.train import trainer
 from bonejax.train.checkpoint import load_state
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-  from bonejax import phantom
-  path = tmp_path_factory.mktemp("tiny") / "data"
-  phantom.make_dataset(path, num_scans=3, shape=(32, 48, 48), seed=0, progress=False)
-  return path
-
-
-def _config(dataset_path, **overrides):
-  c = configlib.load_config_file(str(REPO / "configs/demo.py") + ":smoke")
-  c.dataset = str(dataset_path)
-  c.num_steps, c.batch_size, c.val_batch_size = 4, 8, 4
-  c.eval_every, c.checkpoint_every, c.log_every = 2, 4, 2
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+from train_helpers import smoke_config
 
 
 def test_validation_through_the_graph_equals_the_eval_view(tiny_dataset, tmp_path):
-  on = trainer.train(_config(tiny_dataset), tmp_path / "graph")  # eval_graph="auto"
-  off = trainer.train(_config(tiny_dataset, eval_graph="off"), tmp_path / "view")
+  on = trainer.train(smoke_config(tiny_dataset), tmp_path / "graph")  # eval_graph="auto"
+  off = trainer.train(smoke_config(tiny_dataset, eval_graph="off"), tmp_path / "view")
   # The same training (eval_graph is not part of it), validation computed two ways.
   _, a = load_state(tmp_path / "graph")
   _, b = load_state(tmp_path / "view")
@@ -47,8 +26,8 @@ def test_validation_through_the_graph_equals_the_eval_view(tiny_dataset, tmp_pat
 
 
 def test_lowered_convolutions_train_with_the_same_state_tree(tiny_dataset, tmp_path):
-  xla = trainer.train(_config(tiny_dataset, dtype="bfloat16"), tmp_path / "xla")
-  dots = trainer.train(_config(tiny_dataset, dtype="bfloat16", conv_lowering="auto"),
+  xla = trainer.train(smoke_config(tiny_dataset, dtype="bfloat16"), tmp_path / "xla")
+  dots = trainer.train(smoke_config(tiny_dataset, dtype="bfloat16", conv_lowering="auto"),
                        tmp_path / "dots")
   _, a = load_state(tmp_path / "xla")
   _, b = load_state(tmp_path / "dots")
@@ -63,4 +42,4 @@ def test_lowered_convolutions_train_with_the_same_state_tree(tiny_dataset, tmp_p
 def test_bad_values_are_one_line(tiny_dataset, tmp_path):
   for field, value in (("conv_lowering", "fast"), ("eval_graph", "maybe")):
     with pytest.raises(cli.UserError, match=f"config.{field}"):
-      trainer.train(_config(tiny_dataset, **{field: value}), tmp_path / field)
+      trainer.train(smoke_config(tiny_dataset, **{field: value}), tmp_path / field)

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import check_input, conv2d
+from bonejax.models.layers import check_input
 from bonejax.models.mit import MIT_B0, mit_stages, run_stages
-from bonejax.models.unet_resnet import DECODER_CHANNELS, DecoderBlock
+from bonejax.models.unet_resnet import (DECODER_CHANNELS, check_decoder_channels, run_decoder,
+                                        unet_decoder)
 
 
 class MiTEncoder(nnx.Module):
@@ -38,24 +39,14 @@ class UnetMiT(nnx.Module):
   def __init__(self, num_classes: int, in_channels: int = 1, *,
                decoder_channels: Sequence[int] = DECODER_CHANNELS, drop_path_rate: float = 0.1,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    decoder_channels = tuple(int(c) for c in decoder_channels)
-    if len(decoder_channels) != 5:
-      raise ValueError(f"decoder_channels needs 5 entries, got {decoder_channels}")
+    decoder_channels = check_decoder_channels(decoder_channels)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype, self.in_channels = dtype, in_channels
     self.encoder = MiTEncoder(in_channels, drop_path_rate, **kw)
-    enc = MIT_B0["dims"][::-1]  # 256, 160, 64, 32
-    ins = (enc[0],) + decoder_channels[:-1]
-    skips = enc[1:] + (0, 0)
-    self.blocks = nnx.List([DecoderBlock(i, s, o, **kw)
-                            for i, s, o in zip(ins, skips, decoder_channels)])
-    self.head = conv2d(decoder_channels[-1], num_classes, 3, bias=True,
-                       **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
+    enc = MIT_B0["dims"][::-1]  # 256, 160, 64, 32: skips of 160, 64, 32, 0 and 0
+    self.blocks, self.head = unet_decoder(enc, decoder_channels, num_classes, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, type(self).__name__)
     feats = self.encoder(x)[::-1]  # strides 32, 16, 8, 4
-    y, skips = feats[0], feats[1:] + [None, None]
-    for block, skip in zip(self.blocks, skips):
-      y = block(y, skip)
-    return self.head(y).astype(jnp.float32)
+    return run_decoder(self.blocks, self.head, feats)

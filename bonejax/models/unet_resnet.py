@@ -37,6 +37,40 @@ class DecoderBlock(nnx.Module):
     return self.conv2(self.conv1(x))
 
 
+def check_decoder_channels(decoder_channels: Sequence[int]) -> tuple[int, ...]:
+  decoder_channels = tuple(int(c) for c in decoder_channels)
+  if len(decoder_channels) != 5:
+    raise ValueError(f"decoder_channels needs 5 entries, got {decoder_channels}")
+  return decoder_channels
+
+
+def unet_decoder(enc: Sequence[int], decoder_channels: tuple[int, ...], num_classes: int,
+                 **kw) -> tuple[nnx.List, nnx.Module]:
+  """smp's `UnetDecoder` (blocks, head) on encoder features of `enc` channels, deepest first.
+
+  The blocks past the encoder's shallowest feature take no skip (MiT has no stride-2 feature:
+  its last two blocks only up-sample). Shared by the ResNet and MiT U-Nets, whose parameter
+  names and initialisation order (encoder, blocks, head) it keeps.
+  """
+  enc = tuple(enc)
+  ins = (enc[0],) + decoder_channels[:-1]
+  skips = enc[1:] + (0,) * (len(decoder_channels) - len(enc[1:]))
+  blocks = nnx.List([DecoderBlock(i, s, o, **kw)
+                     for i, s, o in zip(ins, skips, decoder_channels)])
+  head = conv2d(decoder_channels[-1], num_classes, 3, bias=True,
+                **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
+  return blocks, head
+
+
+def run_decoder(blocks: nnx.List, head: nnx.Module, feats: list[jax.Array]) -> jax.Array:
+  """`unet_decoder`'s forward pass on the encoder's features, deepest first: float32 logits."""
+  y, skips = feats[0], feats[1:]
+  skips = skips + [None] * (len(blocks) - len(skips))
+  for block, skip in zip(blocks, skips):
+    y = block(y, skip)
+  return head(y).astype(jnp.float32)
+
+
 class UnetResNet(nnx.Module):
   """smp.Unet with a torchvision ResNet encoder; logits (B, H, W, num_classes) in float32."""
 
@@ -45,24 +79,14 @@ class UnetResNet(nnx.Module):
   def __init__(self, num_classes: int, in_channels: int = 1, *, encoder: str = "resnet18",
                decoder_channels: Sequence[int] = DECODER_CHANNELS,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    decoder_channels = tuple(int(c) for c in decoder_channels)
-    if len(decoder_channels) != 5:
-      raise ValueError(f"decoder_channels needs 5 entries, got {decoder_channels}")
+    decoder_channels = check_decoder_channels(decoder_channels)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype, self.in_channels = dtype, in_channels
     self.encoder = ResNetEncoder(encoder, in_channels, **kw)
     enc = self.encoder.channels[::-1]  # deepest first: 512, 256, 128, 64, 64
-    ins = (enc[0],) + decoder_channels[:-1]
-    skips = enc[1:] + (0,)
-    self.blocks = nnx.List([DecoderBlock(i, s, o, **kw)
-                            for i, s, o in zip(ins, skips, decoder_channels)])
-    self.head = conv2d(decoder_channels[-1], num_classes, 3, bias=True,
-                       **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
+    self.blocks, self.head = unet_decoder(enc, decoder_channels, num_classes, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, type(self).__name__)
     feats = self.encoder(x.astype(jnp.float32))[::-1]  # the stem casts after its conv
-    y, skips = feats[0], feats[1:] + [None]
-    for block, skip in zip(self.blocks, skips):
-      y = block(y, skip)
-    return self.head(y).astype(jnp.float32)
+    return run_decoder(self.blocks, self.head, feats)

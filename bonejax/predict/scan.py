@@ -111,13 +111,9 @@ def load_source(src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
 
 
 def output_kind(path: str | os.PathLike) -> str:
-  if ome_zarr.is_ome_zarr_path(path):
-    return "ome-zarr"
-  suffix = Path(path).suffix.lower()
-  if suffix in (".tif", ".tiff"):
-    return "tiff"
-  if suffix == ".zarr":
-    return "zarr"
+  kind = volume_io.output_format(path)
+  if kind is not None:
+    return kind
   raise cli.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels), .ome.zarr "
                       f"(OME-NGFF 0.5) or .tif/.tiff")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import numbers
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -293,6 +294,19 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
     raise cli.UserError(f"config {path!r} has no get_config()")
   return module.get_config(arg) if arg else module.get_config()
+
+
+def check_run_flags(argv: Sequence[str], config: Any, workdir: str | None) -> None:
+  """What launch/train.py and launch/crossval.py check before a run, as one `error:` line: no
+  stray arguments, --workdir and --config given, --workdir a directory where it exists."""
+  if len(argv) > 1:
+    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not workdir:
+    raise cli.UserError("--workdir is required")
+  if config is None:
+    raise cli.UserError("--config is required (e.g. --config=configs/demo.py)")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise cli.UserError(f"--workdir={workdir!r} exists and is not a directory")
 
 
 def check_argv(argv: Sequence[str], flag: str = "config", default: str | None = None) -> None:
