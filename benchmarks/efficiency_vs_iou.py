@@ -397,7 +397,7 @@ def _summary_table(rows: list[dict]) -> str:
           "seeds", "conv", "front", "status"]
   heads = ["model", "patch", "params (M)", "GFLOP/patch", "train patches/s", "predict Mvoxel/s",
            "peak RSS (GB)", "train step device (GB)", "val miou_fg", "test miou_fg",
-           "seeds", "converged", "Pareto", "status"]
+           "seeds", "plateaued", "Pareto", "status"]
   return common.markdown_table(out, cols, heads)
 
 
@@ -489,9 +489,10 @@ def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dic
            "the held-out scan. Pareto: P = on the front of test miou_fg vs prediction voxels/s, "
            "T = vs training patches/s."
            + (f" Seeds {', '.join(map(str, seeds))}: test miou_fg is the mean ± half the range "
-              "over seeds; the other columns are means." if seeds else "")
-           + f" Converged: the best validation miou_fg rose by at most {LATE_GAIN_LIMIT} in the "
-           "budget's last third (per cell curves below).", "", _summary_table(rows)]
+              "over seeds; the other columns are means." if seeds and len(seeds) > 1 else "")
+           + f" Plateaued: the best validation miou_fg rose by at most {LATE_GAIN_LIMIT} in the "
+           "budget's last third (per cell curves below); `no (+gain)` marks a cell the budget "
+           "cut short, whose IoU understates the model.", "", _summary_table(rows)]
   if any(parse_model(r["model"])[1] for r in rows):
     lines += ["", "## Per-class test IoU against cost", "", class_table(rows), "",
               "## Scaling one dimension or all three", "", compound_summary(rows)]
@@ -649,7 +650,10 @@ def main(argv):
   if _PATCHES.value:
     grid["patches"] = tuple(cli.parse_ints(",".join(_PATCHES.value), name="patches"))
   if _SEEDS.value:
-    grid["seeds"] = tuple(cli.parse_ints(",".join(_SEEDS.value), name="seeds"))
+    # Not cli.parse_ints: that one wants sizes (positive), and seed 0 is a seed.
+    if not all(v.strip().isdigit() for v in _SEEDS.value):
+      raise cli.UserError(f"--seeds={','.join(_SEEDS.value)}: non-negative integers")
+    grid["seeds"] = tuple(int(v) for v in _SEEDS.value)
   if not _FAKE.value:
     from bonejax import models as models_lib
     unknown = [m for m in grid["models"] if parse_model(m)[0] not in models_lib.MODEL_NAMES]

@@ -11,7 +11,12 @@ PY=${PYTHON:-python}
 WORK=${WORK:-/tmp/bonejax-experiments}
 mkdir -p "$WORK"
 # A failing step is reported and the next one runs (each records its own failures).
-step() { echo "=== $(date +%T) $*" >&2; "$@" || echo "=== $(date +%T) FAILED ($?): $*" >&2; }
+step() {
+  echo "=== $(date +%T) $*" >&2
+  local rc=0
+  "$@" || rc=$?
+  [ "$rc" -eq 0 ] || echo "=== $(date +%T) FAILED (exit $rc): $*" >&2
+}
 
 best_bundle() {  # the model of the grid cell with the best validation miou_fg
   $PY - "$1" "$2" <<'PY'

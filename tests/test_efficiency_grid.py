@@ -85,3 +85,10 @@ def test_scaling_grid_tables(tmp_path):
   md = Path(res["md"]).read_text()
   assert "## Scaling one dimension or all three" in md
   assert "depth + width + input" in md and "| base | unet-d3w8 @ 64 px (base)" in md
+
+
+def test_seed_zero_alone_runs_part_of_a_grid(tmp_path):
+  res = _run(tmp_path, "--grid=cpu", "--models=unet", "--seeds=0")
+  assert res["cells"] == 2 and res["ok"] == 2
+  assert sorted(p.name for p in (tmp_path / "res" / "efficiency_cpu_t_cells").iterdir()) == [
+      "unet_p128_s0.json", "unet_p64_s0.json"]
