@@ -72,6 +72,14 @@ def max_abs_diff(a: dict, b: dict) -> float:
              for k in a)
 
 
+def last_json_line(log: Path) -> dict[str, Any]:
+  """The result object a finished run printed (its last stdout line, kept in the log)."""
+  import json
+  lines = [l for l in (log.read_text().splitlines() if log.exists() else [])
+           if l.startswith("{")]
+  return json.loads(lines[-1]) if lines else {}
+
+
 def read_curve(run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
   """(step, validation miou_fg) of each evaluation, and the last logged training loss."""
   import csv
@@ -95,11 +103,11 @@ def main(argv):
     run_dir = work / f"run_{key}"
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
+    log = work / f"run_{key}.log"
     if not (run_dir / "model" / "model.json").exists():
-      out = common.run_json(train_cmd(run_dir, data), timeout=3600, env=env,
-                            log=work / f"run_{key}.log")
-    else:
-      out = {}
+      out = common.run_json(train_cmd(run_dir, data), timeout=3600, env=env, log=log)
+    else:  # trained by an earlier run of this script: its result line is in the log
+      out = last_json_line(log)
     curve, loss = read_curve(run_dir)
     runs[key] = {"what": what, "devices": devices, "curve": curve, "last_loss": loss,
                  "best_val_miou": out.get("best_val_miou", max(v for _, v in curve)),
@@ -118,15 +126,17 @@ def main(argv):
   info["tag"] = tag
   load = (load_start, common.load_average())
   rrows = [{"run": k, "what": r["what"], "best": r["best_val_miou"], "loss": r["last_loss"],
-            "curve": " ".join(f"{v:.4f}" for _, v in r["curve"])} for k, r in runs.items()]
+            "sec": r["seconds"], "curve": " ".join(f"{v:.4f}" for _, v in r["curve"])}
+           for k, r in runs.items()]
   md = "\n".join([
       f"# Reproducibility: configs/demo.py, {_STEPS.value} steps, {tag}", "",
-      common.machine_line(info), "", f"Load average at start / end: {load[0]} / {load[1]}.", "",
+      common.machine_line(info), "", f"Load average when this report was made (start / end): "
+      f"{load[0]} / {load[1]}; runs trained earlier are compared from their saved models.", "",
       "Same seed, same phantom dataset (5 bone scans of 96x128x128), each run in its own "
       "`launch/train.py` process.", "",
-      common.markdown_table(rrows, ["run", "what", "best", "loss", "curve"],
+      common.markdown_table(rrows, ["run", "what", "best", "loss", "sec", "curve"],
                             ["run", "devices", "best val miou_fg", "last training loss",
-                             "validation miou_fg at each evaluation"]), "",
+                             "train s", "validation miou_fg at each evaluation"]), "",
       common.markdown_table(pairs, ["pair", "what", "weights", "loss", "val", "identical",
                                     "within"],
                             ["pair", "runs", "max abs Δ weight", "abs Δ last loss",
