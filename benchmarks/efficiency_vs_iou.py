@@ -259,10 +259,12 @@ def run_cell_fake(grid_name: str, grid: dict, model: str, patch: int, data: Path
 
 
 def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path,
-             work_dir: Path, retry_failed: bool = True) -> list[dict[str, Any]]:
+             work_dir: Path, retry_failed: bool = True,
+             report_only: bool = False) -> list[dict[str, Any]]:
   """Runs the cells not yet finished; each record is saved as cells_dir/CELL.json at once.
 
   A cell is (model, patch) or (model, patch, seed); seed None means the grid has no seeds.
+  `report_only`: run nothing; cells without a record are reported as "not run".
   """
   cells_dir.mkdir(parents=True, exist_ok=True)
   records = []
@@ -277,6 +279,11 @@ def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path
                                               and not retry_failed)):
       records.append(old)
       bar.update(1, extra=f"{name} {old['status']} (kept)")
+      continue
+    if report_only:
+      records.append(old or {"cell": name, "model": model, "patch": patch, **seed_kw,
+                             "status": "not run", "error": "not run"})
+      bar.update(1, extra=f"{name} {records[-1]['status']}")
       continue
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"cell": name, "model": model, "patch": patch, **seed_kw}
@@ -391,7 +398,9 @@ def _summary_table(rows: list[dict]) -> str:
         "seeds": f"{r.get('seeds', 1)}/{r.get('seeds_planned', 1)}",
         "conv": "-" if gain is None else ("yes" if gain <= LATE_GAIN_LIMIT else f"no (+{gain:.3f})"),
         "front": ("P" if r.get("pareto_predict") else "") + ("T" if r.get("pareto_train") else ""),
-        "status": "ok" if r.get("status") == "ok" else f"failed: {r.get('error', '')[:60]}",
+        "status": "ok" if r.get("status") == "ok" else
+                  ("not run" if r.get("error") == "not run" else
+                   f"failed: {r.get('error', '')[:60]}"),
     })
   cols = ["model", "patch", "params", "gflop", "tps", "mvps", "mem", "dev", "val", "test",
           "seeds", "conv", "front", "status"]
@@ -682,7 +691,7 @@ def main(argv):
       return run_cell_real(_GRID.value, grid, data=data, timeout=timeout, **kw)
 
   records = run_grid(cells, runner, cells_dir=cells_dir, work_dir=work,
-                     retry_failed=_RETRY.value)
+                     retry_failed=_RETRY.value, report_only=_REPORT_ONLY.value)
   rows = aggregate(records)
   mark_base(rows)
   front_p = pareto(rows, "predict_voxels_per_s")
@@ -736,6 +745,8 @@ if __name__ == "__main__":
   _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
   _RETRY = flags.DEFINE_bool("retry_failed", True, "Rerun cells recorded as failed.")
   _CELL_TIMEOUT = flags.DEFINE_integer("cell_timeout", 0, "Seconds per cell (0: the grid's).")
+  _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Run no cell: write the reports of "
+                                    "the cells recorded so far (the others: not run).")
   _FAKE = flags.DEFINE_bool("fake", False, "Fake cell runner (tests the bookkeeping only).")
   _FAKE_FAIL = flags.DEFINE_string("fake_fail", "", "With --fake: this model's cells fail.")
   _EVAL_BUNDLE = flags.DEFINE_string("eval_bundle", "", "Internal: evaluate this bundle.")

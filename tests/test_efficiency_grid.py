@@ -92,3 +92,12 @@ def test_seed_zero_alone_runs_part_of_a_grid(tmp_path):
   assert res["cells"] == 2 and res["ok"] == 2
   assert sorted(p.name for p in (tmp_path / "res" / "efficiency_cpu_t_cells").iterdir()) == [
       "unet_p128_s0.json", "unet_p64_s0.json"]
+
+
+def test_report_only_runs_nothing(tmp_path):
+  _run(tmp_path, "--grid=cpu", "--models=unet", "--seeds=0", "--patches=64")
+  res = _run(tmp_path, "--grid=cpu", "--models=unet,segformer_b0", "--seeds=0", "--report_only")
+  assert res["cells"] == 4 and res["ok"] == 1
+  md = Path(res["md"]).read_text()
+  assert md.count("| not run |") == 3
+  assert not (tmp_path / "res" / "efficiency_cpu_t_cells" / "segformer_b0_p64_s0.json").exists()
