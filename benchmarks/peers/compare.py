@@ -331,7 +331,7 @@ def main(argv):
   bar.close()
 
   variant_rows = {job: per_variant(runs, job) for job in _JOBS.value}
-  if "predict" in _JOBS.value and max(map(len, pred_lists.values())) > 1:
+  if "predict" in _JOBS.value:  # the variants measured, even one named that is not the default
     pred_variants.update(best_variants(variant_rows["predict"], "predict"))
   headline = [r for r in runs if r["job"] != "predict"
               or r["variant"] == pred_variants[r["side"]]]
