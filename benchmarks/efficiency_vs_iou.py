@@ -444,25 +444,23 @@ def class_table(rows: list[dict]) -> str:
 
 
 def scaled_dims(row: dict) -> str:
-  """Which of depth / width / input a scaling-grid cell scales above the grid's smallest."""
-  name, kw = parse_model(row["model"])
-  if not kw:
-    return ""
-  base = row.get("_base") or {}
-  dims = [d for d, v in (("depth", kw["depth"]), ("width", kw["width"]),
-                         ("input", row["patch"])) if base and v > base.get(d, v)]
-  return " + ".join(dims) if dims else "base"
+  """Which of depth / width / input a scaling-grid cell scales above the grid's smallest
+  (`label_scaling` writes it; "" outside scaling grids)."""
+  return row.get("scaled", "")
 
 
-def mark_base(rows: list[dict]) -> None:
-  """Stores the smallest depth, width and input of the grid on each row (for scaled_dims)."""
+def label_scaling(rows: list[dict]) -> None:
+  """Sets each row's `scaled`: the dimensions it scales above the grid's smallest depth, width
+  and input ("base" for none), when every model of the grid is a `unet-dDwW`."""
   kws = [(parse_model(r["model"])[1], r["patch"]) for r in rows]
   if not kws or not all(k for k, _ in kws):
     return
   base = {"depth": min(k["depth"] for k, _ in kws), "width": min(k["width"] for k, _ in kws),
           "input": min(p for _, p in kws)}
-  for r in rows:
-    r["_base"] = base
+  for r, (kw, patch) in zip(rows, kws):
+    dims = [d for d, v in (("depth", kw["depth"]), ("width", kw["width"]), ("input", patch))
+            if v > base[d]]
+    r["scaled"] = " + ".join(dims) if dims else "base"
 
 
 def compound_summary(rows: list[dict]) -> str:
@@ -693,7 +691,7 @@ def main(argv):
   records = run_grid(cells, runner, cells_dir=cells_dir, work_dir=work,
                      retry_failed=_RETRY.value, report_only=_REPORT_ONLY.value)
   rows = aggregate(records)
-  mark_base(rows)
+  label_scaling(rows)
   front_p = pareto(rows, "predict_voxels_per_s")
   front_t = pareto(rows, "train_patches_per_s")
   for r in rows + records:
@@ -716,8 +714,6 @@ def main(argv):
                         f"IoU vs cost, {tag}"):
       class_png = None
   grid_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid.items()}
-  for r in rows:
-    r.pop("_base", None)
   common.write_results(stem, {"grid": _GRID.value, "config": grid_json, "cells": records,
                               "summary": rows, "fake": _FAKE.value,
                               "load_average": {"start": load[0], "end": load[1]},
