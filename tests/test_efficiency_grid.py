@@ -3,7 +3,8 @@
 The real cells train for minutes each; here the `--fake` runner stands in, so what is checked is
 what the committed tables rest on: seeds aggregated into mean +- half-range, the convergence
 check from each cell's validation curve, Pareto fronts over the aggregated rows, the scaling
-grid's per-class and compound-scaling tables, resumption (finished cells are kept) and failed
+grid's per-class and compound-scaling tables, resumption (finished cells of the same budget are
+kept, cells of another budget rerun), the pixel budget across patch sizes, and failed
 cells recorded as failed.
 """
 
@@ -101,3 +102,34 @@ def test_report_only_runs_nothing(tmp_path):
   md = Path(res["md"]).read_text()
   assert md.count("| not run |") == 3
   assert not (tmp_path / "res" / "efficiency_cpu_t_cells" / "segformer_b0_p64_s0.json").exists()
+
+
+def test_pixel_budget_keeps_pixels_per_step_equal_across_patch_sizes():
+  grid = dict(ev.GRIDS["cpu"])
+  assert ev.batch_for(grid, 64) == 16 and ev.batch_for(grid, 128) == 4
+  assert ev.batch_for(grid, 64) * 64**2 == ev.batch_for(grid, 128) * 128**2
+  assert ev.batch_for(dict(batch=16), 128) == 16  # a grid with a fixed batch
+  with pytest.raises(Exception, match="not a whole number of patches"):
+    ev.batch_for(grid, 96)
+  assert "26.2 Mpixel" in ev.budget_text(grid)
+  # The training config a cell runs gets the same batch and the grid's lowering.
+  c = ev.get_config("grid=cpu,model=unet,patch=128,seed=1")
+  assert (c.batch_size, c.num_steps, c.conv_lowering, c.seed) == (4, 400, "auto", 1)
+
+
+def test_cell_recorded_with_another_budget_is_rerun(tmp_path):
+  args = ("--grid=cpu", "--models=unet", "--seeds=0", "--patches=64")
+  _run(tmp_path, *args)
+  path = tmp_path / "res" / "efficiency_cpu_t_cells" / "unet_p64_s0.json"
+  rec = json.loads(path.read_text())
+  assert rec["budget"]["batch"] == 16 and rec["budget"]["steps"] == 400
+  # Same budget: kept. A record from an older budget: not this grid's cell, so it is rerun.
+  kept = path.read_text()
+  _run(tmp_path, *args)
+  assert path.read_text() == kept
+  rec["budget"]["steps"] = 150
+  rec["finished"] = "old"
+  path.write_text(json.dumps(rec))
+  assert _run(tmp_path, *args, "--report_only")["ok"] == 0  # reported as not run
+  _run(tmp_path, *args)
+  assert json.loads(path.read_text())["finished"] != "old"
