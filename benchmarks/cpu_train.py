@@ -41,6 +41,9 @@ _CALLS = flags.DEFINE_integer("calls", 2, "Steps per timed batch.")
 _POLICY = flags.DEFINE_string("policy", "measure", "Lowering policy of the dots variant.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Only these variants (default: all).")
 _SIDES = flags.DEFINE_list("sides", ["bonejax", "torch"], "Workers to run.")
+_MODEL = flags.DEFINE_string("model", "unet_resnet18", "bonejax zoo model (`unet-dDwW` for the "
+                             "classic U-Net's depth and width); the torch side has "
+                             "unet_resnet18 only.")
 _WORKER = flags.DEFINE_string("worker", "", "internal: run as the worker of this side.")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
 _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
@@ -54,10 +57,14 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from flax import nnx
+
+  from benchmarks.efficiency_vs_iou import parse_model
   from bonejax import models
   from bonejax.models import inference_graph
 
   t0 = time.perf_counter()
+  name_, kwargs = parse_model(_MODEL.value)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, size=(batch, size, size)), jnp.int32)
@@ -68,11 +75,12 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     if not _wanted(name):
       continue
     model = models.fill_from_numpy(models.abstract_model(
-        models.create, "unet_resnet18", num_classes=3, in_channels=1, dtype=jnp.dtype(dtype)))
+        models.create, name_, num_classes=3, in_channels=1, dtype=jnp.dtype(dtype), **kwargs))
     info["params"] = models.count_params(model)
     if lower:
       model = inference_graph.lower_convs(model, policy=policy)
-      planners[name] = model.encoder.stem.conv.planner
+      planners[name] = next(m.planner for _, m in nnx.iter_graph(model)
+                            if isinstance(m, inference_graph.FastConv))
     step, state, source = common.bonejax_train_step(model, 1e-3)
     info["train_step"] = source
     holder = {"state": state}
@@ -131,7 +139,11 @@ def main(argv):
     return bonejax_worker(batch, size, _POLICY.value)
   if _WORKER.value == "torch":
     return torch_worker(batch, size)
-  passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}"]
+  if _MODEL.value != "unet_resnet18" and "torch" in _SIDES.value:
+    raise cli.UserError(f"--model={_MODEL.value}: the torch side has unet_resnet18 only; "
+                        "add --sides=bonejax")
+  passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}",
+            f"--model={_MODEL.value}"]
   if _VARIANTS.value:
     passed.append(f"--variants={','.join(_VARIANTS.value)}")
   order, times, ready, load = cpu_workers.run(__file__, _SIDES.value, passed, _REPEATS.value,
@@ -142,7 +154,7 @@ def main(argv):
   rows = cpu_workers.rate_rows(order, times, ready, batch, torch_best, "pps")
   return cpu_workers.report(
       "cpu_train", "Training step, bonejax vs PyTorch",
-      f"`unet_resnet18` (1 in, 3 classes), batch {batch} x {size} x {size}, Adam + "
+      f"`{_MODEL.value}` (1 in, 3 classes), batch {batch} x {size} x {size}, Adam + "
       f"cross-entropy, batch in memory; medians of {_REPEATS.value} rounds of {_CALLS.value} "
       f"step(s), all variants interleaved in one run (each framework in its own worker "
       f"process). PyTorch model: {ready.get('torch', {}).get('arch', '-')}. bonejax step: "
@@ -150,7 +162,7 @@ def main(argv):
       f"`lower_convs(policy={_POLICY.value!r})`.",
       rows, "pps", ["engine", "parameters", "patches/s", "ms per step", "rel. half-range",
                     f"/ {torch_best or 'torch'}"],
-      config={"batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,
+      config={"model": _MODEL.value, "batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,
               "policy": _POLICY.value},
       times=times, ready=ready, load=load, tag=_TAG.value, results_dir=_RESULTS.value)
 
