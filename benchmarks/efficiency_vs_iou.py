@@ -75,6 +75,15 @@ GRIDS: dict[str, dict[str, Any]] = {
                 dtype="bfloat16", conv_lowering="auto", lr=1e-3, warmup_steps=20, eval_every=25,
                 checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                 cell_timeout=2400),
+    # The budget check of `cpu`: the same cells at twice its budget (800 steps). The late-gain
+    # flag cannot settle convergence under a cosine schedule (the decay itself lifts the last
+    # third); whether a doubled budget changes the test IoU does.
+    "cpu_x2": dict(models=("unet_resnet18", "segformer_b0"), patches=(64, 128), seeds=(0,),
+                   pixels_per_step=16 * 64 * 64, steps=800,
+                   phantom=dict(num_scans=5, shape=(128, 128, 128), kind="bone", seed=0),
+                   dtype="bfloat16", conv_lowering="auto", lr=1e-3, warmup_steps=20,
+                   eval_every=50, checkpoint_every=0, val_stride=4, predict_batch=8,
+                   predict_runs=2, cell_timeout=3600, check_of="cpu"),
     # Scaling the U-net's compound scaling on the implant phantom (4 classes): the classic U-Net
     # at depth x width (`unet-dDwW`) x input size, one seed, the same budget for every cell
     # (4,000 patches). Widths 8 / 16 (the paper: 16-64) keep the 12 cells within ~30 min on
@@ -429,6 +438,27 @@ def _test_cell(r: dict) -> str:
   return f"{t:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
 
 
+def budget_check_table(records: list[dict], base: dict[str, dict], base_grid: str) -> str:
+  """Each cell at this grid's budget next to the same cell of `base_grid` (its records by name)."""
+  out = []
+  for r in records:
+    b = base.get(r["cell"])
+    if r.get("status") != "ok" or not b or b.get("status") != "ok":
+      continue
+    delta = (r["test_miou_fg"] - b["test_miou_fg"]
+             if r.get("test_miou_fg") is not None and b.get("test_miou_fg") is not None else None)
+    out.append({"cell": r["cell"], "base_patches": b.get("patches_seen"),
+                "base_test": b.get("test_miou_fg"), "patches": r.get("patches_seen"),
+                "test": r.get("test_miou_fg"), "delta": delta,
+                "base_val": b.get("val_miou_fg"), "val": r.get("val_miou_fg")})
+  if not out:
+    return f"No cell of `{base_grid}` with the same name has finished yet."
+  return common.markdown_table(
+      out, ["cell", "base_patches", "base_val", "base_test", "patches", "val", "test", "delta"],
+      ["cell", f"`{base_grid}` patches", "val miou_fg", "test miou_fg", "patches here",
+       "val miou_fg", "test miou_fg", "test change"])
+
+
 def _summary_table(rows: list[dict]) -> str:
   out = []
   for r in rows:
@@ -530,7 +560,7 @@ def compound_summary(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dict, info: dict,
-                load) -> str:
+                load, base_records: dict[str, dict] | None = None) -> str:
   p = grid["phantom"]
   seeds = grid.get("seeds")
   lines = [f"# Efficiency vs IoU: grid `{grid_name}`, {info['tag']}", "",
@@ -552,6 +582,9 @@ def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dic
   if any(parse_model(r["model"])[1] for r in rows):
     lines += ["", "## Per-class test IoU against cost", "", class_table(rows), "",
               "## Scaling one dimension or all three", "", compound_summary(rows)]
+  if grid.get("check_of"):
+    lines += ["", f"## Budget check: these cells against the same cells of `{grid['check_of']}`",
+              "", budget_check_table(records, base_records or {}, grid["check_of"])]
   lines += ["", "## Validation curves", "", _curve_table(records)]
   return "\n".join(lines)
 
@@ -752,7 +785,11 @@ def main(argv):
   info["tag"] = tag
   load = (load_start, common.load_average())
   paths = common.result_paths(stem, tag, results_dir)
-  md = to_markdown(rows, records, _GRID.value, grid, info, load)
+  base_records = None
+  if grid.get("check_of"):
+    base_dir = results_dir / f"efficiency_{grid['check_of']}_{tag}_cells"
+    base_records = {p.stem: json.loads(p.read_text()) for p in sorted(base_dir.glob("*.json"))}
+  md = to_markdown(rows, records, _GRID.value, grid, info, load, base_records)
   print(md)
   cli.atomic_write_text(paths["csv"], to_csv(records))
   cli.atomic_write_text(paths["md"], md + "\n")
@@ -778,7 +815,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import flags
-  _GRID = flags.DEFINE_string("grid", "smoke", "smoke | cpu | scaling | full.")
+  _GRID = flags.DEFINE_string("grid", "smoke", "smoke | cpu | cpu_x2 | scaling | full.")
   _MODELS = flags.DEFINE_list("models", [], "Override the grid's models.")
   _PATCHES = flags.DEFINE_list("patches", [], "Override the grid's patch sizes.")
   _SEEDS = flags.DEFINE_list("seeds", [], "Override the grid's seeds (cells of other seeds "

@@ -133,3 +133,13 @@ def test_cell_recorded_with_another_budget_is_rerun(tmp_path):
   assert _run(tmp_path, *args, "--report_only")["ok"] == 0  # reported as not run
   _run(tmp_path, *args)
   assert json.loads(path.read_text())["finished"] != "old"
+
+
+def test_budget_check_grid_compares_with_its_base_grid(tmp_path):
+  _run(tmp_path, "--grid=cpu", "--models=unet_resnet18", "--seeds=0", "--patches=64")
+  res = _run(tmp_path, "--grid=cpu_x2", "--patches=64")
+  md = Path(res["md"]).read_text()
+  assert "## Budget check: these cells against the same cells of `cpu`" in md
+  row = next(line for line in md.splitlines() if line.startswith("| unet_resnet18_p64_s0 |"))
+  assert "| 6,400 |" in row and "| 12,800 |" in row  # patches seen at 1x and 2x
+  assert "segformer_b0_p64_s0 |" not in md.split("## Budget check")[1].split("##")[0]
