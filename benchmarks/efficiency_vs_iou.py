@@ -94,6 +94,13 @@ GRIDS: dict[str, dict[str, Any]] = {
                     dtype="float32", lr=1e-3, warmup_steps=10, eval_every=25,
                     checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                     cell_timeout=1800),
+    # The budget check of `scaling`: two of its 64-px cells at twice its budget (500 steps).
+    "scaling_x2": dict(models=("unet-d3w8", "unet-d4w16"), patches=(64,), seeds=(0,), batch=16,
+                       steps=500,
+                       phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
+                       dtype="float32", lr=1e-3, warmup_steps=10, eval_every=50,
+                       checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
+                       cell_timeout=1800, check_of="scaling"),
     "full": dict(models=FULL_MODELS, patches=(128, 256, 512), batch=32, steps=2000,
                  phantom=dict(num_scans=6, shape=(192, 512, 512), kind="bone", seed=0),
                  dtype="bfloat16", lr=1e-3, warmup_steps=100, eval_every=250,
@@ -583,7 +590,8 @@ def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dic
     lines += ["", "## Per-class test IoU against cost", "", class_table(rows), "",
               "## Scaling one dimension or all three", "", compound_summary(rows)]
   if grid.get("check_of"):
-    lines += ["", f"## Budget check: these cells against the same cells of `{grid['check_of']}`",
+    lines += ["", "## Budget check: these cells against the same cells of "
+              f"`{grid['check_of']}`",
               "", budget_check_table(records, base_records or {}, grid["check_of"])]
   lines += ["", "## Validation curves", "", _curve_table(records)]
   return "\n".join(lines)
@@ -815,7 +823,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import flags
-  _GRID = flags.DEFINE_string("grid", "smoke", "smoke | cpu | cpu_x2 | scaling | full.")
+  _GRID = flags.DEFINE_string("grid", "smoke",
+                              "smoke | cpu | cpu_x2 | scaling | scaling_x2 | full.")
   _MODELS = flags.DEFINE_list("models", [], "Override the grid's models.")
   _PATCHES = flags.DEFINE_list("patches", [], "Override the grid's patch sizes.")
   _SEEDS = flags.DEFINE_list("seeds", [], "Override the grid's seeds (cells of other seeds "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16's experiments on the phantoms, in order, each resumable (a rerun skips what finished):
-#   reproducibility -> cross-validation -> compound scaling (implant) -> voting + measures of its
-#   best model -> efficiency vs IoU seed 0 (bone) -> voting + measures of its best model ->
-#   efficiency vs IoU, both seeds.
+#   reproducibility -> cross-validation -> compound scaling (implant) and its budget check ->
+#   voting + measures of its best model -> efficiency vs IoU seed 0 (bone) -> voting + measures
+#   of its best model -> its budget check (cpu_x2) -> efficiency vs IoU, both seeds.
 # Results go to benchmarks/results/; runs to $WORK (default /tmp/bonejax-experiments).
 #   bash benchmarks/phantom_experiments.sh            # everything, hours on 2 CPU cores
 set -euo pipefail
@@ -35,6 +35,8 @@ TAG=$($PY -c "from benchmarks import common; print(common.machine_tag())")
 step $PY benchmarks/reproducibility.py --workdir="$WORK/repro"
 step $PY benchmarks/crossval_phantom.py --workdir="$WORK/crossval/bone"
 step $PY benchmarks/efficiency_vs_iou.py --grid=scaling --workdir="$WORK/scaling"
+step $PY benchmarks/efficiency_vs_iou.py --grid=scaling_x2 --workdir="$WORK/scaling_x2" \
+  --data="$WORK/scaling/data"
 step $PY benchmarks/voting_measures.py --name=implant \
   --bundle="$(best_bundle benchmarks/results/efficiency_scaling_${TAG}_cells "$WORK/scaling/runs")" \
   --scan="$(test_scan "$WORK/scaling")"
@@ -42,5 +44,7 @@ step $PY benchmarks/efficiency_vs_iou.py --grid=cpu --seeds=0 --workdir="$WORK/c
 step $PY benchmarks/voting_measures.py --name=bone \
   --bundle="$(best_bundle benchmarks/results/efficiency_cpu_${TAG}_cells "$WORK/cpu/runs")" \
   --scan="$(test_scan "$WORK/cpu")"
+step $PY benchmarks/efficiency_vs_iou.py --grid=cpu_x2 --workdir="$WORK/cpu_x2" \
+  --data="$WORK/cpu/data"
 step $PY benchmarks/efficiency_vs_iou.py --grid=cpu --workdir="$WORK/cpu"
 echo "=== $(date +%T) done" >&2
