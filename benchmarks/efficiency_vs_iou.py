@@ -480,7 +480,8 @@ def _summary_table(rows: list[dict]) -> str:
         "dev": r.get("train_step_device_mb") / 1024 if r.get("train_step_device_mb") else None,
         "val": r.get("val_miou_fg"), "test": _test_cell(r),
         "seeds": f"{r.get('seeds', 1)}/{r.get('seeds_planned', 1)}",
-        "conv": "-" if gain is None else ("yes" if gain <= LATE_GAIN_LIMIT else f"no (+{gain:.3f})"),
+        "conv": ("-" if gain is None
+                 else "yes" if gain <= LATE_GAIN_LIMIT else f"no (+{gain:.3f})"),
         "front": ("P" if r.get("pareto_predict") else "") + ("T" if r.get("pareto_train") else ""),
         "status": "ok" if r.get("status") == "ok" else
                   ("not run" if r.get("error") == "not run" else
