@@ -415,6 +415,10 @@ def aggregate(records: list[dict]) -> list[dict[str, Any]]:
     for k in _MEAN_KEYS:
       vals = [r[k] for r in ok if r.get(k) is not None]
       row[k] = sum(vals) / len(vals) if vals else None
+    # Training speed in pixels: patches of different sizes are different amounts of work and
+    # data (the cpu grid's budget is counted in pixels for the same reason).
+    row["train_mpixel_per_s"] = (row["train_patches_per_s"] * patch * patch / 1e6
+                                 if row.get("train_patches_per_s") else None)
     tests = [r["test_miou_fg"] for r in ok if r.get("test_miou_fg") is not None]
     row["test_spread"] = (max(tests) - min(tests)) / 2 if len(tests) > 1 else None
     gains = [r["late_gain"] for r in ok if r.get("late_gain") is not None]
@@ -475,6 +479,7 @@ def _summary_table(rows: list[dict]) -> str:
         "model": r["model"], "patch": r["patch"],
         "params": r.get("params") / 1e6 if r.get("params") else None,
         "gflop": r.get("gflop_fwd"), "tps": r.get("train_patches_per_s"),
+        "tmps": r.get("train_mpixel_per_s"),
         "mvps": r["predict_voxels_per_s"] / 1e6 if r.get("predict_voxels_per_s") else None,
         "mem": mem or None,
         "dev": r.get("train_step_device_mb") / 1024 if r.get("train_step_device_mb") else None,
@@ -487,9 +492,10 @@ def _summary_table(rows: list[dict]) -> str:
                   ("not run" if r.get("error") == "not run" else
                    f"failed: {r.get('error', '')[:60]}"),
     })
-  cols = ["model", "patch", "params", "gflop", "tps", "mvps", "mem", "dev", "val", "test",
+  cols = ["model", "patch", "params", "gflop", "tps", "tmps", "mvps", "mem", "dev", "val", "test",
           "seeds", "conv", "front", "status"]
-  heads = ["model", "patch", "params (M)", "GFLOP/patch", "train patches/s", "predict Mvoxel/s",
+  heads = ["model", "patch", "params (M)", "GFLOP/patch", "train patches/s", "train Mpixel/s",
+           "predict Mvoxel/s",
            "peak RSS (GB)", "train step device (GB)", "val miou_fg", "test miou_fg",
            "seeds", "plateaued", "Pareto", "status"]
   return common.markdown_table(out, cols, heads)
@@ -581,7 +587,7 @@ def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dic
            + f"; Adam lr {grid['lr']} "
            "cosine; CE + Dice; best checkpoint by validation miou_fg. Test: 3-plane soft vote on "
            "the held-out scan. Pareto: P = on the front of test miou_fg vs prediction voxels/s, "
-           "T = vs training patches/s."
+           "T = vs training Mpixel/s (patches/s x patch^2)."
            + (f" Seeds {', '.join(map(str, seeds))}: test miou_fg is the mean ± half the range "
               "over seeds; the other columns are means." if seeds and len(seeds) > 1 else "")
            + f" Plateaued: the best validation miou_fg rose by at most {LATE_GAIN_LIMIT} in the "
@@ -623,7 +629,8 @@ def to_png(records: list[dict], path: Path, title: str) -> bool:
   fig, axes = plt.subplots(1, 2, figsize=(15, 5.2))
   for ax, key, label, flag in ((axes[0], "predict_voxels_per_s", "prediction voxels/s "
                                 "(3-plane soft vote)", "pareto_predict"),
-                               (axes[1], "train_patches_per_s", "training patches/s",
+                               (axes[1], "train_mpixel_per_s", "training Mpixel/s "
+                                "(patches/s x patch^2)",
                                 "pareto_train")):
     pts = [r for r in ok if r.get(key)]
     for r in pts:
@@ -785,7 +792,7 @@ def main(argv):
   rows = aggregate(records)
   label_scaling(rows)
   front_p = pareto(rows, "predict_voxels_per_s")
-  front_t = pareto(rows, "train_patches_per_s")
+  front_t = pareto(rows, "train_mpixel_per_s")
   for r in rows + records:
     key = cell_name(r["model"], r["patch"])
     r["pareto_predict"] = key in front_p

@@ -51,6 +51,7 @@ def test_aggregate_over_seeds_and_pareto():
   m, n = rows["m_p64"], rows["n_p64"]
   assert m["test_miou_fg"] == pytest.approx(0.92) and m["test_spread"] == pytest.approx(0.02)
   assert m["predict_voxels_per_s"] == pytest.approx(11.0) and m["max_late_gain"] == 0.02
+  assert m["train_mpixel_per_s"] is None  # no training speed recorded in these records
   assert m["test_iou"]["bone"] == pytest.approx(0.85) and m["seeds"] == 2
   assert n["seeds"] == 1 and n["seeds_planned"] == 2 and n["test_spread"] is None
   assert "boom" in n["error"] and n["status"] == "ok"
@@ -123,6 +124,8 @@ def test_cell_recorded_with_another_budget_is_rerun(tmp_path):
   path = tmp_path / "res" / "efficiency_cpu_t_cells" / "unet_p64_s0.json"
   rec = json.loads(path.read_text())
   assert rec["budget"]["batch"] == 16 and rec["budget"]["steps"] == 400
+  row = ev.aggregate([rec])[0]
+  assert row["train_mpixel_per_s"] == pytest.approx(rec["train_patches_per_s"] * 64 * 64 / 1e6)
   # Same budget: kept. A record from an older budget: not this grid's cell, so it is rerun.
   kept = path.read_text()
   _run(tmp_path, *args)
