@@ -347,6 +347,7 @@ def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path
       bar.update(1, extra=f"{name} {records[-1]['status']}")
       continue
     t0 = time.perf_counter()
+    load_start = common.load_average()
     rec: dict[str, Any] = {"cell": name, "model": model, "patch": patch, **seed_kw}
     if want is not None:
       rec["budget"] = want
@@ -359,6 +360,7 @@ def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path
     except Exception as e:  # pylint: disable=broad-except
       rec.update(status="failed", error=f"{type(e).__name__}: {e}")
     rec["cell_seconds"] = time.perf_counter() - t0
+    rec["load_start"], rec["load_end"] = load_start, common.load_average()
     rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     cli.atomic_write_json(path, rec)
     records.append(rec)
@@ -573,12 +575,20 @@ def compound_summary(rows: list[dict]) -> str:
                                ["scaling", "best cell", "GFLOP/patch", "test miou_fg"])
 
 
+def _load_line(records: list[dict], load) -> str:
+  """The machine's load while cells ran (each record keeps its own), and during this report."""
+  ends = [r["load_end"][0] for r in records if r.get("load_end")]
+  cells = (f"1-min load average at the end of each cell: {min(ends)}-{max(ends)} "
+           f"({len(ends)} cells recorded it). " if ends else "")
+  return cells + f"This invocation's load average at start / end: {load[0]} / {load[1]}."
+
+
 def to_markdown(rows: list[dict], records: list[dict], grid_name: str, grid: dict, info: dict,
                 load, base_records: dict[str, dict] | None = None) -> str:
   p = grid["phantom"]
   seeds = grid.get("seeds")
   lines = [f"# Efficiency vs IoU: grid `{grid_name}`, {info['tag']}", "",
-           common.machine_line(info), "", f"Load average at start / end: {load[0]} / {load[1]}.",
+           common.machine_line(info), "", _load_line(records, load),
            "", f"Phantom `{p['kind']}`: {p['num_scans']} scans of "
            f"{'x'.join(map(str, p['shape']))} (train {p['num_scans'] - 2}, validation 1, test 1)."
            f" Same budget for every cell: {budget_text(grid)}; {grid['dtype']}"

@@ -73,6 +73,7 @@ def test_cpu_grid_fake_end_to_end_and_resume(tmp_path):
   md = Path(res["md"]).read_text()
   assert "mean ± half the range over seeds" in md and "## Validation curves" in md
   assert "unet_p64_s1" in md and "failed: error: fake failure of segformer_b0" in md
+  assert "1-min load average at the end of each cell" in md  # each record keeps its load
   cells = tmp_path / "res" / "efficiency_cpu_t_cells"
   first = json.loads((cells / "unet_p64_s0.json").read_text())
   assert first["seed"] == 0 and first["val_curve"]
