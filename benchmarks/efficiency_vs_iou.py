@@ -66,7 +66,7 @@ GRIDS: dict[str, dict[str, Any]] = {
     # the demo's U-Net reaches miou_fg ~0.95); each cell's validation curve (every 25 steps) is
     # kept to show whether that budget let it converge. Two seeds per cell (init and patch
     # order). bf16 with the dot lowering (config.conv_lowering=auto): on a CPU with AMX the
-    # ResNet encoders' 64-px steps run 3.5x faster than float32 (benchmarks/README.md), which is
+    # ResNet encoders' 64-px steps run 3.4-3.8x faster than float32 (benchmarks/README.md), which is
     # what makes this budget fit two CPU cores. (The first version of this grid, float32 and
     # 2,400 patches of either size, left most U-Nets still improving: superseded.)
     "cpu": dict(models=SMOKE_MODELS, patches=(64, 128), seeds=(0, 1),
@@ -94,7 +94,8 @@ GRIDS: dict[str, dict[str, Any]] = {
                     dtype="float32", lr=1e-3, warmup_steps=10, eval_every=25,
                     checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                     cell_timeout=1800),
-    # The budget check of `scaling`: two of its 64-px cells at twice its budget (500 steps).
+    # The budget check of `scaling`: two of its 64-px cells at twice its budget (500 steps). It
+    # found that budget too small (+0.07 and +0.17 test miou_fg): `scaling` needs >= 4x.
     "scaling_x2": dict(models=("unet-d3w8", "unet-d4w16"), patches=(64,), seeds=(0,), batch=16,
                        steps=500,
                        phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
