@@ -770,6 +770,8 @@ def main(argv):
     if not all(v.strip().isdigit() for v in _SEEDS.value):
       raise cli.UserError(f"--seeds={','.join(_SEEDS.value)}: non-negative integers")
     grid["seeds"] = tuple(int(v) for v in _SEEDS.value)
+  for patch in grid["patches"]:
+    batch_for(grid, patch)  # a patch size the budget cannot split: one line, nothing written
   if not _FAKE.value:
     from bonejax import models as models_lib
     unknown = [m for m in grid["models"] if parse_model(m)[0] not in models_lib.MODEL_NAMES]
