@@ -207,7 +207,13 @@ def tree_shapes(tree) -> dict[str, tuple]:
     keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     if keys and keys[-1] == "value":  # nnx Variables flatten to .../value
       keys = keys[:-1]
-    out["/".join(keys)] = tuple(getattr(leaf, "shape", ()))
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+      # orbax stores a typed PRNG key (a dropout stream) as its raw key data: compare that.
+      shape = jax.eval_shape(jax.random.key_data,
+                             jax.ShapeDtypeStruct(shape, dtype)).shape
+    out["/".join(keys)] = shape
   return out
 
 

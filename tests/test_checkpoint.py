@@ -153,3 +153,30 @@ def test_missing_or_stale_bundle_is_exported_again(run8, tiny_dataset, tmp_path)
   (workdir / "model" / "model.json").write_text(json.dumps({**meta, "checkpoint_id": "other"}))
   trainer.train(_config(tiny_dataset), workdir)
   _assert_bundle_is_best(workdir, result["best_step"])
+
+
+def test_a_dropout_stream_survives_save_and_restore(tmp_path):
+  # orbax stores a typed PRNG key as its raw key data (shape (2,) for threefry): the shape check
+  # before a restore must compare that, or every model with dropout (DeepLabV3+'s ASPP,
+  # SegFormer) refuses to resume from its own checkpoints.
+  from bonejax.train.checkpoint import Checkpoints
+
+  class WithDropout(nnx.Module):
+    def __init__(self):
+      self.lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+  model = WithDropout()
+  model.drop.rngs.key.get_value()  # a typed key, as build_model makes them
+  state = nnx.state(model)
+  ckpt = Checkpoints(tmp_path / "ckpt", async_save=False)
+  ckpt.save(3, state, {"step": 3})
+  restored, host = ckpt.restore(3, state)
+  assert host == {"step": 3}
+  np.testing.assert_array_equal(jax.random.key_data(restored["drop"]["rngs"]["key"].get_value()),
+                                jax.random.key_data(model.drop.rngs.key.get_value()))
+  np.testing.assert_array_equal(restored["lin"]["kernel"].get_value(), model.lin.kernel.get_value())
+  # A real mismatch is still refused.
+  other = nnx.state(nnx.Linear(2, 4, rngs=nnx.Rngs(0)))
+  with pytest.raises(cli.UserError, match="does not fit this configuration"):
+    ckpt.restore(3, {"lin": other, "drop": state["drop"]})
