@@ -155,8 +155,9 @@ def test_missing_or_stale_bundle_is_exported_again(run8, tiny_dataset, tmp_path)
   _assert_bundle_is_best(workdir, result["best_step"])
 
 
-def test_a_dropout_stream_survives_save_and_restore(tmp_path):
-  # orbax stores a typed PRNG key as its raw key data (shape (2,) for threefry): the shape check
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])  # rbg: the trainer's keys
+def test_a_dropout_stream_survives_save_and_restore(tmp_path, impl):
+  # orbax stores a typed PRNG key as its raw key data ((2,) for threefry, (4,) for rbg): the check
   # before a restore must compare that, or every model with dropout (DeepLabV3+'s ASPP,
   # SegFormer) refuses to resume from its own checkpoints.
   from bonejax.train.checkpoint import Checkpoints
@@ -164,7 +165,7 @@ def test_a_dropout_stream_survives_save_and_restore(tmp_path):
   class WithDropout(nnx.Module):
     def __init__(self):
       self.lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-      self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+      self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(jax.random.key(1, impl=impl)))
 
   model = WithDropout()
   model.drop.rngs.key.get_value()  # a typed key, as build_model makes them
