@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16's experiments on the phantoms, in order, each resumable (a rerun skips what finished):
-#   reproducibility -> cross-validation -> compound scaling (implant) and its budget check ->
-#   voting + measures of its best model -> efficiency vs IoU seed 0 (bone) -> voting + measures
+#   reproducibility -> cross-validation -> compound scaling (implant) and its budget check (at
+#   half its budget) -> voting + measures of its best model -> efficiency vs IoU seed 0 (bone) -> voting + measures
 #   of its best model -> its budget check (cpu_x2) -> efficiency vs IoU, both seeds.
 # Results go to benchmarks/results/; runs to $WORK (default /tmp/bonejax-experiments).
 #   bash benchmarks/phantom_experiments.sh            # everything, hours on 2 CPU cores
@@ -35,7 +35,7 @@ TAG=$($PY -c "from benchmarks import common; print(common.machine_tag())")
 step $PY benchmarks/reproducibility.py --workdir="$WORK/repro"
 step $PY benchmarks/crossval_phantom.py --workdir="$WORK/crossval/bone"
 step $PY benchmarks/efficiency_vs_iou.py --grid=scaling --workdir="$WORK/scaling"
-step $PY benchmarks/efficiency_vs_iou.py --grid=scaling_x2 --workdir="$WORK/scaling_x2" \
+step $PY benchmarks/efficiency_vs_iou.py --grid=scaling_half --workdir="$WORK/scaling_half" \
   --data="$WORK/scaling/data"
 step $PY benchmarks/voting_measures.py --name=implant \
   --bundle="$(best_bundle benchmarks/results/efficiency_scaling_${TAG}_cells "$WORK/scaling/runs")" \

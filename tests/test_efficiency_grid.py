@@ -134,9 +134,17 @@ def test_cell_recorded_with_another_budget_is_rerun(tmp_path):
   rec["budget"]["steps"] = 150
   rec["finished"] = "old"
   path.write_text(json.dumps(rec))
+  old_run = tmp_path / "work" / "runs" / "unet_p64_s0"  # its training run, another config
+  old_run.mkdir(parents=True, exist_ok=True)
+  (old_run / "config.json").write_text("{}")
   assert _run(tmp_path, *args, "--report_only")["ok"] == 0  # reported as not run
+  assert (old_run / "config.json").exists()  # a report touches no run
   _run(tmp_path, *args)
   assert json.loads(path.read_text())["finished"] != "old"
+  # The old run is kept aside, out of the new run's way.
+  assert not (old_run / "config.json").exists()
+  aside = list((tmp_path / "work" / "superseded" / "runs").glob("unet_p64_s0-*/config.json"))
+  assert len(aside) == 1 and aside[0].read_text() == "{}"
 
 
 def test_budget_check_grid_compares_with_its_base_grid(tmp_path):
