@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 16's experiments on the phantoms, in order, each resumable (a rerun skips what finished):
 #   reproducibility -> cross-validation -> compound scaling (implant) and its budget check (at
-#   half its budget) -> voting + measures of its best model -> efficiency vs IoU seed 0 (bone) -> voting + measures
-#   of its best model -> its budget check (cpu_x2) -> efficiency vs IoU, both seeds.
+#   half its budget) -> voting + measures of its best model -> efficiency vs IoU seed 0 (bone)
+#   -> voting + measures of its best model -> its budget check (cpu_x2) -> efficiency vs IoU,
+#   both seeds.
 # Results go to benchmarks/results/; runs to $WORK (default /tmp/bonejax-experiments).
 #   bash benchmarks/phantom_experiments.sh            # everything, hours on 2 CPU cores
 set -euo pipefail
