@@ -96,15 +96,22 @@ GRIDS: dict[str, dict[str, Any]] = {
                     dtype="float32", lr=1e-3, warmup_steps=10, eval_every=50,
                     checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                     cell_timeout=3600),
-    # The budget check of `scaling`: two of its 64-px cells at half its budget (500 steps x 16 =
-    # 8,000 patches). With the first grid's 250 steps these make a 1x / 2x / 4x ladder: a small
-    # change from half to the whole budget says the whole budget is near the plateau.
+    # The budget checks of `scaling`: two of its 64-px cells at half its budget (500 steps x 16 =
+    # 8,000 patches) and at twice it. With the first grid's 250 steps these make a 1x / 2x / 4x /
+    # 8x ladder (4x = this grid) that shows where the returns flatten.
     "scaling_half": dict(models=("unet-d3w8", "unet-d4w16"), patches=(64,), seeds=(0,),
                          batch=16, steps=500,
                          phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
                          dtype="float32", lr=1e-3, warmup_steps=10, eval_every=50,
                          checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                          cell_timeout=1800, check_of="scaling"),
+    # The same two cells at twice its budget (2,000 steps of 16 x 64^2): the 8x point.
+    "scaling_x2": dict(models=("unet-d3w8", "unet-d4w16"), patches=(64,), seeds=(0,),
+                       pixels_per_step=16 * 64 * 64, steps=2000,
+                       phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
+                       dtype="float32", lr=1e-3, warmup_steps=10, eval_every=100,
+                       checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
+                       cell_timeout=3600, check_of="scaling"),
     "full": dict(models=FULL_MODELS, patches=(128, 256, 512), batch=32, steps=2000,
                  phantom=dict(num_scans=6, shape=(192, 512, 512), kind="bone", seed=0),
                  dtype="bfloat16", lr=1e-3, warmup_steps=100, eval_every=250,
@@ -865,7 +872,7 @@ def main(argv):
 if __name__ == "__main__":
   from absl import flags
   _GRID = flags.DEFINE_string("grid", "smoke",
-                              "smoke | cpu | cpu_x2 | scaling | scaling_half | full.")
+                              "smoke | cpu | cpu_x2 | scaling | scaling_half | scaling_x2 | full.")
   _MODELS = flags.DEFINE_list("models", [], "Override the grid's models.")
   _PATCHES = flags.DEFINE_list("patches", [], "Override the grid's patch sizes.")
   _SEEDS = flags.DEFINE_list("seeds", [], "Override the grid's seeds (cells of other seeds "

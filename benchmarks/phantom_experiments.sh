@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 16's experiments on the phantoms, in order, each resumable (a rerun skips what finished):
-#   reproducibility -> cross-validation -> compound scaling (implant) and its budget check (at
-#   half its budget) -> voting + measures of its best model -> efficiency vs IoU seed 0 (bone)
-#   -> voting + measures of its best model -> its budget check (cpu_x2) -> efficiency vs IoU,
-#   both seeds.
+#   reproducibility -> cross-validation -> compound scaling (implant) and its budget checks (at
+#   half and twice its budget) -> voting + measures of its best model -> efficiency vs IoU
+#   seed 0 (bone) -> voting + measures of its best model -> its budget check (cpu_x2) ->
+#   efficiency vs IoU, both seeds.
 # Results go to benchmarks/results/; runs to $WORK (default /tmp/bonejax-experiments).
 #   bash benchmarks/phantom_experiments.sh            # everything, hours on 2 CPU cores
 set -euo pipefail
@@ -37,6 +37,8 @@ step $PY benchmarks/reproducibility.py --workdir="$WORK/repro"
 step $PY benchmarks/crossval_phantom.py --workdir="$WORK/crossval/bone"
 step $PY benchmarks/efficiency_vs_iou.py --grid=scaling --workdir="$WORK/scaling"
 step $PY benchmarks/efficiency_vs_iou.py --grid=scaling_half --workdir="$WORK/scaling_half" \
+  --data="$WORK/scaling/data"
+step $PY benchmarks/efficiency_vs_iou.py --grid=scaling_x2 --workdir="$WORK/scaling_x2" \
   --data="$WORK/scaling/data"
 step $PY benchmarks/voting_measures.py --name=implant \
   --bundle="$(best_bundle benchmarks/results/efficiency_scaling_${TAG}_cells "$WORK/scaling/runs")" \
