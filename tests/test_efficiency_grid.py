@@ -87,7 +87,14 @@ def test_scaling_grid_tables(tmp_path):
   assert res["cells"] == 12 and res["ok"] == 12
   md = Path(res["md"]).read_text()
   assert "## Scaling one dimension or all three" in md
-  assert "depth + width + input" in md and "| base | unet-d3w8 @ 64 px (base)" in md
+  assert "depth + width + input" in md and "| base | 1 | unet-d3w8 @ 64 px (base)" in md
+  # Each kind's best cell is the one with the best validation score, not the best test score.
+  rows = [dict(model="unet-d4w8", patch=64, status="ok", val_miou_fg=0.70, test_miou_fg=0.90),
+          dict(model="unet-d3w16", patch=64, status="ok", val_miou_fg=0.80, test_miou_fg=0.60),
+          dict(model="unet-d3w8", patch=64, status="ok", val_miou_fg=0.5, test_miou_fg=0.5)]
+  ev.label_scaling(rows)
+  one = next(line for line in ev.compound_summary(rows).splitlines() if "one dimension" in line)
+  assert "unet-d3w16 @ 64 px (width)" in one and "0.700-0.800" in one
 
 
 def test_seed_zero_alone_runs_part_of_a_grid(tmp_path):
