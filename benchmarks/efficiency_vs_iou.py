@@ -87,7 +87,7 @@ GRIDS: dict[str, dict[str, Any]] = {
     # Scaling the U-net's compound scaling on the implant phantom (4 classes): the classic U-Net
     # at depth x width (`unet-dDwW`) x input size, one seed, the same pixel budget for every cell:
     # 1,000 steps of 65,536 pixels (16 x 64^2 or 4 x 128^2) = 65.5 Mpixel, 16,000 patches of
-    # 64 px. Widths 8 / 16 (the paper: 16-64) keep the 12 cells within ~1.5 h on 2 CPU cores;
+    # 64 px. Widths 8 / 16 (the paper: 32-112) keep the 12 cells within ~1 h on 2 CPU cores;
     # the phantom's structures are simpler than a synchrotron scan's. (The first version, 250
     # steps x 16 patches of either size, was shown too small by its budget check: superseded.)
     "scaling": dict(models=tuple(f"unet-d{d}w{w}" for w in (8, 16) for d in (3, 4, 5)),
