@@ -1,7 +1,7 @@
 r"""BONe's 5-fold cross-validation by scan, nested, on a phantom of 10 scans.
 
     python benchmarks/crossval_phantom.py                       # 5 folds, 10 bone scans
-    python benchmarks/crossval_phantom.py --folds=5 --num_scans=10 --steps=300
+    python benchmarks/crossval_phantom.py --folds=5 --num_scans=10 --steps=600
 
 Runs `launch/crossval.py` (bonejax.crossval: outer folds by scan; each fold selects its best
 checkpoint, stops and schedules on inner validation scans drawn from its training scans, and
@@ -29,7 +29,7 @@ from bonejax import cli  # noqa: E402
 _FOLDS = flags.DEFINE_integer("folds", 5, "Outer folds (by scan).")
 _SCANS = flags.DEFINE_integer("num_scans", 10, "Phantom scans (>= 2 per fold + 2).")
 _KIND = flags.DEFINE_enum("kind", "bone", ["bone", "implant"], "Phantom kind.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps per fold (batch 16).")
+_STEPS = flags.DEFINE_integer("steps", 600, "Training steps per fold (batch 16).")
 _SHAPE = flags.DEFINE_list("shape", ["96", "128", "128"], "Phantom scan shape Z,Y,X.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Fold runs (default /tmp/bonejax-crossval/KIND).")
 _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
