@@ -66,8 +66,8 @@ GRIDS: dict[str, dict[str, Any]] = {
     # the demo's U-Net reaches miou_fg ~0.95); each cell's validation curve (every 25 steps) is
     # kept to show whether that budget let it converge. Two seeds per cell (init and patch
     # order). bf16 with the dot lowering (config.conv_lowering=auto): on a CPU with AMX the
-    # ResNet encoders' 64-px steps run 3.4-3.8x faster than float32 (benchmarks/README.md), which is
-    # what makes this budget fit two CPU cores. (The first version of this grid, float32 and
+    # ResNet encoders' 64-px steps run 3.4-3.8x faster than float32 (benchmarks/README.md), which
+    # is what makes this budget fit two CPU cores. (The first version of this grid, float32 and
     # 2,400 patches of either size, left most U-Nets still improving: superseded.)
     "cpu": dict(models=SMOKE_MODELS, patches=(64, 128), seeds=(0, 1),
                 pixels_per_step=16 * 64 * 64, steps=400,
@@ -75,15 +75,6 @@ GRIDS: dict[str, dict[str, Any]] = {
                 dtype="bfloat16", conv_lowering="auto", lr=1e-3, warmup_steps=20, eval_every=25,
                 checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                 cell_timeout=2400),
-    # The budget check of `cpu`: the same cells at twice its budget (800 steps). The late-gain
-    # flag cannot settle convergence under a cosine schedule (the decay itself lifts the last
-    # third); whether a doubled budget changes the test IoU does.
-    "cpu_x2": dict(models=("unet_resnet18", "segformer_b0"), patches=(64, 128), seeds=(0,),
-                   pixels_per_step=16 * 64 * 64, steps=800,
-                   phantom=dict(num_scans=5, shape=(128, 128, 128), kind="bone", seed=0),
-                   dtype="bfloat16", conv_lowering="auto", lr=1e-3, warmup_steps=20,
-                   eval_every=50, checkpoint_every=0, val_stride=4, predict_batch=8,
-                   predict_runs=2, cell_timeout=3600, check_of="cpu"),
     # Scaling the U-net's compound scaling on the implant phantom (4 classes): the classic U-Net
     # at depth x width (`unet-dDwW`) x input size, one seed, the same pixel budget for every cell:
     # 1,000 steps of 65,536 pixels (16 x 64^2 or 4 x 128^2) = 65.5 Mpixel, 16,000 patches of
@@ -96,28 +87,35 @@ GRIDS: dict[str, dict[str, Any]] = {
                     dtype="float32", lr=1e-3, warmup_steps=10, eval_every=50,
                     checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
                     cell_timeout=3600),
-    # The budget checks of `scaling`: two of its 64-px cells at half its budget (500 steps x 16 =
-    # 8,000 patches) and at twice it. With the first grid's 250 steps these make a 1x / 2x / 4x /
-    # 8x ladder (4x = this grid) that shows where the returns flatten.
-    "scaling_half": dict(models=("unet-d3w8", "unet-d4w16"), patches=(64,), seeds=(0,),
-                         batch=16, steps=500,
-                         phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
-                         dtype="float32", lr=1e-3, warmup_steps=10, eval_every=50,
-                         checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
-                         cell_timeout=1800, check_of="scaling"),
-    # The same two cells at twice its budget (2,000 steps of 16 x 64^2): the 8x point.
-    "scaling_x2": dict(models=("unet-d3w8", "unet-d4w16"), patches=(64,), seeds=(0,),
-                       pixels_per_step=16 * 64 * 64, steps=2000,
-                       phantom=dict(num_scans=5, shape=(128, 128, 128), kind="implant", seed=0),
-                       dtype="float32", lr=1e-3, warmup_steps=10, eval_every=100,
-                       checkpoint_every=0, val_stride=4, predict_batch=8, predict_runs=2,
-                       cell_timeout=3600, check_of="scaling"),
     "full": dict(models=FULL_MODELS, patches=(128, 256, 512), batch=32, steps=2000,
                  phantom=dict(num_scans=6, shape=(192, 512, 512), kind="bone", seed=0),
                  dtype="bfloat16", lr=1e-3, warmup_steps=100, eval_every=250,
                  checkpoint_every=500, val_stride=4, predict_batch=16, predict_runs=2,
                  cell_timeout=3 * 3600),
 }
+
+
+def budget_check(base: str, models: tuple, patches: tuple, **changes) -> dict[str, Any]:
+  """A grid that trains some cells of grid `base` at another budget, seed 0, everything else
+  as `base`; its report sets each cell against the same cell of `base`. A change to None
+  drops that key (e.g. a fixed `batch` in place of the base's `pixels_per_step`)."""
+  grid = {**GRIDS[base], "models": models, "patches": patches, "seeds": (0,),
+          "check_of": base, **changes}
+  return {k: v for k, v in grid.items() if v is not None}
+
+
+# The budget check of `cpu`: the same cells at twice its budget (800 steps). The late-gain flag
+# cannot settle convergence under a cosine schedule (the decay itself lifts the last third);
+# whether a doubled budget changes the test IoU does.
+GRIDS["cpu_x2"] = budget_check("cpu", ("unet_resnet18", "segformer_b0"), (64, 128), steps=800,
+                               eval_every=50, cell_timeout=3600)
+# The budget checks of `scaling`: two of its 64-px cells at half its budget (500 steps x 16 =
+# 8,000 patches) and at twice it (2,000 steps). With the first grid's 250 steps these make a
+# 1x / 2x / 4x / 8x ladder (4x = `scaling`) that shows where the returns flatten.
+GRIDS["scaling_half"] = budget_check("scaling", ("unet-d3w8", "unet-d4w16"), (64,),
+                                     pixels_per_step=None, batch=16, steps=500, cell_timeout=1800)
+GRIDS["scaling_x2"] = budget_check("scaling", ("unet-d3w8", "unet-d4w16"), (64,), steps=2000,
+                                   eval_every=100)
 
 
 # ---------------------------------------------------------------------------------------------
