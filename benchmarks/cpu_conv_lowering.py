@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core.progress import Progress
 
 _MODEL = flags.DEFINE_string("model", "unet_resnet18", "Model name.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per call.")
@@ -68,7 +69,7 @@ def main(argv):
   load_start = common.load_average()
   dtype = jnp.dtype(_DTYPE.value)
   specs = layer_specs(_MODEL.value, _BATCH.value, _SIZE.value, dtype)
-  rows, bar = [], cli.Progress(total=len(specs), desc="layers", unit="layers", every_s=0)
+  rows, bar = [], Progress(total=len(specs), desc="layers", unit="layers", every_s=0)
   for spec, count in specs:
     hows = conv_lowering.candidates(spec)
     seconds = conv_lowering.time_lowerings(spec, hows, repeats=_REPEATS.value,
@@ -117,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common, cpu_workers  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Images per forward call.")
 _SIZE = flags.DEFINE_integer("size", 256, "Image side in pixels.")
@@ -136,4 +136,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

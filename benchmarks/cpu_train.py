@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common, cpu_workers  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Patches per step.")
 _SIZE = flags.DEFINE_integer("size", 256, "Patch side in pixels.")
@@ -140,7 +141,7 @@ def main(argv):
   if _WORKER.value == "torch":
     return torch_worker(batch, size)
   if _MODEL.value != "unet_resnet18" and "torch" in _SIDES.value:
-    raise cli.UserError(f"--model={_MODEL.value}: the torch side has unet_resnet18 only; "
+    raise errors.UserError(f"--model={_MODEL.value}: the torch side has unet_resnet18 only; "
                         "add --sides=bonejax")
   passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}",
             f"--model={_MODEL.value}"]
@@ -168,4 +169,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
 
 _PATCH = flags.DEFINE_integer("patch", 256, "Patch size.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
@@ -229,4 +229,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -3,7 +3,7 @@ r"""BONe's 5-fold cross-validation by scan, nested, on a phantom of 10 scans.
     python benchmarks/crossval_phantom.py                       # 5 folds, 10 bone scans
     python benchmarks/crossval_phantom.py --folds=5 --num_scans=10 --steps=600
 
-Runs `launch/crossval.py` (bonejax.crossval: outer folds by scan; each fold selects its best
+Runs `launch/crossval.py` (bonejax.train.crossval: outer folds by scan; each fold selects its best
 checkpoint, stops and schedules on inner validation scans drawn from its training scans, and
 is scored only on its outer scans, predicted whole with 3-plane soft voting) with
 `configs/demo.py` (classic U-Net depth 4 width 16, 64-px patches, batch 16) on a phantom of
@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors, outputs
 
 _FOLDS = flags.DEFINE_integer("folds", 5, "Outer folds (by scan).")
 _SCANS = flags.DEFINE_integer("num_scans", 10, "Phantom scans (>= 2 per fold + 2).")
@@ -73,7 +74,7 @@ def to_markdown(res: dict, cmd: list[str], info: dict, load) -> str:
 def main(argv):
   del argv
   if _SCANS.value < _FOLDS.value + 2:
-    raise cli.UserError(f"--num_scans={_SCANS.value} must be >= --folds + 2")
+    raise errors.UserError(f"--num_scans={_SCANS.value} must be >= --folds + 2")
   workdir = Path(_WORKDIR.value or f"/tmp/bonejax-crossval/{_KIND.value}")
   load_start = common.load_average()
   cmd = command(workdir)
@@ -87,7 +88,7 @@ def main(argv):
   print(md)
   name = f"crossval_{_KIND.value}"
   paths = common.result_paths(name, tag, Path(_RESULTS.value))
-  cli.atomic_write_text(paths["md"], md + "\n")
+  outputs.atomic_write_text(paths["md"], md + "\n")
   common.write_results(name, {"command": cmd[1:], "result": res, "machine": info,
                               "load_average": {"start": load[0], "end": load[1]}}, None,
                        tag=tag, results_dir=Path(_RESULTS.value))
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

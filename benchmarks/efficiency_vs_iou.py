@@ -43,7 +43,9 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors, jsonable, outputs
+from bonejax.core.progress import Progress
 
 THIS = Path(__file__).resolve()
 SMOKE_MODELS = ("unet", "unet_resnet18", "unet_resnet34", "unetpp_resnet18",
@@ -129,7 +131,7 @@ def batch_for(grid: dict, patch: int) -> int:
     return int(grid["batch"])
   batch, rest = divmod(int(grid["pixels_per_step"]), patch * patch)
   if batch < 1 or rest:
-    raise cli.UserError(f"patch {patch}: the grid's {grid['pixels_per_step']:,} pixels per step "
+    raise errors.UserError(f"patch {patch}: the grid's {grid['pixels_per_step']:,} pixels per step "
                         "are not a whole number of patches")
   return batch
 
@@ -160,7 +162,7 @@ def parse_model(spec: str) -> tuple[str, dict[str, int]]:
   try:
     return name, {"depth": int(d), "width": int(w)}
   except ValueError:
-    raise cli.UserError(f"model {spec!r}: expected NAME or NAME-dDEPTHwWIDTH") from None
+    raise errors.UserError(f"model {spec!r}: expected NAME or NAME-dDEPTHwWIDTH") from None
 
 
 def get_config(arg=None):
@@ -168,7 +170,7 @@ def get_config(arg=None):
   from bonejax.train import configlib
   a = configlib.parse_arg(arg, grid="smoke", model="unet_resnet18", patch=64, seed=0)
   if a.grid not in GRIDS:
-    raise cli.UserError(f"unknown grid {a.grid!r} (known: {', '.join(GRIDS)})")
+    raise errors.UserError(f"unknown grid {a.grid!r} (known: {', '.join(GRIDS)})")
   g = GRIDS[a.grid]
   c = configlib.default_config()
   c.model.name, kwargs = parse_model(a.model)
@@ -237,7 +239,7 @@ def split_scans(num_scans: int) -> dict[str, list[str]]:
   """All but the last two scans train, one validates, the last is the held-out test scan."""
   from bonejax.phantom import scan_name
   if num_scans < 3:
-    raise cli.UserError(f"the grid needs >= 3 phantom scans, got {num_scans}")
+    raise errors.UserError(f"the grid needs >= 3 phantom scans, got {num_scans}")
   names = [scan_name(i) for i in range(num_scans)]
   return {"train": names[:-2], "val": [names[-2]], "test": [names[-1]]}
 
@@ -349,14 +351,14 @@ def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path
   """
   cells_dir.mkdir(parents=True, exist_ok=True)
   records = []
-  bar = cli.Progress(total=len(cells), desc="efficiency", unit="cells", every_s=0)
+  bar = Progress(total=len(cells), desc="efficiency", unit="cells", every_s=0)
   for cell in cells:
     model, patch, seed = (tuple(cell) + (None,))[:3]
     name = cell_name(model, patch, seed)
     seed_kw = {} if seed is None else {"seed": seed}
     path = cells_dir / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() else None
-    want = None if budget_of is None else cli.to_jsonable(budget_of(patch))
+    want = None if budget_of is None else jsonable.to_jsonable(budget_of(patch))
     stale = bool(old and want is not None and old.get("budget") != want)
     if stale:
       old = None  # made with another budget: not this grid's cell
@@ -388,7 +390,7 @@ def run_grid(cells: list[tuple], runner: Callable[..., dict], *, cells_dir: Path
     rec["cell_seconds"] = time.perf_counter() - t0
     rec["load_start"], rec["load_end"] = load_start, common.load_average()
     rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    cli.atomic_write_json(path, rec)
+    outputs.atomic_write_json(path, rec)
     records.append(rec)
     bar.update(1, extra=f"{name} {rec['status']}"
                + (f" test miou_fg {common.fmt(rec.get('test_miou_fg'))}" if rec["status"] == "ok"
@@ -748,7 +750,10 @@ def eval_bundle(bundle_dir: str, scan_dir: str, patch: int, batch: int, runs: in
                 train_batch: int, step_memory: bool | None) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
-  from bonejax import bundle, metrics, models, predict, store
+  from bonejax import models, predict
+  from bonejax.data import store
+  from bonejax.evaluate import metrics
+  from bonejax.models import bundle
   gpu = jax.default_backend() != "cpu"
   dtype = jnp.bfloat16 if gpu else jnp.float32
   b = bundle.load_bundle(bundle_dir, dtype=dtype)
@@ -796,16 +801,16 @@ def main(argv):
                        _EVAL_RUNS.value, _EVAL_TRAIN_BATCH.value,
                        {"auto": None, "yes": True, "no": False}[_STEP_MEMORY.value])
   if _GRID.value not in GRIDS:
-    raise cli.UserError(f"--grid={_GRID.value!r}: one of {', '.join(GRIDS)}")
+    raise errors.UserError(f"--grid={_GRID.value!r}: one of {', '.join(GRIDS)}")
   grid = dict(GRIDS[_GRID.value])
   if _MODELS.value:
     grid["models"] = tuple(_MODELS.value)
   if _PATCHES.value:
-    grid["patches"] = tuple(cli.parse_ints(",".join(_PATCHES.value), name="patches"))
+    grid["patches"] = tuple(errors.parse_ints(",".join(_PATCHES.value), name="patches"))
   if _SEEDS.value:
-    # Not cli.parse_ints: that one wants sizes (positive), and seed 0 is a seed.
+    # Not errors.parse_ints: that one wants sizes (positive), and seed 0 is a seed.
     if not all(v.strip().isdigit() for v in _SEEDS.value):
-      raise cli.UserError(f"--seeds={','.join(_SEEDS.value)}: non-negative integers")
+      raise errors.UserError(f"--seeds={','.join(_SEEDS.value)}: non-negative integers")
     grid["seeds"] = tuple(int(v) for v in _SEEDS.value)
   for patch in grid["patches"]:
     batch_for(grid, patch)  # a patch size the budget cannot split: one line, nothing written
@@ -813,7 +818,7 @@ def main(argv):
     from bonejax import models as models_lib
     unknown = [m for m in grid["models"] if parse_model(m)[0] not in models_lib.MODEL_NAMES]
     if unknown:
-      raise cli.UserError(f"unknown model(s) {', '.join(unknown)}; known: "
+      raise errors.UserError(f"unknown model(s) {', '.join(unknown)}; known: "
                           f"{', '.join(models_lib.MODEL_NAMES)}")
   tag = _TAG.value or common.machine_tag()
   stem = f"efficiency_{_GRID.value}"
@@ -857,8 +862,8 @@ def main(argv):
     base_records = {p.stem: json.loads(p.read_text()) for p in sorted(base_dir.glob("*.json"))}
   md = to_markdown(rows, records, _GRID.value, grid, info, load, base_records)
   print(md)
-  cli.atomic_write_text(paths["csv"], to_csv(records))
-  cli.atomic_write_text(paths["md"], md + "\n")
+  outputs.atomic_write_text(paths["csv"], to_csv(records))
+  outputs.atomic_write_text(paths["md"], md + "\n")
   png = to_png(rows, paths["png"], f"bonejax efficiency vs IoU: grid {_GRID.value}, {tag}")
   class_png = None
   if any(parse_model(r["model"])[1] for r in rows):
@@ -909,4 +914,4 @@ if __name__ == "__main__":
   _STEP_MEMORY = flags.DEFINE_enum("step_memory", "auto", ["auto", "yes", "no"],
                                    "Internal: XLA memory estimate of a training step "
                                    "(auto: on GPUs).")
-  cli.run(main)
+  runner.run(main)

@@ -131,7 +131,7 @@ def prepare(work: Path, model: str, shape) -> tuple[Path, Path]:
   """A random-weight bundle of `model` and a smooth synthetic uint16 scan of `shape` (seconds
   even at 512^3, unlike a phantom)."""
   from benchmarks.synthetic import make_bundle, synthetic_scan
-  from bonejax import store
+  from bonejax.data import store
   scan = work / "data" / "scan_000"
   if not store.is_scan(scan) or tuple(store.open_scan(scan).shape) != tuple(shape):
     synthetic_scan(scan, shape)
@@ -319,4 +319,4 @@ def report(jobs, cfg, cpu, backend, model, results: Path, tag, load_start, secon
 
 
 if __name__ == "__main__":
-  common.cli.run(main)
+  common.runner.run(main)

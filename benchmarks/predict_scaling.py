@@ -60,9 +60,9 @@ def parse_config(text: str) -> tuple[int, int]:
   try:
     p, d = (int(v) for v in text.lower().split("x"))
   except ValueError:
-    raise common.cli.UserError(f"--configs: {text!r} is not PxD (e.g. 2x4)") from None
+    raise common.errors.UserError(f"--configs: {text!r} is not PxD (e.g. 2x4)") from None
   if p < 1 or d < 1:
-    raise common.cli.UserError(f"--configs: {text!r} needs at least 1 process and 1 device")
+    raise common.errors.UserError(f"--configs: {text!r} needs at least 1 process and 1 device")
   return p, d
 
 
@@ -125,12 +125,12 @@ def run_config(processes: int, devices: int, work: Path, gpus: int) -> dict:
 def main(argv):
   del argv
   configs = [parse_config(c) for c in _CONFIGS.value]
-  shape = common.cli.parse_ints(_SHAPE.value, 3, "shape")
+  shape = common.errors.parse_ints(_SHAPE.value, 3, "shape")
   load_start = common.load_average()
   gpus = count_gpus()
   for p, d in configs:
     if gpus and p * d > gpus:
-      raise common.cli.UserError(f"--configs: {p}x{d} needs {p * d} GPUs, this host has {gpus}")
+      raise common.errors.UserError(f"--configs: {p}x{d} needs {p * d} GPUs, this host has {gpus}")
   tmp = None
   if _WORKDIR.value:
     work = Path(_WORKDIR.value)
@@ -139,7 +139,7 @@ def main(argv):
     tmp = tempfile.mkdtemp(prefix="bonejax-scaling-")
     work = Path(tmp)
   try:
-    from bonejax import store
+    from bonejax.data import store
     if not store.is_scan(work / "scan") or tuple(store.open_scan(work / "scan").shape) != shape:
       synthetic_scan(work / "scan", shape)
     if not (work / "model" / "model.json").exists():

@@ -121,7 +121,8 @@ def bare_forward(engine, shape_counts):
 
 def throughput(results: dict) -> list[dict]:
   import numpy as np
-  from bonejax import intensity, predict
+  from bonejax import predict
+  from bonejax.io import intensity
   from bonejax.predict import rotate
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   vol = synthetic_volume(shape)
@@ -195,7 +196,8 @@ def memory_child(spec: dict) -> dict:
 
 
 def memory(results: dict) -> list[dict]:
-  from bonejax import bundle, store
+  from bonejax.data import store
+  from bonejax.models import bundle
   rows = []
   with tempfile.TemporaryDirectory(prefix="bonejax-bench-") as tmp:
     tmp = Path(tmp)

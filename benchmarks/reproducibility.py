@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors, outputs
 
 _STEPS = flags.DEFINE_integer("steps", 150, "Training steps of each run (batch 16).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bonejax-repro", "Runs and the shared dataset.")
@@ -58,7 +59,7 @@ def weights(bundle_dir: Path) -> dict[str, Any]:
   import jax
   import numpy as np
   from flax import nnx
-  from bonejax import bundle
+  from bonejax.models import bundle
   b = bundle.load_bundle(bundle_dir)
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(b.model))[0]
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
@@ -67,7 +68,7 @@ def weights(bundle_dir: Path) -> dict[str, Any]:
 def max_abs_diff(a: dict, b: dict) -> float:
   import numpy as np
   if a.keys() != b.keys():
-    raise cli.UserError("the bundles hold different arrays: not the same architecture")
+    raise errors.UserError("the bundles hold different arrays: not the same architecture")
   return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
              for k in a)
 
@@ -144,7 +145,7 @@ def main(argv):
                              f"val within {_MIOU_TOL.value}"])])
   print(md)
   paths = common.result_paths("reproducibility", tag, Path(_RESULTS.value))
-  cli.atomic_write_text(paths["md"], md + "\n")
+  outputs.atomic_write_text(paths["md"], md + "\n")
   common.write_results("reproducibility", {"steps": _STEPS.value, "runs": runs, "pairs": pairs,
                                            "machine": info, "miou_tolerance": _MIOU_TOL.value,
                                            "load_average": {"start": load[0], "end": load[1]}},
@@ -153,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
+from bonejax.core.progress import Progress
 
 MODELS = ("unet", "unet_resnet18", "unet_resnet34", "unetpp_resnet18", "deeplabv3plus_resnet18",
           "segformer_b0")
@@ -152,7 +154,7 @@ def main(argv):
   n = _MATMUL_N.value or (8192 if gpu else 2048)
   for m in _MODELS.value:
     if m not in MODELS and not m.startswith(("unet", "deeplab", "segformer")):
-      raise cli.UserError(f"unknown model {m!r}")
+      raise errors.UserError(f"unknown model {m!r}")
   load_start = common.load_average()
   print(f"roofline on {jax.default_backend()}: patch {patch}, batch {batch}, {dtype}",
         file=sys.stderr)
@@ -161,7 +163,7 @@ def main(argv):
         f"bf16 {peak['bfloat16']['tflops']:.3g} TFLOP/s (matmul {n}^2)", file=sys.stderr)
 
   rows, failures = [], {}
-  bar = cli.Progress(total=len(_MODELS.value), desc="roofline", unit="models", every_s=0)
+  bar = Progress(total=len(_MODELS.value), desc="roofline", unit="models", every_s=0)
   for name in _MODELS.value:
     try:
       rows.append(measure_model(name, patch, batch, dtype, peak))
@@ -175,7 +177,7 @@ def main(argv):
 
   prediction = None
   if _PREDICT_MODEL.value:
-    vol = (cli.parse_ints(_PREDICT_VOLUME.value, 3, "predict_volume") if _PREDICT_VOLUME.value
+    vol = (errors.parse_ints(_PREDICT_VOLUME.value, 3, "predict_volume") if _PREDICT_VOLUME.value
            else ((512, 512, 512) if gpu else (64, 128, 128)))
     gflop = next((r["gflop_fwd"] for r in rows if r["model"] == _PREDICT_MODEL.value), None)
     if gflop is None:
@@ -229,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

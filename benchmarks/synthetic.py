@@ -14,7 +14,7 @@ from pathlib import Path
 def synthetic_scan(path: Path, shape) -> Path:
   """A smooth uint16 volume with noise, stored as a scan (statistics computed at import)."""
   import numpy as np
-  from bonejax import store
+  from bonejax.data import store
   rng = np.random.default_rng(0)
   z = np.arange(shape[0], dtype=np.float32)[:, None, None]
   y = np.arange(shape[1], dtype=np.float32)[None, :, None]
@@ -28,7 +28,8 @@ def synthetic_scan(path: Path, shape) -> Path:
 def make_bundle(path: Path, model: str, **kwargs) -> Path:
   """A bundle of `model` (its own arguments `kwargs`) with random weights, 3 classes."""
   from flax import nnx
-  from bonejax import bundle, models
+  from bonejax import models
+  from bonejax.models import bundle
   abstract = nnx.eval_shape(lambda: models.create(model, num_classes=3, in_channels=1,
                                                   rngs=nnx.Rngs(0), **kwargs))
   meta = bundle.make_meta(model_name=model, model_kwargs=kwargs,

@@ -60,7 +60,8 @@ def main(argv):
   import numpy as np
   from flax import nnx
 
-  from bonejax import models, phantom, store
+  from bonejax import models, phantom
+  from bonejax.data import store
   from bonejax.data import feed as feed_lib
   from bonejax.data import patches
   from bonejax.train import configlib, losses, optim, trainer
@@ -74,7 +75,7 @@ def main(argv):
   data = _DATASET.value
   if not data:
     data = Path(tmp.name) / "data"
-    phantom.make_dataset(data, num_scans=_SCANS.value, shape=common.cli.parse_ints(
+    phantom.make_dataset(data, num_scans=_SCANS.value, shape=common.errors.parse_ints(
         _SHAPE.value, 3, "shape"), seed=0, progress=False)
   ds = store.open_dataset(data)
 

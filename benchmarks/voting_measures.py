@@ -14,7 +14,7 @@ phantom's exact labels:
   configuration costs are measured separately, end to end (`predict.predict_volume` with soft
   voting, engine compiled beforehand, median of --runs): voting rules differ only in the host-side
   fusion, timed apart in the `fuse s` column.
-- Measures (`bonejax.measures`): from the 3-plane soft-vote labels and from the exact truth,
+- Measures (`bonejax.evaluate.measures`): from the 3-plane soft-vote labels and from the exact truth,
   BV/TV and porosity on the bone phantom; BV/TV, BIC, implant volume, residual volume and the
   degradation rate on the implant phantom (DR over a nominal `--implant_years`, with the truth's
   implant volume and surface as the initial ones, so both sides use the same reference), with
@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors, outputs
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Trained model bundle (a run's model/ directory).")
 _SCAN = flags.DEFINE_string("scan", None, "Held-out scan directory (image + exact labels).")
@@ -55,7 +56,7 @@ VOTES = ("soft", "majority", "max")
 
 def voting_table(probs_by_set: dict, truth, classes, num_classes: int) -> list[dict[str, Any]]:
   """Per-class IoU of every configuration x vote, from per-set probabilities computed once."""
-  from bonejax import metrics
+  from bonejax.evaluate import metrics
   from bonejax.predict import planesets
   rows = []
   for label, planes, axis in CONFIGS:
@@ -89,7 +90,7 @@ def time_configs(engine, image, stats, rule: str, runs: int) -> dict[str, float]
 
 def measures_table(pred, truth, classes, voxel_size_um: float, years: float) -> dict[str, Any]:
   """The applicable measures of prediction and truth with relative errors."""
-  from bonejax import measures
+  from bonejax.evaluate import measures
   t = measures.measure(truth, classes, voxel_size_um)
   opts = None
   if "implant_volume_mm3" in t:
@@ -135,9 +136,11 @@ def to_markdown(res: dict[str, Any], info: dict) -> str:
 def main(argv):
   del argv
   if not _BUNDLE.value or not _SCAN.value:
-    raise cli.UserError("--bundle and --scan are required")
+    raise errors.UserError("--bundle and --scan are required")
   import jax
-  from bonejax import bundle, predict, store
+  from bonejax import predict
+  from bonejax.data import store
+  from bonejax.models import bundle
   from bonejax.predict import planesets
   load_start = common.load_average()
   b = bundle.load_bundle(_BUNDLE.value)
@@ -175,7 +178,7 @@ def main(argv):
   md = to_markdown(res, info)
   print(md)
   paths = common.result_paths(f"voting_{_NAME.value}", tag, Path(_RESULTS.value))
-  cli.atomic_write_text(paths["md"], md + "\n")
+  outputs.atomic_write_text(paths["md"], md + "\n")
   common.write_results(f"voting_{_NAME.value}", {**res, "machine": info}, None, tag=tag,
                        results_dir=Path(_RESULTS.value))
   best = max(voting, key=lambda r: r["miou_fg"])
@@ -184,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
 
 _PTH = flags.DEFINE_string("pth", None, "Weights to import: a DLFit .pth checkpoint, an smp "
                            "state dict (.pth/.pt) or .safetensors.")
@@ -49,33 +50,33 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output."
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   importing, exporting = _PTH.value is not None, _TO_PTH.value is not None
   if importing == exporting:
-    raise cli.UserError("give either --pth and --out (import) or --bundle and --to_pth (export)")
+    raise errors.UserError("give either --pth and --out (import) or --bundle and --to_pth (export)")
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   import bonejax.convert as convert  # pylint: disable=import-outside-toplevel
   if exporting:
     if not _BUNDLE.value:
-      raise cli.UserError("--to_pth needs --bundle (the bundle to export)")
+      raise errors.UserError("--to_pth needs --bundle (the bundle to export)")
     stray = [f for f, v in (("out", _OUT), ("arch", _ARCH), ("classes", _CLASSES)) if v.value]
     if stray:
-      raise cli.UserError(f"--{stray[0]} goes with --pth (import), not with --to_pth")
+      raise errors.UserError(f"--{stray[0]} goes with --pth (import), not with --to_pth")
     result = convert.export_weights(_BUNDLE.value, _TO_PTH.value, overwrite=_OVERWRITE.value)
     print(f"wrote {result['pth']}: {result['arch']} as smp {result['smp']['class']}"
           f"(encoder_name={result['smp']['encoder_name']!r}), {result['params']:,} parameters",
           file=sys.stderr)
     return result
   if not _OUT.value:
-    raise cli.UserError("--pth needs --out (the bundle directory to write)")
+    raise errors.UserError("--pth needs --out (the bundle directory to write)")
   if _BUNDLE.value:
-    raise cli.UserError("--bundle goes with --to_pth (export), not with --pth")
+    raise errors.UserError("--bundle goes with --to_pth (export), not with --pth")
   classes = None
   if _CLASSES.value is not None:
     classes = [c.strip() for c in _CLASSES.value.split(",")]
     if not all(classes) or len(set(classes)) != len(classes):
-      raise cli.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
+      raise errors.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
   result = convert.import_weights(_PTH.value, _OUT.value, arch=_ARCH.value, classes=classes,
                                   normalization=_NORMALIZATION.value, patch_size=_PATCH.value,
                                   context_slices=_CONTEXT.value, overwrite=_OVERWRITE.value)
@@ -90,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

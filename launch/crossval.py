@@ -32,7 +32,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
 from bonejax.train import configlib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,13 +48,13 @@ _VOTE = flags.DEFINE_enum("vote", "soft", ["soft", "majority"], "Voting rule whe
 def main(argv):
   configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
   if _PLANES.value not in (1, 3, 9, 12):
-    raise cli.UserError(f"--planes={_PLANES.value} must be 1, 3, 9 or 12")
+    raise errors.UserError(f"--planes={_PLANES.value} must be 1, 3, 9 or 12")
   logging.set_verbosity(logging.WARNING)
-  from bonejax import crossval
+  from bonejax.train import crossval
   return crossval.run(_CONFIG.value, _FOLDS.value, _WORKDIR.value, planes=_PLANES.value,
                       vote=_VOTE.value)
 
 
 if __name__ == "__main__":
   configlib.check_argv(sys.argv)
-  cli.run(main)
+  runner.run(main)

@@ -31,7 +31,8 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors, outputs
 from bonejax.train import configlib  # noqa: E402
 
 # A default config file is parsed when the flag is defined: check overrides first (one line).
@@ -47,7 +48,8 @@ _PICTURES = flags.DEFINE_bool("pictures", True, "Write the IoU profile and overl
 
 
 def make_or_open_dataset(data: Path, num_scans: int, shape: tuple[int, ...], seed: int):
-  from bonejax import phantom, store
+  from bonejax import phantom
+  from bonejax.data import store
   if (data / store.DATASET_JSON).exists():
     ds = store.open_dataset(data)
     print(f"[demo] reusing dataset {data} ({len(ds.scans)} scans)", file=sys.stderr)
@@ -70,28 +72,31 @@ def table(rows: list[tuple[str, dict]], classes: list[str]) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
-    raise cli.UserError("--workdir is required")
+    raise errors.UserError("--workdir is required")
   if _NUM_SCANS.value < 3:
-    raise cli.UserError(f"--num_scans={_NUM_SCANS.value}: the demo needs at least 3 scans "
+    raise errors.UserError(f"--num_scans={_NUM_SCANS.value}: the demo needs at least 3 scans "
                         "(train, validation, test)")
-  shape = cli.parse_ints(_SHAPE.value, 3, "shape")
+  shape = errors.parse_ints(_SHAPE.value, 3, "shape")
   workdir = Path(_WORKDIR.value).absolute()
   if workdir.exists() and not workdir.is_dir():
-    raise cli.UserError(f"--workdir={str(workdir)!r} exists and is not a directory")
+    raise errors.UserError(f"--workdir={str(workdir)!r} exists and is not a directory")
   workdir.mkdir(parents=True, exist_ok=True)
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
 
   import numpy as np
-  from bonejax import baseline, bundle, metrics, predict, report, store
+  from bonejax import predict
+  from bonejax.data import store
+  from bonejax.evaluate import baseline, metrics, report
+  from bonejax.models import bundle
   from bonejax.train import trainer
 
   # ---- Data: a scan-level split, the last scan never seen in training or model selection. ----
   ds = make_or_open_dataset(workdir / "data", _NUM_SCANS.value, shape, _SEED.value)
   if len(ds.scans) < 3:
-    raise cli.UserError(f"dataset {str(ds.path)!r} has {len(ds.scans)} scans; need >= 3")
+    raise errors.UserError(f"dataset {str(ds.path)!r} has {len(ds.scans)} scans; need >= 3")
   train_scans, val_scans, test_scan = ds.scans[:-2], ds.scans[-2:-1], ds.scans[-1]
   config = _CONFIG.value
   with config.unlocked():
@@ -119,7 +124,7 @@ def main(argv):
   voxels = int(np.prod(scan.shape))
 
   pred_path = workdir / "prediction.zarr"
-  with cli.atomic_output(pred_path, overwrite=True) as tmp:
+  with outputs.atomic_output(pred_path, overwrite=True) as tmp:
     arr = store.create_array(tmp, scan.shape, "uint8")
     arr.write(soft_labels).result()
     store.set_array_attrs(tmp, {"model": str(workdir / "model"), "planes": 3,
@@ -144,7 +149,7 @@ def main(argv):
   ev = report.evaluate(pred_path, ds.scan_path(test_scan), classes=ds.classes,
                        pictures=_PICTURES.value, progress=False, middle_planes=True)
   rep = report.write(ev, workdir / "report.json")
-  from bonejax import html_report
+  from bonejax.evaluate import html_report
   html_path = html_report.write(
       ev, workdir / "report.html", title=f"bonejax demo: held-out scan {test_scan}",
       voting=rows, metrics_csv=html_report.find_metrics_csv(workdir))
@@ -182,4 +187,4 @@ def main_removing_failed_runs(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main_removing_failed_runs)
+  runner.run(main_removing_failed_runs)

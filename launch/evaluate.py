@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli, measures, report  # noqa: E402  (no jax: start-up stays fast)
+from bonejax.cli import runner  # noqa: E402  (no jax: start-up stays fast)
+from bonejax.core import errors, outputs
+from bonejax.evaluate import measures, report
 
 _PRED = flags.DEFINE_string("pred", None, "Predicted labels: zarr v3 array, scan directory, "
                             "TIFF or .npy.", required=True)
@@ -68,43 +70,43 @@ def _parse_slices(text):
   try:
     return [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise cli.UserError(f"--overlay_slices={text!r} is not a comma-separated list of "
+    raise errors.UserError(f"--overlay_slices={text!r} is not a comma-separated list of "
                         f"integers") from None
 
 
 def _check_outputs(paths):
   """Refuses outputs that exist (without --overwrite), are not bonejax's, or are an input."""
   for p in paths:
-    cli.check_output(p, _OVERWRITE.value, inputs=(_PRED.value, _TRUTH.value, _IMAGE.value,
+    outputs.check_output(p, _OVERWRITE.value, inputs=(_PRED.value, _TRUTH.value, _IMAGE.value,
                                                    _UNCERTAINTY.value))
 
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _SLAB.value < 1:
-    raise cli.UserError(f"--slab={_SLAB.value} must be >= 1")
+    raise errors.UserError(f"--slab={_SLAB.value} must be >= 1")
   out = Path(_OUT.value)
   if out.suffix.lower() != ".json":
-    raise cli.UserError(f"--out={str(out)!r} must end in .json")
+    raise errors.UserError(f"--out={str(out)!r} must end in .json")
   if out.exists() and out.is_dir():
-    raise cli.UserError(f"--out={str(out)!r} is a directory")
+    raise errors.UserError(f"--out={str(out)!r} is a directory")
   classes = None
   if _CLASSES.value is not None:
     classes = [c.strip() for c in _CLASSES.value.split(",")]
     if any(not c for c in classes) or len(set(classes)) != len(classes):
-      raise cli.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
+      raise errors.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
   slices = _parse_slices(_SLICES.value) if _SLICES.value else None
   # Fail on an existing output before any work; a folder made for the report goes again if the
   # run fails. The claim refuses a second run writing the same report meanwhile.
   html_path = Path(_HTML.value) if _HTML.value else None
   if html_path is not None and html_path.suffix.lower() not in (".html", ".htm"):
-    raise cli.UserError(f"--html={str(html_path)!r} must end in .html")
+    raise errors.UserError(f"--html={str(html_path)!r} must end in .html")
   if _UNCERTAINTY.value and html_path is None:
-    raise cli.UserError("--uncertainty is shown in the HTML report: give --html too")
-  with cli.claim_output(out), contextlib.ExitStack() as claims:
+    raise errors.UserError("--uncertainty is shown in the HTML report: give --html too")
+  with outputs.claim_output(out), contextlib.ExitStack() as claims:
     if html_path is not None:
-      claims.enter_context(cli.claim_output(html_path))
+      claims.enter_context(outputs.claim_output(html_path))
     _check_outputs([out, out.with_suffix(".md")] + ([html_path] if html_path else []))
     ev = report.evaluate(
         _PRED.value, _TRUTH.value, classes=classes, num_classes=_NUM_CLASSES.value,
@@ -117,7 +119,8 @@ def main(argv):
     if _PICTURES.value:
       _check_outputs(report.picture_paths(out, sorted(ev.overlays)))
     if html_path is not None:
-      from bonejax import html_report, store
+      from bonejax.data import store
+      from bonejax.evaluate import html_report
       model = store.array_attrs(_PRED.value).get("model") if Path(_PRED.value).is_dir() else None
       html_report.write(ev, html_path,
                         metrics_csv=html_report.find_metrics_csv(_CURVES.value, model))
@@ -126,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli, volume_io  # noqa: E402  (no jax: start-up stays fast)
+from bonejax.cli import runner  # noqa: E402  (no jax: start-up stays fast)
+from bonejax.core import errors
+from bonejax.io import volume_io
 
 _IMAGE = flags.DEFINE_string("image", None, "Input volume: multi-page TIFF, folder of 2D slices, "
                              ".npy, zarr / OME-Zarr, scan directory, HDF5 / NeXus, MRC or .isq.",
@@ -49,11 +51,11 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing scan of 
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   return volume_io.import_volume(
       image=_IMAGE.value, out=_OUT.value, scan=_SCAN.value, labels=_LABELS.value,
       classes=_CLASSES.value, voxel_size_um=_voxel_flag(_VOXEL.value),
-      chunks=cli.parse_ints(_CHUNKS.value, 3, "chunks"), slab=_SLAB.value,
+      chunks=errors.parse_ints(_CHUNKS.value, 3, "chunks"), slab=_SLAB.value,
       overwrite=_OVERWRITE.value, resample_um=_RESAMPLE.value, image_key=_IMAGE_KEY.value,
       labels_key=_LABELS_KEY.value)
 
@@ -64,11 +66,11 @@ def _voxel_flag(text):
   try:
     values = [float(v) for v in text.split(",")]
   except ValueError:
-    raise cli.UserError(f"--voxel_size_um={text!r} is not a number or Z,Y,X") from None
+    raise errors.UserError(f"--voxel_size_um={text!r} is not a number or Z,Y,X") from None
   if len(values) not in (1, 3):
-    raise cli.UserError(f"--voxel_size_um={text!r}: give one number or three (Z,Y,X)")
+    raise errors.UserError(f"--voxel_size_um={text!r}: give one number or three (Z,Y,X)")
   return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors, outputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Dataset directory to create (DATA/dataset.json, scan_000...).")
@@ -33,22 +34,22 @@ flags.DEFINE_string("chunks", "64,64,64", "zarr chunk shape Z,Y,X.")
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   from bonejax import phantom  # after flag parsing: --help stays instant
 
   if not FLAGS.out:
-    raise cli.UserError("--out is required")
+    raise errors.UserError("--out is required")
   if FLAGS.seed < 0:
-    raise cli.UserError(f"--seed={FLAGS.seed} must be a non-negative integer")
+    raise errors.UserError(f"--seed={FLAGS.seed} must be a non-negative integer")
   if FLAGS.num_scans < 1:
-    raise cli.UserError(f"--num_scans={FLAGS.num_scans} must be >= 1")
-  shape = phantom.check_args(FLAGS.kind, cli.parse_ints(FLAGS.shape, 3, "shape"),
+    raise errors.UserError(f"--num_scans={FLAGS.num_scans} must be >= 1")
+  shape = phantom.check_args(FLAGS.kind, errors.parse_ints(FLAGS.shape, 3, "shape"),
                              FLAGS.num_scans, FLAGS.seed)
   phantom.check_memory(shape, FLAGS.kind)
-  chunks = cli.parse_ints(FLAGS.chunks, 3, "chunks")
+  chunks = errors.parse_ints(FLAGS.chunks, 3, "chunks")
   t0 = time.perf_counter()
-  with cli.claim_output(FLAGS.out):
-    cli.check_output(FLAGS.out, FLAGS.overwrite)  # fail before any work
+  with outputs.claim_output(FLAGS.out):
+    outputs.check_output(FLAGS.out, FLAGS.overwrite)  # fail before any work
     ds = phantom.make_dataset(FLAGS.out, num_scans=FLAGS.num_scans, shape=shape,
                               seed=FLAGS.seed, kind=FLAGS.kind, overwrite=FLAGS.overwrite,
                               chunks=chunks)
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
 
 _MODEL = flags.DEFINE_string("model", None, "Model name (see bonejax.models.MODEL_NAMES).",
                              required=True)
@@ -38,18 +39,18 @@ _MODEL_ARGS = flags.DEFINE_string("model_args", "{}",
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  patch = cli.parse_ints(_PATCH.value, None, "patch")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  patch = errors.parse_ints(_PATCH.value, None, "patch")
   if len(patch) == 1:
     patch = patch * 2
   if len(patch) != 2:
-    raise cli.UserError(f"--patch={_PATCH.value!r} needs one or two integers")
+    raise errors.UserError(f"--patch={_PATCH.value!r} needs one or two integers")
   try:
     model_args = json.loads(_MODEL_ARGS.value)
   except json.JSONDecodeError as e:
-    raise cli.UserError(f"--model_args is not valid JSON: {e}") from None
+    raise errors.UserError(f"--model_args is not valid JSON: {e}") from None
   if not isinstance(model_args, dict):
-    raise cli.UserError("--model_args must be a JSON object")
+    raise errors.UserError("--model_args must be a JSON object")
 
   # Imported here so that --help and flag errors stay fast.
   import jax  # pylint: disable=import-outside-toplevel
@@ -60,13 +61,13 @@ def main(argv):
 
   name, batch = _MODEL.value, _BATCH.value
   if patch[0] % models.STRIDE or patch[1] % models.STRIDE:
-    raise cli.UserError(f"--patch={_PATCH.value} must be a multiple of {models.STRIDE}")
+    raise errors.UserError(f"--patch={_PATCH.value} must be a multiple of {models.STRIDE}")
   try:
     model = models.abstract_model(models.create, name, num_classes=_NUM_CLASSES.value,
                                   in_channels=_IN_CHANNELS.value, rngs=nnx.Rngs(0),
                                   dtype=jnp.dtype(_DTYPE.value), **model_args)
   except (ValueError, TypeError) as e:
-    raise cli.UserError(str(e)) from None
+    raise errors.UserError(str(e)) from None
 
   params = models.count_params(model)
   parts = {str(key): models.count_params(child) for key, child in nnx.iter_children(model)}
@@ -98,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

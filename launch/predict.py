@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from bonejax import cli, distributed  # noqa: E402  (jax is imported once the flags are good)
+from bonejax.cli import runner  # noqa: E402  (jax is imported once the flags are good)
+from bonejax.core import distributed, errors, outputs
 
 PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
 VOTES = ("soft", "majority", "max")
@@ -99,42 +100,42 @@ def _int_flag(name: str, text: str | None, choices=None) -> int | None:
   try:
     value = int(str(text).strip())
   except ValueError:
-    raise cli.UserError(f"--{name}={text!r} is not an integer") from None
+    raise errors.UserError(f"--{name}={text!r} is not an integer") from None
   if choices is not None and value not in choices:
-    raise cli.UserError(f"--{name}={value} must be one of {', '.join(map(str, choices))}")
+    raise errors.UserError(f"--{name}={value} must be one of {', '.join(map(str, choices))}")
   return value
 
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   planes = _int_flag("planes", _PLANES.value, PLANES)
   axis = _int_flag("axis", _AXIS.value, (0, 1, 2))
   if axis is not None and planes != 1:
-    raise cli.UserError(f"--axis goes with --planes=1 only (got --planes={planes})")
+    raise errors.UserError(f"--axis goes with --planes=1 only (got --planes={planes})")
   if _VOTE.value not in VOTES:
-    raise cli.UserError(f"--vote={_VOTE.value!r} must be soft, majority or max")
+    raise errors.UserError(f"--vote={_VOTE.value!r} must be soft, majority or max")
   if _DTYPE.value not in DTYPES:
-    raise cli.UserError(f"--dtype={_DTYPE.value!r} must be one of {', '.join(DTYPES)}")
+    raise errors.UserError(f"--dtype={_DTYPE.value!r} must be one of {', '.join(DTYPES)}")
   if not _BUDGET.value > 0:
-    raise cli.UserError(f"--memory_budget_gb={_BUDGET.value} must be positive")
+    raise errors.UserError(f"--memory_budget_gb={_BUDGET.value} must be positive")
   if _BATCH.value < 1:
-    raise cli.UserError(f"--batch_size={_BATCH.value} must be positive")
+    raise errors.UserError(f"--batch_size={_BATCH.value} must be positive")
   if _DEVICE_GB.value is not None and not _DEVICE_GB.value > 0:
-    raise cli.UserError(f"--device_memory_gb={_DEVICE_GB.value} must be positive")
+    raise errors.UserError(f"--device_memory_gb={_DEVICE_GB.value} must be positive")
   if _TILE.value is not None and _TILE.value < 1:
-    raise cli.UserError(f"--tile_size={_TILE.value} must be positive")
+    raise errors.UserError(f"--tile_size={_TILE.value} must be positive")
   if _OVERLAP.value is not None and _OVERLAP.value < 0:
-    raise cli.UserError(f"--tile_overlap={_OVERLAP.value} must be >= 0")
+    raise errors.UserError(f"--tile_overlap={_OVERLAP.value} must be >= 0")
   if _OVERLAP.value is not None and _TILE.value is not None and _OVERLAP.value >= _TILE.value:
-    raise cli.UserError(f"--tile_overlap={_OVERLAP.value} must be smaller than "
+    raise errors.UserError(f"--tile_overlap={_OVERLAP.value} must be smaller than "
                         f"--tile_size={_TILE.value}")
   if _DEVICES.value is not None and _DEVICES.value < 1:
-    raise cli.UserError(f"--devices={_DEVICES.value} must be at least 1")
+    raise errors.UserError(f"--devices={_DEVICES.value} must be at least 1")
   if not _BARRIER_S.value > 0:
-    raise cli.UserError(f"--barrier_timeout_s={_BARRIER_S.value} must be positive")
+    raise errors.UserError(f"--barrier_timeout_s={_BARRIER_S.value} must be positive")
   if _HEARTBEAT_S.value < 1:
-    raise cli.UserError(f"--heartbeat_timeout_s={_HEARTBEAT_S.value} must be positive")
+    raise errors.UserError(f"--heartbeat_timeout_s={_HEARTBEAT_S.value} must be positive")
   multihost = distributed.requested(_COORD.value, _NPROC.value, _PID.value, _MULTIHOST.value)
   ooc = {"auto": None, "yes": True, "no": False}[_OOC.value]
   bundle = Path(_MODEL.value)
@@ -155,10 +156,10 @@ def main(argv):
     for out in (_OUTPUT.value, _SAVE_PROBS.value, _SAVE_UNC.value):
       if out:
         if group.is_main:
-          claims.enter_context(cli.claim_output(out))
-        cli.check_output(out, _OVERWRITE.value, inputs=(_INPUT.value, bundle))
-    cli.require_exists(_MODEL.value, "model bundle")
-    cli.require_exists(_INPUT.value, "input")
+          claims.enter_context(outputs.claim_output(out))
+        outputs.check_output(out, _OVERWRITE.value, inputs=(_INPUT.value, bundle))
+    errors.require_exists(_MODEL.value, "model bundle")
+    errors.require_exists(_INPUT.value, "input")
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
     from bonejax import predict
@@ -174,4 +175,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -35,7 +35,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
 from bonejax.train import configlib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,11 +55,11 @@ def init_distributed() -> None:
   import jax
   given = [f for f in (_COORD.value, _NPROC.value, _PID.value) if f is not None]
   if given and len(given) != 3:
-    raise cli.UserError("multi-host needs all of --coordinator_address, --num_processes and "
+    raise errors.UserError("multi-host needs all of --coordinator_address, --num_processes and "
                         "--process_id (or --multihost for auto-detection)")
   if given:
     if not 0 <= _PID.value < _NPROC.value:
-      raise cli.UserError(f"--process_id={_PID.value} not in [0, {_NPROC.value})")
+      raise errors.UserError(f"--process_id={_PID.value} not in [0, {_NPROC.value})")
     jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
   elif _MULTIHOST.value:
@@ -75,4 +76,4 @@ def main(argv):
 
 if __name__ == "__main__":
   configlib.check_argv(sys.argv)
-  cli.run(main)
+  runner.run(main)

@@ -4,7 +4,8 @@ uint16 test volume."""
 import numpy as np
 from flax import nnx
 
-from bonejax import bundle, models
+from bonejax import models
+from bonejax.models import bundle
 
 CLASSES = ["background", "bone", "pore"]
 

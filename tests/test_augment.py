@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.train import augment as aug
 
 B, P = 3, 24
@@ -78,7 +78,7 @@ def test_geometry_moves_image_and_label_together():
 
 
 def test_unknown_option_refused():
-  with pytest.raises(cli.UserError, match="colour"):
+  with pytest.raises(errors.UserError, match="colour"):
     aug.resolve_config({"colour": 1})
 
 
@@ -130,5 +130,5 @@ def test_bone_options_refused_when_wrong():
                        (dict(scale=(1.2, 0.8)), "augment.scale"),
                        (dict(clip=(5.0, -5.0)), "augment.clip"),
                        (dict(scale_prob=1.5), "scale_prob")):
-    with pytest.raises(cli.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
       aug.resolve_config(bad)

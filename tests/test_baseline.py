@@ -5,7 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from bonejax import baseline, cli, intensity, store
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.evaluate import baseline
+from bonejax.io import intensity
 
 
 @pytest.mark.parametrize("n_thresholds", [1, 2, 3])
@@ -83,9 +86,9 @@ def test_fit_unsupervised_ascending():
 
 def test_bad_labels():
   image, labels = _toy()
-  with pytest.raises(cli.UserError, match="outside"):
+  with pytest.raises(errors.UserError, match="outside"):
     baseline.ThresholdBaseline.fit(image, labels, num_classes=3)
-  with pytest.raises(cli.UserError, match="shape"):
+  with pytest.raises(errors.UserError, match="shape"):
     baseline.ThresholdBaseline.fit(image, labels[:-1], num_classes=4)
 
 

@@ -10,7 +10,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from bonejax import bundle, cli, models
+from bonejax import models
+from bonejax.core import errors
+from bonejax.models import bundle
 
 CLASSES = ["background", "bone", "pore"]
 
@@ -91,7 +93,7 @@ def test_bad_model_json_is_one_line(unet_bundle, tmp_path, edit, message):
   meta = json.loads((bad / bundle.MODEL_JSON).read_text())
   (bad / bundle.MODEL_JSON).write_text(json.dumps(edit(meta)))
   for read in (bundle.read_meta, bundle.load_bundle):
-    with pytest.raises(cli.UserError, match=message) as e:
+    with pytest.raises(errors.UserError, match=message) as e:
       read(bad)
     assert "\n" not in str(e.value)
 
@@ -109,7 +111,7 @@ def test_model_json_must_fit_the_weights(unet_bundle, tmp_path, kwargs, message)
   shutil.copytree(unet_bundle, bad)
   meta = json.loads((bad / bundle.MODEL_JSON).read_text())
   (bad / bundle.MODEL_JSON).write_text(json.dumps({**meta, "model_kwargs": kwargs}))
-  with pytest.raises(cli.UserError, match=message):
+  with pytest.raises(errors.UserError, match=message):
     bundle.load_bundle(bad)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bonejax import bundle, cli
+from bonejax.core import errors
+from bonejax.models import bundle
 from bonejax.train import trainer
 from bonejax.train.checkpoint import load_state, read_state
 from train_helpers import smoke_config
@@ -106,7 +107,7 @@ def test_no_readable_checkpoint_is_one_line(run8, tiny_dataset, tmp_path):
   for step in (workdir / "checkpoints").iterdir():
     if step.name.isdigit():
       _truncate(step / "host" / "metadata")
-  with pytest.raises(cli.UserError, match=rf"no readable checkpoint in .*the newest, "
+  with pytest.raises(errors.UserError, match=rf"no readable checkpoint in .*the newest, "
                      rf".*checkpoints/{_newest(workdir)}, fails"):
     trainer.train(_config(tiny_dataset), workdir)
   assert not (workdir / "checkpoints.corrupt").exists()  # nothing moved when nothing restores
@@ -179,5 +180,5 @@ def test_a_dropout_stream_survives_save_and_restore(tmp_path, impl):
   np.testing.assert_array_equal(restored["lin"]["kernel"].get_value(), model.lin.kernel.get_value())
   # A real mismatch is still refused.
   other = nnx.state(nnx.Linear(2, 4, rngs=nnx.Rngs(0)))
-  with pytest.raises(cli.UserError, match="does not fit this configuration"):
+  with pytest.raises(errors.UserError, match="does not fit this configuration"):
     ckpt.restore(3, {"lin": other, "drop": state["drop"]})

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from bonejax import cli, outputs, store, volume_io
+from bonejax.cli import runner
+from bonejax.core import errors, outputs
+from bonejax.data import store
+from bonejax.io import volume_io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,12 +50,12 @@ def test_overwrite_refuses_what_bonejax_did_not_write(tmp_path):
   for p, match in [(user, "is a directory bonejax did not write"),
                    (notes, "is a file bonejax did not write"),
                    (foreign_zarr, "zarr node bonejax did not write")]:
-    with pytest.raises(cli.UserError, match=match):
-      cli.check_output(p, overwrite=True)
-    with pytest.raises(cli.UserError, match="exists; pass --overwrite"):
-      cli.check_output(p, overwrite=False)
-    with pytest.raises(cli.UserError, match="replaces only bonejax outputs"):
-      with cli.atomic_output(p, overwrite=True) as tmp:
+    with pytest.raises(errors.UserError, match=match):
+      outputs.check_output(p, overwrite=True)
+    with pytest.raises(errors.UserError, match="exists; pass --overwrite"):
+      outputs.check_output(p, overwrite=False)
+    with pytest.raises(errors.UserError, match="replaces only bonejax outputs"):
+      with outputs.atomic_output(p, overwrite=True) as tmp:
         tmp.write_text("new")
   assert (user / "thesis.tex").read_text() == "chapter 1" and (user / "photos").is_dir()
   assert notes.read_text() == "mine"
@@ -80,7 +83,7 @@ def test_overwrite_replaces_bonejax_outputs(tmp_path):
   empty.mkdir()
   for p in (scan, data, arr, tmp_path / "pred.tif", bundle, report, html, empty):
     assert outputs.foreign_reason(p) is None, p
-    with cli.atomic_output(p, overwrite=True) as tmp:
+    with outputs.atomic_output(p, overwrite=True) as tmp:
       tmp.write_text("replaced")
     assert p.read_text() == "replaced"
 
@@ -117,10 +120,10 @@ def test_output_that_is_or_holds_or_lies_inside_an_input(tmp_path):
       (d / "pred.zarr", [d], "lies inside the input"),
       (tmp_path, [d], "holds the input"),
   ]:
-    with pytest.raises(cli.UserError, match=match):
-      cli.check_output(out, overwrite=True, inputs=inputs)
+    with pytest.raises(errors.UserError, match=match):
+      outputs.check_output(out, overwrite=True, inputs=inputs)
   assert src.read_bytes() == b"precious"
-  cli.check_output(tmp_path / "other.tif", overwrite=True, inputs=[src, d, None])
+  outputs.check_output(tmp_path / "other.tif", overwrite=True, inputs=[src, d, None])
 
 
 def test_unwritable_output_directory_fails_up_front(tmp_path, monkeypatch):
@@ -128,12 +131,12 @@ def test_unwritable_output_directory_fails_up_front(tmp_path, monkeypatch):
   real = os.access
   monkeypatch.setattr(outputs.os, "access",
                       lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
-  with pytest.raises(cli.UserError, match="permission denied"):
-    cli.check_output(tmp_path / "pred.tif", overwrite=False)
+  with pytest.raises(errors.UserError, match="permission denied"):
+    outputs.check_output(tmp_path / "pred.tif", overwrite=False)
   monkeypatch.setattr(outputs.Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(
       PermissionError(13, "Permission denied")))
-  with pytest.raises(cli.UserError, match="cannot create .*new.*: permission denied"):
-    cli.check_output(tmp_path / "new" / "deeper" / "pred.tif", overwrite=False)
+  with pytest.raises(errors.UserError, match="cannot create .*new.*: permission denied"):
+    outputs.check_output(tmp_path / "new" / "deeper" / "pred.tif", overwrite=False)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -142,8 +145,8 @@ def test_read_only_directory_is_refused(tmp_path):
   ro.mkdir()
   ro.chmod(0o555)
   try:
-    with pytest.raises(cli.UserError, match="permission denied"):
-      cli.check_output(ro / "pred.zarr", overwrite=False)
+    with pytest.raises(errors.UserError, match="permission denied"):
+      outputs.check_output(ro / "pred.zarr", overwrite=False)
   finally:
     ro.chmod(0o755)
 
@@ -157,7 +160,7 @@ def test_failed_output_removes_the_parents_it_made(tmp_path):
   (tmp_path / "a").mkdir()
   out = tmp_path / "a" / "b" / "c" / "out.zarr"
   with pytest.raises(RuntimeError):
-    with cli.atomic_output(out) as tmp:
+    with outputs.atomic_output(out) as tmp:
       tmp.mkdir()
       raise RuntimeError("boom")
   assert names(tmp_path) == ["a"] and names(tmp_path / "a") == []
@@ -170,15 +173,15 @@ def test_failed_output_removes_the_parents_it_made(tmp_path):
 
 def test_claims_are_exclusive_between_runs_and_reentrant_within_one(tmp_path):
   out = tmp_path / "out.zarr"
-  with cli.claim_output(out):
+  with outputs.claim_output(out):
     assert (tmp_path / ".out.zarr.lock").exists() and outputs.is_claimed(out)
-    with cli.atomic_output(out) as tmp:  # the same process: the claim is reused
+    with outputs.atomic_output(out) as tmp:  # the same process: the claim is reused
       tmp.write_text("x")
     # Another process is refused while this one holds the claim.
-    code = ("import sys; from bonejax import cli\n"
+    code = ("import sys; from bonejax.core import errors, outputs\n"
             "try:\n"
-            f"  cm = cli.claim_output({str(out)!r}); cm.__enter__()\n"
-            "except cli.UserError as e:\n"
+            f"  cm = outputs.claim_output({str(out)!r}); cm.__enter__()\n"
+            "except errors.UserError as e:\n"
             "  print(e); sys.exit(2)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=REPO, timeout=60)
@@ -217,7 +220,7 @@ def test_scratch_dir_removes_stale_ones(tmp_path, capsys):
   (stale / "input.zarr").mkdir(parents=True)
   legacy = tmp_path / ".bonejax-predict-k2j3_a9x"  # no owner in the name: left alone
   legacy.mkdir()
-  with cli.scratch_dir(tmp_path) as scratch:
+  with outputs.scratch_dir(tmp_path) as scratch:
     assert scratch.is_dir() and scratch.parent == tmp_path
     assert scratch.name.startswith(f".bonejax-predict-{outputs.HOST}-{os.getpid()}-")
     assert not stale.exists()
@@ -229,12 +232,12 @@ def test_scratch_dir_removes_stale_ones(tmp_path, capsys):
 def test_atomic_write_text_cleans_its_own_stale_temporaries(tmp_path):
   pid = dead_pid()
   (tmp_path / f".dataset.json.tmp-{outputs.HOST}-{pid}-0123abcd").write_text("{")
-  cli.atomic_write_json(tmp_path / "dataset.json", {"a": 1})
+  outputs.atomic_write_json(tmp_path / "dataset.json", {"a": 1})
   assert names(tmp_path) == ["dataset.json"]
 
 
 # ---------------------------------------------------------------------------------------------
-# cli.run: one line, whatever happened.
+# runner.run: one line, whatever happened.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -243,31 +246,32 @@ def test_io_errors_are_bad_input_in_one_line():
       'FAILED_PRECONDITION: Error reading local file "/d/scan/image/c/0/0/0": '
       "ZSTD_decompressStream() failed [source locations='a.cc:1'] "
       "[tensorstore_spec='{\"driver\": \"zarr3\", \"kvstore\": {\"path\": \"/d\"}}']")
-  line = cli.io_error(ts_error)
+  line = errors.io_error(ts_error)
   assert line == ('Error reading local file "/d/scan/image/c/0/0/0": '
                   "ZSTD_decompressStream() failed")
-  assert cli.io_error(PermissionError(13, "Permission denied", "/ro/x")) == (
+  assert errors.io_error(PermissionError(13, "Permission denied", "/ro/x")) == (
       "cannot write or read '/ro/x': permission denied")
-  assert cli.io_error(ValueError("INVALID_ARGUMENT: bad rank")) is None
-  assert cli.io_error(RuntimeError("bug")) is None
+  assert errors.io_error(ValueError("INVALID_ARGUMENT: bad rank")) is None
+  assert errors.io_error(RuntimeError("bug")) is None
 
 
 SCRIPT = '''
 import logging, sys
 sys.path.insert(0, {repo!r})
-from bonejax import cli
+from bonejax.cli import runner
+from bonejax.core import errors, outputs
 def main(argv):
   logging.getLogger("tifffile").error("TiffPage 3: truncated file")
   what = {what!r}
   if what == "user":
-    raise cli.UserError("cannot read TIFF 'x.tif'")
+    raise errors.UserError("cannot read TIFF 'x.tif'")
   if what == "ts":
     raise ValueError('DATA_LOSS: Error reading local file "/d/c/0": bad '
                      '[tensorstore_spec=\\'{{}}\\']')
   if what == "bug":
     raise KeyError("oops")
   return {{"ok": 1}}
-cli.run(main)
+runner.run(main)
 '''
 
 
@@ -292,7 +296,7 @@ def test_run_prints_one_stderr_line(tmp_path, what, code, expect):
 def test_tifffile_logger_is_restored():
   logger = logging.getLogger("tifffile")
   before = (list(logger.handlers), logger.propagate)
-  with cli._quiet_tifffile() as log:
+  with runner._quiet_tifffile() as log:
     logger.warning("w")
   assert log.messages == ["w"] and (list(logger.handlers), logger.propagate) == before
 
@@ -303,12 +307,12 @@ def test_read_of_a_damaged_chunk_is_a_user_error(tmp_path):
   chunk = next(p for p in sorted((tmp_path / "s" / "image" / "c").rglob("*")) if p.is_file())
   chunk.write_bytes(b"garbage" * 10)
   scan = store.open_scan(tmp_path / "s")
-  with pytest.raises(cli.UserError, match=r"cannot read scan .*Error reading local file"):
+  with pytest.raises(errors.UserError, match=r"cannot read scan .*Error reading local file"):
     scan.read_image()
-  with pytest.raises(cli.UserError, match="Error reading local file"):
+  with pytest.raises(errors.UserError, match="Error reading local file"):
     store.read_slab(scan.image, 0, 0, 4)
   (tmp_path / "s" / "image" / "zarr.json").write_text("{garbage")
-  with pytest.raises(cli.UserError) as e:
+  with pytest.raises(errors.UserError) as e:
     store.open_scan(tmp_path / "s")
   assert "tensorstore_spec" not in str(e.value) and len(str(e.value)) < 300
 

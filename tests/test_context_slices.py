@@ -11,7 +11,8 @@ tests/test_predict_context.py.
 import numpy as np
 import pytest
 
-from bonejax import intensity, store
+from bonejax.data import store
+from bonejax.io import intensity
 from bonejax.data import patches
 
 # Few planes along Z and Y: k = 3 reaches past both ends (and past the far end twice along Z).

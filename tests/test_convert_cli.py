@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import bonejax.convert as convert
-from bonejax import bundle, cli, models
+from bonejax import models
+from bonejax.core import errors
+from bonejax.models import bundle
 from bonejax.convert import metadata, safetensors_io, torch_pickle, weights
 from smp_reference import random_smp, require
 
@@ -108,9 +110,9 @@ def test_metadata_spellings_2p5d_and_minmax():
                   "patch_size": 512}
   assert metadata.interpret({"arch": "Segformer", "backbone": "mit_b0"})["arch"] == \
       ("Segformer", "mit_b0")
-  with pytest.raises(cli.UserError, match="odd"):
+  with pytest.raises(errors.UserError, match="odd"):
     metadata.interpret({"slices": 4})
-  with pytest.raises(cli.UserError, match="'histogram' has no bonejax counterpart"):
+  with pytest.raises(errors.UserError, match="'histogram' has no bonejax counterpart"):
     metadata.interpret({"normalization": "histogram"})
 
 
@@ -177,7 +179,7 @@ def _bad_cases(tmp_path, sd):
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, smp_sd):
   for name, (src, kwargs, pattern) in _bad_cases(tmp_path, smp_sd).items():
     out = tmp_path / f"out-{name.replace(' ', '-')}"
-    with pytest.raises(cli.UserError, match=pattern) as e:
+    with pytest.raises(errors.UserError, match=pattern) as e:
       convert.import_weights(src, out, **kwargs)
     assert "\n" not in str(e.value), name
     _nothing_written(out)
@@ -212,10 +214,10 @@ def test_export_refuses_models_smp_does_not_have(tmp_path):
                           classes=["a", "b"], in_channels=1, normalization="percentile",
                           patch_size=64, train_axes=[0])
   bundle.save_bundle(tmp_path / "b", model, meta)
-  with pytest.raises(cli.UserError, match="'unet' has no segmentation_models_pytorch"):
+  with pytest.raises(errors.UserError, match="'unet' has no segmentation_models_pytorch"):
     convert.export_weights(tmp_path / "b", tmp_path / "u.pth")
   _nothing_written(tmp_path / "u.pth")
-  with pytest.raises(cli.UserError, match="must end in"):
+  with pytest.raises(errors.UserError, match="must end in"):
     convert.export_weights(tmp_path / "b", tmp_path / "u.bin")
 
 
@@ -225,7 +227,8 @@ def test_bone_unet_r18_predicts_like_smp_in_torch(tmp_path):
   torch = require("torch")
   net, _, _ = random_smp("unet_resnet18")  # BatchNorm statistics random, as a trained model's
   import tifffile
-  from bonejax import phantom, store
+  from bonejax import phantom
+  from bonejax.data import store
 
   phantom.make_dataset(tmp_path / "data", num_scans=1, shape=(32, 96, 96), seed=3,
                        progress=False)

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.convert import safetensors_io, torch_pickle
 from smp_reference import require
 
@@ -65,10 +65,10 @@ def test_safetensors_round_trip_and_truncation(tmp_path):
     np.testing.assert_array_equal(back[k], a)
   data = (tmp_path / "m.safetensors").read_bytes()
   (tmp_path / "cut.safetensors").write_bytes(data[:-3])
-  with pytest.raises(cli.UserError, match="not a valid .safetensors.*truncated"):
+  with pytest.raises(errors.UserError, match="not a valid .safetensors.*truncated"):
     safetensors_io.load(tmp_path / "cut.safetensors")
   (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
-  with pytest.raises(cli.UserError, match="not a valid .safetensors"):
+  with pytest.raises(errors.UserError, match="not a valid .safetensors"):
     safetensors_io.load(tmp_path / "junk.safetensors")
 
 
@@ -138,7 +138,7 @@ def test_damaged_and_foreign_files_are_one_line_errors(tmp_path):
         dst.writestr(n, src.read(n))
   _zip_with_pickle(tmp_path / "persid.pth", b"\x80\x02X\x03\x00\x00\x00abcQ.")
   for name, pattern in cases.items():
-    with pytest.raises(cli.UserError, match=pattern) as e:
+    with pytest.raises(errors.UserError, match=pattern) as e:
       torch_pickle.load(tmp_path / name)
     assert "\n" not in str(e.value), name
 
@@ -152,7 +152,7 @@ def test_tensor_records_reaching_past_their_storage_are_refused(tmp_path):
   with zipfile.ZipFile(tmp_path / "x.pth", "w") as zf:
     zf.writestr("archive/data.pkl", payload)
     zf.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
-  with pytest.raises(cli.UserError, match="corrupt"):
+  with pytest.raises(errors.UserError, match="corrupt"):
     torch_pickle.load(tmp_path / "x.pth")
 
 

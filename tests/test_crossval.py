@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bonejax import cli, crossval, store
+from bonejax.core import errors, jsonable
+from bonejax.data import store
+from bonejax.train import crossval
 from bonejax.data import patches
 from bonejax.train import trainer
 from train_helpers import phantom_dataset, smoke_config
@@ -47,7 +49,7 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
   monkeypatch.setattr(crossval, "score_fold", spy_score)
 
   out = crossval.run(smoke_config(dataset), 2, tmp_path / "cv", planes=3, vote="soft")
-  json.dumps(cli.to_jsonable(out))
+  json.dumps(jsonable.to_jsonable(out))
   assert out["selection"].startswith("nested")
   rows = out["folds"]
   assert sorted(s for r in rows for s in r["test_scans"]) == store.open_dataset(dataset).scans
@@ -66,6 +68,6 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
 
 def test_failed_crossval_removes_its_directory(dataset, tmp_path):
   workdir = tmp_path / "new" / "cv"
-  with pytest.raises(cli.UserError, match="unknown model"):
+  with pytest.raises(errors.UserError, match="unknown model"):
     crossval.run(smoke_config(dataset, model=dict(name="vgg", kwargs={})), 2, workdir)
   assert not (tmp_path / "new").exists()

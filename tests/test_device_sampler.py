@@ -23,7 +23,7 @@ PATCH, BATCH = 16, 8
 
 
 def _write(root, dtypes):
-  from bonejax import store
+  from bonejax.data import store
   rng = np.random.default_rng(0)
   for name, dtype in zip(NAMES, dtypes):
     shape = SHAPES[name]
@@ -174,7 +174,7 @@ def test_plan():
 def test_out_of_memory_while_loading(datasets, monkeypatch, capsys):
   # The budget is an estimate: running out of memory anyway is the same as not fitting.
   import jax
-  from bonejax import cli
+  from bonejax.core import errors
   from bonejax.data import device_sampler, feed
   from bonejax.train import mesh as mesh_lib
 
@@ -183,7 +183,7 @@ def test_out_of_memory_while_loading(datasets, monkeypatch, capsys):
   monkeypatch.setattr(device_sampler.DeviceSampler, "__init__", oom)
   mesh = mesh_lib.make_mesh(jax.devices()[:4])
   put = lambda b: mesh_lib.put_batch(b, mesh_lib.data_sharding(mesh), BATCH)  # noqa: E731
-  with pytest.raises(cli.UserError, match=r"sampler=device: .*, replicated .* ran out of memory "
+  with pytest.raises(errors.UserError, match=r"sampler=device: .*, replicated .* ran out of memory "
                      r"\(Unable to allocate 12.0 GiB\); set sampler=host"):
     feed.make_feed("device", _stream(datasets["uint"]), mesh, put)
   capsys.readouterr()

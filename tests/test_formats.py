@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from bonejax import cli, formats, store, volume_io
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import formats, volume_io
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (12, 10, 9)
@@ -32,7 +34,7 @@ def import_(image, data, scan="s", **kw):
 
 
 def expect_error(match, image, data, **kw):
-  with pytest.raises(cli.UserError, match=match) as info:
+  with pytest.raises(errors.UserError, match=match) as info:
     import_(image, data, **kw)
   assert "\n" not in str(info.value)
   assert not Path(data).exists()  # no scan, no dataset directory

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonejax import html_report, report, store
+from bonejax.data import store
+from bonejax.evaluate import html_report, report
 from bonejax.train import curves
 
 REPO = Path(__file__).resolve().parents[1]

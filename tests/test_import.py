@@ -14,7 +14,9 @@ import pytest
 import tensorstore as ts
 import tifffile
 
-from bonejax import cli, intensity, store, volume_io
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity, volume_io
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (12, 10, 9)  # Z >= 11 so that natural and lexicographic slice orders differ
@@ -86,9 +88,9 @@ def import_(image, data, scan="s", **kw):
 def expect_clean_error(match, image, data, scan="s", **kw):
   """The import fails with a one-line UserError naming the problem and changes nothing."""
   before = snapshot(data)
-  with pytest.raises(cli.UserError, match=match) as info:
+  with pytest.raises(errors.UserError, match=match) as info:
     import_(image, data, scan, **kw)
-  assert "\n" not in cli._one_line(info.value)
+  assert "\n" not in errors.one_line(info.value)
   assert snapshot(data) == before
   return str(info.value)
 
@@ -332,10 +334,10 @@ def test_bad_options(tmp_path, dataset):
 
 def test_open_volume_rejects_zarr_groups(tmp_path):
   store.write_group_attrs(tmp_path / "g", {})
-  with pytest.raises(cli.UserError, match="zarr group without an 'image' array"):
+  with pytest.raises(errors.UserError, match="zarr group without an 'image' array"):
     volume_io.open_volume(tmp_path / "g")
   store.write_scan(tmp_path / "s", make_image())
-  with pytest.raises(cli.UserError, match="zarr group without an 'labels' array"):
+  with pytest.raises(errors.UserError, match="zarr group without an 'labels' array"):
     volume_io.open_volume(tmp_path / "s", "labels")
 
 
@@ -367,14 +369,14 @@ def test_export_tiff_round_trip(tmp_path, source):
 def test_export_tiff_overwrite_and_bigtiff(tmp_path, monkeypatch):
   out = tmp_path / "out.tif"
   out.write_bytes(b"old")
-  with pytest.raises(cli.UserError, match="exists; pass --overwrite"):
+  with pytest.raises(errors.UserError, match="exists; pass --overwrite"):
     volume_io.export_tiff(make_labels(), out)
   # --overwrite replaces only what bonejax wrote: not a file of someone else's.
-  with pytest.raises(cli.UserError, match="is a TIFF bonejax did not write"):
+  with pytest.raises(errors.UserError, match="is a TIFF bonejax did not write"):
     volume_io.export_tiff(make_labels(), out, overwrite=True)
   assert out.read_bytes() == b"old"
   tifffile.imwrite(out, make_labels())  # a TIFF, but not one of bonejax's
-  with pytest.raises(cli.UserError, match="is a TIFF bonejax did not write"):
+  with pytest.raises(errors.UserError, match="is a TIFF bonejax did not write"):
     volume_io.export_tiff(make_labels(), out, overwrite=True)
   out.unlink()
   volume_io.export_tiff(make_labels(), out)
@@ -384,7 +386,7 @@ def test_export_tiff_overwrite_and_bigtiff(tmp_path, monkeypatch):
   with tifffile.TiffFile(out) as tif:
     assert tif.is_bigtiff
     np.testing.assert_array_equal(tif.asarray(), lab.astype(np.uint8))
-  with pytest.raises(cli.UserError, match="3D"):
+  with pytest.raises(errors.UserError, match="3D"):
     volume_io.export_tiff(np.zeros((4, 4)), tmp_path / "flat.tif")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif"]
 
@@ -457,5 +459,5 @@ def test_cli_help_and_no_jax():
   assert "--image" in proc.stdout and "--[no]overwrite" in proc.stdout
   imported = [l.rsplit("|", 1)[-1].strip() for l in proc.stderr.splitlines()
               if l.startswith("import time:")]
-  assert "tifffile" in imported and "bonejax.volume_io" in imported
+  assert "tifffile" in imported and "bonejax.io.volume_io" in imported
   assert not [m for m in imported if m == "jax" or m.startswith("jax.")]

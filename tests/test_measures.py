@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bonejax import cli, measures, store
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.evaluate import measures
 
 BONE = ["background", "bone", "pore"]
 IMPLANT = ["background", "bone", "degradation layer", "residual material"]
@@ -98,8 +100,8 @@ def test_compare_and_bad_options():
   cmp = measures.compare({"bv_tv": 0.45, "bic": 0.2}, {"bv_tv": 0.5, "bic": 0.0})
   assert cmp["bv_tv"]["rel_diff"] == pytest.approx(-0.1)
   assert cmp["bic"]["rel_diff"] is None
-  with pytest.raises(cli.UserError, match="roi_distance_um"):
+  with pytest.raises(errors.UserError, match="roi_distance_um"):
     measures.measure(np.zeros((2, 2, 2), np.uint8), IMPLANT, 1.0,
                      measures.Options(roi_distance_um=-1))
-  with pytest.raises(cli.UserError, match="number of classes"):
+  with pytest.raises(errors.UserError, match="number of classes"):
     measures.measure(np.full((2, 2, 2), 4, np.uint8), IMPLANT, 1.0)

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonejax import cli, metrics, report, store
+from bonejax.core import errors, jsonable
+from bonejax.data import store
+from bonejax.evaluate import metrics, report
 
 # (truth, pred) pairs: (0,0) (0,1) (1,1) (1,1) (2,2) (2,0)
 TRUTH = np.array([0, 0, 1, 1, 2, 2], np.uint8)
@@ -38,7 +40,7 @@ def test_absent_class_is_null_and_excluded_from_means():
   assert np.isnan(s["iou"][3]) and np.isnan(s["dice"][3])
   assert s["miou_all"] == pytest.approx(1 / 2)
   assert s["miou_fg"] == pytest.approx(7 / 12)
-  assert json.loads(json.dumps(cli.to_jsonable(s)))["iou"][3] is None
+  assert json.loads(json.dumps(jsonable.to_jsonable(s)))["iou"][3] is None
   # Present in the truth but never predicted: IoU 0 (a miss), not undefined.
   s = metrics.scores(metrics.confusion_matrix(np.zeros(6, np.uint8), TRUTH, 3))
   assert s["iou"][1] == 0 and s["iou"][2] == 0 and np.isnan(s["precision"][1])
@@ -105,11 +107,11 @@ def test_streamed_equals_in_memory(tmp_path, slab):
 
 
 def test_bad_inputs():
-  with pytest.raises(cli.UserError, match="label value 3 >= number of classes 3"):
+  with pytest.raises(errors.UserError, match="label value 3 >= number of classes 3"):
     metrics.confusion_matrix(np.array([0, 3]), np.array([0, 1]), 3)
-  with pytest.raises(cli.UserError, match="shape"):
+  with pytest.raises(errors.UserError, match="shape"):
     metrics.confusion_matrix(np.zeros(3, np.uint8), np.zeros(4, np.uint8), 3)
-  with pytest.raises(cli.UserError, match="negative"):
+  with pytest.raises(errors.UserError, match="negative"):
     metrics.confusion_matrix(np.array([0, -1]), np.array([0, 1]), 3)
 
 
@@ -171,14 +173,14 @@ def test_evaluate_classes_and_bad_inputs(tmp_path):
   np.save(tmp_path / "truth.npy", truth)
   r = report.evaluate(pred_path, tmp_path / "truth.npy", progress=False).result
   assert r["classes"] == ["class_0", "class_1", "class_2"] and r["measures"] == {}
-  with pytest.raises(cli.UserError, match="disagrees with the dataset"):
+  with pytest.raises(errors.UserError, match="disagrees with the dataset"):
     report.evaluate(pred_path, scan, num_classes=4, progress=False)
-  with pytest.raises(cli.UserError, match="shape"):
+  with pytest.raises(errors.UserError, match="shape"):
     np.save(tmp_path / "small.npy", truth[:5])
     report.evaluate(tmp_path / "small.npy", scan, progress=False)
-  with pytest.raises(cli.UserError, match="does not exist"):
+  with pytest.raises(errors.UserError, match="does not exist"):
     report.evaluate(tmp_path / "nope.zarr", scan, progress=False)
-  with pytest.raises(cli.UserError, match="number of classes 2"):
+  with pytest.raises(errors.UserError, match="number of classes 2"):
     report.evaluate(pred_path, tmp_path / "truth.npy", num_classes=2, progress=False)
 
 

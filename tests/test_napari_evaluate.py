@@ -1,4 +1,4 @@
-"""The Evaluate widget: its numbers are bonejax.metrics' and bonejax.measures'; the report it
+"""The Evaluate widget: its numbers are bonejax.evaluate.metrics' and bonejax.evaluate.measures'; the report it
 writes is evaluate.py's; labels past the class count are a message, and nothing is written."""
 
 import json
@@ -10,7 +10,7 @@ from napari_helpers import CLASSES, require_napari
 
 require_napari()  # skips this module without napari or a display
 
-from bonejax import measures, metrics  # noqa: E402
+from bonejax.evaluate import measures, metrics  # noqa: E402
 from bonejax.napari import layers  # noqa: E402
 from bonejax.napari.evaluate_widget import EvaluateWidget  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_numbers_equal_bonejax_metrics_and_measures(make_napari_viewer, qtbot, t
 
 
 @pytest.mark.skipif(not __import__("bonejax.napari.evaluate_widget", fromlist=["x"]).HAS_HTML,
-                    reason="this bonejax has no HTML report (bonejax.html_report)")
+                    reason="this bonejax has no HTML report (bonejax.evaluate.html_report)")
 def test_html_report(make_napari_viewer, qtbot, tmp_path):
   pred, truth = labels_pair(1)
   _, w = evaluated(make_napari_viewer, qtbot, pred, truth)

@@ -8,7 +8,10 @@ from napari_helpers import CLASSES, require_napari
 
 require_napari()  # skips this module without napari or a display
 
-from bonejax import bundle, phantom, predict, report, store  # noqa: E402
+from bonejax import phantom, predict  # noqa: E402
+from bonejax.data import store
+from bonejax.evaluate import report
+from bonejax.models import bundle
 from bonejax.napari import jobs, predict_widget, reader  # noqa: E402
 from bonejax.napari.predict_widget import PredictWidget  # noqa: E402
 from bundle_helpers import make_bundle  # noqa: E402
@@ -75,7 +78,7 @@ def test_predict_widget_gives_predict_volumes_labels(make_napari_viewer, qtbot, 
 @pytest.mark.skipif(not (predict_widget.HAS_UNCERTAINTY and predict_widget.HAS_OME_ZARR),
                     reason="this bonejax has no uncertainty maps or OME-Zarr writer")
 def test_uncertainty_layer_and_ome_zarr_output(make_napari_viewer, qtbot, files, tmp_path):
-  from bonejax import uncertainty
+  from bonejax.evaluate import uncertainty
   viewer, w = widget_for(make_napari_viewer, qtbot, files)
   out = tmp_path / "pred.ome.zarr"
   w.uncertainty.setChecked(True)

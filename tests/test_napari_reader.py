@@ -10,7 +10,9 @@ from napari_helpers import CLASSES, require_napari
 
 require_napari()  # skips this module without napari or a display
 
-from bonejax import phantom, report, store  # noqa: E402
+from bonejax import phantom  # noqa: E402
+from bonejax.data import store
+from bonejax.evaluate import report
 from bonejax.napari import reader  # noqa: E402
 
 

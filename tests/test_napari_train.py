@@ -11,7 +11,7 @@ from napari_helpers import require_napari
 
 require_napari()  # skips this module without napari or a display
 
-from bonejax import store  # noqa: E402
+from bonejax.data import store  # noqa: E402
 from bonejax.napari import layers  # noqa: E402
 from bonejax.napari import train_process as tp  # noqa: E402
 from bonejax.napari.train_widget import TrainWidget  # noqa: E402

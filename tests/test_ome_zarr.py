@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from bonejax import cli, ome_zarr, predict, report, store, volume_io
+from bonejax import predict
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.evaluate import report
+from bonejax.io import ome_zarr, volume_io
 from bundle_helpers import CLASSES, make_bundle, phantom
 
 zarr = pytest.importorskip("zarr")
@@ -116,7 +120,7 @@ def test_predict_writes_valid_ome_zarr(files):
   # --overwrite replaces it (it carries bonejax's mark); without, it is refused.
   predict.predict_scan(files / "model", files / "vol.tif", output=out, planes=1,
                        progress=False, overwrite=True)
-  with pytest.raises(cli.UserError, match="exists; pass --overwrite"):
+  with pytest.raises(errors.UserError, match="exists; pass --overwrite"):
     predict.predict_scan(files / "model", files / "vol.tif", output=out, planes=1,
                          progress=False)
 
@@ -156,7 +160,7 @@ def test_write_volume_image_and_atomicity(tmp_path):
                                 ome_zarr.downsample_mean(img))
 
   def broken(z0, z1):
-    raise cli.UserError("read failed")
+    raise errors.UserError("read failed")
 
   class Bad:
     shape, dtype = (40, 12, 10), np.dtype(np.uint16)
@@ -164,6 +168,6 @@ def test_write_volume_image_and_atomicity(tmp_path):
     def __getitem__(self, idx):
       broken(0, 0)
 
-  with pytest.raises(cli.UserError, match="read failed"):
+  with pytest.raises(errors.UserError, match="read failed"):
     ome_zarr.write_volume(Bad(), tmp_path / "bad.ome.zarr", kind="image")
   assert sorted(os.listdir(tmp_path)) == ["img.ome.zarr"]

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from bonejax import cli, intensity, store
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity
 from bonejax.data import patches
 
 SHAPE = (20, 40, 36)
@@ -134,7 +136,7 @@ def test_hosts_split_the_global_batch(data):
     np.testing.assert_array_equal(np.concatenate([q["image"] for q in parts]), w["image"])
   for s in [whole] + hosts:
     s.close()
-  with pytest.raises(cli.UserError, match="multiple"):
+  with pytest.raises(errors.UserError, match="multiple"):
     _stream(root, global_batch_size=7, process_index=0, process_count=2)
 
 
@@ -203,13 +205,13 @@ def _set_label(root, value):
 def test_labels_without_a_class_are_refused(data, tmp_path):
   # Label 3 in a 3-class dataset: the stream and the validation set name the scan (issue 13.3).
   root = _copy_with(tmp_path, data, lambda r: _set_label(r, 3))
-  with pytest.raises(cli.UserError, match=r"scan 's1' has label value 3.*3 classes"):
+  with pytest.raises(errors.UserError, match=r"scan 's1' has label value 3.*3 classes"):
     with _stream(root, axes=(0,), patches_per_plane=1, global_batch_size=40) as s:
       for _ in range(3):  # two epochs' worth: every plane of both scans
         next(s)
-  with pytest.raises(cli.UserError, match=r"scan 's1' has label value 3"):
+  with pytest.raises(errors.UserError, match=r"scan 's1' has label value 3"):
     list(patches.validation_batches(root, ["s1"], batch_size=4))
-  with pytest.raises(cli.UserError, match=r"scan 's1'.*label value 3"):
+  with pytest.raises(errors.UserError, match=r"scan 's1'.*label value 3"):
     _stream(root, oversample_rare=0.3)
 
 
@@ -218,9 +220,9 @@ def test_a_damaged_chunk_is_bad_input(data, tmp_path):
     chunk = sorted(p for p in (r / "s0" / "image" / "c").rglob("*") if p.is_file())[0]
     chunk.write_bytes(b"not a zstd frame")
   root = _copy_with(tmp_path, data, garbage)
-  with pytest.raises(cli.UserError, match=r"cannot read the image of scan 's0'"):
+  with pytest.raises(errors.UserError, match=r"cannot read the image of scan 's0'"):
     with _stream(root, axes=(0,), global_batch_size=40) as s:
       for _ in range(2):
         next(s)
-  with pytest.raises(cli.UserError, match=r"cannot read the image of scan 's0'"):
+  with pytest.raises(errors.UserError, match=r"cannot read the image of scan 's0'"):
     list(patches.validation_batches(root, ["s0"], batch_size=4))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bonejax import cli, phantom, store
+from bonejax import phantom
+from bonejax.core import errors
+from bonejax.data import store
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (32, 48, 48)
@@ -79,7 +81,7 @@ def test_make_dataset_layout(tmp_path):
   np.testing.assert_array_equal(scan.read_image(), image)
   np.testing.assert_array_equal(scan.read_labels(), labels)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary leftovers
-  with pytest.raises(cli.UserError, match="exists"):
+  with pytest.raises(errors.UserError, match="exists"):
     phantom.make_dataset(out, num_scans=1, shape=SHAPE, seed=5, progress=False)
 
 
@@ -106,7 +108,7 @@ def test_make_dataset_is_atomic(tmp_path, monkeypatch):
     ("bone", SHAPE, 0, "num_scans"),
 ])
 def test_bad_arguments(kind, shape, num_scans, match):
-  with pytest.raises(cli.UserError, match=match):
+  with pytest.raises(errors.UserError, match=match):
     phantom.check_args(kind, shape, num_scans)
 
 

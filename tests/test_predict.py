@@ -13,7 +13,10 @@ import pytest
 import scipy.ndimage as ndi
 from flax import nnx
 
-from bonejax import cli, intensity, predict, store
+from bonejax import predict
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity
 from bonejax.predict import rotate
 from bonejax.models.utils import pad_to_multiple
 
@@ -168,9 +171,9 @@ def test_plane_sets_and_bad_arguments():
   assert {(ps.rot45, ps.axis) for ps in nine if ps.rot45 is not None} == {
       (a, b) for a in range(3) for b in range(3) if a != b}
   assert predict.plane_sets(1) == [predict.PlaneSet(0)]
-  with pytest.raises(cli.UserError, match="planes"):
+  with pytest.raises(errors.UserError, match="planes"):
     predict.plane_sets(5)
-  with pytest.raises(cli.UserError, match="axis"):
+  with pytest.raises(errors.UserError, match="axis"):
     predict.plane_sets(3, axis=1)
 
 
@@ -263,7 +266,8 @@ def test_bfloat16_compute_is_close(model, volume, stats):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, volume):
-  from bonejax import bundle, models
+  from bonejax import models
+  from bonejax.models import bundle
   root = tmp_path_factory.mktemp("predict")
   # Abstract model, weights filled from numpy: creating it eagerly costs far more on a busy CPU.
   abstract = nnx.eval_shape(lambda: models.create("unet", num_classes=K, in_channels=1,
@@ -312,7 +316,7 @@ def test_predict_scan_writes_labels_attributes_and_probs(files):
 def test_bad_inputs_leave_nothing(files, kwargs, match):
   (files / "exists.zarr").mkdir(exist_ok=True)
   output = files / kwargs.get("output", "bad.zarr")
-  with pytest.raises(cli.UserError, match=match):
+  with pytest.raises(errors.UserError, match=match):
     predict.predict_scan(files / kwargs.get("model", "model"), files / kwargs["source"],
                          output=output, progress=False)
   if output.name == "bad.zarr":

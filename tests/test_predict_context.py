@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bonejax import intensity, predict
+from bonejax import predict
+from bonejax.core import errors
+from bonejax.io import intensity
 from bonejax.data import context
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def test_rotated_sets_and_out_of_core(case):
 
 def test_a_multichannel_volume_is_refused_by_a_25d_model(case):
   vol, stats, w = case
-  with pytest.raises(predict.cli.UserError, match="expects a 1-channel volume"):
+  with pytest.raises(errors.UserError, match="expects a 1-channel volume"):
     _run(Pointwise(np.zeros((3 * (2 * K + 1), 3))), np.stack([vol] * 3, -1), stats, planes=1)
 
 

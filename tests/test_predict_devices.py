@@ -15,7 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from bonejax import cli, predict, store
+from bonejax import predict
+from bonejax.core import errors
+from bonejax.data import store
 from bonejax.predict import memory
 from test_predict_scan import make_bundle, phantom
 
@@ -81,7 +83,7 @@ def test_engine_replicates_weights_once_and_budgets_per_device():
 
 @pytest.mark.parametrize("devices", [0, 5])
 def test_bad_device_counts(files, tmp_path, devices):
-  with pytest.raises(cli.UserError, match=f"devices={devices}"):
+  with pytest.raises(errors.UserError, match=f"devices={devices}"):
     predict.predict_scan(files / "model", files / "vol.npy", output=tmp_path / "bad.zarr",
                          progress=False, devices=devices)
   assert not (tmp_path / "bad.zarr").exists()

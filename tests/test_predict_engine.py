@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bonejax import intensity, models, predict
+from bonejax import models, predict
+from bonejax.io import intensity
 from bonejax.predict import memory
 
 

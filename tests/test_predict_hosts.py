@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonejax import predict, store
-from bonejax.distributed import Group
+from bonejax import predict
+from bonejax.data import store
+from bonejax.core.distributed import Group
 from bonejax.predict import hosts
 from test_predict_scan import make_bundle, phantom
 
@@ -151,7 +152,7 @@ def test_two_processes_ome_zarr_max_vote_and_resampling(files, tmp_path):
   builds the pyramids), the max vote, and an input resampled to the bundle's voxel size (each
   process maps back its own share)."""
   import shutil
-  from bonejax import ome_zarr
+  from bonejax.io import ome_zarr
   model = tmp_path / "model_1um"
   shutil.copytree(files / "model", model)
   meta = json.loads((model / "model.json").read_text())

@@ -7,7 +7,9 @@ import pytest
 import tensorstore as ts
 import tifffile
 
-from bonejax import cli, intensity, store, volume_io
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity, volume_io
 
 SHAPE = (5, 7, 6)
 
@@ -34,15 +36,15 @@ def test_channels_none_takes_what_the_file_has(tmp_path):
 
 def test_channel_mismatches_name_the_shape(tmp_path):
   np.save(tmp_path / "c.npy", np.stack([image(0)] * 2, -1))
-  with pytest.raises(cli.UserError, match="more than 3 non-singleton axes"):
+  with pytest.raises(errors.UserError, match="more than 3 non-singleton axes"):
     volume_io.open_volume(tmp_path / "c.npy")  # the importer's default: one channel
-  with pytest.raises(cli.UserError, match=r"not a \(Z, Y, X, 3\) volume"):
+  with pytest.raises(errors.UserError, match=r"not a \(Z, Y, X, 3\) volume"):
     volume_io.open_volume(tmp_path / "c.npy", channels=3)
   tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 8, 8, 3), np.uint8), photometric="rgb")
-  with pytest.raises(cli.UserError, match="has 3 channels.*npy or zarr"):
+  with pytest.raises(errors.UserError, match="has 3 channels.*npy or zarr"):
     volume_io.open_volume(tmp_path / "rgb.tif", channels=None)
   tifffile.imwrite(tmp_path / "g.tif", image(0))
-  with pytest.raises(cli.UserError, match="one channel"):
+  with pytest.raises(errors.UserError, match="one channel"):
     volume_io.open_volume(tmp_path / "g.tif", channels=2)
   with pytest.raises(ValueError, match="labels"):
     volume_io.open_volume(tmp_path / "c.npy", "labels", channels=2)

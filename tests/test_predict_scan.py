@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from bonejax import bundle, cli, intensity, predict, store
+from bonejax import predict
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity
+from bonejax.models import bundle
 from bundle_helpers import make_bundle, phantom
 
 def test_loaded_bundle_and_bundle_path_agree_in_bfloat16(tmp_path):
@@ -62,5 +66,5 @@ def test_multichannel_npy_and_zarr_inputs(tmp_path):
     assert res["input_kind"] == "channels" and res["shape"] == [6, 20, 15]
     np.testing.assert_array_equal(res["labels"], ref)
   np.save(tmp_path / "one.npy", vol[..., 0])
-  with pytest.raises(cli.UserError, match="1 channel.*expects in_channels=2"):
+  with pytest.raises(errors.UserError, match="1 channel.*expects in_channels=2"):
     predict.predict_scan(model, tmp_path / "one.npy", progress=False)

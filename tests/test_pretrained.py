@@ -24,7 +24,9 @@ import optax
 import pytest
 from flax import nnx
 
-from bonejax import bundle, cli, models
+from bonejax import models
+from bonejax.core import errors
+from bonejax.models import bundle
 from bonejax.train import pretrained, trainer
 from bonejax.train.checkpoint import load_state
 from train_helpers import smoke_config
@@ -148,14 +150,14 @@ def test_fine_tune_freezes_the_encoder_then_resumes_exactly(tiny_dataset, tmp_pa
 def test_mismatches_are_one_line(tmp_path, model_cfg, kw, message):
   b = str(_random_bundle(tmp_path / "b"))
   model_cfg = {k: (b if v == "B" else v) for k, v in model_cfg.items()}
-  with pytest.raises(cli.UserError, match=message) as e:
+  with pytest.raises(errors.UserError, match=message) as e:
     _weights(model_cfg, **kw)
   assert "\n" not in str(e.value)
 
 
 def test_trainer_refuses_a_bad_start_leaving_nothing(tiny_dataset, tmp_path):
   b = _random_bundle(tmp_path / "b", classes=["background", "bone"])
-  with pytest.raises(cli.UserError, match="has 2 classes; the dataset has 3"):
+  with pytest.raises(errors.UserError, match="has 2 classes; the dataset has 3"):
     trainer.train(_config(tiny_dataset, **{"model.init_from": str(b)}), tmp_path / "new/run")
   assert not (tmp_path / "new").exists()
 
@@ -179,14 +181,14 @@ def test_init_from_pth_equals_convert_weights(tmp_path):
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # Mismatches, one line each.
-  with pytest.raises(cli.UserError, match="has no segmentation_models_pytorch counterpart"):
+  with pytest.raises(errors.UserError, match="has no segmentation_models_pytorch counterpart"):
     _weights({"init_from": str(tmp_path / "m.pth")})
-  with pytest.raises(cli.UserError, match="has 3 classes; the dataset has 4"):
+  with pytest.raises(errors.UserError, match="has 3 classes; the dataset has 4"):
     _weights({"init_from": str(tmp_path / "m.pth")}, name="unet_resnet18",
              classes=CLASSES + ["implant"])
   narrow, _, _ = random_smp("unet_resnet18", decoder_channels=(128, 64, 32, 16, 8))
   torch.save(narrow.state_dict(), tmp_path / "narrow.pth")
-  with pytest.raises(cli.UserError, match=r"do not fit unet_resnet18 .*decoder.*has shape"):
+  with pytest.raises(errors.UserError, match=r"do not fit unet_resnet18 .*decoder.*has shape"):
     _weights({"init_from": str(tmp_path / "narrow.pth")}, name="unet_resnet18")
 
 
@@ -240,7 +242,7 @@ def test_a_wrong_encoder_is_one_line(tmp_path):
   torch = require("torch")
   torchvision = require("torchvision")
   torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
-  with pytest.raises(cli.UserError, match=r"is not a resnet18 encoder's state dict \(\d+ "
+  with pytest.raises(errors.UserError, match=r"is not a resnet18 encoder's state dict \(\d+ "
                      r"unexpected key\(s\): layer1.2"):
     pretrained.encoder_weights(str(tmp_path / "r34.pth"), abstract=_abstract("unet_resnet18"),
                                model_name="unet_resnet18", in_channels=1)

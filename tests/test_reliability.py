@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from bonejax import cli, store
+from bonejax.core import errors, outputs
+from bonejax.data import store
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -59,7 +60,8 @@ def tiny_volume(seed=0, shape=(4, 5, 6)):
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
   from flax import nnx
-  from bonejax import bundle, models
+  from bonejax import models
+  from bonejax.models import bundle
   root = tmp_path_factory.mktemp("bundle")
   abstract = nnx.eval_shape(lambda: models.create("unet", num_classes=3, in_channels=1,
                                                   rngs=nnx.Rngs(0), depth=2, width=4))
@@ -77,7 +79,7 @@ def bundle_dir(tmp_path_factory):
 
 def test_two_processes_register_all_400_scans(tmp_path):
   go = tmp_path / "go"
-  code = ("import os, time\nfrom bonejax import store\nprint('ready', flush=True)\n"
+  code = ("import os, time\nfrom bonejax.data import store\nprint('ready', flush=True)\n"
           f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
           "for i in range(200):\n"
           f"  store.add_scan_to_dataset({str(tmp_path)!r}, f'w{{sys.argv[-1]}}_{{i:03d}}', "
@@ -102,7 +104,7 @@ def test_sixteen_parallel_imports_list_all_sixteen_scans(tmp_path):
   np.save(tmp_path / "v.npy", tiny_volume())
   # launch/import_volume.py itself, started together once every process has imported its
   # modules, so that the imports really overlap.
-  code = ("import os, runpy, time\nimport bonejax.volume_io\n"
+  code = ("import os, runpy, time\nimport bonejax.io.volume_io\n"
           "sys.argv = ['import_volume.py'] + sys.argv[1:]\nprint('ready', flush=True)\n"
           f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
           "runpy.run_path('launch/import_volume.py', run_name='__main__')\n")
@@ -134,7 +136,7 @@ def test_unlisted_scan_directory_is_registered_with_a_warning(tmp_path, capsys):
   assert "warning:" in err and "'lost'" not in err and "lost existed but was not listed" in err
   # ... and dataset.json can be rebuilt from the scan directories alone.
   (data / "dataset.json").unlink()
-  with pytest.raises(cli.UserError, match="give the class names"):
+  with pytest.raises(errors.UserError, match="give the class names"):
     store.rebuild_dataset(data)
   assert store.rebuild_dataset(data, ["a", "b"]).scans == ["lost"]  # "new" was only a name
 
@@ -143,7 +145,7 @@ def test_import_killed_before_registering_leaves_a_scan_the_next_import_lists(tm
   data = tmp_path / "D"
   np.save(tmp_path / "v.npy", tiny_volume())
   worker = start_worker(
-      "import time\nfrom bonejax import store, volume_io\n"
+      "import time\nfrom bonejax.data import store\nfrom bonejax.io import volume_io\n"
       "def hang(*a, **k):\n  print('ready', flush=True); time.sleep(600)\n"
       "store.add_scan_to_dataset = hang\n"
       f"volume_io.import_volume({str(tmp_path / 'v.npy')!r}, {str(data)!r}, 'first', "
@@ -231,8 +233,8 @@ def test_evaluate_report_cannot_go_inside_its_input(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-HOLD = ("import time\nfrom bonejax import cli\n"
-        "with cli.atomic_output({out!r}) as tmp:\n"
+HOLD = ("import time\nfrom bonejax.core import outputs\n"
+        "with outputs.atomic_output({out!r}) as tmp:\n"
         "  tmp.mkdir(); (tmp / 'zarr.json').write_text('{{}}')\n"
         "  print('ready', flush=True); time.sleep(600)\n")
 
@@ -271,7 +273,7 @@ def test_killed_import_leaves_a_temporary_the_next_import_removes(tmp_path):
   data = tmp_path / "D"
   np.save(tmp_path / "v.npy", tiny_volume(shape=(12, 5, 6)))
   worker = start_worker(
-      "import time\nfrom bonejax import store, volume_io\nreal = store.write_slab\n"
+      "import time\nfrom bonejax.data import store\nfrom bonejax.io import volume_io\nreal = store.write_slab\n"
       "def slow(*a, **k):\n  f = real(*a, **k); f.result(); print('ready', flush=True)\n"
       "  time.sleep(600)\n"
       "store.write_slab = slow\n"
@@ -289,13 +291,13 @@ def test_killed_import_leaves_a_temporary_the_next_import_removes(tmp_path):
 
 def test_killed_scratch_directory_is_removed_by_the_next_run(tmp_path, capsys):
   worker = start_worker(
-      "import time\nfrom bonejax import cli\n"
-      f"with cli.scratch_dir({str(tmp_path)!r}) as d:\n"
+      "import time\nfrom bonejax.core import outputs\n"
+      f"with outputs.scratch_dir({str(tmp_path)!r}) as d:\n"
       "  (d / 'input.zarr').mkdir(); print('ready', flush=True); time.sleep(600)\n")
   kill9(worker)
   (left,) = tmp_path.iterdir()
   assert left.name.startswith(".bonejax-predict-") and f"-{worker.pid}-" in left.name
-  with cli.scratch_dir(tmp_path):
+  with outputs.scratch_dir(tmp_path):
     assert not left.exists()
   assert left.name in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,11 @@ import pytest
 import tifffile
 from flax import nnx
 
-from bonejax import bundle, metrics, predict, resample, store, volume_io
+from bonejax import predict
+from bonejax.data import store
+from bonejax.evaluate import metrics
+from bonejax.io import resample, volume_io
+from bonejax.models import bundle
 
 
 def test_axis_map_shares_the_outer_edges():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.data import splits
 
 SCANS = [f"scan_{i:03d}" for i in range(7)]
@@ -21,13 +21,13 @@ def test_one_list_means_the_other_is_the_rest():
 
 
 def test_leak_and_unknown_refused():
-  with pytest.raises(cli.UserError, match="scan_001.*both"):
+  with pytest.raises(errors.UserError, match="scan_001.*both"):
     splits.make_split(SCANS, train_scans=SCANS[:3], val_scans=[SCANS[1]])
-  with pytest.raises(cli.UserError, match="nope"):
+  with pytest.raises(errors.UserError, match="nope"):
     splits.make_split(SCANS, val_scans=["nope"])
-  with pytest.raises(cli.UserError, match="at least 2"):
+  with pytest.raises(errors.UserError, match="at least 2"):
     splits.make_split(SCANS[:1])
-  with pytest.raises(cli.UserError, match="no validation"):
+  with pytest.raises(errors.UserError, match="no validation"):
     splits.make_split(SCANS, train_scans=SCANS)
 
 
@@ -49,7 +49,7 @@ def test_kfold_covers_every_scan_once_as_val():
   assert sorted(vals) == sorted(SCANS)
   for f in folds:
     assert sorted(f.train + f.val) == sorted(SCANS) and not set(f.train) & set(f.val)
-  with pytest.raises(cli.UserError, match="folds=8"):
+  with pytest.raises(errors.UserError, match="folds=8"):
     splits.kfold(SCANS, 8)
 
 
@@ -70,5 +70,5 @@ def test_nested_kfold_keeps_the_outer_fold_out_of_training_and_selection():
     assert sorted(f.train + f.val + f.test) == sorted(SCANS)
   assert folds == splits.nested_kfold(SCANS, 3, seed=1, val_fraction=0.3)  # deterministic
   assert len({tuple(f.val) for f in folds}) > 1
-  with pytest.raises(cli.UserError, match="fold 0 leaves 1 scan"):
+  with pytest.raises(errors.UserError, match="fold 0 leaves 1 scan"):
     splits.nested_kfold(SCANS[:3], 2)  # 3 scans, 2 folds: one fold keeps a single scan

@@ -1,11 +1,13 @@
-"""bonejax.store and bonejax.intensity against numpy: reads, writes, statistics, datasets."""
+"""bonejax.data.store and bonejax.io.intensity against numpy: reads, writes, statistics, datasets."""
 
 import json
 
 import numpy as np
 import pytest
 
-from bonejax import cli, intensity, store
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity
 
 SHAPE = (7, 11, 13)  # odd, and not divisible by the chunks below
 CHUNKS = (4, 5, 6)
@@ -68,11 +70,11 @@ def test_write_slab_round_trip(tmp_path, volume, axis):
 
 
 def test_open_array_errors(tmp_path):
-  with pytest.raises(cli.UserError, match="not a zarr v3 array"):
+  with pytest.raises(errors.UserError, match="not a zarr v3 array"):
     store.open_array(tmp_path / "missing")
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "zarr.json").write_text("{not json")
-  with pytest.raises(cli.UserError, match="cannot open zarr array"):
+  with pytest.raises(errors.UserError, match="cannot open zarr array"):
     store.open_array(tmp_path / "bad")
 
 
@@ -105,7 +107,7 @@ def test_scan_without_labels(tmp_path, volume):
   store.write_scan(tmp_path / "s", volume)
   scan = store.open_scan(tmp_path / "s")
   assert scan.labels is None and store.is_scan(tmp_path / "s")
-  with pytest.raises(cli.UserError, match="has no labels"):
+  with pytest.raises(errors.UserError, match="has no labels"):
     scan.read_labels()
 
 
@@ -116,33 +118,33 @@ def test_create_scan_slab_by_slab(tmp_path, volume):
   reopened = store.open_scan(tmp_path / "s")
   np.testing.assert_array_equal(reopened.read_image(), volume)
   np.testing.assert_array_equal(reopened.read_labels(), np.zeros(SHAPE, np.uint8))
-  with pytest.raises(cli.UserError, match="no intensity statistics"):
+  with pytest.raises(errors.UserError, match="no intensity statistics"):
     reopened.stats
 
 
 def test_create_scan_rejects_bad_dtype_and_rank(tmp_path):
-  with pytest.raises(cli.UserError, match="int16 is not one of"):
+  with pytest.raises(errors.UserError, match="int16 is not one of"):
     store.create_scan(tmp_path / "a", (2, 2, 2), "int16", False)
-  with pytest.raises(cli.UserError, match="3D"):
+  with pytest.raises(errors.UserError, match="3D"):
     store.create_scan(tmp_path / "b", (2, 2), "uint8", False)
 
 
 def test_clear_errors_for_non_scans(tmp_path):
-  with pytest.raises(cli.UserError, match="does not exist"):
+  with pytest.raises(errors.UserError, match="does not exist"):
     store.open_scan(tmp_path / "nope")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(cli.UserError, match="not a scan"):
+  with pytest.raises(errors.UserError, match="not a scan"):
     store.open_scan(tmp_path / "empty")
   store.create_array(tmp_path / "arr", (2, 2, 2), "uint8")
-  with pytest.raises(cli.UserError, match="not a scan group"):
+  with pytest.raises(errors.UserError, match="not a scan group"):
     store.open_scan(tmp_path / "arr")
   (tmp_path / "group").mkdir()
   store.write_group_attrs(tmp_path / "group", {})
-  with pytest.raises(cli.UserError, match="no image array"):
+  with pytest.raises(errors.UserError, match="no image array"):
     store.open_scan(tmp_path / "group")
   (tmp_path / "junk").mkdir()
   (tmp_path / "junk" / "zarr.json").write_text("]]")
-  with pytest.raises(cli.UserError, match="not valid JSON"):
+  with pytest.raises(errors.UserError, match="not valid JSON"):
     store.open_scan(tmp_path / "junk")
   assert not store.is_scan(tmp_path / "group") and not store.is_scan(tmp_path / "arr")
 
@@ -150,22 +152,22 @@ def test_clear_errors_for_non_scans(tmp_path):
 def test_open_scan_rejects_mismatched_labels(tmp_path):
   scan = store.create_scan(tmp_path / "s", (2, 3, 4), "uint8", False)
   store.create_array(scan.path / "labels", (2, 3, 5), "uint8")
-  with pytest.raises(cli.UserError, match="labels shape"):
+  with pytest.raises(errors.UserError, match="labels shape"):
     store.open_scan(scan.path)
 
 
 def test_validate_labels():
   good = np.array([[[0, 1, 2]]], np.int32)
   store.validate_labels(good, (1, 1, 3), 3)
-  with pytest.raises(cli.UserError, match="labels shape"):
+  with pytest.raises(errors.UserError, match="labels shape"):
     store.validate_labels(good, (1, 3, 1), 3)
-  with pytest.raises(cli.UserError, match="integers"):
+  with pytest.raises(errors.UserError, match="integers"):
     store.validate_labels(good.astype(np.float32), (1, 1, 3), 3)
-  with pytest.raises(cli.UserError, match="label value 2 >= number of classes 2"):
+  with pytest.raises(errors.UserError, match="label value 2 >= number of classes 2"):
     store.validate_labels(good, (1, 1, 3), 2)
-  with pytest.raises(cli.UserError, match="label value -1 is negative"):
+  with pytest.raises(errors.UserError, match="label value -1 is negative"):
     store.validate_labels(good - 1, (1, 1, 3), 3)
-  with pytest.raises(cli.UserError, match="does not fit uint8"):
+  with pytest.raises(errors.UserError, match="does not fit uint8"):
     store.validate_labels(good * 200, (1, 1, 3), None)
 
 
@@ -184,21 +186,21 @@ def test_dataset_json_round_trip(tmp_path, volume):
   assert ds.classes == ["background", "bone"] and ds.num_classes == 2
   assert ds.scans == ["scan_000"] and ds.scan_path("scan_000") == tmp_path / "scan_000"
   np.testing.assert_array_equal(ds.open_scan("scan_000").read_image(), volume)
-  with pytest.raises(cli.UserError, match="not in dataset"):
+  with pytest.raises(errors.UserError, match="not in dataset"):
     ds.open_scan("scan_001")
-  with pytest.raises(cli.UserError, match="disagree"):
+  with pytest.raises(errors.UserError, match="disagree"):
     store.add_scan_to_dataset(tmp_path, "scan_001", ["background", "bone", "pore"])
   assert store.open_dataset(tmp_path).scans == ["scan_000"]
 
 
 def test_dataset_errors(tmp_path):
-  with pytest.raises(cli.UserError, match="not a dataset"):
+  with pytest.raises(errors.UserError, match="not a dataset"):
     store.open_dataset(tmp_path)
   (tmp_path / "dataset.json").write_text("{")
-  with pytest.raises(cli.UserError, match="not valid JSON"):
+  with pytest.raises(errors.UserError, match="not valid JSON"):
     store.open_dataset(tmp_path)
   (tmp_path / "dataset.json").write_text('{"classes": ["only"]}')
-  with pytest.raises(cli.UserError, match="at least 2 classes"):
+  with pytest.raises(errors.UserError, match="at least 2 classes"):
     store.open_dataset(tmp_path)
 
 
@@ -266,15 +268,15 @@ def test_float_stats_use_the_documented_sample(monkeypatch, slab):
 
 
 def test_stats_reject_bad_images():
-  with pytest.raises(cli.UserError, match="NaN"):
+  with pytest.raises(errors.UserError, match="NaN"):
     intensity.compute_stats(np.array([[[1.0, np.nan]]], np.float32))
-  with pytest.raises(cli.UserError, match="Inf"):
+  with pytest.raises(errors.UserError, match="Inf"):
     intensity.compute_stats(np.array([[[1.0, np.inf]]], np.float32))
-  with pytest.raises(cli.UserError, match="empty"):
+  with pytest.raises(errors.UserError, match="empty"):
     intensity.validate_image(np.zeros((0, 2, 2), np.uint8))
-  with pytest.raises(cli.UserError, match="not supported"):
+  with pytest.raises(errors.UserError, match="not supported"):
     intensity.StatsAccumulator(np.int16, 10)
-  with pytest.raises(cli.UserError, match="empty"):
+  with pytest.raises(errors.UserError, match="empty"):
     intensity.StatsAccumulator(np.uint8, 0).finalize()
 
 
@@ -291,7 +293,7 @@ def test_zero_padding_is_left_out_of_zscore_nonzero(tmp_path):
   np.testing.assert_allclose(z, (inside - inside.mean()) / inside.std(), rtol=1e-4, atol=1e-4)
   old = {k: v for k, v in stats.items() if "nonzero" not in k}
   assert not intensity.has_stats(old, "zscore_nonzero") and intensity.has_stats(old, "zscore")
-  with pytest.raises(cli.UserError, match="lack mean_nonzero"):
+  with pytest.raises(errors.UserError, match="lack mean_nonzero"):
     intensity.normalize_params(old, "zscore_nonzero")
   again = intensity.nonzero_stats(old, lambda a, b: x[a:b], x.shape[0], slab=4)
   for k in ("mean_nonzero", "std_nonzero", "voxels_nonzero"):
@@ -332,7 +334,7 @@ def test_normalize_rules():
           "std_nonzero": 0.0}
   assert np.isfinite(intensity.normalize(x, flat, "percentile")).all()
   assert np.isfinite(intensity.normalize(x, flat, "zscore")).all()
-  with pytest.raises(cli.UserError, match="unknown normalisation rule"):
+  with pytest.raises(errors.UserError, match="unknown normalisation rule"):
     intensity.normalize(x, stats, "minmax")
-  with pytest.raises(cli.UserError, match="unknown normalisation rule"):
+  with pytest.raises(errors.UserError, match="unknown normalisation rule"):
     intensity.normalize_params(stats, "minmax")

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from bonejax import cli
+from bonejax.core import errors, jsonable
 from bonejax.train import configlib, trainer
 from bonejax.train.checkpoint import load_state
 from train_helpers import smoke_config
@@ -56,7 +56,7 @@ def reference(tiny_dataset, tmp_path_factory):
 
 def test_outputs(reference):
   result, workdir = reference
-  json.dumps(cli.to_jsonable(result))
+  json.dumps(jsonable.to_jsonable(result))
   assert result["steps"] == STEPS and result["devices"] == jax.device_count()
   assert 0.0 <= result["best_val_miou"] <= 1.0 and result["best_step"] in (4, 8)
   assert result["sampler"] == "device (replicated)"  # the default, auto, on scans this small
@@ -101,7 +101,7 @@ def test_host_and_device_paths_train_the_same(reference, tiny_dataset, tmp_path,
   from bonejax.data import device_sampler
   budget = device_sampler.device_budget
   monkeypatch.setattr(device_sampler, "device_budget", lambda devices, mb=0: 1000)
-  with pytest.raises(cli.UserError, match=r"sampler=device: 2 training scan\(s\), [\d,]+ voxels: "
+  with pytest.raises(errors.UserError, match=r"sampler=device: 2 training scan\(s\), [\d,]+ voxels: "
                      r"uint16 images \+ uint8 labels = .* per device replicated, .* sharded "
                      r"over 4 devices: over the budget of 1.0 KiB per device"):
     trainer.train(_config(tiny_dataset, sampler="device"), tmp_path / "refused")
@@ -224,7 +224,7 @@ def test_a_second_signal_aborts_at_once():
 ])
 def test_bad_input_is_refused(tiny_dataset, tmp_path, overrides, message):
   workdir = tmp_path / "new" / "run"
-  with pytest.raises(cli.UserError, match=message):
+  with pytest.raises(errors.UserError, match=message):
     trainer.train(_config(tiny_dataset, **overrides), workdir)
   assert not (tmp_path / "new").exists()  # nothing left behind, not even the directories
 
@@ -232,13 +232,13 @@ def test_bad_input_is_refused(tiny_dataset, tmp_path, overrides, message):
 def test_failed_run_removes_only_what_it_created(tiny_dataset, tmp_path):
   # An unknown model fails after the split: config.json and split.json used to stay behind.
   (tmp_path / "notes.txt").write_text("mine")
-  with pytest.raises(cli.UserError, match="unknown model"):
+  with pytest.raises(errors.UserError, match="unknown model"):
     trainer.train(_config(tiny_dataset, model=dict(name="vgg", kwargs={})), tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
   # A phantom made for the run goes too when the run fails before its first checkpoint.
   c = _config("", model=dict(name="vgg", kwargs={}))
   c.phantom.num_scans, c.phantom.shape = 3, (32, 32, 32)
-  with pytest.raises(cli.UserError, match="unknown model"):
+  with pytest.raises(errors.UserError, match="unknown model"):
     trainer.train(c, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
@@ -246,14 +246,14 @@ def test_failed_run_removes_only_what_it_created(tiny_dataset, tmp_path):
 def test_refused_config_change_leaves_the_record_alone(tiny_dataset, tmp_path):
   trainer.train(_config(tiny_dataset, stop_after=1), tmp_path)
   record = (tmp_path / "config.json").read_text()
-  with pytest.raises(cli.UserError, match="loss differ"):
+  with pytest.raises(errors.UserError, match="loss differ"):
     trainer.train(_config(tiny_dataset, loss={"ce": 1.0}), tmp_path)
   assert (tmp_path / "config.json").read_text() == record
 
 
 def _damaged_copy(tiny_dataset, tmp_path, how):
   import shutil
-  from bonejax import store
+  from bonejax.data import store
   root = tmp_path / "data"
   shutil.copytree(tiny_dataset, root)
   if how == "labels":
@@ -276,7 +276,7 @@ def _damaged_copy(tiny_dataset, tmp_path, how):
 def test_bad_scans_are_bad_input(tiny_dataset, tmp_path, how, message):
   # Labels beyond the classes used to train silently; a damaged chunk crashed (exit 3).
   data = _damaged_copy(tiny_dataset, tmp_path, how)
-  with pytest.raises(cli.UserError, match=message):
+  with pytest.raises(errors.UserError, match=message):
     trainer.train(_config(data, train_scans=("scan_000", "scan_001"), val_scans=("scan_002",)),
                   tmp_path / "run")
   assert not (tmp_path / "run").exists()
@@ -341,12 +341,12 @@ def test_bone_recipe_config_and_older_fingerprints():
     del d["model"][k]
   for k in augment.ADDED_DEFAULTS:
     del d["augment"][k]
-  old = configlib.normalize_fingerprint({k: cli.to_jsonable(d[k])
+  old = configlib.normalize_fingerprint({k: jsonable.to_jsonable(d[k])
                                          for k in configlib.TRAJECTORY_KEYS if k in d})
   assert old == configlib.fingerprint(configlib.default_config())
   changed = configlib.default_config()
   changed.context_slices = 1
   assert configlib.fingerprint(changed) != old
-  with pytest.raises(cli.UserError, match="in_channels=2 does not fit context_slices=1"):
+  with pytest.raises(errors.UserError, match="in_channels=2 does not fit context_slices=1"):
     changed.in_channels = 2
     configlib.check(changed)

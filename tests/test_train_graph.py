@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.train import trainer
 from bonejax.train.checkpoint import load_state
 from train_helpers import smoke_config
@@ -41,5 +41,5 @@ def test_lowered_convolutions_train_with_the_same_state_tree(tiny_dataset, tmp_p
 
 def test_bad_values_are_one_line(tiny_dataset, tmp_path):
   for field, value in (("conv_lowering", "fast"), ("eval_graph", "maybe")):
-    with pytest.raises(cli.UserError, match=f"config.{field}"):
+    with pytest.raises(errors.UserError, match=f"config.{field}"):
       trainer.train(smoke_config(tiny_dataset, **{field: value}), tmp_path / field)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bonejax import store
+from bonejax.data import store
 from bonejax.train import trainer
 
 

@@ -13,7 +13,11 @@ import pytest
 import tifffile
 from flax import nnx
 
-from bonejax import bundle, cli, models, predict, store, uncertainty
+from bonejax import models, predict
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.evaluate import uncertainty
+from bonejax.models import bundle
 from bonejax.predict.engine import PlaneEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +84,7 @@ def test_uncertainty_and_votes_match_the_per_set_reference(files, tmp_path, vote
   monkeypatch.setattr(PlaneEngine, "stream", counting)
   b = bundle.load_bundle(files / "model")
   vol = np.load(files / "vol.npy")
-  from bonejax import intensity
+  from bonejax.io import intensity
   per_set = predict.predict_planes(b.model, vol, stats=intensity.compute_stats(vol), planes=3)
   labels_ref, _ = predict.fuse(per_set, vote)
   planes.clear()
@@ -130,10 +134,10 @@ def test_tiff_and_ome_zarr_uncertainty_agree_with_zarr(files, tmp_path):
 
 
 def test_bad_uncertainty_paths(files, tmp_path):
-  with pytest.raises(cli.UserError, match="must end in .zarr, .ome.zarr or .tif"):
+  with pytest.raises(errors.UserError, match="must end in .zarr, .ome.zarr or .tif"):
     predict.predict_scan(files / "model", files / "vol.npy", save_uncertainty=tmp_path / "u.h5",
                          progress=False)
-  with pytest.raises(cli.UserError, match="output and save_uncertainty are the same path"):
+  with pytest.raises(errors.UserError, match="output and save_uncertainty are the same path"):
     predict.predict_scan(files / "model", files / "vol.npy", output=tmp_path / "a.zarr",
                          save_uncertainty=tmp_path / "a.zarr", progress=False)
   assert not list(tmp_path.iterdir())

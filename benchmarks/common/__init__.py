@@ -26,7 +26,8 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` import bonejax from here
   sys.path.insert(0, str(REPO))
 
-from bonejax import cli  # noqa: E402  (cli imports neither jax nor torch)
+from bonejax.cli import runner  # noqa: E402  (imports neither jax nor torch)
+from bonejax.core import errors  # noqa: E402
 
 from .jobs import (JobFailed, bonejax_forward, bonejax_model, bonejax_train_step,  # noqa: E402
                    dtype_of, last_json_line, run_json)
@@ -39,7 +40,7 @@ from .timing import (jax_peak_device_mb, jax_sync, median, peak_rss_mb,  # noqa:
 
 __all__ = [
     "REPO", "RESULTS", "JobFailed", "accelerators", "bonejax_forward", "bonejax_model",
-    "bonejax_train_step", "cli", "dtype_of", "fmt", "jax_peak_device_mb", "jax_sync",
+    "bonejax_train_step", "dtype_of", "errors", "runner", "fmt", "jax_peak_device_mb", "jax_sync",
     "last_json_line", "load_average", "machine", "machine_line", "machine_tag", "markdown_table",
     "median", "peak_rss_mb", "reset_peak_rss", "result_paths", "run_json", "spread",
     "time_calls", "usable_cores", "write_results", "xla_flops", "xla_memory_mb",

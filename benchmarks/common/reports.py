@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bonejax import cli
+from bonejax.core import outputs
 
 from .machine import machine, machine_tag
 from . import RESULTS
@@ -61,9 +61,9 @@ def write_results(name: str, payload: dict[str, Any], markdown: str | None = Non
   payload.setdefault("machine", machine())
   payload.setdefault("date", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
   payload.setdefault("command", " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
-  cli.atomic_write_json(paths["json"], payload)
+  outputs.atomic_write_json(paths["json"], payload)
   if markdown is not None:
-    cli.atomic_write_text(paths["md"], markdown.rstrip() + "\n")
+    outputs.atomic_write_text(paths["md"], markdown.rstrip() + "\n")
   return paths
 
 

@@ -31,7 +31,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import volume  # noqa: E402
-from bonejax import cli, store  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
+from bonejax.data import store
 
 VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph")
 DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp32_graph": "float32",
@@ -59,7 +61,7 @@ def ensure_scan(data_dir: str | Path, shape, seed: int = 0, kind: str = "bone") 
     found = tuple(store.open_scan(scan).shape)
     if found == tuple(shape):
       return scan
-    raise cli.UserError(f"{scan} has shape {found}, not {tuple(shape)}; use another directory")
+    raise errors.UserError(f"{scan} has shape {found}, not {tuple(shape)}; use another directory")
   try:
     from bonejax import phantom
   except ImportError:
@@ -143,7 +145,7 @@ def predict_scan_timed(scan_path: str | Path, name: str, *, patch: int, batch: i
 def main(argv):
   del argv
   if not _SCAN.value:
-    raise cli.UserError("--scan is required")
+    raise errors.UserError("--scan is required")
   t_start = time.perf_counter()
   import jax
   from bonejax import models
@@ -153,7 +155,7 @@ def main(argv):
       models.create, _MODEL.value, num_classes=_CLASSES.value, in_channels=1))
   if _JOB.value == "train":
     if _VARIANT.value.endswith("_graph"):
-      raise cli.UserError(f"--variant={_VARIANT.value}: the inference graph is for prediction")
+      raise errors.UserError(f"--variant={_VARIANT.value}: the inference graph is for prediction")
     image, labels = volume.load_scan(_SCAN.value)
     result = train_timed(_MODEL.value, image, labels, patch=_PATCH.value, batch=_BATCH.value,
                          steps=_STEPS.value, warmup=_WARMUP.value, dtype=dtype, seed=_SEED.value,
@@ -174,4 +176,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

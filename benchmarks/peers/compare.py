@@ -45,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from bonejax import cli  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
+from bonejax.core.progress import Progress
 
 HERE = Path(__file__).resolve().parent
 SIDES = {"bonejax": HERE / "bonejax_job.py", "peer": HERE / "monai_job.py"}
@@ -125,7 +127,7 @@ def run_job(side, job, variant, scan, patch, batch, steps, log_dir: Path) -> dic
 def calibrate(side: str, requested: str, scan, patch, batch, steps, log_dir) -> tuple[str, list]:
   if requested != "auto":
     if requested not in VARIANTS[side]:
-      raise cli.UserError(f"--{side if side == 'bonejax' else 'peer'}_variant={requested!r}: "
+      raise errors.UserError(f"--{side if side == 'bonejax' else 'peer'}_variant={requested!r}: "
                           f"one of {', '.join(VARIANTS[side])} or auto")
     return requested, []
   trials = [run_job(side, "train", v, scan, patch, batch, max(2, steps // 2), log_dir)
@@ -260,17 +262,17 @@ def markdown(summary, variants, calib, params, cfg, info, load, pred_variants=No
 def main(argv):
   del argv
   if not _MODEL.value.startswith("unet_resnet"):
-    raise cli.UserError(f"--model={_MODEL.value!r}: the peer exists for unet_resnetNN only")
+    raise errors.UserError(f"--model={_MODEL.value!r}: the peer exists for unet_resnetNN only")
   for j in _JOBS.value:
     if j not in METRIC:
-      raise cli.UserError(f"--jobs: unknown job {j!r} (train, predict)")
+      raise errors.UserError(f"--jobs: unknown job {j!r} (train, predict)")
   try:
     import torch  # noqa: F401  (only to fail early with a clear message)
     import monai  # noqa: F401
   except ImportError as e:
-    raise cli.UserError(f"the peer side needs torch and monai: pip install -e '.[peers]' ({e})")
+    raise errors.UserError(f"the peer side needs torch and monai: pip install -e '.[peers]' ({e})")
   gpu = _gpu()
-  shape = (cli.parse_ints(_VOLUME.value, 3, "volume") if _VOLUME.value
+  shape = (errors.parse_ints(_VOLUME.value, 3, "volume") if _VOLUME.value
            else ((512, 512, 512) if gpu else (64, 128, 128)))
   patch = _PATCH.value or (256 if gpu else 128)
   batch = _BATCH.value or (16 if gpu else 4)
@@ -310,7 +312,7 @@ def main(argv):
   for side, given in (("bonejax", _PRED_BONEJAX.value), ("peer", _PRED_PEER.value)):
     for v in given:
       if v not in PREDICT_VARIANTS[side]:
-        raise cli.UserError(f"--{side}_predict_variants: {v!r} is not one of "
+        raise errors.UserError(f"--{side}_predict_variants: {v!r} is not one of "
                             f"{', '.join(PREDICT_VARIANTS[side])}")
     pred_lists[side] = list(given) or [pred_variants[side]]
   pairs = {job: ([(side, v) for i in range(max(map(len, pred_lists.values())))
@@ -320,7 +322,7 @@ def main(argv):
 
   runs: list[dict] = []
   total = _REPEATS.value * sum(len(p) for p in pairs.values())
-  bar = cli.Progress(total=total, desc="peers", unit="runs", every_s=0)
+  bar = Progress(total=total, desc="peers", unit="runs", every_s=0)
   for _ in range(_REPEATS.value):
     for job in _JOBS.value:
       for side, v in pairs[job]:  # bonejax, peer, bonejax, peer, ...: alternating
@@ -362,4 +364,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

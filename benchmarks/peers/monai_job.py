@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import volume  # noqa: E402
-from bonejax import cli, store  # noqa: E402
+from bonejax.cli import runner  # noqa: E402
+from bonejax.core import errors
+from bonejax.data import store
 
 VARIANTS = ("fp32", "bf16", "fp32_cl", "bf16_cl")
 
@@ -130,7 +132,7 @@ def predict_volume(torch, device, model, image: np.ndarray, num_classes: int) ->
 def predict_job(torch, device, model, scan) -> dict:
   """Raw scan in memory -> labels in memory; normalisation is inside the timed block, as it is
   inside bonejax's predictor. The first run is 'cold', the median of the rest is reported."""
-  from bonejax import intensity
+  from bonejax.io import intensity
   model.eval()
   raw = scan.read_image()
   times = []
@@ -151,7 +153,7 @@ def predict_job(torch, device, model, scan) -> dict:
 def main(argv):
   del argv
   if not _SCAN.value:
-    raise cli.UserError("--scan is required")
+    raise errors.UserError("--scan is required")
   t_start = time.perf_counter()
   import torch  # only here: the bonejax package never imports torch
   threads = _THREADS.value or common.usable_cores()
@@ -179,4 +181,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  runner.run(main)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bonejax import intensity, store
+from bonejax.data import store
+from bonejax.io import intensity
 
 
 def load_scan(path: str | Path, rule: str = "percentile") -> tuple[np.ndarray, np.ndarray | None]:

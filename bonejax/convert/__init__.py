@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from bonejax import cli, intensity
+from bonejax.core import errors, outputs
+from bonejax.io import intensity
 from bonejax.convert import checkpoint, metadata, smp_layout
 
 DEFAULT_PATCH = 256  # BONe's default patch side
@@ -34,12 +35,12 @@ def _classes(names: Sequence[str] | None, meta_names: list[str] | None, n: int,
              head: str) -> list[str]:
   if names:
     if len(names) != n:
-      raise cli.UserError(f"--classes names {len(names)} classes but the weights give {n} "
+      raise errors.UserError(f"--classes names {len(names)} classes but the weights give {n} "
                           f"({head} has {n} output channels)")
     return list(names)
   if meta_names:
     if len(meta_names) != n:
-      raise cli.UserError(f"the metadata names {len(meta_names)} classes but the weights give {n}")
+      raise errors.UserError(f"the metadata names {len(meta_names)} classes but the weights give {n}")
     return meta_names
   return ["background"] + [f"class_{i}" for i in range(1, n)]
 
@@ -55,7 +56,7 @@ def _context(info: dict[str, Any], context_slices: int | None, in_channels: int)
   else:
     return 0  # 2D (more than one channel is then a multi-channel input, not slices)
   if k < 0 or 2 * k + 1 != in_channels:
-    raise cli.UserError(f"a 2.5D context of {k} slice(s) each side needs {2 * k + 1} input "
+    raise errors.UserError(f"a 2.5D context of {k} slice(s) each side needs {2 * k + 1} input "
                         f"channels, but the weights take {in_channels}")
   return k
 
@@ -63,7 +64,7 @@ def _context(info: dict[str, Any], context_slices: int | None, in_channels: int)
 def _recognised(sd: dict[str, Any]) -> str | None:
   try:
     return smp_layout.BY_SMP[smp_layout.recognise(sd)]
-  except cli.UserError:
+  except errors.UserError:
     return None
 
 
@@ -72,9 +73,9 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
                    patch_size: int | None = None, context_slices: int | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
   """Converts a DLFit checkpoint, smp state dict or .safetensors into a bundle at `out`."""
-  cli.check_output(out, overwrite)
+  outputs.check_output(out, overwrite)
   if normalization is not None and normalization not in intensity.RULES:
-    raise cli.UserError(f"--normalization={normalization!r} must be one of "
+    raise errors.UserError(f"--normalization={normalization!r} must be one of "
                         f"{', '.join(intensity.RULES)}")
   ckpt = checkpoint.read(path)
   info = metadata.interpret(ckpt.metadata)
@@ -86,33 +87,34 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
     seen = _recognised(sd)
     if seen is not None and seen != name:
       given = f"--arch={name}" if arch else f"the metadata's model {name}"
-      raise cli.UserError(f"{given} does not fit the weights: their keys are those of "
+      raise errors.UserError(f"{given} does not fit the weights: their keys are those of "
                           f"{seen} (smp {'/'.join(smp_layout.SMP_ARCHS[seen])})")
   else:
     name = smp_layout.BY_SMP[smp_layout.recognise(sd)]
   if info.get("arch") and info["arch"] in smp_layout.BY_SMP and \
       smp_layout.BY_SMP[info["arch"]] != name:
     c, e = info["arch"]
-    raise cli.UserError(f"the metadata says smp {c} with encoder {e}, but the weights are "
+    raise errors.UserError(f"the metadata says smp {c} with encoder {e}, but the weights are "
                         f"taken as {name}")
   for key in (smp_layout.head_key(name), smp_layout.stem_key(name)):
     if key not in sd or len(sd[key].shape) != 4:
       smp_class, encoder = smp_layout.smp_arch(name)
-      raise cli.UserError(f"the weights do not fit {name} (smp {smp_class}, encoder {encoder}): "
+      raise errors.UserError(f"the weights do not fit {name} (smp {smp_class}, encoder {encoder}): "
                           f"no 4-d {key}")
   num_classes = int(sd[smp_layout.head_key(name)].shape[0])
   in_channels = int(sd[smp_layout.stem_key(name)].shape[1])
   names = _classes(classes, info.get("class_names"), num_classes, smp_layout.head_key(name))
   if info.get("num_classes") not in (None, num_classes):
-    raise cli.UserError(f"the metadata says {info['num_classes']} classes but the weights give "
+    raise errors.UserError(f"the metadata says {info['num_classes']} classes but the weights give "
                         f"{num_classes}")
   if info.get("in_channels") not in (None, in_channels):
-    raise cli.UserError(f"the metadata says {info['in_channels']} input channels (or 2.5D "
+    raise errors.UserError(f"the metadata says {info['in_channels']} input channels (or 2.5D "
                         f"slices) but the weights take {in_channels}")
   k = _context(info, context_slices, in_channels)
   kwargs = smp_layout.infer_kwargs(name, sd)
   # jax, flax and orbax only from here on: bad input above fails in a fraction of a second.
-  from bonejax import bundle, models  # pylint: disable=import-outside-toplevel
+  from bonejax import models  # pylint: disable=import-outside-toplevel
+  from bonejax.models import bundle
   from bonejax.convert import weights  # pylint: disable=import-outside-toplevel
   model = weights.model_from_state_dict(name, sd, num_classes=num_classes,
                                         in_channels=in_channels, model_kwargs=kwargs)
@@ -151,10 +153,11 @@ def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
   """Writes a bundle's model as an smp state dict: `.pth` (torch.save format) or `.safetensors`."""
   to = Path(to)
   if to.suffix.lower() not in EXPORT_SUFFIXES:
-    raise cli.UserError(f"--to_pth={str(to)!r} must end in {', '.join(EXPORT_SUFFIXES)}")
-  cli.check_output(to, overwrite)
-  cli.require_exists(bundle_dir, "model bundle")
-  from bonejax import bundle, models  # pylint: disable=import-outside-toplevel
+    raise errors.UserError(f"--to_pth={str(to)!r} must end in {', '.join(EXPORT_SUFFIXES)}")
+  outputs.check_output(to, overwrite)
+  errors.require_exists(bundle_dir, "model bundle")
+  from bonejax import models  # pylint: disable=import-outside-toplevel
+  from bonejax.models import bundle
   from bonejax.convert import safetensors_io, torch_pickle, weights  # pylint: disable=C0415
   meta = bundle.read_meta(bundle_dir)
   name = meta["model"]
@@ -163,7 +166,7 @@ def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
   sd = weights.state_dict_from_model(name, b.model)
   smp = {"class": smp_class, "encoder_name": encoder, "in_channels": b.in_channels,
          "classes": b.num_classes, **smp_kwargs(name, meta.get("model_kwargs", {}))}
-  with cli.atomic_output(to, overwrite=overwrite) as tmp:
+  with outputs.atomic_output(to, overwrite=overwrite) as tmp:
     if to.suffix.lower() == ".safetensors":
       info = {"format": "pt", "bonejax_model": name, "smp_class": smp_class,
               "encoder_name": encoder, "in_channels": b.in_channels, "classes": b.classes,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.convert import safetensors_io, smp_layout, torch_pickle
 
 STATE_KEYS = ("model_state", "state_dict", "model_state_dict", "model")
@@ -76,13 +76,13 @@ def _from_safetensors_meta(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
-  p = cli.require_exists(path, "weights file")
+  p = errors.require_exists(path, "weights file")
   if p.is_dir():
-    raise cli.UserError(f"weights file {str(p)!r} is a directory")
+    raise errors.UserError(f"weights file {str(p)!r} is a directory")
   if p.suffix.lower() in SAFETENSORS:
     tensors, meta = safetensors_io.load(p)
     if not tensors:
-      raise cli.UserError(f"{str(p)!r} holds no tensors")
+      raise errors.UserError(f"{str(p)!r} holds no tensors")
     return Checkpoint(smp_layout.strip_prefixes(tensors), _from_safetensors_meta(meta),
                       "safetensors", p)
   obj = torch_pickle.load(p)
@@ -97,10 +97,10 @@ def read(path: str | os.PathLike) -> Checkpoint:
                                 isinstance(v, (dict, np.ndarray))})
   elif isinstance(obj, dict):
     tops = ", ".join(sorted(map(str, obj))[:6])
-    raise cli.UserError(f"{str(p)!r} holds a dict without a state dict of tensors (keys: {tops}); "
+    raise errors.UserError(f"{str(p)!r} holds a dict without a state dict of tensors (keys: {tops}); "
                         f"expected a state dict or a dict with one of {', '.join(STATE_KEYS)}")
   else:
-    raise cli.UserError(f"{str(p)!r} holds a {type(obj).__name__}, not a state dict")
+    raise errors.UserError(f"{str(p)!r} holds a {type(obj).__name__}, not a state dict")
   if not isinstance(meta, dict):
-    raise cli.UserError(f"{str(p)!r}: its metadata is a {type(meta).__name__}, not a dict")
+    raise errors.UserError(f"{str(p)!r}: its metadata is a {type(meta).__name__}, not a dict")
   return Checkpoint(smp_layout.strip_prefixes(dict(sd)), _plain(meta), kind, p)

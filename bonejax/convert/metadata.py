@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bonejax import cli
-from bonejax import intensity
+from bonejax.core import errors
+from bonejax.io import intensity
 
 ALIASES = {
     "arch": ("architecture", "arch", "modelarchitecture", "modeltype", "modelname", "smpclass",
@@ -80,7 +80,7 @@ def _int(v: Any, what: str) -> int:
       raise ValueError
     return i
   except (TypeError, ValueError):
-    raise cli.UserError(f"metadata {what}={v!r} is not an integer") from None
+    raise errors.UserError(f"metadata {what}={v!r} is not an integer") from None
 
 
 def arch_from(flat: dict[str, Any]) -> tuple[str, str] | None:
@@ -118,7 +118,7 @@ def interpret(meta: dict[str, Any]) -> dict[str, Any]:
   if depth is not None:
     depth = _int(depth, "2.5D depth")
     if depth < 1 or depth % 2 == 0:
-      raise cli.UserError(f"metadata 2.5D depth {depth} must be a positive odd number of slices")
+      raise errors.UserError(f"metadata 2.5D depth {depth} must be a positive odd number of slices")
     out.setdefault("context_slices", (depth - 1) // 2)
     out.setdefault("in_channels", depth)
   mode = _get(flat, "mode")
@@ -128,7 +128,7 @@ def interpret(meta: dict[str, Any]) -> dict[str, Any]:
   if isinstance(norm, str):
     rule = NORMALIZATION.get(_norm_key(norm))
     if rule is None:
-      raise cli.UserError(f"metadata normalisation {norm!r} has no bonejax counterpart (known: "
+      raise errors.UserError(f"metadata normalisation {norm!r} has no bonejax counterpart (known: "
                           f"ZScore, minMax, {', '.join(intensity.RULES)}); give --normalization")
     out["normalization"] = rule
     if _norm_key(norm) not in {_norm_key(r) for r in intensity.RULES}:
@@ -138,7 +138,7 @@ def interpret(meta: dict[str, Any]) -> dict[str, Any]:
     sides = patch if isinstance(patch, (list, tuple)) else [patch]
     sides = [_int(s, "patch_size") for s in sides]
     if not sides or min(sides) < 1:
-      raise cli.UserError(f"metadata patch_size={patch!r} is not a positive size")
+      raise errors.UserError(f"metadata patch_size={patch!r} is not a positive size")
     out["patch_size"] = max(sides)
   axes = _get(flat, "train_axes")
   if isinstance(axes, (list, tuple)) and all(isinstance(a, int) and 0 <= a <= 2 for a in axes):

@@ -18,7 +18,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -35,19 +35,19 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]
   data = p.read_bytes()
   bad = f"{str(p)!r} is not a valid .safetensors file"
   if len(data) < 8:
-    raise cli.UserError(f"{bad}: {len(data)} bytes")
+    raise errors.UserError(f"{bad}: {len(data)} bytes")
   (n,) = struct.unpack("<Q", data[:8])
   if n > MAX_HEADER or 8 + n > len(data):
-    raise cli.UserError(f"{bad}: header of {n} bytes in a file of {len(data)} (truncated?)")
+    raise errors.UserError(f"{bad}: header of {n} bytes in a file of {len(data)} (truncated?)")
   try:
     header = json.loads(data[8:8 + n])
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise cli.UserError(f"{bad}: header is not JSON ({e})") from None
+    raise errors.UserError(f"{bad}: header is not JSON ({e})") from None
   if not isinstance(header, dict):
-    raise cli.UserError(f"{bad}: header is not a JSON object")
+    raise errors.UserError(f"{bad}: header is not a JSON object")
   meta = header.pop("__metadata__", None) or {}
   if not isinstance(meta, dict):
-    raise cli.UserError(f"{bad}: __metadata__ is not an object")
+    raise errors.UserError(f"{bad}: __metadata__ is not an object")
   body = memoryview(data)[8 + n:]
   tensors: dict[str, np.ndarray] = {}
   for name, info in header.items():
@@ -56,10 +56,10 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]
       shape = tuple(int(s) for s in info["shape"])
       begin, end = (int(o) for o in info["data_offsets"])
     except (KeyError, TypeError, ValueError):
-      raise cli.UserError(f"{bad}: bad entry for tensor {name!r}: {str(info)[:80]}") from None
+      raise errors.UserError(f"{bad}: bad entry for tensor {name!r}: {str(info)[:80]}") from None
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(body) or end - begin != size:
-      raise cli.UserError(f"{bad}: tensor {name!r} {shape} {info['dtype']} has data offsets "
+      raise errors.UserError(f"{bad}: tensor {name!r} {shape} {info['dtype']} has data offsets "
                           f"[{begin}, {end}] in a data section of {len(body)} bytes (truncated?)")
     tensors[name] = np.frombuffer(body[begin:end], dtype).reshape(shape).copy()
   return tensors, {str(k): str(v) for k, v in meta.items()}
@@ -77,7 +77,7 @@ def save(tensors: dict[str, np.ndarray], path: str | os.PathLike,
     if a.dtype.itemsize > 1 and a.dtype.byteorder == ">":
       a = a.astype(a.dtype.newbyteorder("<"))
     if a.dtype not in _CODES:
-      raise cli.UserError(f"cannot write a {a.dtype} array to .safetensors")
+      raise errors.UserError(f"cannot write a {a.dtype} array to .safetensors")
     header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
                     "data_offsets": [offset, offset + a.nbytes]}
     arrays.append(a)

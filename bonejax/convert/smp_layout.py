@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 # bonejax model name -> (smp class, smp encoder_name)
 SMP_ARCHS: dict[str, tuple[str, str]] = {
@@ -118,7 +118,7 @@ def rules(name: str) -> list[Rule]:
 
 def smp_arch(name: str) -> tuple[str, str]:
   if name not in SMP_ARCHS:
-    raise cli.UserError(f"model {name!r} has no segmentation_models_pytorch counterpart; "
+    raise errors.UserError(f"model {name!r} has no segmentation_models_pytorch counterpart; "
                         f"convertible models: {', '.join(SMP_ARCHS)}")
   return SMP_ARCHS[name]
 
@@ -214,7 +214,7 @@ def _count(keys: set[str], pattern: str) -> int:
 
 
 def recognise(sd: dict[str, np.ndarray]) -> tuple[str, str]:
-  """(smp class, encoder name) from the keys; `cli.UserError` when they look like neither."""
+  """(smp class, encoder name) from the keys; `errors.UserError` when they look like neither."""
   keys = set(sd)
   if any(k.startswith("decoder.mlp_stage.") for k in keys):
     family = "Segformer"
@@ -226,7 +226,7 @@ def recognise(sd: dict[str, np.ndarray]) -> tuple[str, str]:
     family = "Unet"
   else:
     sample = ", ".join(sorted(keys)[:3])
-    raise cli.UserError(f"the weights are not a segmentation_models_pytorch Unet, UnetPlusPlus, "
+    raise errors.UserError(f"the weights are not a segmentation_models_pytorch Unet, UnetPlusPlus, "
                         f"DeepLabV3Plus or Segformer (keys such as {sample}); give --arch")
   if "encoder.patch_embed1.proj.weight" in keys:
     dim = int(np.shape(sd["encoder.patch_embed1.proj.weight"])[0])
@@ -241,7 +241,7 @@ def recognise(sd: dict[str, np.ndarray]) -> tuple[str, str]:
     encoder = "an unknown encoder"
   if (family, encoder) not in BY_SMP:
     known = ", ".join(f"{c}({e})" for c, e in BY_SMP)
-    raise cli.UserError(f"the weights are an smp {family} with {encoder}, which bonejax does not "
+    raise errors.UserError(f"the weights are an smp {family} with {encoder}, which bonejax does not "
                         f"have; convertible: {known}")
   return family, encoder
 

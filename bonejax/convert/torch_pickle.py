@@ -31,7 +31,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors, outputs
 
 # torch's legacy storage classes <-> numpy dtypes (what `torch.save` names in its pickles).
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -47,7 +47,7 @@ _TORCH_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's pre-1.6 format
 
 
-class UnsafePickle(cli.UserError):
+class UnsafePickle(errors.UserError):
   """The pickle names something outside the allow-list."""
 
 
@@ -63,7 +63,7 @@ class _StorageType:
 
 def _int(v: Any, what: str) -> int:
   if isinstance(v, bool) or not isinstance(v, int):
-    raise cli.UserError(f"corrupt tensor record: {what} is {type(v).__name__}, not an integer")
+    raise errors.UserError(f"corrupt tensor record: {what} is {type(v).__name__}, not an integer")
   return v
 
 
@@ -72,17 +72,17 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   """torch._utils._rebuild_tensor_v2 on a numpy storage: a strided view, copied contiguous."""
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-    raise cli.UserError("corrupt tensor record: its storage is not a storage")
+    raise errors.UserError("corrupt tensor record: its storage is not a storage")
   offset = _int(storage_offset, "storage offset")
   size = tuple(_int(s, "size") for s in (size or ()))
   stride = tuple(_int(s, "stride") for s in (stride or ()))
   if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
-    raise cli.UserError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
+    raise errors.UserError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
   if 0 in size:
     return np.zeros(size, storage.dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= storage.size:
-    raise cli.UserError(f"corrupt tensor record: size {size} with stride {stride} at offset "
+    raise errors.UserError(f"corrupt tensor record: size {size} with stride {stride} at offset "
                         f"{offset} reaches past its storage of {storage.size} elements")
   item = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(s * item for s in stride),
@@ -166,7 +166,7 @@ class _Unpickler(pickle.Unpickler):
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
             and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
-      raise cli.UserError(f"corrupt checkpoint: unexpected persistent id {str(pid)[:80]}")
+      raise errors.UserError(f"corrupt checkpoint: unexpected persistent id {str(pid)[:80]}")
     return self._read_storage(pid[2], pid[1].dtype, _int(pid[4], "storage size"))
 
 
@@ -188,23 +188,23 @@ def _describe_non_zip(path: Path) -> str:
 
 
 def load(path: str | os.PathLike) -> Any:
-  """The object saved in a `.pth`, tensors as numpy arrays; `cli.UserError` for anything else."""
+  """The object saved in a `.pth`, tensors as numpy arrays; `errors.UserError` for anything else."""
   p = Path(path)
   problem = _describe_non_zip(p)
   if problem:
-    raise cli.UserError(f"{str(p)!r} {problem}")
+    raise errors.UserError(f"{str(p)!r} {problem}")
   try:
     zf = zipfile.ZipFile(p)
   except (zipfile.BadZipFile, OSError) as e:
-    raise cli.UserError(f"{str(p)!r} is not a readable zip archive: {e}") from None
+    raise errors.UserError(f"{str(p)!r} is not a readable zip archive: {e}") from None
   with zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
-      raise cli.UserError(f"{str(p)!r} is a TorchScript archive (torch.jit.save); save the "
+      raise errors.UserError(f"{str(p)!r} is a TorchScript archive (torch.jit.save); save the "
                           "weights with torch.save(model.state_dict(), path)")
     if len(pkls) != 1:
-      raise cli.UserError(f"{str(p)!r} is a zip archive but not a torch.save checkpoint "
+      raise errors.UserError(f"{str(p)!r} is a zip archive but not a torch.save checkpoint "
                           "(no <name>/data.pkl)")
     prefix = pkls[0][: -len("data.pkl")]
     storages: dict[str, np.ndarray] = {}
@@ -214,28 +214,28 @@ def load(path: str | os.PathLike) -> Any:
         try:
           info = zf.getinfo(f"{prefix}data/{key}")
         except KeyError:
-          raise cli.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} is missing") \
+          raise errors.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} is missing") \
               from None
         need = numel * dtype.itemsize
         if info.file_size < need:  # checked before reading: the size in the pickle is untrusted
-          raise cli.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} has "
+          raise errors.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} has "
                               f"{info.file_size} bytes, {numel} x {dtype.itemsize} expected")
         with zf.open(info) as f:
           raw = f.read(need)
         storages[key] = np.frombuffer(raw, dtype, count=numel)
       stored = storages[key]
       if stored.dtype != dtype:
-        raise cli.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} is read as two dtypes")
+        raise errors.UserError(f"corrupt checkpoint {str(p)!r}: storage {key!r} is read as two dtypes")
       return stored
 
     try:
       return _Unpickler(zf.read(pkls[0]), read_storage).load()
-    except cli.UserError:
+    except errors.UserError:
       raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
-      raise cli.UserError(f"{str(p)!r} is damaged (truncated?): {e}") from None
+      raise errors.UserError(f"{str(p)!r} is damaged (truncated?): {e}") from None
     except Exception as e:  # pylint: disable=broad-except  # malformed pickle: any error type
-      raise cli.UserError(f"{str(p)!r} holds a malformed pickle: {type(e).__name__}: {e}") \
+      raise errors.UserError(f"{str(p)!r} holds a malformed pickle: {type(e).__name__}: {e}") \
           from None
 
 
@@ -283,7 +283,7 @@ class _Writer:
       a = a.astype(a.dtype.newbyteorder("<"))
     name = _STORAGE_NAMES.get(a.dtype)
     if name is None:
-      raise cli.UserError(f"cannot write a {a.dtype} array to a .pth")
+      raise errors.UserError(f"cannot write a {a.dtype} array to a .pth")
     key = str(len(self.storages))
     self.storages.append(a)
     strides = tuple(int(np.prod(a.shape[i + 1:], dtype=np.int64)) for i in range(a.ndim))
@@ -333,18 +333,18 @@ class _Writer:
         self.op(b"(")
         for k, item in v.items():
           if not isinstance(k, str):
-            raise cli.UserError(f"cannot write a dict key of type {type(k).__name__} to a .pth")
+            raise errors.UserError(f"cannot write a dict key of type {type(k).__name__} to a .pth")
           self.str_(k)
           self.value(item)
         self.op(b"u")
     else:
-      raise cli.UserError(f"cannot write a {type(v).__name__} to a .pth")
+      raise errors.UserError(f"cannot write a {type(v).__name__} to a .pth")
 
 
 def save(obj: Any, path: str | os.PathLike, archive_name: str = "archive") -> None:
   """Writes `obj` (dicts/lists/tuples of numpy arrays and plain values) as torch.save would.
 
-  Not atomic by itself: callers write to a temporary name (cli.atomic_output) and rename.
+  Not atomic by itself: callers write to a temporary name (outputs.atomic_output) and rename.
   """
   w = _Writer()
   w.op(b"\x80\x02")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax import models
 from bonejax.convert import smp_layout
 
@@ -31,7 +31,7 @@ def _some(keys) -> str:
 
 def check_keys(name: str, entries: list[smp_layout.Entry], bns: list[str],
                sd: dict[str, np.ndarray]) -> None:
-  """`cli.UserError` naming what is missing, unexpected or misshapen, in that order."""
+  """`errors.UserError` naming what is missing, unexpected or misshapen, in that order."""
   expected = {e.key for e in entries}
   optional = {f"{bn}.{smp_layout.NUM_BATCHES}" for bn in bns}
   missing = expected - set(sd)
@@ -44,15 +44,15 @@ def check_keys(name: str, entries: list[smp_layout.Entry], bns: list[str],
       parts.append(f"{len(missing)} missing key(s): {_some(missing)}")
     if unexpected:
       parts.append(f"{len(unexpected)} unexpected key(s): {_some(unexpected)}")
-    raise cli.UserError(f"the weights do not fit {what}: {'; '.join(parts)}")
+    raise errors.UserError(f"the weights do not fit {what}: {'; '.join(parts)}")
   for e in entries:
     got = tuple(np.shape(sd[e.key]))
     if got != e.torch_shape:
-      raise cli.UserError(f"the weights do not fit {what}: {e.key} has shape {got}, "
+      raise errors.UserError(f"the weights do not fit {what}: {e.key} has shape {got}, "
                           f"{e.torch_shape} expected")
     if not np.issubdtype(np.asarray(sd[e.key]).dtype, np.floating) \
         and np.asarray(sd[e.key]).dtype.name != "bfloat16":
-      raise cli.UserError(f"{e.key} is {np.asarray(sd[e.key]).dtype}, not floating point")
+      raise errors.UserError(f"{e.key} is {np.asarray(sd[e.key]).dtype}, not floating point")
 
 
 def model_from_state_dict(name: str, sd: dict[str, np.ndarray], *, num_classes: int,
@@ -63,7 +63,7 @@ def model_from_state_dict(name: str, sd: dict[str, np.ndarray], *, num_classes: 
     abstract = models.abstract_model(models.create, name, num_classes=num_classes,
                                      in_channels=in_channels, **(model_kwargs or {}))
   except (ValueError, TypeError) as e:
-    raise cli.UserError(f"cannot build model {name!r}: {e}") from None
+    raise errors.UserError(f"cannot build model {name!r}: {e}") from None
   entries, bns = smp_layout.layout(name, abstract)
   check_keys(name, entries, bns, sd)
   values = {e.path: smp_layout.to_flax(np.asarray(sd[e.key], np.float32)) for e in entries}

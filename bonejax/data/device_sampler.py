@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bonejax import intensity, store
+from bonejax.data import store
+from bonejax.io import intensity
 from bonejax.data import patches
 
 ROW_BITS = 15

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.data import device_sampler, patches
 
 SAMPLERS = ("auto", "device", "host")
@@ -59,7 +59,7 @@ def make_feed(sampler: str, stream: patches.PatchStream, mesh: Mesh,
               budget_mb: int = 0):
   """The feed `sampler` asks for over `stream`'s records (it takes ownership of `stream`)."""
   if sampler not in SAMPLERS:
-    raise cli.UserError(f"sampler={sampler!r}; known: {', '.join(SAMPLERS)}")
+    raise errors.UserError(f"sampler={sampler!r}; known: {', '.join(SAMPLERS)}")
   if sampler == "host":
     return HostFeed(stream, put)
   layout = device_sampler.plan([s.shape for s in stream.scans],
@@ -76,13 +76,13 @@ def make_feed(sampler: str, stream: patches.PatchStream, mesh: Mesh,
                                          "RESOURCE_EXHAUSTED" in str(e)):
         stream.close()
         raise
-      why = f"{why}, but loading it ran out of memory ({cli._one_line(str(e))[:200]})"
+      why = f"{why}, but loading it ran out of memory ({errors.one_line(str(e))[:200]})"
     except BaseException:  # a damaged chunk or a bad label value while loading
       stream.close()
       raise
   if sampler == "device":
     stream.close()
-    raise cli.UserError(f"sampler=device: {why}; set sampler=host or auto, or a larger "
+    raise errors.UserError(f"sampler=device: {why}; set sampler=host or auto, or a larger "
                         "sampler_device_mb")
-  cli.warn(f"sampler=auto: {why}; training from the host patch stream")
+  errors.warn(f"sampler=auto: {why}; training from the host patch stream")
   return HostFeed(stream, put)

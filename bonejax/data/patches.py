@@ -50,7 +50,9 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from bonejax import cli, intensity, store
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.io import intensity
 from bonejax.data import shuffle
 from bonejax.data.context import context_planes, reflect_index  # noqa: F401  (also patches.*)
 
@@ -100,7 +102,7 @@ def _open_training_scans(dataset_path, scans: Sequence[str],
                          rule: str | None = None) -> tuple[store.Dataset, list[_ScanInfo]]:
   ds = store.open_dataset(dataset_path)
   if not scans:
-    raise cli.UserError("no scans given for the patch stream")
+    raise errors.UserError("no scans given for the patch stream")
   infos = []
   for name in scans:
     scan = ds.open_scan(name)
@@ -121,8 +123,8 @@ def _read(future, scan: _ScanInfo, what: str) -> np.ndarray:
   try:
     return future.result()
   except Exception as e:  # pylint: disable=broad-except  (tensorstore: ValueError, RuntimeError)
-    text = cli._one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
-    raise cli.UserError(f"cannot read the {what} of scan {scan.name!r} ({scan.scan.path}): "
+    text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+    raise errors.UserError(f"cannot read the {what} of scan {scan.name!r} ({scan.scan.path}): "
                         f"{text}") from None
 
 
@@ -130,14 +132,14 @@ def check_labels(labels: np.ndarray, scan: _ScanInfo, classes: Sequence[str]) ->
   """Refuses label values the model has no class for (they would train and score silently)."""
   top = int(labels.max()) if labels.size else 0
   if top >= len(classes):
-    raise cli.UserError(f"scan {scan.name!r} has label value {top}, but its dataset has "
+    raise errors.UserError(f"scan {scan.name!r} has label value {top}, but its dataset has "
                         f"{len(classes)} classes ({', '.join(classes)}): fix the labels or "
                         "the dataset's classes")
 
 
 def _check_rule(rule: str) -> None:
   if rule not in intensity.RULES:
-    raise cli.UserError(f"unknown normalisation rule {rule!r} "
+    raise errors.UserError(f"unknown normalisation rule {rule!r} "
                         f"(known: {', '.join(intensity.RULES)})")
 
 
@@ -239,20 +241,20 @@ class PatchStream:
     self.process_index, self.process_count = int(process_index), int(process_count)
 
     if self.patch_size < 1:
-      raise cli.UserError(f"patch_size={patch_size} must be positive")
+      raise errors.UserError(f"patch_size={patch_size} must be positive")
     if not self.axes or any(a not in (0, 1, 2) for a in self.axes) or \
         len(set(self.axes)) != len(self.axes):
-      raise cli.UserError(f"axes={tuple(axes)} must be distinct values from 0, 1, 2")
+      raise errors.UserError(f"axes={tuple(axes)} must be distinct values from 0, 1, 2")
     if self.patches_per_plane < 1:
-      raise cli.UserError(f"patches_per_plane={patches_per_plane} must be >= 1")
+      raise errors.UserError(f"patches_per_plane={patches_per_plane} must be >= 1")
     if self.context_slices < 0:
-      raise cli.UserError(f"context_slices={context_slices} must be >= 0")
+      raise errors.UserError(f"context_slices={context_slices} must be >= 0")
     if not 0.0 <= self.oversample_rare < 1.0:
-      raise cli.UserError(f"oversample_rare={oversample_rare} must be in [0, 1)")
+      raise errors.UserError(f"oversample_rare={oversample_rare} must be in [0, 1)")
     if not 0 <= self.process_index < self.process_count:
-      raise cli.UserError(f"process_index={process_index} not in [0, {process_count})")
+      raise errors.UserError(f"process_index={process_index} not in [0, {process_count})")
     if self.global_batch_size < 1 or self.global_batch_size % self.process_count:
-      raise cli.UserError(f"global batch size {global_batch_size} is not a positive multiple "
+      raise errors.UserError(f"global batch size {global_batch_size} is not a positive multiple "
                           f"of the {self.process_count} processes")
     self.local_batch_size = self.global_batch_size // self.process_count
     _check_rule(normalization)
@@ -261,7 +263,7 @@ class PatchStream:
     self.classes = list(self.dataset.classes)
     for s in self.scans:
       if s.scan.labels is None:
-        raise cli.UserError(f"training scan {s.name!r} has no labels")
+        raise errors.UserError(f"training scan {s.name!r} has no labels")
 
     # Uniform records: one block of shape[axis] * patches_per_plane per (scan, axis).
     blocks = [(si, a, s.shape[a]) for si, s in enumerate(self.scans) for a in self.axes]
@@ -307,8 +309,8 @@ class PatchStream:
       try:
         projections.append(class_projections(s.scan.labels, nc))
       except Exception as e:  # pylint: disable=broad-except  (bad values, damaged chunks)
-        text = cli._one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
-        raise cli.UserError(f"scan {s.name!r} ({s.scan.path}): {text} ({', '.join(self.classes)})"
+        text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+        raise errors.UserError(f"scan {s.name!r} ({s.scan.path}): {text} ({', '.join(self.classes)})"
                             ) from None
     counts = sum(p[0] for p in projections)
     if rare_classes is None:
@@ -317,7 +319,7 @@ class PatchStream:
       rare = [int(c) for c in rare_classes]
       bad = [c for c in rare if not 0 <= c < nc]
       if bad:
-        raise cli.UserError(f"rare_classes {bad} not in [0, {nc})")
+        raise errors.UserError(f"rare_classes {bad} not in [0, {nc})")
     self.rare_classes = rare
     rows = []
     for si, (_, zy, zx, yx) in enumerate(projections):
@@ -325,7 +327,7 @@ class PatchStream:
       for plane in _rare_planes_of_scan(sel(zy), sel(zx), sel(yx), self.axes):
         rows.append((si,) + plane)
     if not rows:
-      raise cli.UserError(f"oversample_rare: no plane of the training scans holds any of the "
+      raise errors.UserError(f"oversample_rare: no plane of the training scans holds any of the "
                           f"rare classes {rare}")
     self._rare = np.array(rows, np.int64)
     logging.info("patch stream: rare classes %s in %d planes", rare, len(rows))
@@ -571,17 +573,17 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
   _check_rule(normalization)
   stride, batch_size = max(1, int(stride)), int(batch_size)
   if batch_size < 1:
-    raise cli.UserError(f"validation batch_size={batch_size} must be positive")
+    raise errors.UserError(f"validation batch_size={batch_size} must be positive")
   ds, infos = _open_training_scans(dataset_path, scans, normalization)
   k = int(context_slices)
   pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)), "val-read")
   try:
     for s in infos:
       if s.scan.labels is None:
-        raise cli.UserError(f"validation scan {s.name!r} has no labels")
+        raise errors.UserError(f"validation scan {s.name!r} has no labels")
       for axis in axes:
         if axis not in (0, 1, 2):
-          raise cli.UserError(f"validation axis {axis} is not 0, 1 or 2")
+          raise errors.UserError(f"validation axis {axis} is not 0, 1 or 2")
         d0, d1 = _plane_dims(axis)
         (o0, c0, m0), (o1, c1, m1), valid = _val_geometry(s.shape, axis, crop)
         h, w = valid.shape

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors, outputs
 
 
 @dataclasses.dataclass
@@ -28,11 +28,11 @@ def _check_known(names: Sequence[str], all_scans: Sequence[str], what: str) -> l
   names = [str(n) for n in names]
   unknown = [n for n in names if n not in all_scans]
   if unknown:
-    raise cli.UserError(f"{what} scan(s) {', '.join(map(repr, unknown))} not in the dataset "
+    raise errors.UserError(f"{what} scan(s) {', '.join(map(repr, unknown))} not in the dataset "
                         f"(has {', '.join(all_scans) or 'none'})")
   dups = sorted({n for n in names if names.count(n) > 1})
   if dups:
-    raise cli.UserError(f"{what} scan(s) listed twice: {', '.join(map(repr, dups))}")
+    raise errors.UserError(f"{what} scan(s) listed twice: {', '.join(map(repr, dups))}")
   return names
 
 
@@ -45,7 +45,7 @@ def make_split(all_scans: Sequence[str], train_scans: Sequence[str] = (),
   val = _check_known(val_scans, all_scans, "val")
   both = [s for s in train if s in val]
   if both:
-    raise cli.UserError(f"scan(s) {', '.join(map(repr, both))} are in both train_scans and "
+    raise errors.UserError(f"scan(s) {', '.join(map(repr, both))} are in both train_scans and "
                         "val_scans: that leaks validation data into training")
   if train and not val:
     val = [s for s in all_scans if s not in train]
@@ -53,10 +53,10 @@ def make_split(all_scans: Sequence[str], train_scans: Sequence[str] = (),
     train = [s for s in all_scans if s not in val]
   elif not train and not val:
     if len(all_scans) < 2:
-      raise cli.UserError(f"need at least 2 scans to split into train and val, got "
+      raise errors.UserError(f"need at least 2 scans to split into train and val, got "
                           f"{len(all_scans)}; add scans or give train_scans/val_scans")
     if not 0.0 < float(val_fraction) < 1.0:
-      raise cli.UserError(f"val_fraction={val_fraction} must be in (0, 1)")
+      raise errors.UserError(f"val_fraction={val_fraction} must be in (0, 1)")
     order = np.random.default_rng(seed).permutation(len(all_scans))
     n_val = min(max(1, int(round(val_fraction * len(all_scans)))), len(all_scans) - 1)
     val_idx = set(order[:n_val].tolist())
@@ -64,9 +64,9 @@ def make_split(all_scans: Sequence[str], train_scans: Sequence[str] = (),
     val = [s for i, s in enumerate(all_scans) if i in val_idx]
     train = [s for i, s in enumerate(all_scans) if i not in val_idx]
   if not train:
-    raise cli.UserError("the split leaves no training scan")
+    raise errors.UserError("the split leaves no training scan")
   if not val:
-    raise cli.UserError("the split leaves no validation scan")
+    raise errors.UserError("the split leaves no validation scan")
   return Split(train, val)
 
 
@@ -75,9 +75,9 @@ def kfold(all_scans: Sequence[str], k: int, seed: int = 0) -> list[Split]:
   all_scans = [str(s) for s in all_scans]
   k = int(k)
   if k < 2:
-    raise cli.UserError(f"folds={k}: need at least 2 folds")
+    raise errors.UserError(f"folds={k}: need at least 2 folds")
   if k > len(all_scans):
-    raise cli.UserError(f"folds={k} is more than the {len(all_scans)} scans in the dataset")
+    raise errors.UserError(f"folds={k} is more than the {len(all_scans)} scans in the dataset")
   order = np.random.default_rng(seed).permutation(len(all_scans))
   fold_of = np.empty(len(all_scans), int)
   for f, part in enumerate(np.array_split(order, k)):
@@ -104,12 +104,12 @@ def nested_kfold(all_scans: Sequence[str], k: int, seed: int = 0,
   never all), drawn with (seed, fold): deterministic, and different across folds.
   """
   if not 0.0 < float(val_fraction) < 1.0:
-    raise cli.UserError(f"val_fraction={val_fraction} must be in (0, 1)")
+    raise errors.UserError(f"val_fraction={val_fraction} must be in (0, 1)")
   folds = []
   for f, outer in enumerate(kfold(all_scans, k, seed)):
     rest = outer.train
     if len(rest) < 2:
-      raise cli.UserError(f"nested cross-validation: fold {f} leaves {len(rest)} scan(s) to "
+      raise errors.UserError(f"nested cross-validation: fold {f} leaves {len(rest)} scan(s) to "
                           "train and select the model on; needs at least 2 (use fewer folds "
                           "or more scans)")
     order = np.random.default_rng([int(seed), f]).permutation(len(rest))
@@ -121,15 +121,15 @@ def nested_kfold(all_scans: Sequence[str], k: int, seed: int = 0,
 
 
 def save_split(path: str | Path, split: Split) -> None:
-  cli.atomic_write_json(path, dataclasses.asdict(split))
+  outputs.atomic_write_json(path, dataclasses.asdict(split))
 
 
 def load_split(path: str | Path) -> Split:
   p = Path(path)
   if not p.exists():
-    raise cli.UserError(f"split file {str(p)!r} does not exist")
+    raise errors.UserError(f"split file {str(p)!r} does not exist")
   try:
     d = json.loads(p.read_text())
     return Split([str(s) for s in d["train"]], [str(s) for s in d["val"]])
   except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise cli.UserError(f"{str(p)!r} is not a split file: {e}") from None
+    raise errors.UserError(f"{str(p)!r} is not a split file: {e}") from None

@@ -21,24 +21,25 @@ import numpy as np
 from qtpy.QtWidgets import (QCheckBox, QFormLayout, QHBoxLayout, QPushButton, QTableWidget,
                             QTableWidgetItem, QVBoxLayout, QWidget)
 
-from bonejax import cli, report
+from bonejax.core import errors, outputs
+from bonejax.evaluate import report
 from bonejax.napari import layers, qt
 
-HAS_HTML = (importlib.util.find_spec("bonejax.html_report") is not None and
+HAS_HTML = (importlib.util.find_spec("bonejax.evaluate.html_report") is not None and
             "middle_planes" in inspect.signature(report.evaluate).parameters)
 
 
 def check_pair(pred, truth) -> None:
   if pred is None or truth is None:
-    raise cli.UserError("choose a prediction and a truth labels layer")
+    raise errors.UserError("choose a prediction and a truth labels layer")
   shapes = []
   for what, layer in (("prediction", pred), ("truth", truth)):
     shapes.append(tuple(layers.data_of(layer).shape))
     if len(shapes[-1]) != 3:
-      raise cli.UserError(f"{what} layer {layer.name!r} has shape {shapes[-1]}; evaluation "
+      raise errors.UserError(f"{what} layer {layer.name!r} has shape {shapes[-1]}; evaluation "
                           f"needs 3D (Z, Y, X) labels")
   if shapes[0] != shapes[1]:
-    raise cli.UserError(f"prediction shape {shapes[0]} != truth shape {shapes[1]}")
+    raise errors.UserError(f"prediction shape {shapes[0]} != truth shape {shapes[1]}")
 
 
 def evaluate_layers(pred, truth, html: bool = False) -> report.Evaluation:
@@ -62,13 +63,13 @@ def evaluate_layers(pred, truth, html: bool = False) -> report.Evaluation:
 def write_report(ev: report.Evaluation, out: str, html: bool) -> dict[str, Any]:
   out_path = Path(out)
   if out_path.suffix.lower() != ".json":
-    raise cli.UserError(f"report {out!r} must end in .json (REPORT.md is written beside it)")
+    raise errors.UserError(f"report {out!r} must end in .json (REPORT.md is written beside it)")
   html_path = out_path.with_suffix(".html") if html and HAS_HTML else None
-  with cli.claim_output(out_path):
+  with outputs.claim_output(out_path):
     for p in [out_path, out_path.with_suffix(".md")] + ([html_path] if html_path else []):
-      cli.check_output(p, overwrite=True)  # replaces only bonejax's own reports
+      outputs.check_output(p, overwrite=True)  # replaces only bonejax's own reports
     if html_path is not None:
-      from bonejax import html_report
+      from bonejax.evaluate import html_report
       html_report.write(ev, html_path)
       ev.result["html"] = str(html_path)
     return report.write(ev, out_path)
@@ -101,7 +102,7 @@ class EvaluateWidget(QWidget):
     self.html.setEnabled(HAS_HTML)
     self.html.setChecked(HAS_HTML)
     if not HAS_HTML:
-      self.html.setToolTip("needs a bonejax with HTML reports (bonejax.html_report)")
+      self.html.setToolTip("needs a bonejax with HTML reports (bonejax.evaluate.html_report)")
     self.write_button = QPushButton("Write report")
     self.write_button.setEnabled(False)
     self.write_button.clicked.connect(self.write)
@@ -140,7 +141,7 @@ class EvaluateWidget(QWidget):
     pred, truth = self.pred.layer(), self.truth.layer()
     try:
       check_pair(pred, truth)
-    except cli.UserError as e:
+    except errors.UserError as e:
       self.status.fail(qt.user_message(e))
       return
     html = self.html.isChecked()
@@ -187,7 +188,7 @@ class EvaluateWidget(QWidget):
     try:
       out = self.out.text()
       if not out:
-        raise cli.UserError("choose where to write the report (REPORT.json)")
+        raise errors.UserError("choose where to write the report (REPORT.json)")
       result = write_report(self.evaluation, out, self.html.isChecked())
     except Exception as e:  # pylint: disable=broad-except
       self.status.fail(qt.user_message(e))

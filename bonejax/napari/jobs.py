@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import threading
 
-from bonejax import cli
+from bonejax.core import errors
+from bonejax.core.progress import Progress
 
 
 class Cancelled(Exception):
   """The user pressed Cancel."""
 
 
-class JobProgress(cli.Progress):
-  """A silent cli.Progress: counts for a GUI's bar; raises Cancelled once cancelled."""
+class JobProgress(Progress):
+  """A silent Progress: counts for a GUI's bar; raises Cancelled once cancelled."""
 
   def __init__(self, desc: str = "predict", unit: str = "planes"):
     super().__init__(total=None, desc=desc, unit=unit)
@@ -50,8 +51,8 @@ class JobProgress(cli.Progress):
 
 def message(e: BaseException) -> str:
   """One line for the user: bad input as bonejax words it, anything else with its type."""
-  if isinstance(e, cli.UserError):
-    return cli._one_line(e)
+  if isinstance(e, errors.UserError):
+    return errors.one_line(e)
   if isinstance(e, Cancelled):
     return "cancelled"
-  return cli.io_error(e) or f"{type(e).__name__}: {cli.short_message(e)}"
+  return errors.io_error(e) or f"{type(e).__name__}: {errors.short_message(e)}"

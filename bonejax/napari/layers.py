@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax import report
+from bonejax.evaluate import report
 
 KEY = "bonejax"
 UNIT = "micrometer"

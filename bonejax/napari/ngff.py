@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from bonejax import cli, store
+from bonejax.core import errors
+from bonejax.data import store
 from bonejax.napari import layers
 
 _TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4,
@@ -50,7 +51,7 @@ def _open(p: Path):
   try:
     return ts.open(spec, open=True, read=True, context=store.context()).result()
   except ValueError as e:
-    raise cli.UserError(f"cannot open OME-Zarr array {str(p)!r}: {cli.short_message(e)}") \
+    raise errors.UserError(f"cannot open OME-Zarr array {str(p)!r}: {errors.short_message(e)}") \
         from None
 
 
@@ -158,5 +159,5 @@ def read(p: Path) -> list[tuple]:
     if la.get("multiscales"):
       out.append(_labels_layer(lp, la, f"{_stem(p)} {label}"))
   if not out:
-    raise cli.UserError(f"{str(p)!r} is an OME-Zarr group without images")
+    raise errors.UserError(f"{str(p)!r} is an OME-Zarr group without images")
   return out

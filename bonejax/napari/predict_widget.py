@@ -32,8 +32,10 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
 import bonejax
-from bonejax import bundle as bundle_lib
-from bonejax import cli, store, volume_io
+from bonejax.models import bundle as bundle_lib
+from bonejax.core import errors, outputs
+from bonejax.data import store
+from bonejax.io import volume_io
 from bonejax.napari import jobs, layers, qt
 from bonejax.predict import DEFAULT_BUDGET_GB, DTYPES, PLANES, VOTES, predict_volume
 
@@ -41,9 +43,9 @@ REPO = Path(bonejax.__file__).resolve().parents[1]
 CONVERTER = REPO / "launch" / "convert_weights.py"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 # Offered when this bonejax has them: uncertainty maps from the mean probabilities
-# (bonejax.uncertainty) and OME-Zarr label outputs (bonejax.ome_zarr).
-HAS_UNCERTAINTY = importlib.util.find_spec("bonejax.uncertainty") is not None
-HAS_OME_ZARR = importlib.util.find_spec("bonejax.ome_zarr") is not None
+# (bonejax.evaluate.uncertainty) and OME-Zarr label outputs (bonejax.io.ome_zarr).
+HAS_UNCERTAINTY = importlib.util.find_spec("bonejax.evaluate.uncertainty") is not None
+HAS_OME_ZARR = importlib.util.find_spec("bonejax.io.ome_zarr") is not None
 OUTPUT_SUFFIXES = (".zarr", ".tif", ".tiff")
 
 
@@ -55,20 +57,20 @@ OUTPUT_SUFFIXES = (".zarr", ".tif", ".tiff")
 def check_layer(layer, meta: dict[str, Any]) -> None:
   """Bad input before any work: no layer, not 3D, channels the bundle does not take."""
   if layer is None:
-    raise cli.UserError("choose an image layer")
+    raise errors.UserError("choose an image layer")
   shape = tuple(layers.data_of(layer).shape)
   rgb = bool(getattr(layer, "rgb", False))
   spatial = len(shape) - (1 if rgb else 0)
   if spatial == 2:
-    raise cli.UserError(f"layer {layer.name!r} is 2D {shape}; bonejax predicts 3D volumes "
+    raise errors.UserError(f"layer {layer.name!r} is 2D {shape}; bonejax predicts 3D volumes "
                         f"(Z, Y, X)")
   if not (spatial == 3 or (spatial == 4 and not rgb and shape[-1] <= 16)):
-    raise cli.UserError(f"layer {layer.name!r} has shape {shape}; bonejax predicts (Z, Y, X) "
+    raise errors.UserError(f"layer {layer.name!r} has shape {shape}; bonejax predicts (Z, Y, X) "
                         f"or (Z, Y, X, C) volumes")
   channels = shape[-1] if len(shape) == 4 else 1
   want = int(meta.get("in_channels", 1))
   if channels != want:
-    raise cli.UserError(f"layer {layer.name!r} has {channels} channel(s) (shape {shape}); the "
+    raise errors.UserError(f"layer {layer.name!r} has {channels} channel(s) (shape {shape}); the "
                         f"model expects {want}")
 
 
@@ -76,19 +78,19 @@ def check_output(output: str, overwrite: bool) -> None:
   if not output:
     return
   if is_ome_zarr(output) and not HAS_OME_ZARR:
-    raise cli.UserError(f"{output!r}: this bonejax cannot write OME-Zarr; save the labels as "
+    raise errors.UserError(f"{output!r}: this bonejax cannot write OME-Zarr; save the labels as "
                         f".zarr or .tif")
   if Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
-    raise cli.UserError(f"output {output!r} must end in .zarr (zarr v3 labels), .ome.zarr or "
+    raise errors.UserError(f"output {output!r} must end in .zarr (zarr v3 labels), .ome.zarr or "
                         f".tif/.tiff")
   if (Path(output).exists() or Path(output).is_symlink()) and not overwrite:
-    raise cli.UserError(f"output {output!r} exists; tick overwrite to replace it")
+    raise errors.UserError(f"output {output!r} exists; tick overwrite to replace it")
 
 
 def convert_weights(path: Path) -> Path:
   """A bundle made from a .pth/.safetensors by launch/convert_weights.py (cached by content)."""
   if not CONVERTER.exists():
-    raise cli.UserError(f"{path.name}: reading {path.suffix} weights needs "
+    raise errors.UserError(f"{path.name}: reading {path.suffix} weights needs "
                         f"launch/convert_weights.py, which this bonejax ({bonejax.__version__}) "
                         f"does not have; convert them to a bundle first")
   st = path.stat()
@@ -100,7 +102,7 @@ def convert_weights(path: Path) -> Path:
                        cwd=REPO, capture_output=True, text=True)
   if run.returncode != 0:
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("error:")]
-    raise cli.UserError(lines[-1][len("error:"):].strip() if lines else
+    raise errors.UserError(lines[-1][len("error:"):].strip() if lines else
                         f"converting {path.name} failed (exit {run.returncode})")
   return out
 
@@ -108,8 +110,8 @@ def convert_weights(path: Path) -> Path:
 def model_meta(path: str) -> tuple[Path, dict[str, Any] | None]:
   """(bundle or weights path, model.json or None for weights still to convert)."""
   if not path:
-    raise cli.UserError("choose a model bundle (a training WORKDIR/model directory)")
-  p = cli.require_exists(path, "model")
+    raise errors.UserError("choose a model bundle (a training WORKDIR/model directory)")
+  p = errors.require_exists(path, "model")
   if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES:
     if not CONVERTER.exists():
       convert_weights(p)  # raises the message
@@ -140,7 +142,7 @@ def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: i
     # Claimed before the work, written under a temporary name: Cancel leaves nothing there.
     # The file a layer was read from is an input: never overwritten.
     inputs = [attrs["source"]] if Path(str(attrs.get("source"))).exists() else []
-    tmp = stack.enter_context(cli.atomic_output(output, overwrite, inputs)) if output else None
+    tmp = stack.enter_context(outputs.atomic_output(output, overwrite, inputs)) if output else None
     t0 = time.perf_counter()
     out = predict_volume(b, volume, stats=stats, rule=b.normalization, planes=planes, axis=axis,
                          vote=vote, memory_budget_gb=memory_budget_gb,
@@ -150,7 +152,7 @@ def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: i
     labels, mean = out if isinstance(out, tuple) else (out, None)
     unc = None
     if uncertainty:
-      from bonejax import uncertainty as uncertainty_lib
+      from bonejax.evaluate import uncertainty as uncertainty_lib
       unc = uncertainty_lib.maps(mean, None, labels, 1)[..., 0]  # entropy, 0..255
     progress.check()
     if tmp is not None:
@@ -170,7 +172,7 @@ def is_ome_zarr(path: str | os.PathLike) -> bool:
 
 def write_labels(tmp: Path, final: Path, labels: np.ndarray, attrs: dict[str, Any]) -> None:
   if is_ome_zarr(final):
-    from bonejax import ome_zarr
+    from bonejax.io import ome_zarr
     v = attrs.get("voxel_size_um")
     w = ome_zarr.OmeZarrWriter(tmp, labels.shape, np.uint8, kind="labels",
                                classes=attrs["classes"], voxel_size_um=(v,) * 3 if v else None,
@@ -220,7 +222,7 @@ class PredictWidget(QWidget):
     self.uncertainty = QCheckBox("uncertainty layer (entropy)")
     self.uncertainty.setEnabled(HAS_UNCERTAINTY)
     if not HAS_UNCERTAINTY:
-      self.uncertainty.setToolTip("needs a bonejax with uncertainty maps (bonejax.uncertainty)")
+      self.uncertainty.setToolTip("needs a bonejax with uncertainty maps (bonejax.evaluate.uncertainty)")
     self.output = qt.PathEdit("optional: save labels as .zarr, .ome.zarr or .tif", save=True,
                               filter="Labels (*.zarr *.tif *.tiff)")
     self.overwrite = QCheckBox("overwrite")
@@ -287,7 +289,7 @@ class PredictWidget(QWidget):
       if meta is not None:
         check_layer(layer, meta)
       elif layer is None:
-        raise cli.UserError("choose an image layer")
+        raise errors.UserError("choose an image layer")
       output = self.output.text()
       check_output(output, self.overwrite.isChecked())
       planes = int(self.planes.currentText())

@@ -14,7 +14,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
                             QWidget)
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.napari import jobs
 
 
@@ -115,7 +115,7 @@ class Status(QLabel):
 
 
 def user_message(e: BaseException) -> str:
-  if not isinstance(e, (cli.UserError, jobs.Cancelled)) and cli.io_error(e) is None:
+  if not isinstance(e, (errors.UserError, jobs.Cancelled)) and errors.io_error(e) is None:
     traceback.print_exc()
   return jobs.message(e)
 

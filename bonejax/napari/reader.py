@@ -22,7 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import tensorstore as ts
 
-from bonejax import cli, report, store
+from bonejax.core import errors
+from bonejax.data import store
+from bonejax.evaluate import report
 from bonejax.napari import jobs, layers, ngff
 
 
@@ -63,7 +65,7 @@ def read(path: str | list[str], kind: str | None = None) -> list[tuple]:
   try:
     kind = kind or kind_of(p)
     if kind is None:
-      raise cli.UserError(f"{str(p)!r} is not a bonejax scan, dataset, prediction or OME-Zarr")
+      raise errors.UserError(f"{str(p)!r} is not a bonejax scan, dataset, prediction or OME-Zarr")
     return {"dataset": read_dataset, "scan": read_scan, "array": read_array,
             "ome": ngff.read}[kind](p)
   except Exception as e:  # pylint: disable=broad-except  (a reader never shows a traceback)
@@ -101,7 +103,7 @@ def read_scan(p: Path) -> list[tuple]:
 def read_dataset(p: Path) -> list[tuple]:
   ds = store.open_dataset(p)
   if not ds.scans:
-    raise cli.UserError(f"dataset {str(p)!r} lists no scans")
+    raise errors.UserError(f"dataset {str(p)!r} lists no scans")
   out = []
   for i, name in enumerate(ds.scans):
     out += scan_layers(ds.open_scan(name), ds.classes, visible=i == 0)  # one shown at a time
@@ -120,7 +122,7 @@ def open_array(p: Path) -> tuple[Any, dict[str, Any]]:
   try:
     arr = ts.open(spec, open=True, read=True, context=store.context()).result()
   except ValueError as e:
-    raise cli.UserError(f"cannot open zarr array {str(p)!r}: {cli.short_message(e)}") from None
+    raise errors.UserError(f"cannot open zarr array {str(p)!r}: {errors.short_message(e)}") from None
   if v3:
     attrs = store.array_attrs(p)
   else:
@@ -179,7 +181,7 @@ def read_array(p: Path) -> list[tuple]:
     return [(data, kwargs, "image")]
   if arr.rank in (3, 4):
     return [layers.image_layer(layers.volume(arr), name, voxel_size_um=v, source=p)]
-  raise cli.UserError(f"{str(p)!r} has shape {tuple(arr.shape)}; bonejax volumes are "
+  raise errors.UserError(f"{str(p)!r} has shape {tuple(arr.shape)}; bonejax volumes are "
                       f"(Z, Y, X) or (Z, Y, X, C)")
 
 

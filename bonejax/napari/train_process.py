@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 
 import bonejax
-from bonejax import cli, store
+from bonejax.core import errors, outputs
+from bonejax.data import store
 
 REPO = Path(bonejax.__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -55,16 +56,16 @@ def config_file(spec: str) -> Path:
 
 def check_settings(config: str, workdir: str, overrides: dict[str, Any]) -> None:
   if not TRAIN.exists():
-    raise cli.UserError(f"training needs launch/train.py from a bonejax checkout; not found at "
+    raise errors.UserError(f"training needs launch/train.py from a bonejax checkout; not found at "
                         f"{TRAIN}")
   if not config:
-    raise cli.UserError("choose a config file (configs/demo.py is the demo)")
+    raise errors.UserError("choose a config file (configs/demo.py is the demo)")
   if not config_file(config).is_file():
-    raise cli.UserError(f"config file {config.partition(':')[0]!r} does not exist")
+    raise errors.UserError(f"config file {config.partition(':')[0]!r} does not exist")
   if not workdir:
-    raise cli.UserError("choose a run directory (workdir)")
+    raise errors.UserError("choose a run directory (workdir)")
   if Path(workdir).exists() and not Path(workdir).is_dir():
-    raise cli.UserError(f"workdir {workdir!r} exists and is not a directory")
+    raise errors.UserError(f"workdir {workdir!r} exists and is not a directory")
   dataset = overrides.get("dataset")
   if dataset:
     check_dataset(dataset)
@@ -73,9 +74,9 @@ def check_settings(config: str, workdir: str, overrides: dict[str, Any]) -> None
 def check_dataset(path: str | os.PathLike) -> store.Dataset:
   p = Path(path)
   if not p.is_dir():
-    raise cli.UserError(f"dataset {str(p)!r} is not a directory")
+    raise errors.UserError(f"dataset {str(p)!r} is not a directory")
   if not (p / store.DATASET_JSON).exists():
-    raise cli.UserError(f"{str(p)!r} is not a dataset (no {store.DATASET_JSON}); import scans "
+    raise errors.UserError(f"{str(p)!r} is not a dataset (no {store.DATASET_JSON}); import scans "
                         f"with launch/import_volume.py, or train on layers")
   return store.open_dataset(p)
 
@@ -94,23 +95,23 @@ def command(config: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
 
 def save_settings(path: str | os.PathLike, config: str, workdir: str,
                   overrides: dict[str, Any]) -> None:
-  cli.atomic_write_json(path, {"config": config, "workdir": workdir,
+  outputs.atomic_write_json(path, {"config": config, "workdir": workdir,
                                "overrides": dict(overrides)})
 
 
 def load_settings(path: str | os.PathLike) -> dict[str, Any]:
   """{"config", "workdir", "overrides"} (missing ones None / {}) from a settings JSON."""
-  p = cli.require_exists(path, "settings file")
+  p = errors.require_exists(path, "settings file")
   try:
     data = json.loads(p.read_text())
   except (OSError, ValueError) as e:
-    raise cli.UserError(f"{str(p)!r} is not a JSON settings file: {cli._one_line(e)}") from None
+    raise errors.UserError(f"{str(p)!r} is not a JSON settings file: {errors.one_line(e)}") from None
   if not isinstance(data, dict):
-    raise cli.UserError(f"{str(p)!r} must hold a JSON object")
+    raise errors.UserError(f"{str(p)!r} must hold a JSON object")
   if "overrides" in data or "config" in data or "workdir" in data:
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
-      raise cli.UserError(f"{str(p)!r}: overrides must be a JSON object")
+      raise errors.UserError(f"{str(p)!r}: overrides must be a JSON object")
     return {"config": data.get("config"), "workdir": data.get("workdir"),
             "overrides": overrides}
   return {"config": None, "workdir": None, "overrides": data}
@@ -125,13 +126,13 @@ def check_layer_pair(image: np.ndarray, labels: np.ndarray,
                      classes: Sequence[str] | None) -> list[str]:
   """The class names of an image / labels layer pair to train on (bad input: UserError)."""
   if image.ndim != 3:
-    raise cli.UserError(f"the image layer must be 3D (Z, Y, X), got shape {image.shape}")
+    raise errors.UserError(f"the image layer must be 3D (Z, Y, X), got shape {image.shape}")
   if labels.shape != image.shape:
-    raise cli.UserError(f"labels shape {labels.shape} != image shape {image.shape}")
+    raise errors.UserError(f"labels shape {labels.shape} != image shape {image.shape}")
   if image.shape[0] < 2:
-    raise cli.UserError("the volume needs at least 2 slices (training and validation parts)")
+    raise errors.UserError("the volume needs at least 2 slices (training and validation parts)")
   if not np.issubdtype(labels.dtype, np.integer):
-    raise cli.UserError(f"labels must be integers, got {labels.dtype}")
+    raise errors.UserError(f"labels must be integers, got {labels.dtype}")
   hi = int(labels.max()) if labels.size else 0
   if classes is None:
     classes = ["background"] + [f"class_{k}" for k in range(1, max(hi, 1) + 1)]
@@ -151,7 +152,7 @@ def import_layers(out: str | os.PathLike, name: str, image: np.ndarray, labels: 
   n_val = min(max(1, int(round(VAL_FRACTION * z))), z - 1)
   attrs = {"source": f"napari layer {name}", "voxel_size_um": voxel_size_um or 1.0,
            "classes": list(classes)}
-  with cli.atomic_output(out, overwrite=False) as tmp:
+  with outputs.atomic_output(out, overwrite=False) as tmp:
     tmp.mkdir(parents=True)
     for scan, sl in (("train", slice(0, z - n_val)), ("val", slice(z - n_val, z))):
       store.write_scan(tmp / scan, image[sl], labels[sl].astype(np.uint8), attrs,

@@ -19,7 +19,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QPushButton,
                             QSpinBox, QVBoxLayout, QWidget)
 
-from bonejax import cli
+from bonejax.core import errors
 from bonejax.napari import layers, qt
 from bonejax.napari import train_process as tp
 
@@ -164,7 +164,7 @@ class TrainWidget(QWidget):
       config, workdir = self.config.text(), self.workdir.text()
       overrides = dict(self.extra, **self.overrides())
       if self.source.currentIndex() == 1 and not overrides.get("dataset"):
-        raise cli.UserError("choose a dataset directory")
+        raise errors.UserError("choose a dataset directory")
       tp.check_settings(config, workdir, overrides)
       pair = self._layer_pair() if self.source.currentIndex() == 2 else None
     except Exception as e:  # pylint: disable=broad-except
@@ -202,7 +202,7 @@ class TrainWidget(QWidget):
   def _layer_pair(self) -> tuple:
     image, labels = self.image.layer(), self.labels.layer()
     if image is None or labels is None:
-      raise cli.UserError("choose an image layer and a labels layer")
+      raise errors.UserError("choose an image layer and a labels layer")
     img, lab = np.asarray(layers.data_of(image)), np.asarray(layers.data_of(labels))
     classes = tp.check_layer_pair(img, lab, layers.classes_of(labels) or
                                   layers.classes_of(image))

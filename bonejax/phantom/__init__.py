@@ -26,7 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax import cli, store
+from bonejax.core import errors, jsonable, outputs
+from bonejax.core.progress import Progress
+from bonejax.data import store
 from bonejax.phantom import bone, ct, implant
 
 _GENERATORS = {"bone": bone, "implant": implant}
@@ -71,28 +73,28 @@ def check_memory(shape: Sequence[int], kind: str = "bone") -> None:
   need = math.prod(int(s) for s in shape) * PEAK_BYTES_PER_VOXEL
   avail = available_memory()
   if avail is not None and need > avail:
-    raise cli.UserError(f"shape {tuple(int(s) for s in shape)}: generating one {kind} phantom "
+    raise errors.UserError(f"shape {tuple(int(s) for s in shape)}: generating one {kind} phantom "
                         f"scan needs about {_gib(need)} of memory, but only {_gib(avail)} is "
                         f"available; choose a smaller shape")
 
 
 def check_args(kind: str, shape: Sequence[int], num_scans: int = 1,
                seed: int = 0) -> tuple[int, int, int]:
-  """Validates the generator's arguments; cli.UserError names what is wrong."""
+  """Validates the generator's arguments; errors.UserError names what is wrong."""
   if kind not in _GENERATORS:
-    raise cli.UserError(f"unknown phantom kind {kind!r} (known: {', '.join(KINDS)})")
+    raise errors.UserError(f"unknown phantom kind {kind!r} (known: {', '.join(KINDS)})")
   try:
     shape = tuple(int(s) for s in shape)
   except (TypeError, ValueError):
-    raise cli.UserError(f"shape {shape!r} is not 3 integers (Z, Y, X)") from None
+    raise errors.UserError(f"shape {shape!r} is not 3 integers (Z, Y, X)") from None
   if len(shape) != 3:
-    raise cli.UserError(f"shape {shape} must have 3 sides (Z, Y, X)")
+    raise errors.UserError(f"shape {shape} must have 3 sides (Z, Y, X)")
   if min(shape) < MIN_SIDE:
-    raise cli.UserError(f"shape {shape}: every side must be >= {MIN_SIDE} voxels")
+    raise errors.UserError(f"shape {shape}: every side must be >= {MIN_SIDE} voxels")
   if int(num_scans) < 1:
-    raise cli.UserError(f"num_scans must be >= 1, got {num_scans}")
+    raise errors.UserError(f"num_scans must be >= 1, got {num_scans}")
   if not isinstance(seed, (int, np.integer)) or int(seed) < 0:
-    raise cli.UserError(f"seed must be a non-negative integer, got {seed!r}")
+    raise errors.UserError(f"seed must be a non-negative integer, got {seed!r}")
   return shape
 
 
@@ -113,7 +115,7 @@ def make_scan(kind: str, shape: Sequence[int], seed: int,
       "seed": int(seed),
       "index": int(index),
       "classes": CLASSES[kind],
-      "params": cli.to_jsonable({"geometry": params, "ct": ct_params}),
+      "params": jsonable.to_jsonable({"geometry": params, "ct": ct_params}),
   }
   return image, labels, attrs
 
@@ -130,9 +132,9 @@ def make_dataset(path: str | os.PathLike, *, num_scans: int, shape: Sequence[int
   check_memory(shape, kind)
   classes = CLASSES[kind]
   names = [scan_name(i) for i in range(int(num_scans))]
-  bar = cli.Progress(total=len(names), desc=f"phantom {kind}", unit="scans", every_s=0.0,
+  bar = Progress(total=len(names), desc=f"phantom {kind}", unit="scans", every_s=0.0,
                      stream=None) if progress else None
-  with cli.atomic_output(path, overwrite) as tmp:
+  with outputs.atomic_output(path, overwrite) as tmp:
     tmp.mkdir(parents=True)
     for i, name in enumerate(names):
       t0 = time.perf_counter()

@@ -31,7 +31,6 @@ predict one volume with `predict_scan(..., group=distributed.Group.from_jax())` 
 compiled functions across calls).
 """
 
-from bonejax import cli  # predict.cli.UserError, as callers of the old module used it
 from bonejax.predict import rotate
 from bonejax.predict.api import (Prediction, as_volume, axis_probabilities, bundle_model,
                                  make_engine, predict_planes, predict_volume, run_prediction)
@@ -48,7 +47,7 @@ from bonejax.predict.scan import predict_scan
 __all__ = [
     "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
     "PlaneEngine", "PlaneSet", "Prediction", "as_volume", "axis_probabilities",
-    "background_value", "blend_window", "bundle_model", "check_vote", "cli", "compute_dtype",
+    "background_value", "blend_window", "bundle_model", "check_vote", "compute_dtype",
     "device_budget_bytes", "fuse", "majority_labels", "make_engine", "one_hot_argmax",
     "plane_sets", "predict_planes", "predict_scan", "predict_volume", "resident_bytes",
     "resident_limit", "rotate", "run_order", "run_prediction", "swapped_cpu_convs",

@@ -26,8 +26,11 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from bonejax import cli, intensity, store
-from bonejax.distributed import SINGLE, Group
+from bonejax.core import errors
+from bonejax.core.progress import Progress
+from bonejax.data import store
+from bonejax.io import intensity
+from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory
 from bonejax.predict.engine import DEFAULT_BATCH, PlaneEngine
 from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order
@@ -44,7 +47,7 @@ def bundle_model(b: Any, dtype: Any = None) -> nnx.Module:
   """A bundle's model computing in `dtype`, built as `load_bundle(dtype=...)` builds it: the
   architecture from model.json in that dtype (its float32 stem and head kept), the weights
   of `b`. None, or the dtype it has: `b.model` itself."""
-  from bonejax import bundle as bundle_lib
+  from bonejax.models import bundle as bundle_lib
   own = getattr(b.model, "dtype", None)
   if dtype is None or (own is not None and jnp.dtype(own) == jnp.dtype(dtype)):
     return b.model
@@ -66,11 +69,11 @@ def local_devices(devices: Any = None) -> list:
     try:
       n = int(devices)
     except ValueError:
-      raise cli.UserError(f"devices={devices!r} is not a number of devices") from None
+      raise errors.UserError(f"devices={devices!r} is not a number of devices") from None
     if n < 1:
-      raise cli.UserError(f"devices={n} must be at least 1")
+      raise errors.UserError(f"devices={n} must be at least 1")
     if n > len(local):
-      raise cli.UserError(f"devices={n} but this process has only {len(local)} "
+      raise errors.UserError(f"devices={n} but this process has only {len(local)} "
                           f"{local[0].platform} device(s)")
     return local[:n]
   return list(devices)
@@ -97,7 +100,7 @@ def make_engine(model: Any, *, in_channels: int | None = None,
     return model
   devices = local_devices(devices)
   if not isinstance(model, nnx.Module):
-    from bonejax import bundle as bundle_lib
+    from bonejax.models import bundle as bundle_lib
     if isinstance(model, bundle_lib.Bundle):
       if context_slices is None:
         context_slices = model.context_slices
@@ -133,7 +136,7 @@ def as_volume(volume: Any) -> SlabVolume:
     volume = np.asarray(volume)
   vol = SlabVolume(volume)
   if vol.rank not in (3, 4):
-    raise cli.UserError(f"a volume is (Z, Y, X) or (Z, Y, X, C); got shape {tuple(volume.shape)}")
+    raise errors.UserError(f"a volume is (Z, Y, X) or (Z, Y, X, C); got shape {tuple(volume.shape)}")
   return vol
 
 
@@ -153,7 +156,7 @@ def check_channels(vol: SlabVolume, engine: PlaneEngine) -> None:
     shape = vol.shape + ((vol.channels,) if vol.rank == 4 else ())
     want = (f"a 1-channel volume (a 2.5D model of {2 * k + 1} planes)" if k
             else f"{engine.in_channels}")
-    raise cli.UserError(f"the volume has {vol.channels} channel(s) (shape {shape}); the model "
+    raise errors.UserError(f"the volume has {vol.channels} channel(s) (shape {shape}); the model "
                         f"expects {want}")
 
 
@@ -181,7 +184,7 @@ def predict_planes(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
   runner = Runner(engine, vol, budget_bytes=int(memory_budget_gb * 2**30), out_of_core=False,
                   scratch_dir=None)
   try:
-    runner.progress = cli.Progress(total=runner.total_planes(sets), desc="predict",
+    runner.progress = Progress(total=runner.total_planes(sets), desc="predict",
                                    unit="planes") if progress else None
     runner.run(sets, sink)
   finally:
@@ -212,7 +215,7 @@ class Prediction:
 def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet], vote: str, *,
                    budget_bytes: int, out_of_core: bool, scratch_dir: Path | None,
                    labels_out: Any = None, probs_out: Any = None, keep_labels: bool = True,
-                   keep_probs: bool = False, progress: bool | cli.Progress = False,
+                   keep_probs: bool = False, progress: bool | Progress = False,
                    uncertainty_out: Any = None, regrid: Any = None,
                    group: Group = SINGLE) -> Prediction:
   """Runs the sets, fuses them and writes labels (and mean probabilities) slab by slab.
@@ -228,7 +231,7 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
   if group.size > 1 and (keep_labels or keep_probs):
     raise ValueError("with several processes the labels go to labels_out, not to memory")
   if group.size > 1 and uncertainty_out is not None:
-    raise cli.UserError("--save_uncertainty is not supported with several processes yet "
+    raise errors.UserError("--save_uncertainty is not supported with several processes yet "
                         "(its slice ranking needs the whole volume): run it on one host")
   start = time.perf_counter()
   runner = Runner(engine, vol, budget_bytes=budget_bytes, out_of_core=out_of_core,
@@ -237,8 +240,8 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
   shape = tuple(regrid.out_shape) if regrid is not None else vol.shape
   try:
     if progress:
-      # A caller's own cli.Progress (a GUI's bar; its update may raise to cancel), else a line.
-      runner.progress = progress if isinstance(progress, cli.Progress) else cli.Progress(
+      # A caller's own Progress (a GUI's bar; its update may raise to cancel), else a line.
+      runner.progress = progress if isinstance(progress, Progress) else Progress(
           desc="predict", unit="planes")
       runner.progress.total = runner.total_planes(sets, mine=True)
     fuser = Fuser.create(runner.array, shape, k, vote, keep_counts=uncertainty_out is not None)
@@ -294,7 +297,7 @@ def predict_volume(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
   Returns labels, or (labels, mean probabilities) with `return_probs` (and the run's info
   dict appended with `return_info`). Runs out of core (scratch zarr under `scratch_dir`, default
   the system temp dir) when the in-memory arrays would exceed `memory_budget_gb`, or when
-  `out_of_core=True`. `progress`: True (a stderr line) or a `cli.Progress` to update.
+  `out_of_core=True`. `progress`: True (a stderr line) or a `Progress` to update.
   `engine_kw`: batch_size, dtype, device_memory_gb, tile_size, tile_overlap, stride, devices
   (see `make_engine`; default: every batch spread over all local devices).
   """

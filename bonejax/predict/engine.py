@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bonejax import intensity
+from bonejax.io import intensity
 from bonejax.models.utils import pad_to_multiple
 from bonejax.predict import cpu_convs, memory
 

@@ -29,8 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import tensorstore as ts
 
-from bonejax import cli, outputs
-from bonejax.distributed import SINGLE, Group
+from bonejax.core import errors, jsonable, outputs
+from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import memory
 
 TOKEN = "shared-token"
@@ -56,8 +56,8 @@ def unit_of(arrays: Sequence[Any], axis: int = 0) -> int:
   return math.lcm(*[chunk_edge(a, axis) for a in arrays if a is not None] or [1])
 
 
-def _not_shared(path: Path, what: str) -> cli.UserError:
-  return cli.UserError(f"{what} {str(path)!r}, made by process 0, is not visible here: the "
+def _not_shared(path: Path, what: str) -> errors.UserError:
+  return errors.UserError(f"{what} {str(path)!r}, made by process 0, is not visible here: the "
                        f"output directory must be on a filesystem all processes share (the "
                        f"same path on every host)")
 
@@ -123,13 +123,13 @@ def atomic_output(group: Group, path: str | os.PathLike, overwrite: bool,
 def agree(group: Group, **arguments: Any) -> None:
   """Fails in every process (the same line) unless all were given the same `arguments`:
   shares of different predictions must never meet in one output."""
-  mine = json.dumps(cli.to_jsonable(arguments), sort_keys=True)
+  mine = json.dumps(jsonable.to_jsonable(arguments), sort_keys=True)
   every = [json.loads(v) for v in group.allgather("arguments", mine)]
   for i, theirs in enumerate(every[1:], 1):
     diff = [k for k in sorted(every[0]) if theirs.get(k) != every[0][k]]
     if diff:
       what = ", ".join(f"{k}={theirs.get(k)!r} (process 0: {every[0][k]!r})" for k in diff)
-      raise cli.UserError(f"process {i} was started with other arguments or input than "
+      raise errors.UserError(f"process {i} was started with other arguments or input than "
                           f"process 0: {what}")
 
 

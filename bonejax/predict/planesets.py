@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 PLANES = (1, 3, 9, 12)
 VOTES = ("soft", "majority", "max")
@@ -50,15 +50,15 @@ def plane_sets(planes: int, axis: int | None = None) -> list[PlaneSet]:
   try:
     planes = int(planes)
   except (TypeError, ValueError):
-    raise cli.UserError(f"planes={planes!r} must be one of {PLANES}") from None
+    raise errors.UserError(f"planes={planes!r} must be one of {PLANES}") from None
   if planes not in PLANES:
-    raise cli.UserError(f"planes={planes} must be one of {', '.join(map(str, PLANES))}")
+    raise errors.UserError(f"planes={planes} must be one of {', '.join(map(str, PLANES))}")
   if planes != 1 and axis is not None:
-    raise cli.UserError(f"axis={axis} only goes with planes=1 (got planes={planes})")
+    raise errors.UserError(f"axis={axis} only goes with planes=1 (got planes={planes})")
   if planes == 1:
     axis = 0 if axis is None else axis
     if axis not in (0, 1, 2):
-      raise cli.UserError(f"axis={axis} must be 0 (Z), 1 (Y) or 2 (X)")
+      raise errors.UserError(f"axis={axis} must be 0 (Z), 1 (Y) or 2 (X)")
     return [PlaneSet(int(axis))]
   naive = [PlaneSet(a) for a in range(3)]
   if planes == 3:
@@ -78,7 +78,7 @@ def run_order(sets: Sequence[PlaneSet]) -> list[PlaneSet]:
 
 def check_vote(vote: str) -> str:
   if vote not in VOTES:
-    raise cli.UserError(f"vote={vote!r} must be one of {', '.join(VOTES)}")
+    raise errors.UserError(f"vote={vote!r} must be one of {', '.join(VOTES)}")
   return vote
 
 

@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
+from bonejax.core.progress import Progress
 from bonejax.data import context as context_lib
-from bonejax.distributed import SINGLE, Group
+from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory, rotate
 from bonejax.predict.engine import PlaneEngine
 from bonejax.predict.planesets import PlaneSet
@@ -43,7 +44,7 @@ class Runner:
 
   def __init__(self, engine: PlaneEngine, src: SlabVolume, *, budget_bytes: int,
                out_of_core: bool, scratch_dir: Path | None,
-               progress: cli.Progress | None = None, group: Group = SINGLE):
+               progress: Progress | None = None, group: Group = SINGLE):
     memory.limit_heap_growth()
     self.engine, self.src = engine, src
     self.budget = int(budget_bytes)
@@ -154,7 +155,7 @@ class Runner:
       if s0 + slab < n:
         future = self.reader.submit(read, axis, s0 + slab, min(s0 + 2 * slab, n))
       if check and not np.isfinite(planes).all():
-        raise cli.UserError(f"the image contains {'NaN' if np.isnan(planes).any() else 'Inf'} "
+        raise errors.UserError(f"the image contains {'NaN' if np.isnan(planes).any() else 'Inf'} "
                             f"values (planes {s0}-{s0 + len(planes) - 1} along axis {axis})")
       yield s0, planes
 

@@ -32,9 +32,12 @@ import numpy as np
 import tensorstore as ts
 
 import bonejax
-from bonejax import (cli, intensity, ome_zarr, resample as resample_lib, store, uncertainty,
-                     volume_io)
-from bonejax.distributed import SINGLE, Group
+from bonejax.core import errors, outputs
+from bonejax.core.progress import Progress
+from bonejax.data import store
+from bonejax.evaluate import uncertainty
+from bonejax.io import intensity, ome_zarr, resample as resample_lib, volume_io
+from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory
 from bonejax.predict.api import local_devices, make_engine, run_prediction
 from bonejax.predict.engine import DTYPES
@@ -52,13 +55,13 @@ def _open_source(source: Any, in_channels: int, budget_bytes: int,
     src = volume_io.open_volume(source.path, channels=None, context=context)
     src.stats = source.attrs.get("intensity")
   else:
-    src = volume_io.open_volume(cli.require_exists(source, "input"), channels=None,
+    src = volume_io.open_volume(errors.require_exists(source, "input"), channels=None,
                                 context=context, key=image_key)
   if src.channels != in_channels:
     shape = src.shape
     src.close()
     what = "scan" if src.kind == "scan" else "input"
-    raise cli.UserError(f"{what} {str(src.path)!r} has {src.channels} channel(s) (shape "
+    raise errors.UserError(f"{what} {str(src.path)!r} has {src.channels} channel(s) (shape "
                         f"{shape}); the model expects in_channels={in_channels}")
   kind = "scan" if src.kind == "scan" else ("channels" if src.channels > 1 else "file")
   return src, kind
@@ -80,7 +83,7 @@ def load_source(src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
     target = np.empty(shape, dtype)
   plane_bytes = math.prod(shape[1:]) * dtype.itemsize
   slab = max(1, min(64, int(budget_bytes * memory.SLAB_FRACTION // max(plane_bytes, 1))))
-  bar = cli.Progress(total=shape[0], desc="read", unit="slices") if progress else None
+  bar = Progress(total=shape[0], desc="read", unit="slices") if progress else None
   pending = None
   for z0 in range(0, shape[0], slab):
     z1 = min(z0 + slab, shape[0])
@@ -93,8 +96,8 @@ def load_source(src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
           acc.update(data[p0:p0 + step])
       else:
         intensity.validate_image(data)
-    except cli.UserError as e:
-      raise cli.UserError(f"{e} {where}") from None
+    except errors.UserError as e:
+      raise errors.UserError(f"{e} {where}") from None
     if out_of_core:
       if pending is not None:
         pending.result()
@@ -114,13 +117,13 @@ def output_kind(path: str | os.PathLike) -> str:
   kind = volume_io.output_format(path)
   if kind is not None:
     return kind
-  raise cli.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels), .ome.zarr "
+  raise errors.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels), .ome.zarr "
                       f"(OME-NGFF 0.5) or .tif/.tiff")
 
 
 def find_bundle(path: str | os.PathLike) -> Path:
   """A bundle directory, or the bundle of a training workdir (WORKDIR/model)."""
-  from bonejax import bundle as bundle_lib
+  from bonejax.models import bundle as bundle_lib
   p = Path(path)
   if not (p / bundle_lib.MODEL_JSON).exists() and (p / "model" / bundle_lib.MODEL_JSON).exists():
     p = p / "model"
@@ -131,28 +134,28 @@ def _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs,
                 overwrite, save_uncertainty=None) -> None:
   check_vote(vote)
   if dtype not in DTYPES:
-    raise cli.UserError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+    raise errors.UserError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
   if not memory_budget_gb or memory_budget_gb <= 0:
-    raise cli.UserError(f"memory_budget_gb={memory_budget_gb} must be positive")
+    raise errors.UserError(f"memory_budget_gb={memory_budget_gb} must be positive")
   if int(batch_size) < 1:
-    raise cli.UserError(f"batch_size={batch_size} must be positive")
+    raise errors.UserError(f"batch_size={batch_size} must be positive")
   if output is not None:
     output_kind(output)
-    cli.check_output(output, overwrite)
+    outputs.check_output(output, overwrite)
   if save_probs is not None:
     if Path(save_probs).suffix.lower() != ".zarr":
-      raise cli.UserError(f"save_probs {str(save_probs)!r} must end in .zarr or .ome.zarr")
-    cli.check_output(save_probs, overwrite)
+      raise errors.UserError(f"save_probs {str(save_probs)!r} must end in .zarr or .ome.zarr")
+    outputs.check_output(save_probs, overwrite)
   if save_uncertainty is not None:
     uncertainty.output_kind(save_uncertainty)
-    cli.check_output(save_uncertainty, overwrite)
+    outputs.check_output(save_uncertainty, overwrite)
   named = [(n, Path(p).resolve()) for n, p in (("output", output), ("save_probs", save_probs),
                                                ("save_uncertainty", save_uncertainty))
            if p is not None]
   for i, (a, pa) in enumerate(named):
     for b, pb in named[i + 1:]:
       if pa == pb:
-        raise cli.UserError(f"{a} and {b} are the same path")
+        raise errors.UserError(f"{a} and {b} are the same path")
 
 
 def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = None,
@@ -182,7 +185,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   `group`: the processes predicting this volume together (`distributed.Group`; each process
   calls this with the same arguments; process 0 returns the labels of `keep_labels`).
   """
-  from bonejax import bundle as bundle_lib
+  from bonejax.models import bundle as bundle_lib
   start = time.perf_counter()
   sets = plane_sets(planes, axis)
   _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs, overwrite,
@@ -208,10 +211,10 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
 
   shared = group.size > 1
   if shared and output is None and save_probs is None:
-    raise cli.UserError("several processes need an output (or save_probs) on a filesystem "
+    raise errors.UserError("several processes need an output (or save_probs) on a filesystem "
                         "they all share")
   if shared and save_uncertainty is not None:
-    raise cli.UserError("--save_uncertainty is not supported with several processes yet "
+    raise errors.UserError("--save_uncertainty is not supported with several processes yet "
                         "(its slice ranking needs the whole volume): run it on one host")
   src, kind = _open_source(source, in_channels, budget, image_key)
   if getattr(src, "stats", None) is not None and not intensity.has_stats(src.stats, rule):
@@ -263,7 +266,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                            device_memory_gb=device_memory_gb, tile_size=tile_size,
                            tile_overlap=tile_overlap, devices=devices, graph=graph)
       if engine.num_classes != len(classes):
-        raise cli.UserError(f"the model gives {engine.num_classes} classes but its bundle lists "
+        raise errors.UserError(f"the model gives {engine.num_classes} classes but its bundle lists "
                             f"{len(classes)}")
       engine.set_normalization(stats, rule)
       attrs = {"model": str(bundle_path) if bundle_path else meta.get("model"),

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from bonejax import outputs, store
+from bonejax.core import outputs
+from bonejax.data import store
 from bonejax.predict.planesets import one_hot_argmax, vote_labels
 
 
@@ -113,7 +114,7 @@ def create_scratch(path: Path, shape: Sequence[int], dtype: Any, chunk: int,
 def scratch_dir(parent: str | os.PathLike | None, needed: bool) -> Iterator[Path | None]:
   """A fresh hidden scratch directory under `parent` (default: the system temp dir), removed
   afterwards whatever happens; None when not `needed`. Scratch directories of crashed runs in
-  the same place (owner process gone) are removed first (bonejax.outputs.scratch_dir)."""
+  the same place (owner process gone) are removed first (bonejax.core.outputs.scratch_dir)."""
   if not needed:
     yield None
     return

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def resolve_config(cfg: Any = None) -> AugmentConfig:
   known = {f.name for f in dataclasses.fields(AugmentConfig)}
   unknown = sorted(set(d) - known)
   if unknown:
-    raise cli.UserError(f"unknown augment option(s) {', '.join(unknown)} "
+    raise errors.UserError(f"unknown augment option(s) {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(known))})")
   for k in ("crop_area", "crop_ratio", "scale", "clip"):
     if k in d:
@@ -117,15 +117,15 @@ def resolve_config(cfg: Any = None) -> AugmentConfig:
   c = AugmentConfig(**d)
   bad = sorted(set(c.one_of) - set(DIHEDRAL))
   if bad:
-    raise cli.UserError(f"augment.one_of has unknown operation(s) {', '.join(bad)} "
+    raise errors.UserError(f"augment.one_of has unknown operation(s) {', '.join(bad)} "
                         f"(known: {', '.join(DIHEDRAL)})")
   if len(c.scale) != 2 or not 0 < c.scale[0] <= c.scale[1]:
-    raise cli.UserError(f"augment.scale={c.scale} must be (lo, hi) with 0 < lo <= hi")
+    raise errors.UserError(f"augment.scale={c.scale} must be (lo, hi) with 0 < lo <= hi")
   if c.clip and (len(c.clip) != 2 or not c.clip[0] < c.clip[1]):
-    raise cli.UserError(f"augment.clip={c.clip} must be () or (lo, hi) with lo < hi")
+    raise errors.UserError(f"augment.clip={c.clip} must be () or (lo, hi) with lo < hi")
   for k in ("brightness_prob", "scale_prob"):
     if not 0.0 <= getattr(c, k) <= 1.0:
-      raise cli.UserError(f"augment.{k}={getattr(c, k)} must be in [0, 1]")
+      raise errors.UserError(f"augment.{k}={getattr(c, k)} must be in [0, 1]")
   return c
 
 

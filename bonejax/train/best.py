@@ -27,7 +27,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from bonejax import bundle
+from bonejax.models import bundle
 from bonejax.train.checkpoint import STATE, Checkpoints, read_state
 
 

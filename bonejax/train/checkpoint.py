@@ -28,12 +28,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bonejax import bundle, cli
+from bonejax.core import errors
+from bonejax.models import bundle
 
 STATE, HOST = "state", "host"
 
 
-class Mismatch(cli.UserError):
+class Mismatch(errors.UserError):
   """A checkpoint that reads, but belongs to another configuration."""
 
 
@@ -107,7 +108,7 @@ class Checkpoints:
         if check is not None:
           check(self.read_host(step))
         state, host = self.restore(step, like)
-      except cli.UserError:
+      except errors.UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (any damage: JSON, ocdbt, zstd)
         reason = bundle.reason(e)
@@ -119,7 +120,7 @@ class Checkpoints:
       return step, state, host
     if bad:
       step, reason = bad[0]
-      raise cli.UserError(f"no readable checkpoint in {self.directory}: the newest, "
+      raise errors.UserError(f"no readable checkpoint in {self.directory}: the newest, "
                           f"{self.directory / str(step)}, fails with: {reason}; move it away to "
                           "resume from an older one, or use a fresh --workdir")
     return None
@@ -184,5 +185,5 @@ def load_state(workdir: str | Path, step: int | None = None,
   step = mgr.latest_step() if step is None else step
   mgr.close()
   if step is None:
-    raise cli.UserError(f"no checkpoint in {root}")
+    raise errors.UserError(f"no checkpoint in {root}")
   return int(step), read_state(root / str(step) / STATE)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from bonejax import cli
+from bonejax.core import errors, jsonable
 
 # Fields that define the trajectory of a run: a resumed run must have the same values.
 TRAJECTORY_KEYS = ("dataset", "train_scans", "val_scans", "val_fraction", "model", "in_channels",
@@ -110,11 +110,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key, eq, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise cli.UserError(f"unknown config argument {key!r}; known: {', '.join(defaults)}")
+      raise errors.UserError(f"unknown config argument {key!r}; known: {', '.join(defaults)}")
     default = defaults[key]
     if not eq:
       if not isinstance(default, bool):
-        raise cli.UserError(f"config argument {key!r} needs a value ({key}=...)")
+        raise errors.UserError(f"config argument {key!r} needs a value ({key}=...)")
       out[key] = True
       continue
     try:
@@ -123,7 +123,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       else:
         out[key] = type(default)(value.strip())
     except ValueError:
-      raise cli.UserError(f"config argument {key}={value!r} is not a {type(default).__name__}") \
+      raise errors.UserError(f"config argument {key}={value!r} is not a {type(default).__name__}") \
           from None
   return out
 
@@ -149,7 +149,7 @@ _OPTIMIZER_FIELDS = {"adam": ("lr", "b1", "b2", "eps", "clip_norm"),
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The trajectory-defining values, compared when a run resumes."""
   d = config.to_dict()
-  out = {k: cli.to_jsonable(d.get(k)) for k in TRAJECTORY_KEYS}
+  out = {k: jsonable.to_jsonable(d.get(k)) for k in TRAJECTORY_KEYS}
   return normalize_fingerprint(out)
 
 
@@ -168,7 +168,7 @@ def normalize_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
     for part in path[:-1]:
       node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, dict) and path[-1] in node and \
-        cli.to_jsonable(node[path[-1]]) == cli.to_jsonable(default):
+        jsonable.to_jsonable(node[path[-1]]) == jsonable.to_jsonable(default):
       del node[path[-1]]
   opt = fp.get("optimizer")
   if isinstance(opt, dict) and opt.get("name") in _OPTIMIZER_FIELDS:
@@ -225,51 +225,51 @@ def check(config: ml_collections.ConfigDict) -> None:
   if "optimizer" in config and _lookup(config, "optimizer.lr") is _MISSING:
     missing.append("optimizer.lr")  # the one optimiser field without a default
   if missing:
-    raise cli.UserError(f"config lacks field(s) {', '.join(missing)} (build configs on "
+    raise errors.UserError(f"config lacks field(s) {', '.join(missing)} (build configs on "
                         "bonejax.train.configlib.default_config())")
   for key, (lo, hi) in _INT_RANGES.items():
     v = _lookup(config, key)
     if v is _MISSING:
       continue
     if not _is_int(v):
-      raise cli.UserError(f"config.{key}={v!r} must be an integer")
+      raise errors.UserError(f"config.{key}={v!r} must be an integer")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
       what = (f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
-      raise cli.UserError(f"config.{key}={v} must be {what}")
+      raise errors.UserError(f"config.{key}={v} must be {what}")
   for key, (lo, hi, lo_ok, hi_ok) in _FLOAT_RANGES.items():
     v = _lookup(config, key)
     if v is _MISSING:
       continue
     if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-      raise cli.UserError(f"config.{key}={v!r} must be a finite number")
+      raise errors.UserError(f"config.{key}={v!r} must be a finite number")
     low = lo is not None and (v < lo or (v == lo and not lo_ok))
     high = hi is not None and (v > hi or (v == hi and not hi_ok))
     if low or high:
       left, right = ("[" if lo_ok else "("), ("]" if hi_ok else ")")
       what = (f"{'>=' if lo_ok else '>'} {lo}" if hi is None else f"in {left}{lo}, {hi}{right}")
-      raise cli.UserError(f"config.{key}={v} must be {what}")
+      raise errors.UserError(f"config.{key}={v} must be {what}")
   if config.sampler not in ("auto", "device", "host"):
-    raise cli.UserError(f"config.sampler={config.sampler!r} must be auto, device or host")
+    raise errors.UserError(f"config.sampler={config.sampler!r} must be auto, device or host")
   if _lookup(config, "conv_lowering") not in (_MISSING, "xla", "auto", "measure"):
-    raise cli.UserError(f"config.conv_lowering={config.conv_lowering!r} must be xla, auto or "
+    raise errors.UserError(f"config.conv_lowering={config.conv_lowering!r} must be xla, auto or "
                         "measure")
   if _lookup(config, "eval_graph") not in (_MISSING, "auto", "measure", "xla", "off"):
-    raise cli.UserError(f"config.eval_graph={config.eval_graph!r} must be auto, measure, xla "
+    raise errors.UserError(f"config.eval_graph={config.eval_graph!r} must be auto, measure, xla "
                         "or off")
   k = _lookup(config, "context_slices")
   if k and config.in_channels not in (1, 2 * k + 1):
-    raise cli.UserError(f"config.in_channels={config.in_channels} does not fit "
+    raise errors.UserError(f"config.in_channels={config.in_channels} does not fit "
                         f"context_slices={k}: a 2.5D model takes 2k + 1 = {2 * k + 1} planes "
                         "(leave in_channels at 1)")
   for key in ("axes", "val_axes"):
     v = tuple(config[key]) if isinstance(config[key], (tuple, list)) else (config[key],)
     if not v or any(not _is_int(a) or a not in (0, 1, 2) for a in v) or len(set(v)) != len(v):
-      raise cli.UserError(f"config.{key}={config[key]!r} must be distinct axes from 0, 1, 2")
+      raise errors.UserError(f"config.{key}={config[key]!r} must be distinct axes from 0, 1, 2")
   shape = _lookup(config, "phantom.shape")
   if shape is not _MISSING and int(_lookup(config, "phantom.num_scans") or 0) > 0 and (
       not isinstance(shape, (tuple, list)) or len(shape) != 3 or
       any(not _is_int(s) or s < 1 for s in shape)):
-    raise cli.UserError(f"config.phantom.shape={shape!r} must be 3 positive integers (Z, Y, X)")
+    raise errors.UserError(f"config.phantom.shape={shape!r} must be 3 positive integers (Z, Y, X)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,17 +282,17 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   p = Path(path)
   if not p.is_file():
-    raise cli.UserError(f"config file {path!r} does not exist")
+    raise errors.UserError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location(f"_bonejax_config_{p.stem}", p)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except cli.UserError:
+  except errors.UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise cli.UserError(f"cannot load config {path!r}: {type(e).__name__}: {e}") from None
+    raise errors.UserError(f"cannot load config {path!r}: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
-    raise cli.UserError(f"config {path!r} has no get_config()")
+    raise errors.UserError(f"config {path!r} has no get_config()")
   return module.get_config(arg) if arg else module.get_config()
 
 
@@ -300,13 +300,13 @@ def check_run_flags(argv: Sequence[str], config: Any, workdir: str | None) -> No
   """What launch/train.py and launch/crossval.py check before a run, as one `error:` line: no
   stray arguments, --workdir and --config given, --workdir a directory where it exists."""
   if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not workdir:
-    raise cli.UserError("--workdir is required")
+    raise errors.UserError("--workdir is required")
   if config is None:
-    raise cli.UserError("--config is required (e.g. --config=configs/demo.py)")
+    raise errors.UserError("--config is required (e.g. --config=configs/demo.py)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise cli.UserError(f"--workdir={workdir!r} exists and is not a directory")
+    raise errors.UserError(f"--workdir={workdir!r} exists and is not a directory")
 
 
 def check_argv(argv: Sequence[str], flag: str = "config", default: str | None = None) -> None:
@@ -332,9 +332,9 @@ def check_argv(argv: Sequence[str], flag: str = "config", default: str | None = 
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
           where = ".".join(parts[:i]) or "the config"
           known = sorted(node.keys()) if hasattr(node, "keys") else []
-          raise cli.UserError(f"unknown config key {key!r} (--{flag}.{key}): {where} has "
+          raise errors.UserError(f"unknown config key {key!r} (--{flag}.{key}): {where} has "
                               f"{', '.join(known) or 'no fields'}")
         node = node[part]
-  except cli.UserError as e:
-    print(f"error: {cli._one_line(e)}", file=sys.stderr)
-    sys.exit(cli.EXIT_BAD_INPUT)
+  except errors.UserError as e:
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
+    sys.exit(errors.EXIT_BAD_INPUT)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from bonejax import cli
+from bonejax.core import outputs
 
 
 def columns(classes: Sequence[str]) -> list[str]:
@@ -46,7 +46,7 @@ class MetricsLog:
     writer.writeheader()
     for r in rows:
       writer.writerow(r)
-    cli.atomic_write_text(self.path, out.getvalue())
+    outputs.atomic_write_text(self.path, out.getvalue())
 
   def read(self) -> list[dict[str, str]]:
     return read_rows(self.path)

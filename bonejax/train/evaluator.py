@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bonejax import metrics
+from bonejax.evaluate import metrics
 
 _CARRY = 30
 

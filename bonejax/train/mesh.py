@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bonejax import cli
+from bonejax.core import errors
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -36,11 +36,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
   n = mesh.devices.size
   if global_batch < 1 or global_batch % n:
-    raise cli.UserError(f"{what}={global_batch} is not a positive multiple of the {n} devices "
+    raise errors.UserError(f"{what}={global_batch} is not a positive multiple of the {n} devices "
                         f"({jax.process_count()} process(es)); use e.g. {what}="
                         f"{max(n, (max(global_batch, 1) + n - 1) // n * n)}")
   if global_batch % jax.process_count():
-    raise cli.UserError(f"{what}={global_batch} is not a multiple of the "
+    raise errors.UserError(f"{what}={global_batch} is not a multiple of the "
                         f"{jax.process_count()} processes")
 
 

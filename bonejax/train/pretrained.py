@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors, jsonable
 
 # The top-level attribute holding each zoo model's encoder: ResNet / MiT encoders ("encoder"),
 # SegFormer's MiT stages ("stages"), the classic U-Net's contracting path ("down").
@@ -91,7 +91,7 @@ def _expected(abstract) -> dict[str, tuple]:
 
 
 def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
-  norm = lambda d: json.dumps(cli.to_jsonable(dict(d or {})), sort_keys=True)  # noqa: E731
+  norm = lambda d: json.dumps(jsonable.to_jsonable(dict(d or {})), sort_keys=True)  # noqa: E731
   return norm(a) == norm(b)
 
 
@@ -111,11 +111,11 @@ def check_config(model_cfg: Any) -> None:
   init_from = str(model_cfg.get("init_from", "") or "")
   encoder = str(model_cfg.get("encoder_weights", "") or "")
   if init_from and encoder:
-    raise cli.UserError("model.init_from and model.encoder_weights both given: init_from "
+    raise errors.UserError("model.init_from and model.encoder_weights both given: init_from "
                         "already sets the encoder; give one of them")
   steps = model_cfg.get("freeze_encoder_steps", 0)
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-    raise cli.UserError(f"config.model.freeze_encoder_steps={steps!r} must be an integer >= 0")
+    raise errors.UserError(f"config.model.freeze_encoder_steps={steps!r} must be an integer >= 0")
 
 
 def initial_weights(model_cfg: Any, *, abstract, model_name: str, model_kwargs: dict[str, Any],
@@ -128,7 +128,7 @@ def initial_weights(model_cfg: Any, *, abstract, model_name: str, model_kwargs: 
   encoder = str(model_cfg.get("encoder_weights", "") or "")
   for key, value in (("init_from", init_from), ("encoder_weights", encoder)):
     if value and not Path(value).exists():
-      raise cli.UserError(f"model.{key}={value!r} does not exist")
+      raise errors.UserError(f"model.{key}={value!r} does not exist")
   if init_from:
     return _whole_model(init_from, abstract=abstract, model_name=model_name,
                         model_kwargs=model_kwargs, classes=classes, in_channels=in_channels,
@@ -144,7 +144,7 @@ def _whole_model(path: str, *, abstract, model_name, model_kwargs, classes, in_c
   where = f"model.init_from={path!r}"
   p = Path(path)
   if p.is_dir():
-    from bonejax import bundle
+    from bonejax.models import bundle
     meta = bundle.read_meta(p)
     name, kwargs = meta["model"], meta.get("model_kwargs", {})
     n_classes, n_in = len(meta["classes"]), int(meta.get("in_channels", 1))
@@ -154,55 +154,55 @@ def _whole_model(path: str, *, abstract, model_name, model_kwargs, classes, in_c
     ckpt = checkpoint.read(p)
     sd, info = ckpt.state_dict, metadata.interpret(ckpt.metadata)
     if model_name not in smp_layout.SMP_ARCHS:
-      raise cli.UserError(f"{where} is a PyTorch file, and model {model_name!r} has no "
+      raise errors.UserError(f"{where} is a PyTorch file, and model {model_name!r} has no "
                           "segmentation_models_pytorch counterpart: init_from a bonejax bundle "
                           f"instead (smp models: {', '.join(smp_layout.SMP_ARCHS)})")
     try:
       name = smp_layout.BY_SMP[smp_layout.recognise(sd)]
-    except cli.UserError as e:  # its "give --arch" is convert_weights.py's remedy, not ours
-      raise cli.UserError(f"{where}: {str(e).removesuffix('; give --arch')}") from None
+    except errors.UserError as e:  # its "give --arch" is convert_weights.py's remedy, not ours
+      raise errors.UserError(f"{where}: {str(e).removesuffix('; give --arch')}") from None
     kwargs = None  # the tensors' shapes below say whether the arguments fit
     for key in (smp_layout.head_key(name), smp_layout.stem_key(name)):
       if len(np.shape(sd.get(key))) != 4:
-        raise cli.UserError(f"{where}: no 4-d {key} in the weights")
+        raise errors.UserError(f"{where}: no 4-d {key} in the weights")
     n_classes = int(sd[smp_layout.head_key(name)].shape[0])
     n_in = int(sd[smp_layout.stem_key(name)].shape[1])
     k, rule = info.get("context_slices"), info.get("normalization")
   if name != model_name:
-    raise cli.UserError(f"{where} is a {name} model; the config trains {model_name} "
+    raise errors.UserError(f"{where} is a {name} model; the config trains {model_name} "
                         "(set model.name and model.kwargs to the file's)")
   if kwargs is not None and not _same_kwargs(kwargs, model_kwargs):
-    raise cli.UserError(f"{where} was built with model arguments {json.dumps(kwargs)}; the "
-                        f"config has {json.dumps(cli.to_jsonable(dict(model_kwargs)))}")
+    raise errors.UserError(f"{where} was built with model arguments {json.dumps(kwargs)}; the "
+                        f"config has {json.dumps(jsonable.to_jsonable(dict(model_kwargs)))}")
   if n_classes != len(classes):
-    raise cli.UserError(f"{where} has {n_classes} classes; the dataset has {len(classes)} "
+    raise errors.UserError(f"{where} has {n_classes} classes; the dataset has {len(classes)} "
                         f"({', '.join(classes)})")
   if n_in != in_channels:
-    raise cli.UserError(f"{where} takes {n_in} input channel(s); this run feeds {in_channels} "
+    raise errors.UserError(f"{where} takes {n_in} input channel(s); this run feeds {in_channels} "
                         f"(context_slices={context_slices}: 2k + 1 planes for 2.5D)")
   if k is not None and int(k) != context_slices:
-    raise cli.UserError(f"{where} is a {'2.5D' if k else '2D'} model (context_slices={k}); "
+    raise errors.UserError(f"{where} is a {'2.5D' if k else '2D'} model (context_slices={k}); "
                         f"the config has context_slices={context_slices}")
   if rule is not None and _family(rule) != _family(normalization):
-    cli.warn(f"{where} was trained with {rule} normalisation; this config normalises with "
+    errors.warn(f"{where} was trained with {rule} normalisation; this config normalises with "
              f"{normalization}")
 
   if p.is_dir():
-    from bonejax import bundle
+    from bonejax.models import bundle
     values = _flat_weights(bundle.load_bundle(p).model)
   else:
     from bonejax.convert import weights
     try:
       model = weights.model_from_state_dict(name, sd, num_classes=n_classes,
                                             in_channels=n_in, model_kwargs=model_kwargs)
-    except cli.UserError as e:
-      raise cli.UserError(f"{where}: {e}") from None
+    except errors.UserError as e:
+      raise errors.UserError(f"{where}: {e}") from None
     values = _flat_weights(model)
   want, got = _expected(abstract), {k: v.shape for k, v in values.items()}
-  from bonejax import bundle
+  from bonejax.models import bundle
   why = bundle.shape_mismatch(got, want)
   if why:
-    raise cli.UserError(f"{where} does not fit the configured {model_name}: {why}")
+    raise errors.UserError(f"{where} does not fit the configured {model_name}: {why}")
   return values
 
 
@@ -228,7 +228,7 @@ def encoder_weights(path: str, *, abstract, model_name: str,
   from bonejax.convert import checkpoint, smp_layout
   where = f"model.encoder_weights={path!r}"
   if model_name not in smp_layout.SMP_ARCHS:
-    raise cli.UserError(f"{where}: model {model_name!r} has no ResNet or MiT encoder "
+    raise errors.UserError(f"{where}: model {model_name!r} has no ResNet or MiT encoder "
                         f"(models with one: {', '.join(smp_layout.SMP_ARCHS)})")
   sd = checkpoint.read(path).state_dict
   if any(k.startswith("encoder.") for k in sd):  # an smp model (or its encoder): the encoder
@@ -244,18 +244,18 @@ def encoder_weights(path: str, *, abstract, model_name: str,
   if missing or extra:
     parts = ([f"{len(missing)} missing key(s): {_some(missing)}"] if missing else []) + \
         ([f"{len(extra)} unexpected key(s): {_some(extra)}"] if extra else [])
-    raise cli.UserError(f"{where} is not a {encoder} encoder's state dict ({'; '.join(parts)})")
+    raise errors.UserError(f"{where} is not a {encoder} encoder's state dict ({'; '.join(parts)})")
   values = {}
   for key, e in want.items():
     t = np.asarray(sd[key], np.float32)
     if key == stem and t.ndim == 4 and t.shape[1] != in_channels:
       if t.shape[1] != 3:
-        raise cli.UserError(f"{where}: its stem {key} takes {t.shape[1]} channels; a "
+        raise errors.UserError(f"{where}: its stem {key} takes {t.shape[1]} channels; a "
                             f"3-channel (ImageNet) stem or a {in_channels}-channel one is "
                             "needed")
       t = adapt_stem(t, in_channels)
     if tuple(t.shape) != e.torch_shape:
-      raise cli.UserError(f"{where} is not a {encoder} encoder's state dict: {key} has shape "
+      raise errors.UserError(f"{where} is not a {encoder} encoder's state dict: {key} has shape "
                           f"{tuple(t.shape)}, {e.torch_shape} expected")
     values[path_key(e.path)] = smp_layout.to_flax(t)
   return values

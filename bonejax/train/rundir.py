@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from bonejax import cli
+from bonejax.core import outputs
 
 # What a training run writes in its work directory (trainer.py, checkpoint.py, best.py).
 TRAIN_OUTPUTS = ("config.json", "split.json", "metrics.csv", "curves.png", "checkpoints",
@@ -51,7 +51,7 @@ class Created:
       return
     for name in sorted(set(os.listdir(self.path)) - self.before):
       if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names):
-        cli.remove_path(self.path / name)
+        outputs.remove_path(self.path / name)
     if self.first_new is None:
       return
     for p in [self.path, *self.path.parents]:  # the directories this run made, if now empty

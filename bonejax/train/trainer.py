@@ -53,7 +53,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bonejax import bundle, cli, models, store
+from bonejax import models
+from bonejax.core import errors, jsonable, outputs
+from bonejax.core.progress import Progress
+from bonejax.data import store
+from bonejax.models import bundle
 from bonejax.data import feed as feed_lib
 from bonejax.data import patches, splits
 from bonejax.train import augment as augment_lib
@@ -144,10 +148,10 @@ def _better(value: float | None, best: float | None, mode: str) -> bool:
 def resolve_dataset(config, workdir: Path) -> Path:
   """The configured dataset; or, with none given and `phantom.num_scans`, WORKDIR/data."""
   if config.dataset:
-    return cli.require_exists(config.dataset, "dataset")
+    return errors.require_exists(config.dataset, "dataset")
   ph = config.phantom
   if not ph or int(ph.num_scans) < 1:
-    raise cli.UserError("no dataset given: set --config.dataset=DATA (a dataset directory)")
+    raise errors.UserError("no dataset given: set --config.dataset=DATA (a dataset directory)")
   path = workdir / "data"
   if not (path / store.DATASET_JSON).exists():
     if jax.process_index() == 0:
@@ -163,14 +167,14 @@ def resolve_dataset(config, workdir: Path) -> Path:
 def training_voxel_size(dataset: store.Dataset, scans) -> list[float] | None:
   """The (Z, Y, X) voxel size in um the training scans share, for model.json: the predictor
   resamples inputs of another voxel size to it. None (with a warning) when the scans differ."""
-  from bonejax import resample
+  from bonejax.io import resample
   sizes = []
   for name in scans:
     attrs = store.read_group_attrs(dataset.scan_path(name))
     v = attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um"))
     try:
       sizes.append(resample.as_zyx(v) if v is not None else None)
-    except cli.UserError:
+    except errors.UserError:
       sizes.append(None)
   if not sizes or any(v is None for v in sizes):
     return None
@@ -186,7 +190,7 @@ def _user(fn, what: str):
   try:
     return fn()
   except (ValueError, TypeError) as e:
-    raise cli.UserError(f"{what}: {e}") from None
+    raise errors.UserError(f"{what}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,12 +222,12 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   # ---- Config: every value checked before anything is read or written ---------------------
   configlib.check(c)
   if c.dtype not in DTYPES:
-    raise cli.UserError(f"dtype={c.dtype!r}; known: {', '.join(DTYPES)}")
+    raise errors.UserError(f"dtype={c.dtype!r}; known: {', '.join(DTYPES)}")
   if c.best_metric not in BEST_METRICS:
-    raise cli.UserError(f"best_metric={c.best_metric!r}; known: {', '.join(BEST_METRICS)}")
+    raise errors.UserError(f"best_metric={c.best_metric!r}; known: {', '.join(BEST_METRICS)}")
   num_steps, batch_size = int(c.num_steps), int(c.batch_size)
   if int(c.patch_size) % models.STRIDE:
-    raise cli.UserError(f"patch_size={c.patch_size} must be a positive multiple of "
+    raise errors.UserError(f"patch_size={c.patch_size} must be a positive multiple of "
                         f"{models.STRIDE}")
   loss_fn = _user(lambda: losses.make_loss(c.loss), "loss")
   schedule = _user(lambda: optim.make_schedule(c.schedule, float(c.optimizer.lr), num_steps),
@@ -256,7 +260,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   if split_file.exists() and rundir.has_checkpoint(workdir):
     old = splits.load_split(split_file)
     if (old.train, old.val) != (split.train, split.val):
-      raise cli.UserError(f"{workdir} holds a run with another split ({split_file}); use a "
+      raise errors.UserError(f"{workdir} holds a run with another split ({split_file}); use a "
                           "fresh --workdir")
 
   # ---- Model and optimizer ------------------------------------------------------------------
@@ -293,7 +297,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   # The jitted functions depend only on these values: runs in one process that share them
   # (cross-validation folds, tests) share the compiled executables.
   jit_key = json.dumps([num_classes, int(num_steps), [d.id for d in mesh.devices.flat],
-                        {k: cli.to_jsonable(c.to_dict().get(k)) for k in (
+                        {k: jsonable.to_jsonable(c.to_dict().get(k)) for k in (
                             "model", "in_channels", "dtype", "seed", "loss", "optimizer",
                             "schedule", "augment", "context_slices", "conv_lowering",
                             "eval_graph")}], sort_keys=True)
@@ -323,7 +327,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
     changed = sorted(k for k in fingerprint if json.dumps(old.get(k), sort_keys=True) !=
                      json.dumps(fingerprint[k], sort_keys=True))
     if changed:
-      raise cli.UserError(f"{workdir} holds a run whose {', '.join(changed)} differ(s) from "
+      raise errors.UserError(f"{workdir} holds a run whose {', '.join(changed)} differ(s) from "
                           "this config; use a fresh --workdir (num_steps, eval/checkpoint "
                           "intervals and early stopping may change)")
 
@@ -352,7 +356,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
     splits.save_split(split_file, split)
     resolved = c.to_dict()
     resolved["dataset"] = str(dataset_path)
-    cli.atomic_write_json(workdir / "config.json", resolved)
+    outputs.atomic_write_json(workdir / "config.json", resolved)
   log_file = curves.MetricsLog(workdir / "metrics.csv", classes, resumed_from, enabled=primary)
 
   # ---- Best model: its own checkpoint, and WORKDIR/model exported from it -------------------
@@ -400,7 +404,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, devices,
   step = start
   pending_losses: list[jax.Array] = []
   in_flight: collections.deque = collections.deque()
-  progress = cli.Progress(total=max(num_steps - start, 0), desc="train", unit="steps")
+  progress = Progress(total=max(num_steps - start, 0), desc="train", unit="steps")
   if primary:
     print(f"[train] patches cut by: {train_feed.kind}", file=progress.stream, flush=True)
   t_log, t_eval, t_first, evals_time = time.perf_counter(), 0.0, None, 0.0

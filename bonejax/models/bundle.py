@@ -29,7 +29,7 @@ from flax import nnx
 import orbax.checkpoint as ocp
 
 import bonejax
-from bonejax import cli
+from bonejax.core import errors, outputs
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -81,7 +81,7 @@ def build_model(meta: dict[str, Any], dtype=jnp.float32, seed: int = 0) -> nnx.M
                          in_channels=int(meta.get("in_channels", 1)), rngs=nnx.Rngs(seed),
                          dtype=dtype, **meta.get("model_kwargs", {}))
   except (ValueError, TypeError, OverflowError) as e:
-    raise cli.UserError(f"cannot build model {meta.get('model')!r}: {e}") from None
+    raise errors.UserError(f"cannot build model {meta.get('model')!r}: {e}") from None
 
 
 def eval_view(model: nnx.Module) -> nnx.Module:
@@ -101,8 +101,8 @@ def _is_int(v: Any) -> bool:
 def check_meta(meta: Any, where: str) -> None:
   """One line for a model.json that is not what make_meta writes (its types, not its values)."""
   if not isinstance(meta, dict):
-    raise cli.UserError(f"{where} holds a JSON {type(meta).__name__}, not an object")
-  from bonejax import intensity
+    raise errors.UserError(f"{where} holds a JSON {type(meta).__name__}, not an object")
+  from bonejax.io import intensity
   classes, axes = meta.get("classes"), meta.get("train_axes", [0])
   problems = [
       (not isinstance(meta.get("model"), str), "model", "a model name"),
@@ -127,30 +127,30 @@ def check_meta(meta: Any, where: str) -> None:
   ]
   for bad, key, want in problems:
     if bad:
-      got = cli._one_line(repr(meta.get(key)))[:80]
-      raise cli.UserError(f"{where}: {key!r} must be {want}, got {got}")
+      got = errors.one_line(repr(meta.get(key)))[:80]
+      raise errors.UserError(f"{where}: {key!r} must be {want}, got {got}")
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   p = Path(path)
   if not p.exists():
-    raise cli.UserError(f"model bundle {str(p)!r} does not exist")
+    raise errors.UserError(f"model bundle {str(p)!r} does not exist")
   f = p / MODEL_JSON
   if not f.exists():
-    raise cli.UserError(f"{str(p)!r} is not a model bundle (no {MODEL_JSON})")
+    raise errors.UserError(f"{str(p)!r} is not a model bundle (no {MODEL_JSON})")
   try:
     meta = json.loads(f.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise cli.UserError(f"{str(f)!r} is not valid JSON: {e}") from None
+    raise errors.UserError(f"{str(f)!r} is not valid JSON: {e}") from None
   if not isinstance(meta, dict):
-    raise cli.UserError(f"{str(f)!r} holds a JSON {type(meta).__name__}, not an object")
+    raise errors.UserError(f"{str(f)!r} holds a JSON {type(meta).__name__}, not an object")
   version = meta.get("format_version")
   if version != FORMAT_VERSION:
-    raise cli.UserError(f"model bundle {str(p)!r} has format version {version}; this bonejax "
+    raise errors.UserError(f"model bundle {str(p)!r} has format version {version}; this bonejax "
                         f"({bonejax.__version__}) reads version {FORMAT_VERSION}")
   for key in ("model", "classes"):
     if key not in meta:
-      raise cli.UserError(f"model bundle {str(p)!r} lacks {key!r} in {MODEL_JSON}")
+      raise errors.UserError(f"model bundle {str(p)!r} lacks {key!r} in {MODEL_JSON}")
   check_meta(meta, str(f))
   return meta
 
@@ -188,7 +188,7 @@ def quiet_closed_loop_noise() -> None:
 def reason(e: BaseException) -> str:
   """An orbax/tensorstore exception as a short line (no tensorstore spec)."""
   text = str(e).split(" [tensorstore_spec=")[0]
-  return cli._one_line(f"{type(e).__name__}: {text}")[:300]
+  return errors.one_line(f"{type(e).__name__}: {text}")[:300]
 
 
 def stored_arrays(path: str | os.PathLike):
@@ -250,12 +250,12 @@ def save_weights(path: str | os.PathLike, weights: Any, meta: dict[str, Any]) ->
   final = Path(path)
   check_meta(meta, f"model.json for {str(final)!r}")
   weights = jax.device_get(weights)  # a host copy: later training steps cannot alter it
-  with cli.atomic_output(final, overwrite=True) as tmp:
+  with outputs.atomic_output(final, overwrite=True) as tmp:
     tmp.mkdir(parents=True)
     with ocp.StandardCheckpointer(multiprocessing_options=this_process_only()) as ckptr:
       ckptr.save((tmp / WEIGHTS).absolute(), weights)
       ckptr.wait_until_finished()
-    cli.atomic_write_json(tmp / MODEL_JSON, meta)
+    outputs.atomic_write_json(tmp / MODEL_JSON, meta)
   return final
 
 
@@ -278,17 +278,17 @@ def load_bundle(path: str | os.PathLike, dtype=jnp.float32) -> Bundle:
   abstract = nnx.eval_shape(lambda: build_model(meta, dtype))
   graphdef, weights_abs, rest_abs = nnx.split(abstract, WEIGHT_FILTER, ...)
   if not (p / WEIGHTS).exists():
-    raise cli.UserError(f"model bundle {str(p)!r} has no weights")
+    raise errors.UserError(f"model bundle {str(p)!r} has no weights")
   quiet_closed_loop_noise()
   try:
     stored = tree_shapes(stored_arrays(p / WEIGHTS))
   except Exception as e:  # pylint: disable=broad-except
-    raise cli.UserError(f"cannot read the weights of {str(p)!r}: {reason(e)}") from None
+    raise errors.UserError(f"cannot read the weights of {str(p)!r}: {reason(e)}") from None
   for k in tree_shapes(rest_abs):  # RNG state, in bundles written before it was left out
     stored.pop(k, None)
   why = shape_mismatch(stored, tree_shapes(weights_abs))
   if why:
-    raise cli.UserError(f"{MODEL_JSON} of {str(p)!r} does not fit its weights: {why}")
+    raise errors.UserError(f"{MODEL_JSON} of {str(p)!r} does not fit its weights: {why}")
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
                         weights_abs)
@@ -298,7 +298,7 @@ def load_bundle(path: str | os.PathLike, dtype=jnp.float32) -> Bundle:
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
-    raise cli.UserError(f"cannot restore weights of {str(p)!r}: {reason(e)}") from None
+    raise errors.UserError(f"cannot restore weights of {str(p)!r}: {reason(e)}") from None
   finally:
     handler.close()
   model = nnx.merge(graphdef, weights, _fresh_rng_state(rest_abs))

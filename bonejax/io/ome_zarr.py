@@ -14,7 +14,7 @@ An `OmeZarrWriter` makes one multiscale image group:
 Level 0 is filled by the caller slab by slab (`view`: (Z, Y, X) or (Z, Y, X, C), channels last
 as everywhere in bonejax, stored channel-first as NGFF wants); `finish()` then builds each
 level from the one before, a slab at a time, and writes the metadata, so memory stays a slab's.
-The caller writes the group under a temporary name (`cli.atomic_output`): it appears whole.
+The caller writes the group under a temporary name (`outputs.atomic_output`): it appears whole.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from bonejax import cli, store
+from bonejax.core import errors, outputs
+from bonejax.data import store
 
 SUFFIX = ".ome.zarr"
 NGFF_VERSION = "0.5"
@@ -58,7 +59,7 @@ def rgba(hex_colour: str, alpha: int = 255) -> list[int]:
 def label_metadata(classes: Sequence[str]) -> dict[str, Any]:
   """NGFF `image-label`: one colour per class (bonejax's report colours; background clear) and
   the class names as properties."""
-  from bonejax import report
+  from bonejax.evaluate import report
   return {
       "colors": [{"label-value": k, "rgba": rgba(report.colour(k), 0 if k == 0 else 255)}
                  for k in range(len(classes))],
@@ -231,10 +232,10 @@ def write_volume(source: Any, path: str | Path, *, kind: str, overwrite: bool = 
                  slab: int = 64) -> dict[str, Any]:
   """Writes any (Z, Y, X[, C]) volume (tensorstore, `volume_io` source or numpy) as OME-Zarr,
   slab by slab, atomically."""
-  from bonejax import volume_io
+  from bonejax.io import volume_io
   shape, dtype, read = volume_io._slab_reader(source)
   channels = shape[3] if len(shape) == 4 else None
-  with cli.atomic_output(path, overwrite) as tmp:
+  with outputs.atomic_output(path, overwrite) as tmp:
     w = OmeZarrWriter(tmp, shape[:3], dtype, kind=kind, channels=channels, classes=classes,
                       voxel_size_um=voxel_size_um, channel_names=channel_names,
                       name=Path(path).name)
@@ -246,10 +247,10 @@ def write_volume(source: Any, path: str | Path, *, kind: str, overwrite: bool = 
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-  """The "ome" attributes of an OME-Zarr group (raises cli.UserError when it is not one)."""
+  """The "ome" attributes of an OME-Zarr group (raises errors.UserError when it is not one)."""
   p = Path(path) / "zarr.json"
   try:
     ome = json.loads(p.read_text())["attributes"]["ome"]
   except (OSError, ValueError, KeyError, TypeError):
-    raise cli.UserError(f"{str(path)!r} is not an OME-Zarr (0.5) group") from None
+    raise errors.UserError(f"{str(path)!r} is not an OME-Zarr (0.5) group") from None
   return ome

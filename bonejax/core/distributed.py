@@ -28,7 +28,7 @@ import signal
 import time
 from typing import Any, Callable, Iterator
 
-from bonejax import cli
+from bonejax.core import errors, jsonable
 
 DEFAULT_BARRIER_TIMEOUT_S = 1800.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 60
@@ -47,13 +47,13 @@ def requested(coordinator_address: str | None, num_processes: int | None,
   """Whether the flags ask for several processes; a partial set of them is bad input."""
   given = [v for v in (coordinator_address, num_processes, process_id) if v is not None]
   if given and len(given) != 3:
-    raise cli.UserError("multi-host needs all of --coordinator_address, --num_processes and "
+    raise errors.UserError("multi-host needs all of --coordinator_address, --num_processes and "
                         "--process_id (or --multihost for auto-detection)")
   if given:
     if num_processes < 1:
-      raise cli.UserError(f"--num_processes={num_processes} must be positive")
+      raise errors.UserError(f"--num_processes={num_processes} must be positive")
     if not 0 <= process_id < num_processes:
-      raise cli.UserError(f"--process_id={process_id} not in [0, {num_processes})")
+      raise errors.UserError(f"--process_id={process_id} not in [0, {num_processes})")
   return bool(given) or bool(multihost)
 
 
@@ -84,8 +84,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       jax.distributed.initialize(**kw)
   except (RuntimeError, ValueError) as e:
     where = f" at {coordinator_address}" if coordinator_address else ""
-    raise cli.UserError(f"cannot start the multi-process job{where}: "
-                        f"{cli.short_message(e)}") from None
+    raise errors.UserError(f"cannot start the multi-process job{where}: "
+                        f"{errors.short_message(e)}") from None
   return True
 
 
@@ -98,7 +98,7 @@ class Group:
   """The processes of one job, or just this one (`size` 1: every operation is a no-op).
 
   Every process must call the same operations in the same order (each gets the next sequence
-  number, so keys never collide). Waits raise `cli.UserError` naming the process that failed,
+  number, so keys never collide). Waits raise `errors.UserError` naming the process that failed,
   died or is late.
   """
 
@@ -183,7 +183,7 @@ class Group:
 
   def broadcast_json(self, name: str, value: Any = None) -> Any:
     """Process 0's JSON-able `value` (floats round-trip exactly)."""
-    text = self.broadcast(name, json.dumps(cli.to_jsonable(value)) if self.is_main else None)
+    text = self.broadcast(name, json.dumps(jsonable.to_jsonable(value)) if self.is_main else None)
     return value if self.size == 1 else json.loads(text)
 
   # -- failures --------------------------------------------------------------------------------
@@ -204,10 +204,10 @@ class Group:
     failed = {i: m for i, m in self._failures().items() if i != self.index}
     if failed:
       i = min(failed)
-      raise cli.UserError(f"process {i} of {self.size} failed ({during}): {failed[i]}")
+      raise errors.UserError(f"process {i} of {self.size} failed ({during}): {failed[i]}")
     dead = [i for i in self._dead() if i != self.index]
     if dead:
-      raise cli.UserError(f"process {', '.join(map(str, dead))} of {self.size} stopped "
+      raise errors.UserError(f"process {', '.join(map(str, dead))} of {self.size} stopped "
                           f"responding (killed or crashed?) during {during}")
 
   def check(self, during: str = "the run") -> None:
@@ -233,7 +233,7 @@ class Group:
         self._raise_if_others_failed(f"'{name}'")
       if now - start > self.timeout_s:
         late = ", ".join(map(str, missing())) or "?"
-        raise cli.UserError(f"process {late} of {self.size} did not reach '{name}' within "
+        raise errors.UserError(f"process {late} of {self.size} did not reach '{name}' within "
                             f"{self.timeout_s:g} s (--barrier_timeout_s); is it stuck?")
       time.sleep(delay)
       delay = min(_POLL_MAX_S, delay * 2)
@@ -310,13 +310,13 @@ class Group:
 
 
 def _message(e: BaseException) -> str:
-  if isinstance(e, cli.UserError):
+  if isinstance(e, errors.UserError):
     return str(e)
   if isinstance(e, KeyboardInterrupt):
     return "interrupted"
   if isinstance(e, SystemExit):
     return f"exited with status {e.code}"
-  return cli.io_error(e) or f"{type(e).__name__}: {cli.short_message(e)}"
+  return errors.io_error(e) or f"{type(e).__name__}: {errors.short_message(e)}"
 
 
 SINGLE = Group()  # this process alone

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 DEFAULT_BINS = 256
 DEFAULT_SLAB = 16
@@ -149,10 +149,10 @@ class ThresholdBaseline:
   @classmethod
   def _cut(cls, images, num_classes, bins, value_range, slab):
     if int(num_classes) < 2:
-      raise cli.UserError(f"num_classes must be >= 2, got {num_classes}")
+      raise errors.UserError(f"num_classes must be >= 2, got {num_classes}")
     hist = histogram(images, bins, value_range, slab)
     if hist.sum() == 0:
-      raise cli.UserError("no voxels to fit the threshold baseline on")
+      raise errors.UserError("no voxels to fit the threshold baseline on")
     return otsu_cuts(hist, int(num_classes) - 1)
 
   @classmethod
@@ -171,10 +171,10 @@ class ThresholdBaseline:
     """Otsu bands from the pooled images, each mapped to its most frequent training class."""
     images, labels = _as_list(images), _as_list(labels)
     if len(images) != len(labels):
-      raise cli.UserError(f"{len(images)} images but {len(labels)} label volumes")
+      raise errors.UserError(f"{len(images)} images but {len(labels)} label volumes")
     for i, (x, y) in enumerate(zip(images, labels)):
       if tuple(x.shape) != tuple(y.shape):
-        raise cli.UserError(f"image {i}: shape {tuple(x.shape)} != labels {tuple(y.shape)}")
+        raise errors.UserError(f"image {i}: shape {tuple(x.shape)} != labels {tuple(y.shape)}")
     base = cls.fit_unsupervised(images, num_classes, bins=bins, value_range=value_range,
                                 slab=slab)
     k = base.num_classes
@@ -183,7 +183,7 @@ class ThresholdBaseline:
       for sl, xs in _slabs(x, slab):
         ys = np.asarray(y[sl]).astype(np.int64)
         if ys.size and (ys.min() < 0 or ys.max() >= k):
-          raise cli.UserError(f"label value {int(ys.max())} outside 0..{k - 1}")
+          raise errors.UserError(f"label value {int(ys.max())} outside 0..{k - 1}")
         band = base.bands(xs).astype(np.int64)
         counts += np.bincount((band * k + ys).ravel(), minlength=k * k).reshape(k, k)
     base.band_classes = _majority(counts)
@@ -243,7 +243,7 @@ class _Normalised:
     self.ndim = 3
 
   def __getitem__(self, sl):
-    from bonejax import intensity
+    from bonejax.io import intensity
     return intensity.normalize(self.scan.image[sl].read().result(), self.scan.stats, self.rule)
 
 
@@ -251,7 +251,7 @@ def fit_scans(scans: Iterable, num_classes: int, rule: str = "percentile",
               supervised: bool = True, bins: int = DEFAULT_BINS) -> ThresholdBaseline:
   """Fits on store.Scan objects, normalising each with its stored statistics."""
   if rule not in RANGES:
-    raise cli.UserError(f"unknown normalisation rule {rule!r} (known: {', '.join(RANGES)})")
+    raise errors.UserError(f"unknown normalisation rule {rule!r} (known: {', '.join(RANGES)})")
   scans = list(scans)
   images = [_Normalised(s, rule) for s in scans]
   if not supervised:
@@ -259,7 +259,7 @@ def fit_scans(scans: Iterable, num_classes: int, rule: str = "percentile",
                                               value_range=RANGES[rule])
   for s in scans:
     if s.labels is None:
-      raise cli.UserError(f"scan {s.name!r} has no labels to fit the baseline on")
+      raise errors.UserError(f"scan {s.name!r} has no labels to fit the baseline on")
   return ThresholdBaseline.fit(images, [s.labels for s in scans], num_classes, bins=bins,
                                value_range=RANGES[rule])
 

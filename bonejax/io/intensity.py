@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 PERCENTILES = (0.5, 99.9)
 SAMPLE_SIZE = 1 << 22
@@ -35,13 +35,13 @@ NONZERO_KEYS = ("mean_nonzero", "std_nonzero")
 def validate_image(image: np.ndarray) -> None:
   """Rejects what no model can use: NaN/Inf, empty volumes, unsupported dtypes."""
   if image.size == 0:
-    raise cli.UserError(f"image is empty (shape {image.shape})")
+    raise errors.UserError(f"image is empty (shape {image.shape})")
   if np.issubdtype(image.dtype, np.floating):
     if not np.isfinite(image).all():
       bad = "NaN" if np.isnan(image).any() else "Inf"
-      raise cli.UserError(f"image contains {bad} values")
+      raise errors.UserError(f"image contains {bad} values")
   elif not np.issubdtype(image.dtype, np.integer) and image.dtype != np.bool_:
-    raise cli.UserError(f"image dtype {image.dtype} is not numeric")
+    raise errors.UserError(f"image dtype {image.dtype} is not numeric")
 
 
 class StatsAccumulator:
@@ -60,7 +60,7 @@ class StatsAccumulator:
     self.sumsq_pos = 0.0
     if self.integer:
       if self.dtype.itemsize > 2 or np.issubdtype(self.dtype, np.signedinteger):
-        raise cli.UserError(f"integer image dtype {self.dtype} is not supported (uint8/uint16)")
+        raise errors.UserError(f"integer image dtype {self.dtype} is not supported (uint8/uint16)")
       self.hist = np.zeros(1 << (8 * self.dtype.itemsize), np.int64)
     else:
       self.stride = max(1, -(-int(total_voxels) // SAMPLE_SIZE))
@@ -89,7 +89,7 @@ class StatsAccumulator:
 
   def finalize(self) -> dict[str, Any]:
     if self.n == 0:
-      raise cli.UserError("image is empty")
+      raise errors.UserError("image is empty")
     mean = self.sum / self.n
     var = max(self.sumsq / self.n - mean * mean, 0.0)
     if self.integer:
@@ -143,11 +143,11 @@ def normalize_params(stats: dict[str, Any], rule: str = "percentile") -> tuple[f
     return float(stats["mean"]), 1.0 / max(float(stats["std"]), 1e-12), False
   if rule == "zscore_nonzero":
     if not has_stats(stats, rule):
-      raise cli.UserError("the intensity statistics lack mean_nonzero / std_nonzero (a scan "
+      raise errors.UserError("the intensity statistics lack mean_nonzero / std_nonzero (a scan "
                           "imported before bonejax stored them): re-import the scan, or let "
                           "nonzero_stats compute them")
     return (float(stats["mean_nonzero"]), 1.0 / max(float(stats["std_nonzero"]), 1e-12), False)
-  raise cli.UserError(f"unknown normalisation rule {rule!r} (known: {', '.join(RULES)})")
+  raise errors.UserError(f"unknown normalisation rule {rule!r} (known: {', '.join(RULES)})")
 
 
 def has_stats(stats: dict[str, Any] | None, rule: str) -> bool:

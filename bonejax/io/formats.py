@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax import cli, volume_io
+from bonejax.core import errors
+from bonejax.io import volume_io
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".cxi")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -125,7 +126,7 @@ class H5Source(volume_io._IndexedSource):
     try:
       self._file = h5py.File(path, "r")
     except Exception as e:  # not HDF5, truncated, locked
-      raise cli.UserError(f"cannot read HDF5 {str(path)!r}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read HDF5 {str(path)!r}: {errors.one_line(e)}") from None
     try:
       ds = self._dataset(path, key)
       self.key = ds.name
@@ -143,7 +144,7 @@ class H5Source(volume_io._IndexedSource):
       node = f.get(key)
       if not isinstance(node, h5py.Dataset):
         what = "is a group, not a dataset" if node is not None else "does not exist"
-        raise cli.UserError(f"HDF5 key {key!r} {what} in {str(path)!r}; its datasets: "
+        raise errors.UserError(f"HDF5 key {key!r} {what} in {str(path)!r}; its datasets: "
                             f"{_describe(datasets)}")
       return node
     default = _nexus_default(f)
@@ -152,15 +153,15 @@ class H5Source(volume_io._IndexedSource):
     volumes = [d for d in datasets if len([s for s in d[1] if s != 1]) >= 3]
     if len(volumes) == 1:
       return f[volumes[0][0]]
-    raise cli.UserError(f"{str(path)!r} holds {len(volumes) or 'no'} volume datasets; name one "
+    raise errors.UserError(f"{str(path)!r} holds {len(volumes) or 'no'} volume datasets; name one "
                         f"with --image_key (datasets: {_describe(datasets)})")
 
   def _read(self, z0, z1):
     try:
       return super()._read(z0, z1)
     except Exception as e:
-      raise cli.UserError(f"cannot read HDF5 {str(self.path)!r} {self.key} slices "
-                          f"{z0}-{z1 - 1}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read HDF5 {str(self.path)!r} {self.key} slices "
+                          f"{z0}-{z1 - 1}: {errors.one_line(e)}") from None
 
   def close(self):
     self._file.close()
@@ -186,11 +187,11 @@ class MrcSource(volume_io._IndexedSource):
         warnings.simplefilter("ignore")  # mrcfile warns (rather than raises) on odd headers
         self._mrc = mrcfile.mmap(path, mode="r", permissive=True)
     except Exception as e:
-      raise cli.UserError(f"cannot read MRC {str(path)!r}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read MRC {str(path)!r}: {errors.one_line(e)}") from None
     try:
       mode = int(self._mrc.header.mode)
       if mode not in MRC_MODES or self._mrc.data is None:
-        raise cli.UserError(
+        raise errors.UserError(
             f"MRC {str(path)!r} has data mode {mode}, not a real-valued volume (need one of "
             + ", ".join(f"{m} ({t})" for m, t in MRC_MODES.items()) + ")")
       super().__init__(path, self._mrc.data, array, f"MRC {str(path)!r}", 1)
@@ -245,7 +246,7 @@ class ImageFolderSource(volume_io.VolumeSource):
     import imageio.v3 as iio
     files = files if files is not None else slice_files(path)
     if not files:
-      raise cli.UserError(f"folder {str(path)!r} contains no image slices "
+      raise errors.UserError(f"folder {str(path)!r} contains no image slices "
                           f"({', '.join(SLICE_SUFFIXES)})")
     self.files = files
     first = None
@@ -253,15 +254,15 @@ class ImageFolderSource(volume_io.VolumeSource):
       try:
         props = iio.improps(f)
       except Exception as e:
-        raise cli.UserError(f"cannot read slice {str(f)!r}: {cli._one_line(e)}") from None
+        raise errors.UserError(f"cannot read slice {str(f)!r}: {errors.one_line(e)}") from None
       shape = tuple(int(s) for s in props.shape)
       if len(shape) != 2:
-        raise cli.UserError(f"slice {str(f)!r} has shape {shape}; slices in a folder must be "
+        raise errors.UserError(f"slice {str(f)!r} has shape {shape}; slices in a folder must be "
                             f"2D greyscale images")
       if first is None:
         first = (shape, np.dtype(props.dtype))
       elif (shape, np.dtype(props.dtype)) != first:
-        raise cli.UserError(
+        raise errors.UserError(
             f"slice {f.name!r} is {shape} {np.dtype(props.dtype)} but {files[0].name!r} is "
             f"{first[0]} {first[1]}; all slices in {str(path)!r} must have one size and bit "
             f"depth")
@@ -275,9 +276,9 @@ class ImageFolderSource(volume_io.VolumeSource):
       try:
         plane = iio.imread(f)
       except Exception as e:
-        raise cli.UserError(f"cannot read slice {str(f)!r}: {cli._one_line(e)}") from None
+        raise errors.UserError(f"cannot read slice {str(f)!r}: {errors.one_line(e)}") from None
       if plane.shape != self.shape[1:] or plane.dtype != self.source_dtype:
-        raise cli.UserError(f"slice {str(f)!r} decodes to {plane.shape} {plane.dtype}, not "
+        raise errors.UserError(f"slice {str(f)!r} decodes to {plane.shape} {plane.dtype}, not "
                             f"{self.shape[1:]} {self.source_dtype}")
       out[i] = plane
     return out
@@ -307,20 +308,20 @@ class IsqSource(volume_io._IndexedSource):
       with open(path, "rb") as f:
         head = f.read(512)
     except OSError as e:
-      raise cli.UserError(f"cannot read ISQ {str(path)!r}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read ISQ {str(path)!r}: {errors.one_line(e)}") from None
     bad = f"ISQ {str(path)!r} is damaged or not a Scanco ISQ file"
     if len(head) < 512 or head[:16] != ISQ_MAGIC:
-      raise cli.UserError(f"{bad} (no {ISQ_MAGIC.decode()} header)")
+      raise errors.UserError(f"{bad} (no {ISQ_MAGIC.decode()} header)")
     ints = np.frombuffer(head, "<i4")
     dtype_code, dims, dims_um, offset = int(ints[4]), ints[11:14], ints[14:17], int(ints[127])
     if dtype_code != ISQ_INT16:
-      raise cli.UserError(f"{bad} (data type {dtype_code}; ISQ volumes are int16, type 3)")
+      raise errors.UserError(f"{bad} (data type {dtype_code}; ISQ volumes are int16, type 3)")
     if (dims <= 0).any() or offset < 0:
-      raise cli.UserError(f"{bad} (dimensions {dims.tolist()}, data offset {offset})")
+      raise errors.UserError(f"{bad} (dimensions {dims.tolist()}, data offset {offset})")
     nx, ny, nz = (int(d) for d in dims)
     start, nbytes = (offset + 1) * 512, nx * ny * nz * 2
     if start + nbytes > size:
-      raise cli.UserError(f"{bad}: truncated ({size} bytes; the header promises "
+      raise errors.UserError(f"{bad}: truncated ({size} bytes; the header promises "
                           f"{nx} x {ny} x {nz} int16 voxels from byte {start})")
     mm = np.memmap(path, np.dtype("<i2"), "r", offset=start, shape=(nz, ny, nx))
     super().__init__(path, mm, array, f"ISQ {str(path)!r}", 1)
@@ -375,8 +376,8 @@ def ome_level0(path: Path, multiscales: list) -> tuple[str, list[str], list[floa
     units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes", [])]
     rel = str(level["path"])
   except (KeyError, IndexError, TypeError) as e:
-    raise cli.UserError(f"OME-Zarr {str(path)!r} has malformed multiscales metadata "
-                        f"({cli._one_line(e)})") from None
+    raise errors.UserError(f"OME-Zarr {str(path)!r} has malformed multiscales metadata "
+                        f"({errors.one_line(e)})") from None
   if not axes:
     axes = ["t", "c", "z", "y", "x"][-len(level.get("coordinateTransformations", [{}])[0]
                                           .get("scale", [0] * 5)):]
@@ -388,7 +389,7 @@ def ome_level0(path: Path, multiscales: list) -> tuple[str, list[str], list[floa
     if all(u is not None for u in um):
       voxel = _positive([scale[axes.index(a)] * u for a, u in zip("zyx", um)])
   if not rel or rel.startswith("/") or ".." in Path(rel).parts:
-    raise cli.UserError(f"OME-Zarr {str(path)!r} names an unsafe level path {rel!r}")
+    raise errors.UserError(f"OME-Zarr {str(path)!r} names an unsafe level path {rel!r}")
   return rel, axes, voxel
 
 
@@ -400,13 +401,13 @@ def open_ome_zarr(path: Path, multiscales: list, zarr_format: int, array: str,
   src = volume_io.ZarrSource.__new__(volume_io.ZarrSource)
   driver = "zarr3" if zarr_format == 3 else "zarr"
   spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path / rel)}}
-  from bonejax import store
+  from bonejax.data import store
   try:
     arr = ts.open(spec, open=True, read=True,
                   context=context if context is not None else store.context()).result()
   except Exception as e:
-    raise cli.UserError(f"cannot open OME-Zarr level {str(path / rel)!r}: "
-                        f"{cli._one_line(e)}") from None
+    raise errors.UserError(f"cannot open OME-Zarr level {str(path / rel)!r}: "
+                        f"{errors.one_line(e)}") from None
   if len(axes) == arr.rank and "c" in axes and axes.index("c") != arr.rank - 1:
     arr = arr[ts.d[axes.index("c")].transpose[arr.rank - 1]]  # channels last, as elsewhere
   src.kind = "ome-zarr"

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
 
 # Voxel sizes closer than this (relative) count as equal: no resampling for rounding noise.
 SAME_SIZE_TOLERANCE = 0.01
@@ -38,7 +38,7 @@ def as_zyx(voxel_size_um: Any) -> tuple[float, float, float] | None:
   else:
     v = tuple(float(x) for x in voxel_size_um)
   if len(v) != 3 or not all(math.isfinite(x) and x > 0 for x in v):
-    raise cli.UserError(f"voxel size {voxel_size_um!r} um must be a positive number or three "
+    raise errors.UserError(f"voxel size {voxel_size_um!r} um must be a positive number or three "
                         f"(Z, Y, X)")
   return v
 
@@ -146,7 +146,7 @@ class ResampledSource:
     self.src = src
     self.voxel_size_um = as_zyx(voxel_size_um)
     if src.voxel_size_um is None:
-      raise cli.UserError(f"cannot resample {str(src.path)!r}: its voxel size is unknown "
+      raise errors.UserError(f"cannot resample {str(src.path)!r}: its voxel size is unknown "
                           f"(give it with --voxel_size_um)")
     shape3 = resampled_shape(src.shape, src.voxel_size_um, self.voxel_size_um)
     self.shape = shape3 + tuple(src.shape[3:])

@@ -24,7 +24,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bonejax import cli, store
+from bonejax.core import errors, outputs
+from bonejax.data import store
 from bonejax.data import splits
 from bonejax.train import configlib, rundir, trainer
 
@@ -36,7 +37,9 @@ SELECTION = ("nested: each fold's model selection, early stopping and plateau sc
 def score_fold(model_dir: Path, dataset: store.Dataset, scans, planes: int,
                vote: str) -> dict[str, Any]:
   """Whole-scan predictions of the fold's outer scans, scored on the pooled matrix."""
-  from bonejax import bundle, metrics, predict
+  from bonejax import predict
+  from bonejax.evaluate import metrics
+  from bonejax.models import bundle
 
   b = bundle.load_bundle(model_dir)
   engine = predict.make_engine(b)  # compiled once per fold; a 2.5D bundle stacks its planes
@@ -60,9 +63,9 @@ def run(base: ml_collections.ConfigDict, folds: int, workdir: str | Path, *, pla
         vote: str = "soft") -> dict[str, Any]:
   """Runs (or resumes) every fold; the result that launch/crossval.py prints."""
   if planes not in (1, 3, 9, 12):
-    raise cli.UserError(f"--planes={planes} must be 1, 3, 9 or 12")
+    raise errors.UserError(f"--planes={planes} must be 1, 3, 9 or 12")
   if configlib.names(base.train_scans) or configlib.names(base.val_scans):
-    raise cli.UserError("cross-validation makes its own splits: leave train_scans and "
+    raise errors.UserError("cross-validation makes its own splits: leave train_scans and "
                         "val_scans empty")
   workdir = Path(workdir).absolute()
   fold_dirs = [workdir / f"fold_{i}" for i in range(max(int(folds), 0))]
@@ -95,7 +98,7 @@ def _run(base, k: int, workdir: Path, planes: int, vote: str) -> dict[str, Any]:
     if not scores or [scores.get(k) for k in ("checkpoint_id", "scored_scans", "planes",
                                               "vote")] != [model_id, fold.test, planes, vote]:
       scores = score_fold(fold_dir / "model", dataset, fold.test, planes, vote)
-      cli.atomic_write_json(cache, scores)
+      outputs.atomic_write_json(cache, scores)
     rows.append({"fold": i, "test_scans": fold.test, "inner_val_scans": fold.val,
                  "train_scans": fold.train,
                  "val_scans": fold.test,  # the scored scans, as this field meant before nesting
@@ -110,7 +113,7 @@ def _run(base, k: int, workdir: Path, planes: int, vote: str) -> dict[str, Any]:
          "mean_miou_all": float(alls.mean()),
          "std_miou_all": float(alls.std(ddof=1)) if len(alls) > 1 else 0.0,
          "planes": planes, "vote": vote, "seconds": time.perf_counter() - start}
-  cli.atomic_write_json(workdir / "crossval.json", out)
+  outputs.atomic_write_json(workdir / "crossval.json", out)
   print(f"{'fold':>4}  {'scored scans':<24} {'selected on':<16} {'best step':>9}  "
         f"{'miou_fg':>7}  {'miou_all':>8}", file=sys.stderr)
   for r in rows:

@@ -38,8 +38,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from bonejax import cli
-from bonejax.ownership import foreign_reason, short_list as _list
+from bonejax.core import errors, jsonable
+from bonejax.core.ownership import foreign_reason, short_list as _list
 
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 SCRATCH_PREFIX = "bonejax-predict"
@@ -123,7 +123,7 @@ def locked(lock: str | os.PathLike) -> Iterator[None]:
     fd = _open_locked(lock, blocking=True)
   except OSError as e:
     if e.errno not in _NO_LOCKS:
-      raise cli.UserError(f"cannot lock {_quote(lock)}: {_os_reason(e)}") from None
+      raise errors.UserError(f"cannot lock {_quote(lock)}: {_os_reason(e)}") from None
     _say(f"note: no file locks on this filesystem: {_quote(lock.parent)} is not protected "
          f"against concurrent changes")
     yield
@@ -155,7 +155,7 @@ def claim_output(path: str | os.PathLike, what: str = "output") -> Iterator[Path
   """
   final = _abs(path)
   if not final.name or final.name in (".", ".."):
-    raise cli.UserError(f"{what} {_quote(path)} is not a file or directory name")
+    raise errors.UserError(f"{what} {_quote(path)} is not a file or directory name")
   key = str(final)
   with _CLAIMS_GUARD:
     held = _CLAIMS.get(key)
@@ -197,14 +197,14 @@ def _claim_lock(lock: Path, path: Any, what: str) -> int | None:
     with contextlib.suppress(OSError):
       owner = lock.read_text().strip()
     by = f" (process {owner.split()[0]})" if owner else ""
-    raise cli.UserError(f"{what} {_quote(path)} is being written by another bonejax run{by}; "
+    raise errors.UserError(f"{what} {_quote(path)} is being written by another bonejax run{by}; "
                         f"wait for it to finish or choose another path") from None
   except OSError as e:
     if e.errno in _NO_LOCKS:
       _say(f"note: no file locks on this filesystem: nothing stops a second run from writing "
            f"{_quote(path)} at the same time")
       return None
-    raise cli.UserError(f"cannot write {what} {_quote(path)}: {_os_reason(e)} "
+    raise errors.UserError(f"cannot write {what} {_quote(path)}: {_os_reason(e)} "
                         f"({_quote(lock.parent)})") from None
   os.ftruncate(fd, 0)
   os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -253,7 +253,7 @@ def make_dirs(d: Path) -> list[Path]:
       break
     d = d.parent
   if d.exists() and not d.is_dir():
-    raise cli.UserError(f"cannot write there: {_quote(d)} is not a directory")
+    raise errors.UserError(f"cannot write there: {_quote(d)} is not a directory")
   made: list[Path] = []
   for m in reversed(missing):
     try:
@@ -262,7 +262,7 @@ def make_dirs(d: Path) -> list[Path]:
       continue
     except OSError as e:
       remove_made_dirs(made)
-      raise cli.UserError(f"cannot create {_quote(m)}: {_os_reason(e)}") from None
+      raise errors.UserError(f"cannot create {_quote(m)}: {_os_reason(e)}") from None
     made.append(m)
   _MADE_DIRS.extend(made)
   return made
@@ -299,12 +299,12 @@ def check_not_input(path: str | os.PathLike, inputs: Iterable[Any], what: str = 
       with contextlib.suppress(OSError):
         same = os.path.samefile(out, src)  # e.g. a hard link
     if same:
-      raise cli.UserError(f"{what} {_quote(path)} is the input {_quote(given)}; writing it "
+      raise errors.UserError(f"{what} {_quote(path)} is the input {_quote(given)}; writing it "
                           f"would destroy the input")
     if _contains(src, out):
-      raise cli.UserError(f"{what} {_quote(path)} lies inside the input {_quote(given)}")
+      raise errors.UserError(f"{what} {_quote(path)} lies inside the input {_quote(given)}")
     if _contains(out, src):
-      raise cli.UserError(f"{what} {_quote(path)} holds the input {_quote(given)}; replacing "
+      raise errors.UserError(f"{what} {_quote(path)} holds the input {_quote(given)}; replacing "
                           f"it would destroy the input")
 
 
@@ -317,25 +317,25 @@ def check_output(path: str | os.PathLike, overwrite: bool, inputs: Iterable[Any]
   written. Makes the missing parent directories (removed again if the run fails).
   """
   if not path:
-    raise cli.UserError(f"no {what} path given")
+    raise errors.UserError(f"no {what} path given")
   p = Path(path)
   if not _abs(p).name:
-    raise cli.UserError(f"{what} {_quote(path)} is not a file or directory name")
+    raise errors.UserError(f"{what} {_quote(path)} is not a file or directory name")
   check_not_input(p, inputs, what)
   if p.exists() or p.is_symlink():
     if not overwrite:
-      raise cli.UserError(f"{what} {_quote(p)} exists; pass --overwrite to replace it")
+      raise errors.UserError(f"{what} {_quote(p)} exists; pass --overwrite to replace it")
     reason = foreign_reason(p)
     if reason is not None:
-      raise cli.UserError(f"{what} {_quote(p)} {reason}; --overwrite replaces only bonejax "
+      raise errors.UserError(f"{what} {_quote(p)} {reason}; --overwrite replaces only bonejax "
                           f"outputs: move it away or choose another path")
     if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK):
-      raise cli.UserError(f"cannot replace {what} {_quote(p)}: permission denied")
+      raise errors.UserError(f"cannot replace {what} {_quote(p)}: permission denied")
   made = make_parents(p)
   parent = _abs(p).parent
   if not os.access(parent, os.W_OK | os.X_OK):
     remove_made_dirs(made)
-    raise cli.UserError(f"cannot write {what} {_quote(p)}: permission denied on "
+    raise errors.UserError(f"cannot write {what} {_quote(p)}: permission denied on "
                         f"{_quote(parent)}")
   return p
 
@@ -408,7 +408,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
     with claim_output(path, what) as final:
       # Checked again under the claim: another run may have finished it meanwhile.
       if not overwrite and (final.exists() or final.is_symlink()):
-        raise cli.UserError(f"{what} {_quote(path)} exists; pass --overwrite to replace it")
+        raise errors.UserError(f"{what} {_quote(path)} exists; pass --overwrite to replace it")
       clean_stale(final)
       tmp = temporary_name(final)
       try:
@@ -456,7 +456,7 @@ def scratch_dir(parent: str | os.PathLike, prefix: str = SCRATCH_PREFIX) -> Iter
   try:
     path.mkdir()
   except OSError as e:
-    raise cli.UserError(f"cannot create a scratch directory in {_quote(parent)}: "
+    raise errors.UserError(f"cannot create a scratch directory in {_quote(parent)}: "
                         f"{_os_reason(e)}") from None
   try:
     yield path
@@ -480,4 +480,4 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(cli.to_jsonable(obj), indent=2) + "\n")
+  atomic_write_text(path, json.dumps(jsonable.to_jsonable(obj), indent=2) + "\n")

@@ -17,18 +17,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bonejax import cli
+from bonejax.core import errors
+from bonejax.core.progress import Progress
 
 _PIECE = 1 << 24  # voxels per bincount
 
 
 def _check_pair(pred: np.ndarray, truth: np.ndarray) -> None:
   if tuple(pred.shape) != tuple(truth.shape):
-    raise cli.UserError(f"prediction shape {tuple(pred.shape)} != truth shape "
+    raise errors.UserError(f"prediction shape {tuple(pred.shape)} != truth shape "
                         f"{tuple(truth.shape)}")
   for name, a in (("prediction", pred), ("truth", truth)):
     if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
-      raise cli.UserError(f"{name} labels must be integers, got {a.dtype}")
+      raise errors.UserError(f"{name} labels must be integers, got {a.dtype}")
 
 
 def check_range(a: np.ndarray, num_classes: int, name: str) -> None:
@@ -36,15 +37,15 @@ def check_range(a: np.ndarray, num_classes: int, name: str) -> None:
     return
   lo, hi = int(a.min()), int(a.max())
   if lo < 0:
-    raise cli.UserError(f"{name} label value {lo} is negative")
+    raise errors.UserError(f"{name} label value {lo} is negative")
   if hi >= num_classes:
-    raise cli.UserError(f"{name} label value {hi} >= number of classes {num_classes}")
+    raise errors.UserError(f"{name} label value {hi} >= number of classes {num_classes}")
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
   """(C, C) int64 counts, rows = truth, cols = prediction. Labels outside [0, C) are an error."""
   if num_classes < 1:
-    raise cli.UserError(f"number of classes must be >= 1, got {num_classes}")
+    raise errors.UserError(f"number of classes must be >= 1, got {num_classes}")
   pred, truth = np.asarray(pred), np.asarray(truth)
   _check_pair(pred, truth)
   check_range(pred, num_classes, "prediction")
@@ -112,7 +113,7 @@ def class_names_for(num_classes: int, class_names: Sequence[str] | None = None) 
   if class_names is None:
     return [f"class_{i}" for i in range(num_classes)]
   if len(class_names) != num_classes:
-    raise cli.UserError(f"{len(class_names)} class names for {num_classes} classes")
+    raise errors.UserError(f"{len(class_names)} class names for {num_classes} classes")
   return [str(n) for n in class_names]
 
 
@@ -124,7 +125,7 @@ def scores(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str
   """
   cm = np.asarray(cm, dtype=np.float64)
   if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-    raise cli.UserError(f"confusion matrix must be square, got shape {cm.shape}")
+    raise errors.UserError(f"confusion matrix must be square, got shape {cm.shape}")
   c = cm.shape[0]
   names = class_names_for(c, class_names)
   tp = np.diag(cm)
@@ -195,20 +196,20 @@ def shape_of(arr: Any) -> tuple[int, ...]:
 
 
 def streamed_confusion(pred_arr: Any, truth_arr: Any, num_classes: int, slab: int = 64,
-                       progress: bool | cli.Progress | None = None,
+                       progress: bool | Progress | None = None,
                        on_slab: Callable[..., None] | None = None) -> np.ndarray:
   """Confusion matrix over Z slabs, never holding more than one slab of each volume.
 
   Several scans pool by summing their matrices. `progress`: True for a stderr progress line,
-  or a cli.Progress to update (by slices). `on_slab(z0, pred, truth, slab_cm)` sees every slab
+  or a Progress to update (by slices). `on_slab(z0, pred, truth, slab_cm)` sees every slab
   once, so other statistics (per-slice profiles) share the same read.
   """
   shape = shape_of(truth_arr)
   if shape_of(pred_arr) != shape:
-    raise cli.UserError(f"prediction shape {shape_of(pred_arr)} != truth shape {shape}")
+    raise errors.UserError(f"prediction shape {shape_of(pred_arr)} != truth shape {shape}")
   if slab < 1:
-    raise cli.UserError(f"slab must be >= 1, got {slab}")
-  bar = cli.Progress(total=shape[0], desc="confusion", unit="slices") if progress is True \
+    raise errors.UserError(f"slab must be >= 1, got {slab}")
+  bar = Progress(total=shape[0], desc="confusion", unit="slices") if progress is True \
       else (progress or None)
   cm = np.zeros((num_classes, num_classes), dtype=np.int64)
   for z0 in range(0, shape[0], slab):

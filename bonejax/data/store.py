@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from bonejax import cli, outputs
+from bonejax.core import errors, jsonable, outputs
 
 IMAGE_DTYPES = ("uint8", "uint16", "float32")
 LABEL_DTYPE = "uint8"
@@ -90,19 +90,19 @@ def create_array(path: str | os.PathLike, shape: Sequence[int], dtype: str | np.
 def open_array(path: str | os.PathLike, write: bool = False) -> ts.TensorStore:
   p = Path(path)
   if not (p / "zarr.json").exists():
-    raise cli.UserError(f"{str(p)!r} is not a zarr v3 array (no zarr.json)")
+    raise errors.UserError(f"{str(p)!r} is not a zarr v3 array (no zarr.json)")
   spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(p)}}
   mode = {"open": True, "read": True, "write": write}
   try:
     return ts.open(spec, context=context(), **mode).result()
   except ValueError as e:
-    raise cli.UserError(f"cannot open zarr array {str(p)!r}: {cli.short_message(e)}") from None
+    raise errors.UserError(f"cannot open zarr array {str(p)!r}: {errors.short_message(e)}") from None
 
 
 def _marked(attrs: dict[str, Any]) -> dict[str, Any]:
   """Attributes with bonejax's mark: how --overwrite knows this node is ours to replace."""
   import bonejax
-  return {**cli.to_jsonable(attrs), "bonejax_version": attrs.get("bonejax_version",
+  return {**jsonable.to_jsonable(attrs), "bonejax_version": attrs.get("bonejax_version",
                                                                  bonejax.__version__)}
 
 
@@ -111,7 +111,7 @@ def set_array_attrs(path: str | os.PathLike, attrs: dict[str, Any]) -> None:
   meta_path = Path(path) / "zarr.json"
   meta = json.loads(meta_path.read_text())
   meta["attributes"] = _marked(attrs)
-  cli.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+  outputs.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
 def array_attrs(path: str | os.PathLike) -> dict[str, Any]:
@@ -136,10 +136,10 @@ def result(future: ts.Future, what: Any = "zarr array") -> Any:
   try:
     return future.result()
   except ValueError as e:
-    line = cli.io_error(e)
+    line = errors.io_error(e)
     if line is None:
       raise
-    raise cli.UserError(f"cannot read {what}: {line}") from None
+    raise errors.UserError(f"cannot read {what}: {line}") from None
 
 
 def read_plane(arr: ts.TensorStore, axis: int, index: int) -> np.ndarray:
@@ -170,19 +170,19 @@ def read_box(arr: ts.TensorStore, starts: Sequence[int], sizes: Sequence[int]) -
 
 def write_group_attrs(path: str | os.PathLike, attrs: dict[str, Any]) -> None:
   meta = {"zarr_format": 3, "node_type": "group", "attributes": _marked(attrs)}
-  cli.atomic_write_text(Path(path) / "zarr.json", json.dumps(meta, indent=2) + "\n")
+  outputs.atomic_write_text(Path(path) / "zarr.json", json.dumps(meta, indent=2) + "\n")
 
 
 def read_group_attrs(path: str | os.PathLike) -> dict[str, Any]:
   p = Path(path) / "zarr.json"
   if not p.exists():
-    raise cli.UserError(f"{str(Path(path))!r} is not a scan (no zarr.json)")
+    raise errors.UserError(f"{str(Path(path))!r} is not a scan (no zarr.json)")
   try:
     meta = json.loads(p.read_text())
   except json.JSONDecodeError as e:
-    raise cli.UserError(f"{str(p)!r} is not valid JSON: {e}") from None
+    raise errors.UserError(f"{str(p)!r} is not valid JSON: {e}") from None
   if meta.get("node_type") != "group":
-    raise cli.UserError(f"{str(Path(path))!r} is a zarr {meta.get('node_type')}, not a scan group")
+    raise errors.UserError(f"{str(Path(path))!r} is a zarr {meta.get('node_type')}, not a scan group")
   return dict(meta.get("attributes", {}))
 
 
@@ -208,9 +208,9 @@ class Scan:
 
   @property
   def stats(self) -> dict[str, float]:
-    """Intensity statistics stored at import (see bonejax.intensity)."""
+    """Intensity statistics stored at import (see bonejax.io.intensity)."""
     if "intensity" not in self.attrs:
-      raise cli.UserError(f"scan {self.name!r} has no intensity statistics; re-import it")
+      raise errors.UserError(f"scan {self.name!r} has no intensity statistics; re-import it")
     return self.attrs["intensity"]
 
   @property
@@ -222,7 +222,7 @@ class Scan:
 
   def read_labels(self) -> np.ndarray:
     if self.labels is None:
-      raise cli.UserError(f"scan {self.name!r} has no labels")
+      raise errors.UserError(f"scan {self.name!r} has no labels")
     return result(self.labels.read(), f"scan {str(self.path)!r}")
 
 
@@ -234,16 +234,16 @@ def is_scan(path: str | os.PathLike) -> bool:
 def open_scan(path: str | os.PathLike) -> Scan:
   p = Path(path)
   if not p.exists():
-    raise cli.UserError(f"scan {str(p)!r} does not exist")
+    raise errors.UserError(f"scan {str(p)!r} does not exist")
   attrs = read_group_attrs(p)
   if not (p / "image" / "zarr.json").exists():
-    raise cli.UserError(f"scan {str(p)!r} has no image array")
+    raise errors.UserError(f"scan {str(p)!r} has no image array")
   image = open_array(p / "image")
   labels = open_array(p / "labels") if (p / "labels" / "zarr.json").exists() else None
   if image.rank != 3:
-    raise cli.UserError(f"scan {str(p)!r}: image must be 3D (Z, Y, X), got rank {image.rank}")
+    raise errors.UserError(f"scan {str(p)!r}: image must be 3D (Z, Y, X), got rank {image.rank}")
   if labels is not None and tuple(labels.shape) != tuple(image.shape):
-    raise cli.UserError(f"scan {str(p)!r}: labels shape {tuple(labels.shape)} != image shape "
+    raise errors.UserError(f"scan {str(p)!r}: labels shape {tuple(labels.shape)} != image shape "
                         f"{tuple(image.shape)}")
   warn_missing_chunks(p, attrs)
   return Scan(p, image, labels, attrs)
@@ -299,7 +299,7 @@ def warn_missing_chunks(path: str | os.PathLike, attrs: dict[str, Any] | None = 
     _WARNED.add(key)
     what = "; ".join(f"{name} has {have} of its {n} chunk files" for name, (have, n) in
                      lost.items())
-    cli.warn(f"scan {str(path)!r} is damaged: {what} (deleted or lost?); the missing parts read "
+    errors.warn(f"scan {str(path)!r} is damaged: {what} (deleted or lost?); the missing parts read "
              f"as 0. Re-import the scan")
 
 
@@ -308,13 +308,13 @@ def create_scan(path: str | os.PathLike, shape: Sequence[int], image_dtype: str 
                 chunks: Sequence[int] = DEFAULT_CHUNKS) -> Scan:
   """Creates an empty scan (arrays filled with 0) to be written slab by slab.
 
-  Callers wanting atomicity create it under a temporary name (cli.atomic_output) and rename.
+  Callers wanting atomicity create it under a temporary name (outputs.atomic_output) and rename.
   """
   dtype = np.dtype(image_dtype).name
   if dtype not in IMAGE_DTYPES:
-    raise cli.UserError(f"image dtype {dtype} is not one of {', '.join(IMAGE_DTYPES)}")
+    raise errors.UserError(f"image dtype {dtype} is not one of {', '.join(IMAGE_DTYPES)}")
   if len(shape) != 3:
-    raise cli.UserError(f"a scan is 3D (Z, Y, X); got shape {tuple(shape)}")
+    raise errors.UserError(f"a scan is 3D (Z, Y, X); got shape {tuple(shape)}")
   p = Path(path)
   p.mkdir(parents=True, exist_ok=True)
   attrs = dict(attrs or {})
@@ -334,9 +334,9 @@ def write_scan(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray | 
                num_classes: int | None = None) -> Scan:
   """Writes an in-memory volume as a scan, computing its intensity statistics.
 
-  Not atomic by itself: wrap in cli.atomic_output for user-facing outputs.
+  Not atomic by itself: wrap in outputs.atomic_output for user-facing outputs.
   """
-  from bonejax import intensity  # local import: intensity depends on nothing here
+  from bonejax.io import intensity  # local import: intensity depends on nothing here
 
   image = np.asarray(image)
   if labels is not None:
@@ -357,17 +357,17 @@ def write_scan(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray | 
 
 def validate_labels(labels: np.ndarray, shape: Sequence[int], num_classes: int | None) -> None:
   if tuple(labels.shape) != tuple(shape):
-    raise cli.UserError(f"labels shape {tuple(labels.shape)} != image shape {tuple(shape)}")
+    raise errors.UserError(f"labels shape {tuple(labels.shape)} != image shape {tuple(shape)}")
   if not np.issubdtype(labels.dtype, np.integer):
-    raise cli.UserError(f"labels must be integers, got {labels.dtype}")
+    raise errors.UserError(f"labels must be integers, got {labels.dtype}")
   if labels.size:
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0:
-      raise cli.UserError(f"label value {lo} is negative")
+      raise errors.UserError(f"label value {lo} is negative")
     if num_classes is not None and hi >= num_classes:
-      raise cli.UserError(f"label value {hi} >= number of classes {num_classes}")
+      raise errors.UserError(f"label value {hi} >= number of classes {num_classes}")
     if hi > 255:
-      raise cli.UserError(f"label value {hi} does not fit uint8")
+      raise errors.UserError(f"label value {hi} does not fit uint8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,14 +390,14 @@ class Dataset:
 
   def open_scan(self, name: str) -> Scan:
     if name not in self.scans:
-      raise cli.UserError(f"scan {name!r} is not in dataset {str(self.path)!r} "
+      raise errors.UserError(f"scan {name!r} is not in dataset {str(self.path)!r} "
                           f"(has {', '.join(self.scans) or 'none'})")
     return open_scan(self.path / name)
 
 
 def write_dataset_json(path: str | os.PathLike, classes: Sequence[str],
                        scans: Sequence[str]) -> None:
-  cli.atomic_write_json(Path(path) / DATASET_JSON,
+  outputs.atomic_write_json(Path(path) / DATASET_JSON,
                         {"classes": list(classes), "scans": list(scans)})
 
 
@@ -405,19 +405,19 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
   p = Path(path)
   f = p / DATASET_JSON
   if not f.exists():
-    raise cli.UserError(f"{str(p)!r} is not a dataset (no {DATASET_JSON})")
+    raise errors.UserError(f"{str(p)!r} is not a dataset (no {DATASET_JSON})")
   try:
     meta = json.loads(f.read_text())
   except json.JSONDecodeError as e:
-    raise cli.UserError(f"{str(f)!r} is not valid JSON: {e}") from None
+    raise errors.UserError(f"{str(f)!r} is not valid JSON: {e}") from None
   if not isinstance(meta, dict):
-    raise cli.UserError(f"{str(f)!r} is not a JSON object with classes and scans")
+    raise errors.UserError(f"{str(f)!r} is not a JSON object with classes and scans")
   classes = meta.get("classes")
   if not isinstance(classes, list) or len(classes) < 2:
-    raise cli.UserError(f"{str(f)!r} needs a list of at least 2 classes")
+    raise errors.UserError(f"{str(f)!r} needs a list of at least 2 classes")
   scans = meta.get("scans", [])
   if not isinstance(scans, list):
-    raise cli.UserError(f"{str(f)!r}: scans must be a list of names")
+    raise errors.UserError(f"{str(f)!r}: scans must be a list of names")
   return Dataset(p, [str(c) for c in classes], [str(s) for s in scans])
 
 
@@ -454,12 +454,12 @@ def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[st
     if (p / DATASET_JSON).exists():
       ds = open_dataset(p)
       if list(classes) != ds.classes:
-        raise cli.UserError(f"classes {list(classes)} disagree with dataset's {ds.classes}")
+        raise errors.UserError(f"classes {list(classes)} disagree with dataset's {ds.classes}")
     else:
       ds = Dataset(p, list(classes), [])
     orphans = [s for s in unlisted_scans(p, ds.scans) if s != scan]
     if orphans:
-      cli.warn(f"dataset {str(p)!r}: scan director{'y' if len(orphans) == 1 else 'ies'} "
+      errors.warn(f"dataset {str(p)!r}: scan director{'y' if len(orphans) == 1 else 'ies'} "
                f"{', '.join(orphans)} existed but {'was' if len(orphans) == 1 else 'were'} not "
                f"listed in {DATASET_JSON} (an interrupted import?); listed now")
       ds.scans.extend(orphans)
@@ -477,19 +477,19 @@ def rebuild_dataset(path: str | os.PathLike, classes: Sequence[str] | None = Non
   """
   p = Path(path)
   if not p.is_dir():
-    raise cli.UserError(f"dataset {str(p)!r} is not a directory")
+    raise errors.UserError(f"dataset {str(p)!r} is not a directory")
   with dataset_lock(p):
     old = open_dataset(p) if (p / DATASET_JSON).exists() else None
     if classes is None:
       if old is None:
-        raise cli.UserError(f"{str(p)!r} has no {DATASET_JSON}: give the class names")
+        raise errors.UserError(f"{str(p)!r} has no {DATASET_JSON}: give the class names")
       classes = old.classes
     if len(classes) < 2:
-      raise cli.UserError(f"a dataset needs at least 2 classes, got {list(classes)}")
+      raise errors.UserError(f"a dataset needs at least 2 classes, got {list(classes)}")
     listed = [s for s in (old.scans if old else []) if is_scan(p / s)]
     gone = [s for s in (old.scans if old else []) if s not in listed]
     if gone:
-      cli.warn(f"dataset {str(p)!r}: {', '.join(gone)} listed but gone; dropped")
+      errors.warn(f"dataset {str(p)!r}: {', '.join(gone)} listed but gone; dropped")
     ds = Dataset(p, [str(c) for c in classes], listed + unlisted_scans(p, listed))
     write_dataset_json(p, ds.classes, ds.scans)
   return ds

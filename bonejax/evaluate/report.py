@@ -2,7 +2,7 @@
 
 `evaluate(...)` opens the two label volumes (any input `volume_io.open_volume` reads: a zarr v3
 array, a scan directory's labels, a TIFF, a .npy), streams them once for the confusion matrix
-and the per-slice IoU profiles, measures both (bonejax.measures), and returns an `Evaluation`.
+and the per-slice IoU profiles, measures both (bonejax.evaluate.measures), and returns an `Evaluation`.
 `write(...)` turns it into REPORT.json, REPORT.md and, optionally, PNG pictures: a per-slice
 foreground IoU profile along each axis and overlays of chosen Z slices. With `middle_planes`
 the evaluation also keeps the middle slice across each of the three axes (image, truth,
@@ -22,7 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 
 import bonejax
-from bonejax import cli, measures, metrics, outputs, store, volume_io
+from bonejax.core import errors, outputs
+from bonejax.data import store
+from bonejax.evaluate import measures, metrics
+from bonejax.io import volume_io
 
 # Fixed colours by class index (Okabe-Ito), so a class looks the same in every picture.
 COLOURS = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
@@ -83,19 +86,19 @@ def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
   """Class names from --classes, --num_classes and the dataset; None: infer from the labels."""
   ds = dataset_classes(truth)
   if classes is not None and len(classes) < 2:
-    raise cli.UserError(f"--classes needs at least 2 names, got {list(classes)}")
+    raise errors.UserError(f"--classes needs at least 2 names, got {list(classes)}")
   if num_classes is not None and num_classes < 2:
-    raise cli.UserError(f"--num_classes={num_classes} must be >= 2")
+    raise errors.UserError(f"--num_classes={num_classes} must be >= 2")
   if ds is not None:
     if num_classes is not None and num_classes != len(ds):
-      raise cli.UserError(f"--num_classes={num_classes} disagrees with the dataset's "
+      raise errors.UserError(f"--num_classes={num_classes} disagrees with the dataset's "
                           f"{len(ds)} classes {ds}")
     if classes is not None and len(classes) != len(ds):
-      raise cli.UserError(f"--classes has {len(classes)} names but the dataset has "
+      raise errors.UserError(f"--classes has {len(classes)} names but the dataset has "
                           f"{len(ds)} classes {ds}")
   if classes is not None:
     if num_classes is not None and num_classes != len(classes):
-      raise cli.UserError(f"--num_classes={num_classes} disagrees with --classes "
+      raise errors.UserError(f"--num_classes={num_classes} disagrees with --classes "
                           f"({len(classes)} names)")
     return [str(c) for c in classes]
   if ds is not None:
@@ -106,15 +109,15 @@ def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
 
 
 def open_labels(path: str | os.PathLike, what: str) -> volume_io.VolumeSource:
-  p = cli.require_exists(path, what)
+  p = errors.require_exists(path, what)
   if store.is_scan(p) and not (p / "labels" / "zarr.json").exists():
-    raise cli.UserError(f"{what} scan {str(p)!r} has no labels")
+    raise errors.UserError(f"{what} scan {str(p)!r} has no labels")
   scan = _scan_dir_of(p)
   if scan is not None:
     store.warn_missing_chunks(scan)
   src = volume_io.open_volume(p, array="labels")
   if 0 in src.shape:
-    raise cli.UserError(f"{what} {str(path)!r} is empty (shape {src.shape})")
+    raise errors.UserError(f"{what} {str(path)!r} is empty (shape {src.shape})")
   return src
 
 
@@ -202,7 +205,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
              overlay_slices: Sequence[int] | None = None, slab: int = 64,
              progress: bool = True, middle_planes: bool = False,
              uncertainty: str | os.PathLike | None = None) -> Evaluation:
-  """Scores and measures of `pred` against `truth` (paths). Raises cli.UserError on bad input.
+  """Scores and measures of `pred` against `truth` (paths). Raises errors.UserError on bad input.
 
   `middle_planes` keeps the middle slice across each axis for the HTML report (with the
   per-slice profile), including the uncertainty map `uncertainty` (predict.py
@@ -215,14 +218,14 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   truth_src = open_labels(truth, "truth")
   pred_src = open_labels(pred, "prediction")
   if pred_src.shape != truth_src.shape:
-    raise cli.UserError(f"prediction shape {pred_src.shape} != truth shape {truth_src.shape}")
+    raise errors.UserError(f"prediction shape {pred_src.shape} != truth shape {truth_src.shape}")
   shape = truth_src.shape
   if voxel_size_um is None:
     voxel_size_um = voxel_size_of(truth, pred)
   voxel_known = voxel_size_um is not None
   voxel_size_um = float(voxel_size_um) if voxel_known else 1.0
   if not (math.isfinite(voxel_size_um) and voxel_size_um > 0):
-    raise cli.UserError(f"voxel size {voxel_size_um} um must be a positive number")
+    raise errors.UserError(f"voxel size {voxel_size_um} um must be a positive number")
 
   image_src = unc_src = None
   slices: list[int] = []
@@ -230,20 +233,20 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     slices = sorted(set(overlay_slices)) if overlay_slices else default_overlay_slices(shape[0])
     bad = [z for z in slices if not 0 <= z < shape[0]]
     if bad:
-      raise cli.UserError(f"overlay slices {bad} are outside 0..{shape[0] - 1}")
+      raise errors.UserError(f"overlay slices {bad} are outside 0..{shape[0] - 1}")
   middles = _Middles(shape) if middle_planes else None
   if uncertainty is not None and middles is not None:
-    from bonejax import uncertainty as uncertainty_lib
-    unc_src = uncertainty_lib.open_maps(cli.require_exists(uncertainty, "uncertainty map"))
+    from bonejax.evaluate import uncertainty as uncertainty_lib
+    unc_src = uncertainty_lib.open_maps(errors.require_exists(uncertainty, "uncertainty map"))
     if unc_src.shape[:3] != shape:
-      raise cli.UserError(f"uncertainty map shape {unc_src.shape[:3]} != label shape {shape}")
+      raise errors.UserError(f"uncertainty map shape {unc_src.shape[:3]} != label shape {shape}")
   if pictures or middle_planes:
     image_path = image if image is not None else (truth if _scan_dir_of(Path(truth)) else None)
     if image_path is not None:
       scan = _scan_dir_of(Path(image_path))
-      image_src = volume_io.open_volume(cli.require_exists(scan or image_path, "image"))
+      image_src = volume_io.open_volume(errors.require_exists(scan or image_path, "image"))
       if image_src.shape != shape:
-        raise cli.UserError(f"image shape {image_src.shape} != label shape {shape}")
+        raise errors.UserError(f"image shape {image_src.shape} != label shape {shape}")
 
   c = len(names) if names is not None else UNKNOWN_CLASSES_MAX
   profile = SliceProfile(shape, c) if pictures or middle_planes else None
@@ -377,7 +380,7 @@ def _save(fig, path: Path) -> None:
                 metadata={"Software": f"bonejax {bonejax.__version__}"})
     os.replace(tmp, path)
   except BaseException:
-    cli.remove_path(tmp)
+    outputs.remove_path(tmp)
     raise
 
 
@@ -451,6 +454,6 @@ def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
       plot_overlay(z, *ev.overlays[z], ev.result["classes"], p)
   result = dict(ev.result, out=str(out), report_md=str(md),
                 pictures=[str(p) for p in pictures], bonejax_version=bonejax.__version__)
-  cli.atomic_write_text(md, markdown(result, [str(p) for p in pictures]))
-  cli.atomic_write_json(out, result)
+  outputs.atomic_write_text(md, markdown(result, [str(p) for p in pictures]))
+  outputs.atomic_write_json(out, result)
   return result

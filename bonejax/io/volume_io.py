@@ -47,7 +47,10 @@ import tensorstore as ts
 import tifffile
 
 import bonejax
-from bonejax import cli, intensity, ome_zarr, outputs, store
+from bonejax.core import errors, outputs
+from bonejax.core.progress import Progress
+from bonejax.data import store
+from bonejax.io import intensity, ome_zarr
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 KEPT_DTYPES = ("uint8", "uint16", "float32")
@@ -72,7 +75,7 @@ def image_dtype_for(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint8)
   if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating):
     return np.dtype(np.float32)
-  raise cli.UserError(f"unsupported dtype {dtype} (need an integer, float or bool volume)")
+  raise errors.UserError(f"unsupported dtype {dtype} (need an integer, float or bool volume)")
 
 
 def _label_dtype_for(dtype: np.dtype) -> np.dtype:
@@ -81,14 +84,14 @@ def _label_dtype_for(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint8)
   if np.issubdtype(dtype, np.integer):
     return dtype.newbyteorder("=")
-  raise cli.UserError(f"labels must be integers, got dtype {dtype}")
+  raise errors.UserError(f"labels must be integers, got dtype {dtype}")
 
 
 def _squeeze_to_3d(shape: Sequence[int], what: str) -> list[int]:
   """The axes kept when dropping singleton axes (leading first) until three remain."""
   shape = tuple(int(s) for s in shape)
   if len(shape) < 3:
-    raise cli.UserError(f"{what} is {len(shape)}D with shape {shape}; a volume is 3D (Z, Y, X)")
+    raise errors.UserError(f"{what} is {len(shape)}D with shape {shape}; a volume is 3D (Z, Y, X)")
   keep = list(range(len(shape)))
   for axis in range(len(shape)):
     if len(keep) == 3:
@@ -96,7 +99,7 @@ def _squeeze_to_3d(shape: Sequence[int], what: str) -> list[int]:
     if shape[axis] == 1:
       keep.remove(axis)
   if len(keep) != 3:
-    raise cli.UserError(f"{what} has shape {shape}: more than 3 non-singleton axes; a volume "
+    raise errors.UserError(f"{what} has shape {shape}: more than 3 non-singleton axes; a volume "
                         f"is 3D (Z, Y, X) with one channel")
   return keep
 
@@ -115,7 +118,7 @@ def _keep_axes(shape: Sequence[int], what: str, channels: int) -> list[int]:
   if channels == 1:
     return _squeeze_to_3d(shape, what)
   if len(shape) < 4 or shape[-1] != channels or len([s for s in shape if s != 1]) > 4:
-    raise cli.UserError(f"{what} has shape {shape}: not a (Z, Y, X, {channels}) volume "
+    raise errors.UserError(f"{what} has shape {shape}: not a (Z, Y, X, {channels}) volume "
                         f"({channels} channels on the last axis)")
   return _squeeze_to_3d(shape[:-1], what) + [len(shape) - 1]
 
@@ -142,7 +145,7 @@ class VolumeSource:
     self.dtype = (_label_dtype_for(self.source_dtype) if array == "labels"
                   else image_dtype_for(self.source_dtype))
     if 0 in self.shape:
-      raise cli.UserError(f"{str(path)!r} is empty (shape {self.shape})")
+      raise errors.UserError(f"{str(path)!r} is empty (shape {self.shape})")
 
   @property
   def nbytes(self) -> int:
@@ -210,9 +213,9 @@ class NpySource(_IndexedSource):
     try:
       arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # a truncated header, a pickle, not an .npy at all
-      raise cli.UserError(f"cannot read .npy {str(path)!r}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read .npy {str(path)!r}: {errors.one_line(e)}") from None
     if not isinstance(arr, np.ndarray):
-      raise cli.UserError(f"{str(path)!r} is not a single .npy array")
+      raise errors.UserError(f"{str(path)!r} is not a single .npy array")
     super().__init__(path, arr, array, f"{str(path)!r}", channels)
 
   def close(self):
@@ -232,7 +235,7 @@ class ZarrSource(_IndexedSource):
       arr = ts.open(spec, open=True, read=True,
                     context=context if context is not None else store.context()).result()
     except Exception as e:
-      raise cli.UserError(f"cannot open zarr array {str(path)!r}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot open zarr array {str(path)!r}: {errors.one_line(e)}") from None
     super().__init__(path, arr, array, what or f"{str(path)!r}", channels)
     self.voxel_size_um = _attrs_voxel_size(path)
 
@@ -245,14 +248,14 @@ class ZarrSource(_IndexedSource):
     try:
       return np.dtype(arr.dtype.numpy_dtype)
     except (TypeError, ValueError):
-      raise cli.UserError(f"unsupported zarr dtype {arr.dtype}") from None
+      raise errors.UserError(f"unsupported zarr dtype {arr.dtype}") from None
 
   def _read(self, z0, z1):
     try:
       return self._arr[self._index(z0, z1)].read().result()
     except Exception as e:
-      raise cli.UserError(f"cannot read {str(self.path)!r} slices {z0}-{z1 - 1}: "
-                          f"{cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read {str(self.path)!r} slices {z0}-{z1 - 1}: "
+                          f"{errors.one_line(e)}") from None
 
 
 def _attrs_voxel_size(path: Path) -> tuple[float, float, float] | None:
@@ -263,9 +266,9 @@ def _attrs_voxel_size(path: Path) -> tuple[float, float, float] | None:
     return None
   v = attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um"))
   try:
-    from bonejax import resample
+    from bonejax.io import resample
     return resample.as_zyx(v)
-  except cli.UserError:
+  except errors.UserError:
     return None
 
 
@@ -288,25 +291,25 @@ def _tiff_complaints(path: Path):
   logger.addHandler(handler)
   logger.propagate = False
   damaged = lambda: (f"cannot read TIFF {str(path)!r}: damaged file "
-                     f"({cli._one_line(handler.errors[0])})")
+                     f"({errors.one_line(handler.errors[0])})")
   try:
     yield
-  except cli.UserError as e:
+  except errors.UserError as e:
     if handler.errors:
-      raise cli.UserError(f"{damaged()}; {e}") from None
+      raise errors.UserError(f"{damaged()}; {e}") from None
     raise
   finally:
     logger.removeHandler(handler)
     logger.propagate = propagate
   if handler.errors:
-    raise cli.UserError(damaged())
+    raise errors.UserError(damaged())
 
 
 def _open_tiff(path: Path) -> tifffile.TiffFile:
   try:
     return tifffile.TiffFile(path)
   except Exception as e:  # TiffFileError, truncated files, OSError
-    raise cli.UserError(f"cannot read TIFF {str(path)!r}: {cli._one_line(e)}") from None
+    raise errors.UserError(f"cannot read TIFF {str(path)!r}: {errors.one_line(e)}") from None
 
 
 class TiffSource(VolumeSource):
@@ -326,7 +329,7 @@ class TiffSource(VolumeSource):
   def _open(self, path: Path, array: str) -> None:
     self._tif, self._mm = _open_tiff(path), None
     if not self._tif.series:
-      raise cli.UserError(f"TIFF {str(path)!r} holds no images")
+      raise errors.UserError(f"TIFF {str(path)!r} holds no images")
     series = self._tif.series[0]
     what = f"TIFF {str(path)!r}"
     if len(self._tif.series) > 1:
@@ -344,7 +347,7 @@ class TiffSource(VolumeSource):
     self._paged = (len(pages) == shape[0] and pages[0] is not None
                    and math.prod(pages[0].shape) == shape[1] * shape[2])
     self._whole = None
-    from bonejax import formats
+    from bonejax.io import formats
     self.voxel_size_um = formats.tiff_voxel_size(self._tif)
 
   def _read(self, z0, z1):
@@ -361,8 +364,8 @@ class TiffSource(VolumeSource):
         self._whole = self._tif.series[0].asarray().reshape(self.shape)
       return self._whole[z0:z1]
     except Exception as e:
-      raise cli.UserError(f"cannot read TIFF {str(self.path)!r} slices {z0}-{z1 - 1}: "
-                          f"{cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read TIFF {str(self.path)!r} slices {z0}-{z1 - 1}: "
+                          f"{errors.one_line(e)}") from None
 
   def close(self):
     self._mm = None
@@ -387,23 +390,23 @@ class TiffFolderSource(VolumeSource):
     files = sorted((p for p in path.iterdir() if p.is_file() and _is_tiff_name(p)),
                    key=lambda p: natural_key(p.name))
     if not files:
-      raise cli.UserError(f"folder {str(path)!r} contains no .tif/.tiff slices")
+      raise errors.UserError(f"folder {str(path)!r} contains no .tif/.tiff slices")
     self.files = files
     first_shape, first_dtype = None, None
     # Check every slice's header up front, so a mismatch fails before any data is written.
     for f in files:
       with _tiff_complaints(f), _open_tiff(f) as tif:
         if not tif.series:
-          raise cli.UserError(f"slice {str(f)!r} holds no image")
+          raise errors.UserError(f"slice {str(f)!r} holds no image")
         shape, dtype = self._slice_shape(f, tif.series[0]), tif.series[0].dtype
       if first_shape is None:
         first_shape, first_dtype = shape, dtype
       elif shape != first_shape or dtype != first_dtype:
-        raise cli.UserError(
+        raise errors.UserError(
             f"slice {f.name!r} is {shape} {dtype} but {files[0].name!r} is {first_shape} "
             f"{first_dtype}; all slices in {str(path)!r} must have one shape and dtype")
     super().__init__(path, (len(files),) + first_shape, first_dtype, array)
-    from bonejax import formats
+    from bonejax.io import formats
     self.voxel_size_um = formats.skyscan_voxel_size(path)
     if self.voxel_size_um is None:
       with _tiff_complaints(files[0]), _open_tiff(files[0]) as tif:
@@ -418,7 +421,7 @@ class TiffFolderSource(VolumeSource):
       return shape
     if len(squeezed) <= 2 and len(shape) > 2:
       return (1,) * (2 - len(squeezed)) + squeezed
-    raise cli.UserError(f"slice {str(f)!r} has shape {shape}; slices in a folder must be 2D")
+    raise errors.UserError(f"slice {str(f)!r} has shape {shape}; slices in a folder must be 2D")
 
   def _read(self, z0, z1):
     out = np.empty((z1 - z0,) + self.shape[1:], self.source_dtype)
@@ -426,10 +429,10 @@ class TiffFolderSource(VolumeSource):
       try:
         with _tiff_complaints(f):
           out[i] = tifffile.imread(f, series=0).reshape(self.shape[1:])
-      except cli.UserError:
+      except errors.UserError:
         raise
       except Exception as e:
-        raise cli.UserError(f"cannot read slice {str(f)!r}: {cli._one_line(e)}") from None
+        raise errors.UserError(f"cannot read slice {str(f)!r}: {errors.one_line(e)}") from None
     return out
 
 
@@ -437,7 +440,7 @@ def _zarr_json_node(path: Path) -> str | None:
   try:
     return json.loads((path / "zarr.json").read_text()).get("node_type")
   except (OSError, ValueError, AttributeError):
-    raise cli.UserError(f"{str(path / 'zarr.json')!r} is not valid zarr metadata") from None
+    raise errors.UserError(f"{str(path / 'zarr.json')!r} is not valid zarr metadata") from None
 
 
 def open_volume(path: str | os.PathLike, array: str = "image", channels: int | None = 1,
@@ -458,10 +461,10 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
   if array == "labels" and channels not in (1, None):
     raise ValueError(f"labels have one channel, got channels={channels}")
   want = 1 if array == "labels" else channels
-  p = cli.require_exists(path, array)
-  from bonejax import formats
+  p = errors.require_exists(path, array)
+  from bonejax.io import formats
   if key and not _is_hdf5(p):
-    raise cli.UserError(f"a dataset key ({key!r}) only goes with an HDF5 / NeXus file, not "
+    raise errors.UserError(f"a dataset key ({key!r}) only goes with an HDF5 / NeXus file, not "
                         f"{str(p)!r}")
   if p.is_dir():
     ome = formats.ome_multiscales(p)
@@ -480,12 +483,12 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
           source.stats = attrs.get("intensity")
         source.voxel_size_um = _attrs_voxel_size(p)
         return source
-      raise cli.UserError(f"{str(p)!r} is a zarr group without an {array!r} array; "
+      raise errors.UserError(f"{str(p)!r} is a zarr group without an {array!r} array; "
                           f"point at the array itself")
     if (p / ".zarray").exists():
       return ZarrSource(p, "zarr", array, channels=want, context=context)
     if (p / ".zgroup").exists():
-      raise cli.UserError(f"{str(p)!r} is a zarr v2 group; point at the array inside it")
+      raise errors.UserError(f"{str(p)!r} is a zarr v2 group; point at the array inside it")
     _one_channel(p, want, "a folder of 2D slices")
     files = formats.slice_files(p)
     if files and not all(_is_tiff_name(f) for f in files):
@@ -511,7 +514,7 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
     return NpySource(p, array, want)
   if magic[:16] == formats.ISQ_MAGIC:
     return formats.IsqSource(p, array)
-  raise cli.UserError(f"{str(p)!r}: unsupported input (need a multi-page TIFF, a folder of 2D "
+  raise errors.UserError(f"{str(p)!r}: unsupported input (need a multi-page TIFF, a folder of 2D "
                       f"slices, a .npy, a zarr or OME-Zarr array, a scan directory, an HDF5 / "
                       f"NeXus, MRC or Scanco .isq file)")
 
@@ -521,11 +524,11 @@ def _magic(p: Path) -> bytes:
     with open(p, "rb") as f:
       return f.read(16)
   except OSError as e:
-    raise cli.UserError(f"cannot read {str(p)!r}: {cli._one_line(e)}") from None
+    raise errors.UserError(f"cannot read {str(p)!r}: {errors.one_line(e)}") from None
 
 
 def _is_hdf5(p: Path) -> bool:
-  from bonejax import formats
+  from bonejax.io import formats
   if p.is_dir():
     return False
   return p.suffix.lower() in formats.HDF5_SUFFIXES or _magic(p)[:8] == formats.HDF5_MAGIC
@@ -533,7 +536,7 @@ def _is_hdf5(p: Path) -> bool:
 
 def _one_channel(p: Path, channels: int | None, what: str) -> None:
   if channels not in (1, None):
-    raise cli.UserError(f"{str(p)!r} is {what}, which has one channel; a {channels}-channel "
+    raise errors.UserError(f"{str(p)!r} is {what}, which has one channel; a {channels}-channel "
                         f"volume must be a (Z, Y, X, {channels}) .npy or zarr")
 
 
@@ -544,7 +547,7 @@ def _tiff_source(p: Path, array: str, channels: int | None) -> VolumeSource:
     with _tiff_complaints(p), _open_tiff(p) as tif:
       shape = tuple(tif.series[0].shape) if tif.series else ()
     if shape and channels_of(shape) > 1:
-      raise cli.UserError(f"TIFF {str(p)!r} has {channels_of(shape)} channels (shape {shape}): "
+      raise errors.UserError(f"TIFF {str(p)!r} has {channels_of(shape)} channels (shape {shape}): "
                           f"give a multi-channel volume as a (Z, Y, X, C) .npy or zarr")
   return TiffSource(p, array)
 
@@ -585,11 +588,11 @@ def export_tiff(source, path: str | os.PathLike, overwrite: bool = False,
   """Writes a (Z, Y, X) array as a multi-page TIFF (one page per slice), slab by slab.
 
   BigTIFF when the data would not fit classic TIFF's 4 GiB. The file appears only when
-  complete (cli.atomic_output). Returns {"output", "shape", "dtype", "bigtiff"}.
+  complete (outputs.atomic_output). Returns {"output", "shape", "dtype", "bigtiff"}.
   """
   shape, dtype, read = _slab_reader(source)
   if len(shape) != 3:
-    raise cli.UserError(f"can only export a 3D (Z, Y, X) volume as TIFF, got shape {shape}")
+    raise errors.UserError(f"can only export a 3D (Z, Y, X) volume as TIFF, got shape {shape}")
   if dtype == np.bool_:
     dtype = np.dtype(np.uint8)
   slab = max(1, int(slab))
@@ -601,7 +604,7 @@ def export_tiff(source, path: str | os.PathLike, overwrite: bool = False,
       yield from data
 
   # The software tag and the description mark the file as bonejax's: --overwrite may replace it.
-  with cli.atomic_output(path, overwrite) as tmp:
+  with outputs.atomic_output(path, overwrite) as tmp:
     with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
       tw.write(pages(), shape=shape, dtype=dtype, photometric="minisblack",
                software=f"bonejax {bonejax.__version__}",
@@ -616,7 +619,7 @@ def export_tiff(source, path: str | os.PathLike, overwrite: bool = False,
 
 def check_scan_name(name: str) -> str:
   if not name or not _SAFE_NAME.match(name) or name in (store.DATASET_JSON, "zarr.json"):
-    raise cli.UserError(f"--scan={name!r} is not a safe scan name (letters, digits, '.', '_', "
+    raise errors.UserError(f"--scan={name!r} is not a safe scan name (letters, digits, '.', '_', "
                         f"'-'; starting with a letter or digit)")
   return name
 
@@ -625,9 +628,9 @@ def parse_classes(text: str | Sequence[str]) -> list[str]:
   names = text.split(",") if isinstance(text, str) else list(text)
   names = [str(c).strip() for c in names]
   if len(names) < 2 or not all(names) or len(set(names)) != len(names):
-    raise cli.UserError(f"--classes={text!r} needs at least 2 distinct, non-empty names")
+    raise errors.UserError(f"--classes={text!r} needs at least 2 distinct, non-empty names")
   if len(names) > 256:
-    raise cli.UserError(f"--classes: at most 256 classes fit uint8 labels, got {len(names)}")
+    raise errors.UserError(f"--classes: at most 256 classes fit uint8 labels, got {len(names)}")
   return names
 
 
@@ -653,7 +656,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
   renamed into place only once complete; any error leaves the dataset as it was (no scan
   directory, dataset.json untouched).
   """
-  from bonejax import resample
+  from bonejax.io import resample
   start = time.perf_counter()
   check_scan_name(scan)
   classes = parse_classes(classes)
@@ -661,20 +664,20 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
   if resample_um is not None:
     resample.as_zyx(resample_um)
   if int(slab) < 1:
-    raise cli.UserError(f"--slab={slab} must be positive")
+    raise errors.UserError(f"--slab={slab} must be positive")
   slab = int(slab)
   chunks = tuple(int(c) for c in chunks)
   if len(chunks) != 3 or min(chunks) < 1:
-    raise cli.UserError(f"--chunks={chunks} needs 3 positive integers")
+    raise errors.UserError(f"--chunks={chunks} needs 3 positive integers")
   if not out:
-    raise cli.UserError("no --out dataset directory given")
+    raise errors.UserError("no --out dataset directory given")
   data = Path(out)
   if data.exists() and not data.is_dir():
-    raise cli.UserError(f"--out {str(data)!r} exists and is not a directory")
+    raise errors.UserError(f"--out {str(data)!r} exists and is not a directory")
   if (data / store.DATASET_JSON).exists():
     existing = store.open_dataset(data)
     if existing.classes != classes:
-      raise cli.UserError(f"--classes {classes} disagree with {str(data / store.DATASET_JSON)!r}"
+      raise errors.UserError(f"--classes {classes} disagree with {str(data / store.DATASET_JSON)!r}"
                           f" classes {existing.classes}")
   final = data / scan
   inputs = (image, labels)
@@ -687,14 +690,14 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
     # The claim makes a second import of the same scan fail at once, and is held until the scan
     # is registered, so parallel imports never take it for an orphan (store.unlisted_scans).
     with outputs.claim_output(final, "scan"):
-      cli.check_output(final, overwrite, inputs, "scan")
+      outputs.check_output(final, overwrite, inputs, "scan")
       src = open_volume(image, "image", key=image_key)
       lab = None
       try:
         if labels:
           lab = open_volume(labels, "labels", key=labels_key)
           if lab.shape != src.shape:
-            raise cli.UserError(f"labels shape {lab.shape} != image shape {src.shape}")
+            raise errors.UserError(f"labels shape {lab.shape} != image shape {src.shape}")
         found = src.voxel_size_um
         voxel = given_voxel or found or (1.0, 1.0, 1.0)
         voxel_from = "flag" if given_voxel else ("metadata" if found else "default")
@@ -714,7 +717,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
         try:
           dataset = store.add_scan_to_dataset(data, scan, classes)
         except BaseException:
-          cli.remove_path(final)
+          outputs.remove_path(final)
           raise
       finally:
         src.close()
@@ -737,7 +740,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
 
 def _voxel_attrs(voxel: Sequence[float]) -> dict[str, Any]:
   """`voxel_size_um` as one number (the contract's), plus (Z, Y, X) when anisotropic."""
-  from bonejax import resample
+  from bonejax.io import resample
   voxel = [float(v) for v in voxel]
   if resample.isotropic(voxel):
     return {"voxel_size_um": voxel[2]}
@@ -761,10 +764,10 @@ def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, class
     attrs["resampled_from"] = resampled_from
   depth = src.shape[0]
   n_slabs = -(-depth // slab)
-  with cli.atomic_output(final, overwrite, inputs, "scan") as tmp:
+  with outputs.atomic_output(final, overwrite, inputs, "scan") as tmp:
     scan = store.create_scan(tmp, src.shape, src.dtype, lab is not None, attrs, chunks)
     acc = intensity.StatsAccumulator(src.dtype, math.prod(src.shape))
-    progress = cli.Progress(total=n_slabs, desc=f"import {final.name}", unit="slabs",
+    progress = Progress(total=n_slabs, desc=f"import {final.name}", unit="slabs",
                             every_s=progress_every_s)
     in_flight: list = []  # [futures of the previous slab, futures of this one]
     try:
@@ -777,15 +780,15 @@ def _stream_scan(src: VolumeSource, lab: VolumeSource | None, final: Path, class
           step = max(1, STATS_VOXELS // (img.shape[1] * img.shape[2]))
           for p0 in range(0, img.shape[0], step):
             acc.update(img[p0:p0 + step])
-        except cli.UserError as e:
-          raise cli.UserError(f"{src.path}: {e} {where}") from None
+        except errors.UserError as e:
+          raise errors.UserError(f"{src.path}: {e} {where}") from None
         lbl = None
         if lab is not None:
           lbl = lab.read_slab(z0, z1)
           try:
             store.validate_labels(lbl, img.shape, len(classes))
-          except cli.UserError as e:
-            raise cli.UserError(f"{lab.path}: {e} {where}") from None
+          except errors.UserError as e:
+            raise errors.UserError(f"{lab.path}: {e} {where}") from None
         in_flight.append([store.write_slab(scan.image, 0, z0, img)])
         if lbl is not None:
           in_flight[-1].append(store.write_slab(scan.labels, 0, z0, lbl.astype(np.uint8)))

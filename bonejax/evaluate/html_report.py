@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 import bonejax
-from bonejax import cli, report
+from bonejax.core import outputs
+from bonejax.evaluate import report
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1100px;
@@ -266,5 +267,5 @@ def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
 def write(ev: report.Evaluation, path: str | Path, **kw) -> Path:
   """Writes the page atomically; returns its path. `kw`: see `render`."""
   path = Path(path)
-  cli.atomic_write_text(path, render(ev, **kw))
+  outputs.atomic_write_text(path, render(ev, **kw))
   return path

@@ -40,7 +40,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from bonejax import cli, metrics
+from bonejax.core import errors
+from bonejax.core.progress import Progress
+from bonejax.evaluate import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Options:
                  "initial_surface_mm2"):
       v = getattr(self, name)
       if v is not None and not (math.isfinite(v) and v > 0):
-        raise cli.UserError(f"--{name}={v} must be a positive number")
+        raise errors.UserError(f"--{name}={v} must be a positive number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,23 +173,23 @@ def _count_slab(block: np.ndarray, inner: slice, r: Roles, roi_voxels: float | N
 
 def measure(labels: Any, classes: Sequence[str], voxel_size_um: float,
             options: Options | None = None, slab: int = 64,
-            progress: bool | cli.Progress | None = None) -> dict[str, Any]:
+            progress: bool | Progress | None = None) -> dict[str, Any]:
   """The applicable measures of one label volume (numpy, tensorstore or `.read_slab`)."""
   options = options or Options()
   options.validate()
   if not (voxel_size_um and math.isfinite(voxel_size_um) and voxel_size_um > 0):
-    raise cli.UserError(f"voxel size {voxel_size_um} um must be a positive number")
+    raise errors.UserError(f"voxel size {voxel_size_um} um must be a positive number")
   r = roles(classes)
   if r.bone is None and not r.implant:
     return {}
   shape = metrics.shape_of(labels)
   if len(shape) != 3:
-    raise cli.UserError(f"labels must be 3D (Z, Y, X), got shape {shape}")
+    raise errors.UserError(f"labels must be 3D (Z, Y, X), got shape {shape}")
   roi_voxels = None
   if r.implant and options.roi_distance_um is not None:
     roi_voxels = options.roi_distance_um / voxel_size_um
   halo = (max(1, math.ceil(roi_voxels)) if roi_voxels is not None else 1) if r.implant else 0
-  bar = cli.Progress(total=shape[0], desc="measures", unit="slices") if progress is True \
+  bar = Progress(total=shape[0], desc="measures", unit="slices") if progress is True \
       else (progress or None)
   totals: dict[str, Any] = {}
   for z0 in range(0, shape[0], slab):
@@ -195,7 +197,7 @@ def measure(labels: Any, classes: Sequence[str], voxel_size_um: float,
     a0, a1 = max(0, z0 - halo), min(shape[0], z1 + halo)
     block = metrics.read_slab(labels, a0, a1)
     if not np.issubdtype(block.dtype, np.integer):
-      raise cli.UserError(f"labels must be integers, got {block.dtype}")
+      raise errors.UserError(f"labels must be integers, got {block.dtype}")
     metrics.check_range(block, len(classes), "label")
     part = _count_slab(block, slice(z0 - a0, z1 - a0), r, roi_voxels, len(classes))
     for k, v in part.items():

@@ -23,7 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 import bonejax
-from bonejax import cli, ome_zarr, store, volume_io
+from bonejax.core import errors, outputs
+from bonejax.data import store
+from bonejax.io import ome_zarr, volume_io
 
 CHANNELS = ("entropy", "disagreement")
 TOP_SLICES = 10
@@ -33,7 +35,7 @@ def output_kind(path: str | Path) -> str:
   kind = volume_io.output_format(path)
   if kind is not None:
     return kind
-  raise cli.UserError(f"save_uncertainty {str(path)!r} must end in .zarr, .ome.zarr or "
+  raise errors.UserError(f"save_uncertainty {str(path)!r} must end in .zarr, .ome.zarr or "
                       f".tif/.tiff")
 
 
@@ -72,7 +74,7 @@ class UncertaintyWriter:
     self._stack = contextlib.ExitStack()
 
   def __enter__(self) -> "UncertaintyWriter":
-    tmp = self._stack.enter_context(cli.atomic_output(self.path, self.overwrite))
+    tmp = self._stack.enter_context(outputs.atomic_output(self.path, self.overwrite))
     self.tmp = tmp
     shape4 = self.shape + (2,)
     if self.kind == "ome-zarr":
@@ -169,7 +171,7 @@ class _TiffMaps:
     series = self._tif.series[0]
     if len(series.shape) != 4 or series.shape[1] != 2:
       self._tif.close()
-      raise cli.UserError(f"{str(path)!r} is not an uncertainty TIFF (Z, 2, Y, X); its shape "
+      raise errors.UserError(f"{str(path)!r} is not an uncertainty TIFF (Z, 2, Y, X); its shape "
                           f"is {tuple(series.shape)}")
     z, _, y, x = series.shape
     self.shape = (z, y, x, 2)
@@ -194,13 +196,13 @@ def open_maps(path: str | Path) -> Any:
   if output_kind(path) == "tiff":
     try:
       return _TiffMaps(path)
-    except cli.UserError:
+    except errors.UserError:
       raise
     except Exception as e:
-      raise cli.UserError(f"cannot read TIFF {str(path)!r}: {cli._one_line(e)}") from None
+      raise errors.UserError(f"cannot read TIFF {str(path)!r}: {errors.one_line(e)}") from None
   src = volume_io.open_volume(path, channels=None)
   if len(src.shape) != 4 or src.shape[3] != 2:
     src.close()
-    raise cli.UserError(f"{str(path)!r} is not an uncertainty map (Z, Y, X, 2); its shape is "
+    raise errors.UserError(f"{str(path)!r} is not an uncertainty map (Z, Y, X, 2); its shape is "
                         f"{src.shape}")
   return src

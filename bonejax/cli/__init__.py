@@ -1,0 +1,1 @@
+"""The command line: the launch-script runner and the `bonejax` console command."""

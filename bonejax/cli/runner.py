@@ -1,0 +1,129 @@
+"""Runs a launch script's `main`: the command-line contract every bonejax command shares.
+
+On success the LAST line of stdout is one JSON object; on bad input the script exits non-zero
+with a single `error: ...` line on stderr (no traceback) and leaves nothing half-written at its
+output path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging as _logging
+import os
+import sys
+from typing import Any, Callable, Iterator
+
+from absl import app, flags, logging
+
+from bonejax.core import outputs
+from bonejax.core.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, UserError, io_error, one_line,
+                                 short_message)
+from bonejax.core.jsonable import to_jsonable
+
+_HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _parse_flags_or_fail(argv: list[str]) -> list[str]:
+  """absl's own parser prints usage on error; the contract wants one line.
+
+  absl also exits 1 after printing --help; asking for help is a success, so it exits 0 here.
+  """
+  wants_help = any(a in _HELP_ARGS for a in argv[1:])
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    if wants_help:
+      sys.stdout.flush()
+      sys.exit(0)
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # flags.Error, and what config_flags raises for a missing file or an unknown --config.KEY.
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
+  """Runs an absl `main` that returns a JSON-able dict, printed as the last stdout line.
+
+  Whatever goes wrong ends in one `error:` line on stderr: bad input (UserError, unreadable or
+  unwritable files) exits 2, a bug exits 3. A failed run removes the directories it made for its
+  outputs (when still empty).
+  """
+
+  def _wrapped(argv: list[str]) -> None:
+    # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep stderr
+    # for progress and the one-line error unless the user asks for more with --verbosity.
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    try:
+      with _quiet_tifffile() as tiff_log:
+        result = main(argv)
+    except UserError as e:
+      _fail(one_line(e) + tiff_log.note_for(str(e)), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+      _fail("interrupted", 130)
+    except SystemExit as e:
+      if e.code not in (0, None):
+        _forget_outputs()
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      line = io_error(e)
+      if line is not None:
+        _fail(line + tiff_log.note_for(line), EXIT_BAD_INPUT)
+      if os.environ.get("BONEJAX_DEBUG"):
+        raise
+      _fail(f"{type(e).__name__}: {short_message(e)} (set BONEJAX_DEBUG=1 for the traceback)",
+            EXIT_INTERNAL)
+    tiff_log.warn()
+    sys.stdout.flush()
+    print(json.dumps(to_jsonable(result)), flush=True)
+
+  app.run(_wrapped, flags_parser=_parse_flags_or_fail)
+
+
+def _forget_outputs() -> None:
+  outputs.remove_made_dirs()
+
+
+def _fail(line: str, code: int) -> None:
+  _forget_outputs()
+  print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+class _TiffLog(_logging.Handler):
+  """Collects what tifffile logs: it logs (rather than raises) on damaged files, and its line
+  on stderr would break the one-line error contract."""
+
+  def __init__(self):
+    super().__init__(_logging.WARNING)
+    self.messages: list[str] = []
+
+  def emit(self, record):
+    msg = one_line(record.getMessage())
+    if msg not in self.messages:
+      self.messages.append(msg)
+
+  def note_for(self, error: str) -> str:
+    """What to add to an error line: tifffile's first complaint, unless it says it already."""
+    if not self.messages or self.messages[0] in error:
+      return ""
+    return f" (tifffile: {self.messages[0]})"
+
+  def warn(self) -> None:
+    for msg in self.messages:
+      print(f"warning: tifffile: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[_TiffLog]:
+  logger = _logging.getLogger("tifffile")
+  handler, propagate = _TiffLog(), logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  try:
+    yield handler
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate

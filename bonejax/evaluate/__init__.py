@@ -1,0 +1,1 @@
+"""Scoring and measuring segmentations: metrics, bone measures, baseline, uncertainty, reports."""

@@ -1,0 +1,1 @@
+"""Volumes in and out: every input format, OME-Zarr, resampling, intensity statistics."""
