@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402  (no jax: start-up stays fast)
-from bonejax.core import errors
-from bonejax.io import volume_io
+from bonejax.core import errors  # noqa: E402
+from bonejax.data import importer  # noqa: E402
 
 _IMAGE = flags.DEFINE_string("image", None, "Input volume: multi-page TIFF, folder of 2D slices, "
                              ".npy, zarr / OME-Zarr, scan directory, HDF5 / NeXus, MRC or .isq.",
@@ -34,7 +34,7 @@ _SCAN = flags.DEFINE_string("scan", None, "Scan name: a directory name inside --
                             required=True)
 _LABELS = flags.DEFINE_string("labels", None, "Optional labels volume, same kinds and shape "
                               "as --image; integer values < number of classes.")
-_CLASSES = flags.DEFINE_string("classes", ",".join(volume_io.DEFAULT_CLASSES),
+_CLASSES = flags.DEFINE_string("classes", ",".join(importer.DEFAULT_CLASSES),
                                "Comma-separated class names (class 0 first); must match an "
                                "existing dataset.json.")
 _VOXEL = flags.DEFINE_string("voxel_size_um", None, "Voxel size in micrometres: one number or "
@@ -52,7 +52,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing scan of 
 def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  return volume_io.import_volume(
+  return importer.import_volume(
       image=_IMAGE.value, out=_OUT.value, scan=_SCAN.value, labels=_LABELS.value,
       classes=_CLASSES.value, voxel_size_um=_voxel_flag(_VOXEL.value),
       chunks=errors.parse_ints(_CHUNKS.value, 3, "chunks"), slab=_SLAB.value,

@@ -17,7 +17,7 @@ import tifffile
 from bonejax.cli import runner
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.io import volume_io
+from bonejax.io import tiff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_overwrite_replaces_bonejax_outputs(tmp_path):
   arr = tmp_path / "pred.zarr"
   store.create_array(arr, vol.shape, "uint8")
   store.set_array_attrs(arr, {"planes": 3})
-  volume_io.export_tiff(vol, tmp_path / "pred.tif")
+  tiff.export_tiff(vol, tmp_path / "pred.tif")
   bundle = tmp_path / "model"
   bundle.mkdir()
   (bundle / "model.json").write_text(json.dumps({"model": "unet", "classes": ["a", "b"]}))
@@ -318,7 +318,7 @@ def test_read_of_a_damaged_chunk_is_a_user_error(tmp_path):
 
 
 def test_tiff_export_is_marked(tmp_path):
-  volume_io.export_tiff(np.zeros((2, 3, 4), np.uint8), tmp_path / "a.tif")
+  tiff.export_tiff(np.zeros((2, 3, 4), np.uint8), tmp_path / "a.tif")
   with tifffile.TiffFile(tmp_path / "a.tif") as tif:
     assert tif.pages.first.software.startswith("bonejax")
     assert "bonejax_version" in tif.pages.first.description

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from bonejax.core import errors
-from bonejax.data import store
-from bonejax.io import formats, volume_io
+from bonejax.data import importer, store
+from bonejax.io import registry, source
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (12, 10, 9)
@@ -24,13 +24,13 @@ def vol(dtype=np.uint16, shape=SHAPE, seed=0):
 
 
 def read_all(path, **kw):
-  with volume_io.open_volume(path, **kw) as src:
+  with registry.open_volume(path, **kw) as src:
     return src.read_slab(0, src.shape[0]), src
 
 
 def import_(image, data, scan="s", **kw):
   kw.setdefault("progress_every_s", 1e9)
-  return volume_io.import_volume(image=str(image), out=str(data), scan=scan, **kw)
+  return importer.import_volume(image=str(image), out=str(data), scan=scan, **kw)
 
 
 def expect_error(match, image, data, **kw):
@@ -65,7 +65,7 @@ def test_hdf5_key_voxel_size_and_slabs(h5file, tmp_path):
   data, src = read_all(path, key="/entry/data/data")
   np.testing.assert_array_equal(data, v)
   assert src.kind == "hdf5" and src.voxel_size_um == (2.0, 1.5, 1.5)
-  with volume_io.open_volume(path, key="/entry/data/data") as src:
+  with registry.open_volume(path, key="/entry/data/data") as src:
     np.testing.assert_array_equal(src.read_slab(3, 7), v[3:7])
   result = import_(path, tmp_path / "D", image_key="/entry/data/data",
                    labels=path, labels_key="/entry/labels")
@@ -131,7 +131,7 @@ def test_mrc_round_trip_and_voxel_size(tmp_path, dtype):
     m.set_data(v)
     m.voxel_size = (20.0, 20.0, 30.0)  # Angstrom, x y z
   data, src = read_all(path)
-  np.testing.assert_array_equal(data, v.astype(volume_io.image_dtype_for(v.dtype)))
+  np.testing.assert_array_equal(data, v.astype(source.image_dtype_for(v.dtype)))
   assert src.kind == "mrc"
   assert np.allclose(src.voxel_size_um, (0.003, 0.002, 0.002))
 
@@ -222,7 +222,7 @@ def test_isq_matches_itk(isq_file, tmp_path):
   x, y, z = (s * 1000 for s in itk_spacing_mm)
   assert np.allclose(src.voxel_size_um, (z, y, x)) and np.allclose(src.voxel_size_um,
                                                                    (20, 10, 10))
-  with volume_io.open_volume(path) as src:
+  with registry.open_volume(path) as src:
     np.testing.assert_array_equal(src.read_slab(5, 9), v[5:9].astype(np.float32))
   result = import_(path, tmp_path / "D")
   assert result["voxel_size_zyx_um"] == pytest.approx([20, 10, 10])

@@ -1,6 +1,6 @@
 """Volume import/export: every input kind round-trips; every bad input fails cleanly.
 
-Most cases call `volume_io.import_volume` (what launch/import_volume.py wraps) in-process; a few
+Most cases call `importer.import_volume` (what launch/import_volume.py wraps) in-process; a few
 run the script itself to prove the CLI contract (exit code, one `error:` line, last-line JSON).
 """
 
@@ -15,8 +15,9 @@ import tensorstore as ts
 import tifffile
 
 from bonejax.core import errors
-from bonejax.data import store
-from bonejax.io import intensity, volume_io
+from bonejax.data import importer, store
+from bonejax.io import intensity, registry, slices, tiff
+from bonejax.io.source import VolumeSource
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (12, 10, 9)  # Z >= 11 so that natural and lexicographic slice orders differ
@@ -82,7 +83,7 @@ def snapshot(data: Path):
 
 def import_(image, data, scan="s", **kw):
   kw.setdefault("progress_every_s", 1e9)
-  return volume_io.import_volume(image=str(image), out=str(data), scan=scan, **kw)
+  return importer.import_volume(image=str(image), out=str(data), scan=scan, **kw)
 
 
 def expect_clean_error(match, image, data, scan="s", **kw):
@@ -137,18 +138,18 @@ def test_round_trip(tmp_path, kind, with_labels):
 def test_folder_is_read_in_natural_order(tmp_path):
   vol = make_image()
   folder = write_as("folder", tmp_path / "slices", vol)
-  with volume_io.open_volume(folder) as src:
+  with registry.open_volume(folder) as src:
     assert [f.name for f in src.files[:3]] == ["slice_0.tif", "slice_1.tif", "slice_2.tif"]
     assert src.files[10].name == "slice_10.tif"
     np.testing.assert_array_equal(src.read_slab(0, SHAPE[0]), vol)
-  assert volume_io.natural_key("a_2.tif") < volume_io.natural_key("a_10.tif")
+  assert slices.natural_key("a_2.tif") < slices.natural_key("a_10.tif")
 
 
 def test_tiff_read_paths_agree(tmp_path):
   """Memory map, page ranges, and the whole-series fallback read the same slices."""
   vol = make_image()
   for kind, mapped in [("tiff", True), ("tiff_zlib", False)]:
-    with volume_io.open_volume(write_as(kind, tmp_path / kind, vol)) as src:
+    with registry.open_volume(write_as(kind, tmp_path / kind, vol)) as src:
       assert (src._mm is not None) == mapped and src._paged
       np.testing.assert_array_equal(src.read_slab(3, 8), vol[3:8])
       src._mm, src._paged = None, False
@@ -161,13 +162,13 @@ def test_import_streams_slab_by_slab(tmp_path, monkeypatch):
   vol = make_image(np.float32, (23, 6, 5)) / 7
   src = write_as("npy", tmp_path / "v", vol)
   reads = []
-  original = volume_io.VolumeSource.read_slab
+  original = VolumeSource.read_slab
 
   def spy(self, z0, z1):
     reads.append((z0, z1))
     return original(self, z0, z1)
 
-  monkeypatch.setattr(volume_io.VolumeSource, "read_slab", spy)
+  monkeypatch.setattr(VolumeSource, "read_slab", spy)
   import_(src, tmp_path / "D", slab=4, chunks=(3, 4, 4))
   assert reads == [(z, min(z + 4, 23)) for z in range(0, 23, 4)]
   np.testing.assert_array_equal(store.open_scan(tmp_path / "D" / "s").read_image(), vol)
@@ -335,10 +336,10 @@ def test_bad_options(tmp_path, dataset):
 def test_open_volume_rejects_zarr_groups(tmp_path):
   store.write_group_attrs(tmp_path / "g", {})
   with pytest.raises(errors.UserError, match="zarr group without an 'image' array"):
-    volume_io.open_volume(tmp_path / "g")
+    registry.open_volume(tmp_path / "g")
   store.write_scan(tmp_path / "s", make_image())
   with pytest.raises(errors.UserError, match="zarr group without an 'labels' array"):
-    volume_io.open_volume(tmp_path / "s", "labels")
+    registry.open_volume(tmp_path / "s", "labels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +353,9 @@ def test_export_tiff_round_trip(tmp_path, source):
   store.write_scan(tmp_path / "s", vol, chunks=(5, 4, 4))
   arr = {"tensorstore": lambda: store.open_scan(tmp_path / "s").image,
          "numpy": lambda: vol,
-         "volume": lambda: volume_io.open_volume(tmp_path / "s")}[source]()
+         "volume": lambda: registry.open_volume(tmp_path / "s")}[source]()
   out = tmp_path / "out.tif"
-  result = volume_io.export_tiff(arr, out, slab=5)
+  result = tiff.export_tiff(arr, out, slab=5)
   assert result == {"output": str(out), "shape": list(SHAPE), "dtype": "uint16",
                     "bigtiff": False}
   with tifffile.TiffFile(out) as tif:
@@ -370,24 +371,24 @@ def test_export_tiff_overwrite_and_bigtiff(tmp_path, monkeypatch):
   out = tmp_path / "out.tif"
   out.write_bytes(b"old")
   with pytest.raises(errors.UserError, match="exists; pass --overwrite"):
-    volume_io.export_tiff(make_labels(), out)
+    tiff.export_tiff(make_labels(), out)
   # --overwrite replaces only what bonejax wrote: not a file of someone else's.
   with pytest.raises(errors.UserError, match="is a TIFF bonejax did not write"):
-    volume_io.export_tiff(make_labels(), out, overwrite=True)
+    tiff.export_tiff(make_labels(), out, overwrite=True)
   assert out.read_bytes() == b"old"
   tifffile.imwrite(out, make_labels())  # a TIFF, but not one of bonejax's
   with pytest.raises(errors.UserError, match="is a TIFF bonejax did not write"):
-    volume_io.export_tiff(make_labels(), out, overwrite=True)
+    tiff.export_tiff(make_labels(), out, overwrite=True)
   out.unlink()
-  volume_io.export_tiff(make_labels(), out)
-  monkeypatch.setattr(volume_io, "BIGTIFF_BYTES", 100)  # pretend the volume exceeds 4 GiB
+  tiff.export_tiff(make_labels(), out)
+  monkeypatch.setattr(tiff, "BIGTIFF_BYTES", 100)  # pretend the volume exceeds 4 GiB
   lab = make_labels() == 1
-  assert volume_io.export_tiff(lab, out, overwrite=True, slab=7)["bigtiff"]
+  assert tiff.export_tiff(lab, out, overwrite=True, slab=7)["bigtiff"]
   with tifffile.TiffFile(out) as tif:
     assert tif.is_bigtiff
     np.testing.assert_array_equal(tif.asarray(), lab.astype(np.uint8))
   with pytest.raises(errors.UserError, match="3D"):
-    volume_io.export_tiff(np.zeros((4, 4)), tmp_path / "flat.tif")
+    tiff.export_tiff(np.zeros((4, 4)), tmp_path / "flat.tif")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tif"]
 
 
@@ -459,5 +460,6 @@ def test_cli_help_and_no_jax():
   assert "--image" in proc.stdout and "--[no]overwrite" in proc.stdout
   imported = [l.rsplit("|", 1)[-1].strip() for l in proc.stderr.splitlines()
               if l.startswith("import time:")]
-  assert "tifffile" in imported and "bonejax.io.volume_io" in imported
+  assert "tifffile" in imported and "bonejax.data.importer" in imported
+  assert "bonejax.io.registry" in imported
   assert not [m for m in imported if m == "jax" or m.startswith("jax.")]

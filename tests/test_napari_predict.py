@@ -10,7 +10,7 @@ require_napari()  # skips this module without napari or a display
 
 from bonejax import phantom, predict  # noqa: E402
 from bonejax.data import store
-from bonejax.evaluate import report
+from bonejax.io import colours
 from bonejax.models import bundle
 from bonejax.napari import jobs, predict_widget, reader  # noqa: E402
 from bonejax.napari.predict_widget import PredictWidget  # noqa: E402
@@ -237,5 +237,5 @@ def test_weights_file_is_converted_first(make_napari_viewer, qtbot, files, tmp_p
 
 def test_colours_match_the_reports(files):
   from bonejax.napari import layers
-  assert layers.label_colours(3) == {None: layers.OTHER_LABEL, 1: report.colour(1),
-                                     2: report.colour(2)}
+  assert layers.label_colours(3) == {None: layers.OTHER_LABEL, 1: colours.colour(1),
+                                     2: colours.colour(2)}

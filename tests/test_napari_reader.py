@@ -12,7 +12,7 @@ require_napari()  # skips this module without napari or a display
 
 from bonejax import phantom  # noqa: E402
 from bonejax.data import store
-from bonejax.evaluate import report
+from bonejax.io import colours
 from bonejax.napari import reader  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def open_in(viewer, path):
 def check_labels_colours(layer, classes):
   assert list(layer.features["class"]) == classes
   for k in range(1, len(classes)):
-    rgb = report.colour(k).lstrip("#")
+    rgb = colours.colour(k).lstrip("#")
     want = [int(rgb[i:i + 2], 16) / 255 for i in (0, 2, 4)]
     np.testing.assert_allclose(layer.colormap.color_dict[k][:3], want, atol=1e-6)
 

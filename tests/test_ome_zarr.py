@@ -15,7 +15,7 @@ from bonejax import predict
 from bonejax.core import errors
 from bonejax.data import store
 from bonejax.evaluate import report
-from bonejax.io import ome_zarr, volume_io
+from bonejax.io import colours, ome_zarr, registry
 from bundle_helpers import CLASSES, make_bundle, phantom
 
 zarr = pytest.importorskip("zarr")
@@ -96,7 +96,7 @@ def test_predict_writes_valid_ome_zarr(files):
   meta = json.loads((out / "zarr.json").read_text())["attributes"]
   label = meta["ome"]["image-label"]
   assert [p["class"] for p in label["properties"]] == CLASSES
-  assert label["colors"][1] == {"label-value": 1, "rgba": ome_zarr.rgba(report.colour(1))}
+  assert label["colors"][1] == {"label-value": 1, "rgba": colours.rgba(colours.colour(1))}
   assert label["colors"][0]["rgba"][3] == 0  # background see-through
   assert meta["vote"] == "soft" and meta["classes"] == CLASSES and "bonejax_version" in meta
 
@@ -111,7 +111,7 @@ def test_predict_writes_valid_ome_zarr(files):
   assert [c["label"] for c in omero["channels"]] == CLASSES
 
   # Our own OME-Zarr is an input like any other (evaluate reads it; the voxel size survives).
-  with volume_io.open_volume(out, "labels") as src:
+  with registry.open_volume(out, "labels") as src:
     assert src.voxel_size_um == (2.5, 2.5, 2.5)
     np.testing.assert_array_equal(src.read_slab(0, 34), plain)
   ev = report.evaluate(out, out, progress=False)

@@ -1,4 +1,4 @@
-"""The predictor's way in: volume_io.open_volume with channels, and store.create_array options."""
+"""The predictor's way in: registry.open_volume with channels, and store.create_array options."""
 
 import json
 
@@ -9,7 +9,7 @@ import tifffile
 
 from bonejax.core import errors
 from bonejax.data import store
-from bonejax.io import intensity, volume_io
+from bonejax.io import intensity, registry
 
 SHAPE = (5, 7, 6)
 
@@ -24,37 +24,37 @@ def test_channels_none_takes_what_the_file_has(tmp_path):
   store.create_array(tmp_path / "c.zarr", (1,) + vol.shape, vol.dtype).write(vol[None]).result()
   np.save(tmp_path / "g.npy", image(2))
   for name, want in (("c.npy", 2), ("c.zarr", 2), ("g.npy", 1)):
-    with volume_io.open_volume(tmp_path / name, channels=None) as src:
+    with registry.open_volume(tmp_path / name, channels=None) as src:
       assert src.channels == want and src.stats is None
       data = src.read_slab(1, 4)
       ref = vol[1:4] if want == 2 else image(2)[1:4]
       assert data.shape == ref.shape and data.dtype == np.uint16
       np.testing.assert_array_equal(data, ref)
-  with volume_io.open_volume(tmp_path / "c.npy", channels=2) as src:
+  with registry.open_volume(tmp_path / "c.npy", channels=2) as src:
     assert src.shape == SHAPE + (2,)
 
 
 def test_channel_mismatches_name_the_shape(tmp_path):
   np.save(tmp_path / "c.npy", np.stack([image(0)] * 2, -1))
   with pytest.raises(errors.UserError, match="more than 3 non-singleton axes"):
-    volume_io.open_volume(tmp_path / "c.npy")  # the importer's default: one channel
+    registry.open_volume(tmp_path / "c.npy")  # the importer's default: one channel
   with pytest.raises(errors.UserError, match=r"not a \(Z, Y, X, 3\) volume"):
-    volume_io.open_volume(tmp_path / "c.npy", channels=3)
+    registry.open_volume(tmp_path / "c.npy", channels=3)
   tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 8, 8, 3), np.uint8), photometric="rgb")
   with pytest.raises(errors.UserError, match="has 3 channels.*npy or zarr"):
-    volume_io.open_volume(tmp_path / "rgb.tif", channels=None)
+    registry.open_volume(tmp_path / "rgb.tif", channels=None)
   tifffile.imwrite(tmp_path / "g.tif", image(0))
   with pytest.raises(errors.UserError, match="one channel"):
-    volume_io.open_volume(tmp_path / "g.tif", channels=2)
+    registry.open_volume(tmp_path / "g.tif", channels=2)
   with pytest.raises(ValueError, match="labels"):
-    volume_io.open_volume(tmp_path / "c.npy", "labels", channels=2)
+    registry.open_volume(tmp_path / "c.npy", "labels", channels=2)
 
 
 def test_a_scan_brings_its_statistics_and_its_array(tmp_path):
   vol = image(3)
   store.write_scan(tmp_path / "s", vol)
   context = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 20}})
-  with volume_io.open_volume(tmp_path / "s", channels=None, context=context) as src:
+  with registry.open_volume(tmp_path / "s", channels=None, context=context) as src:
     assert src.kind == "scan" and src.channels == 1
     assert src.stats == intensity.compute_stats(vol)
     np.testing.assert_array_equal(src.tensorstore.read().result(), vol)

@@ -104,7 +104,7 @@ def test_sixteen_parallel_imports_list_all_sixteen_scans(tmp_path):
   np.save(tmp_path / "v.npy", tiny_volume())
   # launch/import_volume.py itself, started together once every process has imported its
   # modules, so that the imports really overlap.
-  code = ("import os, runpy, time\nimport bonejax.io.volume_io\n"
+  code = ("import os, runpy, time\nimport bonejax.data.importer\n"
           "sys.argv = ['import_volume.py'] + sys.argv[1:]\nprint('ready', flush=True)\n"
           f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
           "runpy.run_path('launch/import_volume.py', run_name='__main__')\n")
@@ -145,10 +145,10 @@ def test_import_killed_before_registering_leaves_a_scan_the_next_import_lists(tm
   data = tmp_path / "D"
   np.save(tmp_path / "v.npy", tiny_volume())
   worker = start_worker(
-      "import time\nfrom bonejax.data import store\nfrom bonejax.io import volume_io\n"
+      "import time\nfrom bonejax.data import store\nfrom bonejax.data import importer\n"
       "def hang(*a, **k):\n  print('ready', flush=True); time.sleep(600)\n"
       "store.add_scan_to_dataset = hang\n"
-      f"volume_io.import_volume({str(tmp_path / 'v.npy')!r}, {str(data)!r}, 'first', "
+      f"importer.import_volume({str(tmp_path / 'v.npy')!r}, {str(data)!r}, 'first', "
       "progress_every_s=1e9)\n")
   # While the first import is alive its scan is in flight, not an orphan: no warning.
   ok = launch("import_volume.py", f"--image={tmp_path / 'v.npy'}", f"--out={data}",
@@ -273,11 +273,11 @@ def test_killed_import_leaves_a_temporary_the_next_import_removes(tmp_path):
   data = tmp_path / "D"
   np.save(tmp_path / "v.npy", tiny_volume(shape=(12, 5, 6)))
   worker = start_worker(
-      "import time\nfrom bonejax.data import store\nfrom bonejax.io import volume_io\nreal = store.write_slab\n"
+      "import time\nfrom bonejax.data import store\nfrom bonejax.data import importer\nreal = store.write_slab\n"
       "def slow(*a, **k):\n  f = real(*a, **k); f.result(); print('ready', flush=True)\n"
       "  time.sleep(600)\n"
       "store.write_slab = slow\n"
-      f"volume_io.import_volume({str(tmp_path / 'v.npy')!r}, {str(data)!r}, 's', slab=4, "
+      f"importer.import_volume({str(tmp_path / 'v.npy')!r}, {str(data)!r}, 's', slab=4, "
       "progress_every_s=1e9)\n")
   kill9(worker)
   left = sorted(p.name for p in data.iterdir())

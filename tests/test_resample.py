@@ -19,7 +19,8 @@ from flax import nnx
 from bonejax import predict
 from bonejax.data import store
 from bonejax.evaluate import metrics
-from bonejax.io import resample, volume_io
+from bonejax.data import importer
+from bonejax.io import registry, resample
 from bonejax.models import bundle
 
 
@@ -36,7 +37,7 @@ def test_axis_map_shares_the_outer_edges():
 def test_linear_ramp_is_reproduced_and_slabs_equal_whole(tmp_path, monkeypatch):
   z = np.arange(20, dtype=np.float32)[:, None, None] * np.ones((20, 8, 6), np.float32)
   np.save(tmp_path / "ramp.npy", z)
-  src = volume_io.open_volume(tmp_path / "ramp.npy")
+  src = registry.open_volume(tmp_path / "ramp.npy")
   src.voxel_size_um = (1.0, 1.0, 1.0)
   up = resample.ResampledSource(src, 0.5)
   assert up.shape == (40, 16, 12)
@@ -58,7 +59,7 @@ def test_import_resamples_image_linearly_and_labels_by_nearest(tmp_path):
   tifffile.imwrite(tmp_path / "img.tif", img, imagej=True, resolution=(1 / 2.0, 1 / 2.0),
                    metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
   np.save(tmp_path / "lab.npy", lab)
-  r = volume_io.import_volume(image=tmp_path / "img.tif", labels=tmp_path / "lab.npy",
+  r = importer.import_volume(image=tmp_path / "img.tif", labels=tmp_path / "lab.npy",
                               out=tmp_path / "D", scan="s", resample_um=4, slab=3,
                               progress_every_s=1e9)
   assert r["shape"] == [8, 6, 5] and r["voxel_size_um"] == 4.0 and r["dtype"] == "uint16"

@@ -8,7 +8,7 @@ bonejax recognises what it wrote by its own marks, never by a name or a suffix a
 - a scan (a zarr group with an image array) holding nothing but zarr.json, image and labels;
 - a dataset: dataset.json and such scans, nothing else;
 - a model bundle (model.json with model and classes);
-- a TIFF from `volume_io.export_tiff` (software tag `bonejax ...`, `bonejax_version` in its
+- a TIFF from `io.tiff.export_tiff` (software tag `bonejax ...`, `bonejax_version` in its
   description);
 - a file whose first 64 KiB hold `"bonejax_version"` (reports, JSON, safetensors metadata), an
   HTML page with `<meta name="generator" content="bonejax ...">`, a PNG with the `Software:

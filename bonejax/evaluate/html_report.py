@@ -29,6 +29,7 @@ import numpy as np
 import bonejax
 from bonejax.core import outputs
 from bonejax.evaluate import report
+from bonejax.io import colours
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1100px;
@@ -75,7 +76,7 @@ def _pyplot():
 def _scores_table(r: dict[str, Any]) -> str:
   rows = []
   for k, n in enumerate(r["classes"]):
-    sw = f'<span class="swatch" style="background:{report.colour(k)}"></span>'
+    sw = f'<span class="swatch" style="background:{colours.colour(k)}"></span>'
     rows.append(f'<tr><td class="name">{sw}{k} {html.escape(n)}</td>'
                 f'<td>{_fmt(r["iou"][n])}</td><td>{_fmt(r["dice"][n])}</td>'
                 f'<td>{_fmt(r["precision"][n])}</td><td>{_fmt(r["recall"][n])}</td>'
@@ -150,7 +151,7 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
   from matplotlib.patches import Patch
   plt = _pyplot()
   c = len(names)
-  cmap = ListedColormap([report.colour(k) for k in range(c)])
+  cmap = ListedColormap([colours.colour(k) for k in range(c)])
   truth, pred = m["truth"], m["pred"]
   grey = _grey(m["image"]) if m.get("image") is not None else None
   panels = ["image", "truth", "prediction", "errors"] + (
@@ -182,7 +183,7 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
       ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)
     ax.set_axis_off()
-  fig.legend(handles=[Patch(color=report.colour(k), label=f"{k} {n}")
+  fig.legend(handles=[Patch(color=colours.colour(k), label=f"{k} {n}")
                       for k, n in enumerate(names)] + [Patch(color="#ff0000", label="error")],
              loc="lower center", ncol=min(c + 1, 7), frameon=False)
   fig.subplots_adjust(bottom=0.14)

@@ -1,6 +1,6 @@
 """An evaluation report: scores and bone measures of a prediction against the truth.
 
-`evaluate(...)` opens the two label volumes (any input `volume_io.open_volume` reads: a zarr v3
+`evaluate(...)` opens the two label volumes (any input `registry.open_volume` reads: a zarr v3
 array, a scan directory's labels, a TIFF, a .npy), streams them once for the confusion matrix
 and the per-slice IoU profiles, measures both (bonejax.evaluate.measures), and returns an `Evaluation`.
 `write(...)` turns it into REPORT.json, REPORT.md and, optionally, PNG pictures: a per-slice
@@ -25,17 +25,9 @@ import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
 from bonejax.evaluate import measures, metrics
-from bonejax.io import volume_io
+from bonejax.io import registry, source
 
-# Fixed colours by class index (Okabe-Ito), so a class looks the same in every picture.
-COLOURS = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
-           "#CC79A7")
 UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
-
-
-def colour(k: int) -> str:
-  """Class k's colour; past the table, foreground colours repeat (black stays background)."""
-  return COLOURS[k] if k < len(COLOURS) else COLOURS[1 + (k - 1) % (len(COLOURS) - 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +100,14 @@ def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
   return None
 
 
-def open_labels(path: str | os.PathLike, what: str) -> volume_io.VolumeSource:
+def open_labels(path: str | os.PathLike, what: str) -> source.VolumeSource:
   p = errors.require_exists(path, what)
   if store.is_scan(p) and not (p / "labels" / "zarr.json").exists():
     raise errors.UserError(f"{what} scan {str(p)!r} has no labels")
   scan = _scan_dir_of(p)
   if scan is not None:
     store.warn_missing_chunks(scan)
-  src = volume_io.open_volume(p, array="labels")
+  src = registry.open_volume(p, array="labels")
   if 0 in src.shape:
     raise errors.UserError(f"{what} {str(path)!r} is empty (shape {src.shape})")
   return src
@@ -244,7 +236,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     image_path = image if image is not None else (truth if _scan_dir_of(Path(truth)) else None)
     if image_path is not None:
       scan = _scan_dir_of(Path(image_path))
-      image_src = volume_io.open_volume(errors.require_exists(scan or image_path, "image"))
+      image_src = registry.open_volume(errors.require_exists(scan or image_path, "image"))
       if image_src.shape != shape:
         raise errors.UserError(f"image shape {image_src.shape} != label shape {shape}")
 

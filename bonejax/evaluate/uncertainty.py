@@ -25,14 +25,14 @@ import numpy as np
 import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.io import ome_zarr, volume_io
+from bonejax.io import ome_zarr, registry, tiff
 
 CHANNELS = ("entropy", "disagreement")
 TOP_SLICES = 10
 
 
 def output_kind(path: str | Path) -> str:
-  kind = volume_io.output_format(path)
+  kind = registry.output_format(path)
   if kind is not None:
     return kind
   raise errors.UserError(f"save_uncertainty {str(path)!r} must end in .zarr, .ome.zarr or "
@@ -141,7 +141,7 @@ def write_tiff(source: Any, path: Path, shape: Sequence[int], slab: int = 32) ->
   """(Z, Y, X, 2) uint8 -> an ImageJ hyperstack (Z, C, Y, X), slab by slab."""
   import tifffile
   z, y, x = shape
-  big = z * y * x * 2 > volume_io.BIGTIFF_BYTES
+  big = z * y * x * 2 > tiff.BIGTIFF_BYTES
 
   def read(z0, z1):
     part = source[z0:z1]
@@ -200,7 +200,7 @@ def open_maps(path: str | Path) -> Any:
       raise
     except Exception as e:
       raise errors.UserError(f"cannot read TIFF {str(path)!r}: {errors.one_line(e)}") from None
-  src = volume_io.open_volume(path, channels=None)
+  src = registry.open_volume(path, channels=None)
   if len(src.shape) != 4 or src.shape[3] != 2:
     src.close()
     raise errors.UserError(f"{str(path)!r} is not an uncertainty map (Z, Y, X, 2); its shape is "

@@ -1,5 +1,7 @@
-"""OME-Zarr outputs (OME-NGFF 0.5 on zarr v3): what napari, Fiji (MoBIE / BigDataViewer),
-neuroglancer and webKnossos open without conversion.
+"""OME-Zarr in and out. Inputs (NGFF 0.4 on zarr v2, 0.5 on zarr v3): `OmeZarrSource` reads the
+full-resolution level, channels moved last, the voxel size from its scale. Outputs (OME-NGFF
+0.5 on zarr v3): what napari, Fiji (MoBIE / BigDataViewer), neuroglancer and webKnossos open
+without conversion.
 
 An `OmeZarrWriter` makes one multiscale image group:
 
@@ -29,6 +31,7 @@ import tensorstore as ts
 
 from bonejax.core import errors, outputs
 from bonejax.data import store
+from bonejax.io import colours, source, voxel, zarr
 
 SUFFIX = ".ome.zarr"
 NGFF_VERSION = "0.5"
@@ -51,20 +54,97 @@ def level_shapes(shape: Sequence[int], min_size: int = MIN_LEVEL_SIZE,
   return shapes
 
 
-def rgba(hex_colour: str, alpha: int = 255) -> list[int]:
-  h = hex_colour.lstrip("#")
-  return [int(h[i:i + 2], 16) for i in (0, 2, 4)] + [alpha]
-
-
 def label_metadata(classes: Sequence[str]) -> dict[str, Any]:
   """NGFF `image-label`: one colour per class (bonejax's report colours; background clear) and
   the class names as properties."""
-  from bonejax.evaluate import report
   return {
-      "colors": [{"label-value": k, "rgba": rgba(report.colour(k), 0 if k == 0 else 255)}
+      "colors": [{"label-value": k,
+                  "rgba": colours.rgba(colours.colour(k), 0 if k == 0 else 255)}
                  for k in range(len(classes))],
       "properties": [{"label-value": k, "class": str(c)} for k, c in enumerate(classes)],
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: the full-resolution level.
+# ---------------------------------------------------------------------------------------------
+
+
+def ome_multiscales(path: Path) -> tuple[list, int] | None:
+  """(multiscales list, zarr format) when `path` is an OME-Zarr image group, else None."""
+  if (path / "zarr.json").exists():
+    try:
+      meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+      return None
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+    return (ms, 3) if ms else None
+  if (path / ".zattrs").exists():
+    try:
+      attrs = json.loads((path / ".zattrs").read_text())
+    except (OSError, ValueError):
+      return None
+    ms = attrs.get("multiscales") if isinstance(attrs, dict) else None
+    return (ms, 2) if ms else None
+  return None
+
+
+def _scale_of(transforms: Any, n: int) -> list[float]:
+  scale = [1.0] * n
+  for t in transforms or []:
+    if isinstance(t, dict) and t.get("type") == "scale" and len(t.get("scale", [])) == n:
+      scale = [a * float(b) for a, b in zip(scale, t["scale"])]
+  return scale
+
+
+def ome_level0(path: Path, multiscales: list) -> tuple[str, list[str], list[float] | None]:
+  """(level-0 path, axis names, voxel size (Z, Y, X) in um or None) of the first multiscale."""
+  try:
+    ms = multiscales[0]
+    level = ms["datasets"][0]
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+    units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes", [])]
+    rel = str(level["path"])
+  except (KeyError, IndexError, TypeError) as e:
+    raise errors.UserError(f"OME-Zarr {str(path)!r} has malformed multiscales metadata "
+                        f"({errors.one_line(e)})") from None
+  if not axes:
+    axes = ["t", "c", "z", "y", "x"][-len(level.get("coordinateTransformations", [{}])[0]
+                                          .get("scale", [0] * 5)):]
+  voxel_um = None
+  if all(a in axes for a in "zyx"):
+    scale = [a * b for a, b in zip(_scale_of(level.get("coordinateTransformations"), len(axes)),
+                                   _scale_of(ms.get("coordinateTransformations"), len(axes)))]
+    um = [voxel.unit_to_um(units[axes.index(a)]) if units[axes.index(a)] else None for a in "zyx"]
+    if all(u is not None for u in um):
+      voxel_um = voxel.positive([scale[axes.index(a)] * u for a, u in zip("zyx", um)])
+  if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+    raise errors.UserError(f"OME-Zarr {str(path)!r} names an unsafe level path {rel!r}")
+  return rel, axes, voxel_um
+
+
+class OmeZarrSource(zarr.ZarrSource):
+  """The full-resolution level of an OME-Zarr image as a (Z, Y, X) or (Z, Y, X, C) source
+  (channels moved last, as everywhere in bonejax)."""
+
+  kind = "ome-zarr"
+
+  @classmethod
+  def claims_folder(cls, path: Path) -> bool:
+    return ome_multiscales(path) is not None
+
+  @classmethod
+  def open(cls, path, *, array, channels, context, key):
+    multiscales, zarr_format = ome_multiscales(path)
+    rel, axes, voxel_um = ome_level0(path, multiscales)
+    arr = zarr.open_array(path / rel, "zarr3" if zarr_format == 3 else "zarr", context,
+                          "OME-Zarr level")
+    if len(axes) == arr.rank and "c" in axes and axes.index("c") != arr.rank - 1:
+      arr = arr[ts.d[axes.index("c")].transpose[arr.rank - 1]]
+    src = cls(path, arr, array, f"OME-Zarr {str(path)!r}", channels)
+    src.voxel_size_um = voxel_um
+    return src
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,14 +306,13 @@ class OmeZarrWriter:
     return ome
 
 
-def write_volume(source: Any, path: str | Path, *, kind: str, overwrite: bool = False,
+def write_volume(source_: Any, path: str | Path, *, kind: str, overwrite: bool = False,
                  classes: Sequence[str] | None = None, voxel_size_um: Sequence[float] | None = None,
                  attrs: dict[str, Any] | None = None, channel_names: Sequence[str] | None = None,
                  slab: int = 64) -> dict[str, Any]:
-  """Writes any (Z, Y, X[, C]) volume (tensorstore, `volume_io` source or numpy) as OME-Zarr,
+  """Writes any (Z, Y, X[, C]) volume (tensorstore, `VolumeSource` or numpy) as OME-Zarr,
   slab by slab, atomically."""
-  from bonejax.io import volume_io
-  shape, dtype, read = volume_io._slab_reader(source)
+  shape, dtype, read = source.slab_reader(source_)
   channels = shape[3] if len(shape) == 4 else None
   with outputs.atomic_output(path, overwrite) as tmp:
     w = OmeZarrWriter(tmp, shape[:3], dtype, kind=kind, channels=channels, classes=classes,

@@ -10,7 +10,7 @@ the input grid before the vote (`Regrid`), so outputs always match the input vox
 The grids share their outer edges: output voxel i of n_out covers input coordinate
 (i + 0.5) * n_in / n_out - 0.5, so mapping there and back again returns to the same grid.
 Images are interpolated linearly (trilinear, separably along Z, Y, X), labels by nearest
-neighbour. `ResampledSource` wraps any `volume_io` source and reads only the input slices an
+neighbour. `ResampledSource` wraps any `VolumeSource` and reads only the input slices an
 output slab needs, so memory stays a slab's whatever the volume size.
 """
 
@@ -138,7 +138,7 @@ class Resampler:
 
 
 class ResampledSource:
-  """A `volume_io` source seen on another grid: same interface (`shape`, `dtype`, `read_slab`,
+  """A `VolumeSource` seen on another grid: same interface (`shape`, `dtype`, `read_slab`,
   `voxel_size_um`, ...), slabs read and resampled on demand. Integer images are rounded back
   to their dtype, so an import keeps its bit depth."""
 

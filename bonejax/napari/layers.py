@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax.evaluate import report
+from bonejax.io import colours as class_colours
 
 KEY = "bonejax"
 UNIT = "micrometer"
@@ -65,9 +65,9 @@ def scale_for(voxel_size_um: float | None, ndim: int = 3) -> tuple[float, ...]:
 
 
 def label_colours(num_classes: int) -> dict[Any, str]:
-  """Class k's colour from the report's table (one look everywhere); 0 is napari's background."""
+  """Class k's colour from bonejax.io.colours (one look everywhere); 0 is napari's background."""
   colours: dict[Any, str] = {None: OTHER_LABEL}
-  colours.update({k: report.colour(k) for k in range(1, num_classes)})
+  colours.update({k: class_colours.colour(k) for k in range(1, num_classes)})
   return colours
 
 

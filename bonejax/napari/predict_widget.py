@@ -35,7 +35,7 @@ import bonejax
 from bonejax.models import bundle as bundle_lib
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.io import volume_io
+from bonejax.io import tiff
 from bonejax.napari import jobs, layers, qt
 from bonejax.predict import DEFAULT_BUDGET_GB, DTYPES, PLANES, VOTES, predict_volume
 
@@ -184,7 +184,7 @@ def write_labels(tmp: Path, final: Path, labels: np.ndarray, attrs: dict[str, An
     arr.write(labels).result()
     store.set_array_attrs(tmp, attrs)
   else:
-    volume_io.export_tiff(labels, tmp, overwrite=True)
+    tiff.export_tiff(labels, tmp, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------

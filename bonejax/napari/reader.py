@@ -25,6 +25,7 @@ import tensorstore as ts
 from bonejax.core import errors
 from bonejax.data import store
 from bonejax.evaluate import report
+from bonejax.io import colours
 from bonejax.napari import jobs, layers, ngff
 
 
@@ -187,6 +188,6 @@ def read_array(p: Path) -> list[tuple]:
 
 def _colormap(k: int):
   """A black-to-class-colour ramp (napari takes a name or an (N, 4) array of colours)."""
-  c = report.colour(k).lstrip("#")
+  c = colours.colour(k).lstrip("#")
   rgb = [int(c[i:i + 2], 16) / 255 for i in (0, 2, 4)]
   return np.array([[0, 0, 0, 1], rgb + [1]], np.float32)

@@ -1,7 +1,7 @@
 """Bundle in, files out: what `launch/predict.py` runs.
 
 `predict_scan` checks every argument and the bundle before reading data, opens the input
-through `volume_io.open_volume` (any format it reads; a scan brings its stored statistics,
+through `registry.open_volume` (any format it reads; a scan brings its stored statistics,
 other inputs get theirs computed while they are read), runs `api.run_prediction`, and writes the
 outputs under temporary names renamed into place when complete: zarr v3 labels with attributes,
 an OME-Zarr (NGFF 0.5 multiscale labels with class names and colours, `ome_zarr`) or a TIFF;
@@ -36,7 +36,7 @@ from bonejax.core import errors, outputs
 from bonejax.core.progress import Progress
 from bonejax.data import store
 from bonejax.evaluate import uncertainty
-from bonejax.io import intensity, ome_zarr, resample as resample_lib, volume_io
+from bonejax.io import intensity, ome_zarr, registry, resample as resample_lib, tiff, voxel
 from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory
 from bonejax.predict.api import local_devices, make_engine, run_prediction
@@ -49,14 +49,14 @@ _STATS_VOXELS = 1 << 22  # voxels per statistics update (it makes float64 tempor
 
 def _open_source(source: Any, in_channels: int, budget_bytes: int,
                  image_key: str | None = None) -> tuple[Any, str]:
-  """(volume_io source with .stats, input kind) for a path or an opened `store.Scan`."""
+  """(io source with .stats, input kind) for a path or an opened `store.Scan`."""
   context = memory.cache_context(budget_bytes)  # a chunk cache bounded by the budget
   if isinstance(source, store.Scan):
-    src = volume_io.open_volume(source.path, channels=None, context=context)
+    src = registry.open_volume(source.path, channels=None, context=context)
     src.stats = source.attrs.get("intensity")
   else:
-    src = volume_io.open_volume(errors.require_exists(source, "input"), channels=None,
-                                context=context, key=image_key)
+    src = registry.open_volume(errors.require_exists(source, "input"), channels=None,
+                               context=context, key=image_key)
   if src.channels != in_channels:
     shape = src.shape
     src.close()
@@ -114,7 +114,7 @@ def load_source(src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
 
 
 def output_kind(path: str | os.PathLike) -> str:
-  kind = volume_io.output_format(path)
+  kind = registry.output_format(path)
   if kind is not None:
     return kind
   raise errors.UserError(f"output {str(path)!r} must end in .zarr (zarr v3 labels), .ome.zarr "
@@ -173,7 +173,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
 
   `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
   in `dtype` the same way: the architecture rebuilt in that dtype, float32 stem and head kept).
-  `source`: a scan directory, any volume `volume_io.open_volume` reads (statistics computed
+  `source`: a scan directory, any volume `registry.open_volume` reads (statistics computed
   while reading), or an opened `store.Scan`. Writes `output` (.zarr labels with attributes,
   .ome.zarr or .tif), `save_probs` (.zarr (Z, Y, X, K) float32 mean probabilities, or .ome.zarr)
   and `save_uncertainty` (.zarr, .ome.zarr or .tif) atomically. `resample`: predict at the
@@ -275,7 +275,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                "source": str(source) if not isinstance(source, store.Scan) else str(source.path),
                "bonejax_version": bonejax.__version__}
       if input_um is not None:
-        attrs.update(volume_io._voxel_attrs(input_um))
+        attrs.update(voxel.voxel_attrs(input_um))
       if regrid is not None:
         attrs["predicted_at_voxel_size_um"] = list(model_um)
       out_ctx = memory.cache_context(budget, memory.CACHE_FRACTION / 2)
@@ -352,7 +352,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
           elif probs_out is not None:
             store.set_array_attrs(probs_tmp, probs_attrs)
           if out_kind == "tiff":
-            volume_io.export_tiff(labels if labels is not None else labels_ts, out_tmp,
+            tiff.export_tiff(labels if labels is not None else labels_ts, out_tmp,
                                   overwrite=True)
     # Every process returns once process 0 has put the outputs in place.
     per_process = group.allgather("outputs in place", str(engine.num_devices))

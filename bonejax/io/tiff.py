@@ -1,0 +1,220 @@
+"""TIFF in and out: multi-page TIFFs (also ImageJ hyperstacks and 3D series; singleton T/C axes
+are dropped) read slab by slab, and volumes written as calibrated multi-page TIFFs.
+
+Uncompressed files are memory-mapped, compressed ones read page range by page range. The voxel
+size comes from OME-TIFF PhysicalSize{X,Y,Z} or ImageJ's unit, spacing and resolution tags.
+`export_tiff` writes the ImageJ calibration (spacing, unit 'um', X/Y resolution in pixels per
+um) so Fiji, BoneJ and CTAn open the file with its voxel size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tifffile
+
+import bonejax
+from bonejax.core import errors, outputs
+from bonejax.io import source, voxel
+
+SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+OUTPUT_SUFFIXES = (".tif", ".tiff")
+# Classic TIFF offsets are 32-bit; leave room for the page directories.
+BIGTIFF_BYTES = (1 << 32) - (1 << 26)
+
+
+def is_tiff_name(p: Path) -> bool:
+  return p.suffix.lower() in SUFFIXES and not p.name.startswith(".")
+
+
+class _Complaints(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.errors: list[str] = []
+
+  def emit(self, record):
+    if record.levelno >= logging.ERROR:
+      self.errors.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def complaints(path: Path):
+  """tifffile logs (rather than raises) on damaged files, and the log would break the one-line
+  error contract on stderr: collect its complaints and raise the first as a UserError."""
+  logger = logging.getLogger("tifffile")
+  handler, propagate = _Complaints(), logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False
+  damaged = lambda: (f"cannot read TIFF {str(path)!r}: damaged file "
+                     f"({errors.one_line(handler.errors[0])})")
+  try:
+    yield
+  except errors.UserError as e:
+    if handler.errors:
+      raise errors.UserError(f"{damaged()}; {e}") from None
+    raise
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+  if handler.errors:
+    raise errors.UserError(damaged())
+
+
+def open_tiff(path: Path) -> tifffile.TiffFile:
+  try:
+    return tifffile.TiffFile(path)
+  except Exception as e:  # TiffFileError, truncated files, OSError
+    raise errors.UserError(f"cannot read TIFF {str(path)!r}: {errors.one_line(e)}") from None
+
+
+def tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+  """From OME-TIFF PhysicalSize{X,Y,Z} or ImageJ's unit, spacing and resolution tags."""
+  try:
+    ome = tif.ome_metadata
+    if ome:
+      sizes, ok = [], True
+      for ax in "ZYX":
+        m = re.search(rf'PhysicalSize{ax}="([0-9.eE+-]+)"', ome)
+        u = re.search(rf'PhysicalSize{ax}Unit="([^"]+)"', ome)
+        scale = voxel.unit_to_um(u.group(1)) if u else 1.0  # OME's default unit: micrometre
+        if not m or scale is None:
+          ok = False
+          break
+        sizes.append(float(m.group(1)) * scale)
+      if ok:
+        return voxel.positive(sizes)
+    ij = tif.imagej_metadata
+    if ij and voxel.unit_to_um(ij.get("unit")) is not None:
+      scale = voxel.unit_to_um(ij.get("unit"))
+      page = tif.pages.first
+      xres = page.tags.get("XResolution")
+      yres = page.tags.get("YResolution")
+      if xres is None or yres is None:
+        return None
+      px = [v[1] / v[0] if v[0] else 0 for v in (yres.value, xres.value)]
+      z = float(ij.get("spacing", px[1]))
+      return voxel.positive([z * scale, px[0] * scale, px[1] * scale])
+  except Exception:  # pylint: disable=broad-except  # metadata we cannot parse: unknown size
+    return None
+  return None
+
+
+class TiffSource(source.VolumeSource):
+  """A multi-page TIFF: memory-mapped when uncompressed, else read a page range at a time."""
+
+  kind = "tiff"
+  described = "a TIFF"
+  suffixes = SUFFIXES
+  magic = (b"II", b"MM")
+
+  @classmethod
+  def open(cls, path, *, array, channels, context, key):
+    source.one_channel(path, channels, cls.described)
+    if channels is None:
+      # Multi-channel TIFFs (RGB, CZYX hyperstacks) have no one channel-axis convention.
+      with complaints(path), open_tiff(path) as tif:
+        shape = tuple(tif.series[0].shape) if tif.series else ()
+      if shape and source.channels_of(shape) > 1:
+        raise errors.UserError(f"TIFF {str(path)!r} has {source.channels_of(shape)} channels "
+                               f"(shape {shape}): give a multi-channel volume as a (Z, Y, X, C) "
+                               f".npy or zarr")
+    return cls(path, array)
+
+  def __init__(self, path: Path, array: str = "image"):
+    try:
+      with complaints(path):
+        self._open(path, array)
+    except BaseException:
+      if getattr(self, "_tif", None) is not None:
+        self.close()
+      raise
+
+  def _open(self, path: Path, array: str) -> None:
+    self._tif, self._mm = open_tiff(path), None
+    if not self._tif.series:
+      raise errors.UserError(f"TIFF {str(path)!r} holds no images")
+    series = self._tif.series[0]
+    what = f"TIFF {str(path)!r}"
+    if len(self._tif.series) > 1:
+      what += f" (first of its {len(self._tif.series)} image series)"
+    keep = source.squeeze_to_3d(series.shape, what)
+    shape = [series.shape[a] for a in keep]
+    super().__init__(path, shape, series.dtype, array)
+    try:
+      mm = tifffile.memmap(path, series=0, mode="r")
+      self._mm = mm.reshape(shape) if mm.size == math.prod(shape) else None
+    except Exception:  # compressed, tiled, scattered or truncated pages: not mappable
+      self._mm = None
+    # One page per Z slice lets us read page ranges; anything else is read whole, once.
+    pages = series.pages
+    self._paged = (len(pages) == shape[0] and pages[0] is not None
+                   and math.prod(pages[0].shape) == shape[1] * shape[2])
+    self._whole = None
+    self.voxel_size_um = tiff_voxel_size(self._tif)
+
+  def _read(self, z0, z1):
+    with complaints(self.path):
+      return self._read_pages(z0, z1)
+
+  def _read_pages(self, z0, z1):
+    try:
+      if self._mm is not None:
+        return self._mm[z0:z1]
+      if self._paged:
+        return self._tif.asarray(key=range(z0, z1), series=0)
+      if self._whole is None:
+        self._whole = self._tif.series[0].asarray().reshape(self.shape)
+      return self._whole[z0:z1]
+    except Exception as e:
+      raise errors.UserError(f"cannot read TIFF {str(self.path)!r} slices {z0}-{z1 - 1}: "
+                             f"{errors.one_line(e)}") from None
+
+  def close(self):
+    self._mm = None
+    self._tif.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+# ---------------------------------------------------------------------------------------------
+
+
+def is_output(path: str | os.PathLike) -> bool:
+  return Path(path).suffix.lower() in OUTPUT_SUFFIXES
+
+
+def export_tiff(source_: Any, path: str | os.PathLike, overwrite: bool = False,
+                slab: int = 64) -> dict[str, Any]:
+  """Writes a (Z, Y, X) array as a multi-page TIFF (one page per slice), slab by slab.
+
+  `source_`: a tensorstore array, a VolumeSource, a scan or a numpy array. BigTIFF when the
+  data would not fit classic TIFF's 4 GiB. The file appears only when complete
+  (outputs.atomic_output). Returns {"output", "shape", "dtype", "bigtiff"}.
+  """
+  shape, dtype, read = source.slab_reader(source_)
+  if len(shape) != 3:
+    raise errors.UserError(f"can only export a 3D (Z, Y, X) volume as TIFF, got shape {shape}")
+  if dtype == np.bool_:
+    dtype = np.dtype(np.uint8)
+  slab = max(1, int(slab))
+  bigtiff = math.prod(shape) * dtype.itemsize > BIGTIFF_BYTES
+
+  def pages():
+    for z0 in range(0, shape[0], slab):
+      data = np.asarray(read(z0, min(z0 + slab, shape[0]))).astype(dtype, copy=False)
+      yield from data
+
+  # The software tag and the description mark the file as bonejax's: --overwrite may replace it.
+  with outputs.atomic_output(path, overwrite) as tmp:
+    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+      tw.write(pages(), shape=shape, dtype=dtype, photometric="minisblack",
+               software=f"bonejax {bonejax.__version__}",
+               metadata={"axes": "ZYX", "bonejax_version": bonejax.__version__})
+  return {"output": str(path), "shape": list(shape), "dtype": dtype.name, "bigtiff": bigtiff}
