@@ -8,9 +8,10 @@ r"""Imports a micro-CT volume (and optional labels) as a scan of a bonejax datas
 Inputs: a multi-page TIFF, a folder of 2D slices (TIFF, PNG, BMP, JPEG 2000, ...; natural
 order), a .npy, a zarr / OME-Zarr array, a scan directory, an HDF5 / NeXus file (`--image_key`),
 an MRC or a Scanco .isq file. The voxel size comes from the file's metadata unless
-`--voxel_size_um` is given; `--resample_um` resamples to that voxel size (image linearly, labels
-by nearest neighbour). The volume is streamed `--slab` slices at a time, so it may be larger than
-memory. The scan appears in DATA/ and dataset.json only once it is complete.
+`--voxel_size_um` is given; with neither, 1 um is assumed, said once on stderr and recorded as
+the scan's `voxel_size_source: "assumed"`. `--resample_um` resamples to that voxel size (image
+linearly, labels by nearest neighbour). The volume is streamed `--slab` slices at a time, so
+it may be larger than memory. The scan appears in DATA/ and dataset.json only once it is complete.
 Prints progress on stderr and, as the last stdout line, JSON with scan, shape, dtype, ...
 """
 

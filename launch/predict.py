@@ -81,6 +81,9 @@ _OVERLAP = flags.DEFINE_integer("tile_overlap", None, "Tile overlap in pixels (d
 _OOC = flags.DEFINE_enum("out_of_core", "auto", ["auto", "yes", "no"],
                          "Force (yes) or forbid (no) out-of-core processing.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+_WITH_IMAGE = flags.DEFINE_bool("with_image", False, "With an .ome.zarr --output: write the "
+                                "input image too, the labels under its labels/ group (one "
+                                "OME-Zarr that napari-ome-zarr and MoBIE open as image + labels).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to spread batches over (default: "
                                 "all); each takes --batch_size planes per call.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
@@ -171,7 +174,7 @@ def main(argv):
         overwrite=_OVERWRITE.value, progress=True, keep_labels=False,
         save_uncertainty=_SAVE_UNC.value, resample=not _NO_RESAMPLE.value,
         image_key=_IMAGE_KEY.value, devices=_DEVICES.value, group=group,
-        graph=_GRAPH.value)
+        graph=_GRAPH.value, with_image=_WITH_IMAGE.value)
 
 
 if __name__ == "__main__":

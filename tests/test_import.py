@@ -463,3 +463,28 @@ def test_cli_help_and_no_jax():
   assert "tifffile" in imported and "bonejax.data.importer" in imported
   assert "bonejax.io.registry" in imported
   assert not [m for m in imported if m == "jax" or m.startswith("jax.")]
+
+
+def test_voxel_size_source_is_recorded_and_an_assumed_one_is_said_once(tmp_path, capsys):
+  npy = write_as("npy", tmp_path / "v", make_image())
+  r = import_(npy, tmp_path / "D", "a")
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(err) == 1 and "voxel size unknown, 1 um assumed; pass --voxel_size_um" in err[0]
+  assert r["voxel_size_source"] == "assumed" and r["voxel_size_um"] == 1.0
+  assert store.open_scan(tmp_path / "D" / "a").attrs["voxel_size_source"] == "assumed"
+  r = import_(npy, tmp_path / "D", "b", voxel_size_um=(8, 6.24, 6.24))
+  assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  attrs = store.open_scan(tmp_path / "D" / "b").attrs
+  assert attrs["voxel_size_source"] == "given" and attrs["voxel_size_zyx_um"] == [8, 6.24, 6.24]
+  tif = tmp_path / "cal.tif"
+  tiff.export_tiff(make_image(), tif, voxel_size_um=(8, 6.24, 6.24))
+  r = import_(tif, tmp_path / "D", "c")
+  assert not [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  attrs = store.open_scan(tmp_path / "D" / "c").attrs
+  assert attrs["voxel_size_source"] == "metadata"
+  assert attrs["voxel_size_zyx_um"] == pytest.approx([8, 6.24, 6.24], rel=1e-4)
+  # The scan exported again is as calibrated as the file it came from.
+  with registry.open_volume(tmp_path / "D" / "c") as scan:
+    tiff.export_tiff(scan, tmp_path / "back.tif")
+  with registry.open_volume(tmp_path / "back.tif") as src:
+    assert src.voxel_size_um == pytest.approx((8, 6.24, 6.24), rel=1e-4)

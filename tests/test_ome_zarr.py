@@ -109,6 +109,11 @@ def test_predict_writes_valid_ome_zarr(files):
       np.moveaxis(p0, 0, -1)), -1, 0), rtol=1e-6)
   omero = json.loads((probs / "zarr.json").read_text())["attributes"]["ome"]["omero"]
   assert [c["label"] for c in omero["channels"]] == CLASSES
+  # Probabilities are in [0, 1]: that is their display window; each class keeps its colour.
+  assert all(c["window"] == {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}
+             for c in omero["channels"])
+  assert [c["color"] for c in omero["channels"]] == \
+      ["FFFFFF"] + [colours.colour(k).lstrip("#").upper() for k in range(1, len(CLASSES))]
 
   # Our own OME-Zarr is an input like any other (evaluate reads it; the voxel size survives).
   with registry.open_volume(out, "labels") as src:
@@ -171,3 +176,50 @@ def test_write_volume_image_and_atomicity(tmp_path):
   with pytest.raises(errors.UserError, match="read failed"):
     ome_zarr.write_volume(Bad(), tmp_path / "bad.ome.zarr", kind="image")
   assert sorted(os.listdir(tmp_path)) == ["img.ome.zarr"]
+
+
+def test_predict_with_image_nests_the_labels_under_the_image(files):
+  out = files / "both.ome.zarr"
+  predict.predict_scan(files / "model", files / "vol.tif", output=out, planes=1,
+                       progress=False, with_image=True)
+  plain = predict.predict_scan(files / "model", files / "vol.tif", planes=1,
+                               progress=False)["labels"]
+  # NGFF's layout: the image at the top, labels/ listing its label images, each an image-label
+  # whose source is the image two levels up (what napari-ome-zarr and MoBIE follow).
+  image = ngff.Image.from_zarr(zarr.open_group(out, mode="r"))
+  assert [a.unit for a in image.attributes.ome.multiscales[0].axes] == ["micrometer"] * 3
+  labels_group = json.loads((out / "labels" / "zarr.json").read_text())["attributes"]["ome"]
+  assert labels_group["labels"] == ["segmentation"]
+  seg = out / "labels" / "segmentation"
+  ngff.ImageLabel.from_zarr(zarr.open_group(seg, mode="r"))
+  label_meta = json.loads((seg / "zarr.json").read_text())["attributes"]
+  assert label_meta["ome"]["image-label"]["source"] == {"image": "../../"}
+  assert label_meta["classes"] == CLASSES and "bonejax_version" in label_meta
+  np.testing.assert_array_equal(zarr.open_array(seg / "0")[:], plain)
+  vol = tifffile.imread(files / "vol.tif")
+  np.testing.assert_array_equal(zarr.open_array(out / "0")[:], vol)
+  with registry.open_volume(out) as src:
+    assert src.voxel_size_um == (2.5, 2.5, 2.5)
+    np.testing.assert_array_equal(src.read_slab(0, 34), vol)
+  with registry.open_volume(seg, "labels") as src:
+    assert src.voxel_size_um == (2.5, 2.5, 2.5)
+    np.testing.assert_array_equal(src.read_slab(0, 34), plain)
+  # Ours: --overwrite replaces it. Only an OME-Zarr output can hold the image.
+  predict.predict_scan(files / "model", files / "vol.tif", output=out, planes=1,
+                       progress=False, with_image=True, overwrite=True)
+  with pytest.raises(errors.UserError, match="--with_image needs an .ome.zarr"):
+    predict.predict_scan(files / "model", files / "vol.tif", output=files / "x.zarr",
+                         planes=1, progress=False, with_image=True)
+  assert not (files / "x.zarr").exists()
+
+
+def test_omero_window_follows_the_dtype(tmp_path):
+  maps = np.zeros((4, 6, 5, 2), np.uint8)
+  ome_zarr.write_volume(maps, tmp_path / "u.ome.zarr", kind="image",
+                        channel_names=["entropy", "disagreement"])
+  omero = ome_zarr.read_metadata(tmp_path / "u.ome.zarr")["omero"]
+  assert [c["label"] for c in omero["channels"]] == ["entropy", "disagreement"]
+  assert all(c["window"] == {"min": 0, "max": 255, "start": 0, "end": 255}
+             for c in omero["channels"])
+  assert ome_zarr.display_range(np.float32) == (0.0, 1.0)
+  assert ome_zarr.display_range(np.uint16) == (0, 65535)

@@ -110,7 +110,7 @@ def test_sixteen_parallel_imports_list_all_sixteen_scans(tmp_path):
           "runpy.run_path('launch/import_volume.py', run_name='__main__')\n")
   procs = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, "
                              f"{str(REPO)!r})\n{code}", f"--image={tmp_path / 'v.npy'}",
-                             f"--out={data}", f"--scan=s{i:02d}"],
+                             f"--out={data}", f"--scan=s{i:02d}", "--voxel_size_um=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
            for i in range(16)]
   for p in procs:
@@ -152,7 +152,7 @@ def test_import_killed_before_registering_leaves_a_scan_the_next_import_lists(tm
       "progress_every_s=1e9)\n")
   # While the first import is alive its scan is in flight, not an orphan: no warning.
   ok = launch("import_volume.py", f"--image={tmp_path / 'v.npy'}", f"--out={data}",
-              "--scan=second")
+              "--scan=second", "--voxel_size_um=1")
   assert ok.returncode == 0 and "warning" not in ok.stderr, ok.stderr
   assert store.open_dataset(data).scans == ["second"]
   kill9(worker)

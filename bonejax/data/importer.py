@@ -24,6 +24,9 @@ from bonejax.io import intensity, registry, resample, source, voxel
 
 DEFAULT_CLASSES = ("background", "bone", "pore")
 STATS_VOXELS = 1 << 20
+# Where a scan's voxel size came from, as its `voxel_size_source` attribute records it (reports
+# say "assumed" sizes): --voxel_size_um, the file's metadata, or nothing (1 um assumed).
+VOXEL_SIZE_SOURCE = {"flag": "given", "metadata": "metadata", "default": "assumed"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -60,7 +63,8 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
   """Streams a volume (and optional labels) into DATA/scan and registers it in dataset.json.
 
   `voxel_size_um`: a number or (Z, Y, X); default the file's own (TIFF / OME / HDF5 / MRC /
-  ISQ / OME-Zarr metadata), else 1 um. `resample_um`: resample image (linearly) and labels
+  ISQ / OME-Zarr metadata), else 1 um with a warning on stderr (the scan's `voxel_size_source`
+  attribute then says "assumed"). `resample_um`: resample image (linearly) and labels
   (nearest) to this isotropic voxel size on the way, slab by slab. `image_key` / `labels_key`:
   the datasets inside HDF5 / NeXus files. The scan is written under a temporary name and
   renamed into place only once complete; any error leaves the dataset as it was (no scan
@@ -110,6 +114,8 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
         found = src.voxel_size_um
         voxel_um = given_voxel or found or (1.0, 1.0, 1.0)
         voxel_from = "flag" if given_voxel else ("metadata" if found else "default")
+        if voxel_from == "default":
+          errors.warn(f"{image}: voxel size unknown, 1 um assumed; pass --voxel_size_um")
         original = {"shape": list(src.shape), "voxel_size_um": list(voxel_um)}
         if resample_um is not None and not resample.same_size(voxel_um, resample_um):
           src.voxel_size_um = voxel_um
@@ -121,8 +127,9 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
         elif resample_um is not None:
           voxel_um = resample.as_zyx(resample_um)
         stats = stream_scan(src, lab, final, classes, voxel_um, chunks, slab, overwrite,
-                             progress_every_s, inputs,
-                             original if tuple(original["shape"]) != src.shape else None)
+                            progress_every_s, inputs,
+                            original if tuple(original["shape"]) != src.shape else None,
+                            VOXEL_SIZE_SOURCE[voxel_from])
         try:
           dataset = store.add_scan_to_dataset(data, scan, classes)
         except BaseException:
@@ -140,7 +147,8 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
             "dtype": src.dtype.name, "source_dtype": src.source_dtype.name,
             "has_labels": lab is not None, "classes": classes,
             "num_scans": len(dataset.scans), **voxel.voxel_attrs(voxel_um),
-            "voxel_size_from": voxel_from, "intensity": stats,
+            "voxel_size_from": voxel_from, "voxel_size_source": VOXEL_SIZE_SOURCE[voxel_from],
+            "intensity": stats,
             "seconds": round(time.perf_counter() - start, 3)}
   if isinstance(src, resample.ResampledSource):
     result["resampled_from"] = original
@@ -150,10 +158,13 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
 def stream_scan(src: source.VolumeSource, lab: source.VolumeSource | None, final: Path,
                 classes: list[str], voxel_size_um: Sequence[float], chunks: Sequence[int],
                 slab: int, overwrite: bool, progress_every_s: float, inputs: Sequence[Any] = (),
-                resampled_from: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes the scan `final` from `src` (and `lab`) slab by slab; returns its intensity stats."""
+                resampled_from: dict[str, Any] | None = None,
+                voxel_size_source: str = "metadata") -> dict[str, Any]:
+  """Writes the scan `final` from `src` (and `lab`) slab by slab; returns its intensity stats.
+  `voxel_size_source`: where the voxel size came from (`VOXEL_SIZE_SOURCE`'s values)."""
   attrs = {
       **voxel.voxel_attrs(voxel_size_um),
+      "voxel_size_source": voxel_size_source,
       "source": str(Path(src.path).resolve()),
       "source_dtype": src.source_dtype.name,
       "imported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -13,6 +13,11 @@ An `OmeZarrWriter` makes one multiscale image group:
                     Z, Y and X (labels by the most frequent class of each 2x2x2 block,
                     probabilities and images by the block mean); `dimension_names` set
 
+Channels (probabilities, uncertainty maps) carry omero metadata: one labelled channel each (the
+class names), class colours, and a display window from the dtype ([0, 1] for float
+probabilities, 0-255 for uint8 maps). `nest_under_image` turns a finished labels group into
+an image with those labels under its `labels/` group (NGFF's image + labels layout).
+
 Level 0 is filled by the caller slab by slab (`view`: (Z, Y, X) or (Z, Y, X, C), channels last
 as everywhere in bonejax, stored channel-first as NGFF wants); `finish()` then builds each
 level from the one before, a slab at a time, and writes the metadata, so memory stays a slab's.
@@ -63,6 +68,23 @@ def label_metadata(classes: Sequence[str]) -> dict[str, Any]:
                  for k in range(len(classes))],
       "properties": [{"label-value": k, "class": str(c)} for k, c in enumerate(classes)],
   }
+
+
+def display_range(dtype: Any) -> tuple[float, float]:
+  """The omero window of a channel: [0, 1] for floats (probabilities), the full range of an
+  integer type (0-255 for uint8 maps)."""
+  dtype = np.dtype(dtype)
+  if np.issubdtype(dtype, np.integer):
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+  return 0.0, 1.0
+
+
+def channel_colour(k: int) -> str:
+  """Channel k's omero colour (RRGGBB): class k's colour, so class probabilities look like the
+  labels; the black of class 0 would hide its channel, so it is shown white."""
+  c = colours.colour(k).lstrip("#").upper()
+  return "FFFFFF" if c == "000000" else c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,10 +321,11 @@ class OmeZarrWriter:
     if self.kind == "labels":
       ome["image-label"] = label_metadata(self.classes)
     elif self.channels and self.channel_names:
+      lo, hi = display_range(self.dtype)
       ome["omero"] = {"channels": [
-          {"label": n, "color": "FFFFFF", "active": True,
-           "window": {"min": 0, "max": 255, "start": 0, "end": 255}}
-          for n in self.channel_names]}
+          {"label": n, "color": channel_colour(k), "active": True,
+           "window": {"min": lo, "max": hi, "start": lo, "end": hi}}
+          for k, n in enumerate(self.channel_names)]}
     return ome
 
 
@@ -333,3 +356,48 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
   except (OSError, ValueError, KeyError, TypeError):
     raise errors.UserError(f"{str(path)!r} is not an OME-Zarr (0.5) group") from None
   return ome
+
+
+# ---------------------------------------------------------------------------------------------
+# Image and labels in one OME-Zarr.
+# ---------------------------------------------------------------------------------------------
+
+LABELS_GROUP = "labels"
+
+
+def nest_under_image(path: str | Path, image: Any, *, label_name: str = "segmentation",
+                     voxel_size_um: Sequence[float] | None = None,
+                     attrs: dict[str, Any] | None = None, context: ts.Context | None = None,
+                     slab: int = 64) -> None:
+  """Turns the finished labels OME-Zarr at `path` into an image OME-Zarr with those labels at
+  `labels/<label_name>` (NGFF's layout, as napari-ome-zarr and MoBIE open it): the label
+  multiscale moves down (renames, no copy), then `image` (any (Z, Y, X[, C]) source `write_volume`
+  takes, on the labels' grid) is written as the image pyramid at the top. `path` is the caller's
+  temporary: the whole appears at once when the caller renames it into place."""
+  path = Path(path)
+  if not label_name or "/" in label_name or label_name.startswith("."):
+    raise ValueError(f"bad label name {label_name!r}")
+  label_meta = read_metadata(path)
+  shape, dtype, read = source.slab_reader(image)
+  levels = label_meta["multiscales"][0]["datasets"]
+  label_shape = tuple(store.open_array(path / levels[0]["path"]).shape)
+  if tuple(shape[:3]) != label_shape:
+    raise errors.UserError(f"image shape {tuple(shape[:3])} != label shape {label_shape}")
+  dest = path / LABELS_GROUP / label_name
+  dest.mkdir(parents=True)
+  for child in list(path.iterdir()):
+    if child.name != LABELS_GROUP:
+      child.rename(dest / child.name)
+  label_attrs = store.read_group_attrs(dest)
+  label_attrs["ome"]["image-label"]["source"] = {"image": "../../"}
+  store.write_group_attrs(dest, label_attrs)
+  store.write_group_attrs(path / LABELS_GROUP, {"ome": {"version": NGFF_VERSION,
+                                                        "labels": [label_name]}})
+  channels = shape[3] if len(shape) == 4 else None
+  w = OmeZarrWriter(path, shape[:3], dtype, kind="image", channels=channels,
+                    channel_names=[f"channel {c}" for c in range(channels or 0)],
+                    voxel_size_um=voxel_size_um, name=path.name, context=context)
+  for z0 in range(0, shape[0], slab):
+    z1 = min(z0 + slab, shape[0])
+    w.view[z0:z1].write(np.asarray(read(z0, z1), dtype)).result()
+  w.finish(attrs)

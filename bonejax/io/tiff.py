@@ -22,7 +22,7 @@ import tifffile
 
 import bonejax
 from bonejax.core import errors, outputs
-from bonejax.io import source, voxel
+from bonejax.io import resample, source, voxel
 
 SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 OUTPUT_SUFFIXES = (".tif", ".tiff")
@@ -190,31 +190,58 @@ def is_output(path: str | os.PathLike) -> bool:
   return Path(path).suffix.lower() in OUTPUT_SUFFIXES
 
 
+def calibration(voxel_size_um: Sequence[float] | None) -> dict[str, Any]:
+  """What makes a TIFF calibrated in ImageJ / Fiji / BoneJ: X/Y resolution in pixels per um
+  (`resolution`) and, in the ImageJ description, the Z spacing and the unit; {} when the voxel
+  size is unknown."""
+  v = resample.as_zyx(voxel_size_um)  # a number or (Z, Y, X); a zero or NaN fails here
+  if v is None:
+    return {}
+  return {"resolution": (1.0 / v[2], 1.0 / v[1]), "spacing": v[0], "unit": "um"}
+
+
 def export_tiff(source_: Any, path: str | os.PathLike, overwrite: bool = False,
-                slab: int = 64) -> dict[str, Any]:
+                slab: int = 64, voxel_size_um: Sequence[float] | None = None) -> dict[str, Any]:
   """Writes a (Z, Y, X) array as a multi-page TIFF (one page per slice), slab by slab.
 
-  `source_`: a tensorstore array, a VolumeSource, a scan or a numpy array. BigTIFF when the
-  data would not fit classic TIFF's 4 GiB. The file appears only when complete
-  (outputs.atomic_output). Returns {"output", "shape", "dtype", "bigtiff"}.
+  `source_`: a tensorstore array, a VolumeSource, a scan or a numpy array. `voxel_size_um`:
+  (Z, Y, X) in um (default: the source's own when it knows one), written as ImageJ calibration
+  (`calibration`) so Fiji, BoneJ and CTAn open the file with its voxel size. BigTIFF when the
+  data would not fit classic TIFF's 4 GiB (ImageJ's own layout cannot hold those: they keep the
+  X/Y resolution only). The file appears only when complete (outputs.atomic_output). Returns
+  {"output", "shape", "dtype", "bigtiff"} and, when calibrated, "voxel_size_zyx_um".
   """
   shape, dtype, read = source.slab_reader(source_)
   if len(shape) != 3:
     raise errors.UserError(f"can only export a 3D (Z, Y, X) volume as TIFF, got shape {shape}")
+  if voxel_size_um is None and isinstance(source_, source.VolumeSource):
+    voxel_size_um = source_.voxel_size_um
   if dtype == np.bool_:
     dtype = np.dtype(np.uint8)
   slab = max(1, int(slab))
   bigtiff = math.prod(shape) * dtype.itemsize > BIGTIFF_BYTES
+  cal = calibration(voxel_size_um)
 
   def pages():
     for z0 in range(0, shape[0], slab):
       data = np.asarray(read(z0, min(z0 + slab, shape[0]))).astype(dtype, copy=False)
       yield from data
 
+  # ImageJ's format holds uint8, uint16 and float32 in classic TIFF; anything else keeps the
+  # X/Y resolution and the spacing in tifffile's own description only.
+  imagej = bool(cal) and dtype.name in ("uint8", "uint16", "float32") and not bigtiff
+  meta: dict[str, Any] = {"axes": "ZYX", "bonejax_version": bonejax.__version__}
+  kw: dict[str, Any] = {}
+  if cal:
+    kw["resolution"] = cal["resolution"]
+    meta.update(spacing=cal["spacing"], unit=cal["unit"])
   # The software tag and the description mark the file as bonejax's: --overwrite may replace it.
   with outputs.atomic_output(path, overwrite) as tmp:
-    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+    with tifffile.TiffWriter(tmp, bigtiff=bigtiff, imagej=imagej) as tw:
       tw.write(pages(), shape=shape, dtype=dtype, photometric="minisblack",
-               software=f"bonejax {bonejax.__version__}",
-               metadata={"axes": "ZYX", "bonejax_version": bonejax.__version__})
-  return {"output": str(path), "shape": list(shape), "dtype": dtype.name, "bigtiff": bigtiff}
+               software=f"bonejax {bonejax.__version__}", metadata=meta, **kw)
+  result = {"output": str(path), "shape": list(shape), "dtype": dtype.name, "bigtiff": bigtiff}
+  if cal:
+    result["voxel_size_zyx_um"] = [cal["spacing"], 1.0 / cal["resolution"][1],
+                                   1.0 / cal["resolution"][0]]
+  return result

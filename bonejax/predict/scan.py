@@ -168,7 +168,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  progress: bool = True, keep_labels: bool | None = None,
                  save_uncertainty: str | os.PathLike | None = None, resample: bool = True,
                  image_key: str | None = None, devices: Any = None, graph: str = "auto",
-                 group: Group = SINGLE) -> dict[str, Any]:
+                 group: Group = SINGLE, with_image: bool = False) -> dict[str, Any]:
   """Predicts a scan or volume file with a model bundle; what `launch/predict.py` runs.
 
   `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
@@ -184,6 +184,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
   `graph`: the inference graph's convolution policy, or "off" (`engine.GRAPHS`).
   `group`: the processes predicting this volume together (`distributed.Group`; each process
   calls this with the same arguments; process 0 returns the labels of `keep_labels`).
+  `with_image`: an .ome.zarr `output` holds the input image with the labels under its
+  `labels/` group (`ome_zarr.nest_under_image`), as napari-ome-zarr and MoBIE open them.
   """
   from bonejax.models import bundle as bundle_lib
   start = time.perf_counter()
@@ -192,6 +194,8 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
               save_uncertainty)
   devices = local_devices(devices)  # a bad count fails before any data is read
   out_kind = output_kind(output) if output is not None else None
+  if with_image and out_kind != "ome-zarr":
+    raise errors.UserError(f"--with_image needs an .ome.zarr --output, not {output!r}")
 
   # Bundle metadata first: a bad bundle fails before any data is read.
   if isinstance(model, bundle_lib.Bundle):
@@ -346,6 +350,9 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
             store.set_array_attrs(out_tmp, attrs)
           if labels_ome is not None:
             labels_ome.finish(attrs)
+            if with_image:
+              ome_zarr.nest_under_image(out_tmp, src, voxel_size_um=input_um, attrs=attrs,
+                                        context=out_ctx)
           probs_attrs = {**attrs, "content": "mean probabilities (Z, Y, X, K)"}
           if probs_ome is not None:
             probs_ome.finish(probs_attrs)
@@ -353,7 +360,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
             store.set_array_attrs(probs_tmp, probs_attrs)
           if out_kind == "tiff":
             tiff.export_tiff(labels if labels is not None else labels_ts, out_tmp,
-                                  overwrite=True)
+                             overwrite=True, voxel_size_um=input_um)
     # Every process returns once process 0 has put the outputs in place.
     per_process = group.allgather("outputs in place", str(engine.num_devices))
   finally:
