@@ -367,8 +367,8 @@ LABELS_GROUP = "labels"
 
 def nest_under_image(path: str | Path, image: Any, *, label_name: str = "segmentation",
                      voxel_size_um: Sequence[float] | None = None,
-                     attrs: dict[str, Any] | None = None, context: ts.Context | None = None,
-                     slab: int = 64) -> None:
+                     attrs: dict[str, Any] | None = None,
+                     context: ts.Context | None = None) -> None:
   """Turns the finished labels OME-Zarr at `path` into an image OME-Zarr with those labels at
   `labels/<label_name>` (NGFF's layout, as napari-ome-zarr and MoBIE open it): the label
   multiscale moves down (renames, no copy), then `image` (any (Z, Y, X[, C]) source `write_volume`
@@ -394,9 +394,10 @@ def nest_under_image(path: str | Path, image: Any, *, label_name: str = "segment
   store.write_group_attrs(path / LABELS_GROUP, {"ome": {"version": NGFF_VERSION,
                                                         "labels": [label_name]}})
   channels = shape[3] if len(shape) == 4 else None
+  # No omero window: an image's intensity range is its own, and viewers then scale to it.
   w = OmeZarrWriter(path, shape[:3], dtype, kind="image", channels=channels,
-                    channel_names=[f"channel {c}" for c in range(channels or 0)],
                     voxel_size_um=voxel_size_um, name=path.name, context=context)
+  slab = max(1, SLAB_BYTES // max(1, math.prod(shape[1:]) * np.dtype(dtype).itemsize))
   for z0 in range(0, shape[0], slab):
     z1 = min(z0 + slab, shape[0])
     w.view[z0:z1].write(np.asarray(read(z0, z1), dtype)).result()
