@@ -594,6 +594,8 @@ def report(jobs, cfg, cpu, probe, model, results: Path, tag, load_start, seconds
   payload = {"mode": "cpu" if cpu else probe.get("backend"), "config": dict(cfg),
              "model": model, "rows": rows, "jobs": jobs, "seconds": round(seconds, 1),
              "missing": missing, "load_average": {"start": load[0], "end": load[1]},
+             # The point of running every JAX piece in a child: checked by the tests.
+             "suite_process_imported_jax": "jax" in sys.modules,
              "machine": info}
   paths = common.write_results("gpu_suite", payload, md, tag=tag, results_dir=results)
   failed = [n for n, j in jobs.items() if not j.get("ok") and not j.get("skipped")]

@@ -63,6 +63,7 @@ def test_gpu_suite_cpu_mode_prints_every_row(tmp_path):
   assert len(peer) == 7 and all(row["note"] == "--peers=no" for row in peer)
   for job in ("prepare", "loader", "profile", "predict_cold", "predict"):
     assert numeric(f"job seconds: {job}") and rows[f"job seconds: {job}"]["note"].startswith("ok")
+  assert result["suite_process_imported_jax"] is False  # every JAX piece ran in a child
   assert result["machine"]["tag"] == "test-cpu"
   for job in ("train_throughput", "gpu_suite"):
     assert (tmp_path / f"{job}_test-cpu.md").exists()
