@@ -188,3 +188,24 @@ def test_torch_version_matches_pyproject():
   for text in (README, BENCH):
     for version in re.findall(r"torch (\d+\.\d+\.\d+)", text):
       assert version == pin, (version, pin)
+
+
+def test_demo_table_matches_its_results():
+  demo = load("demo_cpu-2c.json")
+  printed = {r["method"]: r for r in demo["table"]}
+  rows = table(README, "| method | background | bone | pore | miou_fg |")
+  assert len(rows) == len(printed) == 7
+  for method, background, bone, pore, miou in rows:
+    r = printed[method.replace(" (what `predict.py` writes by default)", "")]
+    for text, value in ((background, r["iou"]["background"]), (bone, r["iou"]["bone"]),
+                        (pore, r["iou"]["pore"]), (miou, r["miou_fg"])):
+      assert agrees(text, value), (method, text, value)
+  soft = printed["3-plane soft vote"]
+  assert agrees(f"{demo['result']['miou_fg']:.4f}", soft["miou_fg"])
+  m = re.search(r"BV/TV of the\s+soft-vote prediction is within (\d+\.\d) % of the truth "
+                r"\((\d\.\d+) vs (\d\.\d+)\), porosity within (\d+\.\d) %", README)
+  assert m, "README's demo measures line"
+  measures = demo["result"]["measures"]
+  assert agrees(m[1], 100 * abs(measures["bv_tv"]["rel_diff"]))
+  assert agrees(m[2], measures["bv_tv"]["pred"]) and agrees(m[3], measures["bv_tv"]["truth"])
+  assert agrees(m[4], 100 * abs(measures["porosity"]["rel_diff"]))
