@@ -3,12 +3,13 @@
     python benchmarks/roofline.py                        # the defaults for this machine
     python benchmarks/roofline.py --models=unet_resnet18 --patch=256 --batch=32 --dtype=bfloat16
 
-For each model: parameters, forward GFLOP per patch (XLA cost analysis, FLOP = 2 x MAC, BatchNorm
-in eval mode), the jitted forward's and the jitted training step's throughput, and those
+For each model: parameters, forward GFLOP per patch (`models.forward_gflops`: 2 x the
+multiply-adds of every convolution and matrix product counted from the jaxpr, kernel taps over
+zero padding included, element-wise work not; BatchNorm in eval mode), the jitted forward's and the jitted training step's throughput, and those
 throughputs as a fraction of the peak measured in the same run (a large jitted matmul in fp32
 and in bf16, median of several calls). Convention: one training step costs 3 x forward FLOP
-(forward + backward, the backward being ~2 x forward); XLA's own count of the compiled training
-step is reported next to it. MFU = patches/s x FLOP per patch / peak FLOP/s of the compute
+(forward + backward, the backward being ~2 x forward); XLA's own count (cost analysis) of the
+compiled training step is reported next to it. MFU = patches/s x FLOP per patch / peak FLOP/s of the compute
 dtype. Prediction: voxels/s of bonejax's predictor with a 3-plane soft vote on a volume, and its
 "useful" FLOP/s = voxels/s x 3 x forward FLOP per patch / patch pixels (tile overlap and padding
 are counted as waste).
@@ -61,19 +62,8 @@ def on_gpu() -> bool:
 
 
 def measure_peak(n: int, repeats: int) -> dict:
-  """TFLOP/s of a jitted (n x n) @ (n x n) matmul in fp32 and bf16, median of `repeats`."""
-  import jax
-  import jax.numpy as jnp
-  out = {"matmul_n": n}
-  for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), dt)
-    b = jax.random.normal(kb, (n, n), dt)
-    mm = jax.jit(lambda a, b: a @ b)
-    times = common.time_calls(lambda: mm(a, b), repeats=repeats, warmup=2,
-                              sync=common.jax_sync)
-    out[name] = {"tflops": 2 * n**3 / common.median(times) / 1e12, **common.spread(times)}
-  return out
+  """TFLOP/s of a jitted (n x n) @ (n x n) matmul in fp32 (TF32 on NVIDIA GPUs) and bf16."""
+  return common.matmul_peak(n, repeats)
 
 
 def measure_model(name: str, patch: int, batch: int, dtype: str, peak: dict) -> dict:
@@ -221,8 +211,9 @@ def main(argv):
   print(md)
   payload = {"peak": peak, "patch": patch, "batch": batch, "dtype": dtype, "rows": rows,
              "prediction": prediction, "failures": failures,
-             "flop_convention": "forward from XLA cost analysis (2 FLOP per MAC, eval-mode BN); "
-                                "training = 3 x forward",
+             "flop_convention": "forward counted from the jaxpr (2 FLOP per multiply-add of "
+                                "every conv and matmul, padding taps included, eval-mode BN); "
+                                "training = 3 x forward; gflop_train_xla = XLA cost analysis",
              "load_average": {"start": load_start, "end": common.load_average()},
              "machine": info}
   paths = common.write_results("roofline", payload, md, tag=tag, results_dir=_RESULTS.value)

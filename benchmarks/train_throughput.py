@@ -57,14 +57,11 @@ _OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Results
 def main(argv):
   del argv
   import jax
-  import numpy as np
-  from flax import nnx
 
   from bonejax import models, phantom
   from bonejax.data import store
   from bonejax.data import feed as feed_lib
   from bonejax.data import patches
-  from bonejax.train import configlib, losses, optim, trainer
   from bonejax.train import mesh as mesh_lib
 
   load_start = common.load_average()
@@ -82,7 +79,7 @@ def main(argv):
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(B, mesh)
   mesh_lib.check_batch_size(LB, mesh, "loader_batch_size")
-  data_sh, repl = mesh_lib.data_sharding(mesh), mesh_lib.replicated(mesh)
+  data_sh = mesh_lib.data_sharding(mesh)
 
   def make_feed(sampler, batch):
     stream = patches.PatchStream(data, ds.scans, patch_size=P, global_batch_size=batch, seed=0,
@@ -138,20 +135,12 @@ def main(argv):
     f.close()
 
   # ---- Step alone and the trainer's loop, per dtype -----------------------------------------
-  cfg = configlib.default_config()
-  schedule = optim.make_schedule({}, 3e-4, 1000)
-  tx = optim.make_optimizer({"name": "adam"}, schedule)
   for dtype_name in [d.strip() for d in _DTYPES.value.split(",") if d.strip()]:
     dtype = common.dtype_of(dtype_name)
     create = lambda rngs: models.create(_MODEL.value, num_classes=ds.num_classes,  # noqa: E731
                                         rngs=rngs, dtype=dtype)
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: create(nnx.Rngs(0))), nnx.Param, ...)
-    state = jax.jit(trainer.make_init(create, tx, 0), out_shardings=repl)()
-    step = jax.jit(trainer.make_train_step(graphdef, tx, losses.make_loss({"ce": 1, "dice": 1}),
-                                           cfg.augment, 0, schedule),
-                   in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
-    scale = jax.device_put(np.float32(1.0), repl)
+    # One step for "step" and "loader+step" (the GPU suite's trace runs it too).
+    step, state, scale = common.trainer_train_step(create, mesh)
     holder = {"state": state}
 
     # Step alone: one device-resident batch.

@@ -30,18 +30,20 @@ from bonejax.cli import runner  # noqa: E402  (imports neither jax nor torch)
 from bonejax.core import errors  # noqa: E402
 
 from .jobs import (JobFailed, bonejax_forward, bonejax_model, bonejax_train_step,  # noqa: E402
-                   dtype_of, last_json_line, run_json)
-from .machine import (accelerators, load_average, machine, machine_tag,  # noqa: E402
-                      usable_cores)
+                   dtype_of, last_json_line, run_json, trainer_train_step)
+from .machine import (accelerators, datasheet_peak, load_average, machine,  # noqa: E402
+                      machine_tag, usable_cores)
 from .reports import (fmt, machine_line, markdown_table, result_paths,  # noqa: E402
                       write_results)
-from .timing import (jax_peak_device_mb, jax_sync, median, peak_rss_mb,  # noqa: E402
-                     reset_peak_rss, spread, time_calls, xla_flops, xla_memory_mb)
+from .timing import (jax_peak_device_mb, jax_sync, matmul_peak, median,  # noqa: E402
+                     peak_rss_mb, reset_peak_rss, spread, time_calls, xla_flops, xla_memory_mb)
 
 __all__ = [
     "REPO", "RESULTS", "JobFailed", "accelerators", "bonejax_forward", "bonejax_model",
-    "bonejax_train_step", "dtype_of", "errors", "runner", "fmt", "jax_peak_device_mb", "jax_sync",
-    "last_json_line", "load_average", "machine", "machine_line", "machine_tag", "markdown_table",
+    "bonejax_train_step", "datasheet_peak", "dtype_of", "errors", "runner", "fmt",
+    "jax_peak_device_mb", "jax_sync", "last_json_line", "load_average", "machine",
+    "machine_line", "machine_tag", "markdown_table", "matmul_peak",
     "median", "peak_rss_mb", "reset_peak_rss", "result_paths", "run_json", "spread",
-    "time_calls", "usable_cores", "write_results", "xla_flops", "xla_memory_mb",
+    "time_calls", "trainer_train_step", "usable_cores", "write_results", "xla_flops",
+    "xla_memory_mb",
 ]

@@ -163,3 +163,31 @@ def bonejax_forward(model):
     return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
 
   return jax.jit(forward), state
+
+
+def trainer_train_step(create, mesh):
+  """`(step, state, scale)`: the step `benchmarks/train_throughput.py` times for "step" and
+  "loader+step", built the same way: the trainer's jitted, donated step with the default
+  config's augmentation (on), CE + Dice, Adam on the default schedule, sharded over `mesh`.
+
+  `create(rngs)` builds the model. `step(state, batch, scale) -> (state, metrics)` with batch
+  {"image": (B, P, P, C) float32, "label": (B, P, P) int32}.
+  """
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from bonejax.train import configlib, losses, optim, trainer
+  from bonejax.train import mesh as mesh_lib
+
+  cfg = configlib.default_config()
+  schedule = optim.make_schedule({}, 3e-4, 1000)
+  tx = optim.make_optimizer({"name": "adam"}, schedule)
+  data_sh, repl = mesh_lib.data_sharding(mesh), mesh_lib.replicated(mesh)
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: create(nnx.Rngs(0))), nnx.Param, ...)
+  state = jax.jit(trainer.make_init(create, tx, 0), out_shardings=repl)()
+  step = jax.jit(trainer.make_train_step(graphdef, tx, losses.make_loss({"ce": 1, "dice": 1}),
+                                         cfg.augment, 0, schedule),
+                 in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+  return step, state, jax.device_put(np.float32(1.0), repl)

@@ -101,13 +101,41 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def machine_tag(with_jax: bool = True) -> str:
-  """Short file-name tag: the accelerator kind (`nvidia-h100-80gb-hbm3`) or `cpu-<cores>c`."""
+def machine_tag(with_jax: bool = True,
+                accelerator_list: list[dict[str, Any]] | None = None) -> str:
+  """Short file-name tag: the accelerator kind (`nvidia-h100-80gb-hbm3`) or `cpu-<cores>c`.
+
+  `accelerator_list` (as `accelerators()` returns it, e.g. from a child process) is used
+  instead of asking jax here."""
   if os.environ.get("BONEJAX_MACHINE"):
     return _slug(os.environ["BONEJAX_MACHINE"])
-  if with_jax:
-    accs = [a for a in accelerators() if a["platform"] != "cpu"]
-    if accs:
-      a = accs[0]
-      return _slug(a["kind"]) + (f"-x{a['count']}" if a["count"] > 1 else "")
+  if accelerator_list is None and with_jax:
+    accelerator_list = accelerators()
+  accs = [a for a in accelerator_list or [] if a["platform"] != "cpu"]
+  if accs:
+    a = accs[0]
+    return _slug(a["kind"]) + (f"-x{a['count']}" if a["count"] > 1 else "")
   return f"cpu-{usable_cores()}c"
+
+
+# Dense (no sparsity) peak TFLOP/s per device from NVIDIA's datasheets, whose tensor-core
+# figures are quoted with 2:4 sparsity (halved here). Matched on JAX's device_kind, most specific
+# first: "NVIDIA H100 80GB HBM3" is the SXM5 part; "NVIDIA H200" the SXM part.
+DATASHEET_PEAKS: tuple[tuple[tuple[str, ...], str, dict[str, float]], ...] = (
+    (("h200", "nvl"), "H200 NVL", {"bfloat16": 835.5, "tf32": 417.5}),
+    (("h200",), "H200 SXM", {"bfloat16": 989.4, "tf32": 494.7}),
+    (("h100", "nvl"), "H100 NVL", {"bfloat16": 835.5, "tf32": 417.5}),
+    (("h100", "pcie"), "H100 PCIe", {"bfloat16": 756.0, "tf32": 378.0}),
+    (("h100",), "H100 SXM", {"bfloat16": 989.4, "tf32": 494.7}),
+    (("a100",), "A100", {"bfloat16": 312.0, "tf32": 156.0}),
+)
+
+
+def datasheet_peak(device_kind: str | None) -> dict[str, Any] | None:
+  """{"name", "bfloat16", "tf32"} dense TFLOP/s of `device_kind` from its datasheet, or None
+  for a device not in DATASHEET_PEAKS (a CPU, an unknown GPU)."""
+  kind = (device_kind or "").lower()
+  for keys, name, peaks in DATASHEET_PEAKS:
+    if all(k in kind for k in keys):
+      return {"name": name, **peaks}
+  return None

@@ -49,6 +49,27 @@ def time_calls(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
   return times
 
 
+def matmul_peak(n: int, repeats: int = 3) -> dict[str, Any]:
+  """TFLOP/s of a jitted (n x n) @ (n x n) matmul in fp32 and in bf16, median of `repeats` calls.
+
+  The fp32 one runs at JAX's default precision: on NVIDIA GPUs from Ampere on that is TF32
+  (tensor cores, 10-bit mantissa inputs), which `precision` says.
+  """
+  import jax
+  import jax.numpy as jnp
+  out: dict[str, Any] = {"matmul_n": n}
+  gpu = jax.default_backend() == "gpu"
+  for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), dt)
+    b = jax.random.normal(kb, (n, n), dt)
+    mm = jax.jit(lambda a, b: a @ b)
+    times = time_calls(lambda: mm(a, b), repeats=repeats, warmup=2, sync=jax_sync)
+    out[name] = {"tflops": 2 * n**3 / median(times) / 1e12, **spread(times),
+                 "precision": ("tf32" if gpu else "fp32") if name == "float32" else "bf16"}
+  return out
+
+
 def jax_sync(x: Any) -> Any:
   import jax
   return jax.block_until_ready(x)
