@@ -299,6 +299,19 @@ def test_tensor_views_are_checked_against_file_and_memory(tmp_path, monkeypatch)
   with pytest.raises(errors.UserError, match=r"expand.pth'.*size \[4, 3\] \(float32\) needs 48 "
                                           r"bytes, but only 28 bytes of memory is free"):
     torch_pickle.load(small)
+  monkeypatch.setattr(torch_pickle, "_free_memory", lambda: 8)
+  with pytest.raises(errors.UserError, match=r"expand.pth'.*storage '0' \(3 float32 values\) "
+                                          r"needs 12 bytes, but only 8 bytes"):
+    torch_pickle.load(small)
+
+
+def test_free_memory_sees_the_address_space_limit():
+  code = "from bonejax.convert import torch_pickle; print(torch_pickle._free_memory())"
+  r = subprocess.run([sys.executable, "-c", _LIMITED.format(MEMORY_LIMIT), "-c", code],
+                     capture_output=True, text=True, cwd=REPO, timeout=120,
+                     env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 0 < int(r.stdout) < MEMORY_LIMIT
 
 
 def test_real_torch_expand_views_load(tmp_path):

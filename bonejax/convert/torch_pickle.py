@@ -30,7 +30,7 @@ import os
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -225,9 +225,9 @@ class _Load:
                                     _build_dtype)
     return self.vm.load()
 
-  def _use(self, nbytes: int, what: str) -> None:
+  def _use(self, nbytes: int, what: Callable[[], str]) -> None:
     if self.used + nbytes > self.free:
-      raise errors.UserError(f"{what} needs {_size_text(nbytes)}, but only "
+      raise errors.UserError(f"{what()} needs {_size_text(nbytes)}, but only "
                           f"{_size_text(max(self.free - self.used, 0))} of memory is free")
     self.used += nbytes
 
@@ -274,8 +274,8 @@ class _Load:
       if info.file_size < need:  # checked before reading: the size in the pickle is untrusted
         raise errors.UserError(f"corrupt checkpoint: storage {key!r} has {info.file_size:,} bytes, "
                             f"{numel:,} x {dtype.itemsize} expected")
-      self._use(need, f"storage {key!r} ({numel:,} {dtype} values)")
-      with self.zf.open(info) as f:
+      self._use(need, lambda: f"storage {key!r} ({numel:,} {dtype} values)")
+      with self.vm.untimed(), self.zf.open(info) as f:
         raw = f.read(need)
       if len(raw) != need:
         raise errors.UserError(f"storage {key!r} is damaged (truncated?)")
@@ -311,12 +311,13 @@ class _Load:
                           f"{_size_text(nbytes)} ({nbytes:,} bytes) from a file of "
                           f"{_size_text(self.archive_bytes)}: its strides {list(stride)} repeat "
                           "storage elements (a crafted file?)")
-    self._use(nbytes, f"a tensor of size {list(size)} ({storage.dtype})")
+    self._use(nbytes, lambda: f"a tensor of size {list(size)} ({storage.dtype})")
     self.copied += nbytes
     item = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(s * item for s in stride),
                                            writeable=False)
-    return np.array(view)  # contiguous, owns its memory
+    with self.vm.untimed():
+      return np.array(view)  # contiguous, owns its memory
 
   def _rebuild_tensor(self, storage, storage_offset, size, stride):
     return self._rebuild_tensor_v2(storage, storage_offset, size, stride)

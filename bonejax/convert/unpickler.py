@@ -23,6 +23,7 @@ are refused: nothing a checkpoint of tensors and plain values needs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -176,6 +177,16 @@ class Interpreter:
       raise errors.UserError(f"its pickle makes more than {self.limits.made_bytes:,} bytes of text "
                           "from references to one value (a crafted file?)")
 
+  @contextlib.contextmanager
+  def untimed(self) -> Iterator[None]:
+    """Time spent inside does not count: reading and copying tensors, bounded by the file's
+    size, may take minutes for a large checkpoint on a slow disk."""
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self.deadline += time.monotonic() - start
+
   def _check_time(self) -> None:
     if time.monotonic() >= self.deadline:
       raise errors.UserError(f"took more than {self.limits.seconds:g} s to unpickle (a crafted "
@@ -185,12 +196,14 @@ class Interpreter:
 
   def load(self) -> Any:
     self.deadline = time.monotonic() + self.limits.seconds
+    self._check_time()
     ops = pickletools.genops(io.BytesIO(self.data))
     try:
-      for i, (op, arg, _) in enumerate(ops):
-        if i % 256 == 0:
+      for op, arg, _ in ops:
+        self.nodes += 1
+        if self.nodes % 256 == 0:
           self._check_time()
-        self.charge(1)
+          self.charge()
         handler = _DISPATCH.get(op.name)
         if handler is None:
           raise UnsafePickle(f"refusing to unpickle opcode {op.name}: bonejax reads checkpoints "
@@ -200,6 +213,7 @@ class Interpreter:
       value = stop.value
     else:
       raise errors.UserError("its pickle ends without a STOP opcode (truncated?)")
+    self.charge()
     expanded_size(value, self.limits.nodes, self.limits.depth)
     return value
 
