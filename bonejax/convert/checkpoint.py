@@ -147,8 +147,9 @@ def read(path: str | os.PathLike) -> Checkpoint:
                                 isinstance(v, (dict, np.ndarray))})
   elif isinstance(obj, dict):
     tops = ", ".join(sorted(_key(k)[:40] for k in itertools.islice(obj, 1000))[:6])
-    raise errors.UserError(f"{str(p)!r} holds a dict without a state dict of tensors (keys: {tops}); "
-                        f"expected a state dict or a dict with one of {', '.join(STATE_KEYS)}")
+    raise errors.UserError(f"{str(p)!r} holds a dict without a state dict of tensors (keys: "
+                           f"{tops}); expected a state dict or a dict with one of "
+                           f"{', '.join(STATE_KEYS)}")
   else:
     raise errors.UserError(f"{str(p)!r} holds a {type(obj).__name__}, not a state dict")
   if not isinstance(meta, dict):

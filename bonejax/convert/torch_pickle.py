@@ -118,7 +118,7 @@ def _ints(v: Any, what: str) -> tuple[int, ...]:
     return ()
   if not isinstance(v, (tuple, list)) or len(v) > _MAX_DIMS:
     raise errors.UserError(f"corrupt tensor record: {what} is not a tuple of up to {_MAX_DIMS} "
-                        "integers")
+                           "integers")
   out = tuple(_int(s, what) for s in v)
   if any(not 0 <= s < 2**62 for s in out):
     raise errors.UserError(f"corrupt tensor record: {what} {out}")
@@ -216,7 +216,7 @@ class _Load:
       raise errors.UserError(problem)
     if pkl.file_size > MAX_PICKLE_BYTES:
       raise errors.UserError(f"its pickle {pkl.filename[:100]!r} has {pkl.file_size:,} bytes, more "
-                          f"than the {MAX_PICKLE_BYTES:,} of any checkpoint (a crafted file?)")
+                             f"than the {MAX_PICKLE_BYTES:,} of any checkpoint (a crafted file?)")
     with self.zf.open(pkl) as f:
       data = f.read(MAX_PICKLE_BYTES + 1)
     if len(data) != pkl.file_size:
@@ -228,7 +228,7 @@ class _Load:
   def _use(self, nbytes: int, what: Callable[[], str]) -> None:
     if self.used + nbytes > self.free:
       raise errors.UserError(f"{what()} needs {_size_text(nbytes)}, but only "
-                          f"{_size_text(max(self.free - self.used, 0))} of memory is free")
+                             f"{_size_text(max(self.free - self.used, 0))} of memory is free")
     self.used += nbytes
 
   # -- what the pickle may name -------------------------------------------------------------------
@@ -258,7 +258,7 @@ class _Load:
             and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
             and len(pid[2]) <= 100):
       raise errors.UserError(f"corrupt checkpoint: unexpected persistent id (a "
-                          f"{type(pid).__name__})")
+                             f"{type(pid).__name__})")
     key, dtype, numel = pid[2], pid[1].dtype, _int(pid[4], "storage size")
     if numel < 0:
       raise errors.UserError(f"corrupt checkpoint: storage {key!r} has {numel} elements")
@@ -273,7 +273,7 @@ class _Load:
       need = numel * dtype.itemsize
       if info.file_size < need:  # checked before reading: the size in the pickle is untrusted
         raise errors.UserError(f"corrupt checkpoint: storage {key!r} has {info.file_size:,} bytes, "
-                            f"{numel:,} x {dtype.itemsize} expected")
+                               f"{numel:,} x {dtype.itemsize} expected")
       self._use(need, lambda: f"storage {key!r} ({numel:,} {dtype} values)")
       with self.vm.untimed(), self.zf.open(info) as f:
         raw = f.read(need)
@@ -296,21 +296,22 @@ class _Load:
     offset = _int(storage_offset, "storage offset")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     if len(size) != len(stride) or offset < 0:
-      raise errors.UserError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
+      raise errors.UserError(f"corrupt tensor record: size {size}, stride {stride}, offset "
+                             f"{offset}")
     if 0 in size:
       return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
       raise errors.UserError(f"corrupt tensor record: size {size} with stride {stride} at offset "
-                          f"{offset} reaches past its storage of {storage.size} elements")
+                             f"{offset} reaches past its storage of {storage.size} elements")
     # Strides of 0 (or overlapping ones) repeat storage elements: the copy can be far larger
     # than the storage, so its size is checked against the file and the memory first.
     nbytes = math.prod(size) * storage.dtype.itemsize
     if self.copied + nbytes > COPY_FACTOR * self.archive_bytes + (1 << 20):
       raise errors.UserError(f"a tensor of size {list(size)} ({storage.dtype}) would take "
-                          f"{_size_text(nbytes)} ({nbytes:,} bytes) from a file of "
-                          f"{_size_text(self.archive_bytes)}: its strides {list(stride)} repeat "
-                          "storage elements (a crafted file?)")
+                             f"{_size_text(nbytes)} ({nbytes:,} bytes) from a file of "
+                             f"{_size_text(self.archive_bytes)}: its strides {list(stride)} repeat "
+                             "storage elements (a crafted file?)")
     self._use(nbytes, lambda: f"a tensor of size {list(size)} ({storage.dtype})")
     self.copied += nbytes
     item = storage.dtype.itemsize
@@ -395,10 +396,10 @@ def load(path: str | os.PathLike) -> Any:
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
       raise errors.UserError(f"{str(p)!r} is a TorchScript archive (torch.jit.save); save the "
-                          "weights with torch.save(model.state_dict(), path)")
+                             "weights with torch.save(model.state_dict(), path)")
     if len(pkls) != 1:
       raise errors.UserError(f"{str(p)!r} is a zip archive but not a torch.save checkpoint "
-                          "(no <name>/data.pkl)")
+                             "(no <name>/data.pkl)")
     prefix = pkls[0][: -len("data.pkl")]
     try:
       return _Load(zf, prefix, archive_bytes).run(zf.getinfo(pkls[0]))
@@ -410,7 +411,7 @@ def load(path: str | os.PathLike) -> Any:
       raise errors.UserError(f"{str(p)!r}: not enough memory to read it") from None
     except Exception as e:  # pylint: disable=broad-except  # malformed pickle: any error type
       raise errors.UserError(f"{str(p)!r} holds a malformed pickle: {type(e).__name__}: "
-                          f"{str(e)[:200]}") from None
+                             f"{str(e)[:200]}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def expanded_size(root: Any, limit: int, depth: int) -> int:
         frames.append([child, it, 1])
     if frame[2] > limit:
       raise errors.UserError(f"holds more than {limit:,} values once its shared references are "
-                          "expanded (a crafted file?)")
+                             "expanded (a crafted file?)")
   raise AssertionError("unreachable")
 
 
@@ -172,10 +172,10 @@ class Interpreter:
     self.made_bytes += made_bytes
     if self.nodes > self.limits.nodes:
       raise errors.UserError(f"holds more than {self.limits.nodes:,} pickled values (a crafted "
-                          "file?)")
+                             "file?)")
     if self.made_bytes > self.limits.made_bytes:
       raise errors.UserError(f"its pickle makes more than {self.limits.made_bytes:,} bytes of text "
-                          "from references to one value (a crafted file?)")
+                             "from references to one value (a crafted file?)")
 
   @contextlib.contextmanager
   def untimed(self) -> Iterator[None]:
@@ -190,7 +190,7 @@ class Interpreter:
   def _check_time(self) -> None:
     if time.monotonic() >= self.deadline:
       raise errors.UserError(f"took more than {self.limits.seconds:g} s to unpickle (a crafted "
-                          "file?)")
+                             "file?)")
 
   # -- running -----------------------------------------------------------------------------------
 
