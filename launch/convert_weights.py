@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402
-from bonejax.core import errors
+from bonejax.core import errors, outputs  # noqa: E402
 
 _PTH = flags.DEFINE_string("pth", None, "Weights to import: a DLFit .pth checkpoint, an smp "
                            "state dict (.pth/.pt) or .safetensors.")
@@ -63,6 +63,9 @@ def main(argv):
     stray = [f for f, v in (("out", _OUT), ("arch", _ARCH), ("classes", _CLASSES)) if v.value]
     if stray:
       raise errors.UserError(f"--{stray[0]} goes with --pth (import), not with --to_pth")
+    # The export must not land in (or replace) the bundle it reads, its weights/ included.
+    outputs.check_output(_TO_PTH.value, _OVERWRITE.value, inputs=[_BUNDLE.value],
+                         what="--to_pth")
     result = convert.export_weights(_BUNDLE.value, _TO_PTH.value, overwrite=_OVERWRITE.value)
     print(f"wrote {result['pth']}: {result['arch']} as smp {result['smp']['class']}"
           f"(encoder_name={result['smp']['encoder_name']!r}), {result['params']:,} parameters",
@@ -72,6 +75,7 @@ def main(argv):
     raise errors.UserError("--pth needs --out (the bundle directory to write)")
   if _BUNDLE.value:
     raise errors.UserError("--bundle goes with --to_pth (export), not with --pth")
+  outputs.check_output(_OUT.value, _OVERWRITE.value, inputs=[_PTH.value], what="--out")
   classes = None
   if _CLASSES.value is not None:
     classes = [c.strip() for c in _CLASSES.value.split(",")]

@@ -207,6 +207,25 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, smp_sd):
   assert not (tmp_path / "pwned").exists()
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+  return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def test_cli_never_writes_into_its_input(tmp_path, smp_sd):
+  from bundle_helpers import make_bundle  # pylint: disable=import-outside-toplevel
+  b = make_bundle(tmp_path / "b")
+  before = _tree(b)
+  for target in (b / "weights" / "m.pth", b / "m.safetensors"):
+    r = _cli(f"--bundle={b}", f"--to_pth={target}")
+    assert r.returncode == 2 and r.stderr.startswith("error: --to_pth"), r.stderr[-2000:]
+    assert "lies inside the input" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  src = _dlfit(tmp_path / "w.pth", smp_sd)
+  kept = src.read_bytes()
+  r = _cli(f"--pth={src}", f"--out={src}", "--overwrite")
+  assert r.returncode == 2 and "is the input" in r.stderr, r.stderr[-2000:]
+  assert _tree(b) == before and src.read_bytes() == kept
+
+
 def test_export_refuses_models_smp_does_not_have(tmp_path):
   model = models.fill_from_numpy(models.abstract_model(
       models.create, "unet", num_classes=2, in_channels=1, depth=2, width=4))

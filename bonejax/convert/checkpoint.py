@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -48,21 +49,70 @@ def _is_state_dict(obj: Any) -> bool:
       isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
 
 
-def _plain(v: Any, depth: int = 0) -> Any:
-  """Metadata made JSON-able: arrays and anything exotic become short descriptions."""
-  if depth > 8:
-    return "..."
-  if v is None or isinstance(v, (bool, int, float, str)):
-    return v
-  if isinstance(v, dict):
-    return {str(k): _plain(x, depth + 1) for k, x in v.items()}
-  if isinstance(v, (list, tuple, set, frozenset)):
-    return [_plain(x, depth + 1) for x in v]
-  if isinstance(v, np.ndarray):
-    return v.tolist() if v.size <= 16 else f"<array {v.dtype} {list(v.shape)}>"
-  if isinstance(v, bytes):
-    return f"<{len(v)} bytes>"
-  return str(v)
+PLAIN_NODES = 10_000  # values of metadata kept in model.json; the rest become "..."
+PLAIN_DEPTH = 8
+PLAIN_TEXT = 4096    # characters of one string kept
+
+
+def _key(k: Any) -> str:
+  if isinstance(k, str):
+    return k[:PLAIN_TEXT]
+  if k is None or isinstance(k, (bool, float)) or (isinstance(k, int) and k.bit_length() < 64):
+    return str(k)
+  return f"<{type(k).__name__}>"
+
+
+def _leaf(x: Any) -> Any:
+  if x is None or isinstance(x, (bool, float)):
+    return x
+  if isinstance(x, int):
+    return x if x.bit_length() < 64 else f"<{x.bit_length()}-bit integer>"
+  if isinstance(x, str):
+    return x if len(x) <= PLAIN_TEXT else f"<text of {len(x):,} characters>"
+  if isinstance(x, np.ndarray):
+    return x.tolist() if x.size <= 16 else f"<array {x.dtype} {list(x.shape)}>"
+  if isinstance(x, bytes):
+    return f"<{len(x)} bytes>"
+  return str(x)[:PLAIN_TEXT]
+
+
+def _plain(v: Any) -> Any:
+  """Metadata made JSON-able and small: arrays and anything exotic become short descriptions.
+
+  At most about PLAIN_NODES values with every shared reference expanded (as json.dump writes
+  them), containers deeper than PLAIN_DEPTH levels and whatever is past the budget become "...".
+  A shared object is converted once and reused at its expanded size, so a tower of dicts that
+  each reference one dict ten times costs PLAIN_NODES steps, not 10^levels.
+  """
+  budget = [PLAIN_NODES]
+  done: dict[int, tuple[Any, int]] = {}  # id -> (converted, expanded size); all alive in v
+
+  def convert(x: Any, depth: int) -> tuple[Any, int]:
+    container = isinstance(x, (dict, list, tuple, set, frozenset))
+    if container and id(x) in done and done[id(x)][1] <= budget[0]:
+      budget[0] -= done[id(x)][1]
+      return done[id(x)]
+    budget[0] -= 1
+    if budget[0] < 0 or (container and depth > PLAIN_DEPTH):
+      return "...", 1
+    if not container:
+      return _leaf(x), 1
+    size = 1
+    out: Any = {} if isinstance(x, dict) else []
+    for k, item in (x.items() if isinstance(x, dict) else ((None, item) for item in x)):
+      cut = budget[0] <= 0  # then one marker stands for everything left out of this container
+      value, n = ("...", 1) if cut else convert(item, depth + 1)
+      size += n
+      if isinstance(out, dict):
+        out["..." if cut else _key(k)] = value
+      else:
+        out.append(value)
+      if cut:
+        break
+    done[id(x)] = (out, size)
+    return out, size
+
+  return convert(v, 0)[0]
 
 
 def _from_safetensors_meta(meta: dict[str, str]) -> dict[str, Any]:
@@ -96,9 +146,10 @@ def read(path: str | os.PathLike) -> Checkpoint:
     meta = obj.get("metadata", {k: v for k, v in obj.items() if k != key and not
                                 isinstance(v, (dict, np.ndarray))})
   elif isinstance(obj, dict):
-    tops = ", ".join(sorted(map(str, obj))[:6])
-    raise errors.UserError(f"{str(p)!r} holds a dict without a state dict of tensors (keys: {tops}); "
-                        f"expected a state dict or a dict with one of {', '.join(STATE_KEYS)}")
+    tops = ", ".join(sorted(_key(k)[:40] for k in itertools.islice(obj, 1000))[:6])
+    raise errors.UserError(f"{str(p)!r} holds a dict without a state dict of tensors (keys: "
+                           f"{tops}); expected a state dict or a dict with one of "
+                           f"{', '.join(STATE_KEYS)}")
   else:
     raise errors.UserError(f"{str(p)!r} holds a {type(obj).__name__}, not a state dict")
   if not isinstance(meta, dict):
