@@ -73,7 +73,7 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
                    patch_size: int | None = None, context_slices: int | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
   """Converts a DLFit checkpoint, smp state dict or .safetensors into a bundle at `out`."""
-  outputs.check_output(out, overwrite)
+  outputs.check_output(out, overwrite, inputs=[path])
   if normalization is not None and normalization not in intensity.RULES:
     raise errors.UserError(f"--normalization={normalization!r} must be one of "
                         f"{', '.join(intensity.RULES)}")
@@ -154,7 +154,7 @@ def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
   to = Path(to)
   if to.suffix.lower() not in EXPORT_SUFFIXES:
     raise errors.UserError(f"--to_pth={str(to)!r} must end in {', '.join(EXPORT_SUFFIXES)}")
-  outputs.check_output(to, overwrite)
+  outputs.check_output(to, overwrite, inputs=[bundle_dir])
   errors.require_exists(bundle_dir, "model bundle")
   from bonejax import models  # pylint: disable=import-outside-toplevel
   from bonejax.models import bundle
@@ -166,7 +166,7 @@ def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
   sd = weights.state_dict_from_model(name, b.model)
   smp = {"class": smp_class, "encoder_name": encoder, "in_channels": b.in_channels,
          "classes": b.num_classes, **smp_kwargs(name, meta.get("model_kwargs", {}))}
-  with outputs.atomic_output(to, overwrite=overwrite) as tmp:
+  with outputs.atomic_output(to, overwrite=overwrite, inputs=[bundle_dir]) as tmp:
     if to.suffix.lower() == ".safetensors":
       info = {"format": "pt", "bonejax_model": name, "smp_class": smp_class,
               "encoder_name": encoder, "in_channels": b.in_channels, "classes": b.classes,
