@@ -36,7 +36,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bonejax.cli import runner  # noqa: E402
-from bonejax.core import errors
+from bonejax.core import distributed  # noqa: E402
 from bonejax.train import configlib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,32 +44,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.FIELD=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds "
                                "checkpoints).")
-_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with "
-                               "cluster auto-detection (SLURM, Open MPI, GKE, Cloud TPU).")
-
-
-def init_distributed() -> None:
-  import jax
-  given = [f for f in (_COORD.value, _NPROC.value, _PID.value) if f is not None]
-  if given and len(given) != 3:
-    raise errors.UserError("multi-host needs all of --coordinator_address, --num_processes and "
-                        "--process_id (or --multihost for auto-detection)")
-  if given:
-    if not 0 <= _PID.value < _NPROC.value:
-      raise errors.UserError(f"--process_id={_PID.value} not in [0, {_NPROC.value})")
-    jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value,
-                               process_id=_PID.value)
-  elif _MULTIHOST.value:
-    jax.distributed.initialize()
+_MULTIHOST = distributed.define_flags(flags)
 
 
 def main(argv):
   configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  init_distributed()
+  _MULTIHOST.initialize()
   from bonejax.train import trainer
   return trainer.train(_CONFIG.value, _WORKDIR.value, stop_on_signal=True)
 

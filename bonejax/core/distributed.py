@@ -1,9 +1,9 @@
 """Several processes as one job: `jax.distributed` from the command-line flags, and a process
 group whose barriers fail with one line, never hang, when another process fails or dies.
 
-`initialize` is what `launch/train.py`'s flags mean (`--coordinator_address --num_processes
---process_id`, or `--multihost` for cluster auto-detection); train.py keeps its own copy for now
-and can call this one instead.
+`define_flags` declares the multi-host flags every command shares (`--coordinator_address
+--num_processes --process_id`, or `--multihost` for cluster auto-detection) and `initialize` is
+what they mean: the one definition of both (launch/train.py uses them).
 
 `Group` serves jobs whose processes never meet inside XLA: multi-host prediction, where each
 process predicts its own share of the planes into files on a shared filesystem and they meet
@@ -87,6 +87,39 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise errors.UserError(f"cannot start the multi-process job{where}: "
                         f"{errors.short_message(e)}") from None
   return True
+
+
+class Flags:
+  """The multi-host absl flags of one command (`define_flags`)."""
+
+  def __init__(self, flags_module: Any):
+    f = flags_module
+    self.coordinator_address = f.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (multi-host).")
+    self.num_processes = f.DEFINE_integer("num_processes", None,
+                                          "Number of processes (multi-host).")
+    self.process_id = f.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    self.multihost = f.DEFINE_bool(
+        "multihost", False, "Call jax.distributed.initialize() with cluster auto-detection "
+        "(SLURM, Open MPI, GKE, Cloud TPU).")
+
+  def values(self) -> tuple[str | None, int | None, int | None, bool]:
+    return (self.coordinator_address.value, self.num_processes.value, self.process_id.value,
+            bool(self.multihost.value))
+
+  def requested(self) -> bool:
+    return requested(*self.values())
+
+  def initialize(self, **kw: Any) -> bool:
+    """`initialize` with these flags' values (keyword options as there)."""
+    return initialize(*self.values(), **kw)
+
+
+def define_flags(flags_module: Any = None) -> Flags:
+  """Declares --coordinator_address, --num_processes, --process_id and --multihost (absl)."""
+  if flags_module is None:
+    from absl import flags as flags_module
+  return Flags(flags_module)
 
 
 def _client() -> Any:

@@ -4,7 +4,9 @@ A 2.5D model (BONe's DLFit: 3 to 9 planes) sees the 2k + 1 planes plane-k .. pla
 as the channels of one example. At the volume's ends the missing planes are mirrored back into
 it without repeating the edge plane (numpy's 'reflect'), the same rule the patch stream uses for
 crops that overhang a plane: the model never sees a plane that does not exist, nor an edge
-plane twice in a row. numpy only: the predictor imports this without the data pipeline.
+plane twice in a row. `reflect_index` is the one mirror rule of the package: the host patch
+stream, the device sampler (jax, a per-crop n) and the augmentation's warps (jax) all call it.
+numpy only at import: the predictor imports this without the data pipeline.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
-  """Mirror indices into [0, n) without repeating the edge (numpy's 'reflect' pad mode)."""
-  if n == 1:
-    return np.zeros_like(idx)
-  period = 2 * (n - 1)
-  m = np.mod(idx, period)
-  return np.where(m < n, m, period - m)
+def reflect_index(idx, n, xp=np):
+  """Mirror integer indices into [0, n) without repeating the edge (numpy's 'reflect' pad mode).
+
+  `xp`: numpy, or jax.numpy inside jitted code; `n` a Python int or an array broadcasting
+  against `idx` (a per-crop size). n = 1 maps everything to 0 (the period is clamped to 1).
+  """
+  period = max(2 * (n - 1), 1) if isinstance(n, int) else xp.maximum(2 * (n - 1), 1)
+  m = xp.mod(idx, period)
+  return xp.where(m < n, m, period - m)
 
 
 def context_planes(plane: int, n: int, k: int) -> np.ndarray:

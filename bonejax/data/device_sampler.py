@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bonejax.data import store
+from bonejax.data import context, store
 from bonejax.io import intensity
 from bonejax.data import patches
 
@@ -180,10 +180,8 @@ def plan(shapes: Sequence[Sequence[int]], dtypes: Sequence[Any], mesh: Mesh,
 
 
 def _reflect(i: jax.Array, n: jax.Array) -> jax.Array:
-  """patches.reflect_index with a per-crop n: mirror into [0, n) without repeating the edge."""
-  period = jnp.maximum(2 * (n - 1), 1)
-  m = jnp.mod(i, period)
-  return jnp.where(n == 1, 0, jnp.where(m < n, m, period - m))
+  """The mirror rule (context.reflect_index) with a per-crop n."""
+  return context.reflect_index(i, n, jnp)
 
 
 def _term(pos: jax.Array, sq: jax.Array, sr: jax.Array) -> tuple[jax.Array, jax.Array]:

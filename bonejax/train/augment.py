@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from bonejax.core import errors
+from bonejax.data import context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +244,7 @@ def _cubic_upsampler(n: int, g: int) -> np.ndarray:
 
 
 def _reflect(i: jax.Array, n: int) -> jax.Array:
-  """Mirror integer indices into [0, n) without repeating the edge."""
-  if n == 1:
-    return jnp.zeros_like(i)
-  period = 2 * (n - 1)
-  i = jnp.mod(i, period)
-  return jnp.where(i < n, i, period - i)
+  return context.reflect_index(i, n, jnp)
 
 
 def _gather_bilinear(image, src):
