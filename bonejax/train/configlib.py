@@ -90,13 +90,21 @@ def default_config() -> ml_collections.ConfigDict:
                                  # streamed from the host at each evaluation (0: always stream)
   c.eval_graph = "auto"          # validation through the inference graph (BatchNorm folded,
                                  # as predict.py runs the bundle): auto | measure | xla | off
-  c.best_metric = "miou_fg"      # miou_fg | miou_all (higher is better) | loss (lower)
+  # Evaluators (bonejax/train/evaluators/): name -> {type, every_steps (default eval_every),
+  # ...}. "val" is the plane-wise one the val_* fields above configure; add e.g.
+  # c.evaluators.volume = dict(type="volume", every_steps=5000, planes=3, vote="soft") for the
+  # voted whole-scan IoU of the papers.
+  c.evaluators = ml_collections.ConfigDict({"val": {"type": "planes"}})
+  # NAME/METRIC of an evaluator (a bare METRIC: the "val" evaluator's): miou_fg | miou_all
+  # (higher is better) | loss (lower); e.g. volume/miou_fg.
+  c.best_metric = "miou_fg"
   c.early_stopping_patience = 0  # evaluations without improvement; 0: off
   # Bookkeeping.
   c.log_every = 50               # steps; 0: every step
   c.checkpoint_every = 1000      # steps; 0: only at the end, when stopped, and at a new best
   c.keep_checkpoints = 2
   c.stop_after = 0               # stop (resumably) after this step, as a preemption would
+  c.profile_steps = ""           # 'A:B': a jax.profiler trace of steps A+1..B in WORKDIR/profile
   return c
 
 

@@ -83,6 +83,7 @@ def _run(base, k: int, workdir: Path, planes: int, vote: str) -> dict[str, Any]:
   folds = splits.nested_kfold(dataset.scans, k, int(base.seed), float(base.val_fraction))
 
   rows = []
+  cache = trainer.StepCache()  # the folds share one configuration: compiled once
   for i, fold in enumerate(folds):
     fold_dir = workdir / f"fold_{i}"
     print(f"[crossval] fold {i + 1}/{len(folds)}: train {', '.join(fold.train)}; select on "
@@ -91,14 +92,14 @@ def _run(base, k: int, workdir: Path, planes: int, vote: str) -> dict[str, Any]:
     with config.unlocked():
       config.dataset = str(dataset_path)
       config.train_scans, config.val_scans = tuple(fold.train), tuple(fold.val)
-    result = trainer.train(config, fold_dir)
-    cache = fold_dir / "scores.json"
-    scores = json.loads(cache.read_text()) if cache.exists() else None
+    result = trainer.train(config, fold_dir, cache=cache)
+    scores_file = fold_dir / "scores.json"
+    scores = json.loads(scores_file.read_text()) if scores_file.exists() else None
     model_id = json.loads((fold_dir / "model" / "model.json").read_text()).get("checkpoint_id")
     if not scores or [scores.get(k) for k in ("checkpoint_id", "scored_scans", "planes",
                                               "vote")] != [model_id, fold.test, planes, vote]:
       scores = score_fold(fold_dir / "model", dataset, fold.test, planes, vote)
-      outputs.atomic_write_json(cache, scores)
+      outputs.atomic_write_json(scores_file, scores)
     rows.append({"fold": i, "test_scans": fold.test, "inner_val_scans": fold.val,
                  "train_scans": fold.train,
                  "val_scans": fold.test,  # the scored scans, as this field meant before nesting

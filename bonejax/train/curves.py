@@ -18,9 +18,15 @@ from typing import Any, Sequence
 from bonejax.core import outputs
 
 
-def columns(classes: Sequence[str]) -> list[str]:
-  return (["step", "loss", "lr", "patches_per_s", "val_loss", "val_miou_all", "val_miou_fg"] +
-          [f"val_iou_{c}" for c in classes])
+def columns(classes: Sequence[str], evaluator_columns: Sequence[str] | None = None) -> list[str]:
+  """The training columns, the evaluators' (default: the plane-wise "val" evaluator's) and the
+  timing per step of the logging interval: step_ms (wall time) and data_ms (waiting for
+  input, included in step_ms)."""
+  if evaluator_columns is None:
+    evaluator_columns = (["val_loss", "val_miou_all", "val_miou_fg"] +
+                         [f"val_iou_{c}" for c in classes])
+  return (["step", "loss", "lr", "patches_per_s"] + list(evaluator_columns) +
+          ["step_ms", "data_ms"])
 
 
 def _fmt(v: Any) -> str:
@@ -34,8 +40,9 @@ def _fmt(v: Any) -> str:
 class MetricsLog:
 
   def __init__(self, path: str | Path, classes: Sequence[str], resume_step: int | None,
-               enabled: bool = True):
-    self.path, self.columns, self.enabled = Path(path), columns(classes), enabled
+               enabled: bool = True, columns: Sequence[str] | None = None):
+    self.path, self.enabled = Path(path), enabled
+    self.columns = list(columns) if columns is not None else globals()["columns"](classes)
     if not enabled:
       return
     rows = []
@@ -98,11 +105,12 @@ def plot(csv_path: str | Path, png_path: str | Path, best_metric: str = "val_mio
   ax.plot(*series("val_loss"), "o-", label="val loss")
   ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend()
   ax = axes[1]
-  for key in [c for c in (rows[0].keys() if rows else []) if c.startswith("val_iou_")] + [
-      "val_miou_all", "val_miou_fg"]:
+  keys = list(rows[0].keys()) if rows else []
+  for key in [c for c in keys if c.startswith("val_iou_")] + [
+      c for c in keys if c.endswith(("_miou_all", "_miou_fg"))]:  # every evaluator's means
     xs, ys = series(key)
     if xs:
-      ax.plot(xs, ys, "o-" if key == best_metric else ".-", label=key[4:],
+      ax.plot(xs, ys, "o-" if key == best_metric else ".-", label=key.removeprefix("val_"),
               linewidth=2.5 if key == best_metric else 1)
   ax.set_xlabel("step"), ax.set_ylabel("validation IoU"), ax.set_ylim(0, 1), ax.legend()
   ax = axes[2]

@@ -22,7 +22,7 @@ from bonejax.core import outputs
 
 # What a training run writes in its work directory (trainer.py, checkpoint.py, best.py).
 TRAIN_OUTPUTS = ("config.json", "split.json", "metrics.csv", "curves.png", "checkpoints",
-                 "checkpoints.corrupt", "best", "model", "data")
+                 "checkpoints.corrupt", "best", "model", "data", "tensorboard", "profile")
 
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:

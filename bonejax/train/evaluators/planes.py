@@ -1,4 +1,8 @@
-"""Validation during training: the jitted confusion-matrix step and the evaluator that feeds it.
+"""The plane-wise evaluator (type "planes"): the jitted confusion-matrix step and its feeder.
+
+Config fields (each defaults to the top-level config field in brackets): axes [val_axes], crop
+[val_crop], stride [val_stride], batch_size [val_batch_size, then batch_size], device_limit_mb
+[val_device_limit_mb], graph [eval_graph: the validation graph is the training run's].
 
 The validation set is fixed (every k-th plane of the validation scans, whole or centre-cropped),
 so while it is small it is read once and kept on the device: an evaluation then costs only the
@@ -14,6 +18,7 @@ validation set overflows it.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterable
 
 import jax
@@ -21,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bonejax.core import jsonable
+from bonejax.data import patches
 from bonejax.evaluate import metrics
+from bonejax.train import mesh as mesh_lib
 
 _CARRY = 30
+FIELDS = ("axes", "crop", "stride", "batch_size", "device_limit_mb")
+METRICS = {"loss": "min", "miou_all": "max", "miou_fg": "max"}
 
 
 def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int,
@@ -56,6 +66,8 @@ def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int,
 class Evaluator:
   """`evaluator(state)` -> {loss, iou, miou_all, miou_fg} on the validation set.
 
+  `from_config` builds it inside a training run (the jitted step through the run's cache).
+
   eval_step: the jitted make_eval_step function. batches: () -> host batches (a fresh
   iterator each call). put: host batch -> device batch. nbytes: the set's size, which decides
   between keeping it on the device and streaming it.
@@ -63,7 +75,9 @@ class Evaluator:
 
   def __init__(self, eval_step: Callable, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
                put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]], *, nbytes: int,
-               max_device_bytes: int, classes: list[str], replicated):
+               max_device_bytes: int, classes: list[str], replicated, name: str = "val",
+               every_steps: int = 0):
+    self.name, self.every_steps, self.METRICS = name, int(every_steps), METRICS
     self.eval_step, self.batches, self.put = eval_step, batches, put
     self.nbytes, self.on_device = int(nbytes), int(nbytes) <= int(max_device_bytes)
     self.classes, self.replicated = list(classes), replicated
@@ -91,3 +105,32 @@ class Evaluator:
     scores = metrics.scores(cm, self.classes)
     return {"loss": float(acc["loss"] / max(float(acc["n"]), 1.0)), "iou": scores["iou"],
             "miou_all": scores["miou_all"], "miou_fg": scores["miou_fg"]}
+
+  @classmethod
+  def from_config(cls, name: str, spec: dict[str, Any], ctx) -> "Evaluator":
+    c = ctx.config
+    batch = int(spec.get("batch_size", 0) or c.val_batch_size) or int(c.batch_size)
+    mesh_lib.check_batch_size(batch, ctx.mesh, f"evaluators.{name}.batch_size")
+    axes = spec.get("axes", c.val_axes)
+    args = dict(crop=int(spec.get("crop", c.val_crop)) or None,
+                axes=tuple(axes) if isinstance(axes, (tuple, list)) else (int(axes),),
+                batch_size=batch, stride=int(spec.get("stride", c.val_stride)),
+                context_slices=int(c.context_slices))
+    data, repl = mesh_lib.data_sharding(ctx.mesh), mesh_lib.replicated(ctx.mesh)
+    graphs, num_classes = ctx.model_graphs, len(ctx.classes)
+    # The jitted step depends only on these: runs sharing the cache share the executable.
+    key = json.dumps([num_classes, [d.id for d in ctx.mesh.devices.flat], jsonable.to_jsonable(
+        {k: c.to_dict().get(k) for k in ("model", "in_channels", "dtype", "seed", "loss",
+                                         "context_slices", "eval_graph")})], sort_keys=True)
+    step = ctx.cache.get(f"eval/{name}", key, lambda: jax.jit(
+        make_eval_step(graphs.eval, ctx.loss_fn, num_classes, graphs.fold),
+        in_shardings=(repl, data, repl), out_shardings=repl, donate_argnums=(2,)))
+    # Each process holds its own rows of every validation batch.
+    return cls(
+        step,
+        lambda: patches.validation_batches(ctx.dataset_path, ctx.val_scans,
+                                           normalization=str(c.normalization), **args),
+        lambda b: mesh_lib.put_batch(mesh_lib.local_rows(b, batch), data, batch),
+        nbytes=patches.validation_nbytes(ctx.dataset_path, ctx.val_scans, **args),
+        max_device_bytes=int(spec.get("device_limit_mb", c.val_device_limit_mb)) << 20,
+        classes=ctx.classes, replicated=repl, name=name, every_steps=spec["every_steps"])
