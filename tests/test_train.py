@@ -88,8 +88,9 @@ def test_stop_and_resume_equals_uninterrupted(reference, tiny_dataset, tmp_path)
   _assert_same_state(load_state(tmp_path)[1], load_state(ref_dir)[1])
   assert second["best_val_miou"] == reference[0]["best_val_miou"]
   # No duplicated or lost rows; the same validation scores. (The train loss logged at step 6
-  # averages steps 5-6 in one run and step 6 alone in the other.)
-  cut = lambda p: [r.split(",")[:1] + r.split(",")[4:] for r in p.read_text().splitlines()]
+  # averages steps 5-6 in one run and step 6 alone in the other; the last two columns are
+  # timings.)
+  cut = lambda p: [r.split(",")[:1] + r.split(",")[4:-2] for r in p.read_text().splitlines()]
   assert cut(tmp_path / "metrics.csv") == cut(ref_dir / "metrics.csv")
 
 
@@ -176,6 +177,9 @@ def test_sigint_stops_cleanly_and_resumes(reference, tiny_dataset, tmp_path):
   assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
   assert log.count("[train] stopped by SIGINT") == 1 and \
       f"after step {stopped_at}, checkpoint written" in log
+  # The progress line says it stopped, never "done" (it did not reach num_steps).
+  assert not [l for l in log.splitlines() if l.endswith(" done")], log[-2000:]
+  assert f"{stopped_at}/{STEPS} steps" in log and "stopped by a signal" in log
   second = trainer.train(_config(tiny_dataset), workdir)
   assert second["resumed_from"] == stopped_at and second["steps"] == STEPS
   _assert_same_state(load_state(workdir)[1], load_state(ref_dir)[1])
@@ -293,7 +297,7 @@ def test_streamed_validation_equals_device_resident(reference, tiny_dataset, tmp
   assert len(calls) == 2  # read again at each of the 2 evaluations: nothing kept on the device
   ref, ref_dir = reference
   assert result["best_val"] == ref["best_val"] and result["final_val"] == ref["final_val"]
-  val = lambda p: [r.split(",")[4:] for r in p.read_text().splitlines()]  # noqa: E731
+  val = lambda p: [r.split(",")[4:-2] for r in p.read_text().splitlines()]  # noqa: E731
   assert val(tmp_path / "metrics.csv") == val(ref_dir / "metrics.csv")
 
 

@@ -13,14 +13,25 @@ name and renames), so a run killed mid-save resumes from the previous checkpoint
 can still be damaged later (a truncated or overwritten file, a full disk): `restore_newest`
 then warns, moves the damaged step aside to DIR.corrupt/ (kept for inspection, out of the
 manager's way) and falls back to the newest step that reads.
+
+Only damage does that (`is_damage`: undecodable JSON or data, a missing file, a checksum or
+decompression error). A device out of memory, a transient I/O error (a timeout, an unavailable
+or busy filesystem, EIO) or a permission problem is raised as it is and nothing moves: a good
+newest step must never be set aside. With several processes, each reports how its read went,
+process 0 decides for all (any other error: stop; any damage: fall back; else resume) and
+broadcasts the decision, so every process resumes from the same step or stops together.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import re
+import struct
 import sys
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +47,63 @@ STATE, HOST = "state", "host"
 
 class Mismatch(errors.UserError):
   """A checkpoint that reads, but belongs to another configuration."""
+
+
+# Errors that say nothing about the files: retry later, free memory, fix permissions.
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ENOMEM, errno.EIO,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ESTALE,
+                     errno.EBUSY, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS,
+                     errno.EMFILE, errno.ENFILE, errno.EHOSTUNREACH, errno.ENETUNREACH}
+_TRANSIENT_TEXT = ("RESOURCE_EXHAUSTED", "out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                   "CANCELLED", "ABORTED", "PERMISSION_DENIED", "timed out",
+                   "Resource temporarily unavailable", "Too many open files")
+# What a damaged step raises: bad JSON, bad or short data, a missing file.
+_DAMAGE_TYPES = (ValueError, KeyError, IndexError, EOFError, FileNotFoundError,
+                 NotADirectoryError, IsADirectoryError, zlib.error, struct.error)
+_DAMAGE_TEXT = ("DATA_LOSS", "corrupt", "truncat", "checksum", "decod", "Unexpected end",
+                "unexpected end", "NOT_FOUND", "INVALID_ARGUMENT", "FAILED_PRECONDITION",
+                "OUT_OF_RANGE")
+_OK, _DAMAGE, _STOP = 0, 1, 2
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def is_damage(e: BaseException) -> bool:
+  """Whether reading a step failed because its files are damaged (then an older step may be
+  resumed and this one set aside), not for a reason of the moment (memory, I/O, permissions)."""
+  chain = _chain(e)
+  for x in chain:
+    if isinstance(x, (MemoryError, KeyboardInterrupt, SystemExit)):
+      return False
+    if isinstance(x, OSError) and x.errno in _TRANSIENT_ERRNOS:
+      return False
+    if any(t.lower() in str(x).lower() for t in _TRANSIENT_TEXT):
+      return False
+  return any(isinstance(x, _DAMAGE_TYPES) or any(t in str(x) for t in _DAMAGE_TEXT)
+             for x in chain)
+
+
+def _reason(e: BaseException) -> str:
+  """bundle.reason without the reprs of bound methods some bindings put in their messages."""
+  text = re.sub(r"<bound method [^>]*>", "", bundle.reason(e))
+  return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def _agree(code: int) -> int:
+  """Process 0's decision from every process's outcome code (the highest), broadcast."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils
+  codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+  decision = np.int32(codes.max()) if jax.process_index() == 0 else np.int32(0)
+  return int(multihost_utils.broadcast_one_to_all(decision))
 
 
 class Checkpoints:
@@ -97,32 +165,44 @@ class Checkpoints:
     """(step, state, host) of the newest step that reads; None when there is no step.
 
     `check(host)` runs on each candidate's JSON before its arrays are read and may raise a
-    UserError (a run with another configuration): that, and a Mismatch, end the search. A step
-    that fails to read is reported with a warning, and moved aside once an older one has
-    restored; when none reads, one line names the newest.
+    UserError (a run with another configuration): that, and a Mismatch, end the search. A
+    damaged step (`is_damage`) is reported with a warning, and moved aside once an older one has
+    restored; when none reads, one line names the newest. Any other error ends the search as it
+    is. With several processes every one takes process 0's decision (see the module docstring).
     """
-    steps = self.steps()
     bad: list[tuple[int, str]] = []
-    for step in reversed(steps):
+    for step in reversed(self.steps()):
       try:
         if check is not None:
           check(self.read_host(step))
         state, host = self.restore(step, like)
-      except errors.UserError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  (any damage: JSON, ocdbt, zstd)
-        reason = bundle.reason(e)
-        bad.append((step, reason))
-        print(f"[checkpoint] warning: {self.directory / str(step)} is unreadable ({reason}); "
-              "trying the previous checkpoint", file=sys.stderr, flush=True)
-        continue
-      self._set_aside([s for s, _ in bad])
-      return step, state, host
+        outcome, error = _OK, None
+      except Exception as e:  # pylint: disable=broad-except  (sorted below)
+        error = e
+        outcome = _DAMAGE if is_damage(e) and not isinstance(e, errors.UserError) else _STOP
+      decision = _agree(outcome)
+      if decision == _OK:
+        self._set_aside([s for s, _ in bad])
+        return step, state, host
+      if decision == _STOP:
+        if error is None or outcome != _STOP:
+          raise errors.UserError(f"another process could not read checkpoint "
+                                 f"{self.directory / str(step)} (see its message); nothing "
+                                 "was moved aside") from None
+        if not isinstance(error, errors.UserError):
+          print(f"[checkpoint] reading {self.directory / str(step)} failed ({_reason(error)}); "
+                "that is not damage, so nothing was moved aside: rerun once it is resolved",
+                file=sys.stderr, flush=True)
+        raise error
+      reason = _reason(error) if error is not None else "unreadable on another process"
+      bad.append((step, reason))
+      print(f"[checkpoint] warning: {self.directory / str(step)} is unreadable ({reason}); "
+            "trying the previous checkpoint", file=sys.stderr, flush=True)
     if bad:
       step, reason = bad[0]
       raise errors.UserError(f"no readable checkpoint in {self.directory}: the newest, "
-                          f"{self.directory / str(step)}, fails with: {reason}; move it away to "
-                          "resume from an older one, or use a fresh --workdir")
+                             f"{self.directory / str(step)}, fails with: {reason}; move it away "
+                             "to resume from an older one, or use a fresh --workdir")
     return None
 
   def _set_aside(self, steps: list[int]) -> None:

@@ -47,18 +47,20 @@ class Created:
     self.before = set(os.listdir(self.path)) if self.path.is_dir() else set()
 
   def remove(self) -> None:
-    if not self.path.is_dir():
-      return
-    for name in sorted(set(os.listdir(self.path)) - self.before):
-      if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names):
-        outputs.remove_path(self.path / name)
+    if self.path.is_dir():
+      for name in sorted(set(os.listdir(self.path)) - self.before):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names):
+          outputs.remove_path(self.path / name)
     if self.first_new is None:
       return
-    for p in [self.path, *self.path.parents]:  # the directories this run made, if now empty
-      try:
-        p.rmdir()
-      except OSError:
-        break
+    # The directories this run made, if now empty; also when the run failed before making
+    # `path` itself but after its parents (the workdir lock lives beside it).
+    for p in [self.path, *self.path.parents]:
+      if p.exists():
+        try:
+          p.rmdir()
+        except OSError:
+          break
       if p == self.first_new:
         break
 
