@@ -180,3 +180,9 @@ def test_process_0_decides_for_all(monkeypatch):
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent[0])
   assert checkpoint._agree(checkpoint._DAMAGE) == checkpoint._DAMAGE
   assert len(sent) == 1  # only process 0's value was sent
+
+
+def test_fallback_messages_name_no_bound_methods():
+  e = ValueError("DATA_LOSS: reading <bound method pybind11_object.read of <ts.TensorStore at "
+                 "0x7f>> failed: truncated")
+  assert checkpoint._reason(e) == "ValueError: DATA_LOSS: reading failed: truncated"

@@ -92,7 +92,7 @@ def is_damage(e: BaseException) -> bool:
 
 def _reason(e: BaseException) -> str:
   """bundle.reason without the reprs of bound methods some bindings put in their messages."""
-  text = re.sub(r"<bound method [^>]*>", "", bundle.reason(e))
+  text = re.sub(r"<bound method (?:[^<>]|<[^<>]*>)*>", "", bundle.reason(e))
   return re.sub(r"\s{2,}", " ", text).strip()
 
 
