@@ -92,16 +92,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 class Flags:
   """The multi-host absl flags of one command (`define_flags`)."""
 
-  def __init__(self, flags_module: Any):
-    f = flags_module
+  def __init__(self, flags_module: Any, module_name: str):
+    f, m = flags_module, {"module_name": module_name}  # listed by the command's own --help
     self.coordinator_address = f.DEFINE_string(
-        "coordinator_address", None, "host:port of process 0 (multi-host).")
+        "coordinator_address", None, "host:port of process 0 (multi-host).", **m)
     self.num_processes = f.DEFINE_integer("num_processes", None,
-                                          "Number of processes (multi-host).")
-    self.process_id = f.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+                                          "Number of processes (multi-host).", **m)
+    self.process_id = f.DEFINE_integer("process_id", None, "This process's index (multi-host).",
+                                       **m)
     self.multihost = f.DEFINE_bool(
         "multihost", False, "Call jax.distributed.initialize() with cluster auto-detection "
-        "(SLURM, Open MPI, GKE, Cloud TPU).")
+        "(SLURM, Open MPI, GKE, Cloud TPU).", **m)
 
   def values(self) -> tuple[str | None, int | None, int | None, bool]:
     return (self.coordinator_address.value, self.num_processes.value, self.process_id.value,
@@ -119,7 +120,10 @@ def define_flags(flags_module: Any = None) -> Flags:
   """Declares --coordinator_address, --num_processes, --process_id and --multihost (absl)."""
   if flags_module is None:
     from absl import flags as flags_module
-  return Flags(flags_module)
+  import sys
+  caller = sys._getframe(1).f_globals.get("__name__", "__main__")
+  # absl files a script's own flags under its path (what its --help lists).
+  return Flags(flags_module, sys.argv[0] if caller == "__main__" else caller)
 
 
 def _client() -> Any:
