@@ -2,7 +2,7 @@
 
 Config fields (each defaults to the top-level config field in brackets): axes [val_axes], crop
 [val_crop], stride [val_stride], batch_size [val_batch_size, then batch_size], device_limit_mb
-[val_device_limit_mb], graph [eval_graph: the validation graph is the training run's].
+[val_device_limit_mb]. The graph it runs is the run's `eval_graph` (shared by all evaluators).
 
 The validation set is fixed (every k-th plane of the validation scans, whole or centre-cropped),
 so while it is small it is read once and kept on the device: an evaluation then costs only the
