@@ -27,7 +27,8 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 def rng_key(seed: int, stream: int) -> jax.Array:
   # "rbg" keys: XLA's RngBitGenerator compiles in a fraction of threefry's time (a tiny U-Net's
   # initialiser: 3 s instead of 26 s on a CPU), and its values were checked to be the same on
-  # 1 and 4 devices (tests/test_distributed.py).
+  # 1 and 4 devices (tests/test_distributed.py). Its bits may change with the backend or the
+  # jax version: resume is bit-exact on one machine type only (trainer.py's docstring).
   return jax.random.fold_in(jax.random.key(seed, impl="rbg"), stream)
 
 

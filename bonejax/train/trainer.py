@@ -20,6 +20,12 @@ Performance choices (written for GPUs, checked on CPU):
   fit (config.sampler, bonejax/data/feed.py): a step then sends only 5 integers per patch.
 - Exact resume: the step's augmentation key is fold_in(seed, step), the patch stream's state is
   one position, the plateau/best/early-stopping state is saved with the weights.
+  Bit-exact on the same backend and jax/jaxlib version only: the keys are "rbg" (XLA's
+  RngBitGenerator, `steps.rng_key`), whose bits JAX does not promise across backends or
+  versions. Resuming elsewhere (a CPU run resumed on a GPU, after a jax upgrade) is a valid
+  continuation with other augmentation draws and initial weights that are the checkpoint's, not
+  a replay. Kept deliberately: threefry would make the draws portable but multiplies compile
+  time (steps.py), and no result of bonejax depends on replaying a run across machines.
 - Pretrained starts (`model.init_from`, `model.encoder_weights`) only shape the state at step 0
   (pretrained.py); `model.freeze_encoder_steps` holds the encoder still inside the step.
 - 2.5D (`context_slices` = k): the model takes 2k + 1 planes as channels, stacked by the data
