@@ -211,6 +211,8 @@ class PlaneEngine:
       try:
         view = inference_graph.build_inference_model(
             view, policy=graph, sample_shape=(1, s, s, int(in_channels)))
+        if view.inference_graph == "plain":  # its fold would change the logits (a note says)
+          self.graph = "off"
       except ValueError as e:  # a layer the graph cannot rewrite: the model as it is
         logging.getLogger(__name__).warning("inference graph off for this model: %s", e)
         self.graph = "off"
