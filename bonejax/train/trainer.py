@@ -18,6 +18,12 @@ Performance choices (written for GPUs, checked on CPU):
   (it waits on the loss of step s-2, without transferring it).
 - Exact resume: the step's augmentation key is fold_in(seed, step), the patch stream's state is
   one position, the plateau/best/early-stopping state is saved with the weights.
+  Bit-exact on the same backend and jax/jaxlib version only: the keys are "rbg" (XLA's
+  RngBitGenerator, `rng_key`), whose bits JAX does not promise across backends or versions.
+  Resuming elsewhere (a CPU run resumed on a GPU, after a jax upgrade) is a valid continuation
+  with other augmentation draws and initial weights that are the checkpoint's, not a replay.
+  Kept deliberately: threefry would make the draws portable but multiplies compile time (below),
+  and no result of bonejax depends on replaying a run across machines.
 - Pretrained starts (`model.init_from`, `model.encoder_weights`) only shape the state at step 0
   (pretrained.py); `model.freeze_encoder_steps` holds the encoder still inside the step.
 - 2.5D (`context_slices` = k): the model takes 2k + 1 planes as channels, stacked by the data
@@ -81,7 +87,8 @@ _JITTED: dict[str, tuple[Callable, Callable, Callable]] = {}
 def rng_key(seed: int, stream: int) -> jax.Array:
   # "rbg" keys: XLA's RngBitGenerator compiles in a fraction of threefry's time (a tiny U-Net's
   # initialiser: 3 s instead of 26 s on a CPU), and its values were checked to be the same on
-  # 1 and 4 devices (tests/test_distributed.py).
+  # 1 and 4 devices (tests/test_distributed.py). Its bits may change with the backend or the
+  # jax version: resume is bit-exact on one machine type only (module docstring).
   return jax.random.fold_in(jax.random.key(seed, impl="rbg"), stream)
 
 
