@@ -10,6 +10,12 @@ metrics are identical.
 
 Counts are exact: the confusion matrix is accumulated as int32 pairs (hi << 30) + lo, so no
 validation set overflows it.
+
+The validation loss is the loss of the whole set (the `stats` / `finish` of a loss from
+`losses.make_loss`): for a region loss a dataset Dice / Jaccard / Tversky from the set's pooled
+soft counts, not a pixel-weighted mean of per-batch values; so the schedule's Plateau and
+`best_metric=loss` see the quantity the loss names. A loss function without `stats` falls back
+to the pixel-weighted mean of its per-batch values (exact for pixel losses only).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int,
   weight, against a forward pass per batch).
   """
 
+  set_loss = hasattr(loss_fn, "stats") and hasattr(loss_fn, "finish")
+
   def eval_fn(state, batch, acc):
     if fold is None:
       model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
@@ -42,14 +50,27 @@ def make_eval_step(graphdef_eval, loss_fn: Callable, num_classes: int,
       model = nnx.merge(graphdef_eval, fold(state["params"], state["rest"]))
     logits = model(batch["image"])
     mask = batch["mask"]
-    loss, _ = loss_fn(logits, batch["label"], mask)
-    n = jnp.sum(mask)
     cm = metrics.confusion_matrix_jax(jnp.argmax(logits, -1), batch["label"], num_classes,
                                       mask=mask > 0)
     lo = acc["cm_lo"] + cm
-    return {"cm_lo": lo & ((1 << _CARRY) - 1), "cm_hi": acc["cm_hi"] + (lo >> _CARRY),
-            "loss": acc["loss"] + loss * n, "n": acc["n"] + n}
+    out = {"cm_lo": lo & ((1 << _CARRY) - 1), "cm_hi": acc["cm_hi"] + (lo >> _CARRY)}
+    if set_loss:
+      sums = loss_fn.stats(logits, batch["label"], mask)
+      out["loss_stats"] = jax.tree.map(jnp.add, acc["loss_stats"], sums)
+    else:
+      loss, _ = loss_fn(logits, batch["label"], mask)
+      n = jnp.sum(mask)
+      out.update(loss=acc["loss"] + loss * n, n=acc["n"] + n)
+    return out
 
+  # What the Evaluator needs to start and finish the sums (jax.jit keeps these attributes).
+  if set_loss:
+    eval_fn.loss_stats_zeros = lambda: jax.tree.map(
+        lambda a: np.zeros(a.shape, a.dtype),
+        jax.eval_shape(loss_fn.stats, jax.ShapeDtypeStruct((1, 1, 1, num_classes), jnp.float32),
+                       jax.ShapeDtypeStruct((1, 1, 1), jnp.int32),
+                       jax.ShapeDtypeStruct((1, 1, 1), jnp.float32)))
+    eval_fn.finish_loss = lambda sums: float(loss_fn.finish(sums)[0])
   return eval_fn
 
 
@@ -78,8 +99,12 @@ class Evaluator:
 
   def _empty(self) -> dict[str, jax.Array]:
     k = len(self.classes)
-    zeros = {"cm_lo": np.zeros((k, k), np.int32), "cm_hi": np.zeros((k, k), np.int32),
-             "loss": np.zeros((), np.float32), "n": np.zeros((), np.float32)}
+    zeros = {"cm_lo": np.zeros((k, k), np.int32), "cm_hi": np.zeros((k, k), np.int32)}
+    stats_zeros = getattr(self.eval_step, "loss_stats_zeros", None)
+    if stats_zeros is not None:
+      zeros["loss_stats"] = stats_zeros()
+    else:
+      zeros.update(loss=np.zeros((), np.float32), n=np.zeros((), np.float32))
     return jax.device_put(zeros, self.replicated)
 
   def __call__(self, state) -> dict[str, Any]:
@@ -89,5 +114,9 @@ class Evaluator:
     acc = jax.device_get(acc)  # the evaluation's one fetch
     cm = (acc["cm_hi"].astype(np.int64) << _CARRY) + acc["cm_lo"].astype(np.int64)
     scores = metrics.scores(cm, self.classes)
-    return {"loss": float(acc["loss"] / max(float(acc["n"]), 1.0)), "iou": scores["iou"],
-            "miou_all": scores["miou_all"], "miou_fg": scores["miou_fg"]}
+    if "loss_stats" in acc:
+      loss = self.eval_step.finish_loss(acc["loss_stats"])
+    else:
+      loss = float(acc["loss"] / max(float(acc["n"]), 1.0))
+    return {"loss": loss, "iou": scores["iou"], "miou_all": scores["miou_all"],
+            "miou_fg": scores["miou_fg"]}
