@@ -28,7 +28,7 @@ def test_demo_success_path_on_a_smoke_budget(tmp_path):
 
   import numpy as np
 
-  from bonejax import store
+  from bonejax.data import store
   workdir = tmp_path / "demo"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   out = subprocess.run([sys.executable, str(REPO / "launch/demo.py"), f"--workdir={workdir}",

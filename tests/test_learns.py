@@ -27,7 +27,10 @@ TRAIN, VAL = ("scan_000", "scan_001"), ("scan_002",)
 
 def train_and_score(dataset, workdir):
   """(model miou_fg, baseline miou_fg) on the held-out scan after STEPS steps."""
-  from bonejax import baseline, bundle, metrics, predict, store
+  from bonejax import predict
+  from bonejax.data import store
+  from bonejax.evaluate import baseline, metrics
+  from bonejax.models import bundle
   from bonejax.train import trainer
   c = smoke_config(dataset, num_steps=STEPS, eval_every=STEPS, checkpoint_every=STEPS,
                    train_scans=TRAIN, val_scans=VAL, **{"model.kwargs": dict(depth=2, width=8)})

@@ -194,10 +194,10 @@ class _Client:
 def test_a_failure_before_the_engine_is_told_to_the_others(tmp_path):
   """predict_scan(group=...) tells the group of an error raised before its engine exists (here:
   no bundle), so the other processes do not wait for it at a barrier."""
-  from bonejax import cli, predict
+  from bonejax.core import errors
   client = _Client()
   group = Group(1, 2, client)  # process 1 of 2: reports and leaves (process 0 would wait)
-  with pytest.raises(cli.UserError):
+  with pytest.raises(errors.UserError):
     predict.predict_scan(tmp_path / "no_model", tmp_path / "no_scan", output=tmp_path / "p.zarr",
                          progress=False, group=group)
   failed = {k: v for k, v in client.kv.items() if "/failed/" in k}
