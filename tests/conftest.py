@@ -1,5 +1,12 @@
-"""Test-suite set-up: 4 fake CPU devices so the sharded paths run on any machine, and the
-`tiny_dataset` fixture the trainer's test modules share (tests/train_helpers.py)."""
+"""Test-suite set-up: 4 fake CPU devices so the sharded paths run on any machine, the
+`tiny_dataset` fixture the trainer's test modules share (tests/train_helpers.py), and no silent
+skips in CI.
+
+In CI (`CI` set: .ci/run installs every extra and system package the suite needs) a skipped
+test, or a test module skipped at collection, FAILS the run, unless it is on CI_ALLOWED_SKIPS
+below with the reason it cannot run there. Elsewhere a skip stays a skip; `-rs` (pyproject's
+addopts) prints each one's reason in the summary.
+"""
 
 import os
 import sys
@@ -23,6 +30,73 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+
+
+# (node id prefix, text in the skip reason): skips CI accepts. Each entry says why.
+CI_ALLOWED_SKIPS = (
+    # The read-only-directory check cannot be made as root (root writes anywhere), and CI
+    # containers run as root; the same refusal is tested without privileges by the test before
+    # it (test_unwritable_output_directory_fails_up_front, permission checks monkeypatched).
+    ("tests/test_cli.py::test_read_only_directory_is_refused", "root may write anywhere"),
+)
+
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  if isinstance(longrepr, tuple) and len(longrepr) == 3:
+    return str(longrepr[2])
+  return str(longrepr)
+
+
+def ci_allows_skip(nodeid: str, reason: str) -> bool:
+  return any(nodeid.startswith(prefix) and text in reason for prefix, text in CI_ALLOWED_SKIPS)
+
+
+_CI_MESSAGE = ("A skip in CI is a broken install: fix .ci/run, or add the test to "
+               "CI_ALLOWED_SKIPS in tests/conftest.py with the reason it cannot run.")
+_SKIPPED_MODULES: list[str] = []  # collection-time skips seen in CI, failed at the end
+
+
+def _skip_in_ci(report) -> str | None:
+  """The reason when `report` is a skip CI must not accept, else None."""
+  if not (os.environ.get("CI") and report.skipped) or hasattr(report, "wasxfail"):
+    return None
+  reason = _skip_reason(report)
+  return None if ci_allows_skip(report.nodeid, reason) else reason
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  reason = _skip_in_ci(report)
+  if reason is not None:
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI (CI is set): {reason}\n{_CI_MESSAGE}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  # A module that skips itself at import (importorskip, allow_module_level). Kept a skip during
+  # collection (a collection error would stop every other test) and failed at the end.
+  outcome = yield
+  report = outcome.get_result()
+  reason = _skip_in_ci(report)
+  if reason is not None:
+    _SKIPPED_MODULES.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _SKIPPED_MODULES:
+    terminalreporter.section("test modules skipped in CI (CI is set)", red=True)
+    for line in _SKIPPED_MODULES:
+      terminalreporter.write_line(line)
+    terminalreporter.write_line(_CI_MESSAGE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _SKIPPED_MODULES and exitstatus == pytest.ExitCode.OK:
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="module")

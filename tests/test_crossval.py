@@ -4,6 +4,7 @@ they are only scored. And a failed run leaves no directory behind."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bonejax.core import errors, jsonable
@@ -61,7 +62,15 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
     assert scored[name] == r["test_scans"] == r["val_scans"]
     meta = json.loads((tmp_path / "cv" / name / "model" / "model.json").read_text())
     assert meta["val_scans"] == r["inner_val_scans"] and meta["train_scans"] == r["train_scans"]
-    assert 0.0 <= r["miou_fg"] <= 1.0
+    # The fold's score is the pooled matrix's mean foreground IoU; with one outer scan it is
+    # that scan's own score.
+    fg = [v for c, v in r["iou"].items() if c != "background"]
+    assert r["miou_fg"] == pytest.approx(np.nanmean(fg), abs=1e-12) and len(fg) == 2
+    if len(r["test_scans"]) == 1:
+      assert r["per_scan_miou_fg"] == {r["test_scans"][0]: r["miou_fg"]}
+  values = np.array([r["miou_fg"] for r in rows])
+  assert out["mean_miou_fg"] == pytest.approx(values.mean(), abs=1e-12)
+  assert out["std_miou_fg"] == pytest.approx(values.std(ddof=1), abs=1e-12)
   assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["folds"][0]["test_scans"] \
       == rows[0]["test_scans"]
 

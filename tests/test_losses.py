@@ -132,16 +132,37 @@ def _lovasz_ref(logits, labels, mask):
   return float(np.mean(losses)), full
 
 
+def _lovasz_ref_per_image(logits, labels, mask):
+  """Berman's per_image=True: the mean over the images (with a pixel) of each one's loss."""
+  keep = [i for i in range(len(labels)) if mask[i].any()]
+  value, grad = 0.0, np.zeros(logits.shape)
+  for i in keep:
+    v, g = _lovasz_ref(logits[i:i + 1], labels[i:i + 1], mask[i:i + 1])
+    value += v / len(keep)
+    grad[i:i + 1] = g / len(keep)
+  return value, grad
+
+
+@pytest.mark.parametrize("per_image", [True, False])
 @pytest.mark.parametrize("absent", [None, 2])
-def test_lovasz_matches_berman(absent):
+def test_lovasz_matches_berman(absent, per_image):
   import jax
   logits, labels, mask = _data(3, absent)
-  want, want_grad = _lovasz_ref(logits, labels, mask)
-  got, got_grad = jax.value_and_grad(losses.lovasz)(logits, labels, mask)
+  ref = _lovasz_ref_per_image if per_image else _lovasz_ref
+  want, want_grad = ref(logits, labels, mask)
+  got, got_grad = jax.value_and_grad(
+      lambda z: losses.lovasz(z, labels, mask, per_image=per_image))(logits)
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got_grad), want_grad, rtol=1e-4, atol=1e-6)
-  spec = losses.make_loss({"lovasz": 1.0})(logits, labels, mask)[0]
-  np.testing.assert_allclose(float(spec), want, rtol=1e-5, atol=1e-6)
+  spec = losses.make_loss({"lovasz": {"weight": 1.0, "per_image": per_image}})
+  np.testing.assert_allclose(float(spec(logits, labels, mask)[0]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_lovasz_default_is_per_image_and_skips_empty_images():
+  logits, labels, mask = _data(3)
+  mask[1] = False  # an all-padding image counts for nothing
+  want, _ = _lovasz_ref(logits[:1], labels[:1], mask[:1])
+  np.testing.assert_allclose(float(losses.lovasz(logits, labels, mask)), want, rtol=1e-5)
 
 
 def test_lovasz_equals_jaccard_loss_at_hard_predictions():
@@ -153,5 +174,43 @@ def test_lovasz_equals_jaccard_loss_at_hard_predictions():
   probs = np.eye(C, dtype=np.float32)[pred]
   iou = [((pred == c) & (labels == c)).sum() / ((pred == c) | (labels == c)).sum()
          for c in range(C)]
-  got = float(losses.lovasz_from_probs(probs, labels))
+  got = float(losses.lovasz_from_probs(probs, labels, per_image=False))
   np.testing.assert_allclose(got, 1.0 - np.mean(iou), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss of a whole set, batch by batch (what validation reports).
+# ---------------------------------------------------------------------------------------------
+
+
+SPECS = [{"ce": 1.0}, {"focal": {"gamma": 1.5}}, {"dice": 1.0}, {"jaccard": {"smooth": 1.0}},
+         {"tversky": {"alpha": 0.2, "beta": 0.8}}, {"focal_tversky": 1.0}, {"lovasz": 1.0},
+         {"ce": 1.0, "dice": 2.0}]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "+".join(s))
+def test_set_loss_from_batches_equals_the_loss_of_the_whole_set(spec):
+  """Sums of `stats` over batches of 1 image, then `finish`, equal the loss on the whole set in
+  one batch (the set's pooled counts; per-image Lovasz: the mean over images)."""
+  import jax
+  rng = np.random.default_rng(7)
+  n = 4
+  logits = rng.normal(size=(n, H, W, C)).astype(np.float32) * 2
+  labels = rng.integers(0, C, size=(n, H, W))
+  labels[0][labels[0] == 2] = 1  # batches whose classes differ: per-batch means then differ
+  mask = rng.random((n, H, W)) > 0.3
+  fn = losses.make_loss(spec)
+  whole = float(fn(logits, labels, mask)[0])
+  sums = None
+  for i in range(n):
+    st = fn.stats(logits[i:i + 1], labels[i:i + 1], mask[i:i + 1])
+    sums = st if sums is None else jax.tree.map(np.add, sums, st)
+  np.testing.assert_allclose(float(fn.finish(sums)[0]), whole, rtol=1e-5)
+  # The pixel-weighted mean of per-batch values (what validation reported before) is exact
+  # for pixel losses only.
+  weighted = sum(float(fn(logits[i:i + 1], labels[i:i + 1], mask[i:i + 1])[0]) * mask[i].sum()
+                 for i in range(n)) / mask.sum()
+  if set(spec) <= {"ce", "focal"}:
+    np.testing.assert_allclose(weighted, whole, rtol=1e-5)
+  elif "lovasz" not in spec:
+    assert abs(weighted - whole) > 1e-3

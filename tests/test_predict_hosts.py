@@ -179,3 +179,26 @@ def test_two_processes_ome_zarr_max_vote_and_resampling(files, tmp_path):
                                  store.open_array(one / level).read().result(), atol=1e-6)
   assert ome_zarr.is_ome_zarr_path(out)
   assert not debris(tmp_path)
+
+
+class _Client:
+  """The coordination service's key-value store, as far as Group.fail uses it."""
+
+  def __init__(self):
+    self.kv = {}
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    self.kv[key] = value
+
+
+def test_a_failure_before_the_engine_is_told_to_the_others(tmp_path):
+  """predict_scan(group=...) tells the group of an error raised before its engine exists (here:
+  no bundle), so the other processes do not wait for it at a barrier."""
+  from bonejax.core import errors
+  client = _Client()
+  group = Group(1, 2, client)  # process 1 of 2: reports and leaves (process 0 would wait)
+  with pytest.raises(errors.UserError):
+    predict.predict_scan(tmp_path / "no_model", tmp_path / "no_scan", output=tmp_path / "p.zarr",
+                         progress=False, group=group)
+  failed = {k: v for k, v in client.kv.items() if "/failed/" in k}
+  assert list(failed) == [f"{group.ns}/failed/1"] and "no_model" in failed[f"{group.ns}/failed/1"]

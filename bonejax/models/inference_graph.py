@@ -9,11 +9,17 @@ watching one abstract forward pass:
 1. The model is cloned and put in eval mode (BatchNorm running statistics, dropout off).
 2. Every `nnx.Conv`, `nnx.ConvTranspose` and `nnx.BatchNorm` in the tree is swapped for a probe
    that records the call order and the identity of its input and output tracers; the model is
-   traced once with `jax.eval_shape` on a tiny input (no FLOPs), and the originals put back.
+   traced once with `jax.make_jaxpr` on a tiny input (no FLOPs), and the originals put back.
    A BatchNorm whose input *is* the output of a convolution follows that convolution directly
    (conv -> BN, the only pattern of the zoo: ConvBNAct, ResNet blocks and shortcuts, the
-   pointwise half of DeepLabV3+'s separable convs); a convolution's output feeds nothing else
-   in any zoo model (tests/test_inference_graph.py checks each model against the unfolded one).
+   pointwise half of DeepLabV3+'s separable convs). The pair is folded only when the jaxpr of
+   that pass shows the BatchNorm to be the convolution's *only* consumer (an output that also
+   feeds a skip connection must keep its unnormalised values) and each of the two layers is
+   called once (folding rewrites the layer's weights for every call of it).
+   A model outside the zoo is also checked numerically once: folded and unfolded logits (both
+   in float32, XLA's convolutions) on a random input; when they differ, the plain eval-mode
+   model is returned instead, with one `note:` line on stderr (`build_inference_model`).
+   tests/test_inference_graph.py checks every zoo model against the unfolded one.
 3. Each such pair becomes one `FastConv` whose kernel and bias absorb the BatchNorm:
    W' = W * g / sqrt(v + eps) per output channel, b' = (b - m) * g / sqrt(v + eps) + beta; the
    BatchNorm becomes `Identity`. Every other convolution becomes a `FastConv` too (same weights),
@@ -39,10 +45,13 @@ nothing folded.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bonejax.models import conv_lowering
@@ -196,35 +205,99 @@ def _set(root, path, new) -> None:
     setattr(parent, path[-1], new)
 
 
-class _Probe(nnx.Module):
-  """Stands in for a layer during the tracing pass and records what flows through it."""
+def _mark(x):
+  # An equation of its own in the probe pass's jaxpr whose output is exactly this value, so the
+  # value's consumers can be counted there (the pass is abstract: the barrier costs nothing).
+  return jax.lax.optimization_barrier(x)
 
-  def __init__(self, inner: nnx.Module, path: tuple, log: list):
-    self.inner, self.path, self.log = inner, path, log
+
+class _Probe(nnx.Module):
+  """Stands in for a layer during the tracing pass and records what flows through it.
+
+  A convolution's output and a BatchNorm's input pass through `_mark`; `marks` lists them in
+  call order, which is the order of their equations in the jaxpr.
+  """
+
+  def __init__(self, inner: nnx.Module, path: tuple, log: list, marks: list):
+    self.inner, self.path, self.log, self.marks = inner, path, log, marks
 
   def __call__(self, x, *args, **kwargs):
+    x_in = x
+    if isinstance(self.inner, nnx.BatchNorm):
+      x = _mark(x)
+      self.marks.append(("bn_in", len(self.log)))
     y = self.inner(x, *args, **kwargs)
-    self.log.append((self.path, x, y))
+    if isinstance(self.inner, nnx.Conv):
+      y = _mark(y)
+      self.marks.append(("conv_out", len(self.log)))
+    self.log.append((self.path, x_in, y))
     return y
 
 
-def trace_layers(model: nnx.Module, sample_shape: Sequence[int]) -> list[tuple[tuple, Any, Any]]:
-  """(path, input, output) of every conv / transposed conv / BatchNorm call, in call order.
+def _barriers(jaxpr) -> list[tuple[Any, Any]]:
+  """(equation, its jaxpr) of every optimization_barrier, nested jaxprs included, in order."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "optimization_barrier":
+      found.append((eqn, jaxpr))
+    for sub in _subjaxprs(eqn.params.values()):
+      found.extend(_barriers(sub))
+  return found
 
-  One abstract pass (`jax.eval_shape`: shapes only, nothing computed); the model is left as it
-  was. Inputs and outputs are the pass's tracers, compared by identity to find conv -> BN.
+
+def _subjaxprs(values):
+  for v in values:
+    if isinstance(v, jex.ClosedJaxpr):
+      yield v.jaxpr
+    elif isinstance(v, jex.Jaxpr):
+      yield v
+    elif isinstance(v, (tuple, list)):
+      yield from _subjaxprs(v)
+
+
+def _consumers(jaxpr, var) -> list:
+  """Equations of `jaxpr` reading `var`, and a `None` for each time the jaxpr returns it."""
+  uses = [e for e in jaxpr.eqns for v in e.invars if isinstance(v, jex.Var) and v is var]
+  return uses + [None for v in jaxpr.outvars if v is var]
+
+
+def trace_layers(model: nnx.Module, sample_shape: Sequence[int]):
+  """(calls, sole): the conv / transposed conv / BatchNorm calls and a single-consumer test.
+
+  calls: (path, input, output) of every call, in call order; inputs and outputs are the pass's
+    tracers, compared by identity to find conv -> BN.
+  sole(i, j): whether call j (a BatchNorm) is the only consumer of call i's output (a conv),
+    read from the jaxpr of the pass. False whenever the jaxpr cannot say (e.g. a layer inside
+    a cached inner jit, traced once for several calls: the marks and equations do not match).
+  One abstract pass (`jax.make_jaxpr`: shapes only, nothing computed); the model is left as it
+  was.
   """
   layers = _modules(model, (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm))
   log: list = []
+  marks: list = []
   for path, node in layers:
-    _set(model, path, _Probe(node, path, log))
+    _set(model, path, _Probe(node, path, log, marks))
   try:
-    jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32))
-    calls = list(log)  # the tracers are dead after eval_shape, but identity still holds
+    closed = jax.make_jaxpr(lambda x: model(x))(
+        jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32))
+    calls = list(log)  # the tracers are dead after the trace, but identity still holds
   finally:
     for path, node in layers:
       _set(model, path, node)
-  return calls
+  barriers = _barriers(closed.jaxpr)
+  mapped = len(barriers) == len(marks)
+  conv_eqn = {i: barriers[k] for k, (kind, i) in enumerate(marks)
+              if mapped and kind == "conv_out"}
+  bn_eqn = {i: barriers[k][0] for k, (kind, i) in enumerate(marks) if mapped and kind == "bn_in"}
+
+  def sole(i: int, j: int) -> bool:
+    if i not in conv_eqn or j not in bn_eqn:
+      return False
+    eqn, jaxpr = conv_eqn[i]
+    users = _consumers(jaxpr, eqn.outvars[0])
+    return len(users) == 1 and users[0] is bn_eqn[j]
+
+  return calls, sole
 
 
 def _eval_mode(model: nnx.Module) -> None:
@@ -246,52 +319,33 @@ def fold_batchnorm(conv_kernel, conv_bias, bn: nnx.BatchNorm):
   return kernel * inv, (bias - jnp.asarray(bn.mean[...], jnp.float32)) * inv + shift
 
 
-def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
-                          planner: Planner | None = None,
-                          sample_shape: Sequence[int] | None = None) -> nnx.Module:
-  """An eval-mode copy of `model` with BatchNorm folded and convolutions lowered per layer.
-
-  dtype: compute dtype of the inner layers (None: each layer's own). The first and last
-    convolution stay float32 either way.
-  policy: "auto" | "measure" | "xla" | "dots" (see bonejax.models.conv_lowering); ignored when
-    `planner` is given. On a GPU every policy keeps XLA's (cuDNN) convolutions.
-  sample_shape: the NHWC shape of the tracing pass (default (1, S, S, model.in_channels) with S
-    the model's stride); any valid input shape gives the same graph.
-  `model` itself is not changed. The returned module's `planner` attribute reports the choices.
-  """
-  planner = planner or Planner(policy)
-  model = nnx.clone(model)
-  _eval_mode(model)
-  if sample_shape is None:
-    side = int(getattr(model, "stride", 32))
-    sample_shape = (1, side, side, int(getattr(model, "in_channels", 1)))
-  calls = trace_layers(model, sample_shape)
-
-  conv_calls = [c for c in calls if isinstance(_get(model, c[0]), (nnx.Conv, nnx.ConvTranspose))]
-  edges = {conv_calls[0][0], conv_calls[-1][0]} if conv_calls else set()
-  made_by = {}  # id(output tracer) -> path of the conv that made it
-  bn_of: dict[tuple, tuple] = {}  # conv path -> BN path
-  for path, x, y in calls:
+def _folded_pairs(model: nnx.Module, calls, sole) -> dict[tuple, tuple]:
+  """conv path -> BN path of every conv -> BN pair that folds (see the module docstring)."""
+  times: dict[tuple, int] = {}
+  for path, _, _ in calls:
+    times[path] = times.get(path, 0) + 1
+  made_by = {}  # id(output tracer) -> (call index, path) of the conv that made it
+  bn_of: dict[tuple, tuple] = {}
+  for j, (path, x, y) in enumerate(calls):
     node = _get(model, path)
     if isinstance(node, nnx.Conv):
-      made_by[id(y)] = path
+      made_by[id(y)] = (j, path)
     elif isinstance(node, nnx.BatchNorm) and id(x) in made_by:
-      conv_path = made_by.pop(id(x))
-      if conv_path in bn_of:  # a conv output normalised twice: leave both as they are
-        continue
-      bn_of[conv_path] = path
+      i, conv_path = made_by[id(x)]
+      if times[conv_path] == 1 and times[path] == 1 and sole(i, j):
+        bn_of[conv_path] = path
+  return bn_of
 
-  # Compute dtypes first (BN output dtypes decide the folded convs' output dtypes).
-  if dtype is not None:
-    dtype = jnp.dtype(dtype).type
-    for path, node in _modules(model, nnx.Module):
-      if path in edges or not hasattr(node, "dtype") or isinstance(node, (Identity,)):
-        continue
-      if isinstance(node, (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.LayerNorm,
-                           nnx.Linear)):
-        node.dtype = dtype
 
-  called = {c[0] for c in conv_calls}
+def _set_dtypes(model: nnx.Module, dtype: Any, edges: set) -> None:
+  for path, node in _modules(model, (nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.LayerNorm,
+                                     nnx.Linear)):
+    if path not in edges and hasattr(node, "dtype"):
+      node.dtype = dtype
+
+
+def _rewrite(model: nnx.Module, bn_of: dict, called: set, planner: Planner) -> None:
+  """Folds the pairs of `bn_of` and lowers every called convolution, in place."""
   for path, node in _modules(model, (nnx.Conv, nnx.ConvTranspose)):
     if path not in called:
       continue  # defined but unused in this forward: leave it alone
@@ -315,7 +369,94 @@ def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str =
       fast = FastConv.from_conv(node, planner=planner, dtype=cdt, share=False)
       fast.kernel = nnx.Param(jnp.asarray(fast.kernel[...], cdt))
     _set(model, path, fast)
+
+
+def in_zoo(model: nnx.Module) -> bool:
+  """Whether `model` is an instance of a bonejax.models class (checked by the zoo's tests)."""
+  from bonejax import models
+  return any(type(model) is models.model_class(name)[0] for name in models.MODEL_NAMES)
+
+
+def _concrete(model: nnx.Module) -> bool:
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(nnx.state(model)))
+
+
+# Folded vs unfolded float32 logits may differ by reordered rounding only: ~1e-6 of the largest
+# logit in the zoo's tests. A wrong fold moves logits by a good part of their size.
+FOLD_RTOL = 1e-3
+
+
+def fold_difference(model: nnx.Module, bn_of: dict, called: set,
+                    sample_shape: Sequence[int]) -> tuple[float, float]:
+  """(max |folded - unfolded|, max |unfolded|) of the logits on one random float32 input.
+
+  `model` is an eval-mode model (not changed). Both sides run in float32 with XLA's own
+  convolutions, so only the fold itself is compared.
+  """
+  ref = nnx.clone(model)
+  for _, node in _modules(ref, nnx.Module):
+    if getattr(node, "dtype", None) is not None:
+      node.dtype = jnp.float32
+  folded = nnx.clone(ref)
+  _rewrite(folded, bn_of, called, Planner("xla"))
+  x = jax.random.normal(jax.random.key(0), tuple(sample_shape), jnp.float32)
+  a = np.asarray(ref(x), np.float64)
+  b = np.asarray(folded(x), np.float64)
+  if not (np.isfinite(a).all() and np.isfinite(b).all()):
+    return float("inf"), float(np.nanmax(np.abs(a)))
+  return float(np.abs(a - b).max()), float(np.abs(a).max())
+
+
+def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
+                          planner: Planner | None = None,
+                          sample_shape: Sequence[int] | None = None,
+                          verify: bool | None = None) -> nnx.Module:
+  """An eval-mode copy of `model` with BatchNorm folded and convolutions lowered per layer.
+
+  dtype: compute dtype of the inner layers (None: each layer's own). The first and last
+    convolution stay float32 either way.
+  policy: "auto" | "measure" | "xla" | "dots" (see bonejax.models.conv_lowering); ignored when
+    `planner` is given. On a GPU every policy keeps XLA's (cuDNN) convolutions.
+  sample_shape: the NHWC shape of the tracing pass (default (1, S, S, model.in_channels) with S
+    the model's stride); any valid input shape gives the same graph.
+  verify: compare folded and unfolded logits once (`fold_difference`) and, when they differ,
+    return the plain eval-mode model (with `dtype` applied, nothing folded or lowered) and print
+    one `note:` line on stderr. None (default): for models outside the zoo whose weights are
+    concrete (not inside a trace, e.g. `make_folder`'s).
+  `model` itself is not changed. The returned module's `planner` attribute reports the choices;
+  its `inference_graph` attribute is "folded", or "plain" after a fallback.
+  """
+  planner = planner or Planner(policy)
+  model = nnx.clone(model)
+  _eval_mode(model)
+  if sample_shape is None:
+    side = int(getattr(model, "stride", 32))
+    sample_shape = (1, side, side, int(getattr(model, "in_channels", 1)))
+  calls, sole = trace_layers(model, sample_shape)
+
+  conv_calls = [c for c in calls if isinstance(_get(model, c[0]), (nnx.Conv, nnx.ConvTranspose))]
+  edges = {conv_calls[0][0], conv_calls[-1][0]} if conv_calls else set()
+  called = {c[0] for c in conv_calls}
+  bn_of = _folded_pairs(model, calls, sole)
+
+  if verify is None:
+    verify = bool(bn_of) and not in_zoo(model) and _concrete(model)
+  graph = "folded"
+  if verify:
+    diff, size = fold_difference(model, bn_of, called, sample_shape)
+    if not diff <= FOLD_RTOL * max(size, 1.0):
+      print(f"note: inference graph off for {type(model).__name__}: folding its BatchNorms "
+            f"changes the logits (by up to {diff:.3g} on logits up to {size:.3g}); predicting "
+            f"with the model as it is", file=sys.stderr, flush=True)
+      graph = "plain"
+
+  # Compute dtypes first (BN output dtypes decide the folded convs' output dtypes).
+  if dtype is not None:
+    _set_dtypes(model, jnp.dtype(dtype).type, edges)
+  if graph == "folded":
+    _rewrite(model, bn_of, called, planner)
   model.planner = planner
+  model.inference_graph = graph
   return model
 
 

@@ -56,6 +56,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # each convolution lowered as its policy says ("auto": a fixed rule, bf16 dot products where the
 # CPU has native bf16 dots and the layer is compute-bound; "measure": timed once per machine and
 # layer shape, cached; "xla": XLA's convolutions, as on GPUs) or "off": the model as it is.
+# A model outside the zoo whose fold would change its logits runs as it is (graph becomes
+# "off", one `note:` line on stderr: inference_graph.build_inference_model).
 GRAPHS = ("auto", "measure", "xla", "off")
 
 
@@ -211,6 +213,8 @@ class PlaneEngine:
       try:
         view = inference_graph.build_inference_model(
             view, policy=graph, sample_shape=(1, s, s, int(in_channels)))
+        if view.inference_graph == "plain":  # its fold would change the logits (a note says)
+          self.graph = "off"
       except ValueError as e:  # a layer the graph cannot rewrite: the model as it is
         logging.getLogger(__name__).warning("inference graph off for this model: %s", e)
         self.graph = "off"

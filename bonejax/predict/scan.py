@@ -18,6 +18,7 @@ With several processes (`group`) they share the work and the files as `hosts` de
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -158,6 +159,23 @@ def _check_args(vote, dtype, memory_budget_gb, batch_size, output, save_probs,
         raise errors.UserError(f"{a} and {b} are the same path")
 
 
+def _tells_the_group(fn):
+  """`fn(..., group=...)` with any error told to the group's other processes at once.
+
+  Without it a process failing before `predict_scan` reaches its own `on_error` (a bad input,
+  the bundle, the engine build) would leave the others waiting at the next barrier until the
+  heartbeat or the barrier timeout. `Group.fail` says it once, however many blocks see the error.
+  """
+
+  @functools.wraps(fn)
+  def wrapper(*args, group: Group = SINGLE, **kwargs):
+    with group.on_error():
+      return fn(*args, group=group, **kwargs)
+
+  return wrapper
+
+
+@_tells_the_group
 def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = None,
                  save_probs: str | os.PathLike | None = None, planes: int = 3,
                  axis: int | None = None, vote: str = "soft", batch_size: int = 8,

@@ -6,11 +6,24 @@ Region losses (Dice, Jaccard, Tversky, focal-Tversky) pool true/false positives 
 whole batch (all devices: under a sharded `jit` the sums are global), then average over the classes
 present in the batch's truth; a class absent from the truth has no defined overlap and is left out.
 Lovasz-softmax (Berman et al. 2018, which BONe offers) is the convex Lovasz extension of the
-Jaccard loss, per class over the whole batch, averaged over the classes present, as in the
-authors' reference code (`classes='present'`, `per_image=False`).
+Jaccard loss, averaged over the classes present. By default per image (the authors'
+`per_image=True`), then averaged over the images: each image's sort is local to the device that
+holds it, so a batch sharded over devices is never gathered. `per_image=False` sorts the whole
+batch as one set (their default), which under a sharded `jit` all-gathers the batch's
+probabilities onto every device for the argsort: fine on one device, costly on many.
 
 `make_loss({"ce": 1.0, "dice": 1.0})` builds a weighted sum; a value can also be a dict with
 `weight` and the loss's own arguments, e.g. `{"tversky": {"weight": 1.0, "alpha": 0.3}}`.
+
+Validation (bonejax/train/evaluators/planes.py) needs the loss of the whole validation set, not a mean of
+per-batch losses (a region loss of a mean of batches is not the region loss of the set). The
+function `make_loss` returns therefore also has `stats(logits, labels, mask)`: additive sums
+(per-pixel loss sums and pixel counts; per-class soft TP / FP / FN; for Lovasz the per-image
+values and the image count) that the evaluator adds up over batches, and `finish(sums)`, the
+set's (total, parts) from them: cross-entropy and focal the mean over every pixel of the set,
+the region losses computed once from the set's pooled counts (a dataset Dice / Jaccard /
+Tversky), Lovasz the mean over the set's images (per image either way: a sort of the whole set
+is not computed, so `per_image=False` validates with the per-image value).
 """
 
 from __future__ import annotations
@@ -39,23 +52,31 @@ def _masked_mean(per_pixel, w):
   return jnp.sum(per_pixel * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def cross_entropy(logits, labels, mask=None, *, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy over unmasked pixels."""
+def _cross_entropy_pixels(logits, labels, mask, label_smoothing):
   logits, labels, w, c = _prep(logits, labels, mask)
   logp = jax.nn.log_softmax(logits, axis=-1)
   target = jax.nn.one_hot(labels, c, dtype=jnp.float32)
   if label_smoothing:
     target = target * (1.0 - label_smoothing) + label_smoothing / c
-  return _masked_mean(-jnp.sum(target * logp, axis=-1), w)
+  return -jnp.sum(target * logp, axis=-1), w
 
 
-def focal(logits, labels, mask=None, *, gamma: float = 2.0):
-  """Softmax focal loss (Lin et al. 2017): mean of -(1 - p_t)^gamma log p_t."""
+def cross_entropy(logits, labels, mask=None, *, label_smoothing: float = 0.0):
+  """Mean softmax cross-entropy over unmasked pixels."""
+  return _masked_mean(*_cross_entropy_pixels(logits, labels, mask, label_smoothing))
+
+
+def _focal_pixels(logits, labels, mask, gamma):
   logits, labels, w, c = _prep(logits, labels, mask)
   logp = jax.nn.log_softmax(logits, axis=-1)
   logp_t = jnp.sum(logp * jax.nn.one_hot(labels, c, dtype=jnp.float32), axis=-1)
   p_t = jnp.exp(logp_t)
-  return _masked_mean(-((1.0 - p_t) ** gamma) * logp_t, w)
+  return -((1.0 - p_t) ** gamma) * logp_t, w
+
+
+def focal(logits, labels, mask=None, *, gamma: float = 2.0):
+  """Softmax focal loss (Lin et al. 2017): mean of -(1 - p_t)^gamma log p_t."""
+  return _masked_mean(*_focal_pixels(logits, labels, mask, gamma))
 
 
 def _soft_counts(logits, labels, mask):
@@ -80,32 +101,63 @@ def _tversky_index(tp, fp, fn, alpha, beta, smooth):
   return (tp + smooth) / jnp.maximum(tp + alpha * fp + beta * fn + smooth, EPS)
 
 
+def _region(index_of_counts):
+  """A region loss from a function (tp, fp, fn, **kw) -> per-class loss: batch and set forms."""
+
+  def from_counts(tp, fp, fn, **kw):
+    return _mean_present(index_of_counts(tp, fp, fn, **kw), (tp + fn) > 0)
+
+  def loss(logits, labels, mask=None, **kw):
+    tp, fp, fn, _ = _soft_counts(logits, labels, mask)
+    return from_counts(tp, fp, fn, **kw)
+
+  return loss, from_counts
+
+
+def _dice(tp, fp, fn, *, smooth: float = 0.0):
+  return 1.0 - _tversky_index(tp, fp, fn, 0.5, 0.5, smooth)
+
+
+def _jaccard(tp, fp, fn, *, smooth: float = 0.0):
+  return 1.0 - _tversky_index(tp, fp, fn, 1.0, 1.0, smooth)
+
+
+def _tversky(tp, fp, fn, *, alpha: float = 0.3, beta: float = 0.7, smooth: float = 0.0):
+  return 1.0 - _tversky_index(tp, fp, fn, alpha, beta, smooth)
+
+
+def _focal_tversky(tp, fp, fn, *, alpha: float = 0.3, beta: float = 0.7, gamma: float = 0.75,
+                   smooth: float = 0.0):
+  # gamma < 1 has an infinite slope at 0: keep the base off zero.
+  return jnp.maximum(1.0 - _tversky_index(tp, fp, fn, alpha, beta, smooth), EPS)**gamma
+
+
+_REGION = {name: _region(f) for name, f in (("dice", _dice), ("jaccard", _jaccard),
+                                             ("tversky", _tversky),
+                                             ("focal_tversky", _focal_tversky))}
+
+
 def dice(logits, labels, mask=None, *, smooth: float = 0.0):
   """1 - soft Dice, per class, averaged over the classes present."""
-  tp, fp, fn, present = _soft_counts(logits, labels, mask)
-  return _mean_present(1.0 - _tversky_index(tp, fp, fn, 0.5, 0.5, smooth), present)
+  return _REGION["dice"][0](logits, labels, mask, smooth=smooth)
 
 
 def jaccard(logits, labels, mask=None, *, smooth: float = 0.0):
   """1 - soft IoU (Jaccard), per class, averaged over the classes present."""
-  tp, fp, fn, present = _soft_counts(logits, labels, mask)
-  return _mean_present(1.0 - _tversky_index(tp, fp, fn, 1.0, 1.0, smooth), present)
+  return _REGION["jaccard"][0](logits, labels, mask, smooth=smooth)
 
 
 def tversky(logits, labels, mask=None, *, alpha: float = 0.3, beta: float = 0.7,
             smooth: float = 0.0):
   """1 - Tversky index (Salehi et al. 2017); alpha weighs false positives, beta false negatives."""
-  tp, fp, fn, present = _soft_counts(logits, labels, mask)
-  return _mean_present(1.0 - _tversky_index(tp, fp, fn, alpha, beta, smooth), present)
+  return _REGION["tversky"][0](logits, labels, mask, alpha=alpha, beta=beta, smooth=smooth)
 
 
 def focal_tversky(logits, labels, mask=None, *, alpha: float = 0.3, beta: float = 0.7,
                   gamma: float = 0.75, smooth: float = 0.0):
   """(1 - Tversky index)^gamma (Abraham & Khan 2019; their 1/gamma = 4/3 is gamma = 0.75 here)."""
-  tp, fp, fn, present = _soft_counts(logits, labels, mask)
-  # gamma < 1 has an infinite slope at 0: keep the base off zero.
-  base = jnp.maximum(1.0 - _tversky_index(tp, fp, fn, alpha, beta, smooth), EPS)
-  return _mean_present(base**gamma, present)
+  return _REGION["focal_tversky"][0](logits, labels, mask, alpha=alpha, beta=beta, gamma=gamma,
+                                     smooth=smooth)
 
 
 def _lovasz_grad(fg_sorted):
@@ -118,14 +170,9 @@ def _lovasz_grad(fg_sorted):
   return jnp.concatenate([jac[:1], jac[1:] - jac[:-1]])
 
 
-def lovasz_from_probs(probs, labels, mask=None):
-  """Lovasz-softmax on probabilities (B, H, W, C) (the loss itself; `lovasz` takes logits)."""
-  probs = jnp.asarray(probs, jnp.float32)
+def _lovasz_set(probs, labels, w):
+  """Lovasz-softmax of one set of pixels: probs (N, C), labels (N,), w (N,) bool."""
   c = probs.shape[-1]
-  labels = jnp.asarray(labels, jnp.int32).reshape(-1)
-  w = (jnp.ones(labels.shape, bool) if mask is None else
-       jnp.broadcast_to(jnp.asarray(mask), probs.shape[:-1]).reshape(-1) > 0)
-  p = probs.reshape(-1, c)
   fg = jax.nn.one_hot(labels, c, dtype=jnp.float32) * w[:, None]
 
   def one_class(p_c, fg_c):
@@ -138,15 +185,86 @@ def lovasz_from_probs(probs, labels, mask=None):
     grad = jax.lax.stop_gradient(_lovasz_grad(fg_c[order]))
     return jnp.dot(errors_sorted, grad)
 
-  per_class = jax.vmap(one_class, in_axes=(1, 1))(p, fg)
+  per_class = jax.vmap(one_class, in_axes=(1, 1))(probs, fg)
   present = jnp.sum(fg, axis=0) > 0
   return _mean_present(per_class, present)
 
 
-def lovasz(logits, labels, mask=None):
+def _lovasz_inputs(probs, labels, mask):
+  probs = jnp.asarray(probs, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  w = (jnp.ones(labels.shape, bool) if mask is None else
+       jnp.broadcast_to(jnp.asarray(mask), labels.shape) > 0)
+  return probs, labels, w
+
+
+def _lovasz_per_image(probs, labels, mask):
+  """(values (B,), valid (B,)): each image's Lovasz-softmax and whether it has a pixel."""
+  probs, labels, w = _lovasz_inputs(probs, labels, mask)
+  b, c = probs.shape[0], probs.shape[-1]
+  values = jax.vmap(_lovasz_set)(probs.reshape(b, -1, c), labels.reshape(b, -1),
+                                 w.reshape(b, -1))
+  return values, jnp.any(w.reshape(b, -1), axis=1)
+
+
+def lovasz_from_probs(probs, labels, mask=None, *, per_image: bool = True):
+  """Lovasz-softmax on probabilities (B, H, W, C) (the loss itself; `lovasz` takes logits).
+
+  per_image: the mean over the images (with any unmasked pixel) of each image's loss; False:
+  the whole batch as one set of pixels (see the module docstring for the cost when sharded).
+  """
+  if per_image:
+    values, valid = _lovasz_per_image(probs, labels, mask)
+    return _mean_present(values, valid)
+  probs, labels, w = _lovasz_inputs(probs, labels, mask)
+  return _lovasz_set(probs.reshape(-1, probs.shape[-1]), labels.reshape(-1), w.reshape(-1))
+
+
+def lovasz(logits, labels, mask=None, *, per_image: bool = True):
   """Lovasz-softmax (Berman et al. 2018) on the softmax of `logits`."""
   logits, labels, _, _ = _prep(logits, labels, mask)
-  return lovasz_from_probs(jax.nn.softmax(logits, axis=-1), labels, mask)
+  return lovasz_from_probs(jax.nn.softmax(logits, axis=-1), labels, mask, per_image=per_image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Additive statistics: the loss of a whole validation set, batch by batch.
+# ---------------------------------------------------------------------------------------------
+
+
+def _pixel_stats(per_pixel_and_w):
+  per_pixel, w = per_pixel_and_w
+  return {"sum": jnp.sum(per_pixel * w), "n": jnp.sum(w)}
+
+
+def _pixel_finish(st, **kw):
+  del kw
+  return st["sum"] / jnp.maximum(st["n"], 1.0)
+
+
+def _counts_stats(logits, labels, mask, **kw):
+  del kw
+  tp, fp, fn, _ = _soft_counts(logits, labels, mask)
+  return {"tp": tp, "fp": fp, "fn": fn}
+
+
+def _lovasz_stats(logits, labels, mask, *, per_image: bool = True):
+  del per_image  # validation is per image either way (module docstring)
+  logits, labels, _, _ = _prep(logits, labels, mask)
+  values, valid = _lovasz_per_image(jax.nn.softmax(logits, axis=-1), labels, mask)
+  return {"sum": jnp.sum(jnp.where(valid, values, 0.0)), "n": jnp.sum(valid.astype(jnp.float32))}
+
+
+# name -> (stats(logits, labels, mask, **kw) -> sums, finish(sums, **kw) -> the set's loss)
+STATS: dict[str, tuple[Callable[..., Any], Callable[..., jax.Array]]] = {
+    "ce": (lambda lo, la, m, label_smoothing=0.0: _pixel_stats(
+        _cross_entropy_pixels(lo, la, m, label_smoothing)), _pixel_finish),
+    "focal": (lambda lo, la, m, gamma=2.0: _pixel_stats(_focal_pixels(lo, la, m, gamma)),
+              _pixel_finish),
+    **{name: (_counts_stats, lambda st, _f=from_counts, **kw: _f(st["tp"], st["fp"], st["fn"],
+                                                                  **kw))
+       for name, (_, from_counts) in _REGION.items()},
+    "lovasz": (_lovasz_stats, _pixel_finish),
+}
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {
@@ -197,4 +315,16 @@ def make_loss(spec: Mapping[str, Any]) -> Callable[..., tuple[jax.Array, dict[st
     total = sum(weight * parts[name] for name, weight, _ in terms)
     return total, parts
 
+  def stats(logits, labels, mask=None):
+    return {name: STATS[name][0](logits, labels, mask, **kw) for name, _, kw in terms}
+
+  def finish(sums):
+    kws = {name: kw for name, _, kw in terms}
+    parts = {name: STATS[name][1](sums[name], **({} if name in ("ce", "focal", "lovasz")
+                                                   else kws[name]))
+             for name, _, _ in terms}
+    return sum(weight * parts[name] for name, weight, _ in terms), parts
+
+  # The set form of the same loss (module docstring): sums to add up over batches, then finish.
+  loss_fn.stats, loss_fn.finish = stats, finish
   return loss_fn
