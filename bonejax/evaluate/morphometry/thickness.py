@@ -1,0 +1,263 @@
+"""Local thickness by the largest inscribed sphere (Hildebrand and Ruegsegger 1997, J Microsc
+185:67), as BoneJ's Thickness computes it: each voxel of a phase gets the diameter 2r of the
+largest sphere that lies in the phase and contains the voxel, where r(y) is the Euclidean
+distance from the centre y to the nearest voxel centre outside the phase (anisotropic voxels:
+distances in micrometres). Outside the image is not outside the phase, so a structure cut by the
+field of view is not thinned there. Tb.Th is the mean over the phase's voxels; Tb.Sp the same on
+the marrow phase.
+
+Discretisation (as BoneJ): an axis-aligned plate t voxels thick reads t voxels when t is even and
+t + 1 when t is odd (the sphere at the middle voxel reaches the neighbouring voxel centres outside
+the plate); oblique structures have no such bias on average.
+
+Written by hand because no well-kept library computes the exact transform: porespy's and the
+`localthickness` package's are approximations (binned radii, iterated dilations). The distance
+transform is `edt`'s (scipy.ndimage's as a fallback); what is ours:
+1. sphere centres are reduced to the centres of maximal discrete balls: a voxel is dropped when
+   the discrete ball (the voxel centres strictly inside its sphere) of one of its 26 neighbours
+   with a radius at least as large contains it. The containment test is exact on the lattice
+   and costs one table look-up per neighbour (the farthest lattice point of each ball size from
+   each neighbour, precomputed on the sorted offsets);
+2. the remaining balls are painted offset by offset (largest radius first, a prefix of the
+   sorted centres per offset), each a gather / maximum / scatter over flat indices: numpy only,
+   work proportional to the summed volume of the maximal balls.
+Chunking: a core block needs the centres within the largest radius R of it and their distances,
+which need the phase boundary within R of them: the block is padded by 2R, and the padding is
+doubled until every centre radius is at most R (checked, not assumed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+try:  # multi-threaded, anisotropic, ~6x faster than scipy on 256^3
+  import edt as _edt
+except ImportError:  # pragma: no cover - the scipy fallback gives the same distances
+  _edt = None
+from scipy import ndimage
+
+from bonejax.evaluate.morphometry import inputs
+
+_TOL = 1e-6  # relative: squared distances come as float32; ties go the same way everywhere
+_NEIGHBOURS = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+               if (dz, dy, dx) != (0, 0, 0)]
+
+
+def distance_squared(mask: np.ndarray, vs: Sequence[float], threads: int = 2) -> np.ndarray:
+  """Squared distance (um^2) of each phase voxel to the nearest non-phase voxel centre (0 off
+  the phase; inf where the block has no non-phase voxel). The array border is not a boundary."""
+  if _edt is not None:
+    return _edt.edtsq(np.ascontiguousarray(mask), anisotropy=tuple(vs), black_border=False,
+                      parallel=threads)
+  if mask.all():
+    return np.full(mask.shape, np.inf, np.float32)
+  return (ndimage.distance_transform_edt(mask, sampling=vs) ** 2).astype(np.float32)
+
+
+def _offsets(radius_sq: float, vs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """Lattice offsets (voxels) strictly inside radius, and their squared lengths, sorted."""
+  h = [int(math.ceil(math.sqrt(radius_sq) / v)) for v in vs]
+  grid = np.stack(np.meshgrid(*[np.arange(-a, a + 1) for a in h], indexing="ij"), -1)
+  grid = grid.reshape(-1, 3)
+  l2 = ((grid * np.asarray(vs)) ** 2).sum(1)
+  keep = l2 < radius_sq * (1 - _TOL)
+  grid, l2 = grid[keep], l2[keep]
+  order = np.argsort(l2, kind="stable")
+  return grid[order], l2[order]
+
+
+def _ball_size(d2: np.ndarray, l2: np.ndarray) -> np.ndarray:
+  """Number of sorted offsets inside each ball of squared radius d2 (>= 1: the centre)."""
+  return np.searchsorted(l2, d2 * (1 - _TOL), side="left")
+
+
+def maximal_centres(d2: np.ndarray, centre_region: np.ndarray, vs: Sequence[float],
+                    grid: np.ndarray, l2: np.ndarray) -> np.ndarray:
+  """Flat indices of the voxels of `centre_region` whose discrete ball no neighbour's contains."""
+  shape = d2.shape
+  flat = np.flatnonzero(centre_region & (d2 > 0))
+  if flat.size == 0:
+    return flat
+  dp = np.pad(d2, 1)  # a neighbour off the block has radius 0 and contains nothing
+  strides = np.array([dp.shape[1] * dp.shape[2], dp.shape[2], 1])
+  zyx = np.unravel_index(flat, shape)
+  pflat = ((np.stack(zyx, 1) + 1) * strides).sum(1)
+  dpf = dp.reshape(-1)
+  own = dpf[pflat]
+  last = _ball_size(own, l2) - 1  # index of the farthest offset of each ball
+  keep = np.ones(flat.size, bool)
+  vsa = np.asarray(vs)
+  for e in _NEIGHBOURS:
+    # farthest squared distance from the neighbour to the points of a ball of each size
+    far = np.maximum.accumulate((((grid - e) * vsa) ** 2).sum(1))
+    nb = dpf[pflat + int(np.dot(e, strides))]
+    keep &= ~((nb >= own) & (far[last] < nb * (1 - _TOL)))
+  return flat[keep]
+
+
+def paint(d2: np.ndarray, centres: np.ndarray, vs: Sequence[float], grid: np.ndarray,
+          l2: np.ndarray) -> np.ndarray:
+  """Max over the balls at `centres` (flat indices) of their squared radius, per voxel."""
+  shape = d2.shape
+  rad2 = d2.reshape(-1)[centres]
+  order = np.argsort(-rad2, kind="stable")
+  centres, rad2 = centres[order], rad2[order]
+  h = np.abs(grid).max(0) if grid.size else np.zeros(3, int)
+  out = np.zeros(tuple(n + 2 * a for n, a in zip(shape, h)), np.float32)
+  strides = np.array([out.shape[1] * out.shape[2], out.shape[2], 1])
+  base = ((np.stack(np.unravel_index(centres, shape), 1) + h) * strides).sum(1)
+  # balls holding each offset: a prefix of the centres (sorted by radius, largest first)
+  counts = np.searchsorted(-(rad2 * (1 - _TOL)), -l2, side="left")
+  flat_off = (grid * strides).sum(1)
+  of = out.reshape(-1)
+  for k in range(len(l2)):
+    n = counts[k]
+    if n == 0:
+      break
+    idx = base[:n] + flat_off[k]
+    cur = of[idx]
+    np.maximum(cur, rad2[:n], out=cur)
+    of[idx] = cur
+  return out[h[0]:h[0] + shape[0], h[1]:h[1] + shape[1], h[2]:h[2] + shape[2]]
+
+
+def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[float], r0: float,
+            step: float, threads: int) -> None:
+  """Balls larger than r0, by radius levels: a voxel lies in a ball of radius >= rho inside the
+  phase iff it is within rho of a centre whose radius is >= rho (the opening by a ball of radius
+  rho); it gets the largest level rho whose opening holds it (a lower bound, at most `step`
+  below the painted value). One distance transform per level, cropped to the level's centres."""
+  top = float(d2[region].max()) if region.any() else 0.0
+  rho = r0
+  while rho * rho <= top * (1 + _TOL):
+    centres = region & (d2 >= rho * rho * (1 - _TOL))
+    zyx = np.nonzero(centres)
+    if zyx[0].size == 0:
+      break
+    pad = [int(math.ceil(rho / v)) + 1 for v in vs]
+    box = tuple(slice(max(0, int(a.min()) - p), int(a.max()) + p + 1) for a, p in zip(zyx, pad))
+    dist2 = distance_squared(~centres[box], vs, threads)
+    covered = dist2 < rho * rho * (1 - _TOL)
+    sub = lt2[box]
+    np.maximum(sub, np.where(covered, np.float32(rho * rho), np.float32(0)), out=sub)
+    rho += step
+
+
+def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.ndarray,
+                    radius: float, threads: int = 2, exact_radius: float = math.inf
+                    ) -> np.ndarray | None:
+  """Squared local radius (um^2) in `mask`, exact where every centre of `centre_region` has a
+  radius <= `radius`; None when one is larger (the caller pads more and retries).
+
+  Balls up to `exact_radius` (default: all) are painted exactly; larger ones go by levels half
+  the smallest voxel side apart (see `_levels`): painting costs the summed ball volumes, which
+  grows as r^2 per voxel, levels one distance transform each."""
+  d2 = distance_squared(mask, vs, threads)
+  inside = d2[centre_region & mask]
+  if inside.size and not np.isfinite(inside.max()):
+    if math.isinf(radius):  # the phase fills the whole volume: no sphere is bounded
+      return np.full(mask.shape, np.inf, np.float32)
+    return None
+  if inside.size and inside.max() > radius ** 2 * (1 + _TOL):
+    return None
+  rmax2 = float(inside.max()) if inside.size else 0.0
+  r0 = exact_radius
+  small = min(rmax2, r0 * r0)
+  grid, l2 = _offsets(small * (1 + 2 * _TOL) + 1e-12, vs)
+  region = centre_region & (d2 <= small * (1 + _TOL))
+  centres = maximal_centres(d2, region, vs, grid, l2)
+  lt2 = paint(d2, centres, vs, grid, l2)
+  if rmax2 > r0 * r0 * (1 + _TOL):
+    _levels(d2, centre_region & mask, lt2, vs, r0 + min(vs) / 2, min(vs) / 2, threads)
+  return lt2
+
+
+@dataclasses.dataclass
+class Stats:
+  """Streaming mean, SD and a histogram of a thickness in micrometres (bins of `width`)."""
+  width: float
+  n: int = 0
+  total: float = 0.0
+  total_sq: float = 0.0
+  maximum: float = 0.0
+  unbounded: bool = False  # the phase fills the volume: no inscribed sphere is bounded
+  counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+  def add(self, values: np.ndarray) -> None:
+    if values.size == 0:
+      return
+    v = values.astype(np.float64)
+    self.n += v.size
+    self.total += float(v.sum())
+    self.total_sq += float((v * v).sum())
+    self.maximum = max(self.maximum, float(v.max()))
+    c = np.bincount(np.floor(v / self.width + 1e-9).astype(np.int64))
+    if c.size > self.counts.size:
+      c[:self.counts.size] += self.counts
+      self.counts = c
+    else:
+      self.counts[:c.size] += c
+
+  @property
+  def mean(self) -> float:
+    return self.total / self.n if self.n and not self.unbounded else float("nan")
+
+  @property
+  def sd(self) -> float:
+    if self.n < 2:
+      return 0.0 if self.n else float("nan")
+    var = (self.total_sq - self.total ** 2 / self.n) / (self.n - 1)
+    return math.sqrt(max(var, 0.0))
+
+  def histogram(self) -> dict[str, list]:
+    return {"bin_width_um": self.width,
+            "edges_um": [round(i * self.width, 6) for i in range(self.counts.size + 1)],
+            "counts": self.counts.tolist()}
+
+
+def thickness(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequence[int],
+              vs: Sequence[float], *, read_weight: Callable[[tuple[slice, ...]], np.ndarray]
+              | None = None, max_block_voxels: int = 2 ** 24, radius_um: float | None = None,
+              threads: int = 2, exact_radius_um: float = math.inf,
+              on_block: Callable[[], None] | None = None) -> Stats:
+  """Local-thickness statistics over a phase read block by block.
+
+  read_phase(slices) -> bool block of the phase (already restricted to the ROI mask);
+  read_weight(slices) -> bool block of the voxels to count (None: every phase voxel).
+  """
+  stats = Stats(width=min(vs))
+  radius = radius_um if radius_um else 16 * max(vs)
+  while True:
+    halo = [int(math.ceil(2 * radius / v)) for v in vs]
+    side = inputs.block_side(shape, halo, max_block_voxels)
+    retry = False
+    for b in inputs.blocks(shape, side, halo):
+      mask = read_phase(b.padded)
+      inner = b.inner
+      region = np.zeros(mask.shape, bool)  # centres: the core padded by one radius
+      region[tuple(slice(max(0, s.start - h // 2), s.stop + h // 2)
+                   for s, h in zip(inner, halo))] = True
+      whole = all(p.start == 0 and p.stop == n for p, n in zip(b.padded, shape))
+      r2 = block_thickness(mask, vs, region, math.inf if whole else radius, threads,
+                           exact_radius_um)
+      if r2 is None:  # a sphere larger than the halo: pad more, start again
+        retry = True
+        break
+      core_mask = mask[inner]
+      if read_weight is not None:
+        core_mask = core_mask & np.asarray(read_weight(b.core), bool)
+      values = 2 * np.sqrt(r2[inner][core_mask])
+      if values.size and not np.isfinite(values).all():
+        stats.unbounded = True
+        return stats
+      stats.add(values)
+      if on_block:
+        on_block()
+    if not retry:
+      return stats
+    stats = Stats(width=min(vs))
+    radius *= 2
