@@ -18,9 +18,10 @@ transform is `edt`'s (scipy.ndimage's as a fallback); what is ours:
    with a radius at least as large contains it. The containment test is exact on the lattice
    and costs one table look-up per neighbour (the farthest lattice point of each ball size from
    each neighbour, precomputed on the sorted offsets);
-2. the remaining balls are painted offset by offset (largest radius first, a prefix of the
-   sorted centres per offset), each a gather / maximum / scatter over flat indices: numpy only,
-   work proportional to the summed volume of the maximal balls.
+2. the remaining balls are painted radius by radius: the centres of one radius (sorted by
+   position) plus a batch of the ball's offsets give flat target indices, gathered, raised to
+   the radius and scattered back (numpy only); work proportional to the summed volume of the
+   maximal balls.
 Chunking: a core block needs the centres within the largest radius R of it and their distances,
 which need the phase boundary within R of them: the block is padded by 2R, and the padding is
 doubled until every centre radius is at most R (checked, not assumed).
@@ -82,10 +83,11 @@ def maximal_centres(d2: np.ndarray, centre_region: np.ndarray, vs: Sequence[floa
   flat = np.flatnonzero(centre_region & (d2 > 0))
   if flat.size == 0:
     return flat
-  dp = np.pad(d2, 1)  # a neighbour off the block has radius 0 and contains nothing
+  reach = max(max(abs(c) for c in e) for e in _NEIGHBOURS)
+  dp = np.pad(d2, reach)  # a neighbour off the block has radius 0 and contains nothing
   strides = np.array([dp.shape[1] * dp.shape[2], dp.shape[2], 1])
   zyx = np.unravel_index(flat, shape)
-  pflat = ((np.stack(zyx, 1) + 1) * strides).sum(1)
+  pflat = ((np.stack(zyx, 1) + reach) * strides).sum(1)
   dpf = dp.reshape(-1)
   own = dpf[pflat]
   last = _ball_size(own, l2) - 1  # index of the farthest offset of each ball
@@ -100,28 +102,36 @@ def maximal_centres(d2: np.ndarray, centre_region: np.ndarray, vs: Sequence[floa
 
 
 def paint(d2: np.ndarray, centres: np.ndarray, vs: Sequence[float], grid: np.ndarray,
-          l2: np.ndarray) -> np.ndarray:
-  """Max over the balls at `centres` (flat indices) of their squared radius, per voxel."""
+          l2: np.ndarray, batch: int = 1 << 22) -> np.ndarray:
+  """Max over the balls at `centres` (flat indices) of their squared radius, per voxel.
+
+  Centres of one radius share one ball of offsets and one value: for each radius, the targets
+  (centre + offset) of a batch of offsets are gathered, raised to the value and scattered back.
+  Repeated targets all write the same value, so no ufunc.at is needed; centres are sorted by
+  position, so each offset sweeps memory in order (an order of magnitude faster than random)."""
   shape = d2.shape
-  rad2 = d2.reshape(-1)[centres]
-  order = np.argsort(-rad2, kind="stable")
-  centres, rad2 = centres[order], rad2[order]
   h = np.abs(grid).max(0) if grid.size else np.zeros(3, int)
   out = np.zeros(tuple(n + 2 * a for n, a in zip(shape, h)), np.float32)
+  if centres.size == 0:
+    return out[h[0]:h[0] + shape[0], h[1]:h[1] + shape[1], h[2]:h[2] + shape[2]]
   strides = np.array([out.shape[1] * out.shape[2], out.shape[2], 1])
+  rad2 = d2.reshape(-1)[centres]
+  values, group = np.unique(rad2, return_inverse=True)
+  order = np.lexsort((centres, group))
+  centres, group = centres[order], group[order]
   base = ((np.stack(np.unravel_index(centres, shape), 1) + h) * strides).sum(1)
-  # balls holding each offset: a prefix of the centres (sorted by radius, largest first)
-  counts = np.searchsorted(-(rad2 * (1 - _TOL)), -l2, side="left")
+  bounds = np.searchsorted(group, np.arange(values.size + 1))
   flat_off = (grid * strides).sum(1)
+  inside = _ball_size(values, l2)  # offsets inside each radius's ball
   of = out.reshape(-1)
-  for k in range(len(l2)):
-    n = counts[k]
-    if n == 0:
-      break
-    idx = base[:n] + flat_off[k]
-    cur = of[idx]
-    np.maximum(cur, rad2[:n], out=cur)
-    of[idx] = cur
+  for g, value in enumerate(values):
+    b = base[bounds[g]:bounds[g + 1]]
+    offs = flat_off[:inside[g]]
+    rows = max(1, batch // max(b.size, 1))
+    v = np.float32(value)
+    for r in range(0, offs.size, rows):
+      idx = (offs[r:r + rows, None] + b[None, :]).reshape(-1)
+      of[idx] = np.maximum(of[idx], v)
   return out[h[0]:h[0] + shape[0], h[1]:h[1] + shape[1], h[2]:h[2] + shape[2]]
 
 
@@ -129,8 +139,8 @@ def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[fl
             step: float, threads: int) -> None:
   """Balls larger than r0, by radius levels: a voxel lies in a ball of radius >= rho inside the
   phase iff it is within rho of a centre whose radius is >= rho (the opening by a ball of radius
-  rho); it gets the largest level rho whose opening holds it (a lower bound, at most `step`
-  below the painted value). One distance transform per level, cropped to the level's centres."""
+  rho); it gets rho + step / 2 for the largest level rho whose opening holds it (within half a
+  step of the painted value). One distance transform per level, cropped to its centres."""
   top = float(d2[region].max()) if region.any() else 0.0
   rho = r0
   while rho * rho <= top * (1 + _TOL):
@@ -143,19 +153,37 @@ def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[fl
     dist2 = distance_squared(~centres[box], vs, threads)
     covered = dist2 < rho * rho * (1 - _TOL)
     sub = lt2[box]
-    np.maximum(sub, np.where(covered, np.float32(rho * rho), np.float32(0)), out=sub)
+    value = np.float32((rho + step / 2) ** 2)  # the middle of [rho, rho + step)
+    np.maximum(sub, np.where(covered, value, np.float32(0)), out=sub)
     rho += step
 
 
+# One level's distance transform costs about as much as painting this many ball voxels per
+# voxel of the block (edt vs the gather / scatter of `paint`: 169 vs 38 ns measured at 128^3).
+_LEVEL_COST = 4.0
+
+
+def _split_radius(rad2: np.ndarray, sizes: np.ndarray, block_voxels: int, step: float) -> float:
+  """The radius up to which painting is cheaper than levels, for these centres (auto mode)."""
+  order = np.argsort(rad2)
+  r = np.sqrt(rad2[order])
+  paint_work = np.cumsum(sizes[order].astype(np.float64))
+  levels = np.ceil((r[-1] - r) / step)  # levels left above each candidate
+  cost = paint_work + _LEVEL_COST * block_voxels * levels
+  best = int(np.argmin(cost))
+  return float(r[best]) if best < r.size - 1 else math.inf
+
+
 def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.ndarray,
-                    radius: float, threads: int = 2, exact_radius: float = math.inf
+                    radius: float, threads: int = 2, exact_radius: float | None = math.inf
                     ) -> np.ndarray | None:
   """Squared local radius (um^2) in `mask`, exact where every centre of `centre_region` has a
   radius <= `radius`; None when one is larger (the caller pads more and retries).
 
   Balls up to `exact_radius` (default: all) are painted exactly; larger ones go by levels half
   the smallest voxel side apart (see `_levels`): painting costs the summed ball volumes, which
-  grows as r^2 per voxel, levels one distance transform each."""
+  grows as r^2 per voxel, a level one distance transform of the block. None picks the radius
+  that minimises the estimated cost."""
   d2 = distance_squared(mask, vs, threads)
   inside = d2[centre_region & mask]
   if inside.size and not np.isfinite(inside.max()):
@@ -165,14 +193,19 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
   if inside.size and inside.max() > radius ** 2 * (1 + _TOL):
     return None
   rmax2 = float(inside.max()) if inside.size else 0.0
-  r0 = exact_radius
-  small = min(rmax2, r0 * r0)
-  grid, l2 = _offsets(small * (1 + 2 * _TOL) + 1e-12, vs)
-  region = centre_region & (d2 <= small * (1 + _TOL))
-  centres = maximal_centres(d2, region, vs, grid, l2)
+  step = min(vs) / 2
+  grid, l2 = _offsets(rmax2 * (1 + 2 * _TOL) + 1e-12, vs)
+  centres = maximal_centres(d2, centre_region, vs, grid, l2)
+  if exact_radius is None and centres.size:
+    rad2 = d2.reshape(-1)[centres]
+    exact_radius = _split_radius(rad2, _ball_size(rad2, l2), mask.size, step)
+  r0 = math.inf if exact_radius is None else exact_radius
+  if rmax2 > r0 * r0 * (1 + _TOL):
+    centres = centres[d2.reshape(-1)[centres] <= r0 * r0 * (1 + _TOL)]
+    grid, l2 = _offsets(r0 * r0 * (1 + 2 * _TOL) + 1e-12, vs)
   lt2 = paint(d2, centres, vs, grid, l2)
   if rmax2 > r0 * r0 * (1 + _TOL):
-    _levels(d2, centre_region & mask, lt2, vs, r0 + min(vs) / 2, min(vs) / 2, threads)
+    _levels(d2, centre_region & mask, lt2, vs, r0 + step, step, threads)
   return lt2
 
 
@@ -222,7 +255,7 @@ class Stats:
 def thickness(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequence[int],
               vs: Sequence[float], *, read_weight: Callable[[tuple[slice, ...]], np.ndarray]
               | None = None, max_block_voxels: int = 2 ** 24, radius_um: float | None = None,
-              threads: int = 2, exact_radius_um: float = math.inf,
+              threads: int = 2, exact_radius_um: float | None = math.inf,
               on_block: Callable[[], None] | None = None) -> Stats:
   """Local-thickness statistics over a phase read block by block.
 
