@@ -22,7 +22,7 @@ def areas(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequence
   ct = tt = 0.0
   used = 0
   for a in range(0, shape[axis], slab):
-    sl = [slice(None)] * 3
+    sl = [slice(0, n) for n in shape]
     sl[axis] = slice(a, min(a + slab, shape[axis]))
     phase = np.moveaxis(np.asarray(read_phase(tuple(sl)), bool), axis, 0)
     env = None if roi_mask is None else np.moveaxis(np.asarray(roi_mask(tuple(sl)), bool), axis, 0)

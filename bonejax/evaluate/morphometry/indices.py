@@ -185,7 +185,7 @@ def _prepare(labels, classes, voxel_size_um, roi, max_block_voxels):
 def measure(labels: Any, classes: int | Sequence[int] | None = None,
             voxel_size_um: float | Sequence[float] = 1.0, *, roi: Any = None,
             max_block_voxels: int = 2 ** 24, threads: int = 2,
-            exact_radius_um: float | None = None,
+            exact_radius_um: float | None = math.inf,
             timings: dict[str, float] | None = None) -> Morphometry:
   """All trabecular indices of the phase `classes` (their union) of `labels`.
 
@@ -195,8 +195,9 @@ def measure(labels: Any, classes: int | Sequence[int] | None = None,
     labels' shape (nonzero = inside): TV is the ROI, the marrow is the ROI minus the phase.
   max_block_voxels: the largest padded block held in memory (the volume is read in blocks).
   exact_radius_um: spheres up to this radius are painted exactly, larger ones by radius levels
-    half the smallest voxel side apart (thickness.py); math.inf paints every sphere (BoneJ's
-    result); None (default) picks, per block, the radius that minimises the estimated cost.
+    half the smallest voxel side apart (thickness.py: faster, a lower bound, about 1 % low on
+    the mean); math.inf (default) paints every sphere (the exact transform, BoneJ's); None
+    picks, per block, the radius that minimises the estimated cost.
   timings: a dict that receives the seconds of each part (counts, surface, Tb.Th, ...).
   """
   clock = _Clock(timings)
@@ -237,7 +238,7 @@ def measure(labels: Any, classes: int | Sequence[int] | None = None,
 def cortical(labels: Any, classes: int | Sequence[int] | None = None,
              voxel_size_um: float | Sequence[float] = 1.0, *, roi: Any = None, axis: int = 0,
              max_block_voxels: int = 2 ** 24, threads: int = 2,
-             exact_radius_um: float | None = None) -> Cortical:
+             exact_radius_um: float | None = math.inf) -> Cortical:
   """Ct.Th (local thickness of the cortical phase) and Ct.Ar, Tt.Ar per slice along `axis`
   (0 = Z, the bone's long axis); a mask ROI is taken as the periosteal envelope (Tt.Ar)."""
   if axis not in (0, 1, 2):

@@ -114,13 +114,16 @@ class Block:
 
 
 def block_side(shape: Sequence[int], halo: Sequence[int], max_voxels: int) -> int:
-  """The largest cubic core whose padded block holds at most `max_voxels` (whole volume if it fits)."""
+  """The largest cubic core whose padded block holds at most `max_voxels` (whole volume if it
+  fits), but at least the halo's width: smaller cores would spend most of the work on halos, so
+  a block may hold up to (3 x halo)^3 voxels when that is more than `max_voxels`."""
   if math.prod(shape) <= max_voxels:
     return max(shape)
-  side = max(8, int(round(max_voxels ** (1 / 3))))
-  while side > 8 and math.prod(min(n, side + 2 * h) for n, h in zip(shape, halo)) > max_voxels:
+  floor = max(8, 2 * max(halo))
+  side = max(floor, int(round(max_voxels ** (1 / 3))))
+  while side > floor and math.prod(min(n, side + 2 * h) for n, h in zip(shape, halo)) > max_voxels:
     side -= 8
-  return side
+  return max(side, floor)
 
 
 def blocks(shape: Sequence[int], side: int, halo: Sequence[int],

@@ -152,11 +152,12 @@ def intercepts_per_um(sums: SurfaceSums, volume_um3: float, directions: np.ndarr
   """P_L(w): boundary crossings per um of test line along each direction w, from the surface's
   orientation: P_L(w) = sum over triangles of area |n . w| / TV (Cauchy-Crofton; what counting
   intercepts on test lines along w estimates)."""
-  cos = np.abs(bin_centres() @ directions.T)
-  return (sums.normal_bins @ cos) / volume_um3
+  used = sums.normal_bins > 0
+  cos = np.abs(bin_centres()[used] @ directions.T)
+  return (sums.normal_bins[used] @ cos) / volume_um3
 
 
-def fibonacci_directions(n: int = 2000) -> np.ndarray:
+def fibonacci_directions(n: int = 500) -> np.ndarray:
   """Nearly uniform unit vectors on the upper half sphere (a line's direction has no sign)."""
   i = np.arange(n) + 0.5
   z = i / n

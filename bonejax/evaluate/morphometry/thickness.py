@@ -137,10 +137,14 @@ def paint(d2: np.ndarray, centres: np.ndarray, vs: Sequence[float], grid: np.nda
 
 def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[float], r0: float,
             step: float, threads: int) -> None:
-  """Balls larger than r0, by radius levels: a voxel lies in a ball of radius >= rho inside the
-  phase iff it is within rho of a centre whose radius is >= rho (the opening by a ball of radius
-  rho); it gets rho + step / 2 for the largest level rho whose opening holds it (within half a
-  step of the painted value). One distance transform per level, cropped to its centres."""
+  """Balls larger than r0, by radius levels (an approximation, a lower bound of the painted
+  value): a voxel within rho of a centre whose radius is >= rho lies in that centre's ball and
+  gets rho (the opening by a ball of radius rho). On the lattice this misses the voxels at
+  distances in [rho, r) of a centre of radius r (no lattice ball of radius rho reaches them), so
+  a voxel can get a lower level than its sphere's, or only its own sphere. Measured: the mean
+  0.7 % below the exact one on a 128^3 trabecular-like marrow phase (isotropic voxels, 2 times
+  faster), but 3 % low on a sphere and 6 % on a small phase with 8 x 6.24 x 6.24 um voxels.
+  One distance transform per level, cropped to its centres."""
   top = float(d2[region].max()) if region.any() else 0.0
   rho = r0
   while rho * rho <= top * (1 + _TOL):
@@ -153,8 +157,7 @@ def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[fl
     dist2 = distance_squared(~centres[box], vs, threads)
     covered = dist2 < rho * rho * (1 - _TOL)
     sub = lt2[box]
-    value = np.float32((rho + step / 2) ** 2)  # the middle of [rho, rho + step)
-    np.maximum(sub, np.where(covered, value, np.float32(0)), out=sub)
+    np.maximum(sub, np.where(covered, np.float32(rho * rho), np.float32(0)), out=sub)
     rho += step
 
 
@@ -180,10 +183,10 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
   """Squared local radius (um^2) in `mask`, exact where every centre of `centre_region` has a
   radius <= `radius`; None when one is larger (the caller pads more and retries).
 
-  Balls up to `exact_radius` (default: all) are painted exactly; larger ones go by levels half
-  the smallest voxel side apart (see `_levels`): painting costs the summed ball volumes, which
-  grows as r^2 per voxel, a level one distance transform of the block. None picks the radius
-  that minimises the estimated cost."""
+  Balls up to `exact_radius` (default: all, the exact transform) are painted; larger ones go by
+  levels half the smallest voxel side apart (see `_levels`, an approximation): painting costs
+  the summed ball volumes, which grows as r^2 per voxel, a level one distance transform of the
+  block. None picks the radius that minimises the estimated cost."""
   d2 = distance_squared(mask, vs, threads)
   inside = d2[centre_region & mask]
   if inside.size and not np.isfinite(inside.max()):
@@ -205,7 +208,8 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
     grid, l2 = _offsets(r0 * r0 * (1 + 2 * _TOL) + 1e-12, vs)
   lt2 = paint(d2, centres, vs, grid, l2)
   if rmax2 > r0 * r0 * (1 + _TOL):
-    _levels(d2, centre_region & mask, lt2, vs, r0 + step, step, threads)
+    _levels(d2, centre_region & mask, lt2, vs, r0, step, threads)
+    np.maximum(lt2, d2, out=lt2)  # a voxel's own sphere holds it (levels can miss it, below)
   return lt2
 
 
@@ -263,7 +267,7 @@ def thickness(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequ
   read_weight(slices) -> bool block of the voxels to count (None: every phase voxel).
   """
   stats = Stats(width=min(vs))
-  radius = radius_um if radius_um else 16 * max(vs)
+  radius = radius_um if radius_um else 6 * max(vs)
   while True:
     halo = [int(math.ceil(2 * radius / v)) for v in vs]
     side = inputs.block_side(shape, halo, max_block_voxels)
