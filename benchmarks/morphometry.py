@@ -66,8 +66,8 @@ def main() -> None:
     runs.append({"mode": mode, "max_block_voxels": bv, "seconds": total, "parts_s": parts,
                  "peak_rss_mb": peak, "rss_before_mb": base_mb, "indices": m.table(),
                  "delta_chi": m.delta_chi})
-    rows.append({"mode": mode, "block voxels": bv, "total s": total, **{f"{k} s": v for k, v in parts.items()},
-                 "peak RSS MiB": peak})
+    rows.append({"mode": mode, "block voxels": bv, "total s": total,
+                 **{f"{k} s": v for k, v in parts.items()}, "peak RSS MiB": peak})
     print(f"{mode} max_block_voxels={bv}: {total:.1f} s, peak RSS {peak:.0f} MiB", flush=True)
   load1 = common.load_average()
   cols = list(rows[0])

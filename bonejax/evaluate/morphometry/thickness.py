@@ -23,8 +23,9 @@ transform is `edt`'s (scipy.ndimage's as a fallback); what is ours:
    the radius and scattered back (numpy only); work proportional to the summed volume of the
    maximal balls.
 Chunking: a core block needs the centres within the largest radius R of it and their distances,
-which need the phase boundary within R of them: the block is padded by 2R, and the padding is
-doubled until every centre radius is at most R (checked, not assumed).
+which need the phase boundary within R of them: the block is padded by 2R, and R is raised to
+the largest radius a block found (its distances can only overestimate) until every centre's
+radius is at most R (checked, not assumed).
 """
 
 from __future__ import annotations
@@ -161,6 +162,12 @@ def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[fl
     rho += step
 
 
+class HaloTooSmall(Exception):
+  def __init__(self, radius: float):
+    super().__init__(f"a sphere of radius {radius} um needs a wider halo")
+    self.radius = radius
+
+
 # One level's distance transform costs about as much as painting this many ball voxels per
 # voxel of the block (edt vs the gather / scatter of `paint`: 169 vs 38 ns measured at 128^3).
 _LEVEL_COST = 4.0
@@ -181,7 +188,7 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
                     radius: float, threads: int = 2, exact_radius: float | None = math.inf
                     ) -> np.ndarray | None:
   """Squared local radius (um^2) in `mask`, exact where every centre of `centre_region` has a
-  radius <= `radius`; None when one is larger (the caller pads more and retries).
+  radius <= `radius`; HaloTooSmall when one is larger (the caller pads more and retries).
 
   Balls up to `exact_radius` (default: all, the exact transform) are painted; larger ones go by
   levels half the smallest voxel side apart (see `_levels`, an approximation): painting costs
@@ -192,9 +199,10 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
   if inside.size and not np.isfinite(inside.max()):
     if math.isinf(radius):  # the phase fills the whole volume: no sphere is bounded
       return np.full(mask.shape, np.inf, np.float32)
-    return None
+    raise HaloTooSmall(2 * radius)
   if inside.size and inside.max() > radius ** 2 * (1 + _TOL):
-    return None
+    # the block's distances can only overestimate the true ones: a safe next radius
+    raise HaloTooSmall(math.sqrt(float(inside.max())))
   rmax2 = float(inside.max()) if inside.size else 0.0
   step = min(vs) / 2
   grid, l2 = _offsets(rmax2 * (1 + 2 * _TOL) + 1e-12, vs)
@@ -279,10 +287,11 @@ def thickness(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequ
       region[tuple(slice(max(0, s.start - h // 2), s.stop + h // 2)
                    for s, h in zip(inner, halo))] = True
       whole = all(p.start == 0 and p.stop == n for p, n in zip(b.padded, shape))
-      r2 = block_thickness(mask, vs, region, math.inf if whole else radius, threads,
-                           exact_radius_um)
-      if r2 is None:  # a sphere larger than the halo: pad more, start again
-        retry = True
+      try:
+        r2 = block_thickness(mask, vs, region, math.inf if whole else radius, threads,
+                             exact_radius_um)
+      except HaloTooSmall as e:  # a sphere larger than the halo: pad more, start again
+        retry, needed = True, e.radius
         break
       core_mask = mask[inner]
       if read_weight is not None:
@@ -297,4 +306,4 @@ def thickness(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequ
     if not retry:
       return stats
     stats = Stats(width=min(vs))
-    radius *= 2
+    radius = max(1.25 * radius, 1.01 * needed)
