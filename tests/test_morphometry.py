@@ -175,6 +175,20 @@ def test_blocks_give_the_whole_volume_result():
   assert split.tb_th_histogram == whole.tb_th_histogram
 
 
+def test_memmap_volume_read_in_blocks(tmp_path):
+  rng = np.random.default_rng(3)
+  vol = (ndimage.gaussian_filter(rng.standard_normal((24, 26, 28)), 2) > 0).astype(np.uint8)
+  mm = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.uint8, shape=vol.shape)
+  mm[:] = vol
+  mm.flush()
+  lazy = np.load(tmp_path / "v.npy", mmap_mode="r")
+  a = morphometry.measure(lazy, classes=1, voxel_size_um=ANISO, max_block_voxels=16 ** 3)
+  b = morphometry.measure(vol, classes=1, voxel_size_um=ANISO)
+  assert a.bv_tv == b.bv_tv and a.delta_chi == b.delta_chi
+  assert a.tb_th_um == pytest.approx(b.tb_th_um, rel=1e-6)
+  assert a.bs_um2 == pytest.approx(b.bs_um2, rel=1e-6)
+
+
 # --- regions of interest, cortical indices, comparison ----------------------------------------
 
 def test_roi_box_is_a_crop_and_mask_bounds_the_marrow():

@@ -7,6 +7,20 @@ J Bone Miner Res 25:1468), in micrometres, per class and region of interest.
     rows = compare(measure(pred, ...), measure(truth, ...))       # side by side, relative diff
 
 The volume is read block by block (see inputs.py), so it may be larger than memory.
+
+Definitions (the modules say how each is computed):
+- TV: the ROI (or image) volume; BV: the phase's voxels x voxel volume.
+- BS: area of the marching-cubes mesh (surface.py); BS/BV, BS/TV.
+- Tb.Th, Tb.Sp: mean (SD, histogram) local thickness of the phase and of the marrow (the ROI
+  minus the phase), Hildebrand and Ruegsegger 1997 (thickness.py).
+- Tb.N = 1 / (Tb.Th + Tb.Sp) (the mean distance between mid-axes, as BoneJ users compute it;
+  not the plate model BV/TV / Tb.Th).
+- Conn.D = (1 - delta chi) / TV, delta chi the Odgaard-Gundersen Euler characteristic (euler.py).
+- DA = 1 - min / max eigenvalue of the MIL fabric ellipsoid (anisotropy.py).
+- SMI = 6 BV (dBS/dr) / BS^2 (Hildebrand and Ruegsegger 1997b), dBS/dr from the mesh moved
+  along its normals: 0 for plates, 3 for rods, 4 for spheres. Caveat (Salmon et al. 2015,
+  Front Endocrinol 6:162): concave surfaces, most of the surface at BV/TV above ~0.3, make dBS/dr
+  negative and SMI negative or meaningless as a plate/rod index; report it beside BV/TV.
 """
 
 from __future__ import annotations
