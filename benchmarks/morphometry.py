@@ -16,6 +16,7 @@ Writes benchmarks/results/morphometry_<machine>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,15 @@ def phantom(size: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   g = ndimage.gaussian_filter(rng.standard_normal((size,) * 3, dtype=np.float32), 4)
   return g > np.quantile(g, 0.75)
+
+
+def lscpu_model() -> str | None:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return next((line.split(":", 1)[1].strip() for line in out.splitlines()
+               if line.lower().startswith("model name")), None)
 
 
 def main() -> None:
@@ -77,12 +87,13 @@ def main() -> None:
       [{"index": k, **{n: r["indices"][k] for n, r in zip(names, runs)}}
        for k in runs[0]["indices"]], ["index"] + names)
   info = common.machine(with_jax=False)
+  info["lscpu_model"] = lscpu_model()
   md = (f"# Bone morphometry, {args.size}^3, voxel {vs} um\n\n"
         f"`{' '.join(sys.argv)}`; phantom BV/TV {vol.mean():.3f} made in {made:.1f} s; "
         f"RSS before measuring {base_mb:.0f} MiB (the volume and Python).\n"
         f"Load average at start {load0}, at end {load1}: the 2 cores are shared with other "
         "agents, so the times are upper bounds of an idle machine's.\n\n"
-        f"{table}\n\n{idx}\n\n{common.machine_line(info)}\n")
+        f"{table}\n\n{idx}\n\n{common.machine_line(info)} (lscpu: {info['lscpu_model']})\n")
   print(table)
   print(idx)
   paths = common.write_results("morphometry", {
