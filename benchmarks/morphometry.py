@@ -1,7 +1,7 @@
 r"""All bone indices of a trabecular-like volume (bonejax.evaluate.morphometry), timed by part.
 
-    python benchmarks/morphometry.py                       # 256^3, 8 x 6.24 x 6.24 um voxels
-    python benchmarks/morphometry.py --size=128 --block_voxels=262144
+    python benchmarks/morphometry.py          # 256^3 whole; 128^3 whole and in 64^3 blocks
+    python benchmarks/morphometry.py --runs exact:16777216:256 auto:16777216:256
 
 The volume: Gaussian-smoothed white noise (sigma 4 voxels) thresholded at its 75th percentile,
 BV/TV 0.25: interconnected rods and plates with marrow spaces about twice as thick as the
@@ -47,25 +47,29 @@ def lscpu_model() -> str | None:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--size", type=int, default=256)
   ap.add_argument("--voxel", default="8,6.24,6.24", help="Z,Y,X in um")
-  ap.add_argument("--runs", nargs="*", default=["auto:16777216", "exact:16777216",
-                                                  "auto:2097152"],
-                  help="configurations MODE:MAX_BLOCK_VOXELS; MODE auto (levels for large "
-                       "spheres where cheaper) or exact (every sphere painted, as BoneJ)")
+  ap.add_argument("--runs", nargs="*", default=["exact:16777216:256", "exact:16777216:128",
+                                                  "exact:262144:128"],
+                  help="configurations MODE:MAX_BLOCK_VOXELS:SIZE; MODE exact (every sphere "
+                       "painted, the default of measure()) or auto (radius levels for large "
+                       "spheres where cheaper, an approximation)")
   ap.add_argument("--threads", type=int, default=2)
   args = ap.parse_args()
   vs = tuple(float(v) for v in args.voxel.split(","))
   load0 = common.load_average()
-  t = time.perf_counter()
-  vol = phantom(args.size)
-  made = time.perf_counter() - t
-  base_mb = common.peak_rss_mb()
-  rows, runs = [], []
+  rows, runs, volumes = [], [], {}
   for spec in args.runs:
-    mode, bv = spec.split(":")
-    bv = int(bv)
-    common.reset_peak_rss()
+    mode, bv, size = spec.split(":")
+    bv, size = int(bv), int(size)
+    if size not in volumes:
+      volumes.clear()
+      t = time.perf_counter()
+      volumes[size] = phantom(size)
+      made = time.perf_counter() - t
+      print(f"phantom {size}^3: BV/TV {volumes[size].mean():.3f}, {made:.1f} s", flush=True)
+    vol = volumes[size]
+    common.reset_peak_rss()  # the high-water mark restarts at the current RSS
+    base_mb = common.peak_rss_mb()
     parts: dict[str, float] = {}
     t = time.perf_counter()
     m = morphometry.measure(vol, voxel_size_um=vs, max_block_voxels=bv, threads=args.threads,
@@ -73,32 +77,34 @@ def main() -> None:
                             timings=parts)
     total = time.perf_counter() - t
     peak = common.peak_rss_mb()
-    runs.append({"mode": mode, "max_block_voxels": bv, "seconds": total, "parts_s": parts,
-                 "peak_rss_mb": peak, "rss_before_mb": base_mb, "indices": m.table(),
-                 "delta_chi": m.delta_chi})
-    rows.append({"mode": mode, "block voxels": bv, "total s": total,
-                 **{f"{k} s": v for k, v in parts.items()}, "peak RSS MiB": peak})
-    print(f"{mode} max_block_voxels={bv}: {total:.1f} s, peak RSS {peak:.0f} MiB", flush=True)
+    runs.append({"mode": mode, "size": size, "max_block_voxels": bv, "seconds": total,
+                 "parts_s": parts, "peak_rss_mb": peak, "rss_before_mb": base_mb,
+                 "bv_tv_phantom": float(vol.mean()), "indices": m.table(),
+                 "delta_chi": m.delta_chi, "load_average_after": common.load_average()})
+    rows.append({"size": f"{size}^3", "mode": mode, "block voxels": bv, "total s": total,
+                 **{f"{k} s": v for k, v in parts.items()}, "peak RSS MiB": peak,
+                 "RSS before MiB": base_mb})
+    print(f"{size}^3 {mode} max_block_voxels={bv}: {total:.1f} s, peak RSS {peak:.0f} MiB",
+          flush=True)
   load1 = common.load_average()
   cols = list(rows[0])
   table = common.markdown_table(rows, cols)
-  names = [f"{r['mode']} {r['max_block_voxels']}" for r in runs]
+  names = [f"{r['size']}^3 {r['mode']} {r['max_block_voxels']}" for r in runs]
   idx = common.markdown_table(
       [{"index": k, **{n: r["indices"][k] for n, r in zip(names, runs)}}
        for k in runs[0]["indices"]], ["index"] + names)
   info = common.machine(with_jax=False)
   info["lscpu_model"] = lscpu_model()
-  md = (f"# Bone morphometry, {args.size}^3, voxel {vs} um\n\n"
-        f"`{' '.join(sys.argv)}`; phantom BV/TV {vol.mean():.3f} made in {made:.1f} s; "
-        f"RSS before measuring {base_mb:.0f} MiB (the volume and Python).\n"
+  md = (f"# Bone morphometry, voxel {vs} um\n\n"
+        f"`{' '.join(sys.argv)}`; RSS before: the volume and Python; peak RSS: the whole "
+        "process during that run (reset before it).\n"
         f"Load average at start {load0}, at end {load1}: the 2 cores are shared with other "
         "agents, so the times are upper bounds of an idle machine's.\n\n"
         f"{table}\n\n{idx}\n\n{common.machine_line(info)} (lscpu: {info['lscpu_model']})\n")
   print(table)
   print(idx)
   paths = common.write_results("morphometry", {
-      "size": args.size, "voxel_size_zyx_um": vs, "bv_tv_phantom": float(vol.mean()),
-      "runs": runs, "load_average_start": load0, "load_average_end": load1, "machine": info},
+      "voxel_size_zyx_um": vs, "runs": runs, "load_average_start": load0, "load_average_end": load1, "machine": info},
       md, tag=info["tag"])
   print(f"wrote {paths['json']} and {paths['md']}")
 
