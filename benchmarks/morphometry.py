@@ -6,9 +6,9 @@ r"""All bone indices of a trabecular-like volume (bonejax.evaluate.morphometry),
 The volume: Gaussian-smoothed white noise (sigma 4 voxels) thresholded at its 75th percentile,
 BV/TV 0.25: interconnected rods and plates with marrow spaces about twice as thick as the
 trabeculae, as in trabecular bone. Goal (issue 27): all indices of 256^3 in < 60 s on 2 cores.
-Each configuration runs once (one run is minutes): seconds per part, peak resident memory of
-the process (after the volume was made), and the indices, so a change that moves a number
-shows. The machine is shared with other agents: the load average is recorded beside the times.
+Each configuration runs once (one run is minutes): seconds per part, the peak of the arrays
+allocated during the run (tracemalloc) and the process's peak resident memory, and the
+indices, so a change that moves a number shows. The machine is shared with other agents: the load average is recorded beside the times.
 
 Writes benchmarks/results/morphometry_<machine>.{json,md}.
 """
@@ -19,6 +19,7 @@ import argparse
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,18 +72,22 @@ def main() -> None:
     common.reset_peak_rss()  # the high-water mark restarts at the current RSS
     base_mb = common.peak_rss_mb()
     parts: dict[str, float] = {}
+    tracemalloc.start()  # numpy's arrays are traced: the working set, whatever the allocator keeps
     t = time.perf_counter()
     m = morphometry.measure(vol, voxel_size_um=vs, max_block_voxels=bv, threads=args.threads,
                             exact_radius_um=None if mode == "auto" else float("inf"),
                             timings=parts)
     total = time.perf_counter() - t
+    traced = tracemalloc.get_traced_memory()[1] / 2 ** 20
+    tracemalloc.stop()
     peak = common.peak_rss_mb()
     runs.append({"mode": mode, "size": size, "max_block_voxels": bv, "seconds": total,
-                 "parts_s": parts, "peak_rss_mb": peak, "rss_before_mb": base_mb,
+                 "parts_s": parts, "peak_traced_mb": traced, "peak_rss_mb": peak, "rss_before_mb": base_mb,
                  "bv_tv_phantom": float(vol.mean()), "indices": m.table(),
                  "delta_chi": m.delta_chi, "load_average_after": common.load_average()})
     rows.append({"size": f"{size}^3", "mode": mode, "block voxels": bv, "total s": total,
-                 **{f"{k} s": v for k, v in parts.items()}, "peak RSS MiB": peak,
+                 **{f"{k} s": v for k, v in parts.items()}, "peak traced MiB": traced,
+                 "peak RSS MiB": peak,
                  "RSS before MiB": base_mb})
     print(f"{size}^3 {mode} max_block_voxels={bv}: {total:.1f} s, peak RSS {peak:.0f} MiB",
           flush=True)
@@ -96,8 +101,10 @@ def main() -> None:
   info = common.machine(with_jax=False)
   info["lscpu_model"] = lscpu_model()
   md = (f"# Bone morphometry, voxel {vs} um\n\n"
-        f"`{' '.join(sys.argv)}`; RSS before: the volume and Python; peak RSS: the whole "
-        "process during that run (reset before it).\n"
+        f"`{' '.join(sys.argv)}`; peak traced: the largest total of the arrays allocated during "
+        "the run (tracemalloc: the working set); RSS before: the volume and Python; peak RSS: "
+        "the whole process during the run (the allocator keeps pages of earlier runs, so only "
+        "the first run's RSS shows its working set).\n"
         f"Load average at start {load0}, at end {load1}: the 2 cores are shared with other "
         "agents, so the times are upper bounds of an idle machine's.\n\n"
         f"{table}\n\n{idx}\n\n{common.machine_line(info)} (lscpu: {info['lscpu_model']})\n")
