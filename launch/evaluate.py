@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402  (no jax: start-up stays fast)
-from bonejax.core import errors, outputs
+from bonejax.core import errors, outputs, placement
 from bonejax.evaluate import measures, report
 
 _PRED = flags.DEFINE_string("pred", None, "Predicted labels: zarr v3 array, scan directory, "
@@ -104,6 +104,9 @@ def main(argv):
     raise errors.UserError(f"--html={str(html_path)!r} must end in .html")
   if _UNCERTAINTY.value and html_path is None:
     raise errors.UserError("--uncertainty is shown in the HTML report: give --html too")
+  inputs = (_PRED.value, _TRUTH.value, _IMAGE.value, _UNCERTAINTY.value)
+  for path, flag in ((out, "--out"), (html_path, "--html")):
+    placement.refuse_inside(path, inputs, flag)  # before a claim's lock file lands inside
   with outputs.claim_output(out), contextlib.ExitStack() as claims:
     if html_path is not None:
       claims.enter_context(outputs.claim_output(html_path))

@@ -48,6 +48,9 @@ _LABELS_KEY = flags.DEFINE_string("labels_key", None, "Dataset inside an HDF5 / 
 _CHUNKS = flags.DEFINE_string("chunks", "64,64,64", "zarr chunk shape Z,Y,X.")
 _SLAB = flags.DEFINE_integer("slab", 64, "Slices read and written per streamed slab.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing scan of that name.")
+_BUDGET = flags.DEFINE_float("memory_budget_gb", None, "Host memory the import may use, in GiB "
+                             "(default: what the machine has available); slabs shrink to fit, "
+                             "and an input whose one slice would not fit is refused.")
 
 
 def main(argv):
@@ -58,7 +61,7 @@ def main(argv):
       classes=_CLASSES.value, voxel_size_um=_voxel_flag(_VOXEL.value),
       chunks=errors.parse_ints(_CHUNKS.value, 3, "chunks"), slab=_SLAB.value,
       overwrite=_OVERWRITE.value, resample_um=_RESAMPLE.value, image_key=_IMAGE_KEY.value,
-      labels_key=_LABELS_KEY.value)
+      labels_key=_LABELS_KEY.value, memory_budget_gb=_BUDGET.value)
 
 
 def _voxel_flag(text):

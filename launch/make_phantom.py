@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402
-from bonejax.core import errors, outputs
+from bonejax.core import errors, outputs, placement  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Dataset directory to create (DATA/dataset.json, scan_000...).")
@@ -48,6 +48,7 @@ def main(argv):
   phantom.check_memory(shape, FLAGS.kind)
   chunks = errors.parse_ints(FLAGS.chunks, 3, "chunks")
   t0 = time.perf_counter()
+  placement.refuse_inside(FLAGS.out, (), "--out")  # before the claim's lock file is made
   with outputs.claim_output(FLAGS.out):
     outputs.check_output(FLAGS.out, FLAGS.overwrite)  # fail before any work
     ds = phantom.make_dataset(FLAGS.out, num_scans=FLAGS.num_scans, shape=shape,

@@ -3,6 +3,15 @@
 On success the LAST line of stdout is one JSON object; on bad input the script exits non-zero
 with a single `error: ...` line on stderr (no traceback) and leaves nothing half-written at its
 output path.
+
+Signals: SIGTERM (what job schedulers and `kill` send) is handled as Ctrl-C: it raises
+`Terminated`, a KeyboardInterrupt, in the main thread, so every clean-up path written for
+Ctrl-C runs; the run then exits 143 with `error: terminated`. Further SIGTERMs while it
+cleans up are ignored (the scheduler's SIGKILL still ends it).
+
+Logs: libraries (orbax, absl, jax, etils, ...) log through Python's logging; their records and
+the tracebacks of failed background threads stay off stderr unless `--verbose` (bonejax's own
+warnings are kept): stderr holds progress, `warning:` lines and the one `error:` line.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ import contextlib
 import json
 import logging as _logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 from absl import app, flags, logging
@@ -22,6 +33,50 @@ from bonejax.core.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, UserError, io_er
 from bonejax.core.jsonable import to_jsonable
 
 _HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the logs of the libraries bonejax uses "
+                             "(orbax, absl, jax) and tracebacks of background threads on stderr.")
+
+_BONEJAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised in the main thread as Ctrl-C would be: the same clean-up runs."""
+
+
+def _on_sigterm(signum, frame):
+  del frame
+  # Once: a second SIGTERM must not interrupt the clean-up the first one started.
+  signal.signal(signum, signal.SIG_IGN)
+  raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+  """Makes SIGTERM raise `Terminated` in the main thread (only there can Python install it)."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class _LibraryLogFilter(_logging.Filter):
+  """Drops log records that do not come from bonejax's own files, and bonejax's below WARNING."""
+
+  def filter(self, record: _logging.LogRecord) -> bool:
+    ours = os.path.abspath(record.pathname or "").startswith(_BONEJAX_DIR + os.sep)
+    return ours and record.levelno >= _logging.WARNING
+
+
+def _quiet_libraries() -> None:
+  """Library logs and background-thread tracebacks off stderr (see the module docstring)."""
+  quiet = _LibraryLogFilter()
+  for handler in _logging.getLogger().handlers:
+    handler.addFilter(quiet)
+  # Python's last-resort handler (no handler configured) prints WARNING and above too.
+  if _logging.lastResort is not None:
+    _logging.lastResort.addFilter(quiet)
+  # Orbax saves in background threads; a failed save's traceback would be printed by
+  # threading.excepthook before the main thread reports the error in one line.
+  threading.excepthook = lambda args: None
 
 
 def _parse_flags_or_fail(argv: list[str]) -> list[str]:
@@ -54,13 +109,22 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
   def _wrapped(argv: list[str]) -> None:
     # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep stderr
     # for progress and the one-line error unless the user asks for more with --verbosity.
-    if not flags.FLAGS["verbosity"].present:
+    if not flags.FLAGS["verbosity"].present and not _VERBOSE.value:
       logging.set_verbosity(logging.WARNING)
+    if _VERBOSE.value:
+      if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.INFO)
+    else:
+      _quiet_libraries()
+    install_sigterm_handler()
+    tiff_log = None
     try:
       with _quiet_tifffile() as tiff_log:
         result = main(argv)
     except UserError as e:
       _fail(one_line(e) + tiff_log.note_for(str(e)), EXIT_BAD_INPUT)
+    except Terminated:
+      _fail("terminated", EXIT_TERMINATED)
     except KeyboardInterrupt:
       _fail("interrupted", 130)
     except SystemExit as e:
@@ -68,9 +132,9 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
         _forget_outputs()
       raise
     except Exception as e:  # pylint: disable=broad-except
-      line = io_error(e)
+      line = io_error(e) or memory_error(e)
       if line is not None:
-        _fail(line + tiff_log.note_for(line), EXIT_BAD_INPUT)
+        _fail(line + (tiff_log.note_for(line) if tiff_log else ""), EXIT_BAD_INPUT)
       if os.environ.get("BONEJAX_DEBUG"):
         raise
       _fail(f"{type(e).__name__}: {short_message(e)} (set BONEJAX_DEBUG=1 for the traceback)",
@@ -80,6 +144,23 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
     print(json.dumps(to_jsonable(result)), flush=True)
 
   app.run(_wrapped, flags_parser=_parse_flags_or_fail)
+
+
+_TOO_BIG = ("array is too big", "Maximum allowed dimension exceeded", "RESOURCE_EXHAUSTED",
+            "Out of memory", "out of memory")
+
+
+def memory_error(e: BaseException) -> str | None:
+  """One line when `e` says an allocation failed (else None): sizes come from the input and
+  the flags, so this is bad input (exit 2), not a bug. Commands check their plans first
+  (bonejax.core.memory_plan); this is the net under what a plan missed."""
+  text = short_message(e)
+  if isinstance(e, MemoryError):
+    return f"out of memory: {text or 'an allocation failed'} (the input or the flags ask for " \
+           f"more memory than this machine has)"
+  if isinstance(e, (ValueError, RuntimeError)) and any(t in text for t in _TOO_BIG):
+    return f"out of memory: {text}"
+  return None
 
 
 def _forget_outputs() -> None:

@@ -31,7 +31,7 @@ _TS_IO = ("DATA_LOSS", "FAILED_PRECONDITION", "PERMISSION_DENIED", "NOT_FOUND",
           "RESOURCE_EXHAUSTED", "OUT_OF_RANGE")
 _OS_IO = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
           errno.EROFS: "read-only filesystem", errno.ENOSPC: "no space left on device",
-          errno.EDQUOT: "disk quota exceeded"}
+          errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large (a file size limit)"}
 
 
 def short_message(e: BaseException) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import bonejax
-from bonejax.core import errors, outputs
+from bonejax.core import errors, memory_plan, outputs, placement
 from bonejax.core.progress import Progress
 from bonejax.data import store
 from bonejax.io import intensity, registry, resample, source, voxel
@@ -48,8 +48,92 @@ def parse_classes(text: str | Sequence[str]) -> list[str]:
 
 
 def _wait(futures: list) -> None:
+  """Waits for every write in `futures`, then raises the first failure: a failed write must
+  not leave the others still writing into a temporary that clean-up is about to remove."""
+  first = None
   for f in futures:
-    f.result()
+    try:
+      f.result()
+    except Exception as e:  # pylint: disable=broad-except
+      first = first or e
+  if first is not None:
+    raise first
+
+
+def _settle(in_flight: list[list]) -> None:
+  """Waits for every write still in flight, whatever happens meanwhile (their errors are
+  dropped: the run has already failed). A Ctrl-C or SIGTERM arriving during the wait is held
+  until all are done, then raised: clean-up must never race the writes it removes."""
+  interrupted = None
+  for futures in in_flight:
+    for f in futures:
+      while True:
+        try:
+          f.result()
+          break
+        except KeyboardInterrupt as e:
+          interrupted = interrupted or e
+        except Exception:  # pylint: disable=broad-except
+          break
+  in_flight.clear()
+  if interrupted is not None:
+    raise interrupted
+
+
+def remove_temporary(path: Path, wait_s: float = 10.0) -> None:
+  """Removes a failed scan's temporary directory, and again if it comes back: a failed
+  multi-chunk write reports its first error while tensorstore still writes its other chunks,
+  and those recreate their directories (so a single rmtree left the temporary in about one
+  failed import of three). Done once it stays gone for 0.1 s, or after `wait_s`."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    outputs.remove_path(path)
+    time.sleep(0.1)
+    if not (path.exists() or path.is_symlink()) or time.monotonic() > deadline:
+      return
+
+
+# Host bytes of the intensity statistics' temporaries (float64 copies of STATS_VOXELS voxels).
+STATS_BYTES = 3 * 8 * STATS_VOXELS
+
+
+def slab_cost(src: Any) -> tuple[int, int]:
+  """(fixed, per slice) host bytes of streaming `src` into a scan: each slice as read, as
+  converted, and about two more copies while the previous slab and tensorstore's copy of it
+  are being written; a resampled source adds its interpolation temporaries."""
+  yx = math.prod(src.shape[1:])
+  out = np.dtype(src.dtype).itemsize
+  if isinstance(src, resample.ResampledSource):
+    fixed, per = src.working_bytes()
+    return fixed, per + 3 * yx * out
+  return 0, yx * (np.dtype(src.source_dtype).itemsize + 3 * out)
+
+
+def plan_slab(src: Any, lab: Any, slab: int, memory_budget_gb: float | None = None,
+              resample_um: float | None = None) -> int:
+  """The slices streamed per slab: `slab`, or fewer when that many would not fit in memory
+  (`memory_plan.budget_bytes`). A UserError naming the value (the resampling, else the
+  input's shape) and the bytes when not even one slice fits: checked before any allocation."""
+  fixed, per = slab_cost(src)
+  fixed += STATS_BYTES
+  if lab is not None:
+    f, p = slab_cost(lab)
+    fixed, per = fixed + f, per + p
+  limit, _ = memory_plan.budget_bytes(memory_budget_gb)
+  n = memory_plan.largest_fitting(per, fixed, slab, limit)
+  if n >= 1:
+    return n
+  if isinstance(src, resample.ResampledSource):
+    frm = ",".join(f"{v:g}" for v in src.from_voxel_size_um)
+    what = (f"--resample_um={resample_um:g}: resampling {str(src.path)!r} {src.src.shape} "
+            f"at {frm} um to {src.shape} voxels")
+    hint = "choose a larger --resample_um or crop the volume"
+  else:
+    what = f"importing {str(src.path)!r} of shape {src.shape} ({src.dtype})"
+    hint = "a slice this large cannot be imported on this machine"
+  memory_plan.require_fits(what + " (one slice at a time)", fixed + per, memory_budget_gb,
+                           hint=hint)
+  return 1  # unreachable unless the limit moved meanwhile
 
 
 def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
@@ -59,14 +143,18 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
                   chunks: Sequence[int] = store.DEFAULT_CHUNKS, slab: int = 64,
                   overwrite: bool = False, progress_every_s: float = 5.0,
                   resample_um: float | None = None, image_key: str | None = None,
-                  labels_key: str | None = None) -> dict[str, Any]:
+                  labels_key: str | None = None,
+                  memory_budget_gb: float | None = None) -> dict[str, Any]:
   """Streams a volume (and optional labels) into DATA/scan and registers it in dataset.json.
 
   `voxel_size_um`: a number or (Z, Y, X); default the file's own (TIFF / OME / HDF5 / MRC /
   ISQ / OME-Zarr metadata), else 1 um with a warning on stderr (the scan's `voxel_size_source`
   attribute then says "assumed"). `resample_um`: resample image (linearly) and labels
   (nearest) to this isotropic voxel size on the way, slab by slab. `image_key` / `labels_key`:
-  the datasets inside HDF5 / NeXus files. The scan is written under a temporary name and
+  the datasets inside HDF5 / NeXus files. `memory_budget_gb`: host memory the streaming may
+  use (default: what the machine has available); slabs shrink to fit, and an input or a
+  resampling whose single slice would not fit is refused before anything is allocated
+  (`plan_slab`). The scan is written under a temporary name and
   renamed into place only once complete; any error leaves the dataset as it was (no scan
   directory, dataset.json untouched).
   """
@@ -84,6 +172,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
     raise errors.UserError(f"--chunks={chunks} needs 3 positive integers")
   if not out:
     raise errors.UserError("no --out dataset directory given")
+  memory_plan.budget_bytes(memory_budget_gb)  # a bad budget fails before any work
   data = Path(out)
   if data.exists() and not data.is_dir():
     raise errors.UserError(f"--out {str(data)!r} exists and is not a directory")
@@ -94,6 +183,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
                           f" classes {existing.classes}")
   final = data / scan
   inputs = (image, labels)
+  placement.refuse_inside(data, inputs, "--out")
   outputs.check_not_input(final, inputs, "scan")
   for given in inputs:
     if given and store.is_scan(given):
@@ -126,6 +216,7 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
           voxel_um = src.voxel_size_um
         elif resample_um is not None:
           voxel_um = resample.as_zyx(resample_um)
+        slab = plan_slab(src, lab, slab, memory_budget_gb, resample_um)
         stats = stream_scan(src, lab, final, classes, voxel_um, chunks, slab, overwrite,
                             progress_every_s, inputs,
                             original if tuple(original["shape"]) != src.shape else None,
@@ -177,12 +268,12 @@ def stream_scan(src: source.VolumeSource, lab: source.VolumeSource | None, final
   depth = src.shape[0]
   n_slabs = -(-depth // slab)
   with outputs.atomic_output(final, overwrite, inputs, "scan") as tmp:
-    scan = store.create_scan(tmp, src.shape, src.dtype, lab is not None, attrs, chunks)
-    acc = intensity.StatsAccumulator(src.dtype, math.prod(src.shape))
-    progress = Progress(total=n_slabs, desc=f"import {final.name}", unit="slabs",
-                        every_s=progress_every_s)
     in_flight: list = []  # [futures of the previous slab, futures of this one]
     try:
+      scan = store.create_scan(tmp, src.shape, src.dtype, lab is not None, attrs, chunks)
+      acc = intensity.StatsAccumulator(src.dtype, math.prod(src.shape))
+      progress = Progress(total=n_slabs, desc=f"import {final.name}", unit="slabs",
+                          every_s=progress_every_s)
       for z0 in range(0, depth, slab):
         z1 = min(z0 + slab, depth)
         where = f"(slices {z0}-{z1 - 1})"
@@ -204,22 +295,26 @@ def stream_scan(src: source.VolumeSource, lab: source.VolumeSource | None, final
         in_flight.append([store.write_slab(scan.image, 0, z0, img)])
         if lbl is not None:
           in_flight[-1].append(store.write_slab(scan.labels, 0, z0, lbl.astype(np.uint8)))
+        del img, lbl
         # The next slab is read while this one is written; at most two slabs in memory.
         if len(in_flight) > 1:
-          _wait(in_flight.pop(0))
+          _wait(in_flight[0])
+          in_flight.pop(0)
         progress.update(1)
       while in_flight:
-        _wait(in_flight.pop(0))
-    finally:
-      # Never let the temporary scan be deleted under writes still in flight.
-      for futures in in_flight:
-        for f in futures:
-          try:
-            f.result()
-          except Exception:  # pylint: disable=broad-except
-            pass
-    stats = acc.finalize()
-    store.update_scan_attrs(scan, intensity=stats)
-    store.record_chunks(scan)
-    progress.close()
+        _wait(in_flight[0])
+        in_flight.pop(0)
+      stats = acc.finalize()
+      store.update_scan_attrs(scan, intensity=stats)
+      store.record_chunks(scan)
+      progress.close()
+    except BaseException:
+      # Never let the temporary scan be removed under writes still in flight (a failed write,
+      # bad labels, Ctrl-C, SIGTERM): wait for all of them, then remove it here, again while
+      # tensorstore finishes stragglers; atomic_output then finds nothing left to remove.
+      try:
+        _settle(in_flight)
+      finally:
+        remove_temporary(tmp)
+      raise
   return stats

@@ -3,7 +3,11 @@ the voxel size from the header (Angstrom, (x, y, z))."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
+
+import numpy as np
 
 from bonejax.core import errors
 from bonejax.io import source, voxel
@@ -11,6 +15,24 @@ from bonejax.io import source, voxel
 MRC_SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".ali", ".map")
 
 MRC_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+
+
+def _check_dimensions(mrc, path: Path, mode: int) -> None:
+  """Refuses a header whose dimensions are not positive or need more data than the file holds
+  (mrcfile, permissive, then gives no data at all, which would read as a wrong mode)."""
+  h = mrc.header
+  dims = (int(h.nz), int(h.ny), int(h.nx))
+  if min(dims) <= 0:
+    raise errors.UserError(f"MRC {str(path)!r}: its header gives dimensions (Z, Y, X) = {dims}; "
+                           f"they must be positive (a damaged file or not an MRC file)")
+  if mode not in MRC_MODES:
+    return
+  need = math.prod(dims) * np.dtype(MRC_MODES[mode]).itemsize
+  have = os.path.getsize(path) - 1024 - max(0, int(h.nsymbt))
+  if need > have:
+    raise errors.UserError(f"MRC {str(path)!r}: its header gives dimensions (Z, Y, X) = {dims}, "
+                           f"{need:,} bytes of {MRC_MODES[mode]} data, but the file holds "
+                           f"{max(0, have):,} after its header: a damaged or truncated file")
 
 
 class MrcSource(source.IndexedSource):
@@ -31,6 +53,7 @@ class MrcSource(source.IndexedSource):
       raise errors.UserError(f"cannot read MRC {str(path)!r}: {errors.one_line(e)}") from None
     try:
       mode = int(self._mrc.header.mode)
+      _check_dimensions(self._mrc, path, mode)
       if mode not in MRC_MODES or self._mrc.data is None:
         raise errors.UserError(
             f"MRC {str(path)!r} has data mode {mode}, not a real-valued volume (need one of "

@@ -106,6 +106,22 @@ def cast_like(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return data.astype(dtype)
 
 
+def working_bytes(in_shape: Sequence[int], out_shape: Sequence[int], in_itemsize: int,
+                  out_itemsize: int) -> tuple[int, int]:
+  """(fixed, per output slice): host bytes a `Resampler` read of n output slices holds at its
+  peak, about fixed + n * per. Fixed: the input slices one read takes (at most
+  MAX_INPUT_SLICES; `in_itemsize`: as read plus as converted). Per output slice: float32 temporaries of the
+  interpolation along Z, Y and X (each step holds its lower, upper, weighted and summed
+  arrays) and the result cast back. An upper bound: checked before a single slice is read."""
+  in_shape, out_shape = tuple(int(s) for s in in_shape), tuple(int(s) for s in out_shape)
+  c = math.prod(in_shape[3:])
+  in_yx = in_shape[1] * in_shape[2] * c
+  fixed = min(MAX_INPUT_SLICES, in_shape[0]) * in_yx * in_itemsize
+  steps = in_yx + out_shape[1] * in_shape[2] * c + out_shape[1] * out_shape[2] * c
+  per = 4 * 4 * steps + out_shape[1] * out_shape[2] * c * out_itemsize
+  return fixed, per
+
+
 class Resampler:
   """Reads slabs of a (Z, Y, X[, C]) volume on another grid, through `read(z0, z1)` of the
   input; `order` 1 (linear, images and probabilities) or 0 (nearest, labels)."""
@@ -160,6 +176,11 @@ class ResampledSource:
   @property
   def nbytes(self) -> int:
     return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+  def working_bytes(self) -> tuple[int, int]:
+    """(fixed, per output slice) host bytes of `read_slab` (see `working_bytes`)."""
+    return working_bytes(self.src.shape, self.shape, np.dtype(self.src.source_dtype).itemsize
+                         + np.dtype(self.src.dtype).itemsize, np.dtype(self.dtype).itemsize)
 
   @property
   def tensorstore(self):

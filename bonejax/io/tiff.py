@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 
 import bonejax
-from bonejax.core import errors, outputs
+from bonejax.core import errors, memory_plan, outputs
 from bonejax.io import resample, source, voxel
 
 SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
@@ -106,6 +106,32 @@ def tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None
   return None
 
 
+def _check_claimed(tif: tifffile.TiffFile, series: Any, path: Path) -> None:
+  """Refuses a series whose metadata (ImageJ `images=`, `slices=`; OME sizes) claims more
+  images than the file holds: tifffile believes the description, and reading (or allocating)
+  the claimed shape would fail late or exhaust memory."""
+  claimed = len(series)
+  if series.dataoffset is not None:  # one contiguous block after the first page
+    need = series.dataoffset + math.prod(series.shape) * np.dtype(series.dtype).itemsize
+    size = os.path.getsize(path)
+    if need > size:
+      raise errors.UserError(f"TIFF {str(path)!r} claims shape {tuple(series.shape)} "
+                             f"({need:,} bytes of image data) but the file has {size:,} bytes: "
+                             f"a damaged file or wrong metadata")
+    return
+  pages = getattr(series, "_pages", None)
+  if pages is None or claimed <= 1:
+    return
+  if len(pages) == 1:  # tifffile then reads the following pages of the file as the series
+    stored = len(tif.pages) - (pages[0].index if pages[0] is not None else 0)
+  else:
+    stored = sum(1 for p in pages if p is not None)
+  if claimed > stored:
+    raise errors.UserError(f"TIFF {str(path)!r} claims {claimed:,} images (shape "
+                           f"{tuple(series.shape)}) but holds {stored}: a damaged file or wrong "
+                           f"ImageJ / OME metadata")
+
+
 class TiffSource(source.VolumeSource):
   """A multi-page TIFF: memory-mapped when uncompressed, else read a page range at a time."""
 
@@ -131,9 +157,14 @@ class TiffSource(source.VolumeSource):
     try:
       with complaints(path):
         self._open(path, array)
-    except BaseException:
+    except BaseException as e:
       if getattr(self, "_tif", None) is not None:
         self.close()
+      if isinstance(e, Exception) and not isinstance(e, errors.UserError):
+        # tifffile parses lazily: a damaged file fails on first use with whatever the parser
+        # met (RuntimeError "incompatible keyframe", struct.error, IndexError, ...).
+        raise errors.UserError(f"cannot read TIFF {str(path)!r}: damaged file "
+                               f"({type(e).__name__}: {errors.one_line(e)})") from None
       raise
 
   def _open(self, path: Path, array: str) -> None:
@@ -144,6 +175,7 @@ class TiffSource(source.VolumeSource):
     what = f"TIFF {str(path)!r}"
     if len(self._tif.series) > 1:
       what += f" (first of its {len(self._tif.series)} image series)"
+    _check_claimed(self._tif, series, path)
     keep = source.squeeze_to_3d(series.shape, what)
     shape = [series.shape[a] for a in keep]
     super().__init__(path, shape, series.dtype, array)
@@ -157,6 +189,9 @@ class TiffSource(source.VolumeSource):
     self._paged = (len(pages) == shape[0] and pages[0] is not None
                    and math.prod(pages[0].shape) == shape[1] * shape[2])
     self._whole = None
+    if self._mm is None and not self._paged:
+      memory_plan.require_fits(f"TIFF {str(path)!r} of shape {tuple(series.shape)}, stored as one "
+                               f"block (read whole),", 2 * self.nbytes)
     self.voxel_size_um = tiff_voxel_size(self._tif)
 
   def _read(self, z0, z1):

@@ -76,6 +76,9 @@ class ZarrSource(source.IndexedSource):
         src = cls.from_path(path / array, "zarr3", array, what=f"scan {str(path)!r} {array}",
                             channels=channels, context=context)
         src.kind, src.path = "scan", path  # report the path the user gave
+        # Every reader of a scan (predict, evaluate, import) says when chunks were lost:
+        # they would read as zeros. Once per scan and process.
+        store.warn_missing_chunks(path)
         if array == "image":
           src.stats = store.read_group_attrs(path).get("intensity")
         src.voxel_size_um = attrs_voxel_size(path)
