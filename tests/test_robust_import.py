@@ -348,3 +348,14 @@ def test_missing_chunk_warned_by_every_reader(tmp_path, capsys):
     assert src.shape == (32, 32, 32)
   err = capsys.readouterr().err
   assert "is damaged: image has 7 of its 8 chunk files" in err
+
+
+@pytest.mark.parametrize("suffix", [".isq", ".h5", ".mrc", ".npy", ".tif"])
+def test_garbage_files_are_named_bad_input(tmp_path, suffix):
+  """Whatever a parser raises on a hostile file becomes one UserError naming the file."""
+  rng = np.random.default_rng(0)
+  heads = {".isq": b"CTDATA-HEADER_V1", ".npy": b"\x93NUMPY", ".tif": b"II*\x00"}
+  path = tmp_path / f"x{suffix}"
+  path.write_bytes(heads.get(suffix, b"") + rng.integers(0, 256, 600, dtype=np.uint8).tobytes())
+  with pytest.raises(errors.UserError, match=str(path)):
+    registry.open_volume(path).close()

@@ -96,7 +96,15 @@ def open_volume(path: str | os.PathLike, array: str = "image", channels: int | N
   if key and not reader.takes_key:
     raise errors.UserError(f"a dataset key ({key!r}) only goes with an HDF5 / NeXus file, not "
                            f"{str(p)!r}")
-  return reader.open(p, array=array, channels=want, context=context, key=key)
+  try:
+    return reader.open(p, array=array, channels=want, context=context, key=key)
+  except (errors.UserError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # A parser meeting a damaged or hostile file raises whatever it met (struct.error,
+    # IndexError, RuntimeError, ...): bad input, named, never an internal error (exit 3).
+    raise errors.UserError(f"cannot read {str(p)!r} as {reader.described}: damaged file "
+                           f"({type(e).__name__}: {errors.short_message(e)})") from None
 
 
 def output_format(path: str | os.PathLike) -> str | None:
