@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent("""\
         t.join()
         return {{"ok": 1}}
       if WHAT == "memory":
-        raise MemoryError("Unable to allocate 5.96 TiB for an array with shape (64, 160000, 160000)")
+        raise MemoryError("Unable to allocate 5.96 TiB for an array with shape (64, 160000, "
+                          "160000)")
       return {{}}
 
     if __name__ == "__main__":
@@ -102,7 +103,8 @@ def test_memory_error_is_bad_input(tmp_path):
   r = _run(_script(tmp_path, "memory"))
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: out of memory: Unable to allocate 5.96 TiB")
+  assert len(lines) == 1
+  assert lines[0].startswith("error: out of memory: Unable to allocate 5.96 TiB")
 
 
 def test_memory_error_lines():

@@ -124,7 +124,8 @@ def plan_slab(src: Any, lab: Any, slab: int, memory_budget_gb: float | None = No
   if n >= 1:
     return n
   if isinstance(src, resample.ResampledSource):
-    frm = ",".join(f"{v:g}" for v in src.from_voxel_size_um)
+    v = src.from_voxel_size_um
+    frm = f"{v[0]:g}" if len(set(v)) == 1 else ",".join(f"{x:g}" for x in v)
     what = (f"--resample_um={resample_um:g}: resampling {str(src.path)!r} {src.src.shape} "
             f"at {frm} um to {src.shape} voxels")
     hint = "choose a larger --resample_um or crop the volume"

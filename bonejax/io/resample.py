@@ -110,9 +110,10 @@ def working_bytes(in_shape: Sequence[int], out_shape: Sequence[int], in_itemsize
                   out_itemsize: int) -> tuple[int, int]:
   """(fixed, per output slice): host bytes a `Resampler` read of n output slices holds at its
   peak, about fixed + n * per. Fixed: the input slices one read takes (at most
-  MAX_INPUT_SLICES; `in_itemsize`: as read plus as converted). Per output slice: float32 temporaries of the
-  interpolation along Z, Y and X (each step holds its lower, upper, weighted and summed
-  arrays) and the result cast back. An upper bound: checked before a single slice is read."""
+  MAX_INPUT_SLICES; `in_itemsize`: as read plus as converted). Per output slice: float32
+  temporaries of the interpolation along Z, Y and X (each step holds its lower, upper,
+  weighted and summed arrays) and the result cast back. An upper bound, checked before a
+  single slice is read."""
   in_shape, out_shape = tuple(int(s) for s in in_shape), tuple(int(s) for s in out_shape)
   c = math.prod(in_shape[3:])
   in_yx = in_shape[1] * in_shape[2] * c
