@@ -359,3 +359,13 @@ def test_garbage_files_are_named_bad_input(tmp_path, suffix):
   path.write_bytes(heads.get(suffix, b"") + rng.integers(0, 256, 600, dtype=np.uint8).tobytes())
   with pytest.raises(errors.UserError, match=str(path)):
     registry.open_volume(path).close()
+
+
+def test_planes_of_a_claimed_shape_refused():
+  """What predict checks (issue 26: a zarr.json claiming 100000^3 under
+  --memory_budget_gb=1): one plane of the volume must fit the budget."""
+  with pytest.raises(errors.UserError, match=r"input 'huge.zarr': one plane of its "
+                                             r"\(100000, 100000, 100000\) voxels needs 186\.3 GiB "
+                                             r"of memory, but --memory_budget_gb=1 allows"):
+    memory_plan.require_planes_fit("input 'huge.zarr'", (100000,) * 3, 20, budget_gb=1)
+  memory_plan.require_planes_fit("input 'ok.zarr'", (64, 512, 512), 20, budget_gb=1)

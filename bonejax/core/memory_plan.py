@@ -196,3 +196,17 @@ def largest_fitting(per_unit_bytes: int, fixed_bytes: int, wanted: int,
   if room < per_unit_bytes:
     return 0
   return int(min(wanted, room // max(1, per_unit_bytes)))
+
+
+def require_planes_fit(what: str, shape, bytes_per_voxel: int, budget_gb: float | None = None,
+                       extra_bytes: int = 0, flag: str = "--memory_budget_gb") -> None:
+  """Refuses a volume whose largest 2D plane (of the three axes) does not fit: what a
+  slab-by-slab or out-of-core run still holds at once, whatever its slab size. `what` names
+  the input (and its resampling); `bytes_per_voxel`: all the run keeps per plane voxel (input
+  channels, probabilities, sums); `extra_bytes`: fixed costs (e.g. a resampler's input
+  slices)."""
+  z, y, x = (int(s) for s in tuple(shape)[:3])
+  plane = max(y * x, z * x, z * y)
+  require_fits(f"{what}: one plane of its {(z, y, x)} voxels", plane * int(bytes_per_voxel)
+               + int(extra_bytes), budget_gb, flag,
+               hint="crop or downsample the volume, or raise the budget")
