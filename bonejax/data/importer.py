@@ -10,6 +10,7 @@ import datetime
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,6 +122,9 @@ def plan_slab(src: Any, lab: Any, slab: int, memory_budget_gb: float | None = No
     fixed, per = fixed + f, per + p
   limit, _ = memory_plan.budget_bytes(memory_budget_gb)
   n = memory_plan.largest_fitting(per, fixed, slab, limit)
+  if 1 <= n < slab:
+    print(f"note: streaming {n} slices at a time (not --slab={slab}) to stay within "
+          f"{memory_plan.format_bytes(limit)} of memory", file=sys.stderr, flush=True)
   if n >= 1:
     return n
   if isinstance(src, resample.ResampledSource):
