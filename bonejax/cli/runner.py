@@ -67,13 +67,16 @@ class _LibraryLogFilter(_logging.Filter):
 
 
 def _quiet_libraries() -> None:
-  """Library logs and background-thread tracebacks off stderr (see the module docstring)."""
+  """Library logs and background-thread tracebacks off stderr (see the module docstring) for
+  the rest of the process: `run` is a process's entry point, and libraries also log from
+  atexit handlers after `main` has returned."""
   quiet = _LibraryLogFilter()
-  for handler in _logging.getLogger().handlers:
-    handler.addFilter(quiet)
+  handlers = list(_logging.getLogger().handlers)
   # Python's last-resort handler (no handler configured) prints WARNING and above too.
   if _logging.lastResort is not None:
-    _logging.lastResort.addFilter(quiet)
+    handlers.append(_logging.lastResort)
+  for handler in handlers:
+    handler.addFilter(quiet)
   # Orbax saves in background threads; a failed save's traceback would be printed by
   # threading.excepthook before the main thread reports the error in one line.
   threading.excepthook = lambda args: None
@@ -111,10 +114,9 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
     # for progress and the one-line error unless the user asks for more with --verbosity.
     if not flags.FLAGS["verbosity"].present and not _VERBOSE.value:
       logging.set_verbosity(logging.WARNING)
-    if _VERBOSE.value:
-      if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.INFO)
-    else:
+    if _VERBOSE.value and not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.INFO)
+    if not _VERBOSE.value:
       _quiet_libraries()
     install_sigterm_handler()
     tiff_log = None
