@@ -112,5 +112,7 @@ def test_memory_error_lines():
                                         "larger than the maximum possible size.")).startswith(
                                             "out of memory: array is too big")
   assert runner.memory_error(ValueError("bad value")) is None
+  assert runner.memory_error(OverflowError("Python int too large to convert to C long")) == (
+      "a size is too large: Python int too large to convert to C long")
   assert runner.memory_error(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
                                           "allocate 141 GB")) is not None

@@ -162,6 +162,8 @@ def memory_error(e: BaseException) -> str | None:
            f"more memory than this machine has)"
   if isinstance(e, (ValueError, RuntimeError)) and any(t in text for t in _TOO_BIG):
     return f"out of memory: {text}"
+  if isinstance(e, OverflowError):  # a size from a flag or a header past what C types hold
+    return f"a size is too large: {text}"
   return None
 
 
