@@ -17,7 +17,6 @@ shape; its size, porosity, noise and contrast vary from scan to scan.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bonejax.core import errors, jsonable, outputs
+from bonejax.core import errors, jsonable, memory_plan, outputs
 from bonejax.core.progress import Progress
 from bonejax.data import store
 from bonejax.phantom import bone, ct, implant
@@ -41,29 +40,6 @@ _KIND_STREAM = {"bone": 1, "implant": 2}  # part of the seed, so kinds never sha
 PEAK_BYTES_PER_VOXEL = 100
 
 
-def available_memory() -> int | None:
-  """Bytes this process could still allocate: free RAM and swap, within a cgroup limit."""
-  avail = None
-  try:
-    info = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-      key, _, value = line.partition(":")
-      info[key] = int(value.split()[0]) * 1024
-    avail = info["MemAvailable"] + info.get("SwapFree", 0)
-  except (OSError, KeyError, ValueError, IndexError):
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-      avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  try:  # a container's limit (cgroup v2), which /proc/meminfo does not show
-    limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-    used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    if limit != "max":
-      room = int(limit) - used
-      avail = room if avail is None else min(avail, room)
-  except (OSError, ValueError):
-    pass
-  return avail
-
-
 def _gib(n: float) -> str:
   return f"{n / 2**30:,.1f} GiB"
 
@@ -71,7 +47,7 @@ def _gib(n: float) -> str:
 def check_memory(shape: Sequence[int], kind: str = "bone") -> None:
   """Refuses up front a scan that could not be generated in this machine's memory."""
   need = math.prod(int(s) for s in shape) * PEAK_BYTES_PER_VOXEL
-  avail = available_memory()
+  avail = memory_plan.available_bytes()[0]  # RAM, cgroup v1/v2 and ulimit -v
   if avail is not None and need > avail:
     raise errors.UserError(f"shape {tuple(int(s) for s in shape)}: generating one {kind} phantom "
                         f"scan needs about {_gib(need)} of memory, but only {_gib(avail)} is "

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from bonejax import models
-from bonejax.core import errors, jsonable, outputs
+from bonejax.core import errors, jsonable, memory_plan, outputs
 from bonejax.data import feed as feed_lib
 from bonejax.data import patches, splits, store
 from bonejax.models import bundle
@@ -92,6 +92,18 @@ def parse_profile_steps(value: Any) -> tuple[int, int] | None:
   return span
 
 
+def _check_batch_memory(batch_size: int, patch_size: int, in_channels: int) -> None:
+  """Refuses a batch the host cannot hold before anything is allocated (absurd values)."""
+  if batch_size < 1 or patch_size < 1:
+    raise errors.UserError(f"batch_size={batch_size} and patch_size={patch_size} must be >= 1")
+  # Per pixel: float32 image channels, the int32 label and the float32 mask, twice (the batch
+  # being fed and the next one prepared); the model's activations come on top of this.
+  nbytes = 2 * batch_size * patch_size * patch_size * (4 * in_channels + 4 + 4)
+  memory_plan.require_fits(f"--config.batch_size={batch_size} with --config.patch_size="
+                           f"{patch_size}: one batch", nbytes, None,
+                           hint="use a smaller batch_size or patch_size")
+
+
 def check_settings(c: ml_collections.ConfigDict) -> Settings:
   configlib.check(c)
   if c.dtype not in DTYPES:
@@ -111,6 +123,8 @@ def check_settings(c: ml_collections.ConfigDict) -> Settings:
                            "evaluator (config.evaluators)")
   pretrained.check_config(c.model)
   context = int(c.context_slices)
+  _check_batch_memory(int(c.batch_size), int(c.patch_size),
+                      2 * context + 1 if context else int(c.in_channels))
   return Settings(
       num_steps=num_steps, batch_size=int(c.batch_size), log_every=max(1, int(c.log_every)),
       checkpoint_every=int(c.checkpoint_every), stop_after=int(c.stop_after), context=context,
