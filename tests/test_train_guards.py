@@ -186,3 +186,13 @@ def test_fallback_messages_name_no_bound_methods():
   e = ValueError("DATA_LOSS: reading <bound method pybind11_object.read of <ts.TensorStore at "
                  "0x7f>> failed: truncated")
   assert checkpoint._reason(e) == "ValueError: DATA_LOSS: reading failed: truncated"
+
+
+def test_an_absurd_batch_is_refused_before_anything_is_allocated():
+  from bonejax.core import errors
+  from bonejax.train import setup
+  with pytest.raises(errors.UserError, match=r"batch_size=100000000 .* needs .* of memory"):
+    setup._check_batch_memory(100000000, 32, 1)
+  with pytest.raises(errors.UserError, match=r"patch_size=1048576"):
+    setup._check_batch_memory(4, 1048576, 1)
+  setup._check_batch_memory(8, 64, 1)  # an ordinary batch passes
