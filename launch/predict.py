@@ -16,6 +16,17 @@ lists the 10 most uncertain slices per axis in the result. `--planes`: 1 (one ax
 Prints progress on stderr and, as the last stdout line, JSON with output, shape, seconds,
 voxels_per_second, planes, vote, classes, devices, processes, ...
 
+Many scans: --input may name a dataset, a folder of scans or volume files, a glob (quoted) or a
+list file (.txt: one path a line); --output is then a directory with one NAME.zarr per scan
+(--output_format=ome.zarr or tif for the others; --save_probs / --save_uncertainty directories
+too). The bundle is loaded and compiled once. Completed outputs are kept and skipped, so the
+same command resumes a killed run; a scan that cannot be read or predicted is recorded and the
+others go on (exit 2 at the end; --fail_fast stops at once). OUTPUT/summary.json and
+summary.csv hold a row per scan (status, seconds, voxels/s, error). With the multi-host flags
+the processes share the scans, each scan whole on one process; independent runs of the same
+command share them too.
+  python launch/predict.py --model=WORKDIR/model --input=DATA --output=preds/
+
 Every batch of planes is spread over all local devices (`--devices=N`: the first N). Several
 hosts predict one volume together with the flags of train.py, the same command on every host:
   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
@@ -36,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402  (jax is imported once the flags are good)
-from bonejax.core import distributed, errors, outputs
+from bonejax.core import distributed, errors, outputs, signals  # noqa: E402
 
 PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
 VOTES = ("soft", "majority", "max")
@@ -45,9 +56,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (WORKDIR/model).",
                              required=True)
 _INPUT = flags.DEFINE_string("input", None, "Scan directory, .tif, folder of 2D slices, .npy, "
-                             "zarr / OME-Zarr, HDF5 / NeXus, MRC or .isq.", required=True)
+                             "zarr / OME-Zarr, HDF5 / NeXus, MRC or .isq; or many scans: a "
+                             "dataset, a folder of scans, a glob or a list file (.txt).",
+                             required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Labels output: PATH.zarr, PATH.ome.zarr "
-                              "(OME-NGFF 0.5 multiscale labels) or PATH.tif.", required=True)
+                              "(OME-NGFF 0.5 multiscale labels) or PATH.tif; a directory for "
+                              "many scans.", required=True)
+_FORMAT = flags.DEFINE_enum("output_format", "zarr", ["zarr", "ome.zarr", "tif"], "Many scans: "
+                            "the format of each scan's labels in --output.")
+_FAIL_FAST = flags.DEFINE_bool("fail_fast", False, "Many scans: stop at the first scan that "
+                               "fails (default: record it and go on).")
 _PLANES = flags.DEFINE_string("planes", "3", "Plane sets voted over: 1, 3, 9 or 12.")
 _VOTE = flags.DEFINE_string("vote", "soft", "soft (mean probabilities), majority, or max "
                             "(class of the highest single-set probability).")
@@ -81,8 +99,8 @@ _OVERLAP = flags.DEFINE_integer("tile_overlap", None, "Tile overlap in pixels (d
 _OOC = flags.DEFINE_enum("out_of_core", "auto", ["auto", "yes", "no"],
                          "Force (yes) or forbid (no) out-of-core processing.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
-_WITH_IMAGE = flags.DEFINE_bool("with_image", False, "With an .ome.zarr --output: write the "
-                                "input image too, the labels under its labels/ group (one "
+_WITH_IMAGE = flags.DEFINE_bool("with_image", False, "With an .ome.zarr --output (or "
+                                "--output_format=ome.zarr): write the input image too, the labels under its labels/ group (one "
                                 "OME-Zarr that napari-ome-zarr and MoBIE open as image + labels).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to spread batches over (default: "
                                 "all); each takes --batch_size planes per call.")
@@ -144,6 +162,8 @@ def main(argv):
   bundle = Path(_MODEL.value)
   if not (bundle / "model.json").exists() and (bundle / "model" / "model.json").exists():
     bundle = bundle / "model"  # a training workdir: its bundle is the input, not the workdir
+  from bonejax.predict import study  # no JAX backend is touched before initialize
+  many = study.is_study(_INPUT.value)
   group = distributed.SINGLE
   if multihost:
     # Recoverable: a process that dies must not take the others down with JAX's fatal log;
@@ -152,7 +172,24 @@ def main(argv):
                            recoverable=True, heartbeat_timeout_s=_HEARTBEAT_S.value,
                            init_timeout_s=_BARRIER_S.value)
     group = distributed.Group.from_jax(_BARRIER_S.value, namespace="bonejax/predict")
-  with group.guard(), contextlib.ExitStack() as claims:
+  settings = dict(planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
+                  memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value,
+                  dtype=_DTYPE.value, tile_size=_TILE.value, tile_overlap=_OVERLAP.value,
+                  out_of_core=ooc, resample=not _NO_RESAMPLE.value, image_key=_IMAGE_KEY.value,
+                  devices=_DEVICES.value, graph=_GRAPH.value)
+  with group.guard(), signals.sigterm_as_interrupt():
+    errors.require_exists(_MODEL.value, "model bundle")
+    if len(set(group.allgather("input kind", str(many)))) > 1:
+      raise errors.UserError(f"--input {_INPUT.value!r} is a study of scans on some processes "
+                             f"and one volume on others: is it on a filesystem all share?")
+    if many:
+      return _predict_study(study, bundle, settings, group)
+    return _predict_one(bundle, settings, group)
+
+
+def _predict_one(bundle: Path, settings: dict, group) -> dict:
+  """One volume (several processes: each predicts its share of its planes)."""
+  with contextlib.ExitStack() as claims:
     # Claim the outputs for the whole run (a second run writing them is refused), then fail on
     # an existing, foreign or input-overlapping output before any work. Several processes:
     # process 0 holds the claims for all of them.
@@ -161,21 +198,37 @@ def main(argv):
         if group.is_main:
           claims.enter_context(outputs.claim_output(out))
         outputs.check_output(out, _OVERWRITE.value, inputs=(_INPUT.value, bundle))
-    errors.require_exists(_MODEL.value, "model bundle")
     errors.require_exists(_INPUT.value, "input")
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+    _quiet_orbax()
     from bonejax import predict
-    return predict.predict_scan(
-        _MODEL.value, _INPUT.value, output=_OUTPUT.value, save_probs=_SAVE_PROBS.value,
-        planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
-        memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value, dtype=_DTYPE.value,
-        tile_size=_TILE.value, tile_overlap=_OVERLAP.value, out_of_core=ooc,
-        overwrite=_OVERWRITE.value, progress=True, keep_labels=False,
-        save_uncertainty=_SAVE_UNC.value, resample=not _NO_RESAMPLE.value,
-        image_key=_IMAGE_KEY.value, devices=_DEVICES.value, group=group,
-        graph=_GRAPH.value, with_image=_WITH_IMAGE.value)
+    predictor = predict.Predictor(bundle, progress=True, group=group, **settings)
+    return predictor.predict(_INPUT.value, _OUTPUT.value, save_probs=_SAVE_PROBS.value,
+                             save_uncertainty=_SAVE_UNC.value, overwrite=_OVERWRITE.value,
+                             keep_labels=False, with_image=_WITH_IMAGE.value)
 
+
+def _predict_study(study, bundle: Path, settings: dict, group) -> dict:
+  """Many scans, each whole on one process (see bonejax/predict/study.py)."""
+  items = study.list_scans(_INPUT.value)
+  layout = study.Layout(Path(_OUTPUT.value), study.FORMATS[_FORMAT.value],
+                        Path(_SAVE_PROBS.value) if _SAVE_PROBS.value else None,
+                        Path(_SAVE_UNC.value) if _SAVE_UNC.value else None,
+                        with_image=_WITH_IMAGE.value)
+  inputs = [bundle] + ([_INPUT.value] if Path(_INPUT.value).is_dir() else [])
+  layout.check(inputs)
+  _quiet_orbax()
+  from bonejax import predict
+  # Each scan whole on one process: the predictor itself works alone.
+  predictor = predict.Predictor(bundle, progress=True, **settings)
+  record = {"model": str(bundle.resolve()), "output_format": _FORMAT.value,
+            **{k: settings[k] for k in ("planes", "axis", "vote", "dtype", "resample")}}
+  return study.run_study(predictor, items, layout, overwrite=_OVERWRITE.value,
+                         fail_fast=_FAIL_FAST.value, group=group, settings=record)
+
+
+def _quiet_orbax() -> None:
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
 
 if __name__ == "__main__":
   runner.run(main)

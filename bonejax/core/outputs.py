@@ -61,6 +61,10 @@ def _quote(p: os.PathLike | str) -> str:
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
+class OutputBusy(errors.UserError):
+  """The output is claimed by another live bonejax run (`claim_output`)."""
+
+
 def pid_alive(pid: int) -> bool:
   """Whether process `pid` exists on this machine (a zombie counts until it is reaped)."""
   if pid == os.getpid():
@@ -197,7 +201,7 @@ def _claim_lock(lock: Path, path: Any, what: str) -> int | None:
     with contextlib.suppress(OSError):
       owner = lock.read_text().strip()
     by = f" (process {owner.split()[0]})" if owner else ""
-    raise errors.UserError(f"{what} {_quote(path)} is being written by another bonejax run{by}; "
+    raise OutputBusy(f"{what} {_quote(path)} is being written by another bonejax run{by}; "
                         f"wait for it to finish or choose another path") from None
   except OSError as e:
     if e.errno in _NO_LOCKS:
@@ -322,6 +326,7 @@ def check_output(path: str | os.PathLike, overwrite: bool, inputs: Iterable[Any]
   if not _abs(p).name:
     raise errors.UserError(f"{what} {_quote(path)} is not a file or directory name")
   check_not_input(p, inputs, what)
+  restore_interrupted(p, what)  # a restored output exists like any other
   if p.exists() or p.is_symlink():
     if not overwrite:
       raise errors.UserError(f"{what} {_quote(p)} exists; pass --overwrite to replace it")
@@ -356,26 +361,35 @@ def temporary_name(final: Path, kind: str = "tmp") -> Path:
   return final.with_name(f".{final.name}.{kind}-{owner_tag()}-{uuid.uuid4().hex[:8]}")
 
 
-def clean_stale(final: str | os.PathLike) -> list[str]:
-  """Removes what crashed runs left of `final`: temporaries, old copies, nested ones, locks.
-
-  Only names whose process is gone (on this host) are touched. An `.old` copy is put back when
-  `final` is missing: the crash came between moving the old output aside and renaming the new one
-  in, and the old one is complete. Says what it did in one stderr line; returns the names.
-  """
-  final = _abs(final)
+def _stale_names(final: Path) -> list[re.Match]:
+  """Temporaries and old copies of `final` (nested ones too) whose process is gone."""
   pattern = re.compile(r"^(\.+)" + re.escape(final.name) +
                        r"\.(tmp|old)-([0-9a-f]{6})-(\d+)-[0-9a-f]+(.*)$")
   try:
     names = sorted(os.listdir(final.parent))
   except OSError:
     return []
-  found = [m for n in names if (m := pattern.match(n)) and _stale(m.group(3), m.group(4))]
+  return [m for n in names if (m := pattern.match(n)) and _stale(m.group(3), m.group(4))]
+
+
+def _is_top_old(m: re.Match) -> bool:
+  return m.group(1) == "." and m.group(2) == "old" and not m.group(5)
+
+
+def clean_stale(final: str | os.PathLike) -> list[str]:
+  """Removes what crashed runs left of `final`: temporaries, old copies, nested ones, locks.
+
+  Only names whose process is gone (on this host) are touched. An `.old` copy is put back when
+  `final` is missing: the crash came between moving the old output aside and renaming the new one
+  in, and the old one is complete (it is then an existing output like any other: a run without
+  --overwrite stops). Says what it did in one stderr line; returns the names.
+  """
+  final = _abs(final)
+  found = _stale_names(final)
   restored = None
   for m in found:
     p = final.parent / m.group(0)
-    top_old = m.group(1) == "." and m.group(2) == "old" and not m.group(5)
-    if top_old and restored is None and not (final.exists() or final.is_symlink()):
+    if _is_top_old(m) and restored is None and not (final.exists() or final.is_symlink()):
       os.replace(p, final)
       restored = m.group(0)
     else:
@@ -383,12 +397,28 @@ def clean_stale(final: str | os.PathLike) -> list[str]:
   if found:
     pids = ", ".join(sorted({m.group(4) for m in found}))
     gone = [m.group(0) for m in found if m.group(0) != restored]
-    msg = (f"note: removed {len(gone)} leftover(s) of interrupted bonejax runs (process {pids} "
-           f"gone) beside {_quote(final)}: {_list(gone)}")
+    parts = []
+    if gone:
+      parts.append(f"removed {len(gone)} leftover(s) beside {_quote(final)}: {_list(gone)}")
     if restored:
-      msg += f"; restored the previous output from {restored!r}"
-    _say(msg)
+      parts.append(f"restored the previous output {_quote(final)} from {restored!r}")
+    _say(f"note: {'; '.join(parts)} (interrupted bonejax run{'s' if ',' in pids else ''}, "
+         f"process {pids} gone)")
   return [m.group(0) for m in found]
+
+
+def restore_interrupted(path: str | os.PathLike, what: str = "output") -> bool:
+  """Puts back an output that a crash between the two renames of `atomic_output` left only as
+  `.NAME.old-HOST-PID-RAND` (its process gone); True when it did. Done under the output's
+  claim, so two runs never both move it."""
+  final = _abs(path)
+  if final.exists() or final.is_symlink() or not any(map(_is_top_old, _stale_names(final))):
+    return False
+  with claim_output(final, what):
+    if final.exists() or final.is_symlink():
+      return False
+    clean_stale(final)
+  return final.exists() or final.is_symlink()
 
 
 @contextlib.contextmanager
@@ -406,10 +436,11 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
   made = _MADE_DIRS[made_before:]
   try:
     with claim_output(path, what) as final:
+      # Leftovers first: an output restored from its `.old` copy is an existing output.
+      clean_stale(final)
       # Checked again under the claim: another run may have finished it meanwhile.
       if not overwrite and (final.exists() or final.is_symlink()):
         raise errors.UserError(f"{what} {_quote(path)} exists; pass --overwrite to replace it")
-      clean_stale(final)
       tmp = temporary_name(final)
       try:
         yield tmp
@@ -431,6 +462,25 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
     raise
 
 
+def remove_stale_scratch(parent: str | os.PathLike, prefix: str = SCRATCH_PREFIX) -> list[str]:
+  """Removes the scratch directories of crashed runs in `parent` (`.PREFIX-HOST-PID-RAND/`, the
+  process gone), saying so in one stderr line; a run that needs no scratch of its own calls it
+  too, so a killed out-of-core run's scratch goes with the next run on the same output."""
+  pattern = re.compile(r"^\." + re.escape(prefix) + r"-([0-9a-f]{6})-(\d+)-[0-9a-f]+$")
+  stale = []
+  with contextlib.suppress(OSError):
+    for name in sorted(os.listdir(parent)):
+      m = pattern.match(name)
+      if m and _stale(m.group(1), m.group(2)):
+        remove_path(Path(parent) / name)
+        stale.append((name, m.group(2)))
+  if stale:
+    _say(f"note: removed {len(stale)} scratch director{'y' if len(stale) == 1 else 'ies'} of "
+         f"interrupted bonejax runs (process {', '.join(sorted({p for _, p in stale}))} gone) "
+         f"in {_quote(parent)}: {_list([n for n, _ in stale])}")
+  return [n for n, _ in stale]
+
+
 @contextlib.contextmanager
 def scratch_dir(parent: str | os.PathLike, prefix: str = SCRATCH_PREFIX) -> Iterator[Path]:
   """A fresh working directory `.PREFIX-HOST-PID-RAND/` in `parent`, removed afterwards.
@@ -440,18 +490,7 @@ def scratch_dir(parent: str | os.PathLike, prefix: str = SCRATCH_PREFIX) -> Iter
   """
   parent = _abs(parent)
   make_dirs(parent)
-  pattern = re.compile(r"^\." + re.escape(prefix) + r"-([0-9a-f]{6})-(\d+)-[0-9a-f]+$")
-  stale = []
-  with contextlib.suppress(OSError):
-    for name in sorted(os.listdir(parent)):
-      m = pattern.match(name)
-      if m and _stale(m.group(1), m.group(2)):
-        remove_path(parent / name)
-        stale.append((name, m.group(2)))
-  if stale:
-    _say(f"note: removed {len(stale)} scratch director{'y' if len(stale) == 1 else 'ies'} of "
-         f"interrupted bonejax runs (process {', '.join(sorted({p for _, p in stale}))} gone) "
-         f"in {_quote(parent)}: {_list([n for n, _ in stale])}")
+  remove_stale_scratch(parent, prefix)
   path = parent / f".{prefix}-{owner_tag()}-{uuid.uuid4().hex[:8]}"
   try:
     path.mkdir()

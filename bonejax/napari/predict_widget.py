@@ -1,6 +1,6 @@
 """The Predict widget: a model bundle on an image layer, in a worker thread, cancellable.
 
-What launch/predict.py does, on the volume already open: the same `predict_volume` (plane
+What launch/predict.py does, on the volume already open: the same `Predictor` (plane
 sets, voting, memory budget, compute dtype) with the bundle's normalisation rule and, for a
 layer read from a scan, the scan's stored intensity statistics. The labels come back as a
 labels layer (class names and colours from the bundle, the image's scale), optionally with one
@@ -37,7 +37,7 @@ from bonejax.core import errors, outputs
 from bonejax.data import store
 from bonejax.io import tiff
 from bonejax.napari import jobs, layers, qt
-from bonejax.predict import DEFAULT_BUDGET_GB, DTYPES, PLANES, VOTES, predict_volume
+from bonejax.predict import DEFAULT_BUDGET_GB, DTYPES, PLANES, VOTES, Predictor
 
 REPO = Path(bonejax.__file__).resolve().parents[1]
 CONVERTER = REPO / "launch" / "convert_weights.py"
@@ -116,13 +116,14 @@ def model_meta(path: str) -> tuple[Path, dict[str, Any] | None]:
     if not CONVERTER.exists():
       convert_weights(p)  # raises the message
     return p, None
-  from bonejax.predict.scan import find_bundle
+  from bonejax.predict import find_bundle
   p = find_bundle(p)
   return p, bundle_lib.read_meta(p)
 
 
 def as_array(data: Any):
-  """What predict_volume reads: the tensorstore behind a lazy layer, else a numpy array."""
+  """What Predictor.predict_volume reads: the tensorstore behind a lazy layer, else a numpy
+  array."""
   ts_array = layers.tensorstore_of(data)
   return ts_array if ts_array is not None else np.asarray(data)
 
@@ -144,12 +145,12 @@ def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: i
     inputs = [attrs["source"]] if Path(str(attrs.get("source"))).exists() else []
     tmp = stack.enter_context(outputs.atomic_output(output, overwrite, inputs)) if output else None
     t0 = time.perf_counter()
-    out = predict_volume(b, volume, stats=stats, rule=b.normalization, planes=planes, axis=axis,
-                         vote=vote, memory_budget_gb=memory_budget_gb,
-                         return_probs=probs or uncertainty, progress=progress,
-                         dtype=None if dtype == "float32" else dtype)
+    predictor = Predictor(b, planes=planes, axis=axis, vote=vote, dtype=dtype,
+                          memory_budget_gb=memory_budget_gb, progress=False, resample=False)
+    labels, mean, _ = predictor.predict_volume(volume, stats=stats,
+                                               return_probs=probs or uncertainty,
+                                               progress=progress)
     seconds = time.perf_counter() - t0
-    labels, mean = out if isinstance(out, tuple) else (out, None)
     unc = None
     if uncertainty:
       from bonejax.evaluate import uncertainty as uncertainty_lib

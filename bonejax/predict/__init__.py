@@ -18,13 +18,20 @@ Modules, one job each:
   runner     the threaded run of plane sets for one volume
   hosts      several processes on one volume: shares, shared scratch and outputs
   api        predict_planes / predict_volume / make_engine: arrays in, arrays out
-  scan       predict_scan: bundle and file in, files out (launch/predict.py)
+  source     the input and the bundle found, opened and read once
+  plan       settings, bundle metadata, outputs and the per-input plan, checked before work
+  writers    the output arrays of one prediction and their finishing touches
+  predictor  Predictor: bundle loaded and compiled once, inputs to files (predict_scan)
+  study      many scans: one output each, resumable, shared by processes, a summary table
 
 Python API (for the demo, cross-validation and notebooks):
     probs = predict_planes(model, vol, stats=stats, planes=3)   # one (Z,Y,X,K) per plane set
     labels, mean = fuse(probs, "soft")                           # or "majority"
     labels = predict_volume(model, vol, stats=stats, planes=3, vote="soft")
     result = predict_scan("WORKDIR/model", "DATA/scan_000", output="pred.zarr")
+    predictor = Predictor("WORKDIR/model", planes=3)             # load and compile once
+    for name in scans:
+      predictor.predict(f"DATA/{name}", f"pred/{name}.zarr")
 Every batch is spread over all local devices (`devices=N`: the first N). Several processes
 predict one volume with `predict_scan(..., group=distributed.Group.from_jax())` in each.
 `model` may be an nnx module, a `bundle.Bundle` or a prepared `PlaneEngine` (which keeps its
@@ -42,13 +49,14 @@ from bonejax.predict.memory import (DEFAULT_BUDGET_GB, device_budget_bytes, resi
                                     resident_limit)
 from bonejax.predict.planesets import (AXES, PLANES, VOTES, PlaneSet, check_vote, fuse,
                                        majority_labels, one_hot_argmax, plane_sets, run_order)
-from bonejax.predict.scan import predict_scan
+from bonejax.predict.predictor import Predictor, predict_scan
+from bonejax.predict.source import find_bundle
 
 __all__ = [
     "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
-    "PlaneEngine", "PlaneSet", "Prediction", "as_volume", "axis_probabilities",
+    "PlaneEngine", "PlaneSet", "Predictor", "Prediction", "as_volume", "axis_probabilities",
     "background_value", "blend_window", "bundle_model", "check_vote", "compute_dtype",
-    "device_budget_bytes", "fuse", "majority_labels", "make_engine", "one_hot_argmax",
+    "device_budget_bytes", "find_bundle", "fuse", "majority_labels", "make_engine", "one_hot_argmax",
     "plane_sets", "predict_planes", "predict_scan", "predict_volume", "resident_bytes",
     "resident_limit", "rotate", "run_order", "run_prediction", "swapped_cpu_convs",
     "tile_starts", "with_compute_dtype",

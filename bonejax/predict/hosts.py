@@ -31,7 +31,8 @@ import tensorstore as ts
 
 from bonejax.core import errors, jsonable, outputs
 from bonejax.core.distributed import SINGLE, Group
-from bonejax.predict import memory
+from bonejax.predict import memory, source
+from bonejax.predict.volumes import SlabVolume
 
 TOKEN = "shared-token"
 
@@ -135,23 +136,21 @@ def agree(group: Group, **arguments: Any) -> None:
 
 def load_source(group: Group, src: Any, stats: dict[str, Any] | None, *, out_of_core: bool,
                 scratch_dir: Path | None, budget_bytes: int, progress: bool):
-  """`scan.load_source` for all processes: (SlabVolume, statistics), the same everywhere.
+  """`source.load_source` for all processes: (SlabVolume, statistics), the same everywhere.
 
   In memory every process reads the input itself; out of core an input that is not a scan is
   copied once, by process 0, into the shared scratch. Everyone normalises with process 0's
   statistics (computed ones could differ in the last bit between hosts with other budgets).
   """
-  from bonejax.predict import scan  # scan imports this module
-  from bonejax.predict.volumes import SlabVolume
   kw = dict(out_of_core=out_of_core, scratch_dir=scratch_dir, budget_bytes=budget_bytes,
             progress=progress)
   if group.size == 1:
-    return scan.load_source(src, stats, **kw)
+    return source.load_source(src, stats, **kw)
   copied = out_of_core and not (stats is not None and src.kind == "scan"
                                 and src.tensorstore is not None)
   vol = None
   if group.is_main or not copied:
-    vol, stats = scan.load_source(src, stats, **kw)
+    vol, stats = source.load_source(src, stats, **kw)
   if copied:
     group.barrier("input copied")
     if vol is None:

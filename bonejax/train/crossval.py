@@ -42,13 +42,13 @@ def score_fold(model_dir: Path, dataset: store.Dataset, scans, planes: int,
   from bonejax.models import bundle
 
   b = bundle.load_bundle(model_dir)
-  engine = predict.make_engine(b)  # compiled once per fold; a 2.5D bundle stacks its planes
+  # Compiled once per fold; a 2.5D bundle stacks its planes.
+  predictor = predict.Predictor(b, planes=planes, vote=vote, progress=False)
   total = np.zeros((b.num_classes, b.num_classes), np.int64)
   per_scan = {}
   for name in scans:
     scan = dataset.open_scan(name)
-    labels = predict.predict_volume(engine, scan, stats=scan.stats, rule=b.normalization,
-                                    planes=planes, vote=vote)
+    labels, _, _ = predictor.predict_volume(scan, stats=scan.stats)
     cm = metrics.confusion_matrix(labels, scan.read_labels(), b.num_classes)
     per_scan[name] = metrics.scores(cm, b.classes)["miou_fg"]
     total += cm
