@@ -93,7 +93,7 @@ class Predictor:
   def predict(self, source: Any, output: str | os.PathLike | None = None, *,
               save_probs: str | os.PathLike | None = None,
               save_uncertainty: str | os.PathLike | None = None, overwrite: bool = False,
-              keep_labels: bool | None = None) -> dict[str, Any]:
+              keep_labels: bool | None = None, progress: Any = None) -> dict[str, Any]:
     """Predicts one input; returns the result dict (what launch/predict.py prints).
 
     `source`: a scan directory, any volume `registry.open_volume` reads (statistics computed
@@ -101,7 +101,8 @@ class Predictor:
     .ome.zarr or .tif), `save_probs` (.zarr (Z, Y, X, K) float32 mean probabilities, or
     .ome.zarr) and `save_uncertainty` (.zarr, .ome.zarr or .tif) atomically. With
     `keep_labels` (default: when no output is given) the result also holds "labels" (process 0
-    only, with several processes).
+    only, with several processes). `progress`: True, False or a `Progress` to update (a GUI's
+    bar), instead of the Predictor's setting.
     """
     start = time.perf_counter()
     outs = plan.Outputs(output, save_probs, save_uncertainty, overwrite, with_image)
@@ -110,7 +111,8 @@ class Predictor:
       outs.check(self.group.size > 1)
       job = plan.plan_scan(self.settings, self.info, self.sets, source, outs, self.group)
       try:
-        pred, labels, unc = self._run(job, outs, source, keep_labels)
+        pred, labels, unc = self._run(job, outs, source, keep_labels,
+                                      self.settings.progress if progress is None else progress)
         # Every process returns once process 0 has put the outputs in place.
         per_process = self.group.allgather("outputs in place", str(self.engine.num_devices))
       finally:
@@ -142,13 +144,15 @@ class Predictor:
                          return_info=True)
     return (out[0], out[1], out[2]) if return_probs else (out[0], None, out[1])
 
-  def _run(self, job: plan.ScanPlan, outs: plan.Outputs, source: Any, keep_labels: bool):
+  def _run(self, job: plan.ScanPlan, outs: plan.Outputs, source: Any, keep_labels: bool,
+           progress: Any):
     """The open, writers, run and finalise stages of one planned input."""
     s, group = self.settings, self.group
     with job.scratch(group) as scratch:
       vol, stats = hosts.load_source(group, job.model_src, job.model_src.stats,
                                      out_of_core=job.out_of_core, scratch_dir=scratch,
-                                     budget_bytes=s.budget_bytes, progress=s.progress)
+                                     budget_bytes=s.budget_bytes,
+                                     progress=progress is True)
       self.engine.set_normalization(stats, self.info.rule)
       attrs = attributes(self.info, s, self.sets, job, source_lib.source_name(source))
       with contextlib.ExitStack() as stack:
@@ -160,7 +164,7 @@ class Predictor:
                               out_of_core=job.out_of_core, scratch_dir=scratch,
                               labels_out=w.labels_ts, probs_out=w.probs_out,
                               keep_labels=w.want_memory, keep_probs=False,
-                              progress=s.progress, uncertainty_out=w.unc, regrid=job.regrid,
+                              progress=progress, uncertainty_out=w.unc, regrid=job.regrid,
                               group=group)
         labels = w.finish(outs, job, pred.labels, attrs, keep_labels)
     return pred, labels, w.unc

@@ -28,9 +28,11 @@ import contextlib
 import csv
 import dataclasses
 import glob as glob_lib
+import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,15 +41,18 @@ from typing import Any, Iterator, Sequence
 import bonejax
 from bonejax.core import errors, outputs
 from bonejax.core.distributed import SINGLE, Group
-from bonejax.io import registry, slices, tiff
+from bonejax.core.ownership import short_list as _list
+from bonejax.io import formats, volume_io
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 FORMATS = {"zarr": ".zarr", "ome.zarr": ".ome.zarr", "tif": ".tif"}
 SUMMARY_JSON, SUMMARY_CSV = "summary.json", "summary.csv"
 # Files inside a folder that make it a folder of volumes, not one volume of 2D slices.
-# (TIFFs are either: a 3D TIFF is a volume, a 2D one a slice.)
-_VOLUME_SUFFIXES = (".zarr",) + tuple(s for r in registry.READERS for s in r.suffixes
-                                      if s not in tiff.SUFFIXES)
+_VOLUME_SUFFIXES = ((".npy", ".zarr") + formats.HDF5_SUFFIXES + formats.MRC_SUFFIXES
+                    + formats.ISQ_SUFFIXES)
+# Test hook: "K" makes a process kill itself (SIGKILL) in the middle of its (K+1)-th scan, once
+# that scan's outputs are open (claims and temporaries exist): how tests kill a study half-way.
+KILL_AFTER_ENV = "BONEJAX_TEST_STUDY_KILL_AFTER"
 _CSV_FIELDS = ("scan", "status", "seconds", "voxels", "voxels_per_second", "shape", "input",
                "output", "process", "error")
 
@@ -74,7 +79,7 @@ def _is_zarr(p: Path) -> bool:
 def _volume_entries(folder: Path) -> list[Path]:
   """The volumes of a folder of scans: scans and zarr arrays, volume files, 3D TIFFs."""
   found = []
-  for p in sorted(folder.iterdir(), key=lambda q: slices.natural_key(q.name)):
+  for p in sorted(folder.iterdir(), key=lambda q: volume_io.natural_key(q.name)):
     if p.name.startswith("."):
       continue
     if p.is_dir():
@@ -82,7 +87,7 @@ def _volume_entries(folder: Path) -> list[Path]:
         found.append(p)
     elif p.suffix.lower() in _VOLUME_SUFFIXES:
       found.append(p)
-    elif p.suffix.lower() in tiff.SUFFIXES and _tiff_pages(p) > 1:
+    elif p.suffix.lower() in volume_io.TIFF_SUFFIXES and _tiff_pages(p) > 1:
       found.append(p)
   return found
 
@@ -114,7 +119,7 @@ def is_study(spec: str | os.PathLike) -> bool:
 
 def _stem(p: Path) -> str:
   name = p.name
-  for suffix in (".ome.zarr",) + _VOLUME_SUFFIXES + tiff.SUFFIXES:
+  for suffix in (".ome.zarr",) + _VOLUME_SUFFIXES + volume_io.TIFF_SUFFIXES:
     if name.lower().endswith(suffix) and len(name) > len(suffix):
       return name[:-len(suffix)]
   return name
@@ -125,7 +130,7 @@ def list_scans(spec: str | os.PathLike) -> list[Item]:
   would share an output name."""
   p = Path(spec)
   if not p.exists():
-    paths = [Path(x) for x in sorted(glob_lib.glob(str(spec)), key=slices.natural_key)]
+    paths = [Path(x) for x in sorted(glob_lib.glob(str(spec)), key=volume_io.natural_key)]
     what = f"the glob {str(spec)!r}"
   elif p.is_file():
     paths = _read_list(p)
@@ -211,7 +216,7 @@ class Summary:
 def _row(it: Item, status: str, **kw: Any) -> dict[str, Any]:
   return {"scan": it.name, "status": status, "input": str(it.path), "output": None,
           "seconds": None, "voxels": None, "voxels_per_second": None, "shape": None,
-          "process": None, "error": None, **kw}
+          "process": None, "error": None, "settings_id": None, **kw}
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -248,7 +253,6 @@ class Layout:
   suffix: str = ".zarr"
   probs: Path | None = None
   uncertainty: Path | None = None
-  with_image: bool = False  # .ome.zarr outputs also hold the input image
 
   def paths(self, it: Item) -> dict[str, Path]:
     out = {"output": self.output / f"{it.name}{self.suffix}"}
@@ -279,28 +283,36 @@ def _todo(items: Sequence[Item], layout: Layout, summary: Summary, overwrite: bo
           settings: dict[str, Any]) -> tuple[list[Item], dict[str, dict]]:
   """(scans to predict, rows of the scans kept); records the kept ones in the summary."""
   todo, kept = [], {}
-  earlier_settings = summary.earlier()[1]
-  same = earlier_settings == settings
-  if earlier_settings is not None and not same and not overwrite:
-    _say(f"note: {str(summary.json_path)!r} was written with other settings; complete outputs "
-         f"are kept as they are (--overwrite predicts them again)")
+  run_id = settings_id(settings)
   with summary.editing() as rows:
+    other = sorted({r.get("settings_id") for r in rows.values()
+                    if r.get("status") in ("done", "kept") and r.get("settings_id") != run_id},
+                   key=str)
+    if other and not overwrite:
+      _say(f"note: some complete outputs in {str(layout.output)!r} were predicted with other "
+           f"settings; they are kept as they are (--overwrite predicts them again)")
     for it in items:
       paths = _abs_paths(layout, it)
       for p in paths.values():
         with contextlib.suppress(outputs.OutputBusy):  # another run is writing it: its own
           outputs.restore_interrupted(p)
       old = rows.get(it.name) or {}
-      done_here = same and old.get("status") in ("done", "kept")
-      if _complete(paths) and (not overwrite or done_here):
+      same = old.get("status") in ("done", "kept") and old.get("settings_id") == run_id
+      if _complete(paths) and (not overwrite or same):
         kept[it.name] = {**_row(it, "kept", output=str(paths["output"])),
                          **{k: old.get(k) for k in ("seconds", "voxels", "voxels_per_second",
-                                                    "shape", "process") if old}}
+                                                    "shape", "process", "settings_id") if old}}
         rows[it.name] = kept[it.name]
       else:
         todo.append(it)
         rows[it.name] = _row(it, "pending")
   return todo, kept
+
+
+def settings_id(settings: dict[str, Any]) -> str:
+  """A short fingerprint of the settings a row's outputs were predicted with."""
+  text = json.dumps(settings, sort_keys=True, default=str)
+  return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _queue(group: Group, todo: Sequence[Item]) -> Iterator[Item]:
@@ -321,7 +333,8 @@ def _say(text: str) -> None:
 
 
 def predict_one(predictor: Any, it: Item, paths: dict[str, Path], overwrite: bool,
-                index: int) -> dict[str, Any] | None:
+                index: int, run_id: str | None = None,
+                progress: Any = None) -> dict[str, Any] | None:
   """One scan, its outputs claimed first; its row, or None when another live run has it."""
   with contextlib.ExitStack() as claims:
     for p in paths.values():
@@ -338,14 +351,14 @@ def predict_one(predictor: Any, it: Item, paths: dict[str, Path], overwrite: boo
     t0 = time.perf_counter()
     res = predictor.predict(it.path, todo.get("output"), save_probs=todo.get("save_probs"),
                             save_uncertainty=todo.get("save_uncertainty"),
-                            overwrite=overwrite, keep_labels=False)
+                            overwrite=overwrite, keep_labels=False, progress=progress)
   seconds = time.perf_counter() - t0
   voxels = 1
   for s in res["shape"]:
     voxels *= int(s)
   return _row(it, "done", output=str(paths["output"]), seconds=round(seconds, 3),
               voxels=voxels, voxels_per_second=round(voxels / max(seconds, 1e-9), 1),
-              shape=res["shape"], process=index)
+              shape=res["shape"], process=index, settings_id=run_id)
 
 
 def run_study(predictor: Any, items: Sequence[Item], layout: Layout, *, overwrite: bool = False,
@@ -361,10 +374,11 @@ def run_study(predictor: Any, items: Sequence[Item], layout: Layout, *, overwrit
     todo, kept = _todo(items, layout, summary, overwrite, settings)
     if kept:
       _say(f"note: {len(kept)} of {len(items)} scans already complete, kept: "
-           f"{outputs.short_list(sorted(kept))}")
+           f"{_list(sorted(kept))}")
   names = group.broadcast_json("study scans", [it.name for it in todo])
   by_name = {it.name: it for it in items}
   todo = [by_name[n] for n in names]
+  group.barrier("study start")  # every process is ready: they start taking scans together
   failed = _run_queue(predictor, todo, layout, summary, overwrite, fail_fast, group, len(items))
   devices = group.allgather("study done", str(predictor.engine.num_devices))
   rows, _ = summary.earlier()
@@ -401,7 +415,8 @@ def _run_queue(predictor: Any, todo: Sequence[Item], layout: Layout, summary: Su
     _say(f"scan {it.name} ({str(it.path)!r})" + (f", process {group.index}"
                                                  if group.size > 1 else ""))
     try:
-      row = predict_one(predictor, it, paths, overwrite, group.index)
+      row = predict_one(predictor, it, paths, overwrite, group.index,
+                        settings_id(summary.settings), _test_kill(n - 1))
     except KeyboardInterrupt:
       raise
     except Exception as e:  # pylint: disable=broad-except  # recorded; the others go on
@@ -421,6 +436,20 @@ def _run_queue(predictor: Any, todo: Sequence[Item], layout: Layout, summary: Su
       _say(f"scan {it.name}: {row['seconds']:.2f} s, {row['voxels_per_second']:.4g} voxels/s "
            f"({n} here, {total} in the study)")
   return failed
+
+
+def _test_kill(done_here: int) -> Any:
+  """A progress that SIGKILLs this process at its first update (`KILL_AFTER_ENV`), or None."""
+  spec = os.environ.get(KILL_AFTER_ENV)
+  if not spec or int(spec) != done_here:
+    return None
+  from bonejax.core.progress import Progress
+
+  class _Kill(Progress):
+    def update(self, n: int = 1, extra: str = "") -> None:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  return _Kill(desc="predict", unit="planes")
 
 
 def _one_line(e: BaseException) -> str:
