@@ -63,12 +63,21 @@ def debris(d: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(files):
-  """The uninterrupted run, checked against predict_scan on a few of its scans."""
+def predictor(files):
+  return predict.Predictor(files / "model", planes=3, batch_size=4, progress=False)
+
+
+def run_here(predictor, files, output, items=None, **kw):
+  """The study in this process (what launch/predict.py runs after its flags)."""
+  return study.run_study(predictor, items or study.list_scans(files / "data"),
+                         study.Layout(output), settings={"planes": 3}, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(files, predictor):
+  """The uninterrupted run (one Predictor for all), checked against predict_scan."""
   out = files / "ref"
-  r = run(files, out)
-  assert r.returncode == 0, r.stderr[-3000:]
-  result = json.loads(r.stdout.strip().splitlines()[-1])
+  result = run_here(predictor, files, out)
   assert result["scans"] == N and result["done"] == N and result["failed"] == 0
   rows = summary(out)
   assert [row["scan"] for row in rows] == [f"scan_{i:03d}" for i in range(N)]
@@ -78,10 +87,12 @@ def reference(files):
     table = list(csv.DictReader(f))
   assert [t["scan"] for t in table] == [row["scan"] for row in rows]
   assert table[1]["shape"] == "6x12x9" and table[1]["status"] == "done"
-  for i in (0, 1, 19):  # one Predictor for all = predict_scan for each
+  for i in (0, 1):  # one Predictor for all = predict_scan for each
     one = predict.predict_scan(files / "model", files / "data" / f"scan_{i:03d}", planes=3,
                                batch_size=4, progress=False)
     np.testing.assert_array_equal(labels(out / f"scan_{i:03d}.zarr"), one["labels"])
+  again = run_here(predictor, files, out)  # nothing left to do
+  assert again["kept"] == N and again["done"] == 0
   return {f"scan_{i:03d}": labels(out / f"scan_{i:03d}.zarr") for i in range(N)}
 
 
@@ -105,9 +116,6 @@ def test_killed_half_way_and_resumed_equals_uninterrupted(files, reference, tmp_
   statuses = [row["status"] for row in summary(out)]
   assert statuses == ["kept"] * 7 + ["done"] * (N - 7)
   assert debris(out) == []  # the killed run's temporary, lock and summary lock are gone
-
-  again = run(files, out)  # nothing left to do
-  assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["kept"] == N
 
 
 def _free_port() -> int:
@@ -144,7 +152,7 @@ def test_two_processes_share_the_study(files, reference, tmp_path):
   assert debris(out) == []
 
 
-def test_a_bad_scan_is_recorded_and_the_others_go_on(files, reference, tmp_path):
+def test_a_bad_scan_is_recorded_and_the_others_go_on(files, reference, predictor, tmp_path):
   (tmp_path / "broken.npy").write_bytes(b"not a numpy file")
   lst = tmp_path / "scans.txt"
   lst.write_text("# two good scans around a broken one\n"
@@ -164,8 +172,8 @@ def test_a_bad_scan_is_recorded_and_the_others_go_on(files, reference, tmp_path)
   assert not (out / "broken.tif").exists() and debris(out) == []
 
   fast = tmp_path / "fast"
-  r = run(files, fast, "--fail_fast", input=lst)
-  assert r.returncode == 2 and "scan broken" in r.stderr.strip().splitlines()[-1], r.stderr
+  with pytest.raises(errors.UserError, match="scan broken .*broken.npy"):
+    run_here(predictor, files, fast, study.list_scans(lst), fail_fast=True)
   statuses = {row["scan"]: row["status"] for row in summary(fast)}
   assert statuses == {"scan_000": "done", "broken": "failed", "scan_001": "pending"}
 

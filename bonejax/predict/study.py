@@ -368,6 +368,7 @@ def run_study(predictor: Any, items: Sequence[Item], layout: Layout, *, overwrit
   holds the whole table). Raises `errors.UserError` at the end when a scan failed."""
   start = time.perf_counter()
   settings = settings or {}
+  layout.check(())  # the directories (the command checked them against its inputs)
   summary = Summary(layout.output, items, settings)
   todo: list[Item] = []
   if group.is_main:
