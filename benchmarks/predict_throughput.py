@@ -9,7 +9,7 @@ r"""Prediction throughput (pipeline vs bare model forward) and peak memory as th
    synthetic uint16 volume, against the bare jitted model forward on the same planes (same
    shapes, counts and batch; inputs already on the device). efficiency = bare time / pipeline
    time: the share of the wall time the model itself needs. Medians of `--repeats` warm runs.
-2. Memory: `predict_scan` of scans (Z, P, P) for each Z in `--mem_z` with a small
+2. Memory: `Predictor.predict` of scans (Z, P, P) for each Z in `--mem_z` with a small
    `--mem_budget_gb`, each in a fresh subprocess that reports its peak RSS (VmHWM from
    /proc/self/status) and its RSS before predicting (imports, JAX runtime). Out of core, the
    peak must not grow with Z.
@@ -185,10 +185,10 @@ def memory_child(spec: dict) -> dict:
   jnp.zeros(1).block_until_ready()  # the runtime is up
   baseline = _rss_kib("VmRSS")
   t = time.perf_counter()
-  res = predict.predict_scan(spec["bundle"], spec["scan"], output=spec["output"],
-                             planes=spec["planes"], memory_budget_gb=spec["budget"],
-                             batch_size=spec["batch"], overwrite=True, progress=False,
-                             keep_labels=False)
+  predictor = predict.Predictor(spec["bundle"], planes=spec["planes"],
+                                memory_budget_gb=spec["budget"], batch_size=spec["batch"],
+                                progress=False)
+  res = predictor.predict(spec["scan"], spec["output"], overwrite=True, keep_labels=False)
   return {"z": spec["z"], "mode": res["mode"], "seconds": round(time.perf_counter() - t, 2),
           "voxels_per_s": res["voxels_per_second"], "baseline_rss_mb": round(baseline / 1024, 1),
           "peak_rss_mb": round(common.peak_rss_mb(), 1),
@@ -248,7 +248,7 @@ def markdown(results: dict) -> str:
                  f"{r['efficiency']} | {r['cold_s']} |")
   mc = results.get("memory_config", {"planes": None, "budget_gb": None, "plane": [0, 0],
                                       "width": None})
-  lines += ["", f"## Peak memory vs depth (predict_scan, planes={mc['planes']}, "
+  lines += ["", f"## Peak memory vs depth (Predictor.predict, planes={mc['planes']}, "
             f"budget {mc['budget_gb']} GB, planes {mc['plane'][0]}x{mc['plane'][1]}, "
             f"unet width {mc['width']})", "",
             "| Z | mode | volume MB | probabilities MB | runtime RSS MB | peak RSS MB | "
