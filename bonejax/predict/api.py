@@ -14,6 +14,7 @@ plain 1-channel volume: the runner stacks each plane's 2k + 1 neighbours as its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -256,22 +257,29 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
     lo, hi = hosts.share(shape[0], unit, group)
     zs = runner.slab_planes(fuser.probs.vol, 0, unit)
     writes: list = []
-    for z0 in range(lo, hi, zs):
-      z1 = min(z0 + zs, hi)
-      group.check("the vote")
-      lab, mean, counts = fuser.decide(z0, z1)
-      if labels is not None:
-        labels[z0:z1] = lab
-      if probs is not None:
-        probs[z0:z1] = mean
-      while len(writes) > 2:
-        writes.pop(0).result()
-      if labels_out is not None:
-        writes.append(labels_out[z0:z1].write(lab))
-      if probs_out is not None:
-        writes.append(probs_out[z0:z1].write(mean))
-      if uncertainty_out is not None:
-        uncertainty_out.add(z0, lab, mean, counts, fuser.n_sets)
+    try:
+      for z0 in range(lo, hi, zs):
+        z1 = min(z0 + zs, hi)
+        group.check("the vote")
+        lab, mean, counts = fuser.decide(z0, z1)
+        if labels is not None:
+          labels[z0:z1] = lab
+        if probs is not None:
+          probs[z0:z1] = mean
+        while len(writes) > 2:
+          writes.pop(0).result()
+        if labels_out is not None:
+          writes.append(labels_out[z0:z1].write(lab))
+        if probs_out is not None:
+          writes.append(probs_out[z0:z1].write(mean))
+        if uncertainty_out is not None:
+          uncertainty_out.add(z0, lab, mean, counts, fuser.n_sets)
+    except BaseException:
+      # No write may still be in flight when the temporaries are removed after this.
+      for w in writes:
+        with contextlib.suppress(Exception):
+          w.result()
+      raise
     for w in writes:
       w.result()
     group.barrier("outputs written")
