@@ -100,7 +100,8 @@ _OOC = flags.DEFINE_enum("out_of_core", "auto", ["auto", "yes", "no"],
                          "Force (yes) or forbid (no) out-of-core processing.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 _WITH_IMAGE = flags.DEFINE_bool("with_image", False, "With an .ome.zarr --output (or "
-                                "--output_format=ome.zarr): write the input image too, the labels under its labels/ group (one "
+                                "--output_format=ome.zarr): write the input image too, the "
+                                "labels under its labels/ group (one "
                                 "OME-Zarr that napari-ome-zarr and MoBIE open as image + labels).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to spread batches over (default: "
                                 "all); each takes --batch_size planes per call.")

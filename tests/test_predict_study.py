@@ -165,9 +165,9 @@ def test_a_bad_scan_is_recorded_and_the_others_go_on(files, reference, predictor
   rows = {row["scan"]: row for row in summary(out)}
   assert rows["broken"]["status"] == "failed" and "broken.npy" in rows["broken"]["error"]
   assert rows["scan_000"]["status"] == rows["scan_001"]["status"] == "done"
-  from bonejax.io import volume_io
+  from bonejax.io import registry
   for name in ("scan_000", "scan_001"):
-    with volume_io.open_volume(out / f"{name}.tif", "labels") as src:
+    with registry.open_volume(out / f"{name}.tif", "labels") as src:
       np.testing.assert_array_equal(src.read_slab(0, src.shape[0]), reference[name])
   assert not (out / "broken.tif").exists() and debris(out) == []
 

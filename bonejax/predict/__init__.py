@@ -56,8 +56,8 @@ __all__ = [
     "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
     "PlaneEngine", "PlaneSet", "Predictor", "Prediction", "as_volume", "axis_probabilities",
     "background_value", "blend_window", "bundle_model", "check_vote", "compute_dtype",
-    "device_budget_bytes", "find_bundle", "fuse", "majority_labels", "make_engine", "one_hot_argmax",
-    "plane_sets", "predict_planes", "predict_scan", "predict_volume", "resident_bytes",
-    "resident_limit", "rotate", "run_order", "run_prediction", "swapped_cpu_convs",
-    "tile_starts", "with_compute_dtype",
+    "device_budget_bytes", "find_bundle", "fuse", "majority_labels", "make_engine",
+    "one_hot_argmax", "plane_sets", "predict_planes", "predict_scan", "predict_volume",
+    "resident_bytes", "resident_limit", "rotate", "run_order", "run_prediction",
+    "swapped_cpu_convs", "tile_starts", "with_compute_dtype",
 ]

@@ -153,7 +153,7 @@ class Outputs:
 @dataclasses.dataclass
 class ScanPlan:
   """One input, opened, and what its prediction will do."""
-  src: Any                   # the opened input (volume_io source), closed by the caller
+  src: Any                   # the opened input (io source), closed by the caller
   kind: str                  # "scan", "file" or "channels"
   shape: tuple               # the input's shape (Z, Y, X[, C])
   input_um: tuple | None     # its voxel size

@@ -42,14 +42,15 @@ import bonejax
 from bonejax.core import errors, outputs
 from bonejax.core.distributed import SINGLE, Group
 from bonejax.core.ownership import short_list as _list
-from bonejax.io import formats, volume_io
+from bonejax.io import registry, slices, tiff
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 FORMATS = {"zarr": ".zarr", "ome.zarr": ".ome.zarr", "tif": ".tif"}
 SUMMARY_JSON, SUMMARY_CSV = "summary.json", "summary.csv"
 # Files inside a folder that make it a folder of volumes, not one volume of 2D slices.
-_VOLUME_SUFFIXES = ((".npy", ".zarr") + formats.HDF5_SUFFIXES + formats.MRC_SUFFIXES
-                    + formats.ISQ_SUFFIXES)
+# (TIFFs are either: a 3D TIFF is a volume, a 2D one a slice.)
+_VOLUME_SUFFIXES = (".zarr",) + tuple(s for r in registry.READERS for s in r.suffixes
+                                      if s not in tiff.SUFFIXES)
 # Test hook: "K" makes a process kill itself (SIGKILL) in the middle of its (K+1)-th scan, once
 # that scan's outputs are open (claims and temporaries exist): how tests kill a study half-way.
 KILL_AFTER_ENV = "BONEJAX_TEST_STUDY_KILL_AFTER"
@@ -79,7 +80,7 @@ def _is_zarr(p: Path) -> bool:
 def _volume_entries(folder: Path) -> list[Path]:
   """The volumes of a folder of scans: scans and zarr arrays, volume files, 3D TIFFs."""
   found = []
-  for p in sorted(folder.iterdir(), key=lambda q: volume_io.natural_key(q.name)):
+  for p in sorted(folder.iterdir(), key=lambda q: slices.natural_key(q.name)):
     if p.name.startswith("."):
       continue
     if p.is_dir():
@@ -87,7 +88,7 @@ def _volume_entries(folder: Path) -> list[Path]:
         found.append(p)
     elif p.suffix.lower() in _VOLUME_SUFFIXES:
       found.append(p)
-    elif p.suffix.lower() in volume_io.TIFF_SUFFIXES and _tiff_pages(p) > 1:
+    elif p.suffix.lower() in tiff.SUFFIXES and _tiff_pages(p) > 1:
       found.append(p)
   return found
 
@@ -119,7 +120,7 @@ def is_study(spec: str | os.PathLike) -> bool:
 
 def _stem(p: Path) -> str:
   name = p.name
-  for suffix in (".ome.zarr",) + _VOLUME_SUFFIXES + volume_io.TIFF_SUFFIXES:
+  for suffix in (".ome.zarr",) + _VOLUME_SUFFIXES + tiff.SUFFIXES:
     if name.lower().endswith(suffix) and len(name) > len(suffix):
       return name[:-len(suffix)]
   return name
@@ -130,7 +131,7 @@ def list_scans(spec: str | os.PathLike) -> list[Item]:
   would share an output name."""
   p = Path(spec)
   if not p.exists():
-    paths = [Path(x) for x in sorted(glob_lib.glob(str(spec)), key=volume_io.natural_key)]
+    paths = [Path(x) for x in sorted(glob_lib.glob(str(spec)), key=slices.natural_key)]
     what = f"the glob {str(spec)!r}"
   elif p.is_file():
     paths = _read_list(p)
@@ -253,6 +254,7 @@ class Layout:
   suffix: str = ".zarr"
   probs: Path | None = None
   uncertainty: Path | None = None
+  with_image: bool = False  # .ome.zarr outputs also hold the input image
 
   def paths(self, it: Item) -> dict[str, Path]:
     out = {"output": self.output / f"{it.name}{self.suffix}"}
@@ -333,8 +335,8 @@ def _say(text: str) -> None:
 
 
 def predict_one(predictor: Any, it: Item, paths: dict[str, Path], overwrite: bool,
-                index: int, run_id: str | None = None,
-                progress: Any = None) -> dict[str, Any] | None:
+                index: int, run_id: str | None = None, progress: Any = None,
+                with_image: bool = False) -> dict[str, Any] | None:
   """One scan, its outputs claimed first; its row, or None when another live run has it."""
   with contextlib.ExitStack() as claims:
     for p in paths.values():
@@ -351,7 +353,8 @@ def predict_one(predictor: Any, it: Item, paths: dict[str, Path], overwrite: boo
     t0 = time.perf_counter()
     res = predictor.predict(it.path, todo.get("output"), save_probs=todo.get("save_probs"),
                             save_uncertainty=todo.get("save_uncertainty"),
-                            overwrite=overwrite, keep_labels=False, progress=progress)
+                            overwrite=overwrite, keep_labels=False, progress=progress,
+                            with_image=with_image)
   seconds = time.perf_counter() - t0
   voxels = 1
   for s in res["shape"]:
@@ -417,7 +420,7 @@ def _run_queue(predictor: Any, todo: Sequence[Item], layout: Layout, summary: Su
                                                  if group.size > 1 else ""))
     try:
       row = predict_one(predictor, it, paths, overwrite, group.index,
-                        settings_id(summary.settings), _test_kill(n - 1))
+                        settings_id(summary.settings), _test_kill(n - 1), layout.with_image)
     except KeyboardInterrupt:
       raise
     except Exception as e:  # pylint: disable=broad-except  # recorded; the others go on
