@@ -210,6 +210,8 @@ def _predict_one(bundle: Path, settings: dict, group) -> dict:
 
 def _predict_study(study, bundle: Path, settings: dict, group) -> dict:
   """Many scans, each whole on one process (see bonejax/predict/study.py)."""
+  if _WITH_IMAGE.value and _FORMAT.value != "ome.zarr":
+    raise errors.UserError("--with_image needs --output_format=ome.zarr for a study of scans")
   items = study.list_scans(_INPUT.value)
   layout = study.Layout(Path(_OUTPUT.value), study.FORMATS[_FORMAT.value],
                         Path(_SAVE_PROBS.value) if _SAVE_PROBS.value else None,

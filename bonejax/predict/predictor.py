@@ -93,7 +93,8 @@ class Predictor:
   def predict(self, source: Any, output: str | os.PathLike | None = None, *,
               save_probs: str | os.PathLike | None = None,
               save_uncertainty: str | os.PathLike | None = None, overwrite: bool = False,
-              keep_labels: bool | None = None, progress: Any = None) -> dict[str, Any]:
+              keep_labels: bool | None = None, progress: Any = None,
+              with_image: bool = False) -> dict[str, Any]:
     """Predicts one input; returns the result dict (what launch/predict.py prints).
 
     `source`: a scan directory, any volume `registry.open_volume` reads (statistics computed
@@ -102,7 +103,9 @@ class Predictor:
     .ome.zarr) and `save_uncertainty` (.zarr, .ome.zarr or .tif) atomically. With
     `keep_labels` (default: when no output is given) the result also holds "labels" (process 0
     only, with several processes). `progress`: True, False or a `Progress` to update (a GUI's
-    bar), instead of the Predictor's setting.
+    bar), instead of the Predictor's setting. `with_image`: an .ome.zarr `output` holds the
+    input image with the labels under its `labels/` group (`ome_zarr.nest_under_image`), as
+    napari-ome-zarr and MoBIE open them.
     """
     start = time.perf_counter()
     outs = plan.Outputs(output, save_probs, save_uncertainty, overwrite, with_image)

@@ -317,13 +317,17 @@ def settings_id(settings: dict[str, Any]) -> str:
   return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _queue(group: Group, todo: Sequence[Item]) -> Iterator[Item]:
-  """This process's scans: the next untaken one each time (one counter for all processes)."""
+def _queue(group: Group, todo: Sequence[Item], fail_fast: bool) -> Iterator[Item]:
+  """This process's scans: the next untaken one each time (one counter for all processes).
+  With `fail_fast`, another process's failure stops this one before its next scan; without,
+  the survivors of a dead process finish the study (its scan is left to a rerun)."""
   if group.size == 1:
     yield from todo
     return
   key = f"{group.ns}/study/next"
   while True:
+    if fail_fast:
+      group.check("the study")
     i = int(group.client.key_value_increment(key, 1)) - 1
     if i >= len(todo):
       return
@@ -414,7 +418,7 @@ def _run_queue(predictor: Any, todo: Sequence[Item], layout: Layout, summary: Su
                overwrite: bool, fail_fast: bool, group: Group, total: int) -> list[dict]:
   """This process's share of `todo`; the rows of the scans that failed here."""
   failed = []
-  for n, it in enumerate(_queue(group, todo), 1):
+  for n, it in enumerate(_queue(group, todo, fail_fast), 1):
     paths = _abs_paths(layout, it)
     _say(f"scan {it.name} ({str(it.path)!r})" + (f", process {group.index}"
                                                  if group.size > 1 else ""))
