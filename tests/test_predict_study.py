@@ -140,7 +140,7 @@ def test_two_processes_share_the_study(files, reference, tmp_path):
       if p.poll() is None:
         p.kill()
   for p, (_, err) in zip(procs, runs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == 0, "\n---\n".join(e[-2500:] for _, e in runs)
   result = json.loads(runs[0][0].strip().splitlines()[-1])
   assert result["processes"] == 2 and result["done"] == N and result["devices"] == 2
   rows = summary(out)

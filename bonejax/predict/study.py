@@ -389,6 +389,9 @@ def run_study(predictor: Any, items: Sequence[Item], layout: Layout, *, overwrit
   group.barrier("study start")  # every process is ready: they start taking scans together
   failed = _run_queue(predictor, todo, layout, summary, overwrite, fail_fast, group, len(items))
   devices = group.allgather("study done", str(predictor.engine.num_devices))
+  # The others leave only once process 0 has the gathered values: a wait that finds a process
+  # gone before it looks again would take its leaving for a death (process 0 never waits here).
+  group.broadcast("study summary read", "1")
   rows, _ = summary.earlier()
   table = [rows.get(it.name) or _row(it, "pending") for it in items]
   if group.is_main:
