@@ -105,11 +105,8 @@ _WITH_IMAGE = flags.DEFINE_bool("with_image", False, "With an .ome.zarr --output
                                 "OME-Zarr that napari-ome-zarr and MoBIE open as image + labels).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to spread batches over (default: "
                                 "all); each takes --batch_size planes per call.")
-_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with "
-                               "cluster auto-detection (SLURM, Open MPI, GKE, Cloud TPU).")
+_MULTI = distributed.define_flags()  # --coordinator_address --num_processes --process_id
+                                     # --multihost, as train.py's
 _BARRIER_S = flags.DEFINE_float("barrier_timeout_s", 1800.0, "Multi-host: the longest one "
                                 "process waits for the others (at the start and between passes).")
 _HEARTBEAT_S = flags.DEFINE_integer("heartbeat_timeout_s", 60, "Multi-host: a process silent this "
@@ -158,7 +155,7 @@ def main(argv):
     raise errors.UserError(f"--barrier_timeout_s={_BARRIER_S.value} must be positive")
   if _HEARTBEAT_S.value < 1:
     raise errors.UserError(f"--heartbeat_timeout_s={_HEARTBEAT_S.value} must be positive")
-  multihost = distributed.requested(_COORD.value, _NPROC.value, _PID.value, _MULTIHOST.value)
+  multihost = _MULTI.requested()
   ooc = {"auto": None, "yes": True, "no": False}[_OOC.value]
   bundle = Path(_MODEL.value)
   if not (bundle / "model.json").exists() and (bundle / "model" / "model.json").exists():
@@ -169,9 +166,8 @@ def main(argv):
   if multihost:
     # Recoverable: a process that dies must not take the others down with JAX's fatal log;
     # they notice it themselves and fail with one line.
-    distributed.initialize(_COORD.value, _NPROC.value, _PID.value, _MULTIHOST.value,
-                           recoverable=True, heartbeat_timeout_s=_HEARTBEAT_S.value,
-                           init_timeout_s=_BARRIER_S.value)
+    _MULTI.initialize(recoverable=True, heartbeat_timeout_s=_HEARTBEAT_S.value,
+                      init_timeout_s=_BARRIER_S.value)
     group = distributed.Group.from_jax(_BARRIER_S.value, namespace="bonejax/predict")
   settings = dict(planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
                   memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value,
