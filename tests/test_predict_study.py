@@ -145,7 +145,7 @@ def test_two_processes_share_the_study(files, reference, tmp_path):
   assert result["processes"] == 2 and result["done"] == N and result["devices"] == 2
   rows = summary(out)
   by = [row["process"] for row in rows]
-  assert sorted(set(by)) == [0, 1]  # both took scans, each scan once
+  assert sorted(set(by)) == [0, 1]  # both took scans (each its own first), each scan once
   assert all(row["status"] == "done" for row in rows)
   for name, want in reference.items():
     np.testing.assert_array_equal(labels(out / f"{name}.zarr"), want, err_msg=name)

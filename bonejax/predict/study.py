@@ -11,8 +11,9 @@ and its functions compiled once for all of them.
   the same command again resumes at the first incomplete scan. Without --overwrite an existing
   output is never replaced; with it, what this summary records as done with the same settings
   is kept (a resumed --overwrite run does not start again).
-- Shared. Several processes (one job: the multi-host flags) take scans from one counter in the
-  coordination service, each scan whole on one process. Independent runs on the same study
+- Shared. Several processes (one job: the multi-host flags) each take a first scan of their
+  own, then the next untaken one from a counter in the coordination service, each scan whole
+  on one process. Independent runs on the same study
   (e.g. a job array) share it too: a scan whose output another live run has claimed is left to
   that run.
 - Summarised. `summary.json` and `summary.csv` in the output directory have a row per scan
@@ -324,11 +325,13 @@ def _queue(group: Group, todo: Sequence[Item], fail_fast: bool) -> Iterator[Item
   if group.size == 1:
     yield from todo
     return
+  if group.index < len(todo):  # each its own first scan, then the next one nobody took
+    yield todo[group.index]
   key = f"{group.ns}/study/next"
   while True:
     if fail_fast:
       group.check("the study")
-    i = int(group.client.key_value_increment(key, 1)) - 1
+    i = group.size + int(group.client.key_value_increment(key, 1)) - 1
     if i >= len(todo):
       return
     yield todo[i]
