@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402  (jax is imported once the flags are good)
-from bonejax.core import distributed, errors, outputs, signals  # noqa: E402
+from bonejax.core import distributed, errors, outputs  # noqa: E402
 
 PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
 VOTES = ("soft", "majority", "max")
@@ -174,7 +174,7 @@ def main(argv):
                   dtype=_DTYPE.value, tile_size=_TILE.value, tile_overlap=_OVERLAP.value,
                   out_of_core=ooc, resample=not _NO_RESAMPLE.value, image_key=_IMAGE_KEY.value,
                   devices=_DEVICES.value, graph=_GRAPH.value)
-  with group.guard(), signals.sigterm_as_interrupt():
+  with group.guard():  # SIGTERM is Ctrl-C here too (cli.runner): the same clean-up
     errors.require_exists(_MODEL.value, "model bundle")
     if len(set(group.allgather("input kind", str(many)))) > 1:
       raise errors.UserError(f"--input {_INPUT.value!r} is a study of scans on some processes "

@@ -3,8 +3,8 @@
 - An output that a crash between the two renames left only as `.NAME.old-HOST-PID-RAND` is
   restored, and then is an existing output like any other: without --overwrite the run stops
   (it used to be replaced: data loss), for TIFF and zarr outputs, in the library too.
-- SIGTERM during predict ends it as Ctrl-C does: one line, non-zero exit, and no scratch
-  folder, temporary or lock left.
+- SIGTERM during predict ends it as Ctrl-C does (cli.runner): one line, exit 143, and no
+  scratch folder, temporary or lock left.
 - After a kill -9 of an out-of-core run, the next run of the same output in memory removes the
   killed run's scratch folder.
 - A process of a multi-process prediction that fails before the engine is built tells the
@@ -123,9 +123,9 @@ def test_sigterm_is_handled_as_ctrl_c(files, tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 130, err[-2000:]
+  assert proc.returncode == 143, err[-2000:]
   lines = err.strip().splitlines()
-  assert lines[-1] == "error: interrupted" and "Traceback" not in err, err[-2000:]
+  assert lines[-1] == "error: terminated" and "Traceback" not in err, err[-2000:]
   assert not out.exists() and hidden(tmp_path) == []  # no scratch, temporary or lock
 
 
