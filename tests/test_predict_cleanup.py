@@ -180,3 +180,23 @@ def test_a_failure_before_the_engine_reaches_the_other_process_at_once(files, tm
   last = errs[0].strip().splitlines()[-1]
   assert "process 1 of 2 failed" in last and "model-missing" in last, errs[0][-2000:]
   assert not (tmp_path / "p.zarr").exists()
+
+
+def test_a_scan_claiming_an_absurd_shape_is_refused_before_allocation(files, tmp_path):
+  import tensorstore as ts
+  big = tmp_path / "big.zarr"
+  ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(big)}, "create": True,
+           "metadata": {"shape": [100000, 100000, 100000], "data_type": "uint8",
+                        "chunk_grid": {"name": "regular",
+                                       "configuration": {"chunk_shape": [64, 64, 64]}}}}).result()
+  out = tmp_path / "pred.zarr"
+  cmd = [sys.executable, str(REPO / "launch/predict.py"), f"--model={files / 'model'}",
+         f"--input={big}", f"--output={out}", "--planes=1", "--memory_budget_gb=1"]
+  r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+                     preexec_fn=lambda: __import__("resource").setrlimit(
+                         __import__("resource").RLIMIT_AS, (3 << 30, 3 << 30)))
+  errs = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert r.returncode == 2 and len(errs) == 1, r.stderr[-2000:]
+  assert "one plane of its (100000, 100000, 100000) voxels needs" in errs[0]
+  assert "--memory_budget_gb=1" in errs[0]
+  assert not out.exists() and hidden(tmp_path) == []

@@ -210,8 +210,13 @@ def _claim_lock(lock: Path, path: Any, what: str) -> int | None:
       return None
     raise errors.UserError(f"cannot write {what} {_quote(path)}: {_os_reason(e)} "
                         f"({_quote(lock.parent)})") from None
-  os.ftruncate(fd, 0)
-  os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+  except OSError as e:  # a full disk: give the lock back rather than leave it behind
+    _release(lock, fd)
+    raise errors.UserError(f"cannot write {what} {_quote(path)}: {_os_reason(e)} "
+                           f"({_quote(lock.parent)})") from None
   return fd
 
 

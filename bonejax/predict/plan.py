@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bonejax.core import errors, outputs
+from bonejax.core import errors, memory_plan, outputs
 from bonejax.core.distributed import Group
 from bonejax.evaluate import uncertainty
 from bonejax.io import intensity, registry, resample as resample_lib
@@ -193,6 +193,15 @@ def plan_scan(settings: Settings, info: ModelInfo, sets: list[PlaneSet], source:
       model_src = resample_lib.ResampledSource(src, model_um, order=1)
       model_src.stats = src.stats  # a scan's stored statistics still describe its intensities
       regrid = resample_lib.Regrid(shape, model_src.shape)
+    # Before any allocation: the largest plane of what is predicted must fit the budget (a
+    # scan claiming 100000^3, or a bundle voxel size that resamples the input up to it).
+    memory_plan.require_planes_fit(
+        f"input {str(getattr(src, 'path', source))!r}"
+        + (f" resampled to the bundle's voxel size {model_um[0]:g} um" if regrid is not None
+           else ""),
+        model_src.shape, src.channels * 4 + len(info.classes) * 4 * 3,
+        settings.memory_budget_gb,
+        extra_bytes=sum(model_src.working_bytes()) if regrid is not None else 0)
     job = ScanPlan(src, kind, shape, input_um, model_src, regrid, False, outs.scratch_parent())
     job.out_of_core = (settings.out_of_core if settings.out_of_core is not None
                        else _needs_out_of_core(settings, info, sets, job, outs, group.size > 1))
