@@ -66,6 +66,11 @@ _FORMAT = flags.DEFINE_enum("output_format", "zarr", ["zarr", "ome.zarr", "tif"]
                             "the format of each scan's labels in --output.")
 _FAIL_FAST = flags.DEFINE_bool("fail_fast", False, "Many scans: stop at the first scan that "
                                "fails (default: record it and go on).")
+_POSTPROCESS = flags.DEFINE_string(
+    "postprocess", None, "Clean-up of the labels, rules applied in order, comma-separated "
+    "CLASS:OP[=SIZE] (CLASS a name or index): min_size=N voxels or =Vum3 (smaller components "
+    "take their neighbours' label), largest (keep the largest component), fill_holes (fill "
+    "what the class encloses). E.g. bone:min_size=500,pore:fill_holes. Out of core.")
 _PLANES = flags.DEFINE_string("planes", "3", "Plane sets voted over: 1, 3, 9 or 12.")
 _VOTE = flags.DEFINE_string("vote", "soft", "soft (mean probabilities), majority, or max "
                             "(class of the highest single-set probability).")
@@ -201,7 +206,8 @@ def _predict_one(bundle: Path, settings: dict, group) -> dict:
     predictor = predict.Predictor(bundle, progress=True, group=group, **settings)
     return predictor.predict(_INPUT.value, _OUTPUT.value, save_probs=_SAVE_PROBS.value,
                              save_uncertainty=_SAVE_UNC.value, overwrite=_OVERWRITE.value,
-                             keep_labels=False, with_image=_WITH_IMAGE.value)
+                             keep_labels=False, with_image=_WITH_IMAGE.value,
+                             postprocess=_POSTPROCESS.value)
 
 
 def _predict_study(study, bundle: Path, settings: dict, group) -> dict:
@@ -212,7 +218,7 @@ def _predict_study(study, bundle: Path, settings: dict, group) -> dict:
   layout = study.Layout(Path(_OUTPUT.value), study.FORMATS[_FORMAT.value],
                         Path(_SAVE_PROBS.value) if _SAVE_PROBS.value else None,
                         Path(_SAVE_UNC.value) if _SAVE_UNC.value else None,
-                        with_image=_WITH_IMAGE.value)
+                        with_image=_WITH_IMAGE.value, postprocess=_POSTPROCESS.value)
   inputs = [bundle] + ([_INPUT.value] if Path(_INPUT.value).is_dir() else [])
   layout.check(inputs)
   _quiet_orbax()
@@ -220,6 +226,7 @@ def _predict_study(study, bundle: Path, settings: dict, group) -> dict:
   # Each scan whole on one process: the predictor itself works alone.
   predictor = predict.Predictor(bundle, progress=True, **settings)
   record = {"model": str(bundle.resolve()), "output_format": _FORMAT.value,
+            "postprocess": _POSTPROCESS.value,
             **{k: settings[k] for k in ("planes", "axis", "vote", "dtype", "resample")}}
   return study.run_study(predictor, items, layout, overwrite=_OVERWRITE.value,
                          fail_fast=_FAIL_FAST.value, group=group, settings=record)

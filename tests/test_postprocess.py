@@ -138,3 +138,36 @@ def test_bad_rules_are_one_line_errors(text, match):
 def test_a_volume_size_needs_a_voxel_size():
   with pytest.raises(errors.UserError, match="voxel size"):
     pp.parse_rules("bone:min_size=10um3", CLASSES, voxel_size_um=(0.0, 1.0, 1.0))
+
+
+def test_predict_cli_applies_the_rules_and_records_them(tmp_path):
+  """launch/predict.py --postprocess equals predicting, then post-processing in memory."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  from bundle_helpers import make_bundle, phantom
+  repo = Path(__file__).resolve().parents[1]
+  make_bundle(tmp_path / "model", depth=1, width=2)
+  np.save(tmp_path / "vol.npy", phantom((12, 20, 18), seed=3))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+
+  def run(out, *extra):
+    r = subprocess.run([sys.executable, str(repo / "launch/predict.py"),
+                        f"--model={tmp_path / 'model'}", f"--input={tmp_path / 'vol.npy'}",
+                        f"--output={out}", "--planes=1", *extra], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+  run(tmp_path / "plain.zarr")
+  rules = "1:min_size=20,1:fill_holes"
+  res = run(tmp_path / "clean.zarr", f"--postprocess={rules}")
+  plain = store.open_array(tmp_path / "plain.zarr").read().result()
+  want = plain.copy()
+  pp.postprocess(want, pp.parse_rules(rules, list(res["classes"])), len(res["classes"]))
+  got = store.open_array(tmp_path / "clean.zarr").read().result()
+  np.testing.assert_array_equal(got, want)
+  assert [r["rule"] for r in res["postprocess"]] == ["1:min_size=20", "1:fill_holes"]
+  assert store.array_attrs(tmp_path / "clean.zarr")["postprocess"] == res["postprocess"]

@@ -107,6 +107,7 @@ class Outputs:
   save_uncertainty: str | os.PathLike | None = None
   overwrite: bool = False
   with_image: bool = False   # an .ome.zarr output also holds the input image (labels nested)
+  postprocess: tuple = ()    # postprocess.Rule, applied to the labels before they are finished
 
   @property
   def kind(self) -> str | None:

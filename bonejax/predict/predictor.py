@@ -21,6 +21,7 @@ many scans, each whole on one process, are `study`'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 
 from bonejax.core import errors
 from bonejax.core.distributed import SINGLE, Group
-from bonejax.predict import hosts, memory, plan, source as source_lib
+from bonejax.predict import hosts, memory, plan, postprocess as postprocess_lib, source as source_lib
 from bonejax.predict.api import local_devices, make_engine, predict_volume, run_prediction
 from bonejax.predict.writers import Writers, attributes
 
@@ -94,7 +95,7 @@ class Predictor:
               save_probs: str | os.PathLike | None = None,
               save_uncertainty: str | os.PathLike | None = None, overwrite: bool = False,
               keep_labels: bool | None = None, progress: Any = None,
-              with_image: bool = False) -> dict[str, Any]:
+              with_image: bool = False, postprocess: str | None = None) -> dict[str, Any]:
     """Predicts one input; returns the result dict (what launch/predict.py prints).
 
     `source`: a scan directory, any volume `registry.open_volume` reads (statistics computed
@@ -105,14 +106,20 @@ class Predictor:
     only, with several processes). `progress`: True, False or a `Progress` to update (a GUI's
     bar), instead of the Predictor's setting. `with_image`: an .ome.zarr `output` holds the
     input image with the labels under its `labels/` group (`ome_zarr.nest_under_image`), as
-    napari-ome-zarr and MoBIE open them.
+    napari-ome-zarr and MoBIE open them. `postprocess`: clean-up rules for the labels
+    (`postprocess.parse_rules`, e.g. "bone:min_size=500,pore:fill_holes").
     """
     start = time.perf_counter()
     outs = plan.Outputs(output, save_probs, save_uncertainty, overwrite, with_image)
     keep_labels = output is None if keep_labels is None else bool(keep_labels)
     with self.group.on_error():
+      if postprocess:  # a bad rule fails before any work (volumes in um^3 checked below)
+        postprocess_lib.parse_rules(postprocess, self.info.classes, (1.0, 1.0, 1.0))
       outs.check(self.group.size > 1)
       job = plan.plan_scan(self.settings, self.info, self.sets, source, outs, self.group)
+      if postprocess:
+        rules = postprocess_lib.parse_rules(postprocess, self.info.classes, job.input_um)
+        outs = dataclasses.replace(outs, postprocess=tuple(rules))
       try:
         pred, labels, unc = self._run(job, outs, source, keep_labels,
                                       self.settings.progress if progress is None else progress)
@@ -170,6 +177,8 @@ class Predictor:
                               progress=progress, uncertainty_out=w.unc, regrid=job.regrid,
                               group=group)
         labels = w.finish(outs, job, pred.labels, attrs, keep_labels)
+        if outs.postprocess:
+          pred.info["postprocess"] = w.postprocessed
     return pred, labels, w.unc
 
   def _result(self, job: plan.ScanPlan, outs: plan.Outputs, seconds: float,
@@ -198,7 +207,7 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  save_probs: str | os.PathLike | None = None,
                  save_uncertainty: str | os.PathLike | None = None, overwrite: bool = False,
                  keep_labels: bool | None = None, with_image: bool = False,
-                 **settings: Any) -> dict[str, Any]:
+                 postprocess: str | None = None, **settings: Any) -> dict[str, Any]:
   """Predicts one input with a model bundle: `Predictor(model, **settings).predict(...)`.
 
   `settings` are the `Predictor`'s keyword arguments (planes, axis, vote, batch_size,
@@ -211,4 +220,5 @@ def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = 
                  with_image).check(group.size > 1)
   return Predictor(model, **settings).predict(
       source, output, save_probs=save_probs, save_uncertainty=save_uncertainty,
-      overwrite=overwrite, keep_labels=keep_labels, with_image=with_image)
+      overwrite=overwrite, keep_labels=keep_labels, with_image=with_image,
+      postprocess=postprocess)

@@ -256,6 +256,7 @@ class Layout:
   probs: Path | None = None
   uncertainty: Path | None = None
   with_image: bool = False  # .ome.zarr outputs also hold the input image
+  postprocess: str | None = None  # clean-up rules for every scan's labels
 
   def paths(self, it: Item) -> dict[str, Path]:
     out = {"output": self.output / f"{it.name}{self.suffix}"}
@@ -343,7 +344,8 @@ def _say(text: str) -> None:
 
 def predict_one(predictor: Any, it: Item, paths: dict[str, Path], overwrite: bool,
                 index: int, run_id: str | None = None, progress: Any = None,
-                with_image: bool = False) -> dict[str, Any] | None:
+                with_image: bool = False, postprocess: str | None = None
+                ) -> dict[str, Any] | None:
   """One scan, its outputs claimed first; its row, or None when another live run has it."""
   with contextlib.ExitStack() as claims:
     for p in paths.values():
@@ -361,7 +363,7 @@ def predict_one(predictor: Any, it: Item, paths: dict[str, Path], overwrite: boo
     res = predictor.predict(it.path, todo.get("output"), save_probs=todo.get("save_probs"),
                             save_uncertainty=todo.get("save_uncertainty"),
                             overwrite=overwrite, keep_labels=False, progress=progress,
-                            with_image=with_image)
+                            with_image=with_image, postprocess=postprocess)
   seconds = time.perf_counter() - t0
   voxels = 1
   for s in res["shape"]:
@@ -430,7 +432,8 @@ def _run_queue(predictor: Any, todo: Sequence[Item], layout: Layout, summary: Su
                                                  if group.size > 1 else ""))
     try:
       row = predict_one(predictor, it, paths, overwrite, group.index,
-                        settings_id(summary.settings), _test_kill(n - 1), layout.with_image)
+                        settings_id(summary.settings), _test_kill(n - 1), layout.with_image,
+                        layout.postprocess)
     except KeyboardInterrupt:
       raise
     except Exception as e:  # pylint: disable=broad-except  # recorded; the others go on

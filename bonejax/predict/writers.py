@@ -24,7 +24,7 @@ from bonejax.core.distributed import Group
 from bonejax.data import store
 from bonejax.evaluate import uncertainty
 from bonejax.io import ome_zarr, tiff, voxel
-from bonejax.predict import hosts, memory
+from bonejax.predict import hosts, memory, postprocess
 from bonejax.predict.plan import ModelInfo, Outputs, ScanPlan, Settings
 
 
@@ -54,6 +54,8 @@ class Writers:
     self.out_tmp = self.probs_tmp = None
     self.labels_ts = None     # where the run writes labels (labels_out, or scratch for a TIFF)
     self.want_memory = False  # whether the run keeps the labels in memory
+    self.budget_bytes = budget_bytes
+    self.postprocessed: list[dict] = []  # what each post-processing rule changed
 
   def _array(self, path, *args, **kw) -> ts.TensorStore:
     """An output array; several processes: process 0 makes it, the others open it."""
@@ -118,6 +120,9 @@ class Writers:
       return labels
     if self.shared and keep_labels:
       labels = self.labels_ts.read().result()
+    if outs.postprocess:
+      labels = self._postprocess(outs, labels, len(attrs.get("classes") or []))
+      attrs = {**attrs, "postprocess": self.postprocessed}
     if outs.kind == "zarr":
       store.set_array_attrs(self.out_tmp, attrs)
     if self.labels_ome is not None:
@@ -133,4 +138,17 @@ class Writers:
     if outs.kind == "tiff":
       tiff.export_tiff(labels if labels is not None else self.labels_ts, self.out_tmp,
                        overwrite=True, voxel_size_um=job.input_um)
+    return labels
+
+  def _postprocess(self, outs: Outputs, labels: np.ndarray | None, k: int) -> np.ndarray | None:
+    """The clean-up rules on the labels in memory (then copied to the written array) or, out
+    of core, on the written array slab by slab."""
+    if labels is not None:
+      self.postprocessed = postprocess.postprocess(labels, outs.postprocess, k,
+                                                   budget_bytes=self.budget_bytes)
+      if self.labels_ts is not None:
+        self.labels_ts.write(labels).result()
+    elif self.labels_ts is not None:
+      self.postprocessed = postprocess.postprocess(self.labels_ts, outs.postprocess, k,
+                                                   budget_bytes=self.budget_bytes)
     return labels
