@@ -101,13 +101,18 @@ def maximal_centres(d2: np.ndarray, centre_region: np.ndarray, vs: Sequence[floa
   dpf = dp.reshape(-1)
   own = dpf[pflat]
   last = _ball_size(own, l2) - 1  # index of the farthest offset of each ball
-  keep = np.ones(flat.size, bool)
   vsa = np.asarray(vs)
-  for e in _NEIGHBOURS:
+  keep = np.ones(flat.size, bool)
+  # the face neighbours (the likeliest containers) first; the survivors are compacted now and
+  # then, so the later neighbours test a fraction of the voxels (the result is the same)
+  for i, e in enumerate(sorted(_NEIGHBOURS, key=lambda e: sum(map(abs, e)))):
     # farthest squared distance from the neighbour to the points of a ball of each size
     far = np.maximum.accumulate((((grid - e) * vsa) ** 2).sum(1))
     nb = dpf[pflat + int(np.dot(e, strides))]
     keep &= ~((nb >= own) & (far[last] < nb * (1 - _TOL)))
+    if i in (0, 1, 3, 5, 9, 17):
+      flat, pflat, own, last = flat[keep], pflat[keep], own[keep], last[keep]
+      keep = keep[keep]
   return flat[keep]
 
 
