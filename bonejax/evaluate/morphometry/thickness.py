@@ -88,32 +88,38 @@ def _padded_flat(flat: np.ndarray, shape: Sequence[int], pad: Sequence[int],
 
 
 def maximal_centres(d2: np.ndarray, centre_region: np.ndarray, vs: Sequence[float],
-                    grid: np.ndarray, l2: np.ndarray) -> np.ndarray:
-  """Flat indices of the voxels of `centre_region` whose discrete ball no neighbour's contains."""
+                    grid: np.ndarray, l2: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+  """Flat indices of the voxels of `centre_region` whose discrete ball no neighbour's contains.
+  The voxels are tested `chunk` at a time (bounded memory: a dozen arrays of a chunk)."""
   shape = d2.shape
-  flat = np.flatnonzero(centre_region & (d2 > 0))
-  if flat.size == 0:
-    return flat
+  flat_all = np.flatnonzero(centre_region & (d2 > 0))
+  if flat_all.size == 0:
+    return flat_all
   reach = max(max(abs(c) for c in e) for e in _NEIGHBOURS)
   dp = np.pad(d2, reach)  # a neighbour off the block has radius 0 and contains nothing
   strides = np.array([dp.shape[1] * dp.shape[2], dp.shape[2], 1])
-  pflat = _padded_flat(flat, shape, (reach,) * 3, dp.shape)
   dpf = dp.reshape(-1)
-  own = dpf[pflat]
-  last = _ball_size(own, l2) - 1  # index of the farthest offset of each ball
   vsa = np.asarray(vs)
-  keep = np.ones(flat.size, bool)
   # the face neighbours (the likeliest containers) first; the survivors are compacted now and
-  # then, so the later neighbours test a fraction of the voxels (the result is the same)
-  for i, e in enumerate(sorted(_NEIGHBOURS, key=lambda e: sum(map(abs, e)))):
-    # farthest squared distance from the neighbour to the points of a ball of each size
-    far = np.maximum.accumulate((((grid - e) * vsa) ** 2).sum(1))
-    nb = dpf[pflat + int(np.dot(e, strides))]
-    keep &= ~((nb >= own) & (far[last] < nb * (1 - _TOL)))
-    if i in (0, 1, 3, 5, 9, 17):
-      flat, pflat, own, last = flat[keep], pflat[keep], own[keep], last[keep]
-      keep = keep[keep]
-  return flat[keep]
+  # then, so the later neighbours test a fraction of the voxels (the result is the same).
+  # far: the farthest squared distance from the neighbour to the points of a ball of each size
+  tests = [(int(np.dot(e, strides)), np.maximum.accumulate((((grid - e) * vsa) ** 2).sum(1)))
+           for e in sorted(_NEIGHBOURS, key=lambda e: sum(map(abs, e)))]
+  kept = []
+  for c0 in range(0, flat_all.size, chunk):
+    flat = flat_all[c0:c0 + chunk]
+    pflat = _padded_flat(flat, shape, (reach,) * 3, dp.shape)
+    own = dpf[pflat]
+    last = _ball_size(own, l2) - 1  # index of the farthest offset of each ball
+    keep = np.ones(flat.size, bool)
+    for i, (step, far) in enumerate(tests):
+      nb = dpf[pflat + step]
+      keep &= ~((nb >= own) & (far[last] < nb * (1 - _TOL)))
+      if i in (0, 1, 3, 5, 9, 17):
+        flat, pflat, own, last = flat[keep], pflat[keep], own[keep], last[keep]
+        keep = keep[keep]
+    kept.append(flat[keep])
+  return np.concatenate(kept)
 
 
 def _row_widths(values: np.ndarray, grid: np.ndarray, l2: np.ndarray
@@ -134,7 +140,7 @@ def _row_widths(values: np.ndarray, grid: np.ndarray, l2: np.ndarray
 
 
 def paint(d2: np.ndarray, centres: np.ndarray, vs: Sequence[float], grid: np.ndarray,
-          l2: np.ndarray, batch: int = 1 << 22) -> np.ndarray:
+          l2: np.ndarray, batch: int = 1 << 20) -> np.ndarray:
   """Max over the balls at `centres` (flat indices) of their squared radius, per voxel.
 
   Each ball is a stack of runs along X, one per row (dz, dy) it crosses, centred on the
@@ -205,8 +211,11 @@ def _levels(d2: np.ndarray, region: np.ndarray, lt2: np.ndarray, vs: Sequence[fl
   distances in [rho, r) of a centre of radius r (no lattice ball of radius rho reaches them), so
   a voxel can get a lower level than its sphere's, or only its own sphere. Measured: the mean
   0.7 % below the exact one on a 128^3 trabecular-like marrow phase (isotropic voxels, 2 times
-  faster), but 3 % low on a sphere and 6 % on a small phase with 8 x 6.24 x 6.24 um voxels.
-  One distance transform per level, cropped to its centres."""
+  faster than painting every voxel of the balls), but 3 % low on a sphere and 6 % on a small
+  phase with 8 x 6.24 x 6.24 um voxels. Since `paint` writes runs, the auto mode's cost model
+  picks painting for every ball of the benchmark's 128^3 marrow (isotropic and anisotropic:
+  the exact result, in the same CPU time, measured). One distance transform per level,
+  cropped to its centres."""
   top = float(d2[region].max()) if region.any() else 0.0
   rho = r0
   while rho * rho <= top * (1 + _TOL):
@@ -229,9 +238,16 @@ class HaloTooSmall(Exception):
     self.radius = radius
 
 
-# One level's distance transform costs about as much as painting this many ball voxels per
-# voxel of the block (edt vs the gather / scatter of `paint`: 165 vs 19 ns measured at 128^3).
-_LEVEL_COST = 8.0
+# One level (a distance transform of the block and a maximum) costs about as much as this many
+# run writes of `paint` per voxel of the block (CPU time on the 128^3 benchmark marrow: edt
+# 52 ns per voxel, paint 20 ns per run write with its dilations).
+_LEVEL_COST = 3.0
+
+
+def _rows_per_ball(rad2: np.ndarray, grid: np.ndarray, l2: np.ndarray) -> np.ndarray:
+  """The number of runs `paint` writes for a ball of each squared radius."""
+  values, inv = np.unique(rad2, return_inverse=True)
+  return (_row_widths(values, grid, l2)[1] >= 0).sum(1)[inv.reshape(-1)]
 
 
 def _split_radius(rad2: np.ndarray, sizes: np.ndarray, block_voxels: int, step: float) -> float:
@@ -253,8 +269,8 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
 
   Balls up to `exact_radius` (default: all, the exact transform) are painted; larger ones go by
   levels half the smallest voxel side apart (see `_levels`, an approximation): painting costs
-  the summed ball volumes, which grows as r^2 per voxel, a level one distance transform of the
-  block. None picks the radius that minimises the estimated cost."""
+  the summed ball cross-sections (runs), which grows as r per voxel, a level one distance
+  transform of the block. None picks the radius that minimises the estimated cost."""
   d2 = distance_squared(mask, vs, threads)
   inside = d2[centre_region & mask]
   if inside.size and not np.isfinite(inside.max()):
@@ -270,7 +286,7 @@ def block_thickness(mask: np.ndarray, vs: Sequence[float], centre_region: np.nda
   centres = maximal_centres(d2, centre_region, vs, grid, l2)
   if exact_radius is None and centres.size:
     rad2 = d2.reshape(-1)[centres]
-    exact_radius = _split_radius(rad2, _ball_size(rad2, l2), mask.size, step)
+    exact_radius = _split_radius(rad2, _rows_per_ball(rad2, grid, l2), mask.size, step)
   r0 = math.inf if exact_radius is None else exact_radius
   if rmax2 > r0 * r0 * (1 + _TOL):
     centres = centres[d2.reshape(-1)[centres] <= r0 * r0 * (1 + _TOL)]
