@@ -22,6 +22,12 @@ transform is `edt`'s (scipy.ndimage's as a fallback); what is ours:
    centre, then the runs grow to their lengths by repeated one-voxel dilations along X, the
    longest first (numpy only); work proportional to the summed cross-section of the maximal
    balls (plus one dilation of the block per voxel of the longest half-run), not their volume.
+   On the benchmark's 128^3 marrow (8 x 6.24 x 6.24 um): 44 M run writes where ball painting
+   wrote 460 M voxels; paint 4 to 6 times less CPU time, the same array bit for bit.
+Alternatives measured on that marrow: the 26-neighbour ridge keeps 25 % of the voxels as
+centres; testing 5^3 or 7^3 neighbourhoods drops only 6 % more of them for 2 to 5 times the
+test's cost (96^3). One exact dilation (distance transform) per distinct radius would need 1127
+transforms of the block (the distinct radii there), each costing more than all the run writes.
 Chunking: a core block needs the centres within the largest radius R of it and their distances,
 which need the phase boundary within R of them: the block is padded by 2R, and R is raised to
 the largest radius a block found (its distances can only overestimate) until every centre's
