@@ -23,7 +23,7 @@ transform is `edt`'s (scipy.ndimage's as a fallback); what is ours:
    longest first (numpy only); work proportional to the summed cross-section of the maximal
    balls (plus one dilation of the block per voxel of the longest half-run), not their volume.
    On the benchmark's 128^3 marrow (8 x 6.24 x 6.24 um): 44 M run writes where ball painting
-   wrote 460 M voxels; paint 4 to 6 times less CPU time, the same array bit for bit.
+   wrote 460 M voxels; paint 0.76 s of CPU instead of 3.4 s, the same array bit for bit.
 Alternatives measured on that marrow: the 26-neighbour ridge keeps 25 % of the voxels as
 centres; testing 5^3 or 7^3 neighbourhoods drops only 6 % more of them for 2 to 5 times the
 test's cost (96^3). One exact dilation (distance transform) per distinct radius would need 1127
