@@ -71,12 +71,13 @@ def _norm(a: np.ndarray) -> np.ndarray:
 
 
 def mesh_block(smooth: np.ndarray, vs: Sequence[float],
-               keep: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sums: SurfaceSums
-               ) -> None:
+               keep: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sums: SurfaceSums,
+               chunk: int = 1 << 18) -> None:
   """Add the mesh of one smoothed block to `sums`; keep(centroids (3, n)) -> (kept, weights).
 
-  The arrays are (3, n) columns: numpy's reductions over a last axis of length 3 cost more than
-  the marching cubes themselves."""
+  The arrays are (3, n) columns (numpy's reductions over a last axis of length 3 cost more than
+  the marching cubes themselves), for `chunk` triangles at a time: the float64 temporaries of a
+  whole block's mesh would hold several times the block's memory."""
   if smooth.min() >= 0.5 or smooth.max() <= 0.5:
     return
   verts, faces, normals, _ = measure.marching_cubes(smooth, 0.5, spacing=tuple(vs),
@@ -84,32 +85,35 @@ def mesh_block(smooth: np.ndarray, vs: Sequence[float],
   if faces.size == 0:
     return
   v = np.ascontiguousarray(verts.T, np.float64)
-  f = faces.T
-  p0, p1, p2 = v[:, f[0]], v[:, f[1]], v[:, f[2]]
-  kept, weight = keep((p0 + p1 + p2) / 3)
-  if not kept.all():
-    f, p0, p1, p2, weight = f[:, kept], p0[:, kept], p1[:, kept], p2[:, kept], weight[kept]
-  if f.shape[1] == 0:
-    return
-  e1, e2 = p1 - p0, p2 - p0
-  cross = _cross(e1, e2)
-  twice = _norm(cross)
-  area = 0.5 * twice
-  unit = cross / np.maximum(twice, 1e-30)
-  sums.area += float((weight * area).sum())
-  sums.normal_bins += np.bincount(_bin_index(unit.T), weights=weight * area,
-                                  minlength=_THETA * _PHI)
-  # d(area)/dr with the vertices moved along their unit normals (scikit-image's point down the
-  # gradient, out of the phase): the triangle's doubled area |c(t)|, c(t) = (e1 + t dn1) x
-  # (e2 + t dn2), has the derivative (c . (e1 x dn2 + dn1 x e2)) / |c| at t = 0 (exact; the
-  # central difference with a 0.05-voxel step used before: 1e-3 relative lower on a trabecular
-  # phantom)
   n = np.ascontiguousarray(normals.T, np.float64)
+  del verts, normals
   n /= np.maximum(_norm(n), 1e-30)
-  dn1, dn2 = n[:, f[1]] - n[:, f[0]], n[:, f[2]] - n[:, f[0]]
-  dc = _cross(e1, dn2) + _cross(dn1, e2)
-  dtwice = (cross * dc).sum(0) / np.maximum(twice, 1e-30)
-  sums.area_shift += float((weight * 0.5 * dtwice).sum())
+  faces_t = faces.T
+  for c in range(0, faces_t.shape[1], chunk):
+    f = faces_t[:, c:c + chunk]
+    p0, p1, p2 = v[:, f[0]], v[:, f[1]], v[:, f[2]]
+    kept, weight = keep((p0 + p1 + p2) / 3)
+    if not kept.all():
+      f, p0, p1, p2, weight = f[:, kept], p0[:, kept], p1[:, kept], p2[:, kept], weight[kept]
+    if f.shape[1] == 0:
+      continue
+    e1, e2 = p1 - p0, p2 - p0
+    cross = _cross(e1, e2)
+    twice = _norm(cross)
+    area = 0.5 * twice
+    unit = cross / np.maximum(twice, 1e-30)
+    sums.area += float((weight * area).sum())
+    sums.normal_bins += np.bincount(_bin_index(unit.T), weights=weight * area,
+                                    minlength=_THETA * _PHI)
+    # d(area)/dr with the vertices moved along their unit normals (scikit-image's point down
+    # the gradient, out of the phase): the triangle's doubled area |c(t)|, c(t) = (e1 + t dn1)
+    # x (e2 + t dn2), has the derivative (c . (e1 x dn2 + dn1 x e2)) / |c| at t = 0 (exact;
+    # the central difference with a 0.05-voxel step used before: 1e-3 relative lower on a
+    # trabecular phantom)
+    dn1, dn2 = n[:, f[1]] - n[:, f[0]], n[:, f[2]] - n[:, f[0]]
+    dc = _cross(e1, dn2) + _cross(dn1, e2)
+    dtwice = (cross * dc).sum(0) / np.maximum(twice, 1e-30)
+    sums.area_shift += float((weight * 0.5 * dtwice).sum())
 
 
 def _read_extended(read, shape, sl):
