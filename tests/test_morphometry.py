@@ -11,7 +11,7 @@ from skimage import measure as skmeasure
 
 from bonejax.core import errors
 from bonejax.evaluate import morphometry
-from bonejax.evaluate.morphometry import euler, thickness
+from bonejax.evaluate.morphometry import euler, surface, thickness
 
 ANISO = (8.0, 6.24, 6.24)
 SIZES = [(1.0, 1.0, 1.0), ANISO]
@@ -196,6 +196,21 @@ def test_run_painting_equals_ball_painting(vs):
     ref = _paint_balls(d2, centres, vs)
     assert np.array_equal(got, ref)
   assert np.array_equal(got > 0, ref > 0) and got.max() > 0
+
+
+def test_surface_sums_in_chunks_of_triangles():
+  smooth = ndimage.gaussian_filter(ball_grid((20, 22, 24), ANISO, (80, 70, 75), 45)
+                                   .astype(np.float32), 0.7)
+  whole, parts = surface.SurfaceSums(), surface.SurfaceSums()
+
+  def keep(c):  # weights that differ per triangle, so chunks must keep them aligned
+    return c[0] > 40, np.where(c[2] > 75, 0.5, 1.0)
+  surface.mesh_block(smooth, ANISO, keep, whole)
+  surface.mesh_block(smooth, ANISO, keep, parts, chunk=101)
+  assert whole.area > 0
+  assert parts.area == pytest.approx(whole.area, rel=1e-12)
+  assert parts.area_shift == pytest.approx(whole.area_shift, rel=1e-12)
+  assert np.allclose(parts.normal_bins, whole.normal_bins, rtol=1e-12)
 
 
 def test_blocks_give_the_whole_volume_result():
