@@ -192,7 +192,7 @@ def test_run_painting_equals_ball_painting(vs):
   assert np.array_equal(thickness.maximal_centres(d2, region, vs, grid, l2, chunk=97), ridge)
   for centres in (ridge,
                   rng.choice(np.flatnonzero(m), 60, replace=False)):
-    got = thickness.paint(d2, centres, vs, grid, l2, batch=50)  # small batches: pairs split, some larger than one
+    got = thickness.paint(d2, centres, vs, grid, l2, batch=50)  # pairs split, some > one batch
     ref = _paint_balls(d2, centres, vs)
     assert np.array_equal(got, ref)
   assert np.array_equal(got > 0, ref > 0) and got.max() > 0
