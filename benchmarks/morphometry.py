@@ -1,5 +1,6 @@
-r"""All bone indices of a trabecular-like volume (bonejax.evaluate.morphometry), timed by part,
-this tree's code against a baseline commit's, side by side in one run.
+r"""All bone indices of a trabecular-like volume, timed by part: this tree's against a baseline.
+
+bonejax.evaluate.morphometry of this tree and of a baseline commit, side by side in one run.
 
     python benchmarks/morphometry.py          # 256^3 whole; 128^3 whole and in 64^3 blocks
     python benchmarks/morphometry.py --runs exact:16777216:256 --baseline none
