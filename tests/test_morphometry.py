@@ -11,7 +11,7 @@ from skimage import measure as skmeasure
 
 from bonejax.core import errors
 from bonejax.evaluate import morphometry
-from bonejax.evaluate.morphometry import euler, thickness
+from bonejax.evaluate.morphometry import euler, surface, thickness
 
 ANISO = (8.0, 6.24, 6.24)
 SIZES = [(1.0, 1.0, 1.0), ANISO]
@@ -159,6 +159,58 @@ def test_local_thickness_matches_brute_force(vs):
   assert np.all(levels[m] <= ref[m] * (1 + 1e-5)) and np.all(levels[m] >= own[m] * (1 - 1e-5))
   # (an approximation: 3 to 6 % low on the mean on these anisotropic voxels, see thickness.py)
   assert levels[m].mean() == pytest.approx(ref[m].mean(), rel=0.1)
+
+
+def _paint_balls(d2, centres, vs):
+  """Reference for thickness.paint: each centre's ball, voxel by voxel, in float64."""
+  out = np.zeros(d2.shape, np.float32)
+  for c in centres:
+    p = np.unravel_index(c, d2.shape)
+    r2 = float(d2[p])
+    box = tuple(slice(max(0, q - int(math.sqrt(r2) / v) - 1), q + int(math.sqrt(r2) / v) + 2)
+                for q, v in zip(p, vs))
+    coords = np.stack(np.meshgrid(*[np.arange(b.start, min(b.stop, n))
+                                    for b, n in zip(box, d2.shape)], indexing="ij"), -1)
+    inside = (((coords - p) * np.asarray(vs)) ** 2).sum(-1) < r2 * (1 - 1e-6)
+    win = out[box]
+    win[inside] = np.maximum(win[inside], np.float32(r2))
+  return out
+
+
+@pytest.mark.parametrize("vs", SIZES + [(6.0, 2.0, 3.5)])
+def test_run_painting_equals_ball_painting(vs):
+  """paint() writes runs along X and dilates them; the union of balls must be exact, also
+  for balls cut by the block's faces and radii of many lengths."""
+  rng = np.random.default_rng(4)
+  m = ndimage.gaussian_filter(rng.standard_normal((12, 14, 16)), 2) > -0.1
+  d2 = thickness.distance_squared(m, vs)
+  rmax2 = float(d2.max())
+  grid, l2 = thickness._offsets(rmax2 * (1 + 2e-6) + 1e-12, vs)
+  region = np.ones(m.shape, bool)
+  ridge = thickness.maximal_centres(d2, region, vs, grid, l2)
+  # tested a few voxels at a time: the same centres
+  assert np.array_equal(thickness.maximal_centres(d2, region, vs, grid, l2, chunk=97), ridge)
+  for centres in (ridge,
+                  rng.choice(np.flatnonzero(m), 60, replace=False)):
+    got = thickness.paint(d2, centres, vs, grid, l2, batch=50)  # pairs split, some > one batch
+    ref = _paint_balls(d2, centres, vs)
+    assert np.array_equal(got, ref)
+  assert np.array_equal(got > 0, ref > 0) and got.max() > 0
+
+
+def test_surface_sums_in_chunks_of_triangles():
+  smooth = ndimage.gaussian_filter(ball_grid((20, 22, 24), ANISO, (80, 70, 75), 45)
+                                   .astype(np.float32), 0.7)
+  whole, parts = surface.SurfaceSums(), surface.SurfaceSums()
+
+  def keep(c):  # weights that differ per triangle, so chunks must keep them aligned
+    return c[0] > 40, np.where(c[2] > 75, 0.5, 1.0)
+  surface.mesh_block(smooth, ANISO, keep, whole)
+  surface.mesh_block(smooth, ANISO, keep, parts, chunk=101)
+  assert whole.area > 0
+  assert parts.area == pytest.approx(whole.area, rel=1e-12)
+  assert parts.area_shift == pytest.approx(whole.area_shift, rel=1e-12)
+  assert np.allclose(parts.normal_bins, whole.normal_bins, rtol=1e-12)
 
 
 def test_blocks_give_the_whole_volume_result():

@@ -209,9 +209,10 @@ def measure(labels: Any, classes: int | Sequence[int] | None = None,
     labels' shape (nonzero = inside): TV is the ROI, the marrow is the ROI minus the phase.
   max_block_voxels: the largest padded block held in memory (the volume is read in blocks).
   exact_radius_um: spheres up to this radius are painted exactly, larger ones by radius levels
-    half the smallest voxel side apart (thickness.py: faster, a lower bound, about 1 % low on
-    the mean); math.inf (default) paints every sphere (the exact transform, BoneJ's); None
-    picks, per block, the radius that minimises the estimated cost.
+    half the smallest voxel side apart (thickness.py: a lower bound, about 1 % low on the
+    mean, and since the spheres are painted as runs rarely faster); math.inf (default) paints
+    every sphere (the exact transform, BoneJ's); None picks, per block, the radius that
+    minimises the estimated cost (on the benchmark volume: every sphere painted).
   timings: a dict that receives the seconds of each part (counts, surface, Tb.Th, ...).
   """
   clock = _Clock(timings)

@@ -60,37 +60,60 @@ def _bin_index(n: np.ndarray) -> np.ndarray:
   return it * _PHI + ip
 
 
-def _area(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  cross = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
-  twice = np.linalg.norm(cross, axis=1)
-  return 0.5 * twice, cross / np.maximum(twice, 1e-30)[:, None]
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Cross products of (3, n) columns (component arrays: np.cross on (n, 3) rows is slower)."""
+  return np.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2],
+                   a[0] * b[1] - a[1] * b[0]])
+
+
+def _norm(a: np.ndarray) -> np.ndarray:
+  return np.sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2])
 
 
 def mesh_block(smooth: np.ndarray, vs: Sequence[float],
-               keep: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sums: SurfaceSums
-               ) -> None:
-  """Add the mesh of one smoothed block to `sums`; keep(centroids) -> (kept, weights)."""
+               keep: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], sums: SurfaceSums,
+               chunk: int = 1 << 18) -> None:
+  """Add the mesh of one smoothed block to `sums`; keep(centroids (3, n)) -> (kept, weights).
+
+  The arrays are (3, n) columns (numpy's reductions over a last axis of length 3 cost more than
+  the marching cubes themselves), for `chunk` triangles at a time: the float64 temporaries of a
+  whole block's mesh would hold several times the block's memory."""
   if smooth.min() >= 0.5 or smooth.max() <= 0.5:
     return
   verts, faces, normals, _ = measure.marching_cubes(smooth, 0.5, spacing=tuple(vs),
                                                     allow_degenerate=False)
   if faces.size == 0:
     return
-  kept, weight = keep(verts[faces].mean(1))
-  faces, weight = faces[kept], weight[kept]
-  if faces.size == 0:
-    return
-  area, unit = _area(verts, faces)
-  sums.area += float((weight * area).sum())
-  sums.normal_bins += np.bincount(_bin_index(unit), weights=weight * area,
-                                  minlength=_THETA * _PHI)
-  # d(area)/dr: vertices moved along the unit normals (scikit-image's point down the gradient,
-  # out of the phase), central difference
-  step = 0.05 * min(vs)
-  nrm = normals / np.maximum(np.linalg.norm(normals, axis=1), 1e-30)[:, None]
-  plus, _ = _area(verts + step * nrm, faces)
-  minus, _ = _area(verts - step * nrm, faces)
-  sums.area_shift += float((weight * (plus - minus)).sum() / (2 * step))
+  v = np.ascontiguousarray(verts.T, np.float64)
+  n = np.ascontiguousarray(normals.T, np.float64)
+  del verts, normals
+  n /= np.maximum(_norm(n), 1e-30)
+  faces_t = faces.T
+  for c in range(0, faces_t.shape[1], chunk):
+    f = faces_t[:, c:c + chunk]
+    p0, p1, p2 = v[:, f[0]], v[:, f[1]], v[:, f[2]]
+    kept, weight = keep((p0 + p1 + p2) / 3)
+    if not kept.all():
+      f, p0, p1, p2, weight = f[:, kept], p0[:, kept], p1[:, kept], p2[:, kept], weight[kept]
+    if f.shape[1] == 0:
+      continue
+    e1, e2 = p1 - p0, p2 - p0
+    cross = _cross(e1, e2)
+    twice = _norm(cross)
+    area = 0.5 * twice
+    unit = cross / np.maximum(twice, 1e-30)
+    sums.area += float((weight * area).sum())
+    sums.normal_bins += np.bincount(_bin_index(unit.T), weights=weight * area,
+                                    minlength=_THETA * _PHI)
+    # d(area)/dr with the vertices moved along their unit normals (scikit-image's point down
+    # the gradient, out of the phase): the triangle's doubled area |c(t)|, c(t) = (e1 + t dn1)
+    # x (e2 + t dn2), has the derivative (c . (e1 x dn2 + dn1 x e2)) / |c| at t = 0 (exact;
+    # the central difference with a 0.05-voxel step used before: 1e-3 relative lower on a
+    # trabecular phantom)
+    dn1, dn2 = n[:, f[1]] - n[:, f[0]], n[:, f[2]] - n[:, f[0]]
+    dc = _cross(e1, dn2) + _cross(dn1, e2)
+    dtwice = (cross * dc).sum(0) / np.maximum(twice, 1e-30)
+    sums.area_shift += float((weight * 0.5 * dtwice).sum())
 
 
 def _read_extended(read, shape, sl):
@@ -133,14 +156,20 @@ def surface(read_phase: Callable[[tuple[slice, ...]], np.ndarray], shape: Sequen
       roi = np.asarray(roi_mask(tuple(slice(a, z) for a, z in zip(rlo, rhi))), bool)
 
     def keep(centroid_um, lo=lo, core0=core0, core1=core1, roi=roi):
-      cell = np.floor(centroid_um / vsa).astype(np.int64) + lo
-      ok = np.all((cell >= core0) & (cell < core1), axis=1)
-      outer = ((cell < 0) | (cell >= n_arr - 1)).sum(1)
+      ok = np.ones(centroid_um.shape[1], bool)
+      outer = np.zeros(centroid_um.shape[1], np.int64)
+      vox = []
+      for a in range(3):  # per axis on (3, n) columns
+        cell = np.floor(centroid_um[a] / vsa[a]).astype(np.int64) + lo[a]
+        ok &= (cell >= core0[a]) & (cell < core1[a])
+        outer += (cell < 0) | (cell >= n_arr[a] - 1)
+        if roi is not None:
+          x = (np.floor(centroid_um[a] / vsa[a] + 0.5).astype(np.int64) + lo[a]
+               - max(core0[a], 0))
+          vox.append(np.clip(x, 0, roi.shape[a] - 1))
       weight = 0.5 ** outer
       if roi is not None:
-        vox = np.floor(centroid_um / vsa + 0.5).astype(np.int64) + lo - np.maximum(core0, 0)
-        vox = np.clip(vox, 0, np.array(roi.shape) - 1)
-        ok &= roi[vox[:, 0], vox[:, 1], vox[:, 2]]
+        ok &= roi[vox[0], vox[1], vox[2]]
       return ok, weight
     mesh_block(smooth, vs, keep, sums)
     if on_block:
