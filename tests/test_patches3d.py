@@ -41,10 +41,25 @@ def test_crops_are_the_scans_voxels_and_resume_exactly(tiny_dataset):
     np.testing.assert_array_equal(next(s)["label"], after["label"])
 
 
-def test_foreground_crops_hold_foreground(tiny_dataset):
-  with _stream(tiny_dataset, foreground=1.0, patches_per_scan=20) as s:
-    labels = [s.read_batch(s.records(np.arange(i, i + 4)))["label"] for i in range(0, 40, 4)]
-  assert all((lab > 0).any(axis=(1, 2, 3)).all() for lab in labels)
+def test_foreground_crops_hold_foreground(tmp_path):
+  """A scan whose only foreground is a 3^3 cube: uniform 8^3 crops of 32^3 rarely hold it,
+  foreground crops always do."""
+  image = np.random.default_rng(0).normal(1000, 100, (32, 32, 32)).astype(np.float32)
+  labels = np.zeros((32, 32, 32), np.uint8)
+  labels[20:23, 5:8, 11:14] = 2
+  store.write_scan(tmp_path / "scan_000", image, labels, num_classes=3)
+  store.write_dataset_json(tmp_path, ["background", "a", "b"], ["scan_000"])
+
+  def share(fg):
+    with patches3d.PatchStream3d(tmp_path, ["scan_000"], patch_size=8, global_batch_size=4,
+                                 patches_per_scan=40, foreground=fg, seed=1, process_index=0,
+                                 process_count=1, prefetch=0) as s:
+      lab = s.read_batch(s.records(np.arange(40)))["label"]
+    return float((lab == 2).any(axis=(1, 2, 3)).mean())
+
+  assert share(1.0) == 1.0
+  assert share(0.0) < 0.3
+  assert 0.1 < share(0.5) < 1.0
 
 
 def test_two_hosts_split_the_global_batch(tiny_dataset):
