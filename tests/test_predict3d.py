@@ -161,3 +161,31 @@ def test_bad_input_is_one_clear_error(net, vol):
     windows3d.predict_volume_3d(net, vol, stats=STATS, overlap=1.0)
   with pytest.raises(errors.UserError, match="takes 1 channel.*has 2"):
     windows3d.predict_volume_3d(net, np.zeros(SHAPE + (2,), np.uint16), stats=STATS)
+
+
+def test_a_bundle_and_a_file_source(net, vol, tmp_path):
+  """What the Predictor hands over for a 3D bundle: the bundle (its normalisation rule) and a
+  lazily read source from the io registry."""
+  from bonejax.io import registry
+  from bonejax.models import bundle
+  meta = bundle.make_meta(model_name="unet3d", model_kwargs=dict(depth=2, width=2),
+                          classes=["background", "bone", "pore"], in_channels=1,
+                          normalization="zscore", patch_size=16, train_axes=[0, 1, 2])
+  bundle.save_bundle(tmp_path / "model", net, meta)
+  np.save(tmp_path / "vol.npy", vol)
+  stats = {"mean": 1500.0, "std": 700.0}
+  b = bundle.load_bundle(tmp_path / "model")
+  got = windows3d.predict_volume_3d(b, registry.open_volume(tmp_path / "vol.npy"), stats=stats,
+                                    window=16, devices=2, keep_probs=True)
+  want = windows3d.predict_volume_3d(net, vol, stats=stats, normalization="zscore", window=16,
+                                     devices=1, keep_probs=True)
+  np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+  assert got.summary()["devices"] == 2 and got.summary()["windows"] == got.plan.windows
+
+  meta2d = bundle.make_meta(model_name="unet", model_kwargs=dict(depth=2, width=2),
+                            classes=["background", "bone", "pore"], in_channels=1,
+                            normalization="zscore", patch_size=16, train_axes=[0])
+  bundle.save_bundle(tmp_path / "model2d", models.fill_from_numpy(models.abstract_model(
+      models.create, "unet", num_classes=3, in_channels=1, depth=2, width=2)), meta2d)
+  with pytest.raises(errors.UserError, match="'unet' is 2D"):
+    windows3d.predict_volume_3d(bundle.load_bundle(tmp_path / "model2d"), vol, stats=stats)
