@@ -175,8 +175,11 @@ def test_a_bundle_and_a_file_source(net, vol, tmp_path):
   np.save(tmp_path / "vol.npy", vol)
   stats = {"mean": 1500.0, "std": 700.0}
   b = bundle.load_bundle(tmp_path / "model")
-  got = windows3d.predict_volume_3d(b, registry.open_volume(tmp_path / "vol.npy"), stats=stats,
-                                    window=16, devices=2, keep_probs=True)
+  engine = windows3d.make_window_engine(b, devices=2)
+  got = windows3d.predict_volume_3d(engine, registry.open_volume(tmp_path / "vol.npy"),
+                                    stats=stats, window=16, keep_probs=True)
+  again = windows3d.predict_volume_3d(engine, vol[::-1].copy(), stats=stats, window=16)
+  assert engine.compilations == 1 and again.labels.shape == SHAPE  # compiled once, reused
   want = windows3d.predict_volume_3d(net, vol, stats=stats, normalization="zscore", window=16,
                                      devices=1, keep_probs=True)
   np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)

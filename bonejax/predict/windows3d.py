@@ -171,7 +171,8 @@ class WindowEngine:
   batches spread over `devices`; one compiled call per window shape."""
 
   def __init__(self, model: nnx.Module, *, in_channels: int, devices: Sequence[Any] | None,
-               flips: int, dtype: Any = None):
+               flips: int, dtype: Any = None, normalization: str | None = None):
+    self.normalization = normalization  # the bundle's rule, when made from one
     view = nnx.view(model, use_running_average=True, deterministic=True,
                     raise_if_not_found=False)
     if dtype is not None:
@@ -194,6 +195,11 @@ class WindowEngine:
                          jax.ShapeDtypeStruct((1, s, s, s, self.in_channels), jnp.float32))
     self.num_classes = int(out.shape[-1])
     self._compiled: dict[tuple, Any] = {}
+
+  @property
+  def compilations(self) -> int:
+    """Compiled calls so far (one per window shape, input dtype and uncertainty on/off)."""
+    return len(self._compiled)
 
   def _function(self, weight: np.ndarray, votes: bool):
     graphdef, flips, k = self.graphdef, self.flips, self.num_classes
@@ -229,6 +235,20 @@ class WindowEngine:
                                  out_specs=P("data"), check_vma=False)
       self._compiled[key] = jax.jit(per_device)
     return self._compiled[key]
+
+
+def make_window_engine(model: Any, *, devices: int | None = None, flips: int = 1,
+                       dtype: Any = None) -> WindowEngine:
+  """A `WindowEngine` for a 3D model or bundle on the first `devices` local devices (default
+  all): build it once and pass it to `predict_volume_3d` for every scan, so each window shape
+  compiles once."""
+  net, in_channels, rule = _as_3d_model(model)
+  local = jax.local_devices()
+  n_dev = len(local) if devices is None else int(devices)
+  if not 1 <= n_dev <= len(local):
+    raise errors.UserError(f"devices={devices} must be in 1..{len(local)} (local devices)")
+  return WindowEngine(net, in_channels=in_channels, devices=local[:n_dev], flips=flips,
+                      dtype=dtype, normalization=rule)
 
 
 @dataclasses.dataclass
@@ -272,8 +292,10 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
                       ) -> Prediction3d:
   """Labels (and probabilities, uncertainty) of `volume` from the 3D `model` by sliding windows.
 
-  model: a 3D nnx module (`unet3d`, `unet3d_resnet18`) or a `bundle.Bundle` holding one (its
-    normalisation rule then applies unless `normalization` is given).
+  model: a 3D nnx module (`unet3d`, `unet3d_resnet18`), a `bundle.Bundle` holding one (its
+    normalisation rule then applies unless `normalization` is given), or a prepared
+    `WindowEngine` (`make_window_engine`: keeps its compiled calls across scans; `devices`,
+    `flips` and `dtype` are then the engine's).
   volume: (Z, Y, X[, C]) numpy array, tensorstore, or `VolumeSource`; read in Z slabs.
   stats: intensity statistics for the normalisation rule (default: `volume.stats`).
   window: the window's side (or D, H, W), rounded up to the model's stride; overlap: the
@@ -285,8 +307,10 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
   memory_budget_gb: host memory for one group's accumulators and input (Z slabs).
   """
   t0 = time.perf_counter()
-  net, in_channels, rule = _as_3d_model(model)
-  rule = normalization or rule or "percentile"
+  engine = model if isinstance(model, WindowEngine) else make_window_engine(
+      model, devices=devices, flips=flips, dtype=dtype)
+  in_channels, n_dev = engine.in_channels, len(engine.devices)
+  rule = normalization or engine.normalization or "percentile"
   stats = stats if stats is not None else getattr(volume, "stats", None)
   if not intensity.has_stats(stats, rule):
     raise errors.UserError(f"3D prediction needs the volume's intensity statistics for the "
@@ -297,12 +321,6 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
   if channels != in_channels:
     raise errors.UserError(f"the model takes {in_channels} channel(s), the volume has "
                            f"{channels}")
-  local = jax.local_devices()
-  n_dev = len(local) if devices is None else int(devices)
-  if not 1 <= n_dev <= len(local):
-    raise errors.UserError(f"devices={devices} must be in 1..{len(local)} (local devices)")
-  engine = WindowEngine(net, in_channels=in_channels, devices=local[:n_dev], flips=flips,
-                        dtype=dtype)
   votes = uncertainty_out is not None
   k = engine.num_classes
   plan = make_plan(reader.shape, window, overlap, engine.stride, k, in_channels, batch_size,
