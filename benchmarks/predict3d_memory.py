@@ -10,7 +10,7 @@ Each configuration (memory budget x devices) runs in a fresh process: the scan i
 from a zarr v3 scan (uint16, stored statistics), the labels written slab by slab to a zarr on
 disk, nothing of the scan's size held in memory. Reported: the plan's host bytes (one Z group's
 accumulators and input), the process's peak RSS (ru_maxrss: includes Python, JAX, XLA and the
-compiled model, so compare configurations, not absolute values), voxels/s, and the size of what a
+compiled model, so compare configurations, not absolute values), voxels/s (compilation excluded: the engine is warmed on one window first), and the size of what a
 whole-scan accumulator would take. On a CPU the devices are fake (JAX_NUM_CPU_DEVICES: they
 share the cores; the figures show that sharding works, not a speed-up).
 
@@ -62,10 +62,14 @@ def _child(spec: dict) -> None:
   src = registry.open_volume(spec["scan"])
   out = Path(spec["out"])
   labels = SlabVolume(store.create_array(out, src.shape, np.uint8, (64, 64, 64)))
+  engine = windows3d.make_window_engine(net, devices=spec["devices"])
+  w = spec["window"]  # compile on one window's worth of zeros: the timed run compiles nothing
+  windows3d.predict_volume_3d(engine, np.zeros((w, w, w), src.dtype), stats=src.stats, window=w,
+                              batch_size=spec["batch"])
   t0 = time.perf_counter()
-  res = windows3d.predict_volume_3d(net, src, window=spec["window"], batch_size=spec["batch"],
-                                    devices=spec["devices"], keep_labels=False,
-                                    labels_out=labels, memory_budget_gb=spec["budget"])
+  res = windows3d.predict_volume_3d(engine, src, window=w, batch_size=spec["batch"],
+                                    keep_labels=False, labels_out=labels,
+                                    memory_budget_gb=spec["budget"])
   dt = time.perf_counter() - t0
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps({**res.summary(), "seconds": dt, "voxels_per_second": math.prod(src.shape) / dt,

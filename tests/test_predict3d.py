@@ -192,3 +192,25 @@ def test_a_bundle_and_a_file_source(net, vol, tmp_path):
       models.create, "unet", num_classes=3, in_channels=1, depth=2, width=2)), meta2d)
   with pytest.raises(errors.UserError, match="'unet' is 2D"):
     windows3d.predict_volume_3d(bundle.load_bundle(tmp_path / "model2d"), vol, stats=stats)
+
+
+def test_z_ranges_put_together_are_the_whole(net, vol):
+  """Several processes: each finishes its own Z range (chunk-aligned), running the windows that
+  reach it; the ranges together give the single-process result."""
+  whole = windows3d.predict_volume_3d(net, vol, stats=STATS, window=16, devices=1,
+                                      keep_probs=True, memory_budget_gb=2e-5)
+  shares = windows3d.z_shares(SHAPE[0], 3, align=8)
+  assert shares[0][0] == 0 and shares[-1][1] == SHAPE[0]
+  assert all(a % 8 == 0 for a, _ in shares) and all(b > a for a, b in shares)
+  probs = np.zeros_like(whole.probabilities)
+  runs = 0
+  for a, b in shares:
+    part = windows3d.predict_volume_3d(net, vol, stats=STATS, window=16, devices=1,
+                                       keep_probs=True, memory_budget_gb=2e-5, z_range=(a, b))
+    probs[a:b] = part.probabilities[a:b]
+    assert not part.probabilities[:a].any() and not part.probabilities[b:].any()
+    runs += part.windows_run
+  np.testing.assert_allclose(probs, whole.probabilities, atol=1e-6)
+  assert whole.windows_run < runs < 3 * whole.windows_run  # the halos are run twice
+  with pytest.raises(errors.UserError, match="z_range"):
+    windows3d.predict_volume_3d(net, vol, stats=STATS, z_range=(5, 5))

@@ -251,16 +251,26 @@ def make_window_engine(model: Any, *, devices: int | None = None, flips: int = 1
                       dtype=dtype, normalization=rule)
 
 
+def z_shares(depth: int, count: int, align: int = 64) -> list[tuple[int, int]]:
+  """`count` contiguous Z ranges covering 0..depth, boundaries on multiples of `align` (the
+  output's chunk depth: processes then never write one chunk together); some may be empty
+  when the scan has fewer chunks than processes (skip those)."""
+  chunks = -(-int(depth) // int(align))
+  cuts = [min(depth, (chunks * i // count) * align) for i in range(count + 1)]
+  return [(cuts[i], cuts[i + 1]) for i in range(count)]
+
+
 @dataclasses.dataclass
 class Prediction3d:
   labels: np.ndarray | None  # (Z, Y, X) uint8, when kept in memory
   probabilities: np.ndarray | None  # (Z, Y, X, K) float32, when kept
   plan: Plan3d
   seconds: float
+  windows_run: int  # all of the plan's, or those reaching `z_range`
 
   def summary(self) -> dict[str, Any]:
     p = self.plan
-    return {"mode": "3d_windows", "window": list(p.window), "windows": p.windows,
+    return {"mode": "3d_windows", "window": list(p.window), "windows": self.windows_run,
             "overlap_starts": [len(s) for s in p.starts], "group": p.group,
             "batch": p.batch, "devices": p.devices, "host_bytes": p.host_bytes,
             "seconds": round(self.seconds, 3)}
@@ -289,7 +299,7 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
                       labels_out: Any = None, probs_out: Any = None,
                       uncertainty_out: Any = None, keep_labels: bool = True,
                       keep_probs: bool = False, progress: Callable[[int, int], None] | None = None,
-                      ) -> Prediction3d:
+                      z_range: tuple[int, int] | None = None) -> Prediction3d:
   """Labels (and probabilities, uncertainty) of `volume` from the 3D `model` by sliding windows.
 
   model: a 3D nnx module (`unet3d`, `unet3d_resnet18`), a `bundle.Bundle` holding one (its
@@ -305,6 +315,9 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
     tensorstore); uncertainty_out: an `evaluate.uncertainty.UncertaintyWriter` (its `add`).
     keep_labels / keep_probs: also return them in memory (labels by default).
   memory_budget_gb: host memory for one group's accumulators and input (Z slabs).
+  z_range: (z0, z1): finish only output planes z0..z1-1, running every window that reaches them
+    (several processes on one scan: each its own range, `z_shares`; in-memory outputs keep the
+    scan's shape, filled in that range).
   """
   t0 = time.perf_counter()
   engine = model if isinstance(model, WindowEngine) else make_window_engine(
@@ -327,6 +340,11 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
                    n_dev, memory_budget_gb, votes)
   shape, padded, (wd, wh, ww) = plan.shape, plan.padded, plan.window
   zs, ys, xs = plan.starts
+  p0, p1 = (0, shape[0]) if z_range is None else (int(z_range[0]), int(z_range[1]))
+  if not 0 <= p0 < p1 <= shape[0]:
+    raise errors.UserError(f"z_range={z_range} must lie within 0..{shape[0]} and not be empty")
+  zs = tuple(z for z in zs if z < p1 and z + wd > p0)  # the windows reaching the range
+  total = len(zs) * len(ys) * len(xs)
   weight = gaussian_importance(plan.window)
   norm = jax.device_put((np.float32(offset), np.float32(scale), np.bool_(clip)),
                         engine.replicated)
@@ -339,12 +357,12 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
 
   def finish(z0: int, acc: np.ndarray, wsum: np.ndarray, vacc: np.ndarray | None) -> None:
     """Planes z0.. of the padded grid are complete: divide, vote, hand on (inside the scan)."""
-    z1 = min(z0 + acc.shape[0], shape[0])
-    if z1 <= z0:
+    a, z1 = max(z0, p0), min(z0 + acc.shape[0], p1)
+    if z1 <= a:
       return
-    n = z1 - z0
-    inv = 1.0 / wsum[:n, :shape[1], :shape[2], None]
-    mean = acc[:n, :shape[1], :shape[2]] * inv
+    o, z0, n = a - z0, a, z1 - a
+    inv = 1.0 / wsum[o:o + n, :shape[1], :shape[2], None]
+    mean = acc[o:o + n, :shape[1], :shape[2]] * inv
     lab = np.argmax(mean, axis=-1).astype(np.uint8)
     if labels is not None:
       labels[z0:z1] = lab
@@ -355,7 +373,7 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
     for w in prob_sinks:
       w(z0, mean)
     if uncertainty_out is not None:
-      counts = vacc[:n, :shape[1], :shape[2]] * inv * np.float32(nvote)
+      counts = vacc[o:o + n, :shape[1], :shape[2]] * inv * np.float32(nvote)
       uncertainty_out.add(z0, lab, mean, counts, nvote)
 
   fn = None
@@ -393,10 +411,10 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
           vacc[z:z + wd, y:y + wh, x:x + ww] += out[1][i]
       done_windows += len(batch)
       if progress is not None:
-        progress(done_windows, plan.windows)
+        progress(done_windows, total)
     nxt = zs[g0 + plan.group] if g0 + plan.group < len(zs) else top
     cut = nxt - base  # planes before the next group's first window are finished
     finish(base, acc[:cut], wsum[:cut], vacc[:cut] if votes else None)
     carry = (nxt, acc[cut:].copy(), wsum[cut:].copy(),
              vacc[cut:].copy() if votes else None) if cut < span else None
-  return Prediction3d(labels, probs_mem, plan, time.perf_counter() - t0)
+  return Prediction3d(labels, probs_mem, plan, time.perf_counter() - t0, done_windows)
