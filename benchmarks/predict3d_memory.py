@@ -34,12 +34,12 @@ from absl import app, flags  # noqa: E402
 
 _SHAPE = flags.DEFINE_string("shape", "256,256,256", "Volume Z,Y,X.")
 _MODEL = flags.DEFINE_string("model", "unet3d", "3D model (unet3d: --depth/--width).")
-_DEPTH = flags.DEFINE_integer("depth", 3, "unet3d depth.")
-_WIDTH = flags.DEFINE_integer("width", 4, "unet3d width.")
+_DEPTH = flags.DEFINE_integer("depth", 2, "unet3d depth.")
+_WIDTH = flags.DEFINE_integer("width", 2, "unet3d width.")
 _WINDOW = flags.DEFINE_integer("window", 64, "Window side.")
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Windows per call and device.")
 _BUDGETS = flags.DEFINE_list("budgets", ["0.05", "1"], "Host memory budgets (GB).")
-_DEVICES = flags.DEFINE_list("devices", ["1", "4"], "Device counts (fake on a CPU).")
+_DEVICES = flags.DEFINE_list("devices", ["4", "1"], "Device counts (fake on a CPU).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch (default: a temporary folder).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one configuration (JSON).")
 

@@ -133,12 +133,18 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
   bundle.save_bundle(out, model, meta)
   smp_class, encoder = smp_layout.smp_arch(name)
   return {"bundle": str(out), "arch": name, "params": models.count_params(model),
-          "smp": {"class": smp_class, "encoder_name": encoder, "package": smp_layout.package(name),
+          "smp": {"class": smp_class, "encoder_name": encoder, **_package(name),
                   **smp_kwargs(name, kwargs)},
           "in_channels": in_channels, "context_slices": k, "classes": names,
           "normalization": rule, "patch_size": meta["patch_size"], "source_kind": ckpt.kind,
           **({"normalization_source": extra["normalization_source"]}
              if "normalization_source" in extra else {})}
+
+
+def _package(name: str) -> dict[str, str]:
+  """{"package": ...} for a model of another package than smp (smp-3d's 3D models)."""
+  pkg = smp_layout.package(name)
+  return {} if pkg == "segmentation_models_pytorch" else {"package": pkg}
 
 
 def smp_kwargs(name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +175,7 @@ def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
   smp_class, encoder = smp_layout.smp_arch(name)
   b = bundle.load_bundle(bundle_dir)
   sd = weights.state_dict_from_model(name, b.model)
-  smp = {"class": smp_class, "encoder_name": encoder, "package": smp_layout.package(name),
+  smp = {"class": smp_class, "encoder_name": encoder, **_package(name),
          "in_channels": b.in_channels,
          "classes": b.num_classes, **smp_kwargs(name, meta.get("model_kwargs", {}))}
   with outputs.atomic_output(to, overwrite=overwrite, inputs=[bundle_dir]) as tmp:
