@@ -290,6 +290,42 @@ def _writer(out: Any) -> Callable[[int, np.ndarray], None] | None:
   return lambda z0, planes: out[z0:z0 + planes.shape[0]].write(planes).result()
 
 
+class _Outputs:
+  """Where finished planes go: divided by the summed weights, voted, handed to the sinks and
+  kept in memory as asked; planes outside `z_range` (another process's) are dropped."""
+
+  def __init__(self, shape, k, z_range, nvote, *, keep_labels, keep_probs, labels_out,
+               probs_out, uncertainty_out):
+    self.shape, (self.p0, self.p1), self.nvote = shape, z_range, nvote
+    self.labels = np.zeros(shape, np.uint8) if keep_labels else None
+    self.probs = np.zeros(tuple(shape) + (k,), np.float32) if keep_probs else None
+    self.label_sinks = [w for w in (_writer(labels_out),) if w]
+    self.prob_sinks = [w for w in (_writer(probs_out),) if w]
+    self.uncertainty = uncertainty_out
+
+  def finish(self, z0: int, acc: np.ndarray, wsum: np.ndarray, vacc: np.ndarray | None) -> None:
+    """Planes z0.. of the padded grid are complete: divide, vote, hand on (inside the scan)."""
+    a, z1 = max(z0, self.p0), min(z0 + acc.shape[0], self.p1)
+    if z1 <= a:
+      return
+    _, h, w = self.shape
+    o, z0, n = a - z0, a, z1 - a
+    inv = 1.0 / wsum[o:o + n, :h, :w, None]
+    mean = acc[o:o + n, :h, :w] * inv
+    lab = np.argmax(mean, axis=-1).astype(np.uint8)
+    if self.labels is not None:
+      self.labels[z0:z1] = lab
+    if self.probs is not None:
+      self.probs[z0:z1] = mean
+    for sink in self.label_sinks:
+      sink(z0, lab)
+    for sink in self.prob_sinks:
+      sink(z0, mean)
+    if self.uncertainty is not None:
+      counts = vacc[o:o + n, :h, :w] * inv * np.float32(self.nvote)
+      self.uncertainty.add(z0, lab, mean, counts, self.nvote)
+
+
 def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None = None,
                       normalization: str | None = None,
                       window: int | Sequence[int] = DEFAULT_WINDOW,
@@ -349,32 +385,9 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
   norm = jax.device_put((np.float32(offset), np.float32(scale), np.bool_(clip)),
                         engine.replicated)
 
-  labels = np.zeros(shape, np.uint8) if keep_labels else None
-  probs_mem = np.zeros(shape + (k,), np.float32) if keep_probs else None
-  sinks = [w for w in (_writer(labels_out),) if w]
-  prob_sinks = [w for w in (_writer(probs_out),) if w]
-  nvote = len(engine.flips)
-
-  def finish(z0: int, acc: np.ndarray, wsum: np.ndarray, vacc: np.ndarray | None) -> None:
-    """Planes z0.. of the padded grid are complete: divide, vote, hand on (inside the scan)."""
-    a, z1 = max(z0, p0), min(z0 + acc.shape[0], p1)
-    if z1 <= a:
-      return
-    o, z0, n = a - z0, a, z1 - a
-    inv = 1.0 / wsum[o:o + n, :shape[1], :shape[2], None]
-    mean = acc[o:o + n, :shape[1], :shape[2]] * inv
-    lab = np.argmax(mean, axis=-1).astype(np.uint8)
-    if labels is not None:
-      labels[z0:z1] = lab
-    if probs_mem is not None:
-      probs_mem[z0:z1] = mean
-    for w in sinks:
-      w(z0, lab)
-    for w in prob_sinks:
-      w(z0, mean)
-    if uncertainty_out is not None:
-      counts = vacc[o:o + n, :shape[1], :shape[2]] * inv * np.float32(nvote)
-      uncertainty_out.add(z0, lab, mean, counts, nvote)
+  outs = _Outputs(shape, k, (p0, p1), len(engine.flips), keep_labels=keep_labels,
+                  keep_probs=keep_probs, labels_out=labels_out, probs_out=probs_out,
+                  uncertainty_out=uncertainty_out)
 
   fn = None
   gb = plan.batch * n_dev
@@ -414,7 +427,7 @@ def predict_volume_3d(model: Any, volume: Any, *, stats: dict[str, Any] | None =
         progress(done_windows, total)
     nxt = zs[g0 + plan.group] if g0 + plan.group < len(zs) else top
     cut = nxt - base  # planes before the next group's first window are finished
-    finish(base, acc[:cut], wsum[:cut], vacc[:cut] if votes else None)
+    outs.finish(base, acc[:cut], wsum[:cut], vacc[:cut] if votes else None)
     carry = (nxt, acc[cut:].copy(), wsum[cut:].copy(),
              vacc[cut:].copy() if votes else None) if cut < span else None
-  return Prediction3d(labels, probs_mem, plan, time.perf_counter() - t0, done_windows)
+  return Prediction3d(outs.labels, outs.probs, plan, time.perf_counter() - t0, done_windows)
