@@ -1,6 +1,6 @@
 r"""3D sliding-window prediction of a 256^3 scan: host memory against the budget, over devices.
 
-  python benchmarks/predict3d_memory.py                       # 2 CPU cores: ~5 min
+  python benchmarks/predict3d_memory.py            # 2 shared CPU cores: ~40 min a configuration
   python benchmarks/predict3d_memory.py --shape=512,512,512 --model=unet3d_resnet18 \
       --window=128 --budgets=1,4 --devices=1                  # a GPU
 

@@ -11,8 +11,8 @@ import optax
 from flax import nnx
 
 from bonejax import models
-from bonejax.train import configlib, evaluator as evaluator_lib, input3d, losses, mesh as mesh_lib
-from bonejax.train import trainer
+from bonejax.train import configlib, input3d, losses, mesh as mesh_lib, steps
+from bonejax.train.evaluators import planes
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/unet3d.py") + ":smoke"
 
@@ -40,7 +40,7 @@ def test_3d_steps_lower_the_loss_and_evaluate(tiny_dataset):
   state = jax.device_put({"params": params, "rest": rest, "opt": tx.init(params),
                           "step": np.int32(0)}, repl)
   # The trainer's step with its 2D augmentation off; the 3D one in front, as the hook would.
-  step = trainer.make_train_step(graphdef, tx, loss_fn, {"enabled": False}, 0)
+  step = steps.make_train_step(graphdef, tx, loss_fn, {"enabled": False}, 0)
   aug = input3d.augment_fn(c)
 
   @jax.jit
@@ -57,8 +57,8 @@ def test_3d_steps_lower_the_loss_and_evaluate(tiny_dataset):
   assert np.mean(lossv[-4:]) < np.mean(lossv[:4]), lossv
 
   graphdef_eval, _, _ = nnx.split(models.abstract_model(create), nnx.Param, ...)
-  eval_step = jax.jit(evaluator_lib.make_eval_step(graphdef_eval, loss_fn, 3))
-  ev = evaluator_lib.Evaluator(eval_step, inp.validation, put, nbytes=inp.val_nbytes,
+  eval_step = jax.jit(planes.make_eval_step(graphdef_eval, loss_fn, 3))
+  ev = planes.Evaluator(eval_step, inp.validation, put, nbytes=inp.val_nbytes,
                                max_device_bytes=1 << 30, classes=["bg", "bone", "pore"],
                                replicated=repl)(state)
   assert np.isfinite(ev["loss"]) and 0 <= ev["miou_all"] <= 1 and len(ev["iou"]) == 3

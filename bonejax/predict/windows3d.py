@@ -79,7 +79,8 @@ class Plan3d:
   padded: tuple[int, int, int]  # at least a window on each axis (reflection past the far side)
   window: tuple[int, int, int]
   starts: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-  group: int  # Z starts per group (the slab)
+  group: int  # Z starts per group (the slab); at least 1: a budget below one window-deep
+  # group's accumulators (`host_bytes`) is exceeded, not refused
   batch: int  # windows per device per call
   devices: int
   host_bytes: int  # accumulators and input of one group
