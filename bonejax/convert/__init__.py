@@ -25,6 +25,7 @@ from bonejax.io import intensity
 from bonejax.convert import checkpoint, metadata, smp_layout
 
 DEFAULT_PATCH = 256  # BONe's default patch side
+DEFAULT_PATCH_3D = 128  # a 3D window's side (smp-3d models); 256^3 would not fit a GPU
 DEFAULT_NORMALIZATION = "zscore_nonzero"  # BONe's default: z-score over the voxels > 0
 EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -63,7 +64,7 @@ def _context(info: dict[str, Any], context_slices: int | None, in_channels: int)
 
 def _recognised(sd: dict[str, Any]) -> str | None:
   try:
-    return smp_layout.BY_SMP[smp_layout.recognise(sd)]
+    return smp_layout.recognise_name(sd)
   except errors.UserError:
     return None
 
@@ -81,26 +82,27 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
   info = metadata.interpret(ckpt.metadata)
   sd = ckpt.state_dict
 
-  if arch is not None or info.get("bonejax_model") in smp_layout.SMP_ARCHS:
+  if arch is not None or info.get("bonejax_model") in smp_layout.CONVERTIBLE:
     name = arch or info["bonejax_model"]
     smp_layout.smp_arch(name)  # known and convertible
     seen = _recognised(sd)
     if seen is not None and seen != name:
       given = f"--arch={name}" if arch else f"the metadata's model {name}"
       raise errors.UserError(f"{given} does not fit the weights: their keys are those of "
-                          f"{seen} (smp {'/'.join(smp_layout.SMP_ARCHS[seen])})")
+                          f"{seen} (smp {'/'.join(smp_layout.smp_arch(seen))})")
   else:
-    name = smp_layout.BY_SMP[smp_layout.recognise(sd)]
+    name = smp_layout.recognise_name(sd)
   if info.get("arch") and info["arch"] in smp_layout.BY_SMP and \
       smp_layout.BY_SMP[info["arch"]] != name:
     c, e = info["arch"]
     raise errors.UserError(f"the metadata says smp {c} with encoder {e}, but the weights are "
                         f"taken as {name}")
   for key in (smp_layout.head_key(name), smp_layout.stem_key(name)):
-    if key not in sd or len(sd[key].shape) != 4:
+    rank = smp_layout.kernel_ndim(name)
+    if key not in sd or len(sd[key].shape) != rank:
       smp_class, encoder = smp_layout.smp_arch(name)
       raise errors.UserError(f"the weights do not fit {name} (smp {smp_class}, encoder {encoder}): "
-                          f"no 4-d {key}")
+                          f"no {rank}-d {key}")
   num_classes = int(sd[smp_layout.head_key(name)].shape[0])
   in_channels = int(sd[smp_layout.stem_key(name)].shape[1])
   names = _classes(classes, info.get("class_names"), num_classes, smp_layout.head_key(name))
@@ -124,16 +126,25 @@ def import_weights(path: str | os.PathLike, out: str | os.PathLike, *, arch: str
     extra["normalization_source"] = info["normalization_source"]
   meta = bundle.make_meta(model_name=name, model_kwargs=kwargs, classes=names,
                           in_channels=in_channels, normalization=rule,
-                          patch_size=int(patch_size or info.get("patch_size") or DEFAULT_PATCH),
+                          patch_size=int(patch_size or info.get("patch_size") or (
+                              DEFAULT_PATCH if smp_layout.kernel_ndim(name) == 4
+                              else DEFAULT_PATCH_3D)),
                           train_axes=info.get("train_axes", [0]), **extra)
   bundle.save_bundle(out, model, meta)
   smp_class, encoder = smp_layout.smp_arch(name)
   return {"bundle": str(out), "arch": name, "params": models.count_params(model),
-          "smp": {"class": smp_class, "encoder_name": encoder, **smp_kwargs(name, kwargs)},
+          "smp": {"class": smp_class, "encoder_name": encoder, **_package(name),
+                  **smp_kwargs(name, kwargs)},
           "in_channels": in_channels, "context_slices": k, "classes": names,
           "normalization": rule, "patch_size": meta["patch_size"], "source_kind": ckpt.kind,
           **({"normalization_source": extra["normalization_source"]}
              if "normalization_source" in extra else {})}
+
+
+def _package(name: str) -> dict[str, str]:
+  """{"package": ...} for a model of another package than smp (smp-3d's 3D models)."""
+  pkg = smp_layout.package(name)
+  return {} if pkg == "segmentation_models_pytorch" else {"package": pkg}
 
 
 def smp_kwargs(name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +175,8 @@ def export_weights(bundle_dir: str | os.PathLike, to: str | os.PathLike, *,
   smp_class, encoder = smp_layout.smp_arch(name)
   b = bundle.load_bundle(bundle_dir)
   sd = weights.state_dict_from_model(name, b.model)
-  smp = {"class": smp_class, "encoder_name": encoder, "in_channels": b.in_channels,
+  smp = {"class": smp_class, "encoder_name": encoder, **_package(name),
+         "in_channels": b.in_channels,
          "classes": b.num_classes, **smp_kwargs(name, meta.get("model_kwargs", {}))}
   with outputs.atomic_output(to, overwrite=overwrite, inputs=[bundle_dir]) as tmp:
     if to.suffix.lower() == ".safetensors":

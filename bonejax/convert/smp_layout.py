@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from bonejax.core import errors
+from bonejax.convert import smp3d_layout
 
 # bonejax model name -> (smp class, smp encoder_name)
 SMP_ARCHS: dict[str, tuple[str, str]] = {
@@ -31,6 +32,8 @@ SMP_ARCHS: dict[str, tuple[str, str]] = {
     "unet_mit_b0": ("Unet", "mit_b0"),
 }
 BY_SMP = {v: k for k, v in SMP_ARCHS.items()}
+# Every convertible model: smp's (2D) and smp-3d's (3D, `smp3d_layout`: the same keys, 5-d kernels).
+CONVERTIBLE: dict[str, tuple[str, str]] = {**SMP_ARCHS, **smp3d_layout.SMP3D_ARCHS}
 
 _LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
            "var": "running_var"}
@@ -117,10 +120,33 @@ def rules(name: str) -> list[Rule]:
 
 
 def smp_arch(name: str) -> tuple[str, str]:
-  if name not in SMP_ARCHS:
+  if name not in CONVERTIBLE:
     raise errors.UserError(f"model {name!r} has no segmentation_models_pytorch counterpart; "
-                        f"convertible models: {', '.join(SMP_ARCHS)}")
-  return SMP_ARCHS[name]
+                        f"convertible models: {', '.join(CONVERTIBLE)}")
+  return CONVERTIBLE[name]
+
+
+def package(name: str) -> str:
+  """The Python package whose class `smp_arch(name)` names."""
+  return smp3d_layout.PACKAGE if name in smp3d_layout.SMP3D_ARCHS else \
+      "segmentation_models_pytorch"
+
+
+def kernel_ndim(name: str) -> int:
+  """Rank of the model's conv kernels in torch: 5 for smp-3d (Conv3d), 4 for smp."""
+  return 5 if name in smp3d_layout.SMP3D_ARCHS else 4
+
+
+def recognise_name(sd: dict[str, np.ndarray]) -> str:
+  """The bonejax model of an smp or smp-3d state dict; `errors.UserError` when none fits."""
+  family, encoder = recognise(sd)
+  if not smp3d_layout.is_3d(sd):
+    return BY_SMP[(family, encoder)]
+  if (family, encoder) not in smp3d_layout.BY_SMP3D:
+    known = ", ".join(f"{c}({e})" for c, e in smp3d_layout.BY_SMP3D)
+    raise errors.UserError(f"the weights are an smp-3d {family} with {encoder} (5-d kernels), "
+                           f"which bonejax does not have; convertible 3D: {known}")
+  return smp3d_layout.BY_SMP3D[(family, encoder)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +158,8 @@ class Entry:
   @property
   def torch_shape(self) -> tuple[int, ...]:
     s = self.flax_shape
+    if len(s) == 5:
+      return (s[4], s[3], s[0], s[1], s[2])
     if len(s) == 4:
       return (s[3], s[2], s[0], s[1])
     if len(s) == 2:
@@ -140,6 +168,8 @@ class Entry:
 
 
 def to_torch(a: np.ndarray) -> np.ndarray:
+  if a.ndim == 5:  # (kd, kh, kw, in, out) -> (out, in, kd, kh, kw)
+    return np.ascontiguousarray(a.transpose(4, 3, 0, 1, 2))
   if a.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
     return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
   if a.ndim == 2:  # (in, out) -> (out, in)
@@ -148,6 +178,8 @@ def to_torch(a: np.ndarray) -> np.ndarray:
 
 
 def to_flax(t: np.ndarray) -> np.ndarray:
+  if t.ndim == 5:
+    return np.ascontiguousarray(t.transpose(2, 3, 4, 1, 0))
   if t.ndim == 4:
     return np.ascontiguousarray(t.transpose(2, 3, 1, 0))
   if t.ndim == 2:

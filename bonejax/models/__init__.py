@@ -46,13 +46,17 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "deeplabv3plus_resnet50": ("deeplabv3plus", "DeepLabV3PlusResNet", {"encoder": "resnet50"}),
     "segformer_b0": ("segformer", "SegFormer", {}),
     "unet_mit_b0": ("unet_mit", "UnetMiT", {}),
+    # 3D (NDHWC input, `spatial_dims(name) == 3`): segmentation_models_pytorch_3d's Unet and a
+    # classic 3D U-Net.
+    "unet3d": ("unet3d", "UNet3d", {}),
+    "unet3d_resnet18": ("unet3d_resnet", "UnetResNet3d", {"encoder": "resnet18"}),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = ["MODEL_NAMES", "STRIDE", "abstract_model", "count_params", "create", "crop_to",
            "fill_from_numpy",
-           "forward_gflops", "model_class", "pad_to_multiple"]
+           "forward_gflops", "model_class", "pad_to_multiple", "spatial_dims"]
 
 
 def model_class(name: str) -> tuple[type, dict[str, Any]]:
@@ -61,6 +65,11 @@ def model_class(name: str) -> tuple[type, dict[str, Any]]:
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
   module, cls, fixed = _REGISTRY[name]
   return getattr(importlib.import_module(f"bonejax.models.{module}"), cls), dict(fixed)
+
+
+def spatial_dims(name: str) -> int:
+  """3 for volumetric models (input (B, D, H, W, C)), 2 for the plane models (B, H, W, C)."""
+  return int(getattr(model_class(name)[0], "spatial_dims", 2))
 
 
 def create(name: str, *, num_classes: int, in_channels: int = 1, rngs: nnx.Rngs,
