@@ -51,10 +51,9 @@ def _load():
   with _lock:
     if "lib" in _state or "reason" in _state:
       return _state.get("lib")
-    if os.environ.get("BONEJAX_ONEDNN", "").lower() in ("0", "off", "false", "no"):
-      _state["reason"] = "oneDNN convolutions are off ($BONEJAX_ONEDNN)"
-      return None
     try:
+      if os.environ.get("BONEJAX_ONEDNN", "").lower() in ("0", "off", "false", "no"):
+        raise _build.BuildError("oneDNN convolutions are off ($BONEJAX_ONEDNN)")
       path = _build.build()
       # Idle OpenMP threads sleep instead of spinning, so that XLA's own threads get the cores
       # between oneDNN calls (read by libgomp when oneDNN loads it, below).
