@@ -334,3 +334,17 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
   mtime = first.stat().st_mtime_ns
   assert onednn._build.build() == first and first.stat().st_mtime_ns == mtime
   assert sorted(p.name for p in first.parent.iterdir()) == sorted([".lock", first.name])
+
+
+def test_measure_policy_times_onednn_beside_the_others(tmp_path, monkeypatch):
+  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path))
+  spec = ConvSpec(1, 8, 8, 4, 4, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+  planner = Planner("measure", repeats=1)
+  choice = planner.choose(spec)
+  seconds = planner.choices[spec.key()]["seconds"]
+  assert set(seconds) == set(conv_lowering.candidates(spec)) | {"onednn"}
+  assert choice == min(seconds, key=seconds.get)
+  train = Planner("measure", repeats=1, train=True)  # forward + backward through the vjp
+  assert set(train.choices.get(spec.key(), {}).get("seconds", {})) <= set(seconds)
+  train.choose(spec)
+  assert "onednn" in train.choices[spec.key()]["seconds"]
