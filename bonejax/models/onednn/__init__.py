@@ -82,6 +82,25 @@ def unavailable_reason() -> str | None:
   return _state.get("reason")
 
 
+def describe() -> str:
+  """One line for benchmark reports: the oneDNN version and the ISA its kernels use here."""
+  if not available():
+    return f"off: {unavailable_reason()}"
+
+  class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+                ("hash", ctypes.c_char_p), ("cpu_runtime", ctypes.c_uint),
+                ("gpu_runtime", ctypes.c_uint)]
+
+  lib = _state["lib"]
+  lib.dnnl_version.restype = ctypes.POINTER(_Version)
+  v = lib.dnnl_version().contents
+  from bonejax.models.conv_lowering import ConvSpec
+  probe = ConvSpec(1, 32, 32, 64, 64, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "bfloat16")
+  return (f"oneDNN {v.major}.{v.minor}.{v.patch}, 3x3 bf16 kernels "
+          f"{supports(probe, train=True)[1]}")
+
+
 def _reset_for_tests() -> None:
   with _lock:
     _state.clear()
@@ -192,5 +211,7 @@ def conv(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False, re
   `out_dtype` (default: the compute dtype), accumulated in float32. Differentiable in x, kernel,
   bias and residual. The caller checks `supports(spec, out_dtype)` first.
   """
+  if _load() is None:
+    raise RuntimeError(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   return _conv(x, kernel, bias, residual, spec, out_dtype, bool(relu))
