@@ -336,11 +336,12 @@ def _auto_rule(spec: ConvSpec) -> str:
 def _onednn_rule(spec: ConvSpec) -> bool:
   """The no-measurement choice where oneDNN takes the layer: oneDNN.
 
-  From `benchmarks/cpu_conv_lowering.py` (unet_resnet18's layers, batch 4, forward and
-  forward + backward) on a 2-core AMD EPYC with AVX-512 and AVX512-BF16 (benchmarks/README.md):
-  in bf16 oneDNN's kernels beat XLA's convolution (which computes bf16 in float32) on every
-  layer and the dot lowerings on nearly all; in float32 they win the large maps with few
-  channels by up to 2x and lose little where XLA wins.
+  From `benchmarks/cpu_conv_lowering.py` (unet_resnet18's 19 layer shapes, batch 4 x 256^2) on
+  a 2-core AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX), busy (benchmarks/README.md): in bf16
+  oneDNN beats XLA's convolution (which computes bf16 in float32) on 17 of 19 layers, by 1.7-4.3x
+  on the decoder's large maps, and the dot lowerings on all but the 8^2 x 512 layers, where they
+  are within noise; in float32 it wins 16 of 19, the losses (the 128^2 x 32-128 decoder layers)
+  within 1.3x. A per-layer exception list would be this machine's noise: "measure" finds them.
   """
   del spec
   return True
@@ -478,7 +479,10 @@ class Planner:
     ok, said = onednn.supports(spec, out, train=self.train)
     if not ok and out != spec.dtype:  # e.g. float32 in, bf16 out: write float32, XLA casts
       ok, said = onednn.supports(spec, spec.dtype, train=self.train)
-    if not ok:
+    if not ok and spec.dtype not in onednn.DTYPES:  # one note for the whole model
+      onednn.note(f"oneDNN takes float32 and bfloat16 only: {spec.dtype} convolutions run on "
+                  "XLA")
+    elif not ok:
       onednn.note(f"oneDNN does not take convolution {spec.key()} ({said}); it runs on XLA")
     return ok, said
 
