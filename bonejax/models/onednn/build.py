@@ -117,6 +117,8 @@ def build(verbose: bool = False) -> Path:
     cmd = ([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
            + [f"-I{d}" for d in includes] + [str(SOURCE), "-o", tmp]
            + [f"-L{d}" for d in libdirs] + [f"-Wl,-rpath,{d}" for d in libdirs] + ["-ldnnl"])
+    print(f"note: compiling bonejax's oneDNN convolutions for this machine, once "
+          f"(into {out_dir})", file=sys.stderr, flush=True)
     if verbose:
       print(" ".join(cmd), file=sys.stderr)
     try:
