@@ -348,3 +348,14 @@ def test_measure_policy_times_onednn_beside_the_others(tmp_path, monkeypatch):
   assert set(train.choices.get(spec.key(), {}).get("seconds", {})) <= set(seconds)
   train.choose(spec)
   assert "onednn" in train.choices[spec.key()]["seconds"]
+
+
+def test_planes_are_padded_as_for_xla():
+  """The CPU engine pads a plane whose small convolutions XLA would swap; a oneDNN call of the
+  same shape counts too, so predictions do not depend on the lowering."""
+  from bonejax.predict import cpu_convs
+  for side, swapped in ((2, 1), (3, 0)):
+    spec = ConvSpec(1, side, side, 8, 8, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    jaxpr = jax.make_jaxpr(lambda x, k, s=spec: onednn.conv(x, k, None, s))(
+        jnp.zeros((1, side, side, 8)), jnp.zeros((3, 3, 8, 8)))
+    assert cpu_convs.swapped_cpu_convs(jaxpr.jaxpr) == swapped
