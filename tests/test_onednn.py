@@ -359,3 +359,13 @@ def test_planes_are_padded_as_for_xla():
     jaxpr = jax.make_jaxpr(lambda x, k, s=spec: onednn.conv(x, k, None, s))(
         jnp.zeros((1, side, side, 8)), jnp.zeros((3, 3, 8, 8)))
     assert cpu_convs.swapped_cpu_convs(jaxpr.jaxpr) == swapped
+
+
+def test_auto_rule_in_training_keeps_strided_and_deep_layers_off_onednn():
+  strided = _spec(4, 64, 64, 64, 128, 3, s=2, p=(1, 1), dtype="bfloat16")
+  deep = _spec(4, 8, 8, 512, 512, 3, dtype="bfloat16")
+  large = _spec(4, 128, 128, 32, 32, 3, dtype="bfloat16")
+  train = Planner("auto", cache=False, train=True)
+  assert train.choose(large) == "onednn"
+  assert train.choose(strided) != "onednn" and train.choose(deep) != "onednn"
+  assert {Planner("auto", cache=False).choose(s) for s in (strided, deep, large)} == {"onednn"}

@@ -333,8 +333,9 @@ def _auto_rule(spec: ConvSpec) -> str:
   return "xla"
 
 
-def _onednn_rule(spec: ConvSpec) -> bool:
-  """The no-measurement choice where oneDNN takes the layer: oneDNN.
+def _onednn_rule(spec: ConvSpec, train: bool = False) -> bool:
+  """The no-measurement choice where oneDNN takes the layer: oneDNN, but in training (forward +
+  backward) not for strided kxk convolutions and the small deep maps, where its backward lost.
 
   From `benchmarks/cpu_conv_lowering.py` (unet_resnet18's 19 layer shapes, batch 4 x 256^2) on
   a 2-core AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX), busy (benchmarks/README.md): in bf16
@@ -342,9 +343,15 @@ def _onednn_rule(spec: ConvSpec) -> bool:
   on the decoder's large maps, and the dot lowerings on all but the 8^2 x 512 layers, where they
   are within noise; in float32 it wins 16 of 19, the losses (the 128^2 x 32-128 decoder layers)
   within 1.3x. A per-layer exception list would be this machine's noise: "measure" finds them.
+  Forward + backward (`--train`, bf16): oneDNN 1.4-3.7x faster on every stride-1 layer from
+  32^2 x 128 up, but 1.2-1.9x slower on the stride-2 3x3 / 7x7 layers and the 8^2-16^2 x
+  256-512 ones (XLA or "rows" there).
   """
-  del spec
-  return True
+  if not train:
+    return True
+  strided = spec.stride != (1, 1) and spec.kernel != (1, 1)
+  deep = spec.height * spec.width <= 16 * 16 and min(spec.cin, spec.cout) >= 256
+  return not (strided or deep)
 
 
 def machine_key() -> str:
@@ -462,7 +469,7 @@ class Planner:
       choice = "onednn" if "onednn" in options else "xla"
     elif self.policy == "auto":
       bf16 = spec.dtype == "bfloat16" and native_bf16_dots()
-      choice = ("onednn" if "onednn" in options and _onednn_rule(spec) else
+      choice = ("onednn" if "onednn" in options and _onednn_rule(spec, self.train) else
                 _auto_rule(spec) if bf16 and spec.groups == 1 else "xla")
     else:
       choice, seconds = self._measured(spec, options)
