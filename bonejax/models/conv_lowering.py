@@ -338,14 +338,16 @@ def _onednn_rule(spec: ConvSpec, train: bool = False) -> bool:
   backward) not for strided kxk convolutions and the small deep maps, where its backward lost.
 
   From `benchmarks/cpu_conv_lowering.py` (unet_resnet18's 19 layer shapes, batch 4 x 256^2) on
-  a 2-core AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX), busy (benchmarks/README.md): in bf16
-  oneDNN beats XLA's convolution (which computes bf16 in float32) on 17 of 19 layers, by 1.7-4.3x
-  on the decoder's large maps, and the dot lowerings on all but the 8^2 x 512 layers, where they
-  are within noise; in float32 it wins 16 of 19, the losses (the 128^2 x 32-128 decoder layers)
-  within 1.3x. A per-layer exception list would be this machine's noise: "measure" finds them.
+  a 2-core AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX), busy (benchmarks/README.md,
+  results/cpu_conv_lowering_*_epyc-2c.md). Forward, bf16: oneDNN fastest on 14 of 19 layers,
+  1.7-4.3x XLA's convolution (which computes bf16 in float32) on the decoder's large maps; its
+  layers sum to 1,020 ms against XLA's 2,281 and the best per-layer mix's 984. Forward, float32:
+  fastest on 15 of 19, 1,437 ms against 1,871 (best mix 1,328). What the layers it loses cost
+  (36 ms in bf16, 109 in float32) is within the busy machine's run-to-run spread, so no
+  exception list is drawn from it; "measure" finds them per machine.
   Forward + backward (`--train`, bf16): oneDNN 1.4-3.7x faster on every stride-1 layer from
   32^2 x 128 up, but 1.2-1.9x slower on the stride-2 3x3 / 7x7 layers and the 8^2-16^2 x
-  256-512 ones (XLA or "rows" there).
+  256-512 ones (XLA or "rows" there); sums 5,871 ms against XLA's 8,735.
   """
   if not train:
     return True
