@@ -38,6 +38,7 @@ _FWD, _BWD_DATA, _BWD_WEIGHTS = ("bonejax_onednn_conv_fwd", "bonejax_onednn_conv
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lib" (ctypes handle) or "reason" (why not), once per process
 _noted: set[str] = set()
+_registered: dict[str, Any] = {}  # the library whose handlers XLA holds (never reset)
 
 
 def note(text: str) -> None:
@@ -58,13 +59,16 @@ def _load():
       # Idle OpenMP threads sleep instead of spinning, so that XLA's own threads get the cores
       # between oneDNN calls (read by libgomp when oneDNN loads it, below).
       os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-      lib = ctypes.CDLL(str(path))
-      for name, sym in ((_FWD, "BonejaxOnednnConvForward"),
-                        (_BWD_DATA, "BonejaxOnednnConvBackwardData"),
-                        (_BWD_WEIGHTS, "BonejaxOnednnConvBackwardWeights")):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, sym)), platform="cpu")
-      lib.bonejax_onednn_probe.restype = ctypes.c_int
-      _state["lib"] = lib
+      if "lib" not in _registered:  # XLA keeps a target's first handler for the process
+        lib = ctypes.CDLL(str(path))
+        for name, sym in ((_FWD, "BonejaxOnednnConvForward"),
+                          (_BWD_DATA, "BonejaxOnednnConvBackwardData"),
+                          (_BWD_WEIGHTS, "BonejaxOnednnConvBackwardWeights")):
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, sym)),
+                                      platform="cpu")
+        lib.bonejax_onednn_probe.restype = ctypes.c_int
+        _registered["lib"] = lib
+      _state["lib"] = _registered["lib"]
     except (_build.BuildError, OSError, AttributeError) as e:
       _state["reason"] = str(e)
   if "reason" in _state:
