@@ -1,4 +1,5 @@
-"""Per-layer convolution lowerings on this machine: XLA's convolution vs the dot lowerings.
+"""Per-layer convolution lowerings on this machine: XLA's convolution vs the dot lowerings and
+oneDNN's (where its extension is built: bonejax.models.onednn).
 
     python benchmarks/cpu_conv_lowering.py                           # unet_resnet18, 4 x 256^2
     python benchmarks/cpu_conv_lowering.py --model=unet --batch=4 --size=256 --dtype=bfloat16
@@ -49,7 +50,7 @@ def layer_specs(name: str, batch: int, size: int, dtype) -> list:
   seen: dict = {}
 
   class Recorder(conv_lowering.Planner):
-    def choose(self, spec):
+    def choose(self, spec, out_dtype=None):
       seen[spec] = seen.get(spec, 0) + 1
       return "xla"
 
@@ -65,13 +66,15 @@ def layer_specs(name: str, batch: int, size: int, dtype) -> list:
 def main(argv):
   del argv
   import jax.numpy as jnp
-  from bonejax.models import conv_lowering
+  from bonejax.models import conv_lowering, onednn
   load_start = common.load_average()
   dtype = jnp.dtype(_DTYPE.value)
   specs = layer_specs(_MODEL.value, _BATCH.value, _SIZE.value, dtype)
   rows, bar = [], Progress(total=len(specs), desc="layers", unit="layers", every_s=0)
   for spec, count in specs:
     hows = conv_lowering.candidates(spec)
+    if onednn.available() and onednn.supports(spec, train=_TRAIN.value)[0]:
+      hows = hows + ("onednn",)
     seconds = conv_lowering.time_lowerings(spec, hows, repeats=_REPEATS.value,
                                            train=_TRAIN.value)
     best = min(seconds, key=seconds.get)

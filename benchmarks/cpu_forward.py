@@ -7,9 +7,13 @@
 `unet_resnet18` (1 channel in, 3 classes, 14,322,227 parameters) on B x S x S, logits out:
 
   bonejax fp32 / bf16                the model as trained (`model.eval()`), jitted
-  bonejax graph fp32 / bf16          `build_inference_model(model, policy=--policy, dtype)`:
-                                     BatchNorm folded, per-layer lowering (measured choices are
-                                     cached in ~/.cache/bonejax, so later runs start fast)
+  bonejax graph fp32 / bf16 xla      `build_inference_model(model, policy="xla", dtype)`:
+                                     BatchNorm folded, XLA's convolutions
+  bonejax graph fp32 / bf16 onednn   the same graph, every convolution on oneDNN
+                                     (`policy="onednn"`: bonejax.models.onednn, an XLA FFI call)
+  bonejax graph fp32 / bf16 <policy> the same graph under `--policy` (default "auto", what
+                                     predict.py runs; "measure" times every lowering per layer
+                                     once and caches the choice in ~/.cache/bonejax)
   PyTorch fp32 NCHW / fp32 channels-last / bf16 autocast channels-last
                                      smp `Unet("resnet18")` (the same network, same parameter
                                      count) if segmentation_models_pytorch is installed, else
@@ -40,7 +44,8 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Images per forward call.")
 _SIZE = flags.DEFINE_integer("size", 256, "Image side in pixels.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds over all variants (median over rounds).")
 _CALLS = flags.DEFINE_integer("calls", 1, "Forward calls per timed batch.")
-_POLICY = flags.DEFINE_string("policy", "measure", "Lowering policy of the graph variants.")
+_POLICY = flags.DEFINE_string("policy", "auto", "Lowering policy of the third graph variant "
+                              "(besides policy xla and onednn).")
 _SIDES = flags.DEFINE_list("sides", ["bonejax", "torch"], "Workers to run.")
 _WORKER = flags.DEFINE_string("worker", "", "internal: run as the worker of this side.")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
@@ -60,7 +65,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
   import numpy as np
   from flax import nnx
   from bonejax import models
-  from bonejax.models import inference_graph
+  from bonejax.models import inference_graph, onednn
 
   t0 = time.perf_counter()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 1)), jnp.float32)
@@ -72,13 +77,19 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     short = "fp32" if dtype == "float32" else "bf16"
     eval_model = nnx.view(model, use_running_average=True, deterministic=True,
                           raise_if_not_found=False)
-    graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=policy)
-    planners[f"bonejax graph {short}"] = graph.planner
-    for name, m in ((f"bonejax {short}", eval_model), (f"bonejax graph {short}", graph)):
+    todo = [(f"bonejax {short}", eval_model)]
+    for pol in dict.fromkeys(("xla", "onednn", policy)):
+      if pol == "onednn" and not onednn.available():
+        continue  # the note says why
+      graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol)
+      planners[f"bonejax graph {short} {pol}"] = graph.planner
+      todo.append((f"bonejax graph {short} {pol}", graph))
+    for name, m in todo:
       graphdef, state = nnx.split(m)
       fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
       jax.block_until_ready(fn(state, x))  # compile (and, for the graph, measure layers)
       variants[name] = (lambda fn=fn, s=state: fn(s, x))
+  info["onednn"] = onednn.describe()
   cpu_workers.serve_jax(variants, info, planners, t0)
 
 
@@ -127,7 +138,8 @@ def main(argv):
       f"`unet_resnet18` (1 in, 3 classes) on {batch} x {size} x {size}, logits; medians of "
       f"{_REPEATS.value} rounds of {_CALLS.value} call(s), all variants interleaved in one run "
       f"(each framework in its own worker process). PyTorch model: {torch_arch}. Graph "
-      f"variants: `build_inference_model(policy={_POLICY.value!r})`.",
+      f"variants: `build_inference_model(policy=...)` with the policy named; oneDNN: "
+      f"{ready.get('bonejax', {}).get('onednn', '-')}.",
       rows, "ips", ["engine", "parameters", "images/s", "ms per call", "rel. half-range",
                     f"/ {REFERENCE}"],
       config={"batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,

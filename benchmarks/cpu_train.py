@@ -10,10 +10,12 @@ input pipeline is in neither figure; benchmarks/train_throughput.py measures bon
   bonejax fp32 / bf16        the trainer's own jitted, donated step
                              (`bonejax.train.trainer.make_train_step` via
                              `benchmarks.common.bonejax_train_step`: augmentation off, Adam, CE)
-  bonejax bf16 dots          the same step on `inference_graph.lower_convs(model,
-                             policy=--policy)`: convolutions lowered to bf16 dot products
-                             where the planner (forward + backward timed) finds it faster;
+  bonejax fp32 / bf16 onednn the same step on `inference_graph.lower_convs(model,
+                             policy="onednn")`: every convolution on oneDNN, forward and
+                             backward (bonejax.models.onednn, XLA FFI calls under a custom_vjp);
                              same parameters, same state tree, BatchNorm in train mode
+  bonejax bf16 <policy>      the same under `--policy` ("measure": forward + backward of each
+                             lowering timed per layer, bf16 dot products and oneDNN included)
   torch fp32 NCHW / fp32 channels-last / bf16 autocast channels-last
                              smp `Unet("resnet18")` (else MONAI FlexibleUNet), Adam + CE
 
@@ -39,7 +41,8 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Patches per step.")
 _SIZE = flags.DEFINE_integer("size", 256, "Patch side in pixels.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds over all variants (median over rounds).")
 _CALLS = flags.DEFINE_integer("calls", 2, "Steps per timed batch.")
-_POLICY = flags.DEFINE_string("policy", "measure", "Lowering policy of the dots variant.")
+_POLICY = flags.DEFINE_string("policy", "measure", "Lowering policy of the `bonejax bf16 "
+                              "<policy>` variant.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Only these variants (default: all).")
 _SIDES = flags.DEFINE_list("sides", ["bonejax", "torch"], "Workers to run.")
 _MODEL = flags.DEFINE_string("model", "unet_resnet18", "bonejax zoo model (`unet-dDwW` for the "
@@ -62,7 +65,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
 
   from benchmarks.efficiency_vs_iou import parse_model
   from bonejax import models
-  from bonejax.models import inference_graph
+  from bonejax.models import inference_graph, onednn
 
   t0 = time.perf_counter()
   name_, kwargs = parse_model(_MODEL.value)
@@ -70,16 +73,20 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
   x = jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, size=(batch, size, size)), jnp.int32)
   variants, info, planners = {}, {}, {}
-  for name, dtype, lower in (("bonejax fp32", "float32", False),
-                             ("bonejax bf16", "bfloat16", False),
-                             ("bonejax bf16 dots", "bfloat16", True)):
-    if not _wanted(name):
+  for name, dtype, lower in (("bonejax fp32", "float32", None),
+                             ("bonejax bf16", "bfloat16", None),
+                             ("bonejax fp32 onednn", "float32", "onednn"),
+                             ("bonejax bf16 onednn", "bfloat16", "onednn"),
+                             (f"bonejax bf16 {policy}", "bfloat16", policy)):
+    if not _wanted(name) or name in variants or lower == "xla":
       continue
+    if lower == "onednn" and not onednn.available():
+      continue  # the note says why
     model = models.fill_from_numpy(models.abstract_model(
         models.create, name_, num_classes=3, in_channels=1, dtype=jnp.dtype(dtype), **kwargs))
     info["params"] = models.count_params(model)
     if lower:
-      model = inference_graph.lower_convs(model, policy=policy)
+      model = inference_graph.lower_convs(model, policy=lower)
       planners[name] = next(m.planner for _, m in nnx.iter_graph(model)
                             if isinstance(m, inference_graph.FastConv))
     step, state, source = common.bonejax_train_step(model, 1e-3)
@@ -93,6 +100,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     jax.block_until_ready(one())  # compile (and measure layers)
     jax.block_until_ready(one())
     variants[name] = one
+  info["onednn"] = onednn.describe()
   cpu_workers.serve_jax(variants, info, planners, t0)
 
 
@@ -159,8 +167,9 @@ def main(argv):
       f"cross-entropy, batch in memory; medians of {_REPEATS.value} rounds of {_CALLS.value} "
       f"step(s), all variants interleaved in one run (each framework in its own worker "
       f"process). PyTorch model: {ready.get('torch', {}).get('arch', '-')}. bonejax step: "
-      f"{ready.get('bonejax', {}).get('train_step', '-')}; dots variant: "
-      f"`lower_convs(policy={_POLICY.value!r})`.",
+      f"{ready.get('bonejax', {}).get('train_step', '-')}; lowered variants: "
+      f"`lower_convs(policy=...)` with the policy named; oneDNN: "
+      f"{ready.get('bonejax', {}).get('onednn', '-')}.",
       rows, "pps", ["engine", "parameters", "patches/s", "ms per step", "rel. half-range",
                     f"/ {torch_best or 'torch'}"],
       config={"model": _MODEL.value, "batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,

@@ -181,6 +181,8 @@ def test_dot_conv_transpose_equals_nnx():
 
 
 def test_planner_policies(tmp_path, monkeypatch):
+  # The choices among XLA and the dot lowerings (oneDNN's: tests/test_onednn.py).
+  monkeypatch.setattr(Planner, "_onednn", lambda self, spec, out: (False, "off in this test"))
   big = ConvSpec(4, 16, 16, 512, 512, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "bfloat16")
   depthwise = ConvSpec(1, 8, 8, 8, 8, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 8, "bfloat16")
   assert Planner("xla", cache=False).choose(big) == "xla"
@@ -200,6 +202,7 @@ def test_planner_policies(tmp_path, monkeypatch):
 
 def test_measured_choices_are_cached_per_machine(tmp_path, monkeypatch):
   monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(Planner, "_onednn", lambda self, spec, out: (False, "off in this test"))
   spec = ConvSpec(1, 8, 8, 4, 4, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "float32")
   planner = Planner("measure", repeats=1)
   choice = planner.choose(spec)

@@ -16,6 +16,10 @@ triples the input traffic: large maps with few channels). Hence a per-layer choi
             shifted products (stride 1; no input copy: best on small maps, many channels)
   "blocks"  the convolution on 2x2 pixel blocks (space-to-depth: 4x channels), as "taps"
             (stride 1, dilation 1: for few channels on large maps)
+  "onednn"  oneDNN's convolution (what PyTorch runs on CPUs) as an XLA FFI custom call, bias
+            fused, output in the layer's dtype, with oneDNN's backward as its custom_vjp
+            (bonejax.models.onednn: only where its extension is built and oneDNN builds an
+            optimised primitive for the shape; anything else stays on the other lowerings)
 
 XLA's CPU backend also computes bf16 concatenations in float32 (convert, concatenate, convert
 back), which makes the input-side copies of "rows" dearer than their byte count; "taps" and
@@ -25,7 +29,9 @@ back), which makes the input-side copies of "rows" dearer than their byte count;
 
   "xla"      always XLA (the reference; the GPU path)
   "dots"     "rows" wherever it applies (tests; forcing the lowering)
-  "auto"     deterministic rule: the dot lowerings only on a CPU backend with native bf16
+  "onednn"   "onednn" wherever oneDNN takes the layer, else "xla" (tests; forcing it)
+  "auto"     deterministic rule: on a CPU backend, "onednn" where it is available and takes
+             the layer (`_onednn_rule`); otherwise the dot lowerings on a CPU with native bf16
              dots, in bf16, on layers whose measured class favours them (`_auto_rule`)
   "measure"  time each candidate on this machine once per spec (median of interleaved runs)
              and keep the faster; results are cached in memory and in a JSON file per machine
@@ -53,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-POLICIES = ("xla", "dots", "auto", "measure")
-LOWERINGS = ("xla", "rows", "taps", "blocks")
+POLICIES = ("xla", "dots", "onednn", "auto", "measure")
+LOWERINGS = ("xla", "rows", "taps", "blocks", "onednn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +263,33 @@ def conv_blocks(x, kernel, spec: ConvSpec):
 LOWERING_FNS = {"xla": conv_xla, "rows": conv_rows, "taps": conv_taps, "blocks": conv_blocks}
 
 
+def conv_onednn(x, kernel, spec: ConvSpec):
+  from bonejax.models import onednn
+  return onednn.conv(x, kernel, None, spec, out_dtype=jnp.float32)
+
+
+LOWERING_FNS["onednn"] = conv_onednn
+
+
 def apply(how: str, x, kernel, spec: ConvSpec):
   return LOWERING_FNS[how](x, kernel, spec)
+
+
+def conv_bias(how: str, x, kernel, bias, spec: ConvSpec, out_dtype):
+  """The layer: convolution + float32 bias, handed on in `out_dtype`.
+
+  oneDNN adds the bias and writes `out_dtype` itself (one pass over the output, no float32
+  intermediate); the other lowerings return the float32 accumulator and XLA fuses the rest.
+  """
+  if how == "onednn":
+    from bonejax.models import onednn
+    if onednn.supports(spec, out_dtype)[0]:
+      return onednn.conv(x, kernel, bias, spec, out_dtype=out_dtype)
+    return onednn.conv(x, kernel, bias, spec, out_dtype=spec.dtype).astype(out_dtype)
+  y = apply(how, x, kernel, spec)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +333,29 @@ def _auto_rule(spec: ConvSpec) -> str:
   return "xla"
 
 
+def _onednn_rule(spec: ConvSpec, train: bool = False) -> bool:
+  """The no-measurement choice where oneDNN takes the layer: oneDNN, but in training (forward +
+  backward) not for strided kxk convolutions and the small deep maps, where its backward lost.
+
+  From `benchmarks/cpu_conv_lowering.py` (unet_resnet18's 19 layer shapes, batch 4 x 256^2) on
+  a 2-core AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX), busy (benchmarks/README.md,
+  results/cpu_conv_lowering_*_epyc-2c.md). Forward, bf16: oneDNN fastest on 14 of 19 layers,
+  1.7-4.3x XLA's convolution (which computes bf16 in float32) on the decoder's large maps; its
+  layers sum to 1,020 ms against XLA's 2,281 and the best per-layer mix's 984. Forward, float32:
+  fastest on 15 of 19, 1,437 ms against 1,871 (best mix 1,328). What the layers it loses cost
+  (36 ms in bf16, 109 in float32) is within the busy machine's run-to-run spread, so no
+  exception list is drawn from it; "measure" finds them per machine.
+  Forward + backward (`--train`, bf16): oneDNN 1.4-3.7x faster on every stride-1 layer from
+  32^2 x 128 up, but 1.2-1.9x slower on the stride-2 3x3 / 7x7 layers and the 8^2-16^2 x
+  256-512 ones (XLA or "rows" there); sums 5,871 ms against XLA's 8,735.
+  """
+  if not train:
+    return True
+  strided = spec.stride != (1, 1) and spec.kernel != (1, 1)
+  deep = spec.height * spec.width <= 16 * 16 and min(spec.cin, spec.cout) >= 256
+  return not (strided or deep)
+
+
 def machine_key() -> str:
   """What a measured choice is valid for: backend, device kind, CPU model and flags, jax."""
   dev = jax.devices()[0]
@@ -343,7 +397,7 @@ def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
                                         np.float32) * 0.05, dtype)
     b = jnp.zeros((spec.cout,), jnp.float32)
     def layer(x, k, b, how):
-      return (apply(how, x, k, spec) + b).astype(dtype)
+      return conv_bias(how, x, k, b, spec, dtype)
 
     if train:  # the cotangent's values do not matter for the time: sum of squares
       fns = {how: jax.jit(jax.grad(
@@ -395,25 +449,51 @@ class Planner:
   def backend(self) -> str:
     return self._backend or jax.default_backend()
 
-  def choose(self, spec: ConvSpec) -> str:
-    key = spec.key()
+  def choose(self, spec: ConvSpec, out_dtype: Any = None) -> str:
+    """The lowering of `spec`; `out_dtype` (default the compute dtype) is what the layer hands
+    on, which oneDNN writes itself and is asked about."""
+    out = jnp.dtype(out_dtype or spec.dtype).name
+    key = spec.key() + ("" if out == spec.dtype else f"_out{out}")
     if key in self.choices:
       return self.choices[key]["choice"]
     options = candidates(spec)
     record: dict[str, Any] = {"spec": dataclasses.asdict(spec)}
-    if self.policy == "xla" or len(options) == 1 or self.backend != "cpu":
+    cpu = self.backend == "cpu" and self.policy != "xla"
+    if cpu and self.policy in ("onednn", "auto", "measure"):
+      onednn_ok, record["onednn"] = self._onednn(spec, out)
+      if onednn_ok:
+        options = options + ("onednn",)
+    if not cpu or len(options) == 1:
       choice = "xla"  # on GPU/TPU the graph keeps the vendor convolution
     elif self.policy == "dots":
-      choice = "rows"
+      choice = "rows" if "rows" in options else "xla"
+    elif self.policy == "onednn":
+      choice = "onednn" if "onednn" in options else "xla"
     elif self.policy == "auto":
       bf16 = spec.dtype == "bfloat16" and native_bf16_dots()
-      choice = _auto_rule(spec) if bf16 else "xla"
+      choice = ("onednn" if "onednn" in options and _onednn_rule(spec, self.train) else
+                _auto_rule(spec) if bf16 and spec.groups == 1 else "xla")
     else:
       choice, seconds = self._measured(spec, options)
       record["seconds"] = seconds
     record["choice"] = choice
     self.choices[key] = record
     return choice
+
+  def _onednn(self, spec: ConvSpec, out: str) -> tuple[bool, str]:
+    """Whether oneDNN takes `spec` (forward, and backward when training), and what it said."""
+    from bonejax.models import onednn
+    if not onednn.available():  # says once (a note) why not
+      return False, "unavailable"
+    ok, said = onednn.supports(spec, out, train=self.train)
+    if not ok and out != spec.dtype:  # e.g. float32 in, bf16 out: write float32, XLA casts
+      ok, said = onednn.supports(spec, spec.dtype, train=self.train)
+    if not ok and spec.dtype not in onednn.DTYPES:  # one note for the whole model
+      onednn.note(f"oneDNN takes float32 and bfloat16 only: {spec.dtype} convolutions run on "
+                  "XLA")
+    elif not ok:
+      onednn.note(f"oneDNN does not take convolution {spec.key()} ({said}); it runs on XLA")
+    return ok, said
 
   # -- measurement and its on-disk cache ------------------------------------------------------
 

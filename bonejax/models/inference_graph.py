@@ -135,10 +135,9 @@ class FastConv(nnx.Module):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
     spec = self.spec(x)
-    y = conv_lowering.apply(self.planner.choose(spec), x, kernel, spec)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.out_dtype)
+    how = self.planner.choose(spec, self.out_dtype)
+    bias = None if self.bias is None else self.bias[...]
+    return conv_lowering.conv_bias(how, x, kernel, bias, spec, self.out_dtype)
 
 
 class DotConvTranspose(nnx.Module):
