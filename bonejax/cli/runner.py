@@ -101,6 +101,17 @@ def _parse_flags_or_fail(argv: list[str]) -> list[str]:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _show_command_flags(main: Callable) -> None:
+  """absl's --help lists the flags of the main module (sys.argv[0]); a command's flags live in
+  its module in bonejax/cli/, run from launch/NAME.py or the `bonejax` console script: make
+  them the main module's key flags so --help shows them."""
+  module = getattr(main, "__module__", None)
+  if not module or module == "__main__":
+    return
+  for flag in flags.FLAGS.get_flags_for_module(module):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
   """Runs an absl `main` that returns a JSON-able dict, printed as the last stdout line.
 
@@ -108,6 +119,7 @@ def run(main: Callable[[list[str]], dict[str, Any]]) -> None:
   unwritable files) exits 2, a bug exits 3. A failed run removes the directories it made for its
   outputs (when still empty).
   """
+  _show_command_flags(main)
 
   def _wrapped(argv: list[str]) -> None:
     # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO; keep stderr
