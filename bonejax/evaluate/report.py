@@ -59,18 +59,83 @@ def dataset_classes(truth: str | os.PathLike) -> list[str] | None:
   return None
 
 
-def voxel_size_of(*paths: str | os.PathLike) -> float | None:
-  """voxel_size_um from the first scan (or array with that attribute) among `paths`."""
+def _voxel_attrs(*paths: str | os.PathLike | None) -> dict[str, Any] | None:
+  """The attributes that give a voxel size: of the first scan, or array with one, in `paths`."""
   for p in paths:
     if p is None:
       continue
     p = Path(p)
     for d in (_scan_dir_of(p), p if p.is_dir() else None):
       if d is not None:
-        v = _zarr_attrs(d).get("voxel_size_um")
-        if v is not None:
-          return float(v)
+        attrs = _zarr_attrs(d)
+        if attrs.get("voxel_size_zyx_um") is not None or attrs.get("voxel_size_um") is not None:
+          return attrs
   return None
+
+
+def voxel_size_of(*paths: str | os.PathLike | None) -> tuple[float, float, float] | None:
+  """(Z, Y, X) micrometres from the first scan (or array with a voxel size) among `paths`."""
+  attrs = _voxel_attrs(*paths)
+  if attrs is None:
+    return None
+  try:
+    return measures.voxel_zyx(attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um")))
+  except errors.UserError:
+    return None
+
+
+def parse_voxel_size(value: Any, what: str = "--voxel_size_um") -> tuple[float, float, float]:
+  """One number or `Z,Y,X` (text or a sequence) as (Z, Y, X) micrometres; zero, negative, NaN
+  or another count of numbers is a UserError naming `what`."""
+  v = value
+  if isinstance(v, str):
+    parts = [x.strip() for x in v.split(",")]
+    try:
+      v = [float(x) for x in parts]
+    except ValueError:
+      raise errors.UserError(f"{what}={value!r} is not one number or Z,Y,X") from None
+    v = v[0] if len(v) == 1 else v
+  try:
+    return measures.voxel_zyx(v)
+  except errors.UserError:
+    raise errors.UserError(f"{what}={value!r} must be one or three (Z,Y,X) positive finite "
+                           f"numbers of micrometres") from None
+
+
+def _voxel_source(attrs: dict[str, Any] | None) -> str:
+  """How a stored voxel size was known (import records it: given / metadata / assumed)."""
+  return str((attrs or {}).get("voxel_size_source") or "metadata")
+
+
+def training_scan_warning(pred: str | os.PathLike,
+                          truth: str | os.PathLike) -> str | None:
+  """A warning when the truth scan was one of the model's training scans: the prediction's
+  attributes name its bundle (`model`), whose model.json lists `train_scans`. A scan of the same
+  name in another dataset than the one the workdir's config.json trained on is not one."""
+  scan = _scan_dir_of(Path(truth))
+  p = Path(pred)
+  if scan is None or not p.is_dir():
+    return None
+  model = _zarr_attrs(p).get("model")
+  if not isinstance(model, str) or not model:
+    return None
+  bundle = Path(model)
+  if not (bundle / "model.json").exists() and (bundle / "model" / "model.json").exists():
+    bundle = bundle / "model"
+  try:
+    meta = json.loads((bundle / "model.json").read_text())
+  except (OSError, ValueError):
+    return None
+  if scan.name not in [str(s) for s in meta.get("train_scans") or []]:
+    return None
+  try:
+    dataset = json.loads((bundle.parent / "config.json").read_text()).get("dataset")
+  except (OSError, ValueError, AttributeError):
+    dataset = None
+  if dataset and Path(dataset).resolve() != scan.parent.resolve():
+    return None
+  return (f"the truth scan {scan.name!r} was one of the model's training scans ({bundle}): "
+          f"these scores do not measure generalisation")
 
 
 def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
@@ -192,12 +257,16 @@ def default_overlay_slices(depth: int) -> list[int]:
 
 def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
              classes: Sequence[str] | None = None, num_classes: int | None = None,
-             options: measures.Options | None = None, voxel_size_um: float | None = None,
+             options: measures.Options | None = None,
+             voxel_size_um: float | Sequence[float] | str | None = None,
              image: str | os.PathLike | None = None, pictures: bool = False,
              overlay_slices: Sequence[int] | None = None, slab: int = 64,
              progress: bool = True, middle_planes: bool = False,
              uncertainty: str | os.PathLike | None = None) -> Evaluation:
   """Scores and measures of `pred` against `truth` (paths). Raises errors.UserError on bad input.
+
+  `voxel_size_um`: one number or (Z, Y, X) micrometres (or `"Z,Y,X"`); default the truth
+  scan's, else the prediction's, else what the files record; never collapsed to one number.
 
   `middle_planes` keeps the middle slice across each axis for the HTML report (with the
   per-slice profile), including the uncertainty map `uncertainty` (predict.py
@@ -212,12 +281,21 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   if pred_src.shape != truth_src.shape:
     raise errors.UserError(f"prediction shape {pred_src.shape} != truth shape {truth_src.shape}")
   shape = truth_src.shape
-  if voxel_size_um is None:
-    voxel_size_um = voxel_size_of(truth, pred)
-  voxel_known = voxel_size_um is not None
-  voxel_size_um = float(voxel_size_um) if voxel_known else 1.0
-  if not (math.isfinite(voxel_size_um) and voxel_size_um > 0):
-    raise errors.UserError(f"voxel size {voxel_size_um} um must be a positive number")
+  if voxel_size_um is not None:
+    voxel, voxel_source = parse_voxel_size(voxel_size_um, "voxel size"), "given"
+  else:
+    # The truth scan's stored size first (import recorded where it came from), then the
+    # prediction's attributes, then what the files themselves say (TIFF, OME-Zarr, ...).
+    attrs = _voxel_attrs(truth, pred)
+    voxel = voxel_size_of(truth, pred)
+    voxel_source = _voxel_source(attrs)
+    if voxel is None:
+      voxel = truth_src.voxel_size_um or pred_src.voxel_size_um
+      voxel_source = "metadata"
+    if voxel is None:
+      voxel_source = "assumed"
+  voxel_known = voxel is not None
+  voxel = tuple(voxel) if voxel_known else (1.0, 1.0, 1.0)
 
   image_src = unc_src = None
   slices: list[int] = []
@@ -268,17 +346,18 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     names = metrics.class_names_for(c)
   s = metrics.scores(cm, names)
 
-  m_pred = measures.measure(pred_src, names, voxel_size_um, options, slab=slab,
-                            progress=progress)
-  m_truth = measures.measure(truth_src, names, voxel_size_um, options, slab=slab,
-                             progress=progress)
+  m_pred = measures.measure(pred_src, names, voxel, options, slab=slab, progress=progress)
+  m_truth = measures.measure(truth_src, names, voxel, options, slab=slab, progress=progress)
   for z in slices:
     if image_src is not None:
       planes[z][0] = image_src.read_slab(z, z + 1)[0]
   result = {
       "pred": str(pred), "truth": str(truth),
       "shape": list(shape), "voxels": s["voxels"],
-      "voxel_size_um": voxel_size_um if voxel_known else None,
+      # The contract's one number (X's size, as scans store it) and the full (Z, Y, X).
+      "voxel_size_um": voxel[2] if voxel_known else None,
+      "voxel_size_zyx_um": list(voxel) if voxel_known else None,
+      "voxel_size_source": voxel_source,
       "classes": names, "num_classes": len(names),
       "iou": metrics.by_class(s["iou"], names),
       "dice": metrics.by_class(s["dice"], names),
@@ -294,8 +373,18 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
       "measure_options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},
       "seconds": round(time.perf_counter() - start, 3),
   }
+  warnings = []
   if not voxel_known and result["measures"]:
-    result["warning"] = "voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)"
+    warnings.append("voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)")
+  elif voxel_source == "assumed":
+    warnings.append("the voxel size was assumed at import (no metadata): volumes are in "
+                    "assumed micrometres (pass --voxel_size_um)")
+  trained = training_scan_warning(pred, truth)
+  if trained:
+    warnings.append(trained)
+  if warnings:
+    result["warning"] = "; ".join(warnings)
+    result["warnings"] = warnings
   if unc_src is not None:
     unc_src.close()
   return Evaluation(result, profile.foreground_iou(len(names)) if profile else None,
@@ -314,6 +403,17 @@ def _num(v: Any, fmt: str = ".4f") -> str:
   return format(v, fmt)
 
 
+def voxel_text(result: dict[str, Any]) -> str:
+  """'8 x 6.24 x 6.24 um (Z, Y, X)' or '6.24 um', with how it was known when not metadata."""
+  v = result.get("voxel_size_zyx_um")
+  if not v:
+    return "unknown (1 um assumed)"
+  text = (f"{v[0]:g} um" if max(v) - min(v) <= 1e-9 * max(v)
+          else " x ".join(f"{x:g}" for x in v) + " um (Z, Y, X)")
+  src = result.get("voxel_size_source")
+  return text + {"assumed": " (assumed: no metadata)", "given": " (given)"}.get(src, "")
+
+
 def _pct(v: Any) -> str:
   return "n/a" if v is None else f"{v * 100:+.1f} %"
 
@@ -322,9 +422,10 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
   names = result["classes"]
   lines = ["# Segmentation evaluation", "",
            f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`",
-           f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels"
-           + (f", voxel {result['voxel_size_um']:g} um" if result.get("voxel_size_um") else ""),
-           "", "## Per class", "",
+           f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels",
+           f"- voxel size: {voxel_text(result)}"]
+  lines += [f"- **warning**: {w}" for w in result.get("warnings") or []]
+  lines += ["", "## Per class", "",
            "| class | IoU | Dice | precision | recall | truth voxels | predicted voxels |",
            "|---|---:|---:|---:|---:|---:|---:|"]
   for i, n in enumerate(names):
@@ -344,10 +445,7 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
       lines.append(f"| {k} | {_num(v['pred'], '.4g')} | {_num(v['truth'], '.4g')} | "
                    f"{_pct(v['rel_diff'])} |")
     lines += ["", "Fractions (bv_tv, porosity, bic) are in [0, 1]; relative difference = "
-              "(prediction - truth) / truth."]
-    if result.get("warning"):
-      lines += ["", f"Warning: {result['warning']}."]
-    lines.append("")
+              "(prediction - truth) / truth.", ""]
   lines += ["## Confusion matrix (rows: truth, columns: prediction)", "",
             "| truth \\ pred | " + " | ".join(names) + " |",
             "|---|" + "---:|" * len(names)]
