@@ -24,7 +24,7 @@ import numpy as np
 import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.evaluate import measures, metrics
+from bonejax.evaluate import measures, metrics, morph_report
 from bonejax.io import registry, source
 
 UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
@@ -105,6 +105,17 @@ def parse_voxel_size(value: Any, what: str = "--voxel_size_um") -> tuple[float, 
 def _voxel_source(attrs: dict[str, Any] | None) -> str:
   """How a stored voxel size was known (import records it: given / metadata / assumed)."""
   return str((attrs or {}).get("voxel_size_source") or "metadata")
+
+
+PREDICTION_KEYS = ("model", "architecture", "planes", "plane_sets", "vote",
+                   "predicted_at_voxel_size_um")
+
+
+def prediction_info(pred: str | os.PathLike) -> dict[str, Any]:
+  """What predict.py recorded about how the prediction was made (model, planes, vote, ...)."""
+  p = Path(pred)
+  attrs = _zarr_attrs(p) if p.is_dir() else {}
+  return {k: attrs[k] for k in PREDICTION_KEYS if attrs.get(k) is not None}
 
 
 def training_scan_warning(pred: str | os.PathLike,
@@ -262,7 +273,8 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
              image: str | os.PathLike | None = None, pictures: bool = False,
              overlay_slices: Sequence[int] | None = None, slab: int = 64,
              progress: bool = True, middle_planes: bool = False,
-             uncertainty: str | os.PathLike | None = None) -> Evaluation:
+             uncertainty: str | os.PathLike | None = None,
+             morphometry: "morph_report.Request | bool | None" = None) -> Evaluation:
   """Scores and measures of `pred` against `truth` (paths). Raises errors.UserError on bad input.
 
   `voxel_size_um`: one number or (Z, Y, X) micrometres (or `"Z,Y,X"`); default the truth
@@ -270,12 +282,17 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
 
   `middle_planes` keeps the middle slice across each axis for the HTML report (with the
   per-slice profile), including the uncertainty map `uncertainty` (predict.py
-  --save_uncertainty) when given.
+  --save_uncertainty) when given. `morphometry` (a `morph_report.Request`, or True for the
+  defaults) adds the bone indices of both volumes side by side (`result["morphometry"]`).
   """
   start = time.perf_counter()
   options = options or measures.Options()
   options.validate()
   names = resolve_classes(truth, classes, num_classes)
+  if morphometry is True:
+    morphometry = morph_report.Request()
+  if morphometry and names is not None:  # bad classes before any work
+    morph_report.classes_to_measure(morphometry, names)
   truth_src = open_labels(truth, "truth")
   pred_src = open_labels(pred, "prediction")
   if pred_src.shape != truth_src.shape:
@@ -348,12 +365,15 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
 
   m_pred = measures.measure(pred_src, names, voxel, options, slab=slab, progress=progress)
   m_truth = measures.measure(truth_src, names, voxel, options, slab=slab, progress=progress)
+  morph = (morph_report.measure_pair(pred_src, truth_src, names, voxel, morphometry)
+           if morphometry else None)
   for z in slices:
     if image_src is not None:
       planes[z][0] = image_src.read_slab(z, z + 1)[0]
   result = {
       "pred": str(pred), "truth": str(truth),
       "shape": list(shape), "voxels": s["voxels"],
+      "prediction_info": prediction_info(pred),
       # The contract's one number (X's size, as scans store it) and the full (Z, Y, X).
       "voxel_size_um": voxel[2] if voxel_known else None,
       "voxel_size_zyx_um": list(voxel) if voxel_known else None,
@@ -371,6 +391,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
       "confusion": s["confusion"],
       "measures": measures.compare(m_pred, m_truth),
       "measure_options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},
+      **({"morphometry": morph} if morph is not None else {}),
       "seconds": round(time.perf_counter() - start, 3),
   }
   warnings = []
@@ -403,6 +424,20 @@ def _num(v: Any, fmt: str = ".4f") -> str:
   return format(v, fmt)
 
 
+def prediction_text(info: dict[str, Any]) -> str:
+  """'unet_resnet18 (MODEL), 3 planes, soft vote' from `prediction_info`."""
+  parts = []
+  if info.get("architecture") or info.get("model"):
+    arch, model = info.get("architecture"), info.get("model")
+    parts.append(f"{arch} ({model})" if arch and model else str(arch or model))
+  if info.get("planes") is not None:
+    parts.append(f"{info['planes']} plane{'s' if info['planes'] != 1 else ''}"
+                 + (f" ({', '.join(info['plane_sets'])})" if info.get("plane_sets") else ""))
+  if info.get("vote"):
+    parts.append(f"{info['vote']} vote")
+  return ", ".join(parts)
+
+
 def voxel_text(result: dict[str, Any]) -> str:
   """'8 x 6.24 x 6.24 um (Z, Y, X)' or '6.24 um', with how it was known when not metadata."""
   v = result.get("voxel_size_zyx_um")
@@ -421,7 +456,10 @@ def _pct(v: Any) -> str:
 def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
   names = result["classes"]
   lines = ["# Segmentation evaluation", "",
-           f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`",
+           f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`"]
+  if result.get("prediction_info"):
+    lines.append(f"- made by: {prediction_text(result['prediction_info'])}")
+  lines += [
            f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels",
            f"- voxel size: {voxel_text(result)}"]
   lines += [f"- **warning**: {w}" for w in result.get("warnings") or []]
@@ -446,6 +484,11 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
                    f"{_pct(v['rel_diff'])} |")
     lines += ["", "Fractions (bv_tv, porosity, bic) are in [0, 1]; relative difference = "
               "(prediction - truth) / truth.", ""]
+  if result.get("morphometry"):
+    lines += ["## Bone morphometry", "",
+              "ASBMR indices (Bouxsein et al. 2010) in micrometres on the (Z, Y, X) voxel size; "
+              "relative difference = (prediction - truth) / truth.", ""]
+    lines += morph_report.markdown(result["morphometry"])
   lines += ["## Confusion matrix (rows: truth, columns: prediction)", "",
             "| truth \\ pred | " + " | ".join(names) + " |",
             "|---|" + "---:|" * len(names)]
