@@ -165,12 +165,14 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
   # column of its own (room for its ticks and label), so that panel is not shrunk out of line.
   bar = m.get("uncertainty") is not None
   widths = [1.0] * len(panels) + ([0.28] if bar else [])
-  fig = plt.figure(figsize=(3.3 * len(panels) + (0.9 if bar else 0), 3.6))
-  grid = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.08)
-  axes = [fig.add_subplot(grid[0, i]) for i in range(len(panels))]
-  # Z runs down the page in Y and X slices; pixels keep their physical aspect when known.
+  # Z runs down the page in Y and X slices; pixels keep their physical aspect when known, and
+  # the figure is as tall as the pictures then are (no band of white under flat slices).
   dims = [d for d in range(3) if d != axis]
   aspect = voxel[dims[0]] / voxel[dims[1]] if voxel else 1.0
+  height = min(1.6, max(0.25, truth.shape[0] * aspect / truth.shape[1])) * 3.0
+  fig = plt.figure(figsize=(3.3 * len(panels) + (0.9 if bar else 0), height + 0.9))
+  grid = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.08)
+  axes = [fig.add_subplot(grid[0, i]) for i in range(len(panels))]
   for ax, title in zip(axes, panels):
     if grey is not None and title != "uncertainty":
       ax.imshow(grey, cmap="gray", interpolation="nearest", aspect=aspect)
@@ -199,7 +201,7 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
   fig.legend(handles=[Patch(color=colours.colour(k), label=f"{k} {n}")
                       for k, n in enumerate(names)] + [Patch(color="#ff0000", label="error")],
              loc="lower center", ncol=min(c + 1, 7), frameon=False)
-  fig.subplots_adjust(bottom=0.14)
+  fig.subplots_adjust(bottom=0.55 / (height + 0.9))
   return _png(fig)
 
 

@@ -25,7 +25,7 @@ import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
 from bonejax.evaluate import measures, metrics, morph_report
-from bonejax.io import registry, source
+from bonejax.io import colours, registry, source
 
 UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
 
@@ -541,14 +541,15 @@ def plot_profile(profiles: Sequence[np.ndarray], path: Path) -> None:
 
 
 def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.ndarray,
-                 names: Sequence[str], path: Path) -> None:
+                 names: Sequence[str], path: Path, aspect: float = 1.0) -> None:
+  """Image, truth and prediction of Z slice `z`; `aspect`: Y size / X size of a voxel."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
   from matplotlib.patches import Patch
   c = len(names)
-  cmap = ListedColormap([colour(k) for k in range(c)])
+  cmap = ListedColormap([colours.colour(k) for k in range(c)])
   fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
   grey = None
   if image is not None:
@@ -557,17 +558,17 @@ def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.n
     grey = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
   for ax, title, lab in zip(axes, ("image", "truth", "prediction"), (None, truth, pred)):
     if grey is not None:
-      ax.imshow(grey, cmap="gray", interpolation="nearest")
+      ax.imshow(grey, cmap="gray", interpolation="nearest", aspect=aspect)
     if lab is not None:
       # Over the image, background stays see-through; without an image, it is drawn black.
       shown = np.ma.masked_equal(lab, 0) if grey is not None else lab
       ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=c - 0.5, interpolation="nearest",
-                alpha=0.5 if grey is not None else 1.0)
+                alpha=0.5 if grey is not None else 1.0, aspect=aspect)
     elif grey is None:
       ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{title}, z = {z}")
     ax.set_axis_off()
-  fig.legend(handles=[Patch(color=colour(k), label=f"{k} {n}") for k, n in enumerate(names)],
+  fig.legend(handles=[Patch(color=colours.colour(k), label=f"{k} {n}") for k, n in enumerate(names)],
              loc="lower center", ncol=min(c, 6), frameon=False)
   fig.subplots_adjust(bottom=0.12)
   _save(fig, path)
@@ -584,7 +585,9 @@ def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
     pictures = picture_paths(out, sorted(ev.overlays))
     plot_profile(ev.profiles, pictures[0])
     for z, p in zip(sorted(ev.overlays), pictures[1:]):
-      plot_overlay(z, *ev.overlays[z], ev.result["classes"], p)
+      v = ev.result.get("voxel_size_zyx_um")
+      plot_overlay(z, *ev.overlays[z], ev.result["classes"], p,
+                   aspect=v[1] / v[2] if v else 1.0)
   result = dict(ev.result, out=str(out), report_md=str(md),
                 pictures=[str(p) for p in pictures], bonejax_version=bonejax.__version__)
   outputs.atomic_write_text(md, markdown(result, [str(p) for p in pictures]))
