@@ -146,10 +146,12 @@ def _measure(fn, what: str, labels: Any, k: int, name: str, **kw):
 
 
 def measure_pair(pred_src: Any, truth_src: Any, names: Sequence[str],
-                 voxel_size_um: Sequence[float], request: Request | None = None
-                 ) -> dict[str, Any]:
+                 voxel_size_um: Sequence[float], request: Request | None = None,
+                 progress: bool = False) -> dict[str, Any]:
   """{class name: {"kind", "roi", "indices": {ASBMR name: {pred, truth, rel_diff, unit}},
-  "prediction", "truth" (every field)}} for each requested class."""
+  "prediction", "truth" (every field)}} for each requested class. `progress`: a stderr line
+  per volume measured (each can take a minute on a large scan)."""
+  from bonejax.core.progress import Progress
   from bonejax.evaluate import morphometry
   request = request or Request()
   voxel = measures.voxel_zyx(voxel_size_um)
@@ -158,13 +160,19 @@ def measure_pair(pred_src: Any, truth_src: Any, names: Sequence[str],
   roi, roi_text, roi_src = parse_roi(request.roi, shape, truth_src)
   pred, truth = SlabArray(pred_src), SlabArray(truth_src)
   out: dict[str, Any] = {}
+  bar = Progress(total=2 * (len(trab) + len(cort)), desc="morphometry", unit="volumes",
+                 every_s=0.0) if progress else None
   try:
     for kind, ks, fn in (("trabecular", trab, morphometry.measure),
                          ("cortical", cort, morphometry.cortical)):
       for k in ks:
         kw = dict(voxel_size_um=voxel, roi=roi)
         mp = _measure(fn, "prediction", pred, k, names[k], **kw)
+        if bar is not None:
+          bar.update(1, f"prediction {names[k]} ({kind})")
         mt = _measure(fn, "truth", truth, k, names[k], **kw)
+        if bar is not None:
+          bar.update(1, f"truth {names[k]} ({kind})")
         key = names[k] if kind == "trabecular" else f"{names[k]} (cortical)"
         out[key] = {"class": k, "kind": kind, "roi": roi_text,
                     "indices": _rows(mp, mt), "prediction": mp.as_dict(),
@@ -172,6 +180,8 @@ def measure_pair(pred_src: Any, truth_src: Any, names: Sequence[str],
   finally:
     if roi_src is not None:
       roi_src.close()
+  if bar is not None:
+    bar.close()
   return out
 
 

@@ -365,8 +365,8 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
 
   m_pred = measures.measure(pred_src, names, voxel, options, slab=slab, progress=progress)
   m_truth = measures.measure(truth_src, names, voxel, options, slab=slab, progress=progress)
-  morph = (morph_report.measure_pair(pred_src, truth_src, names, voxel, morphometry)
-           if morphometry else None)
+  morph = (morph_report.measure_pair(pred_src, truth_src, names, voxel, morphometry,
+                                     progress=progress) if morphometry else None)
   for z in slices:
     if image_src is not None:
       planes[z][0] = image_src.read_slab(z, z + 1)[0]
@@ -395,7 +395,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
       "seconds": round(time.perf_counter() - start, 3),
   }
   warnings = []
-  if not voxel_known and result["measures"]:
+  if not voxel_known and (result["measures"] or morph):
     warnings.append("voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)")
   elif voxel_source == "assumed":
     warnings.append("the voxel size was assumed at import (no metadata): volumes are in "
