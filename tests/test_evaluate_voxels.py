@@ -196,3 +196,18 @@ def test_training_scan_warning(tmp_path):
   # Another dataset's scan of the same name is not a training scan.
   (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": str(tmp_path / "x")}))
   assert report.training_scan_warning(tmp_path / "pred.zarr", data / "scan_000") is None
+
+
+def test_morphometry_bad_input_on_the_command_line(anisotropic):
+  root = anisotropic[0]
+  out = root / "m.json"
+  base = [f"--pred={root / 'pred.tif'}", f"--truth={root / 'data' / 's0'}", f"--out={out}",
+          f"--html={root / 'm.html'}"]
+  for extra, message in ((["--morphometry", "--morphometry_classes=5"],
+                          "error: --morphometry_classes: class index 5"),
+                         (["--morphometry_roi=truth"], "error: --morphometry_classes, "
+                          "--cortical_classes and --morphometry_roi go with --morphometry")):
+    proc = _run("evaluate.py", *base, *extra)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
+    assert not any(p.exists() for p in (out, out.with_suffix(".md"), root / "m.html"))
