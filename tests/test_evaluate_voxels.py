@@ -211,3 +211,14 @@ def test_morphometry_bad_input_on_the_command_line(anisotropic):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-500:]
     assert not any(p.exists() for p in (out, out.with_suffix(".md"), root / "m.html"))
+
+
+def test_slab_array_reads_zarr_blocks(tmp_path):
+  a = (np.arange(6 * 7 * 8).reshape(6, 7, 8) % 4).astype(np.uint8)
+  store.create_array(tmp_path / "a.zarr", a.shape, np.uint8).write(a).result()
+  from bonejax.io import registry
+  src = registry.open_volume(tmp_path / "a.zarr", array="labels")
+  assert src.tensorstore is not None
+  arr = morph_report.SlabArray(src)
+  np.testing.assert_array_equal(arr[2:5, 1:6, 3:8], a[2:5, 1:6, 3:8])
+  np.testing.assert_array_equal(morph_report.SlabArray(src, nonzero=True)[:, 2:4], a[:, 2:4] != 0)

@@ -58,7 +58,11 @@ class SlabArray:
     if not isinstance(z, slice) or z.step not in (None, 1):
       raise IndexError("SlabArray takes slices with step 1")
     z0, z1, _ = z.indices(self.shape[0])
-    block = self.src.read_slab(z0, z1)[(slice(None),) + tuple(index[1:])]
+    store = getattr(self.src, "tensorstore", None)
+    if store is not None:  # a zarr array: read only the block (blocks split Y and X too)
+      block = np.asarray(store[(slice(z0, z1),) + tuple(index[1:])].read().result())
+    else:
+      block = self.src.read_slab(z0, z1)[(slice(None),) + tuple(index[1:])]
     return block != 0 if self.nonzero else block
 
 
