@@ -7,6 +7,12 @@ and the per-slice IoU profiles, measures both (bonejax.evaluate.measures), and r
 foreground IoU profile along each axis and overlays of chosen Z slices. With `middle_planes`
 the evaluation also keeps the middle slice across each of the three axes (image, truth,
 prediction and, when given, the uncertainty map) for the HTML report (`html_report`).
+
+Voxel sizes are (Z, Y, X) micrometres, never collapsed: volumes use Z * Y * X, the report keeps
+`voxel_size_zyx_um` beside the contract's one-number `voxel_size_um` (X's size) and says where
+the size came from (`voxel_size_source`: given, metadata, or assumed at import, then warned).
+`morphometry` adds the bone indices of both volumes side by side (`morph_report`). A warning
+also says when the truth scan was one of the model's training scans (its model.json lists them).
 """
 
 from __future__ import annotations
