@@ -34,7 +34,7 @@ from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402  (no jax: start-up stays fast)
 from bonejax.core import errors, outputs, placement
-from bonejax.evaluate import measures, morph_report, report
+from bonejax.evaluate import measures, morph_report, provenance, report
 
 _PRED = flags.DEFINE_string("pred", None, "Predicted labels: zarr v3 array, scan directory, "
                             "TIFF or .npy.", required=True)
@@ -113,7 +113,7 @@ def main(argv):
     if any(not c for c in classes) or len(set(classes)) != len(classes):
       raise errors.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
   slices = _parse_slices(_SLICES.value) if _SLICES.value else None
-  voxel = report.parse_voxel_size(_VOXEL.value) if _VOXEL.value is not None else None
+  voxel = provenance.parse_voxel_size(_VOXEL.value) if _VOXEL.value is not None else None
   morph = None
   if _MORPH.value:
     morph = morph_report.request_from_flags(_MORPH_CLASSES.value, _CORTICAL.value,

@@ -14,7 +14,7 @@ import tifffile
 
 from bonejax.core import errors
 from bonejax.data import store
-from bonejax.evaluate import measures, morph_report, report
+from bonejax.evaluate import measures, morph_report, provenance, report
 
 REPO = Path(__file__).resolve().parents[1]
 VOXEL = (8.0, 6.24, 6.24)
@@ -94,9 +94,9 @@ def test_bad_voxel_size_is_one_error_line_and_nothing_written(anisotropic):
   assert not out.exists() and not out.with_suffix(".md").exists()
   for value in ("0", "nan", "8,6.24", "8,0,6", "-1", "x", "inf"):
     with pytest.raises(errors.UserError, match="--voxel_size_um"):
-      report.parse_voxel_size(value)
-  assert report.parse_voxel_size("8, 6.24,6.24") == VOXEL
-  assert report.parse_voxel_size("5") == (5.0, 5.0, 5.0)
+      provenance.parse_voxel_size(value)
+  assert provenance.parse_voxel_size("8, 6.24,6.24") == VOXEL
+  assert provenance.parse_voxel_size("5") == (5.0, 5.0, 5.0)
 
 
 def test_anisotropic_implant_surface_and_shell():
@@ -195,7 +195,7 @@ def test_training_scan_warning(tmp_path):
   assert any("training scans" in w for w in r["warnings"])
   # Another dataset's scan of the same name is not a training scan.
   (tmp_path / "run" / "config.json").write_text(json.dumps({"dataset": str(tmp_path / "x")}))
-  assert report.training_scan_warning(tmp_path / "pred.zarr", data / "scan_000") is None
+  assert provenance.training_scan_warning(tmp_path / "pred.zarr", data / "scan_000") is None
 
 
 def test_morphometry_bad_input_on_the_command_line(anisotropic):

@@ -32,7 +32,7 @@ import numpy as np
 
 import bonejax
 from bonejax.core import outputs
-from bonejax.evaluate import report
+from bonejax.evaluate import provenance, report
 from bonejax.io import colours
 
 _CSS = """
@@ -249,7 +249,7 @@ def _header(r: dict[str, Any], title: str) -> list[str]:
   if info.get("vote"):
     rows.append(("vote", html.escape(str(info["vote"]))))
   rows.append(("shape (Z, Y, X)", f'{tuple(r["shape"])}, {r["voxels"]:,} voxels'))
-  rows.append(("voxel size", html.escape(report.voxel_text(r))))
+  rows.append(("voxel size", html.escape(provenance.voxel_text(r))))
   cells = "".join(f'<tr><th class="name">{k}</th><td class="name">{v}</td></tr>'
                   for k, v in rows)
   out = [f"<h1>{html.escape(title)}</h1>", f'<table id="header">{cells}</table>',

@@ -18,7 +18,6 @@ also says when the truth scan was one of the model's training scans (its model.j
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.evaluate import measures, metrics, morph_report
+from bonejax.evaluate import measures, metrics, morph_report, provenance
 from bonejax.io import colours, registry, source
 
 UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
@@ -41,118 +40,12 @@ UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
 # ---------------------------------------------------------------------------------------------
 
 
-def _zarr_attrs(path: Path) -> dict[str, Any]:
-  try:
-    return dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
-  except (OSError, ValueError):
-    return {}
-
-
-def _scan_dir_of(path: Path) -> Path | None:
-  """The scan a labels path belongs to: the scan dir itself or SCAN/labels."""
-  if store.is_scan(path):
-    return path
-  if path.name == "labels" and store.is_scan(path.parent):
-    return path.parent
-  return None
-
-
 def dataset_classes(truth: str | os.PathLike) -> list[str] | None:
   """Class names of the dataset the truth scan lives in (None if it is not in one)."""
-  scan = _scan_dir_of(Path(truth))
+  scan = provenance.scan_dir_of(Path(truth))
   if scan is not None and (scan.parent / store.DATASET_JSON).exists():
     return store.open_dataset(scan.parent).classes
   return None
-
-
-def _voxel_attrs(*paths: str | os.PathLike | None) -> dict[str, Any] | None:
-  """The attributes that give a voxel size: of the first scan, or array with one, in `paths`."""
-  for p in paths:
-    if p is None:
-      continue
-    p = Path(p)
-    for d in (_scan_dir_of(p), p if p.is_dir() else None):
-      if d is not None:
-        attrs = _zarr_attrs(d)
-        if attrs.get("voxel_size_zyx_um") is not None or attrs.get("voxel_size_um") is not None:
-          return attrs
-  return None
-
-
-def voxel_size_of(*paths: str | os.PathLike | None) -> tuple[float, float, float] | None:
-  """(Z, Y, X) micrometres from the first scan (or array with a voxel size) among `paths`."""
-  attrs = _voxel_attrs(*paths)
-  if attrs is None:
-    return None
-  try:
-    return measures.voxel_zyx(attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um")))
-  except errors.UserError:
-    return None
-
-
-def parse_voxel_size(value: Any, what: str = "--voxel_size_um") -> tuple[float, float, float]:
-  """One number or `Z,Y,X` (text or a sequence) as (Z, Y, X) micrometres; zero, negative, NaN
-  or another count of numbers is a UserError naming `what`."""
-  v = value
-  if isinstance(v, str):
-    parts = [x.strip() for x in v.split(",")]
-    try:
-      v = [float(x) for x in parts]
-    except ValueError:
-      raise errors.UserError(f"{what}={value!r} is not one number or Z,Y,X") from None
-    v = v[0] if len(v) == 1 else v
-  try:
-    return measures.voxel_zyx(v)
-  except errors.UserError:
-    raise errors.UserError(f"{what}={value!r} must be one or three (Z,Y,X) positive finite "
-                           f"numbers of micrometres") from None
-
-
-def _voxel_source(attrs: dict[str, Any] | None) -> str:
-  """How a stored voxel size was known (import records it: given / metadata / assumed)."""
-  return str((attrs or {}).get("voxel_size_source") or "metadata")
-
-
-PREDICTION_KEYS = ("model", "architecture", "planes", "plane_sets", "vote",
-                   "predicted_at_voxel_size_um")
-
-
-def prediction_info(pred: str | os.PathLike) -> dict[str, Any]:
-  """What predict.py recorded about how the prediction was made (model, planes, vote, ...)."""
-  p = Path(pred)
-  attrs = _zarr_attrs(p) if p.is_dir() else {}
-  return {k: attrs[k] for k in PREDICTION_KEYS if attrs.get(k) is not None}
-
-
-def training_scan_warning(pred: str | os.PathLike,
-                          truth: str | os.PathLike) -> str | None:
-  """A warning when the truth scan was one of the model's training scans: the prediction's
-  attributes name its bundle (`model`), whose model.json lists `train_scans`. A scan of the same
-  name in another dataset than the one the workdir's config.json trained on is not one."""
-  scan = _scan_dir_of(Path(truth))
-  p = Path(pred)
-  if scan is None or not p.is_dir():
-    return None
-  model = _zarr_attrs(p).get("model")
-  if not isinstance(model, str) or not model:
-    return None
-  bundle = Path(model)
-  if not (bundle / "model.json").exists() and (bundle / "model" / "model.json").exists():
-    bundle = bundle / "model"
-  try:
-    meta = json.loads((bundle / "model.json").read_text())
-  except (OSError, ValueError):
-    return None
-  if scan.name not in [str(s) for s in meta.get("train_scans") or []]:
-    return None
-  try:
-    dataset = json.loads((bundle.parent / "config.json").read_text()).get("dataset")
-  except (OSError, ValueError, AttributeError):
-    dataset = None
-  if dataset and Path(dataset).resolve() != scan.parent.resolve():
-    return None
-  return (f"the truth scan {scan.name!r} was one of the model's training scans ({bundle}): "
-          f"these scores do not measure generalisation")
 
 
 def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
@@ -186,7 +79,7 @@ def open_labels(path: str | os.PathLike, what: str) -> source.VolumeSource:
   p = errors.require_exists(path, what)
   if store.is_scan(p) and not (p / "labels" / "zarr.json").exists():
     raise errors.UserError(f"{what} scan {str(p)!r} has no labels")
-  scan = _scan_dir_of(p)
+  scan = provenance.scan_dir_of(p)
   if scan is not None:
     store.warn_missing_chunks(scan)
   src = registry.open_volume(p, array="labels")
@@ -305,13 +198,13 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     raise errors.UserError(f"prediction shape {pred_src.shape} != truth shape {truth_src.shape}")
   shape = truth_src.shape
   if voxel_size_um is not None:
-    voxel, voxel_source = parse_voxel_size(voxel_size_um, "voxel size"), "given"
+    voxel, voxel_source = provenance.parse_voxel_size(voxel_size_um, "voxel size"), "given"
   else:
     # The truth scan's stored size first (import recorded where it came from), then the
     # prediction's attributes, then what the files themselves say (TIFF, OME-Zarr, ...).
-    attrs = _voxel_attrs(truth, pred)
-    voxel = voxel_size_of(truth, pred)
-    voxel_source = _voxel_source(attrs)
+    attrs = provenance.voxel_attrs(truth, pred)
+    voxel = provenance.voxel_size_of(truth, pred)
+    voxel_source = provenance.voxel_source(attrs)
     if voxel is None:
       voxel = truth_src.voxel_size_um or pred_src.voxel_size_um
       voxel_source = "metadata"
@@ -334,9 +227,10 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     if unc_src.shape[:3] != shape:
       raise errors.UserError(f"uncertainty map shape {unc_src.shape[:3]} != label shape {shape}")
   if pictures or middle_planes:
-    image_path = image if image is not None else (truth if _scan_dir_of(Path(truth)) else None)
+    image_path = image if image is not None else (
+        truth if provenance.scan_dir_of(Path(truth)) else None)
     if image_path is not None:
-      scan = _scan_dir_of(Path(image_path))
+      scan = provenance.scan_dir_of(Path(image_path))
       image_src = registry.open_volume(errors.require_exists(scan or image_path, "image"))
       if image_src.shape != shape:
         raise errors.UserError(f"image shape {image_src.shape} != label shape {shape}")
@@ -379,7 +273,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   result = {
       "pred": str(pred), "truth": str(truth),
       "shape": list(shape), "voxels": s["voxels"],
-      "prediction_info": prediction_info(pred),
+      "prediction_info": provenance.prediction_info(pred),
       # The contract's one number (X's size, as scans store it) and the full (Z, Y, X).
       "voxel_size_um": voxel[2] if voxel_known else None,
       "voxel_size_zyx_um": list(voxel) if voxel_known else None,
@@ -406,7 +300,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   elif voxel_source == "assumed":
     warnings.append("the voxel size was assumed at import (no metadata): volumes are in "
                     "assumed micrometres (pass --voxel_size_um)")
-  trained = training_scan_warning(pred, truth)
+  trained = provenance.training_scan_warning(pred, truth)
   if trained:
     warnings.append(trained)
   if warnings:
@@ -430,31 +324,6 @@ def _num(v: Any, fmt: str = ".4f") -> str:
   return format(v, fmt)
 
 
-def prediction_text(info: dict[str, Any]) -> str:
-  """'unet_resnet18 (MODEL), 3 planes, soft vote' from `prediction_info`."""
-  parts = []
-  if info.get("architecture") or info.get("model"):
-    arch, model = info.get("architecture"), info.get("model")
-    parts.append(f"{arch} ({model})" if arch and model else str(arch or model))
-  if info.get("planes") is not None:
-    parts.append(f"{info['planes']} plane{'s' if info['planes'] != 1 else ''}"
-                 + (f" ({', '.join(info['plane_sets'])})" if info.get("plane_sets") else ""))
-  if info.get("vote"):
-    parts.append(f"{info['vote']} vote")
-  return ", ".join(parts)
-
-
-def voxel_text(result: dict[str, Any]) -> str:
-  """'8 x 6.24 x 6.24 um (Z, Y, X)' or '6.24 um', with how it was known when not metadata."""
-  v = result.get("voxel_size_zyx_um")
-  if not v:
-    return "unknown (1 um assumed)"
-  text = (f"{v[0]:g} um" if max(v) - min(v) <= 1e-9 * max(v)
-          else " x ".join(f"{x:g}" for x in v) + " um (Z, Y, X)")
-  src = result.get("voxel_size_source")
-  return text + {"assumed": " (assumed: no metadata)", "given": " (given)"}.get(src, "")
-
-
 def _pct(v: Any) -> str:
   return "n/a" if v is None else f"{v * 100:+.1f} %"
 
@@ -464,10 +333,10 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
   lines = ["# Segmentation evaluation", "",
            f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`"]
   if result.get("prediction_info"):
-    lines.append(f"- made by: {prediction_text(result['prediction_info'])}")
+    lines.append(f"- made by: {provenance.prediction_text(result['prediction_info'])}")
   lines += [
            f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels",
-           f"- voxel size: {voxel_text(result)}"]
+           f"- voxel size: {provenance.voxel_text(result)}"]
   lines += [f"- **warning**: {w}" for w in result.get("warnings") or []]
   lines += ["", "## Per class", "",
            "| class | IoU | Dice | precision | recall | truth voxels | predicted voxels |",

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (QCheckBox, QFormLayout, QHBoxLayout, QPushButton, QT
                             QTableWidgetItem, QVBoxLayout, QWidget)
 
 from bonejax.core import errors, outputs
-from bonejax.evaluate import report
+from bonejax.evaluate import provenance, report
 from bonejax.napari import layers, qt
 
 HAS_HTML = (importlib.util.find_spec("bonejax.evaluate.html_report") is not None and
@@ -182,7 +182,7 @@ class EvaluateWidget(QWidget):
         self.table.setItem(i, j, QTableWidgetItem(text))
     self.summary.say(f"miou_fg {_fmt(r['miou_fg'])}   miou_all {_fmt(r['miou_all'])}   "
                      f"mdice_fg {_fmt(r['mdice_fg'])}   accuracy {_fmt(r['accuracy'])}\n"
-                     f"voxel size {report.voxel_text(r)}"
+                     f"voxel size {provenance.voxel_text(r)}"
                      + "".join(f"\n{w}" for w in r.get("warnings") or []))
     rows = list((r.get("measures") or {}).items())
     # Morphometry rows under the measures, named "bone: Tb.Th (um)".

@@ -27,7 +27,7 @@ import tensorstore as ts
 
 from bonejax.core import errors
 from bonejax.data import store
-from bonejax.evaluate import report
+from bonejax.evaluate import provenance, report
 from bonejax.io import colours
 from bonejax.napari import jobs, layers, ngff
 
@@ -163,7 +163,7 @@ def array_voxel_size(p: Path, attrs: dict[str, Any]) -> tuple[float, float, floa
                  # demo.py names its held-out scan: WORKDIR/prediction.zarr beside WORKDIR/data
                  p.parent / "data" / attrs["scan"] if isinstance(attrs.get("scan"), str) else None,
                  p.parent if p.name in ("image", "labels") else None]
-  return report.voxel_size_of(*(c for c in candidates if c and Path(c).exists()))
+  return provenance.voxel_size_of(*(c for c in candidates if c and Path(c).exists()))
 
 
 def array_classes(p: Path, attrs: dict[str, Any]) -> list[str] | None:
