@@ -75,9 +75,11 @@ _MORPH_CLASSES = flags.DEFINE_string("morphometry_classes", None, "Classes (name
                                      "comma-separated) to measure (default: the bone class).")
 _CORTICAL = flags.DEFINE_string("cortical_classes", None, "Cortical classes for Ct.Th and "
                                 "Ct.Ar/Tt.Ar (default: classes named like cortical/cortex).")
-_MORPH_ROI = flags.DEFINE_string("morphometry_roi", None, "Region of interest: 'all' (default), "
-                                 "'truth' (the truth's non-background voxels), a box "
-                                 "z0,y0,x0,z1,y1,x1 or a mask volume of the labels' shape.")
+_MORPH_ROI = flags.DEFINE_string("morphometry_roi", None, "Region of interest: 'auto' "
+                                 "(default: 'truth' when a class such as pore is left besides "
+                                 "the measured ones, else 'all'), 'truth' (the truth's "
+                                 "non-background voxels), 'all', a box z0,y0,x0,z1,y1,x1 or a "
+                                 "mask volume of the labels' shape.")
 _SLAB = flags.DEFINE_integer("slab", 64, "Z slices read at a time.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing report.")
 

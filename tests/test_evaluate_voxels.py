@@ -222,3 +222,9 @@ def test_slab_array_reads_zarr_blocks(tmp_path):
   arr = morph_report.SlabArray(src)
   np.testing.assert_array_equal(arr[2:5, 1:6, 3:8], a[2:5, 1:6, 3:8])
   np.testing.assert_array_equal(morph_report.SlabArray(src, nonzero=True)[:, 2:4], a[:, 2:4] != 0)
+
+
+def test_default_roi_is_the_truth_envelope_when_a_pore_class_is_left():
+  assert morph_report.auto_roi(CLASSES, [1]) == "truth"
+  assert morph_report.auto_roi(["background", "bone"], [1]) == "all"
+  assert morph_report.auto_roi(CLASSES, [1, 2]) == "all"

@@ -9,9 +9,12 @@ what to measure and words bad input; the indices are morphometry's.
 - Classes: names or indices (`--morphometry_classes=bone` or `1`); default the class the
   measures take as bone (a class named like "bone"). A cortical class (`--cortical_classes`,
   default any class named like "cortical" / "cortex") gets Ct.Th and Ct.Ar/Tt.Ar as well.
-- ROI: the whole volume (default, as BoneJ measures a cropped volume of interest), `truth`
-  (the truth's non-background voxels: the same envelope for both, so TV is the same), a box
-  `z0,y0,x0,z1,y1,x1` (voxel indices, end exclusive), or a mask volume of the labels' shape.
+- ROI: `auto` (default): `truth` when the classes have a foreground class besides the measured
+  ones (bone and pore: the envelope the measures' BV/TV uses), else `all`; `truth`: the
+  truth's non-background voxels, the same envelope for both volumes (so TV is the same, and the
+  marrow spaces are measured inside the bone, not out into the empty field of view); `all`: the
+  whole volume (as BoneJ measures a cropped volume of interest); a box `z0,y0,x0,z1,y1,x1`
+  (voxel indices, end exclusive); or a mask volume of the labels' shape.
 The volumes are read block by block through their `read_slab` (no whole volume in memory).
 """
 
@@ -35,10 +38,10 @@ _CORTICAL_WORDS = ("cortical", "cortex")
 @dataclasses.dataclass(frozen=True)
 class Request:
   """What to measure: class names or indices (None: the bone class), the cortical classes
-  (None: those named like cortical), the ROI ("all", "truth", a box text or a mask path)."""
+  (None: those named like cortical), the ROI ("auto", "all", "truth", a box or a mask path)."""
   classes: tuple[str, ...] | None = None
   cortical: tuple[str, ...] | None = None
-  roi: str = "all"
+  roi: str = "auto"
 
 
 class SlabArray:
@@ -102,6 +105,13 @@ def classes_to_measure(request: Request, names: Sequence[str]) -> tuple[list[int
   return list(dict.fromkeys(trab)), list(dict.fromkeys(cort))
 
 
+def auto_roi(names: Sequence[str], measured: Sequence[int]) -> str:
+  """`truth` when a foreground class is left besides the measured ones (pore, marrow), else
+  `all` (background and bone only: the envelope would be the bone itself)."""
+  others = [k for k in range(1, len(names)) if k not in measured]
+  return "truth" if others else "all"
+
+
 def parse_roi(text: str | None, shape: Sequence[int], truth_src: Any) -> tuple[Any, str, Any]:
   """(ROI for morphometry, its description, a source to close or None)."""
   from bonejax.evaluate import morphometry
@@ -120,7 +130,7 @@ def parse_roi(text: str | None, shape: Sequence[int], truth_src: Any) -> tuple[A
     return box, f"box {box.start}..{box.stop}", None
   path = Path(text)
   if not path.exists():
-    raise errors.UserError(f"--morphometry_roi={text!r} is not 'all', 'truth', a box "
+    raise errors.UserError(f"--morphometry_roi={text!r} is not 'auto', 'all', 'truth', a box "
                            f"z0,y0,x0,z1,y1,x1 or an existing mask volume")
   src = registry.open_volume(path, array="labels")
   if tuple(src.shape) != tuple(shape):
@@ -161,7 +171,9 @@ def measure_pair(pred_src: Any, truth_src: Any, names: Sequence[str],
   voxel = measures.voxel_zyx(voxel_size_um)
   shape = tuple(truth_src.shape[:3])
   trab, cort = classes_to_measure(request, names)
-  roi, roi_text, roi_src = parse_roi(request.roi, shape, truth_src)
+  roi_text = request.roi if request.roi not in ("auto", "", None) else auto_roi(names,
+                                                                               trab + cort)
+  roi, roi_text, roi_src = parse_roi(roi_text, shape, truth_src)
   pred, truth = SlabArray(pred_src), SlabArray(truth_src)
   out: dict[str, Any] = {}
   bar = Progress(total=2 * (len(trab) + len(cort)), desc="morphometry", unit="volumes",
@@ -223,4 +235,4 @@ def parse_names(text: str | None) -> tuple[str, ...] | None:
 def request_from_flags(classes: str | None, cortical: str | None,
                        roi: str | os.PathLike | None) -> Request:
   return Request(classes=parse_names(classes), cortical=parse_names(cortical),
-                 roi=str(roi) if roi else "all")
+                 roi=str(roi) if roi else "auto")
