@@ -246,7 +246,6 @@ def test_resamples_to_the_models_voxel_size_as_predict_py(make_napari_viewer, qt
   # A bundle trained at other (anisotropic) voxels: the widget predicts on the model's grid
   # and votes on the layer's, as predict_scan does: the same labels voxel for voxel.
   import json
-  from bonejax.predict import scan as scan_lib
   model = make_bundle(tmp_path / "model")
   meta = json.loads((model / "model.json").read_text())
   v = store.open_scan(files["scan"]).voxel_size_um
@@ -260,8 +259,8 @@ def test_resamples_to_the_models_voxel_size_as_predict_py(make_napari_viewer, qt
   w.start()
   qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
   assert w.status.error is None, w.status.text()
-  want = scan_lib.predict_scan(model, files["scan"], planes=3, vote="majority", progress=False,
-                               keep_labels=True)
+  want = predict.predict_scan(model, files["scan"], planes=3, vote="majority", progress=False,
+                              keep_labels=True)
   assert want["resampled"] is not None
   layer = viewer.layers["scan_000 prediction"]
   np.testing.assert_array_equal(layer.data, want["labels"])
