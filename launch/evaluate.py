@@ -15,6 +15,11 @@ profile and overlays of Z slices as PNGs beside them. --html writes one self-con
 (scores, confusion matrix, per-slice IoU, training curves when the prediction's bundle has a
 metrics.csv beside it, middle slices across Z, Y and X with errors and, with --uncertainty, the
 uncertainty map). Streams the volumes slab by slab.
+--voxel_size_um takes one number or Z,Y,X; volumes use the full (Z, Y, X) voxel and the report
+says where the size came from (voxel_size_source: given, metadata, or assumed at import).
+--morphometry adds the ASBMR bone indices of prediction and truth with relative differences
+(see bonejax.evaluate.morph_report). A warning goes to stderr (and into the report) when the
+voxel size was assumed or the truth scan was one of the model's training scans.
 The last stdout line is the JSON report: iou and dice per class, miou_all, miou_fg, measures.
 """
 
@@ -29,7 +34,7 @@ from absl import flags  # noqa: E402
 
 from bonejax.cli import runner  # noqa: E402  (no jax: start-up stays fast)
 from bonejax.core import errors, outputs, placement
-from bonejax.evaluate import measures, report
+from bonejax.evaluate import measures, morph_report, provenance, report
 
 _PRED = flags.DEFINE_string("pred", None, "Predicted labels: zarr v3 array, scan directory, "
                             "TIFF or .npy.", required=True)
@@ -47,8 +52,9 @@ _IMAGE = flags.DEFINE_string("image", None, "Scan or volume shown under the over
                              "(default: the truth scan's image).")
 _SLICES = flags.DEFINE_string("overlay_slices", None, "Comma-separated Z indices for the "
                               "overlays (default: at 1/4, 1/2 and 3/4 of the depth).")
-_VOXEL = flags.DEFINE_float("voxel_size_um", None, "Voxel size in um (default: the truth "
-                            "scan's, else the prediction's).")
+_VOXEL = flags.DEFINE_string("voxel_size_um", None, "Voxel size in um: one number or Z,Y,X "
+                             "(default: the truth scan's, else the prediction's, else what the "
+                             "files record).")
 _ROI = flags.DEFINE_float("roi_distance_um", None, "Implants: BV/TV in a shell this far "
                           "around the implant (default: everything outside the implant).")
 _TIME = flags.DEFINE_float("implant_time_years", None, "Implants: time since implantation, "
@@ -62,6 +68,18 @@ _UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Uncertainty map from pr
                                    "--save_uncertainty, shown in the HTML report.")
 _CURVES = flags.DEFINE_string("curves", None, "Training workdir, bundle or metrics.csv whose "
                               "curves the HTML report shows (default: the prediction's bundle).")
+_MORPH = flags.DEFINE_bool("morphometry", False, "Also the standard bone indices (BV/TV, BS/BV, "
+                           "Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, SMI; Ct.Th, Ct.Ar/Tt.Ar for a "
+                           "cortical class) of prediction and truth, side by side.")
+_MORPH_CLASSES = flags.DEFINE_string("morphometry_classes", None, "Classes (names or indices, "
+                                     "comma-separated) to measure (default: the bone class).")
+_CORTICAL = flags.DEFINE_string("cortical_classes", None, "Cortical classes for Ct.Th and "
+                                "Ct.Ar/Tt.Ar (default: classes named like cortical/cortex).")
+_MORPH_ROI = flags.DEFINE_string("morphometry_roi", None, "Region of interest: 'auto' "
+                                 "(default: 'truth' when a class such as pore is left besides "
+                                 "the measured ones, else 'all'), 'truth' (the truth's "
+                                 "non-background voxels), 'all', a box z0,y0,x0,z1,y1,x1 or a "
+                                 "mask volume of the labels' shape.")
 _SLAB = flags.DEFINE_integer("slab", 64, "Z slices read at a time.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing report.")
 
@@ -97,6 +115,14 @@ def main(argv):
     if any(not c for c in classes) or len(set(classes)) != len(classes):
       raise errors.UserError(f"--classes={_CLASSES.value!r} needs distinct, non-empty names")
   slices = _parse_slices(_SLICES.value) if _SLICES.value else None
+  voxel = provenance.parse_voxel_size(_VOXEL.value) if _VOXEL.value is not None else None
+  morph = None
+  if _MORPH.value:
+    morph = morph_report.request_from_flags(_MORPH_CLASSES.value, _CORTICAL.value,
+                                            _MORPH_ROI.value)
+  elif _MORPH_CLASSES.value or _CORTICAL.value or _MORPH_ROI.value:
+    raise errors.UserError("--morphometry_classes, --cortical_classes and --morphometry_roi go "
+                           "with --morphometry")
   # Fail on an existing output before any work; a folder made for the report goes again if the
   # run fails. The claim refuses a second run writing the same report meanwhile.
   html_path = Path(_HTML.value) if _HTML.value else None
@@ -116,9 +142,11 @@ def main(argv):
         options=measures.Options(
             roi_distance_um=_ROI.value, implant_time_years=_TIME.value,
             initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
-        voxel_size_um=_VOXEL.value, image=_IMAGE.value, pictures=_PICTURES.value,
+        voxel_size_um=voxel, image=_IMAGE.value, pictures=_PICTURES.value,
         overlay_slices=slices, slab=_SLAB.value, middle_planes=html_path is not None,
-        uncertainty=_UNCERTAINTY.value)
+        uncertainty=_UNCERTAINTY.value, morphometry=morph)
+    for w in ev.result.get("warnings") or []:
+      errors.warn(w)
     if _PICTURES.value:
       _check_outputs(report.picture_paths(out, sorted(ev.overlays)))
     if html_path is not None:

@@ -133,3 +133,37 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
   assert '<table id="scores">' in dom and '<table id="confusion">' in dom
   for name in CLASSES:
     assert f"{result['iou'][name]:.4f}" in dom and name in dom
+
+
+def test_header_names_the_run_and_numbers_come_before_pictures(run):
+  root = run[0]
+  page = (root / "report.html").read_text()
+  header = page[page.index('<table id="header">'):page.index("</table>")]
+  for text in ("prediction", "truth", "model", "planes", "vote", "voxel size", "soft",
+               str(root / "run" / "model")):
+    assert text in header
+  assert page.index("<h2>Bone measures</h2>") < page.index("<h2>Per-slice foreground IoU</h2>")
+  assert page.index("<h2>Per class</h2>") < page.index("<h2>Middle slices</h2>")
+
+
+def _largest_blob_shape(uri: str, rgb: str) -> tuple[int, int]:
+  """(height, width) in pixels of the largest patch of colour `rgb` in an inlined PNG."""
+  import io
+  from PIL import Image
+  from scipy import ndimage
+  png = base64.b64decode(uri.split(",", 1)[1])
+  px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+  want = np.array([int(rgb.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)])
+  blobs, n = ndimage.label(np.abs(px - want).sum(-1) < 30)
+  biggest = np.argmax(np.bincount(blobs.ravel())[1:]) + 1
+  ys, xs = np.nonzero(blobs == biggest)
+  return np.ptp(ys) + 1, np.ptp(xs) + 1
+
+
+def test_slices_keep_the_physical_aspect_of_anisotropic_voxels():
+  from bonejax.io import colours
+  lab = np.ones((20, 20), np.uint8)  # a Y slice: Z rows, X columns; all class 1, no image
+  m = {"index": 10, "truth": lab, "pred": lab, "uncertainty": lab * 10}
+  for voxel, ratio in (((8.0, 4.0, 4.0), 2.0), ((4.0, 4.0, 4.0), 1.0)):
+    h, w = _largest_blob_shape(html_report._slices_png(1, m, CLASSES, voxel), colours.colour(1))
+    assert h / w == pytest.approx(ratio, rel=0.05)

@@ -120,3 +120,31 @@ def test_shape_mismatch_and_2d_layers(make_napari_viewer, qtbot):
   w.pred.select("flat")
   w.start()
   assert not w.busy and "3D" in w.status.error
+
+
+def test_anisotropic_layers_and_morphometry(make_napari_viewer, qtbot):
+  # Layers of 8 x 6.24 x 6.24 um voxels: volumes use the three sizes; "bone morphometry" adds
+  # the bone indices of both layers under the measures, as evaluate.py --morphometry does.
+  pred, truth = labels_pair(1)
+  voxel = (8.0, 6.24, 6.24)
+  viewer = make_napari_viewer()
+  for data, name in ((pred, "pred"), (truth, "truth")):
+    lab, kwargs, _ = layers.labels_layer(data, name, CLASSES, voxel_size_um=voxel)
+    viewer.add_labels(lab, **kwargs)
+  w = EvaluateWidget(viewer)
+  qtbot.addWidget(w)
+  w.pred.select("pred")
+  w.truth.select("truth")
+  w.morphometry.setChecked(True)
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  r = w.result
+  assert r["voxel_size_zyx_um"] == pytest.approx(list(voxel))
+  vol_mm3 = 8e-3 * 6.24e-3 * 6.24e-3
+  assert r["measures"]["bone_volume_mm3"]["truth"] == pytest.approx((truth == 1).sum() * vol_mm3)
+  morph = r["morphometry"]["bone"]["indices"]
+  assert morph["BV"]["truth"] == pytest.approx((truth == 1).sum() * 8 * 6.24 * 6.24)
+  shown = [w.measures.item(i, 0).text() for i in range(w.measures.rowCount())]
+  assert "bone: Tb.Th (um)" in shown and "bone: BV/TV" in shown
+  assert "8 x 6.24 x 6.24 um (Z, Y, X)" in w.summary.text()

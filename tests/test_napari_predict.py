@@ -239,3 +239,52 @@ def test_colours_match_the_reports(files):
   from bonejax.napari import layers
   assert layers.label_colours(3) == {None: layers.OTHER_LABEL, 1: colours.colour(1),
                                      2: colours.colour(2)}
+
+
+def test_resamples_to_the_models_voxel_size_as_predict_py(make_napari_viewer, qtbot, files,
+                                                          tmp_path):
+  # A bundle trained at other (anisotropic) voxels: the widget predicts on the model's grid
+  # and votes on the layer's, as predict_scan does: the same labels voxel for voxel.
+  import json
+  model = make_bundle(tmp_path / "model")
+  meta = json.loads((model / "model.json").read_text())
+  v = store.open_scan(files["scan"]).voxel_size_um
+  meta["voxel_size_um"] = [v * 1.5, v * 0.75, v * 1.25]
+  (model / "model.json").write_text(json.dumps(meta))
+  viewer, w = widget_for(make_napari_viewer, qtbot, files)
+  w.model.setText(str(model))
+  w.planes.setCurrentText("3")
+  w.vote.setCurrentText("majority")
+  w.probs.setChecked(True)
+  w.start()
+  qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+  assert w.status.error is None, w.status.text()
+  want = predict.predict_scan(model, files["scan"], planes=3, vote="majority", progress=False,
+                              keep_labels=True)
+  assert want["resampled"] is not None
+  layer = viewer.layers["scan_000 prediction"]
+  np.testing.assert_array_equal(layer.data, want["labels"])
+  assert w.result["resampled_to_um"] == pytest.approx(meta["voxel_size_um"])
+  assert "predicted at" in w.status.text()
+  # Every layer the widget added is in the image's micrometres (no "inconsistent units").
+  for layer in viewer.layers:
+    assert [str(u) for u in layer.units] == ["micrometer"] * 3
+    np.testing.assert_allclose(layer.scale, [v] * 3)
+
+
+def test_progress_phases_then_rate_and_eta():
+  p = jobs.JobProgress()
+  p.set_phase("compiling")
+  assert not p.counting() and p.text() == "compiling…"
+  p.total = 10
+  p.update(2)
+  assert p.counting() and p.text() == "predict 2/10 planes"  # no rate from one update yet
+  p._first = (p._first[0] - 2.0, p._first[1])  # two seconds since the first update
+  p.update(4)
+  text = p.text()
+  import re
+  m = re.fullmatch(r"predict 6/10 planes · ([\d.]+) planes/s · eta 0:0(\d)", text)
+  assert m and float(m.group(1)) == pytest.approx(2.0, rel=0.05) and m.group(2) == "2", text
+  p.cancel()
+  with pytest.raises(jobs.Cancelled):
+    p.set_phase("writing")

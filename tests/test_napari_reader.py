@@ -145,7 +145,7 @@ def test_ome_zarr_image_with_a_label_image(make_napari_viewer, dataset, tmp_path
   np.testing.assert_allclose(lab.scale, [2.5] * 3)
   assert list(lab.features["class"]) == CLASSES
   np.testing.assert_allclose(lab.colormap.color_dict[1], [1, 0, 0, 1])
-  assert lab.metadata["bonejax"]["voxel_size_um"] == 2.5
+  assert lab.metadata["bonejax"]["voxel_size_um"] == [2.5] * 3
   # The widgets take a multiscale layer's full resolution.
   from bonejax.napari import layers, predict_widget
   assert layers.data_of(img).shape == image.shape
@@ -187,3 +187,46 @@ def test_napari_opens_a_dataset_through_the_installed_plugin(make_napari_viewer,
   assert [layer.name for layer in added] == ["scan_001", "scan_001 labels"]
   v = store.open_scan(dataset / "scan_001").voxel_size_um
   np.testing.assert_allclose(added[1].scale, [v, v, v])
+
+
+def test_anisotropic_scan_and_class_named_probabilities(make_napari_viewer, tmp_path):
+  # A scan of 8 x 6.24 x 6.24 um voxels keeps its three sizes; --save_probs as OME-Zarr opens
+  # as one layer per class named by the omero channel labels, every layer in micrometres.
+  from bonejax.io import ome_zarr
+  shape, voxel = (6, 8, 10), [8.0, 6.24, 6.24]
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, shape).astype(np.uint8)
+  store.write_scan(tmp_path / "s0", rng.random(shape).astype(np.float32), labels,
+                   attrs={"voxel_size_um": 6.24, "voxel_size_zyx_um": voxel})
+  probs = rng.random(shape + (3,)).astype(np.float32)
+  w = ome_zarr.OmeZarrWriter(tmp_path / "probs.ome.zarr", shape, np.float32, kind="image",
+                             channels=3, channel_names=CLASSES, voxel_size_um=voxel)
+  w.view[...].write(probs).result()
+  w.finish({"classes": CLASSES})
+  viewer = make_napari_viewer()
+  added = open_in(viewer, tmp_path / "s0") + open_in(viewer, tmp_path / "probs.ome.zarr")
+  for layer in added:
+    np.testing.assert_allclose(layer.scale, voxel)
+    assert [str(u) for u in layer.units] == ["micrometer"] * 3
+  assert [layer.name for layer in added[2:]] == [f"probs p({c})" for c in CLASSES]
+  assert [tuple(layer.contrast_limits) for layer in added[2:]] == [(0.0, 1.0)] * 3
+  np.testing.assert_allclose(np.asarray(added[3].data), probs[..., 1])
+
+
+def test_dataset_with_mixed_voxel_sizes_opens_centred(make_napari_viewer, tmp_path):
+  # Two scans of different voxel sizes and shapes: each is placed with its centre on the
+  # first's, so the extent napari fits the view to is centred on the scan shown.
+  rng = np.random.default_rng(1)
+  for name, shape, v in (("a", (8, 10, 12), 5.0), ("b", (6, 20, 9), 12.0)):
+    store.write_scan(tmp_path / "d" / name, rng.random(shape).astype(np.float32),
+                     attrs={"voxel_size_um": v})
+  store.write_dataset_json(tmp_path / "d", CLASSES, ["a", "b"])
+  viewer = make_napari_viewer()
+  a, b = open_in(viewer, tmp_path / "d")
+  centres = []
+  for layer in (a, b):
+    ext = np.asarray(layer.extent.world)  # [min, max] corners in micrometres
+    centres.append((ext[0] + ext[1]) / 2)
+  np.testing.assert_allclose(centres[0], centres[1], atol=1e-9)
+  world = np.asarray(viewer.layers.extent.world)
+  np.testing.assert_allclose((world[0] + world[1]) / 2, centres[0], atol=1e-9)

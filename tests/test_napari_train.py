@@ -148,3 +148,19 @@ def test_bad_input_starts_nothing(make_napari_viewer, qtbot, tmp_path, monkeypat
   w.start()
   assert "label value 3 >= number of classes 2" in w.status.error and not w.running
   assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no workdir, no dataset
+
+
+def test_loss_plot_keeps_its_height_with_three_docks(make_napari_viewer, qtbot):
+  from bonejax.napari.evaluate_widget import EvaluateWidget
+  from bonejax.napari.predict_widget import PredictWidget
+  from bonejax.napari.train_widget import PLOT_MIN_HEIGHT
+  viewer = make_napari_viewer(show=True)
+  for name, widget in (("Predict", PredictWidget(viewer)), ("Evaluate", EvaluateWidget(viewer)),
+                       ("Train", TrainWidget(viewer))):
+    viewer.window.add_dock_widget(widget, name=name, area="right")
+  train = widget
+  viewer.window._qt_window.resize(1400, 900)
+  qtbot.waitUntil(lambda: train.plot.height() > 0, timeout=10_000)
+  qtbot.wait(200)
+  assert train.plot.height() >= PLOT_MIN_HEIGHT
+  assert train.plot.canvas.height() >= PLOT_MIN_HEIGHT - 10

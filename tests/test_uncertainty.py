@@ -156,3 +156,21 @@ def test_cli_vote_max_and_save_uncertainty(files, tmp_path):
   assert set(result["uncertain_slices"]) == {"z", "y", "x"}
   assert len(result["uncertain_slices"]["z"]) == 10
   assert unc.exists() and out.exists()
+
+
+def test_uncertainty_tiff_is_calibrated(tmp_path):
+  import tifffile
+  maps = np.zeros((3, 4, 5, 2), np.uint8)
+  maps[..., 0] = 7
+  path = tmp_path / "u.tif"
+  uncertainty.write_tiff(maps, path, maps.shape[:3], voxel_size_um=(8.0, 6.24, 5.0))
+  with tifffile.TiffFile(path) as tif:
+    ij = tif.imagej_metadata
+    assert ij["spacing"] == pytest.approx(8.0) and ij["unit"] == "um"
+    page = tif.pages[0]
+    x_res = page.tags["XResolution"].value
+    y_res = page.tags["YResolution"].value
+    assert x_res[1] / x_res[0] == pytest.approx(5.0, rel=1e-6)
+    assert y_res[1] / y_res[0] == pytest.approx(6.24, rel=1e-6)
+  with uncertainty.open_maps(path) as src:
+    np.testing.assert_array_equal(src.read_slab(0, 3), maps)

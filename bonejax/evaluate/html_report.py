@@ -3,14 +3,18 @@
 A JSON report is for scripts; people want to see. `write(ev, path, ...)` makes a single file
 (every picture an inlined PNG data URI, no scripts, no external links, so it can be mailed or
 archived) with:
+- a header naming the prediction, the truth, the model, planes, vote and the (Z, Y, X) voxel
+  size (and how it was known), and any warning (assumed voxel size, truth used in training);
 - the per-class IoU / Dice / precision / recall table and the means;
+- the bone measures and, with --morphometry, the bone indices of prediction and truth (numbers
+  come before pictures);
 - the confusion matrix, cells shaded by their share of the truth row;
 - the per-slice foreground IoU profile along Z, Y and X;
 - the training curves, when a metrics.csv is known (beside the bundle's workdir);
 - the voting comparison (single axes vs fused votes), when given;
 - for each axis, the middle slice: image, truth, prediction, errors (prediction != truth in
-  red over the image) and, when given, the uncertainty (entropy) map;
-- the bone measures of prediction and truth.
+  red over the image) and, when given, the uncertainty (entropy) map; pixels keep their
+  physical aspect (Y and X slices of 8 x 6.24 x 6.24 um voxels are drawn 8 : 6.24).
 The page carries `<meta name="generator" content="bonejax ...">`, so `--overwrite` knows it.
 """
 
@@ -28,7 +32,7 @@ import numpy as np
 
 import bonejax
 from bonejax.core import outputs
-from bonejax.evaluate import report
+from bonejax.evaluate import provenance, report
 from bonejax.io import colours
 
 _CSS = """
@@ -38,7 +42,8 @@ h1{font-size:1.5em;margin-bottom:0.2em} h2{font-size:1.15em;margin-top:1.6em;bor
 solid #ddd;padding-bottom:4px} table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ccc;padding:4px 10px;text-align:right} th{background:#f4f4f4}
 td.name,th.name{text-align:left} img{max-width:100%;height:auto;display:block;margin:6px 0}
-.meta{color:#555;font-size:0.92em} .swatch{display:inline-block;width:0.9em;height:0.9em;
+.meta{color:#555;font-size:0.92em} .warning{color:#a33;font-weight:600}
+#header td,#header th{border:none;padding:1px 12px 1px 0;background:none} .swatch{display:inline-block;width:0.9em;height:0.9em;
 margin-right:6px;vertical-align:-0.1em;border:1px solid #888}
 """
 
@@ -156,10 +161,18 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
   grey = _grey(m["image"]) if m.get("image") is not None else None
   panels = ["image", "truth", "prediction", "errors"] + (
       ["uncertainty"] if m.get("uncertainty") is not None else [])
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6))
-  # Z runs down the page in Y and X slices; pixels keep their physical aspect when known.
+  # Every picture gets a cell of the same size; the uncertainty's colour bar sits in a narrow
+  # column of its own (room for its ticks and label), so that panel is not shrunk out of line.
+  bar = m.get("uncertainty") is not None
+  widths = [1.0] * len(panels) + ([0.28] if bar else [])
+  # Z runs down the page in Y and X slices; pixels keep their physical aspect when known, and
+  # the figure is as tall as the pictures then are (no band of white under flat slices).
   dims = [d for d in range(3) if d != axis]
   aspect = voxel[dims[0]] / voxel[dims[1]] if voxel else 1.0
+  height = min(1.6, max(0.25, truth.shape[0] * aspect / truth.shape[1])) * 3.0
+  fig = plt.figure(figsize=(3.3 * len(panels) + (0.9 if bar else 0), height + 0.9))
+  grid = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.08)
+  axes = [fig.add_subplot(grid[0, i]) for i in range(len(panels))]
   for ax, title in zip(axes, panels):
     if grey is not None and title != "uncertainty":
       ax.imshow(grey, cmap="gray", interpolation="nearest", aspect=aspect)
@@ -178,7 +191,9 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
     elif title == "uncertainty":
       im = ax.imshow(m["uncertainty"], cmap="magma", vmin=0, vmax=255,
                      interpolation="nearest", aspect=aspect)
-      fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="entropy x 255")
+      # In the axes' own coordinates: as tall as the picture, just right of it.
+      cax = ax.inset_axes([1.04, 0.0, 0.06, 1.0])
+      fig.colorbar(im, cax=cax, label="entropy x 255")
     elif grey is None:
       ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)
@@ -186,7 +201,7 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
   fig.legend(handles=[Patch(color=colours.colour(k), label=f"{k} {n}")
                       for k, n in enumerate(names)] + [Patch(color="#ff0000", label="error")],
              loc="lower center", ncol=min(c + 1, 7), frameon=False)
-  fig.subplots_adjust(bottom=0.14)
+  fig.subplots_adjust(bottom=0.55 / (height + 0.9))
   return _png(fig)
 
 
@@ -218,6 +233,48 @@ def find_metrics_csv(*hints: Any) -> Path | None:
   return None
 
 
+def _header(r: dict[str, Any], title: str) -> list[str]:
+  """Title and what was compared: files, model, planes, vote, shape and the voxel size."""
+  rows = [("prediction", f'<code>{html.escape(str(r["pred"]))}</code>'),
+          ("truth", f'<code>{html.escape(str(r["truth"]))}</code>')]
+  info = r.get("prediction_info") or {}
+  if info.get("architecture") or info.get("model"):
+    model = html.escape(str(info.get("architecture") or ""))
+    if info.get("model"):
+      model += f' <code>{html.escape(str(info["model"]))}</code>'
+    rows.append(("model", model.strip()))
+  if info.get("planes") is not None:
+    rows.append(("planes", html.escape(f'{info["planes"]}' + (
+        f' ({", ".join(info["plane_sets"])})' if info.get("plane_sets") else ""))))
+  if info.get("vote"):
+    rows.append(("vote", html.escape(str(info["vote"]))))
+  rows.append(("shape (Z, Y, X)", f'{tuple(r["shape"])}, {r["voxels"]:,} voxels'))
+  rows.append(("voxel size", html.escape(provenance.voxel_text(r))))
+  cells = "".join(f'<tr><th class="name">{k}</th><td class="name">{v}</td></tr>'
+                  for k, v in rows)
+  out = [f"<h1>{html.escape(title)}</h1>", f'<table id="header">{cells}</table>',
+         f'<p class="meta">bonejax {html.escape(bonejax.__version__)}</p>']
+  for w in r.get("warnings") or ([r["warning"]] if r.get("warning") else []):
+    out.append(f'<p class="warning">Warning: {html.escape(w)}.</p>')
+  return out
+
+
+def _morphometry_tables(morph: dict[str, Any]) -> list[str]:
+  from bonejax.evaluate import morph_report
+  out = []
+  for key, m in morph.items():
+    rows = "".join(
+        f'<tr><td class="name">{html.escape(morph_report.label(name, v["unit"]))}</td>'
+        f'<td>{morph_report.fmt_value(v["pred"], v["unit"])}</td>'
+        f'<td>{morph_report.fmt_value(v["truth"], v["unit"])}</td><td>'
+        f'{"n/a" if v["rel_diff"] is None else format(v["rel_diff"] * 100, "+.1f") + " %"}'
+        f'</td></tr>' for name, v in m["indices"].items())
+    out += [f"<h3>{html.escape(key)}, {html.escape(m['roi'])}</h3>",
+            f'<table class="morphometry"><tr><th class="name">index</th><th>prediction</th>'
+            f'<th>truth</th><th>relative difference</th></tr>{rows}</table>']
+  return out
+
+
 def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
            voting: Sequence[tuple[str, dict[str, Any]]] | None = None,
            metrics_csv: str | Path | None = None) -> str:
@@ -225,16 +282,20 @@ def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
   names = r["classes"]
   voxel = r.get("voxel_size_zyx_um") or ([r["voxel_size_um"]] * 3 if r.get("voxel_size_um")
                                           else None)
-  parts = [f"<h1>{html.escape(title)}</h1>",
-           f'<p class="meta">prediction <code>{html.escape(str(r["pred"]))}</code><br>'
-           f'truth <code>{html.escape(str(r["truth"]))}</code><br>'
-           f'shape (Z, Y, X) {tuple(r["shape"])}, {r["voxels"]:,} voxels'
-           + (f', voxel {r["voxel_size_um"]:g} um' if r.get("voxel_size_um") else "")
-           + f' &middot; bonejax {html.escape(bonejax.__version__)}</p>',
-           "<h2>Per class</h2>", _scores_table(r),
-           "<h2>Confusion matrix</h2>",
-           '<p class="meta">Rows: truth, columns: prediction; shading: share of the row.</p>',
-           _confusion_table(r)]
+  # Numbers first (what a reader compares), pictures after.
+  parts = _header(r, title) + ["<h2>Per class</h2>", _scores_table(r)]
+  if r.get("measures"):
+    parts += ["<h2>Bone measures</h2>", _measures_table(r["measures"])]
+  if r.get("morphometry"):
+    parts += ["<h2>Bone morphometry</h2>",
+              '<p class="meta">ASBMR indices (Bouxsein et al. 2010) in micrometres on the '
+              '(Z, Y, X) voxel size; relative difference = (prediction - truth) / truth.</p>']
+    parts += _morphometry_tables(r["morphometry"])
+  if voting:
+    parts += ["<h2>Voting comparison</h2>", _voting_table(voting, names)]
+  parts += ["<h2>Confusion matrix</h2>",
+            '<p class="meta">Rows: truth, columns: prediction; shading: share of the row.</p>',
+            _confusion_table(r)]
   if ev.profiles is not None:
     parts += ["<h2>Per-slice foreground IoU</h2>", _img(_profile_png(ev.profiles),
                                                         "per-slice IoU profile")]
@@ -242,8 +303,6 @@ def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
   if curves_uri:
     parts += ["<h2>Training curves</h2>", _img(curves_uri, "training curves"),
               f'<p class="meta">From <code>{html.escape(str(metrics_csv))}</code>.</p>']
-  if voting:
-    parts += ["<h2>Voting comparison</h2>", _voting_table(voting, names)]
   if ev.middles:
     parts.append("<h2>Middle slices</h2>")
     for axis in range(3):
@@ -255,10 +314,6 @@ def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
       parts += [f"<h3>{'ZYX'[axis]} = {m['index']}</h3>",
                 _img(_slices_png(axis, m, names, voxel), f"middle slice across {'ZYX'[axis]}"),
                 f'<p class="meta">{" &middot; ".join(shown)}</p>']
-  if r.get("measures"):
-    parts += ["<h2>Bone measures</h2>", _measures_table(r["measures"])]
-    if r.get("warning"):
-      parts.append(f'<p class="meta">Warning: {html.escape(r["warning"])}.</p>')
   return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
           f'<meta name="generator" content="bonejax {html.escape(bonejax.__version__)}">'
           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"

@@ -10,8 +10,9 @@ Definitions (Scaling the U-net, eqs. 1-3), all fractions in [0, 1] (not percent)
   background (class 0); for the bone phantom TV = bone + pore.
 - ROI with implant classes (eq. 3): the voxels outside the implant (degradation layer and
   residual material, both excluded) whose Euclidean distance to the nearest implant voxel is at
-  most `roi_distance_um` (converted to voxels with the voxel size; voxels are taken isotropic).
-  Without a distance, the ROI is every voxel outside the implant.
+  most `roi_distance_um` (a Euclidean distance in micrometres over the (Z, Y, X) voxel size, so
+  anisotropic voxels are measured as they are). Without a distance, the ROI is every voxel
+  outside the implant.
 - bv_tv = bone voxels in the ROI / ROI voxels.
 - porosity = pore / (bone + pore).
 - Implant surface: implant voxels with at least one 6-neighbour inside the volume that is not
@@ -20,13 +21,17 @@ Definitions (Scaling the U-net, eqs. 1-3), all fractions in [0, 1] (not percent)
 - dr (eq. 1) = (v_i - v_r) / (a_i * t) in mm/year, v_r = residual material volume. v_i and a_i
   are the user's initial implant volume (mm^3) and surface (mm^2); without them they are
   estimated from the segmentation as the volume and surface of the union of degradation layer
-  and residual material. The estimated surface counts exposed voxel faces: exact for faces
+  and residual material. The estimated surface counts exposed voxel faces (each with its own
+  area on anisotropic voxels: a face across Z is Y x X): exact for faces
   along the axes, but it overestimates oblique surfaces (by 3/2 on average over orientations,
   by 4/pi on the side of an axis-aligned cylinder), so give --initial_surface_mm2 when known.
   Needs t (years); without it dr is not reported.
 
+Voxel sizes are (Z, Y, X) in micrometres (one number means isotropic); volumes are counts
+times the voxel's volume Z * Y * X, never a cube of one side.
+
 Everything is counted slab by slab along Z with a halo (1 slice for contacts and faces,
-ceil(distance) slices for the shell ROI), so no more than one padded slab is in memory; the
+ceil(distance / Z size) slices for the shell ROI), so no more than one padded slab is in memory; the
 shell's distance transform needs about 20 bytes per voxel of the padded slab cropped to the
 implant's neighbourhood (lower --slab for very wide scans).
 """
@@ -116,28 +121,29 @@ def _any_neighbour(mask: np.ndarray) -> np.ndarray:
   return out
 
 
-def _exposed_faces(mask: np.ndarray, inner: slice) -> int:
-  """Faces between `mask` and not-`mask` voxels, counted once, owned by the inner slices.
+def _exposed_faces(mask: np.ndarray, inner: slice) -> np.ndarray:
+  """Faces between `mask` and not-`mask` voxels across Z, Y and X (three counts: their areas
+  differ on anisotropic voxels), counted once, owned by the inner slices.
 
   Along Z a face belongs to the slice below it, so faces on slab boundaries are not doubled.
   """
   m = mask
   a = m[inner]
-  faces = 0
+  faces = np.zeros(3, np.int64)
   for axis in (1, 2):
     lo = [slice(None)] * 3
     hi = [slice(None)] * 3
     lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-    faces += int(np.count_nonzero(a[tuple(lo)] != a[tuple(hi)]))
+    faces[axis] = int(np.count_nonzero(a[tuple(lo)] != a[tuple(hi)]))
   # Z faces between slice k and k+1, for k in the inner slices (k+1 may be in the halo).
   start, stop = inner.start, min(inner.stop, m.shape[0] - 1)
   if stop > start:
-    faces += int(np.count_nonzero(m[start:stop] != m[start + 1:stop + 1]))
+    faces[0] = int(np.count_nonzero(m[start:stop] != m[start + 1:stop + 1]))
   return faces
 
 
-def _count_slab(block: np.ndarray, inner: slice, r: Roles, roi_voxels: float | None,
-                num_classes: int) -> dict[str, Any]:
+def _count_slab(block: np.ndarray, inner: slice, r: Roles, roi_um: float | None,
+                voxel: tuple[float, float, float], num_classes: int) -> dict[str, Any]:
   """Counts for the inner slices of a padded block (halo slices only serve as neighbours)."""
   lab = block[inner]
   out = {"class_counts": metrics.class_counts(lab, num_classes)}
@@ -151,19 +157,19 @@ def _count_slab(block: np.ndarray, inner: slice, r: Roles, roi_voxels: float | N
     out["contact"] = int(np.count_nonzero(contact[inner]))
   out["faces"] = _exposed_faces(implant, inner)
   outside = ~implant[inner]
-  if roi_voxels is None:
+  if roi_um is None:
     roi = outside
   elif implant.any():
     # Exact within the halo: any implant voxel nearer than the distance lies inside the block.
     # The distance transform (about 20 bytes a voxel) runs only on the implant's Y, X bounding
     # box grown by the distance: nothing outside it can be in the shell.
-    h = math.ceil(roi_voxels)
+    hy, hx = (math.ceil(roi_um / v) for v in voxel[1:])
     ys = np.flatnonzero(implant.any(axis=(0, 2)))
     xs = np.flatnonzero(implant.any(axis=(0, 1)))
-    box = (slice(max(0, ys[0] - h), ys[-1] + h + 1), slice(max(0, xs[0] - h), xs[-1] + h + 1))
-    dist = ndimage.distance_transform_edt(~implant[(slice(None),) + box])[inner]
+    box = (slice(max(0, ys[0] - hy), ys[-1] + hy + 1), slice(max(0, xs[0] - hx), xs[-1] + hx + 1))
+    dist = ndimage.distance_transform_edt(~implant[(slice(None),) + box], sampling=voxel)[inner]
     roi = np.zeros_like(outside)
-    roi[(slice(None),) + box] = outside[(slice(None),) + box] & (dist <= roi_voxels)
+    roi[(slice(None),) + box] = outside[(slice(None),) + box] & (dist <= roi_um)
   else:
     roi = np.zeros_like(outside)
   out["roi"] = int(np.count_nonzero(roi))
@@ -171,24 +177,35 @@ def _count_slab(block: np.ndarray, inner: slice, r: Roles, roi_voxels: float | N
   return out
 
 
-def measure(labels: Any, classes: Sequence[str], voxel_size_um: float,
+def voxel_zyx(voxel_size_um: float | Sequence[float]) -> tuple[float, float, float]:
+  """One number or (Z, Y, X) micrometres as three positive finite floats (else UserError)."""
+  v = voxel_size_um
+  try:
+    v = (float(v),) * 3 if np.ndim(v) == 0 else tuple(float(x) for x in v)
+  except (TypeError, ValueError):
+    raise errors.UserError(f"voxel size {voxel_size_um!r} is not a number") from None
+  if len(v) != 3 or not all(math.isfinite(x) and x > 0 for x in v):
+    raise errors.UserError(f"voxel size {voxel_size_um!r} um must be one or three (Z, Y, X) "
+                           f"positive finite numbers")
+  return v
+
+
+def measure(labels: Any, classes: Sequence[str], voxel_size_um: float | Sequence[float],
             options: Options | None = None, slab: int = 64,
             progress: bool | Progress | None = None) -> dict[str, Any]:
-  """The applicable measures of one label volume (numpy, tensorstore or `.read_slab`)."""
+  """The applicable measures of one label volume (numpy, tensorstore or `.read_slab`);
+  `voxel_size_um`: (Z, Y, X) micrometres, or one number for isotropic voxels."""
   options = options or Options()
   options.validate()
-  if not (voxel_size_um and math.isfinite(voxel_size_um) and voxel_size_um > 0):
-    raise errors.UserError(f"voxel size {voxel_size_um} um must be a positive number")
+  voxel = voxel_zyx(voxel_size_um)
   r = roles(classes)
   if r.bone is None and not r.implant:
     return {}
   shape = metrics.shape_of(labels)
   if len(shape) != 3:
     raise errors.UserError(f"labels must be 3D (Z, Y, X), got shape {shape}")
-  roi_voxels = None
-  if r.implant and options.roi_distance_um is not None:
-    roi_voxels = options.roi_distance_um / voxel_size_um
-  halo = (max(1, math.ceil(roi_voxels)) if roi_voxels is not None else 1) if r.implant else 0
+  roi_um = options.roi_distance_um if r.implant else None
+  halo = (max(1, math.ceil(roi_um / voxel[0])) if roi_um is not None else 1) if r.implant else 0
   bar = Progress(total=shape[0], desc="measures", unit="slices") if progress is True \
       else (progress or None)
   totals: dict[str, Any] = {}
@@ -199,24 +216,25 @@ def measure(labels: Any, classes: Sequence[str], voxel_size_um: float,
     if not np.issubdtype(block.dtype, np.integer):
       raise errors.UserError(f"labels must be integers, got {block.dtype}")
     metrics.check_range(block, len(classes), "label")
-    part = _count_slab(block, slice(z0 - a0, z1 - a0), r, roi_voxels, len(classes))
+    part = _count_slab(block, slice(z0 - a0, z1 - a0), r, roi_um, voxel, len(classes))
     for k, v in part.items():
       totals[k] = totals.get(k, 0) + v
     if bar is not None:
       bar.update(z1 - z0)
   if progress is True:
     bar.close()
-  return _finish(totals, r, voxel_size_um, options)
+  return _finish(totals, r, voxel, options)
 
 
 def _frac(num: float, den: float) -> float:
   return float(num) / float(den) if den > 0 else float("nan")
 
 
-def _finish(t: dict[str, Any], r: Roles, voxel_size_um: float, o: Options) -> dict[str, Any]:
+def _finish(t: dict[str, Any], r: Roles, voxel: tuple[float, float, float],
+            o: Options) -> dict[str, Any]:
   counts = t["class_counts"]
-  voxel_mm3 = (voxel_size_um * 1e-3) ** 3
-  face_mm2 = (voxel_size_um * 1e-3) ** 2
+  vz, vy, vx = (v * 1e-3 for v in voxel)  # mm
+  voxel_mm3 = vz * vy * vx
   n = lambda c: int(counts[c]) if c is not None else 0  # noqa: E731
   out: dict[str, Any] = {}
   if r.bone is not None:
@@ -228,11 +246,13 @@ def _finish(t: dict[str, Any], r: Roles, voxel_size_um: float, o: Options) -> di
       out["bv_tv"] = _frac(t["roi_bone"], t["roi"])
       out["bic"] = _frac(t["contact"], t["surface"])
     out["implant_volume_mm3"] = implant * voxel_mm3
-    out["implant_surface_mm2"] = t["faces"] * face_mm2
+    # Faces across Z are Y x X, across Y Z x X, across X Z x Y.
+    surface_mm2 = float(np.dot(t["faces"], (vy * vx, vz * vx, vz * vy)))
+    out["implant_surface_mm2"] = surface_mm2
     out["residual_volume_mm3"] = n(r.residual) * voxel_mm3
     if o.implant_time_years is not None:
       v_i = o.initial_volume_mm3 if o.initial_volume_mm3 is not None else implant * voxel_mm3
-      a_i = o.initial_surface_mm2 if o.initial_surface_mm2 is not None else t["faces"] * face_mm2
+      a_i = o.initial_surface_mm2 if o.initial_surface_mm2 is not None else surface_mm2
       out["dr_mm_per_year"] = _frac(v_i - out["residual_volume_mm3"], a_i * o.implant_time_years)
   elif r.bone is not None:
     tv = int(counts.sum()) - int(counts[0])

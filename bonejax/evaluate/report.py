@@ -7,12 +7,17 @@ and the per-slice IoU profiles, measures both (bonejax.evaluate.measures), and r
 foreground IoU profile along each axis and overlays of chosen Z slices. With `middle_planes`
 the evaluation also keeps the middle slice across each of the three axes (image, truth,
 prediction and, when given, the uncertainty map) for the HTML report (`html_report`).
+
+Voxel sizes are (Z, Y, X) micrometres, never collapsed: volumes use Z * Y * X, the report keeps
+`voxel_size_zyx_um` beside the contract's one-number `voxel_size_um` (X's size) and says where
+the size came from (`voxel_size_source`: given, metadata, or assumed at import, then warned).
+`morphometry` adds the bone indices of both volumes side by side (`morph_report`). A warning
+also says when the truth scan was one of the model's training scans (its model.json lists them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -24,8 +29,8 @@ import numpy as np
 import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.evaluate import measures, metrics
-from bonejax.io import registry, source
+from bonejax.evaluate import measures, metrics, morph_report, provenance
+from bonejax.io import colours, registry, source
 
 UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
 
@@ -35,41 +40,11 @@ UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
 # ---------------------------------------------------------------------------------------------
 
 
-def _zarr_attrs(path: Path) -> dict[str, Any]:
-  try:
-    return dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
-  except (OSError, ValueError):
-    return {}
-
-
-def _scan_dir_of(path: Path) -> Path | None:
-  """The scan a labels path belongs to: the scan dir itself or SCAN/labels."""
-  if store.is_scan(path):
-    return path
-  if path.name == "labels" and store.is_scan(path.parent):
-    return path.parent
-  return None
-
-
 def dataset_classes(truth: str | os.PathLike) -> list[str] | None:
   """Class names of the dataset the truth scan lives in (None if it is not in one)."""
-  scan = _scan_dir_of(Path(truth))
+  scan = provenance.scan_dir_of(Path(truth))
   if scan is not None and (scan.parent / store.DATASET_JSON).exists():
     return store.open_dataset(scan.parent).classes
-  return None
-
-
-def voxel_size_of(*paths: str | os.PathLike) -> float | None:
-  """voxel_size_um from the first scan (or array with that attribute) among `paths`."""
-  for p in paths:
-    if p is None:
-      continue
-    p = Path(p)
-    for d in (_scan_dir_of(p), p if p.is_dir() else None):
-      if d is not None:
-        v = _zarr_attrs(d).get("voxel_size_um")
-        if v is not None:
-          return float(v)
   return None
 
 
@@ -104,7 +79,7 @@ def open_labels(path: str | os.PathLike, what: str) -> source.VolumeSource:
   p = errors.require_exists(path, what)
   if store.is_scan(p) and not (p / "labels" / "zarr.json").exists():
     raise errors.UserError(f"{what} scan {str(p)!r} has no labels")
-  scan = _scan_dir_of(p)
+  scan = provenance.scan_dir_of(p)
   if scan is not None:
     store.warn_missing_chunks(scan)
   src = registry.open_volume(p, array="labels")
@@ -192,32 +167,51 @@ def default_overlay_slices(depth: int) -> list[int]:
 
 def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
              classes: Sequence[str] | None = None, num_classes: int | None = None,
-             options: measures.Options | None = None, voxel_size_um: float | None = None,
+             options: measures.Options | None = None,
+             voxel_size_um: float | Sequence[float] | str | None = None,
              image: str | os.PathLike | None = None, pictures: bool = False,
              overlay_slices: Sequence[int] | None = None, slab: int = 64,
              progress: bool = True, middle_planes: bool = False,
-             uncertainty: str | os.PathLike | None = None) -> Evaluation:
+             uncertainty: str | os.PathLike | None = None,
+             morphometry: "morph_report.Request | bool | None" = None) -> Evaluation:
   """Scores and measures of `pred` against `truth` (paths). Raises errors.UserError on bad input.
+
+  `voxel_size_um`: one number or (Z, Y, X) micrometres (or `"Z,Y,X"`); default the truth
+  scan's, else the prediction's, else what the files record; never collapsed to one number.
 
   `middle_planes` keeps the middle slice across each axis for the HTML report (with the
   per-slice profile), including the uncertainty map `uncertainty` (predict.py
-  --save_uncertainty) when given.
+  --save_uncertainty) when given. `morphometry` (a `morph_report.Request`, or True for the
+  defaults) adds the bone indices of both volumes side by side (`result["morphometry"]`).
   """
   start = time.perf_counter()
   options = options or measures.Options()
   options.validate()
   names = resolve_classes(truth, classes, num_classes)
+  if morphometry is True:
+    morphometry = morph_report.Request()
+  if morphometry and names is not None:  # bad classes before any work
+    morph_report.classes_to_measure(morphometry, names)
   truth_src = open_labels(truth, "truth")
   pred_src = open_labels(pred, "prediction")
   if pred_src.shape != truth_src.shape:
     raise errors.UserError(f"prediction shape {pred_src.shape} != truth shape {truth_src.shape}")
   shape = truth_src.shape
-  if voxel_size_um is None:
-    voxel_size_um = voxel_size_of(truth, pred)
-  voxel_known = voxel_size_um is not None
-  voxel_size_um = float(voxel_size_um) if voxel_known else 1.0
-  if not (math.isfinite(voxel_size_um) and voxel_size_um > 0):
-    raise errors.UserError(f"voxel size {voxel_size_um} um must be a positive number")
+  if voxel_size_um is not None:
+    voxel, voxel_source = provenance.parse_voxel_size(voxel_size_um, "voxel size"), "given"
+  else:
+    # The truth scan's stored size first (import recorded where it came from), then the
+    # prediction's attributes, then what the files themselves say (TIFF, OME-Zarr, ...).
+    attrs = provenance.voxel_attrs(truth, pred)
+    voxel = provenance.voxel_size_of(truth, pred)
+    voxel_source = provenance.voxel_source(attrs)
+    if voxel is None:
+      voxel = truth_src.voxel_size_um or pred_src.voxel_size_um
+      voxel_source = "metadata"
+    if voxel is None:
+      voxel_source = "assumed"
+  voxel_known = voxel is not None
+  voxel = tuple(voxel) if voxel_known else (1.0, 1.0, 1.0)
 
   image_src = unc_src = None
   slices: list[int] = []
@@ -233,9 +227,10 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     if unc_src.shape[:3] != shape:
       raise errors.UserError(f"uncertainty map shape {unc_src.shape[:3]} != label shape {shape}")
   if pictures or middle_planes:
-    image_path = image if image is not None else (truth if _scan_dir_of(Path(truth)) else None)
+    image_path = image if image is not None else (
+        truth if provenance.scan_dir_of(Path(truth)) else None)
     if image_path is not None:
-      scan = _scan_dir_of(Path(image_path))
+      scan = provenance.scan_dir_of(Path(image_path))
       image_src = registry.open_volume(errors.require_exists(scan or image_path, "image"))
       if image_src.shape != shape:
         raise errors.UserError(f"image shape {image_src.shape} != label shape {shape}")
@@ -268,17 +263,21 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     names = metrics.class_names_for(c)
   s = metrics.scores(cm, names)
 
-  m_pred = measures.measure(pred_src, names, voxel_size_um, options, slab=slab,
-                            progress=progress)
-  m_truth = measures.measure(truth_src, names, voxel_size_um, options, slab=slab,
-                             progress=progress)
+  m_pred = measures.measure(pred_src, names, voxel, options, slab=slab, progress=progress)
+  m_truth = measures.measure(truth_src, names, voxel, options, slab=slab, progress=progress)
+  morph = (morph_report.measure_pair(pred_src, truth_src, names, voxel, morphometry,
+                                     progress=progress) if morphometry else None)
   for z in slices:
     if image_src is not None:
       planes[z][0] = image_src.read_slab(z, z + 1)[0]
   result = {
       "pred": str(pred), "truth": str(truth),
       "shape": list(shape), "voxels": s["voxels"],
-      "voxel_size_um": voxel_size_um if voxel_known else None,
+      "prediction_info": provenance.prediction_info(pred),
+      # The contract's one number (X's size, as scans store it) and the full (Z, Y, X).
+      "voxel_size_um": voxel[2] if voxel_known else None,
+      "voxel_size_zyx_um": list(voxel) if voxel_known else None,
+      "voxel_size_source": voxel_source,
       "classes": names, "num_classes": len(names),
       "iou": metrics.by_class(s["iou"], names),
       "dice": metrics.by_class(s["dice"], names),
@@ -292,10 +291,21 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
       "confusion": s["confusion"],
       "measures": measures.compare(m_pred, m_truth),
       "measure_options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},
+      **({"morphometry": morph} if morph is not None else {}),
       "seconds": round(time.perf_counter() - start, 3),
   }
-  if not voxel_known and result["measures"]:
-    result["warning"] = "voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)"
+  warnings = []
+  if not voxel_known and (result["measures"] or morph):
+    warnings.append("voxel size unknown: volumes assume 1 um voxels (pass --voxel_size_um)")
+  elif voxel_source == "assumed":
+    warnings.append("the voxel size was assumed at import (no metadata): volumes are in "
+                    "assumed micrometres (pass --voxel_size_um)")
+  trained = provenance.training_scan_warning(pred, truth)
+  if trained:
+    warnings.append(trained)
+  if warnings:
+    result["warning"] = "; ".join(warnings)
+    result["warnings"] = warnings
   if unc_src is not None:
     unc_src.close()
   return Evaluation(result, profile.foreground_iou(len(names)) if profile else None,
@@ -321,10 +331,14 @@ def _pct(v: Any) -> str:
 def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
   names = result["classes"]
   lines = ["# Segmentation evaluation", "",
-           f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`",
-           f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels"
-           + (f", voxel {result['voxel_size_um']:g} um" if result.get("voxel_size_um") else ""),
-           "", "## Per class", "",
+           f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`"]
+  if result.get("prediction_info"):
+    lines.append(f"- made by: {provenance.prediction_text(result['prediction_info'])}")
+  lines += [
+           f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels",
+           f"- voxel size: {provenance.voxel_text(result)}"]
+  lines += [f"- **warning**: {w}" for w in result.get("warnings") or []]
+  lines += ["", "## Per class", "",
            "| class | IoU | Dice | precision | recall | truth voxels | predicted voxels |",
            "|---|---:|---:|---:|---:|---:|---:|"]
   for i, n in enumerate(names):
@@ -344,10 +358,12 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
       lines.append(f"| {k} | {_num(v['pred'], '.4g')} | {_num(v['truth'], '.4g')} | "
                    f"{_pct(v['rel_diff'])} |")
     lines += ["", "Fractions (bv_tv, porosity, bic) are in [0, 1]; relative difference = "
-              "(prediction - truth) / truth."]
-    if result.get("warning"):
-      lines += ["", f"Warning: {result['warning']}."]
-    lines.append("")
+              "(prediction - truth) / truth.", ""]
+  if result.get("morphometry"):
+    lines += ["## Bone morphometry", "",
+              "ASBMR indices (Bouxsein et al. 2010) in micrometres on the (Z, Y, X) voxel size; "
+              "relative difference = (prediction - truth) / truth.", ""]
+    lines += morph_report.markdown(result["morphometry"])
   lines += ["## Confusion matrix (rows: truth, columns: prediction)", "",
             "| truth \\ pred | " + " | ".join(names) + " |",
             "|---|" + "---:|" * len(names)]
@@ -400,14 +416,15 @@ def plot_profile(profiles: Sequence[np.ndarray], path: Path) -> None:
 
 
 def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.ndarray,
-                 names: Sequence[str], path: Path) -> None:
+                 names: Sequence[str], path: Path, aspect: float = 1.0) -> None:
+  """Image, truth and prediction of Z slice `z`; `aspect`: Y size / X size of a voxel."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
   from matplotlib.patches import Patch
   c = len(names)
-  cmap = ListedColormap([colour(k) for k in range(c)])
+  cmap = ListedColormap([colours.colour(k) for k in range(c)])
   fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
   grey = None
   if image is not None:
@@ -416,17 +433,17 @@ def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.n
     grey = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
   for ax, title, lab in zip(axes, ("image", "truth", "prediction"), (None, truth, pred)):
     if grey is not None:
-      ax.imshow(grey, cmap="gray", interpolation="nearest")
+      ax.imshow(grey, cmap="gray", interpolation="nearest", aspect=aspect)
     if lab is not None:
       # Over the image, background stays see-through; without an image, it is drawn black.
       shown = np.ma.masked_equal(lab, 0) if grey is not None else lab
       ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=c - 0.5, interpolation="nearest",
-                alpha=0.5 if grey is not None else 1.0)
+                alpha=0.5 if grey is not None else 1.0, aspect=aspect)
     elif grey is None:
       ax.text(0.5, 0.5, "no image", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{title}, z = {z}")
     ax.set_axis_off()
-  fig.legend(handles=[Patch(color=colour(k), label=f"{k} {n}") for k, n in enumerate(names)],
+  fig.legend(handles=[Patch(color=colours.colour(k), label=f"{k} {n}") for k, n in enumerate(names)],
              loc="lower center", ncol=min(c, 6), frameon=False)
   fig.subplots_adjust(bottom=0.12)
   _save(fig, path)
@@ -443,7 +460,9 @@ def write(ev: Evaluation, out: str | os.PathLike) -> dict[str, Any]:
     pictures = picture_paths(out, sorted(ev.overlays))
     plot_profile(ev.profiles, pictures[0])
     for z, p in zip(sorted(ev.overlays), pictures[1:]):
-      plot_overlay(z, *ev.overlays[z], ev.result["classes"], p)
+      v = ev.result.get("voxel_size_zyx_um")
+      plot_overlay(z, *ev.overlays[z], ev.result["classes"], p,
+                   aspect=v[1] / v[2] if v else 1.0)
   result = dict(ev.result, out=str(out), report_md=str(md),
                 pictures=[str(p) for p in pictures], bonejax_version=bonejax.__version__)
   outputs.atomic_write_text(md, markdown(result, [str(p) for p in pictures]))

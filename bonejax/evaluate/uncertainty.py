@@ -122,7 +122,7 @@ class UncertaintyWriter:
     elif self.kind == "zarr":
       store.set_array_attrs(self.tmp, attrs)
     else:
-      write_tiff(self.out, self.tmp, self.shape)
+      write_tiff(self.out, self.tmp, self.shape, voxel_size_um=self.voxel_size_um)
 
   def top_slices(self, n: int = TOP_SLICES) -> dict[str, list[dict[str, Any]]]:
     """Per axis, the `n` slices of highest mean entropy (ties: lower index), with both means
@@ -137,11 +137,21 @@ class UncertaintyWriter:
     return out
 
 
-def write_tiff(source: Any, path: Path, shape: Sequence[int], slab: int = 32) -> None:
-  """(Z, Y, X, 2) uint8 -> an ImageJ hyperstack (Z, C, Y, X), slab by slab."""
+def write_tiff(source: Any, path: Path, shape: Sequence[int], slab: int = 32,
+               voxel_size_um: Sequence[float] | None = None) -> None:
+  """(Z, Y, X, 2) uint8 -> an ImageJ hyperstack (Z, C, Y, X), slab by slab; calibrated
+  (X/Y resolution, Z spacing, unit: `tiff.calibration`) when the voxel size is known, so Fiji
+  and BoneJ open it in micrometres."""
   import tifffile
   z, y, x = shape
   big = z * y * x * 2 > tiff.BIGTIFF_BYTES
+  cal = tiff.calibration(voxel_size_um)
+  meta: dict[str, Any] = {"axes": "ZCYX"} if not big else {
+      "axes": "ZCYX", "bonejax_version": bonejax.__version__}
+  kw: dict[str, Any] = {}
+  if cal:
+    kw["resolution"] = cal["resolution"]
+    meta.update(spacing=cal["spacing"], unit=cal["unit"])
 
   def read(z0, z1):
     part = source[z0:z1]
@@ -156,9 +166,7 @@ def write_tiff(source: Any, path: Path, shape: Sequence[int], slab: int = 32) ->
 
   with tifffile.TiffWriter(path, bigtiff=big, imagej=not big) as tw:
     tw.write(pages(), shape=(z, 2, y, x), dtype=np.uint8, photometric="minisblack",
-             software=f"bonejax {bonejax.__version__}",
-             metadata={"axes": "ZCYX"} if not big
-             else {"axes": "ZCYX", "bonejax_version": bonejax.__version__})
+             software=f"bonejax {bonejax.__version__}", metadata=meta, **kw)
 
 
 class _TiffMaps:

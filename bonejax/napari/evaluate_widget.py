@@ -3,7 +3,9 @@
 The layers are handed to the same `report.evaluate` the command runs (written to a temporary
 .npy each, removed after), so the table (per-class IoU, Dice, precision, recall), the means and
 the bone measures of prediction and truth are the command's, with the class names of the truth
-layer (else the prediction's, else max label + 1) and its voxel size. "Write report" writes
+layer (else the prediction's, else max label + 1) and its (Z, Y, X) voxel size. "bone
+morphometry" adds the command's --morphometry: the ASBMR indices of the bone class (BV/TV,
+BS/BV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, SMI) of both layers side by side. "Write report" writes
 REPORT.json and REPORT.md with `report.write`, and a self-contained HTML page beside them when
 this bonejax has `html_report`.
 """
@@ -22,7 +24,7 @@ from qtpy.QtWidgets import (QCheckBox, QFormLayout, QHBoxLayout, QPushButton, QT
                             QTableWidgetItem, QVBoxLayout, QWidget)
 
 from bonejax.core import errors, outputs
-from bonejax.evaluate import report
+from bonejax.evaluate import provenance, report
 from bonejax.napari import layers, qt
 
 HAS_HTML = (importlib.util.find_spec("bonejax.evaluate.html_report") is not None and
@@ -42,12 +44,15 @@ def check_pair(pred, truth) -> None:
     raise errors.UserError(f"prediction shape {shapes[0]} != truth shape {shapes[1]}")
 
 
-def evaluate_layers(pred, truth, html: bool = False) -> report.Evaluation:
+def evaluate_layers(pred, truth, html: bool = False,
+                    morphometry: bool = False) -> report.Evaluation:
   """`report.evaluate` on two labels layers (their data written to temporary .npy files)."""
   check_pair(pred, truth)
   classes = layers.classes_of(truth) or layers.classes_of(pred)
   voxel = layers.voxel_size_of(truth) or layers.voxel_size_of(pred)
   extra = {"middle_planes": True} if html and HAS_HTML else {}
+  if morphometry:
+    extra["morphometry"] = True
   with tempfile.TemporaryDirectory(prefix="bonejax-napari-") as tmp:
     paths = []
     for name, layer in (("pred", pred), ("truth", truth)):
@@ -97,6 +102,9 @@ class EvaluateWidget(QWidget):
     self.summary = qt.Status()
     self.measures = QTableWidget(0, 4)
     self.measures.setHorizontalHeaderLabels(["measure", "prediction", "truth", "rel. diff"])
+    self.morphometry = QCheckBox("bone morphometry (Tb.Th, Tb.Sp, Conn.D, ...)")
+    self.morphometry.setToolTip("ASBMR indices of the bone class of both layers, in "
+                                "micrometres (evaluate.py --morphometry); takes longer")
     self.out = qt.PathEdit("REPORT.json", save=True, filter="JSON (*.json)")
     self.html = QCheckBox("HTML page too")
     self.html.setEnabled(HAS_HTML)
@@ -116,6 +124,7 @@ class EvaluateWidget(QWidget):
     out_row.addWidget(self.html)
     box = QVBoxLayout(self)
     box.addLayout(form)
+    box.addWidget(self.morphometry)
     box.addWidget(self.run_button)
     box.addWidget(self.table)
     box.addWidget(self.summary)
@@ -145,11 +154,13 @@ class EvaluateWidget(QWidget):
       self.status.fail(qt.user_message(e))
       return
     html = self.html.isChecked()
+    morph = self.morphometry.isChecked()
     self.evaluation = None
     self.write_button.setEnabled(False)
     self.run_button.setEnabled(False)
     self.status.say(f"evaluating {pred.name!r} against {truth.name!r}…")
-    self._worker = qt.start_worker(lambda: evaluate_layers(pred, truth, html), self._done)
+    self._worker = qt.start_worker(lambda: evaluate_layers(pred, truth, html, morph),
+                                   self._done)
 
   def _done(self, ev: report.Evaluation | None, error: str | None) -> None:
     self._worker = None
@@ -170,11 +181,17 @@ class EvaluateWidget(QWidget):
       for j, text in enumerate(cells):
         self.table.setItem(i, j, QTableWidgetItem(text))
     self.summary.say(f"miou_fg {_fmt(r['miou_fg'])}   miou_all {_fmt(r['miou_all'])}   "
-                     f"mdice_fg {_fmt(r['mdice_fg'])}   accuracy {_fmt(r['accuracy'])}"
-                     + (f"\n{r['warning']}" if r.get("warning") else ""))
-    m = r.get("measures") or {}
-    self.measures.setRowCount(len(m))
-    for i, (k, v) in enumerate(m.items()):
+                     f"mdice_fg {_fmt(r['mdice_fg'])}   accuracy {_fmt(r['accuracy'])}\n"
+                     f"voxel size {provenance.voxel_text(r)}"
+                     + "".join(f"\n{w}" for w in r.get("warnings") or []))
+    rows = list((r.get("measures") or {}).items())
+    # Morphometry rows under the measures, named "bone: Tb.Th (um)".
+    from bonejax.evaluate import morph_report
+    for key, m in (r.get("morphometry") or {}).items():
+      rows += [(f"{key}: {morph_report.label(name, v['unit'])}", v)
+               for name, v in m["indices"].items()]
+    self.measures.setRowCount(len(rows))
+    for i, (k, v) in enumerate(rows):
       rel = v.get("rel_diff")
       cells = [k, _fmt(v.get("pred"), ".4g"), _fmt(v.get("truth"), ".4g"),
                "n/a" if rel is None else f"{rel * 100:+.1f} %"]

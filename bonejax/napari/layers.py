@@ -59,9 +59,28 @@ def tensorstore_of(data: Any):
   return data.store if isinstance(data, LazyVolume) else None
 
 
-def scale_for(voxel_size_um: float | None, ndim: int = 3) -> tuple[float, ...]:
-  v = float(voxel_size_um) if voxel_size_um else 1.0
-  return (v,) * ndim
+def zyx(voxel_size_um: Any) -> tuple[float, float, float] | None:
+  """One number or (Z, Y, X) micrometres as a (Z, Y, X) tuple; None when unknown or invalid."""
+  if voxel_size_um is None:
+    return None
+  try:
+    v = ((float(voxel_size_um),) * 3 if np.ndim(voxel_size_um) == 0
+         else tuple(float(x) for x in voxel_size_um))
+  except (TypeError, ValueError):
+    return None
+  return v if len(v) == 3 and all(math.isfinite(x) and x > 0 for x in v) else None
+
+
+def scale_for(voxel_size_um: Any, ndim: int = 3) -> tuple[float, ...]:
+  """napari's scale: the (Z, Y, X) voxel size (1 where unknown); leading axes get 1."""
+  v = zyx(voxel_size_um) or (1.0, 1.0, 1.0)
+  return (1.0,) * (ndim - 3) + v if ndim >= 3 else v[-ndim:]
+
+
+def units_for(ndim: int = 3) -> tuple[str, ...]:
+  """Micrometres on every axis of every bonejax layer, known voxel size or not (then 1 um is
+  assumed, as import assumes it): napari renders in physical units only when all layers agree."""
+  return (UNIT,) * ndim
 
 
 def label_colours(num_classes: int) -> dict[Any, str]:
@@ -71,15 +90,19 @@ def label_colours(num_classes: int) -> dict[Any, str]:
   return colours
 
 
-def image_layer(data, name: str, *, voxel_size_um: float | None = None,
+def _voxel_meta(voxel_size_um: Any) -> list[float] | None:
+  v = zyx(voxel_size_um)
+  return list(v) if v is not None else None
+
+
+def image_layer(data, name: str, *, voxel_size_um: Any = None,
                 stats: dict[str, Any] | None = None, source: str | Path | None = None,
                 **extra: Any) -> tuple:
+  """An image layer; `voxel_size_um`: (Z, Y, X) micrometres (or one number)."""
   kwargs: dict[str, Any] = {
-      "name": name, "scale": scale_for(voxel_size_um, 3),
-      "metadata": {KEY: {"voxel_size_um": voxel_size_um, "intensity": stats,
+      "name": name, "scale": scale_for(voxel_size_um, 3), "units": units_for(3),
+      "metadata": {KEY: {"voxel_size_um": _voxel_meta(voxel_size_um), "intensity": stats,
                          "source": None if source is None else str(source)}}}
-  if voxel_size_um:
-    kwargs["units"] = (UNIT,) * 3
   if stats and stats.get("p99_9", 0) > stats.get("p0_5", 0):
     # The stored percentiles: napari would otherwise scan a lazy volume for its range.
     kwargs["contrast_limits"] = (float(stats["p0_5"]), float(stats["p99_9"]))
@@ -88,15 +111,14 @@ def image_layer(data, name: str, *, voxel_size_um: float | None = None,
 
 
 def labels_layer(data, name: str, classes: Sequence[str] | None, *,
-                 voxel_size_um: float | None = None, source: str | Path | None = None,
+                 voxel_size_um: Any = None, source: str | Path | None = None,
                  **extra: Any) -> tuple:
+  """A labels layer; `voxel_size_um`: (Z, Y, X) micrometres (or one number)."""
   kwargs: dict[str, Any] = {
-      "name": name, "scale": scale_for(voxel_size_um, 3),
-      "metadata": {KEY: {"voxel_size_um": voxel_size_um,
+      "name": name, "scale": scale_for(voxel_size_um, 3), "units": units_for(3),
+      "metadata": {KEY: {"voxel_size_um": _voxel_meta(voxel_size_um),
                          "classes": None if classes is None else list(classes),
                          "source": None if source is None else str(source)}}}
-  if voxel_size_um:
-    kwargs["units"] = (UNIT,) * 3
   if classes:
     # Hovering shows "value; class: bone" in the status bar.
     kwargs["features"] = {"index": list(range(len(classes))), "class": list(classes)}
@@ -129,14 +151,15 @@ def classes_of(layer) -> list[str] | None:
   return None
 
 
-def voxel_size_of(layer) -> float | None:
-  """The layer's voxel size in micrometres: ours, else its (isotropic) scale when not 1."""
-  v = info(layer).get("voxel_size_um")
-  if v:
-    return float(v)
-  scale = [float(s) for s in getattr(layer, "scale", ())[-3:]]
-  if scale and all(math.isclose(s, scale[0]) for s in scale) and scale[0] != 1.0:
-    return scale[0]
+def voxel_size_of(layer) -> tuple[float, float, float] | None:
+  """The layer's (Z, Y, X) voxel size in micrometres: ours, else its scale when not all 1
+  (another plugin's layer in micrometres), else None."""
+  v = zyx(info(layer).get("voxel_size_um"))
+  if v is not None:
+    return v
+  scale = zyx([float(s) for s in getattr(layer, "scale", ())[-3:]])
+  if scale is not None and not all(math.isclose(s, 1.0) for s in scale):
+    return scale
   return None
 
 

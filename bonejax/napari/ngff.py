@@ -81,11 +81,12 @@ def _levels(p: Path, a: dict[str, Any]) -> tuple[list, dict[str, Any]]:
   if channel:
     kwargs["channel_axis"] = channel[0]
   kept = [i for i in range(ndim) if i not in channel]
-  kwargs["scale"] = tuple(scale[i] for i in kept)
-  if all(units[i] in _TO_UM for i in kept):
-    kwargs["units"] = tuple(units[i] for i in kept)
+  # Scales in micrometres whatever unit the file uses: napari renders in physical units only
+  # when every layer has the same ones (bonejax's are all micrometres).
+  kwargs["scale"] = tuple(scale[i] * _TO_UM.get(units[i], 1.0) for i in kept)
+  kwargs["units"] = layers.units_for(len(kept))
   um = [scale[i] * _TO_UM[units[i]] for i in space if units[i] in _TO_UM]
-  voxel = um[0] if um and len(um) == len(space) and np.allclose(um, um[0]) else None
+  voxel = tuple(um[-3:]) if len(um) == len(space) and len(um) >= 3 else None  # (Z, Y, X)
   if len(data) > 1:
     kwargs["multiscale"] = True
   return (data if len(data) > 1 else data[0]), dict(kwargs, voxel=voxel)
@@ -116,11 +117,49 @@ def _classes_and_colours(label: dict[str, Any]) -> tuple[list[str] | None, dict 
   return classes, colours
 
 
+def _channels(a: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
+  """The omero channels (label, colour, window) when there is one per channel, else None."""
+  chans = (a.get("omero") or {}).get("channels") or []
+  return chans if len(chans) == n and all(isinstance(c, dict) for c in chans) else None
+
+
+def _ramp(colour: Any):
+  """A black-to-colour ramp from an omero RRGGBB colour (None: napari's default)."""
+  try:
+    c = str(colour).lstrip("#")
+    rgb = [int(c[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+  except (ValueError, IndexError):
+    return None
+  return np.array([[0, 0, 0, 1], rgb + [1]], np.float32)
+
+
 def _image_layer(p: Path, a: dict[str, Any], name: str) -> tuple:
   data, kw = _levels(p, a)
   voxel = kw.pop("voxel")
-  meta = {layers.KEY: {"voxel_size_um": voxel, "intensity": None, "source": str(p)}}
-  return (data, dict(kw, name=name, metadata=meta), "image")
+  meta = {layers.KEY: {"voxel_size_um": list(voxel) if voxel else None, "intensity": None,
+                       "source": str(p)}}
+  kw.setdefault("units", layers.units_for(len(kw["scale"])))
+  names: Any = name
+  axis = kw.get("channel_axis")
+  if axis is not None:
+    level0 = data[0] if isinstance(data, list) else data
+    n = int(level0.shape[axis])
+    chans = _channels(a, n)
+    floating = np.issubdtype(np.dtype(level0.dtype), np.floating)
+    labels = [str(c.get("label") or k) for k, c in enumerate(chans)] if chans else \
+        [str(k) for k in range(n)]
+    # Probabilities (floats) read "pred p(bone)", maps "unc entropy": named by their channel.
+    names = [f"{name} p({lab})" if floating else f"{name} {lab}" for lab in labels]
+    kw["blending"] = "additive"
+    if chans:
+      ramps = [_ramp(c.get("color")) for c in chans]
+      if all(r is not None for r in ramps):
+        kw["colormap"] = ramps
+      windows = [c.get("window") or {} for c in chans]
+      if all("start" in w and "end" in w for w in windows):
+        kw["contrast_limits"] = [(float(w["start"]), float(w["end"])) for w in windows]
+      kw["visible"] = [bool(c.get("active", True)) for c in chans]
+  return (data, dict(kw, name=names, metadata=meta), "image")
 
 
 def _labels_layer(p: Path, a: dict[str, Any], name: str) -> tuple:

@@ -8,8 +8,15 @@ probability layer per class and an uncertainty (entropy) layer. An optional outp
 with attributes, .ome.zarr, or .tif) is claimed at the start and written under a temporary
 name, renamed when complete: Cancel, or a failure, leaves nothing at that path. A `.pth` /
 `.safetensors` model is first converted to a bundle (cached under the temp directory) by
-launch/convert_weights.py, when this bonejax has it. Unlike predict.py, the layer is predicted
-on its own grid (no resampling to the model's voxel size).
+launch/convert_weights.py, when this bonejax has it.
+
+As predict.py: when the bundle records the voxel size it was trained at and the layer's (Z, Y,
+X) voxel size differs, the layer is resampled to the model's grid, predicted there, and every
+plane set's probabilities are mapped back to the layer's grid before the vote (`resample`);
+untick "resample" to predict on the layer's grid. The bar is busy (moving, with the phase's
+name) while the model loads and compiles, then counts planes with rate and ETA as the command
+line does. Every layer added has the image's (Z, Y, X) scale in micrometres, and a saved
+output records the voxel size (zarr attributes, OME-Zarr scale, TIFF ImageJ calibration).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import bonejax
 from bonejax.models import bundle as bundle_lib
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.io import tiff
+from bonejax.io import resample as resample_lib, tiff, voxel as voxel_lib
 from bonejax.napari import jobs, layers, qt
 from bonejax.predict import DEFAULT_BUDGET_GB, DTYPES, PLANES, VOTES, Predictor
 
@@ -128,28 +135,92 @@ def as_array(data: Any):
   return ts_array if ts_array is not None else np.asarray(data)
 
 
+class ArraySource:
+  """An in-memory (Z, Y, X[, C]) array as the VolumeSource `resample.ResampledSource` reads."""
+
+  kind = "napari layer"
+  array = "image"
+
+  def __init__(self, arr: np.ndarray, voxel_size_um: Any, name: str = "layer"):
+    self.arr = arr
+    self.path = Path(name)
+    self.shape = tuple(arr.shape)
+    self.channels = self.shape[3] if len(self.shape) == 4 else 1
+    self.dtype = self.source_dtype = np.dtype(arr.dtype)
+    self.voxel_size_um = layers.zyx(voxel_size_um)
+
+  def read_slab(self, z0: int, z1: int) -> np.ndarray:
+    return np.asarray(self.arr[z0:z1])
+
+  def close(self) -> None:
+    pass
+
+
+def model_voxel_size(b: Any) -> tuple[float, float, float] | None:
+  """The voxel size the bundle was trained at (model.json `voxel_size_um`), or None."""
+  return layers.zyx((getattr(b, "meta", None) or {}).get("voxel_size_um"))
+
+
+def needs_resampling(layer_um: Any, model_um: Any) -> bool:
+  a, b = layers.zyx(layer_um), layers.zyx(model_um)
+  return a is not None and b is not None and not resample_lib.same_size(a, b)
+
+
+def predict_resampled(predictor: Any, volume: Any, *, layer_um: Any, model_um: Any,
+                      stats: dict[str, Any] | None, probs: bool,
+                      progress: jobs.JobProgress) -> tuple[np.ndarray, np.ndarray | None]:
+  """predict.py's path for another voxel size: the layer resampled (linearly) to the model's
+  grid, each plane set predicted there and mapped back to the layer's grid before the vote
+  (`resample.Regrid`, as `Predictor` does for files)."""
+  from bonejax.predict import api
+  progress.set_phase("resampling to the model's voxel size")
+  src = resample_lib.ResampledSource(ArraySource(np.asarray(volume), layer_um), model_um,
+                                     order=1)
+  model_arr = src.read_slab(0, src.shape[0])
+  progress.set_phase("compiling")
+  engine, s = predictor.engine, predictor.settings
+  vol = api.as_volume(model_arr)
+  api.check_channels(vol, engine)
+  # A scan's stored statistics still describe the resampled intensities (as predict.py keeps).
+  engine.set_normalization(api.stats_for(vol, stats), predictor.info.rule)
+  regrid = resample_lib.Regrid(tuple(np.shape(volume))[:3], model_arr.shape[:3])
+  pred = api.run_prediction(engine, vol, predictor.sets, s.vote, budget_bytes=s.budget_bytes,
+                            out_of_core=False, scratch_dir=None, keep_labels=True,
+                            keep_probs=probs, progress=progress, regrid=regrid)
+  return pred.labels, pred.probs
+
+
 def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: int,
             axis: int | None, vote: str, dtype: str, memory_budget_gb: float, probs: bool,
             uncertainty: bool, output: str, overwrite: bool, attrs: dict[str, Any],
-            progress: jobs.JobProgress) -> dict[str, Any]:
+            progress: jobs.JobProgress, resample: bool = True) -> dict[str, Any]:
   """Loads the bundle, predicts, writes the optional output; returns arrays and timings."""
   start = time.perf_counter()
   if model.is_file():
+    progress.set_phase("converting the weights")
     model = convert_weights(model)
-  progress.check()
+  progress.set_phase("loading the model")
   b = bundle_lib.load_bundle(model)
   uncertainty = uncertainty and HAS_UNCERTAINTY
+  layer_um = layers.zyx(attrs.get("voxel_size_um"))
+  model_um = model_voxel_size(b)
+  regrid = resample and needs_resampling(layer_um, model_um)
   with contextlib.ExitStack() as stack:
     # Claimed before the work, written under a temporary name: Cancel leaves nothing there.
     # The file a layer was read from is an input: never overwritten.
     inputs = [attrs["source"]] if Path(str(attrs.get("source"))).exists() else []
     tmp = stack.enter_context(outputs.atomic_output(output, overwrite, inputs)) if output else None
     t0 = time.perf_counter()
+    want_probs = probs or uncertainty
+    progress.set_phase("compiling")
     predictor = Predictor(b, planes=planes, axis=axis, vote=vote, dtype=dtype,
                           memory_budget_gb=memory_budget_gb, progress=False, resample=False)
-    labels, mean, _ = predictor.predict_volume(volume, stats=stats,
-                                               return_probs=probs or uncertainty,
-                                               progress=progress)
+    if regrid:
+      labels, mean = predict_resampled(predictor, volume, layer_um=layer_um, model_um=model_um,
+                                       stats=stats, probs=want_probs, progress=progress)
+    else:
+      labels, mean, _ = predictor.predict_volume(volume, stats=stats, return_probs=want_probs,
+                                                 progress=progress)
     seconds = time.perf_counter() - t0
     unc = None
     if uncertainty:
@@ -157,12 +228,19 @@ def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: i
       unc = uncertainty_lib.maps(mean, None, labels, 1)[..., 0]  # entropy, 0..255
     progress.check()
     if tmp is not None:
-      write_labels(tmp, Path(output), labels, dict(attrs, classes=b.classes, model=str(model),
+      progress.set_phase("writing")
+      out_attrs = {k: v for k, v in attrs.items() if k != "voxel_size_um"}
+      if layer_um is not None:
+        out_attrs.update(voxel_lib.voxel_attrs(layer_um))
+      if regrid:
+        out_attrs["predicted_at_voxel_size_um"] = list(model_um)
+      write_labels(tmp, Path(output), labels, dict(out_attrs, classes=b.classes,
+                                                   model=str(model),
                                                    architecture=b.meta.get("model"),
                                                    planes=planes, vote=vote))
   voxels = math.prod(labels.shape)
   return {"labels": labels, "probs": mean if probs else None, "uncertainty": unc,
-          "classes": b.classes,
+          "classes": b.classes, "resampled_to_um": list(model_um) if regrid else None,
           "seconds": seconds, "total_seconds": time.perf_counter() - start,
           "voxels_per_second": voxels / max(seconds, 1e-9), "output": output or None}
 
@@ -172,12 +250,13 @@ def is_ome_zarr(path: str | os.PathLike) -> bool:
 
 
 def write_labels(tmp: Path, final: Path, labels: np.ndarray, attrs: dict[str, Any]) -> None:
+  """The labels as zarr v3 (with `attrs`), OME-Zarr or TIFF, each with the (Z, Y, X) voxel size
+  (`voxel_size_zyx_um`, else `voxel_size_um`, in `attrs`) where the format keeps one."""
+  v = layers.zyx(attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um")))
   if is_ome_zarr(final):
     from bonejax.io import ome_zarr
-    v = attrs.get("voxel_size_um")
     w = ome_zarr.OmeZarrWriter(tmp, labels.shape, np.uint8, kind="labels",
-                               classes=attrs["classes"], voxel_size_um=(v,) * 3 if v else None,
-                               name=final.name)
+                               classes=attrs["classes"], voxel_size_um=v, name=final.name)
     w.view[...].write(labels).result()
     w.finish(attrs)
   elif final.suffix.lower() == ".zarr":
@@ -185,7 +264,8 @@ def write_labels(tmp: Path, final: Path, labels: np.ndarray, attrs: dict[str, An
     arr.write(labels).result()
     store.set_array_attrs(tmp, attrs)
   else:
-    tiff.export_tiff(labels, tmp, overwrite=True)
+    # ImageJ spacing, unit and resolution: Fiji and BoneJ open it in micrometres.
+    tiff.export_tiff(labels, tmp, overwrite=True, voxel_size_um=v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +299,10 @@ class PredictWidget(QWidget):
     self.memory.setSingleStep(1.0)
     self.memory.setValue(float(DEFAULT_BUDGET_GB))
     self.memory.setSuffix(" GB")
+    self.resample = QCheckBox("resample to the model's voxel size (as predict.py)")
+    self.resample.setChecked(True)
+    self.resample.setToolTip("When the bundle records the voxel size it was trained at and the "
+                             "layer's differs: predict on the model's grid, vote on the layer's")
     self.probs = QCheckBox("probability layers")
     self.uncertainty = QCheckBox("uncertainty layer (entropy)")
     self.uncertainty.setEnabled(HAS_UNCERTAINTY)
@@ -235,6 +319,8 @@ class PredictWidget(QWidget):
     self.bar = QProgressBar()
     self.bar.setRange(0, 1000)
     self.bar.setValue(0)
+    self.bar.setTextVisible(True)
+    self.bar.setFormat("")
     self.status = qt.Status()
 
     form = QFormLayout()
@@ -248,6 +334,7 @@ class PredictWidget(QWidget):
     form.addRow("vote", self.vote)
     form.addRow("compute dtype", self.dtype)
     form.addRow("memory budget", self.memory)
+    form.addRow("", self.resample)
     form.addRow("", self.probs)
     form.addRow("", self.uncertainty)
     form.addRow("save labels", self.output)
@@ -308,11 +395,12 @@ class PredictWidget(QWidget):
                vote=self.vote.currentText(), dtype=self.dtype.currentText(),
                memory_budget_gb=float(self.memory.value()), probs=self.probs.isChecked(),
                uncertainty=self.uncertainty.isChecked(), output=output,
-               overwrite=self.overwrite.isChecked(), attrs=attrs, progress=progress)
+               overwrite=self.overwrite.isChecked(), attrs=attrs, progress=progress,
+               resample=self.resample.isChecked())
     self.result = None
     self.run_button.setEnabled(False)
     self.cancel_button.setEnabled(True)
-    self.bar.setValue(0)
+    self._tick()  # busy from the start: loading and compiling show as a moving bar
     self.status.say(f"predicting {layer.name!r} with {model.name}…")
     self._timer.start()
     self._worker = qt.start_worker(lambda: run_job(**job), self._done)
@@ -323,8 +411,21 @@ class PredictWidget(QWidget):
       self.status.say("cancelling…")
 
   def _tick(self) -> None:
-    if self._progress is not None:
-      self.bar.setValue(int(1000 * self._progress.fraction()))
+    p = self._progress
+    if p is None:
+      return
+    if p.counting():
+      if self.bar.maximum() == 0:
+        self.bar.setRange(0, 1000)
+      self.bar.setValue(int(1000 * p.fraction()))
+    elif self.bar.maximum() != 0:
+      self.bar.setRange(0, 0)  # Qt's busy bar: it moves while nothing can be counted yet
+    self.bar.setFormat(p.text())
+
+  def _idle_bar(self, value: int, text: str = "") -> None:
+    self.bar.setRange(0, 1000)
+    self.bar.setValue(value)
+    self.bar.setFormat(text)
 
   def _done(self, result: dict[str, Any] | None, error: str | None) -> None:
     self._timer.stop()
@@ -332,24 +433,30 @@ class PredictWidget(QWidget):
     self.run_button.setEnabled(True)
     self.cancel_button.setEnabled(False)
     if error == "cancelled":
-      self.bar.setValue(0)
+      self._idle_bar(0)
       self.status.say("cancelled: no layer added, nothing written")
       return
     if error is not None:
-      self.bar.setValue(0)
+      self._idle_bar(0)
       self.status.fail(error)
       return
-    self.bar.setValue(1000)
+    self._idle_bar(1000, self._progress.text() if self._progress is not None else "")
     self.result = result
     self._add_layers(result)
     where = f"; saved {result['output']}" if result["output"] else ""
+    grid = (f"; predicted at {' x '.join(f'{v:g}' for v in result['resampled_to_um'])} um"
+            if result.get("resampled_to_um") else "")
     self.status.say(f"{result['seconds']:.1f} s, {result['voxels_per_second']:,.0f} voxels/s "
-                    f"({result['total_seconds']:.1f} s with loading){where}")
+                    f"({result['total_seconds']:.1f} s with loading){grid}{where}")
 
   def _add_layers(self, result: dict[str, Any]) -> None:
     image = self._image
     v = layers.voxel_size_of(image)
-    placed = {"scale": tuple(image.scale)[-3:], "translate": tuple(image.translate)[-3:]}
+    # Every added layer sits where the image is, in micrometres like every bonejax layer.
+    units = getattr(image, "units", None)
+    placed = {"scale": tuple(image.scale)[-3:], "translate": tuple(image.translate)[-3:],
+              "units": (tuple(str(u) for u in units)[-3:] if units is not None
+                        else layers.units_for(3))}
     data, kwargs, _ = layers.labels_layer(result["labels"], f"{image.name} prediction",
                                           result["classes"], voxel_size_um=v,
                                           source=result["output"])

@@ -8,7 +8,10 @@ so napari falls back to other readers for everything else:
                               or an image; (Z, Y, X, K) mean probabilities as one image
                               layer per class
   x.ome.zarr                  OME-NGFF 0.4 / 0.5 (see ngff)
-Scale is the voxel size in micrometres (a prediction takes its source scan's when it has none).
+Scale is the (Z, Y, X) voxel size in micrometres, never collapsed to one number (a prediction
+takes its source scan's when it has none); every layer is in micrometres. The scans of a dataset
+are placed with their centres on the first scan's, so one with another voxel size (hence
+another physical extent) still opens centred in the view.
 Bad input (a damaged scan, a dataset.json that does not parse) is one napari notification,
 never a traceback.
 """
@@ -24,7 +27,7 @@ import tensorstore as ts
 
 from bonejax.core import errors
 from bonejax.data import store
-from bonejax.evaluate import report
+from bonejax.evaluate import provenance, report
 from bonejax.io import colours
 from bonejax.napari import jobs, layers, ngff
 
@@ -84,17 +87,30 @@ def scan_classes(scan: store.Scan) -> list[str] | None:
   return report.dataset_classes(scan.path) or scan.attrs.get("classes")
 
 
+def attrs_voxel_size(attrs: dict[str, Any]) -> tuple[float, float, float] | None:
+  """(Z, Y, X) micrometres from bonejax attributes (`voxel_size_zyx_um`, else the one number)."""
+  return layers.zyx(attrs.get("voxel_size_zyx_um", attrs.get("voxel_size_um")))
+
+
 def scan_layers(scan: store.Scan, classes: list[str] | None = None,
-                visible: bool = True) -> list[tuple]:
-  v = scan.attrs.get("voxel_size_um")
+                visible: bool = True, translate: tuple[float, ...] | None = None) -> list[tuple]:
+  v = attrs_voxel_size(scan.attrs)
+  extra = {"visible": visible}
+  if translate is not None:
+    extra["translate"] = tuple(translate)
   out = [layers.image_layer(layers.volume(scan.image), scan.name, voxel_size_um=v,
-                            stats=scan.attrs.get("intensity"), source=scan.path,
-                            visible=visible)]
+                            stats=scan.attrs.get("intensity"), source=scan.path, **extra)]
   if scan.labels is not None:
     out.append(layers.labels_layer(layers.volume(scan.labels), f"{scan.name} labels",
                                    classes or scan_classes(scan), voxel_size_um=v,
-                                   source=scan.path, visible=visible))
+                                   source=scan.path, **extra))
   return out
+
+
+def centre_um(shape, voxel_size_um) -> np.ndarray:
+  """The physical centre of a volume (voxel centres at index x scale, as napari places them)."""
+  scale = np.asarray(layers.scale_for(voxel_size_um, 3))
+  return (np.asarray(shape[:3], float) - 1) * scale / 2
 
 
 def read_scan(p: Path) -> list[tuple]:
@@ -106,8 +122,15 @@ def read_dataset(p: Path) -> list[tuple]:
   if not ds.scans:
     raise errors.UserError(f"dataset {str(p)!r} lists no scans")
   out = []
+  anchor = None
   for i, name in enumerate(ds.scans):
-    out += scan_layers(ds.open_scan(name), ds.classes, visible=i == 0)  # one shown at a time
+    scan = ds.open_scan(name)
+    centre = centre_um(scan.image.shape, attrs_voxel_size(scan.attrs))
+    anchor = centre if anchor is None else anchor
+    # Every scan centred on the first: the view napari fits around all layers stays centred on
+    # the one shown, whatever the others' voxel sizes and shapes.
+    out += scan_layers(scan, ds.classes, visible=i == 0,  # one shown at a time
+                       translate=tuple(float(t) for t in anchor - centre))
   return out
 
 
@@ -132,14 +155,15 @@ def open_array(p: Path) -> tuple[Any, dict[str, Any]]:
   return arr, attrs
 
 
-def array_voxel_size(p: Path, attrs: dict[str, Any]) -> float | None:
-  if attrs.get("voxel_size_um"):
-    return float(attrs["voxel_size_um"])
+def array_voxel_size(p: Path, attrs: dict[str, Any]) -> tuple[float, float, float] | None:
+  v = attrs_voxel_size(attrs)
+  if v is not None:
+    return v
   candidates = [attrs.get("source"),
                  # demo.py names its held-out scan: WORKDIR/prediction.zarr beside WORKDIR/data
                  p.parent / "data" / attrs["scan"] if isinstance(attrs.get("scan"), str) else None,
                  p.parent if p.name in ("image", "labels") else None]
-  return report.voxel_size_of(*(c for c in candidates if c and Path(c).exists()))
+  return provenance.voxel_size_of(*(c for c in candidates if c and Path(c).exists()))
 
 
 def array_classes(p: Path, attrs: dict[str, Any]) -> list[str] | None:

@@ -141,7 +141,7 @@ def check_layer_pair(image: np.ndarray, labels: np.ndarray,
 
 
 def import_layers(out: str | os.PathLike, name: str, image: np.ndarray, labels: np.ndarray,
-                  classes: Sequence[str], voxel_size_um: float | None) -> Path:
+                  classes: Sequence[str], voxel_size_um: Any) -> Path:
   """Writes the pair as a two-scan dataset: the first slices train, the last validate.
 
   One volume cannot be split by scan, and a split by interleaved slices leaks near-copies into
@@ -150,8 +150,12 @@ def import_layers(out: str | os.PathLike, name: str, image: np.ndarray, labels: 
   """
   z = image.shape[0]
   n_val = min(max(1, int(round(VAL_FRACTION * z))), z - 1)
-  attrs = {"source": f"napari layer {name}", "voxel_size_um": voxel_size_um or 1.0,
-           "classes": list(classes)}
+  from bonejax.io import voxel as voxel_lib
+  from bonejax.napari import layers
+  zyx = layers.zyx(voxel_size_um)
+  # (Z, Y, X) kept; a layer with no voxel size is recorded as assumed (1 um), as import does.
+  attrs = {"source": f"napari layer {name}", **voxel_lib.voxel_attrs(zyx or (1.0, 1.0, 1.0)),
+           "voxel_size_source": "given" if zyx else "assumed", "classes": list(classes)}
   with outputs.atomic_output(out, overwrite=False) as tmp:
     tmp.mkdir(parents=True)
     for scan, sl in (("train", slice(0, z - n_val)), ("val", slice(z - n_val, z))):

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QPushButton,
-                            QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout,
+                            QPushButton, QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
 from bonejax.core import errors
 from bonejax.napari import layers, qt
@@ -25,6 +25,7 @@ from bonejax.napari import train_process as tp
 
 SOURCES = ("the config's", "a dataset directory", "image + labels layers")
 POLL_MS = 1000
+PLOT_MIN_HEIGHT = 240  # pixels: two axes with readable ticks
 
 
 def _spin(maximum: int, step: int = 1) -> QSpinBox:
@@ -80,11 +81,23 @@ class TrainWidget(QWidget):
     buttons = QHBoxLayout()
     buttons.addWidget(self.start_button)
     buttons.addWidget(self.stop_button)
+    # The form scrolls when the dock is short (three docks stacked share one column), so the
+    # plot keeps a readable height instead of being squeezed to a few pixels.
+    controls = QWidget()
+    top = QVBoxLayout(controls)
+    top.setContentsMargins(0, 0, 0, 0)
+    top.addLayout(form)
+    top.addLayout(settings)
+    top.addLayout(buttons)
+    top.addWidget(self.status)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.NoFrame)
+    scroll.setWidget(controls)
+    scroll.setMinimumHeight(120)
+    self.plot.setMinimumHeight(PLOT_MIN_HEIGHT)
     box = QVBoxLayout(self)
-    box.addLayout(form)
-    box.addLayout(settings)
-    box.addLayout(buttons)
-    box.addWidget(self.status)
+    box.addWidget(scroll, 1)
     box.addWidget(self.plot, 1)
     self._source_changed(0)
 
