@@ -328,7 +328,7 @@ class DeviceSampler:
       block = patches._read(store.read_box(arr, (z0, 0, 0), (z1 - z0,) + shape[1:]), info,
                             what)
       if what == "labels":
-        patches.check_labels(block, info, self.stream.classes)
+        patches.check_labels(block, info, self.stream.classes, self.stream.unlabelled)
       flat = block.reshape(-1)[a - z0 * zplane:b - z0 * zplane]
       out[e0 + a - lo:e0 + b - lo] = flat
     return out.reshape(r1 - r0, ROW)
