@@ -235,7 +235,7 @@ def lovasz_from_probs(probs, labels, mask=None, *, per_image: bool = True):
 
 def lovasz(logits, labels, mask=None, *, per_image: bool = True):
   """Lovasz-softmax (Berman et al. 2018) on the softmax of `logits`."""
-  logits, labels, _, _ = _prep(logits, labels, mask)
+  logits = jnp.asarray(logits, jnp.float32)  # labels as given: _lovasz_inputs masks them
   return lovasz_from_probs(jax.nn.softmax(logits, axis=-1), labels, mask, per_image=per_image)
 
 
@@ -262,7 +262,7 @@ def _counts_stats(logits, labels, mask, **kw):
 
 def _lovasz_stats(logits, labels, mask, *, per_image: bool = True):
   del per_image  # validation is per image either way (module docstring)
-  logits, labels, _, _ = _prep(logits, labels, mask)
+  logits = jnp.asarray(logits, jnp.float32)  # labels as given: _lovasz_inputs masks them
   values, valid = _lovasz_per_image(jax.nn.softmax(logits, axis=-1), labels, mask)
   return {"sum": jnp.sum(jnp.where(valid, values, 0.0)), "n": jnp.sum(valid.astype(jnp.float32))}
 
