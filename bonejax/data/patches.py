@@ -309,9 +309,9 @@ def _edge_origin(h: np.ndarray, n: np.ndarray, pp: int, margin: int,
   """A crop origin along a side of n pixels: uniform over the origins inside the side (mirrored
   where it is shorter than the patch) widened by `margin` at both ends, then clamped back.
 
-  The clamp puts the crops that would stick out at the border, so a border pixel sits at a
-  crop's edge ~(margin + 1) / patch as often as an interior pixel is cropped at all, instead of
-  1 / patch: the way prediction sees it (whole planes: the border at the network's input edge,
+  The clamp puts the crops that would stick out at the border, so a border pixel is in about
+  (margin + 1) / (patch + margin) as many crops as an interior pixel, instead of 1 / patch, and
+  always at a crop's edge: the way prediction sees it (whole planes: the border at the network's input edge,
   the same zero padding of its convolutions). `first`/`last` (sparse labels) keep the crop over
   the pixels [first, last] (a labelled cell, shorter than the patch); clamping keeps that.
   """
