@@ -269,7 +269,14 @@ def test_bad_input_one_line_before_training(tmp_path):
     patches.PatchStream(root, ["a", "b"], **kw)
   with pytest.raises(errors.UserError, match="the validation scans .a. have no labelled voxel"):
     list(patches.validation_batches(root, ["a"]))
-  patches.PatchStream(root, ["a", "c"], **kw).close()  # a scan without labels among others is fine
+  # A scan without labelled voxels among others is fine: it gets no records.
+  with patches.PatchStream(root, ["a", "b", "c"], **kw, oversample_rare=0.0) as s:
+    rows = s.records(np.arange(2 * s.records_per_epoch))
+    assert set(rows[:, 0]) == {1, 2}
+    # b: plane z=2, every y and x plane; c: every plane; 4 patches per plane
+    assert s.records_per_epoch == 4 * ((1 + 8 + 8) + sum(shape))
+    for row, lab in zip(rows, s.read_batch(rows)["label"]):
+      assert (lab != U).any(), row
   # A value that is neither a class nor the unlabelled value, met while mapping the labels.
   bad = full.copy()
   bad[0, 0, 0] = 9

@@ -22,6 +22,22 @@ Multi-host: global batch b covers stream positions [b*G, (b+1)*G); host p reads 
 [b*G + p*L, b*G + (p+1)*L) with L = G / process_count. The hosts' batches are disjoint and
 together are the single-host global batch.
 
+Sparse labels (dataset.json `"unlabelled": 255`, store.UNLABELLED): one pass over each
+training scan's labels at start (label_map) finds, per axis, the planes holding labelled voxels
+and, inside each, the 16 x 16 cells holding them. An epoch then enumerates only those planes,
+and each crop is placed over one of the plane's labelled cells (a cell drawn uniformly, then an
+origin among those whose crop contains it), so every crop on every axis holds labelled pixels.
+A scan may mix fully and sparsely labelled regions: a fully labelled plane has every cell. The
+labels travel as stored (255 included): the loss masks them (train/losses.py), validation masks
+them and keeps only labelled planes, and class counts (oversample_rare) count labelled voxels.
+A training or validation split without a labelled voxel, or a class without one in the training
+split, is refused before training.
+
+Edges: crop origins reach past the borders by EDGE_MARGIN x patch and are clamped back onto them
+(_edge_origin), so the planes' border rows and columns are trained about a third as often as
+interior ones, where origins uniform inside the plane trained them 1/P as often: the cause of
+issue 28's worse border band (benchmarks/edges.py).
+
 Choices worth knowing:
 - Intensities are normalised on the host into float32 with the scan's stored statistics
   (intensity.normalize). It costs a few ms per batch on the host, keeps mixed-dtype datasets
@@ -463,7 +479,7 @@ class PatchStream:
       cnt = np.bincount(k, minlength=len(pl))
       planes.append(pl)
       counts.append(cnt)
-      starts.append(n_cells + np.concatenate([[0], np.cumsum(cnt)[:-1]]))
+      starts.append(n_cells + np.cumsum(cnt) - cnt)
       cells.append(np.stack([r, c], 1))
       off += len(pl)
       n_cells += len(k)
