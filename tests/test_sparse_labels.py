@@ -85,7 +85,8 @@ def test_dataset_json_round_trip_and_collision(tmp_path):
   store.write_dataset_json(tmp_path, CLASSES, [])
   assert store.open_dataset(tmp_path).unlabelled is None
   (tmp_path / "dataset.json").write_text(json.dumps({"classes": CLASSES, "unlabelled": 2}))
-  with pytest.raises(errors.UserError, match=r"unlabelled value 2 collides with class 2 \('pore'\)"):
+  with pytest.raises(errors.UserError,
+                     match=r"unlabelled value 2 collides with class 2 \('pore'\)"):
     store.open_dataset(tmp_path)
   (tmp_path / "dataset.json").write_text(json.dumps({"classes": CLASSES, "unlabelled": 300}))
   with pytest.raises(errors.UserError, match="0..255"):

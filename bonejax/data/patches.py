@@ -327,8 +327,8 @@ def _edge_origin(h: np.ndarray, n: np.ndarray, pp: int, margin: int,
 
   The clamp puts the crops that would stick out at the border, so a border pixel is in about
   (margin + 1) / (patch + margin) as many crops as an interior pixel, instead of 1 / patch, and
-  always at a crop's edge: the way prediction sees it (whole planes: the border at the network's input edge,
-  the same zero padding of its convolutions). `first`/`last` (sparse labels) keep the crop over
+  always at a crop's edge: the way prediction sees it (whole planes: the border at the network's
+  input edge, the same zero padding of its convolutions). `first`/`last` (sparse labels) keep the crop over
   the pixels [first, last] (a labelled cell, shorter than the patch); clamping keeps that.
   """
   n = np.asarray(n, np.int64)
