@@ -51,6 +51,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing scan of 
 _BUDGET = flags.DEFINE_float("memory_budget_gb", None, "Host memory the import may use, in GiB "
                              "(default: what the machine has available); slabs shrink to fit, "
                              "and an input whose one slice would not fit is refused.")
+_UNLABELLED = flags.DEFINE_integer(
+    "unlabelled", None, "Sparse labels: the label value of voxels nobody painted (255 by "
+    "convention; must not be a class). Recorded in dataset.json; training, validation and "
+    "evaluation ignore those voxels. Default: the dataset's value, else none (dense labels).")
 
 
 def main(argv):
@@ -61,7 +65,8 @@ def main(argv):
       classes=_CLASSES.value, voxel_size_um=_voxel_flag(_VOXEL.value),
       chunks=errors.parse_ints(_CHUNKS.value, 3, "chunks"), slab=_SLAB.value,
       overwrite=_OVERWRITE.value, resample_um=_RESAMPLE.value, image_key=_IMAGE_KEY.value,
-      labels_key=_LABELS_KEY.value, memory_budget_gb=_BUDGET.value)
+      labels_key=_LABELS_KEY.value, memory_budget_gb=_BUDGET.value,
+      unlabelled=_UNLABELLED.value)
 
 
 def _voxel_flag(text):

@@ -22,7 +22,7 @@ SHAPES = {"s0": (20, 40, 36), "s1": (7, 9, 11), "s2": (12, 24, 30)}
 PATCH, BATCH = 16, 8
 
 
-def _write(root, dtypes):
+def _write(root, dtypes, sparse=False):
   from bonejax.data import store
   rng = np.random.default_rng(0)
   for name, dtype in zip(NAMES, dtypes):
@@ -33,8 +33,12 @@ def _write(root, dtypes):
       img = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
     lab = (rng.random(shape) > 0.6).astype(np.uint8)
     lab[2:4, 3:6, 4:7] = 2  # the rare class
+    if sparse:  # sparse labels: every 3rd plane of each axis, the rest the unlabelled 255
+      z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+      lab[(z % 3 != 1) & (y % 3 != 1) & (x % 3 != 1)] = store.UNLABELLED
     store.write_scan(root / name, img, lab, chunks=(8, 16, 16))
-  store.write_dataset_json(root, ["background", "bone", "pore"], NAMES)
+  store.write_dataset_json(root, ["background", "bone", "pore"], NAMES,
+                           store.UNLABELLED if sparse else None)
   return root
 
 
@@ -42,7 +46,8 @@ def _write(root, dtypes):
 def datasets(tmp_path_factory):
   base = tmp_path_factory.mktemp("sampler")
   return {"uint": _write(base / "uint", ["uint16", "uint8", "uint16"]),
-          "float": _write(base / "float", ["float32", "uint16", "uint8"])}
+          "float": _write(base / "float", ["float32", "uint16", "uint8"]),
+          "sparse": _write(base / "sparse", ["uint16", "uint8", "uint16"], sparse=True)}
 
 
 def _stream(root, **kw):
@@ -82,6 +87,9 @@ def _assert_same(host, dev, mesh):
     ("uint", "zscore_nonzero", 1, "replicated", 4),
     ("uint", "percentile", 4, "sharded", 2),     # channels + label, one int32 reduce-scatter
     ("float", "zscore", 4, "sharded", 1),        # ... float32
+    # Sparse labels: records over labelled cells, the unlabelled 255 carried as it is.
+    ("sparse", "percentile", 4, "sharded", 0),
+    ("sparse", "percentile", 1, "replicated", 1),
 ])
 def test_batches_equal_the_host_path(datasets, data, rule, ndev, placement, context):
   import jax
@@ -98,7 +106,10 @@ def test_batches_equal_the_host_path(datasets, data, rule, ndev, placement, cont
     for _ in range(3):
       with jax.transfer_guard("disallow"):  # no implicit transfer: only the records move
         dev = next(sampler)
-      _assert_same(next(host), dev, mesh)
+      want = next(host)
+      _assert_same(want, dev, mesh)
+      if data == "sparse":
+        assert (want["label"] == 255).any() and all((lab != 255).any() for lab in want["label"])
     assert sampler.get_state() == host.get_state()
 
 

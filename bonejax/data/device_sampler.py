@@ -11,6 +11,9 @@ positions), the mirror indices are the same formula, and the normalisation is th
 `(x - offset) * scale` (then the same clip): for one seed both paths give bit-identical batches,
 so a run may change paths when it resumes. The iterator state is the stream's one position.
 
+Sparse labels need nothing here: the records (labelled planes and cells) are the stream's, and
+the unlabelled value (255) is gathered like any label and masked by the loss.
+
 Layout. The scans share one 2-D buffer per array, (rows, ROW) with ROW = 2^15 elements, each scan
 starting on a row of its own: images raw in the narrowest dtype holding all of them (uint8 <
 uint16 < float32: normalised on the device with each scan's offset and scale), labels uint8.
@@ -328,7 +331,7 @@ class DeviceSampler:
       block = patches._read(store.read_box(arr, (z0, 0, 0), (z1 - z0,) + shape[1:]), info,
                             what)
       if what == "labels":
-        patches.check_labels(block, info, self.stream.classes)
+        patches.check_labels(block, info, self.stream.classes, self.stream.unlabelled)
       flat = block.reshape(-1)[a - z0 * zplane:b - z0 * zplane]
       out[e0 + a - lo:e0 + b - lo] = flat
     return out.reshape(r1 - r0, ROW)

@@ -149,8 +149,13 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
                   overwrite: bool = False, progress_every_s: float = 5.0,
                   resample_um: float | None = None, image_key: str | None = None,
                   labels_key: str | None = None,
-                  memory_budget_gb: float | None = None) -> dict[str, Any]:
+                  memory_budget_gb: float | None = None,
+                  unlabelled: int | None = None) -> dict[str, Any]:
   """Streams a volume (and optional labels) into DATA/scan and registers it in dataset.json.
+
+  `unlabelled` (sparse labels, e.g. 255): the label value of unpainted voxels, recorded in
+  dataset.json; label values >= the number of classes are refused unless equal to it (or to
+  the value the dataset already has).
 
   `voxel_size_um`: a number or (Z, Y, X); default the file's own (TIFF / OME / HDF5 / MRC /
   ISQ / OME-Zarr metadata), else 1 um with a warning on stderr (the scan's `voxel_size_source`
@@ -186,6 +191,11 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
     if existing.classes != classes:
       raise errors.UserError(f"--classes {classes} disagree with {str(data / store.DATASET_JSON)!r}"
                           f" classes {existing.classes}")
+    if unlabelled is not None and existing.unlabelled not in (None, unlabelled):
+      raise errors.UserError(f"--unlabelled={unlabelled} disagrees with "
+                             f"{str(data / store.DATASET_JSON)!r} unlabelled {existing.unlabelled}")
+    unlabelled = existing.unlabelled if unlabelled is None else unlabelled
+  unlabelled = store.check_unlabelled(unlabelled, classes, "--unlabelled")
   final = data / scan
   inputs = (image, labels)
   placement.refuse_inside(data, inputs, "--out")
@@ -225,9 +235,9 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
         stats = stream_scan(src, lab, final, classes, voxel_um, chunks, slab, overwrite,
                             progress_every_s, inputs,
                             original if tuple(original["shape"]) != src.shape else None,
-                            VOXEL_SIZE_SOURCE[voxel_from])
+                            VOXEL_SIZE_SOURCE[voxel_from], unlabelled=unlabelled)
         try:
-          dataset = store.add_scan_to_dataset(data, scan, classes)
+          dataset = store.add_scan_to_dataset(data, scan, classes, unlabelled)
         except BaseException:
           outputs.remove_path(final)
           raise
@@ -255,7 +265,8 @@ def stream_scan(src: source.VolumeSource, lab: source.VolumeSource | None, final
                 classes: list[str], voxel_size_um: Sequence[float], chunks: Sequence[int],
                 slab: int, overwrite: bool, progress_every_s: float, inputs: Sequence[Any] = (),
                 resampled_from: dict[str, Any] | None = None,
-                voxel_size_source: str = "metadata") -> dict[str, Any]:
+                voxel_size_source: str = "metadata",
+                unlabelled: int | None = None) -> dict[str, Any]:
   """Writes the scan `final` from `src` (and `lab`) slab by slab; returns its intensity stats.
   `voxel_size_source`: where the voxel size came from (`VOXEL_SIZE_SOURCE`'s values)."""
   attrs = {
@@ -294,7 +305,7 @@ def stream_scan(src: source.VolumeSource, lab: source.VolumeSource | None, final
         if lab is not None:
           lbl = lab.read_slab(z0, z1)
           try:
-            store.validate_labels(lbl, img.shape, len(classes))
+            store.validate_labels(lbl, img.shape, len(classes), unlabelled)
           except errors.UserError as e:
             raise errors.UserError(f"{lab.path}: {e} {where}") from None
         in_flight.append([store.write_slab(scan.image, 0, z0, img)])

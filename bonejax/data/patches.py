@@ -22,6 +22,22 @@ Multi-host: global batch b covers stream positions [b*G, (b+1)*G); host p reads 
 [b*G + p*L, b*G + (p+1)*L) with L = G / process_count. The hosts' batches are disjoint and
 together are the single-host global batch.
 
+Sparse labels (dataset.json `"unlabelled": 255`, store.UNLABELLED): one pass over each
+training scan's labels at start (label_map) finds, per axis, the planes holding labelled voxels
+and, inside each, the 16 x 16 cells holding them. An epoch then enumerates only those planes,
+and each crop is placed over one of the plane's labelled cells (a cell drawn uniformly, then an
+origin among those whose crop contains it), so every crop on every axis holds labelled pixels.
+A scan may mix fully and sparsely labelled regions: a fully labelled plane has every cell. The
+labels travel as stored (255 included): the loss masks them (train/losses.py), validation masks
+them and keeps only labelled planes, and class counts (oversample_rare) count labelled voxels.
+A training or validation split without a labelled voxel, or a class without one in the training
+split, is refused before training.
+
+Edges: crop origins reach past the borders by EDGE_MARGIN x patch and are clamped back onto them
+(_edge_origin), so the planes' border rows and columns are trained about a third as often as
+interior ones, where origins uniform inside the plane trained them 1/P as often: the cause of
+issue 28's worse border band (benchmarks/edges.py).
+
 Choices worth knowing:
 - Intensities are normalised on the host into float32 with the scan's stored statistics
   (intensity.normalize). It costs a few ms per batch on the host, keeps mixed-dtype datasets
@@ -58,6 +74,9 @@ from bonejax.data.context import context_planes, reflect_index  # noqa: F401  (a
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Crop origins reach past each border by this fraction of the patch, clamped back onto the
+# border (_edge_origin): border pixels are trained at the network's input edge as predicted.
+EDGE_MARGIN = 0.5
 _WHOLE_EPOCH_RECORDS = 1 << 22  # epochs up to this size keep their whole permutation (32 MiB)
 _GRAIN_EPOCH_RECORDS = 4096     # smaller epochs walk ~2^16 / n cycles: grain's C++ is faster
 
@@ -128,13 +147,19 @@ def _read(future, scan: _ScanInfo, what: str) -> np.ndarray:
                         f"{text}") from None
 
 
-def check_labels(labels: np.ndarray, scan: _ScanInfo, classes: Sequence[str]) -> None:
-  """Refuses label values the model has no class for (they would train and score silently)."""
+def check_labels(labels: np.ndarray, scan: _ScanInfo, classes: Sequence[str],
+                 unlabelled: int | None = None) -> None:
+  """Refuses label values the model has no class for (they would train and score silently);
+  the dataset's `unlabelled` value (sparse labels) is allowed: the loss ignores it."""
   top = int(labels.max()) if labels.size else 0
+  if top >= len(classes) and unlabelled is not None:
+    high = labels[(labels >= len(classes)) & (labels != unlabelled)]
+    top = int(high.max()) if high.size else 0
   if top >= len(classes):
+    also = f", unlabelled value {unlabelled}" if unlabelled is not None else ""
     raise errors.UserError(f"scan {scan.name!r} has label value {top}, but its dataset has "
-                        f"{len(classes)} classes ({', '.join(classes)}): fix the labels or "
-                        "the dataset's classes")
+                        f"{len(classes)} classes ({', '.join(classes)}{also}): fix the labels "
+                        "or the dataset's classes")
 
 
 def _check_rule(rule: str) -> None:
@@ -148,8 +173,10 @@ def _check_rule(rule: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def class_projections(labels: store.ts.TensorStore, num_classes: int, slab: int = 64):
-  """Per-class voxel counts and the three axis-pair projections of each class's mask.
+def class_projections(labels: store.ts.TensorStore, num_classes: int, slab: int = 64,
+                      unlabelled: int | None = None):
+  """Per-class voxel counts and the three axis-pair projections of each class's mask
+  (labelled voxels only: `unlabelled` voxels count for no class).
 
   Returns (counts (C,), zy (C, Z, Y), zx (C, Z, X), yx (C, Y, X)) as booleans "class c occurs
   somewhere along the remaining axis". From these, the planes along any axis that hold a class
@@ -164,10 +191,12 @@ def class_projections(labels: store.ts.TensorStore, num_classes: int, slab: int 
   for z0 in range(0, z, slab):
     lab = store.read_slab(labels, 0, z0, min(z, z0 + slab))
     slab_counts = np.bincount(lab.reshape(-1), minlength=num_classes)
+    if unlabelled is not None and unlabelled < slab_counts.size:
+      slab_counts[unlabelled] = 0
     if slab_counts.size > num_classes and slab_counts[num_classes:].any():
       raise ValueError(f"label value {int(lab.max())} >= the {num_classes} classes")
-    counts += slab_counts
-    for c in np.flatnonzero(slab_counts):
+    counts += slab_counts[:num_classes]
+    for c in np.flatnonzero(slab_counts[:num_classes]):
       m = lab == c
       zy[c, z0:z0 + lab.shape[0]] = m.any(2)
       zx[c, z0:z0 + lab.shape[0]] = m.any(1)
@@ -208,6 +237,109 @@ def _rare_planes_of_scan(zy, zx, yx, axes) -> list[tuple[int, int, int, int, int
 
 
 # ---------------------------------------------------------------------------------------------
+# Sparse labels: where the labelled voxels are.
+# ---------------------------------------------------------------------------------------------
+
+LABEL_BLOCK = 16  # side of the in-plane cells that locate labelled voxels (capped by the patch)
+
+
+@dataclasses.dataclass
+class LabelMap:
+  """Where a scan's labelled voxels are, at `block` resolution within each plane.
+
+  counts: labelled voxels per class (C,); unlabelled: voxels with the unlabelled value;
+  occupancy[a]: bool (n_a, rows / block, cols / block) (rounded up), "plane p along axis a has
+  a labelled voxel in cell (i, j)"; memory 3 N / block^2 bits for N voxels.
+  """
+  counts: np.ndarray
+  unlabelled: int
+  block: int
+  occupancy: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+  def planes(self, axis: int) -> np.ndarray:
+    """The planes along `axis` holding a labelled voxel."""
+    return np.flatnonzero(self.occupancy[axis].any((1, 2)))
+
+
+def _cells(known: np.ndarray, b: int, keep: tuple[int, ...]) -> np.ndarray:
+  """any() of `known` (z, y, x) over b-blocks of the axes not in `keep` (padded up to b)."""
+  pads = [(0, 0 if d in keep else -known.shape[d] % b) for d in range(3)]
+  k = np.pad(known, pads)
+  shape, red = [], []
+  for d in range(3):
+    if d in keep:
+      shape.append(k.shape[d])
+    else:
+      shape += [k.shape[d] // b, b]
+      red.append(len(shape) - 1)
+  return k.reshape(shape).any(tuple(red))
+
+
+def label_map(labels: store.ts.TensorStore, num_classes: int, unlabelled: int | None,
+              block: int = LABEL_BLOCK) -> LabelMap:
+  """One slab-wise pass over a scan's labels: class counts and the labelled cells per plane.
+
+  Raises ValueError for a value that is neither a class nor `unlabelled`.
+  """
+  z, y, x = (int(v) for v in labels.shape)
+  b = max(1, int(block))
+  cdiv = lambda n: -(-n // b)  # noqa: E731
+  occ = (np.zeros((z, cdiv(y), cdiv(x)), bool), np.zeros((y, cdiv(z), cdiv(x)), bool),
+         np.zeros((x, cdiv(z), cdiv(y)), bool))
+  counts = np.zeros(num_classes, np.int64)
+  n_unlabelled = 0
+  slab = max(b, 64 // b * b)  # a multiple of the block: cells along z never straddle slabs
+  for z0 in range(0, z, slab):
+    lab = store.read_slab(labels, 0, z0, min(z, z0 + slab))
+    c = np.bincount(lab.reshape(-1), minlength=max(num_classes, 256))
+    if unlabelled is not None:
+      n_unlabelled += int(c[unlabelled])
+      c[unlabelled] = 0
+    if c[num_classes:].any():
+      raise ValueError(f"label value {int(np.flatnonzero(c)[-1])} >= the {num_classes} classes")
+    counts += c[:num_classes]
+    known = lab != unlabelled if unlabelled is not None else np.ones(lab.shape, bool)
+    zb = z0 // b
+    occ[0][z0:z0 + lab.shape[0]] = _cells(known, b, (0,))
+    occ[1][:, zb:zb + cdiv(lab.shape[0])] = _cells(known, b, (1,)).transpose(1, 0, 2)
+    occ[2][:, zb:zb + cdiv(lab.shape[0])] = _cells(known, b, (2,)).transpose(2, 0, 1)
+  return LabelMap(counts, n_unlabelled, b, occ)
+
+
+def check_labelled(maps: Sequence[LabelMap], names: Sequence[str], classes: Sequence[str],
+                   split: str) -> None:
+  """Bad input before training: a split with no labelled voxel, or a class none of it labels."""
+  counts = sum(m.counts for m in maps)
+  if not counts.sum():
+    raise errors.UserError(f"the {split} scans ({', '.join(names)}) have no labelled voxel "
+                           "(every label is the dataset's unlabelled value)")
+  missing = [classes[c] for c in np.flatnonzero(counts == 0)]
+  if missing:
+    raise errors.UserError(f"class{'es' if len(missing) > 1 else ''} {', '.join(missing)} "
+                           f"{'have' if len(missing) > 1 else 'has'} no labelled voxel in the "
+                           f"{split} scans ({', '.join(names)})")
+
+
+def _edge_origin(h: np.ndarray, n: np.ndarray, pp: int, margin: int,
+                 first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
+  """A crop origin along a side of n pixels: uniform over the origins inside the side (mirrored
+  where it is shorter than the patch) widened by `margin` at both ends, then clamped back.
+
+  The clamp puts the crops that would stick out at the border, so a border pixel is in about
+  (margin + 1) / (patch + margin) as many crops as an interior pixel, instead of 1 / patch, and
+  always at a crop's edge: the way prediction sees it (whole planes: the border at the network's
+  input edge, the same zero padding of its convolutions). `first`/`last` (sparse labels) keep the crop over
+  the pixels [first, last] (a labelled cell, shorter than the patch); clamping keeps that.
+  """
+  n = np.asarray(n, np.int64)
+  lo, hi = np.minimum(0, n - pp), np.maximum(0, n - pp)
+  a, b = lo - margin, hi + margin
+  if first is not None:
+    a, b = np.maximum(a, np.asarray(last, np.int64) - pp + 1), np.minimum(b, first)
+  return np.clip(_randint(h, a, b), lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
 # The training stream.
 # ---------------------------------------------------------------------------------------------
 
@@ -224,8 +356,11 @@ class PatchStream:
                patches_per_plane: int = 4, oversample_rare: float = 0.0, seed: int = 0,
                normalization: str = "percentile", process_index: int | None = None,
                process_count: int | None = None, num_threads: int = 8, prefetch: int = 2,
-               rare_classes: Sequence[int] | None = None, context_slices: int = 0):
+               rare_classes: Sequence[int] | None = None, context_slices: int = 0,
+               edge_margin: int | None = None):
     self.patch_size = int(patch_size)
+    self.edge_margin = (int(self.patch_size * EDGE_MARGIN) if edge_margin is None
+                        else int(edge_margin))
     self.global_batch_size = int(global_batch_size)
     self.axes = tuple(int(a) for a in axes)
     self.patches_per_plane = int(patches_per_plane)
@@ -249,6 +384,8 @@ class PatchStream:
       raise errors.UserError(f"patches_per_plane={patches_per_plane} must be >= 1")
     if self.context_slices < 0:
       raise errors.UserError(f"context_slices={context_slices} must be >= 0")
+    if self.edge_margin < 0:
+      raise errors.UserError(f"edge_margin={edge_margin} must be >= 0")
     if not 0.0 <= self.oversample_rare < 1.0:
       raise errors.UserError(f"oversample_rare={oversample_rare} must be in [0, 1)")
     if not 0 <= self.process_index < self.process_count:
@@ -265,8 +402,19 @@ class PatchStream:
       if s.scan.labels is None:
         raise errors.UserError(f"training scan {s.name!r} has no labels")
 
-    # Uniform records: one block of shape[axis] * patches_per_plane per (scan, axis).
-    blocks = [(si, a, s.shape[a]) for si, s in enumerate(self.scans) for a in self.axes]
+    # Sparse labels: records only on planes holding labelled voxels, crops over a labelled cell.
+    self.unlabelled = self.dataset.unlabelled
+    self.label_maps: list[LabelMap] | None = None
+    if self.unlabelled is not None:
+      self.label_maps = [self._label_map(s) for s in self.scans]
+      check_labelled(self.label_maps, [s.name for s in self.scans], self.classes, "training")
+
+    # Uniform records: one block of planes * patches_per_plane per (scan, axis); the planes are
+    # all of the axis's (dense labels) or those holding labelled voxels (sparse labels).
+    blocks = [(si, a, self._block_planes(si, a)) for si, s in enumerate(self.scans)
+              for a in self.axes]
+    self._sparse_tables([b[2] for b in blocks])
+    blocks = [(si, a, len(planes)) for si, a, planes in blocks]
     self._blk_scan = np.array([b[0] for b in blocks], np.int64)
     self._blk_axis = np.array([b[1] for b in blocks], np.int64)
     sizes = np.array([b[2] * self.patches_per_plane for b in blocks], np.int64)
@@ -302,12 +450,50 @@ class PatchStream:
 
   # -- set-up ---------------------------------------------------------------------------------
 
+  def _label_map(self, s: _ScanInfo) -> LabelMap:
+    try:
+      return label_map(s.scan.labels, len(self.classes), self.unlabelled,
+                       min(LABEL_BLOCK, self.patch_size))
+    except Exception as e:  # pylint: disable=broad-except  (bad values, damaged chunks)
+      text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+      raise errors.UserError(f"scan {s.name!r} ({s.scan.path}): {text} ({', '.join(self.classes)}"
+                             f"; unlabelled {self.unlabelled})") from None
+
+  def _block_planes(self, si: int, axis: int) -> np.ndarray:
+    if self.label_maps is None:
+      return np.arange(self.scans[si].shape[axis])
+    return self.label_maps[si].planes(axis)
+
+  def _sparse_tables(self, planes_per_block: list[np.ndarray]) -> None:
+    """Flat tables for records(): every block's labelled planes (`_sp_planes`, from
+    `_sp_plane_off[block]`), and every plane's labelled cells (`_sp_cells` (n, 2) rows
+    `_sp_cell_start[k]` .. + `_sp_cell_count[k]`, k the plane's index in `_sp_planes`)."""
+    self._sp_plane_off = np.zeros(len(planes_per_block), np.int64)
+    if self.label_maps is None:
+      return
+    planes, starts, counts, cells, off, n_cells = [], [], [], [], 0, 0
+    for bi, ((si, a), pl) in enumerate(zip(
+        [(si, a) for si in range(len(self.scans)) for a in self.axes], planes_per_block)):
+      self._sp_plane_off[bi] = off
+      k, r, c = np.nonzero(self.label_maps[si].occupancy[a][pl])
+      cnt = np.bincount(k, minlength=len(pl))
+      planes.append(pl)
+      counts.append(cnt)
+      starts.append(n_cells + np.cumsum(cnt) - cnt)
+      cells.append(np.stack([r, c], 1))
+      off += len(pl)
+      n_cells += len(k)
+    self._sp_planes = np.concatenate(planes).astype(np.int64)
+    self._sp_cell_start = np.concatenate(starts).astype(np.int64)
+    self._sp_cell_count = np.concatenate(counts).astype(np.int64)
+    self._sp_cells = np.concatenate(cells).astype(np.int64).reshape(-1, 2)
+
   def _find_rare_planes(self, rare_classes) -> None:
     nc = self.dataset.num_classes
     projections = []
     for s in self.scans:
       try:
-        projections.append(class_projections(s.scan.labels, nc))
+        projections.append(class_projections(s.scan.labels, nc, unlabelled=self.unlabelled))
       except Exception as e:  # pylint: disable=broad-except  (bad values, damaged chunks)
         text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
         raise errors.UserError(f"scan {s.name!r} ({s.scan.path}): {text} ({', '.join(self.classes)})"
@@ -360,10 +546,21 @@ class PatchStream:
       plane = (r - self._blk_start[blk]) // self.patches_per_plane
       rows_n, cols_n = self._plane_sizes(shapes[si], ax)
       e = epoch[uni]
-      oy = _randint(_hash(self.seed, e, r, 0), np.minimum(0, rows_n - pp),
-                    np.maximum(0, rows_n - pp))
-      ox = _randint(_hash(self.seed, e, r, 1), np.minimum(0, cols_n - pp),
-                    np.maximum(0, cols_n - pp))
+      m = self.edge_margin
+      if self.label_maps is None:
+        oy = _edge_origin(_hash(self.seed, e, r, 0), rows_n, pp, m)
+        ox = _edge_origin(_hash(self.seed, e, r, 1), cols_n, pp, m)
+      else:  # a labelled cell of the plane, then a crop over it
+        k = self._sp_plane_off[blk] + plane
+        plane = self._sp_planes[k]
+        cell = self._sp_cells[self._sp_cell_start[k] + (
+            _hash(self.seed, e, r, 7) % self._sp_cell_count[k].astype(np.uint64)).astype(np.int64)]
+        b = np.array([lm.block for lm in self.label_maps], np.int64)[si]
+        y0, x0 = cell[:, 0] * b, cell[:, 1] * b
+        oy = _edge_origin(_hash(self.seed, e, r, 0), rows_n, pp, m, y0,
+                          np.minimum(y0 + b, rows_n) - 1)
+        ox = _edge_origin(_hash(self.seed, e, r, 1), cols_n, pp, m, x0,
+                          np.minimum(x0 + b, cols_n) - 1)
       out[uni] = np.stack([si, ax, plane, oy, ox], 1)
 
     rare = ~uni
@@ -461,7 +658,7 @@ class PatchStream:
       # (rows, cols, C): the context planes become the channels, in plane order.
       img = np.moveaxis(np.take(_read(futures[i][0], s, "image"), maps[0], axis), axis, -1)
       lab = _read(futures[i][1], s, "labels").squeeze(axis)
-      check_labels(lab, s, self.classes)
+      check_labels(lab, s, self.classes, self.unlabelled)
       if maps[1] is not None:
         img, lab = img[maps[1]], lab[maps[1]]
       if maps[2] is not None:
@@ -556,6 +753,33 @@ def _val_planes(n: int, stride: int) -> list[int]:
   return list(range(min(stride // 2, n - 1), n, stride))
 
 
+def _val_plane_lists(ds: store.Dataset, infos: Sequence[_ScanInfo], axes: Sequence[int],
+                     stride: int) -> list[dict[int, list[int]]]:
+  """Per scan, {axis: the validation planes}: every `stride`-th plane; with sparse labels,
+  every `stride`-th of the planes holding labelled voxels (refusing a split without any)."""
+  if ds.unlabelled is None:
+    return [{a: _val_planes(s.shape[a], stride) for a in axes if a in (0, 1, 2)} for s in infos]
+  maps = []
+  for s in infos:
+    if s.scan.labels is None:
+      raise errors.UserError(f"validation scan {s.name!r} has no labels")
+    try:
+      maps.append(label_map(s.scan.labels, ds.num_classes, ds.unlabelled))
+    except Exception as e:  # pylint: disable=broad-except  (bad values, damaged chunks)
+      text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+      raise errors.UserError(f"validation scan {s.name!r} ({s.scan.path}): {text}") from None
+  check_labelled(maps, [s.name for s in infos], ds.classes, "validation")
+  out = []
+  for m in maps:
+    lists = {}
+    for a in axes:
+      if a in (0, 1, 2):
+        planes = m.planes(a)
+        lists[a] = [int(planes[i]) for i in _val_planes(len(planes), stride)] if len(planes) else []
+    out.append(lists)
+  return out
+
+
 def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None = None,
                        axes: Sequence[int] = (0,), batch_size: int = 8, stride: int = 1,
                        normalization: str = "percentile", num_threads: int = 8,
@@ -576,18 +800,22 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
     raise errors.UserError(f"validation batch_size={batch_size} must be positive")
   ds, infos = _open_training_scans(dataset_path, scans, normalization)
   k = int(context_slices)
+  for s in infos:
+    if s.scan.labels is None:
+      raise errors.UserError(f"validation scan {s.name!r} has no labels")
+  for axis in axes:
+    if axis not in (0, 1, 2):
+      raise errors.UserError(f"validation axis {axis} is not 0, 1 or 2")
+  plane_lists = _val_plane_lists(ds, infos, axes, stride)
+  unlabelled = ds.unlabelled
   pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)), "val-read")
   try:
-    for s in infos:
-      if s.scan.labels is None:
-        raise errors.UserError(f"validation scan {s.name!r} has no labels")
+    for s, lists in zip(infos, plane_lists):
       for axis in axes:
-        if axis not in (0, 1, 2):
-          raise errors.UserError(f"validation axis {axis} is not 0, 1 or 2")
         d0, d1 = _plane_dims(axis)
         (o0, c0, m0), (o1, c1, m1), valid = _val_geometry(s.shape, axis, crop)
         h, w = valid.shape
-        planes = _val_planes(s.shape[axis], stride)
+        planes = lists[axis]
         for b0 in range(0, len(planes), batch_size):
           chunk = planes[b0:b0 + batch_size]
           image = np.zeros((batch_size, h, w, 2 * k + 1), np.float32)
@@ -610,10 +838,12 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
             img = np.moveaxis(np.take(_read(futures[i][0], s, "image"), context[i], axis), axis,
                               -1)
             lab = _read(futures[i][1], s, "labels").squeeze(axis)
-            check_labels(lab, s, ds.classes)
+            check_labels(lab, s, ds.classes, unlabelled)
+            lab = lab[m0][:, m1]
+            known = valid if unlabelled is None else valid * (lab != unlabelled)
             image[i] = intensity.normalize(img[m0][:, m1], s.norm, normalization)
-            label[i] = lab[m0][:, m1] * valid.astype(np.int32)
-            mask[i] = valid
+            label[i] = lab * (known > 0)
+            mask[i] = known
 
           list(pool.map(finish, range(len(chunk))))
           yield {"image": image, "label": label, "mask": mask}
@@ -624,10 +854,9 @@ def validation_batches(dataset_path, scans: Sequence[str], *, crop: int | None =
 def num_validation_batches(dataset_path, scans: Sequence[str], *, axes: Sequence[int] = (0,),
                            batch_size: int = 8, stride: int = 1) -> int:
   """How many batches validation_batches yields (for progress bars)."""
-  _, infos = _open_training_scans(dataset_path, scans)
-  stride = max(1, int(stride))
-  return sum(-(-len(_val_planes(s.shape[a], stride)) // batch_size)
-             for s in infos for a in axes)
+  ds, infos = _open_training_scans(dataset_path, scans)
+  lists = _val_plane_lists(ds, infos, axes, max(1, int(stride)))
+  return sum(-(-len(pl[a]) // batch_size) for pl in lists for a in axes)
 
 
 def validation_nbytes(dataset_path, scans: Sequence[str], *, crop: int | None = None,
@@ -635,11 +864,11 @@ def validation_nbytes(dataset_path, scans: Sequence[str], *, crop: int | None = 
                       context_slices: int = 0) -> int:
   """Bytes of everything validation_batches yields (image, label and mask: 12 B per pixel,
   4 B more per context plane)."""
-  _, infos = _open_training_scans(dataset_path, scans)
-  stride, total = max(1, int(stride)), 0
-  for s in infos:
+  ds, infos = _open_training_scans(dataset_path, scans)
+  lists, total = _val_plane_lists(ds, infos, axes, max(1, int(stride))), 0
+  for s, pl in zip(infos, lists):
     for a in axes:
       h, w = _val_geometry(s.shape, a, crop)[2].shape
-      total += (-(-len(_val_planes(s.shape[a], stride)) // batch_size) * batch_size * h * w *
+      total += (-(-len(pl[a]) // batch_size) * batch_size * h * w *
                 (12 + 8 * int(context_slices)))
   return total

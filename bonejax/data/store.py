@@ -355,7 +355,10 @@ def write_scan(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray | 
   return scan
 
 
-def validate_labels(labels: np.ndarray, shape: Sequence[int], num_classes: int | None) -> None:
+def validate_labels(labels: np.ndarray, shape: Sequence[int], num_classes: int | None,
+                    unlabelled: int | None = None) -> None:
+  """Refuses labels of another shape, non-integers, and values without a class (other than
+  the dataset's `unlabelled` value, which sparse labels use for unpainted voxels)."""
   if tuple(labels.shape) != tuple(shape):
     raise errors.UserError(f"labels shape {tuple(labels.shape)} != image shape {tuple(shape)}")
   if not np.issubdtype(labels.dtype, np.integer):
@@ -365,7 +368,12 @@ def validate_labels(labels: np.ndarray, shape: Sequence[int], num_classes: int |
     if lo < 0:
       raise errors.UserError(f"label value {lo} is negative")
     if num_classes is not None and hi >= num_classes:
-      raise errors.UserError(f"label value {hi} >= number of classes {num_classes}")
+      high = labels[labels >= num_classes]
+      bad = high[high != unlabelled] if unlabelled is not None else high
+      if bad.size:
+        also = f" (the unlabelled value is {unlabelled})" if unlabelled is not None else ""
+        raise errors.UserError(f"label value {int(bad.max())} >= number of classes "
+                               f"{num_classes}{also}")
     if hi > 255:
       raise errors.UserError(f"label value {hi} does not fit uint8")
 
@@ -375,11 +383,19 @@ def validate_labels(labels: np.ndarray, shape: Sequence[int], num_classes: int |
 # ---------------------------------------------------------------------------------------------
 
 
+# Sparse labels: the label value of voxels nobody painted, by convention. A dataset opts in with
+# `"unlabelled": 255` in dataset.json (import: --unlabelled=255); such voxels then weigh nothing
+# in the loss, the validation and the evaluation, and the patch samplers cut crops around
+# labelled voxels. The value must not be a class (>= the number of classes, and a uint8).
+UNLABELLED = 255
+
+
 @dataclasses.dataclass
 class Dataset:
   path: Path
   classes: list[str]
   scans: list[str]
+  unlabelled: int | None = None  # the label value of unpainted voxels (sparse labels), if any
 
   @property
   def num_classes(self) -> int:
@@ -395,10 +411,26 @@ class Dataset:
     return open_scan(self.path / name)
 
 
+def check_unlabelled(value: Any, classes: Sequence[str], where: str) -> int | None:
+  """The unlabelled value as an int (None: dense labels); refuses one that is a class."""
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 255:
+    raise errors.UserError(f"{where}: unlabelled value {value!r} must be an integer in 0..255 "
+                           "(uint8 labels; the convention is 255)")
+  if value < len(classes):
+    raise errors.UserError(f"{where}: unlabelled value {int(value)} collides with class "
+                           f"{int(value)} ({classes[int(value)]!r}); use a value >= "
+                           f"{len(classes)}, e.g. {UNLABELLED}")
+  return int(value)
+
+
 def write_dataset_json(path: str | os.PathLike, classes: Sequence[str],
-                       scans: Sequence[str]) -> None:
-  outputs.atomic_write_json(Path(path) / DATASET_JSON,
-                        {"classes": list(classes), "scans": list(scans)})
+                       scans: Sequence[str], unlabelled: int | None = None) -> None:
+  meta = {"classes": list(classes), "scans": list(scans)}
+  if unlabelled is not None:
+    meta["unlabelled"] = int(check_unlabelled(unlabelled, classes, str(path)))
+  outputs.atomic_write_json(Path(path) / DATASET_JSON, meta)
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:
@@ -418,7 +450,8 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
   scans = meta.get("scans", [])
   if not isinstance(scans, list):
     raise errors.UserError(f"{str(f)!r}: scans must be a list of names")
-  return Dataset(p, [str(c) for c in classes], [str(s) for s in scans])
+  unlabelled = check_unlabelled(meta.get("unlabelled"), classes, str(f))
+  return Dataset(p, [str(c) for c in classes], [str(s) for s in scans], unlabelled)
 
 
 def dataset_lock(path: str | os.PathLike):
@@ -440,8 +473,11 @@ def unlisted_scans(path: str | os.PathLike, listed: Sequence[str]) -> list[str]:
   return sorted(found, key=_natural)
 
 
-def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[str]) -> Dataset:
+def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[str],
+                        unlabelled: int | None = None) -> Dataset:
   """Registers a scan in dataset.json, creating the file (with `classes`) if needed.
+
+  `unlabelled` (sparse labels) is recorded when given; a dataset keeps the value it has.
 
   Safe from many processes at once: the read-modify-write holds the dataset's lock and
   replaces the file atomically. Scan directories found unlisted (an import killed between
@@ -455,8 +491,12 @@ def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[st
       ds = open_dataset(p)
       if list(classes) != ds.classes:
         raise errors.UserError(f"classes {list(classes)} disagree with dataset's {ds.classes}")
+      if unlabelled is not None and ds.unlabelled not in (None, unlabelled):
+        raise errors.UserError(f"unlabelled value {unlabelled} disagrees with the dataset's "
+                               f"{ds.unlabelled}")
+      ds.unlabelled = ds.unlabelled if unlabelled is None else int(unlabelled)
     else:
-      ds = Dataset(p, list(classes), [])
+      ds = Dataset(p, list(classes), [], unlabelled)
     orphans = [s for s in unlisted_scans(p, ds.scans) if s != scan]
     if orphans:
       errors.warn(f"dataset {str(p)!r}: scan director{'y' if len(orphans) == 1 else 'ies'} "
@@ -465,7 +505,7 @@ def add_scan_to_dataset(path: str | os.PathLike, scan: str, classes: Sequence[st
       ds.scans.extend(orphans)
     if scan not in ds.scans:
       ds.scans.append(scan)
-    write_dataset_json(p, ds.classes, ds.scans)
+    write_dataset_json(p, ds.classes, ds.scans, ds.unlabelled)
   return ds
 
 
@@ -490,6 +530,7 @@ def rebuild_dataset(path: str | os.PathLike, classes: Sequence[str] | None = Non
     gone = [s for s in (old.scans if old else []) if s not in listed]
     if gone:
       errors.warn(f"dataset {str(p)!r}: {', '.join(gone)} listed but gone; dropped")
-    ds = Dataset(p, [str(c) for c in classes], listed + unlisted_scans(p, listed))
-    write_dataset_json(p, ds.classes, ds.scans)
+    ds = Dataset(p, [str(c) for c in classes], listed + unlisted_scans(p, listed),
+                 old.unlabelled if old else None)
+    write_dataset_json(p, ds.classes, ds.scans, ds.unlabelled)
   return ds

@@ -42,12 +42,17 @@ def check_range(a: np.ndarray, num_classes: int, name: str) -> None:
     raise errors.UserError(f"{name} label value {hi} >= number of classes {num_classes}")
 
 
-def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-  """(C, C) int64 counts, rows = truth, cols = prediction. Labels outside [0, C) are an error."""
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int,
+                     ignore: int | None = None) -> np.ndarray:
+  """(C, C) int64 counts, rows = truth, cols = prediction. Labels outside [0, C) are an error,
+  except truth voxels equal to `ignore` (sparse labels' unlabelled value), which are not counted."""
   if num_classes < 1:
     raise errors.UserError(f"number of classes must be >= 1, got {num_classes}")
   pred, truth = np.asarray(pred), np.asarray(truth)
   _check_pair(pred, truth)
+  if ignore is not None:
+    keep = truth != ignore
+    pred, truth = pred[keep], truth[keep]
   check_range(pred, num_classes, "prediction")
   check_range(truth, num_classes, "truth")
   # One bincount over a combined index is several times faster than C*C boolean reductions;

@@ -1,10 +1,13 @@
 """Segmentation losses on logits (B, H, W, C) and integer labels (B, H, W), in float32.
 
-Every loss takes an optional `mask` (B, H, W), bool or float: masked-out pixels (padding, unlabelled
-voxels) contribute nothing. Pixel losses (cross-entropy, focal) are means over the unmasked pixels.
-Region losses (Dice, Jaccard, Tversky, focal-Tversky) pool true/false positives per class over the
-whole batch (all devices: under a sharded `jit` the sums are global), then average over the classes
-present in the batch's truth; a class absent from the truth has no defined overlap and is left out.
+Every loss takes an optional `mask` (B, H, W), bool or float: masked-out pixels (padding)
+contribute nothing. Sparse labels: a label value outside [0, C) (the dataset's `unlabelled`
+value, 255 by convention: data/store.py) is masked out too, so the samplers hand the loss the
+labels as stored and a batch of partly painted slices trains on its painted pixels only.
+Pixel losses (cross-entropy, focal) are means over the unmasked pixels. Region losses (Dice,
+Jaccard, Tversky, focal-Tversky) pool true/false positives per class over the whole batch (all
+devices: under a sharded `jit` the sums are global), then average over the classes present in
+the batch's truth; a class absent from the truth has no defined overlap and is left out.
 Lovasz-softmax (Berman et al. 2018, which BONe offers) is the convex Lovasz extension of the
 Jaccard loss, averaged over the classes present. By default per image (the authors'
 `per_image=True`), then averaged over the images: each image's sort is local to the device that
@@ -37,14 +40,25 @@ import jax.numpy as jnp
 EPS = 1e-7
 
 
+def _labelled(labels, num_classes):
+  """(labels with unlabelled pixels set to 0, bool mask of the labelled pixels).
+
+  A label outside [0, num_classes) is "unlabelled" (the dataset's `unlabelled` value, e.g. 255,
+  reaches the loss as it is): it weighs nothing in any loss, whatever `mask` says.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  known = (labels >= 0) & (labels < num_classes)
+  return jnp.where(known, labels, 0), known
+
+
 def _prep(logits, labels, mask):
   logits = jnp.asarray(logits, jnp.float32)
   num_classes = logits.shape[-1]
-  labels = jnp.asarray(labels, jnp.int32)
+  labels, known = _labelled(labels, num_classes)
   if mask is None:
-    w = jnp.ones(labels.shape, jnp.float32)
+    w = known.astype(jnp.float32)
   else:
-    w = jnp.broadcast_to(jnp.asarray(mask), labels.shape).astype(jnp.float32)
+    w = jnp.broadcast_to(jnp.asarray(mask), labels.shape).astype(jnp.float32) * known
   return logits, labels, w, num_classes
 
 
@@ -192,9 +206,8 @@ def _lovasz_set(probs, labels, w):
 
 def _lovasz_inputs(probs, labels, mask):
   probs = jnp.asarray(probs, jnp.float32)
-  labels = jnp.asarray(labels, jnp.int32)
-  w = (jnp.ones(labels.shape, bool) if mask is None else
-       jnp.broadcast_to(jnp.asarray(mask), labels.shape) > 0)
+  labels, known = _labelled(labels, probs.shape[-1])
+  w = known if mask is None else (jnp.broadcast_to(jnp.asarray(mask), labels.shape) > 0) & known
   return probs, labels, w
 
 
@@ -222,7 +235,7 @@ def lovasz_from_probs(probs, labels, mask=None, *, per_image: bool = True):
 
 def lovasz(logits, labels, mask=None, *, per_image: bool = True):
   """Lovasz-softmax (Berman et al. 2018) on the softmax of `logits`."""
-  logits, labels, _, _ = _prep(logits, labels, mask)
+  logits = jnp.asarray(logits, jnp.float32)  # labels as given: _lovasz_inputs masks them
   return lovasz_from_probs(jax.nn.softmax(logits, axis=-1), labels, mask, per_image=per_image)
 
 
@@ -249,7 +262,7 @@ def _counts_stats(logits, labels, mask, **kw):
 
 def _lovasz_stats(logits, labels, mask, *, per_image: bool = True):
   del per_image  # validation is per image either way (module docstring)
-  logits, labels, _, _ = _prep(logits, labels, mask)
+  logits = jnp.asarray(logits, jnp.float32)  # labels as given: _lovasz_inputs masks them
   values, valid = _lovasz_per_image(jax.nn.softmax(logits, axis=-1), labels, mask)
   return {"sum": jnp.sum(jnp.where(valid, values, 0.0)), "n": jnp.sum(valid.astype(jnp.float32))}
 

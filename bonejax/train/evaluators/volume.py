@@ -107,7 +107,8 @@ class Evaluator:
       labels = predict.predict_volume(engine, scan, stats=scan.stats, rule=self.normalization,
                                       planes=self.planes, vote=self.vote,
                                       memory_budget_gb=self.memory_budget_gb)
-      cm += metrics.confusion_matrix(labels, scan.read_labels(), k).astype(np.int64)
+      cm += metrics.confusion_matrix(labels, scan.read_labels(), k,
+                                     ignore=self.dataset.unlabelled).astype(np.int64)
     if jax.process_count() > 1:  # one decision for all: process 0's matrix
       from jax.experimental import multihost_utils
       # int32 halves: without jax_enable_x64 an int64 array would be cut to int32.

@@ -1,0 +1,89 @@
+"""Edges (issue 28): training crops reach the volume's borders as often as prediction needs them,
+and the border band (outer voxels) is scored apart from the interior."""
+
+import numpy as np
+import pytest
+
+from bonejax.data import patches, store
+from bonejax.evaluate import border, metrics
+
+
+def test_zero_margin_is_the_old_uniform_rule():
+  h = patches._hash(3, np.arange(5000), 0)
+  n = np.full(5000, 100)
+  np.testing.assert_array_equal(patches._edge_origin(h, n, 32, 0), patches._randint(h, 0, 68))
+  small = np.full(5000, 20)  # shorter than the patch: mirrored origins in [n - P, 0]
+  np.testing.assert_array_equal(patches._edge_origin(h, small, 32, 0),
+                                patches._randint(h, -12, 0))
+
+
+@pytest.mark.parametrize("margin", [4, 16])
+def test_margin_clamps_onto_the_borders(margin):
+  h = patches._hash(1, np.arange(40000), 0)
+  o = patches._edge_origin(h, np.full(h.size, 100), 32, margin)
+  assert o.min() == 0 and o.max() == 68
+  span = 69 + 2 * margin
+  for edge in (0, 68):  # each border takes the margin's share, within sampling noise
+    assert np.mean(o == edge) == pytest.approx((margin + 1) / span, rel=0.1)
+  inner = np.bincount(o, minlength=69)[1:68] / o.size
+  assert np.allclose(inner, 1 / span, rtol=0.2)
+
+
+def test_cell_bounds_keep_the_cell_in_the_crop():
+  h = patches._hash(2, np.arange(3000), 0)
+  n = np.full(h.size, 50)
+  first = patches._randint(patches._hash(9, np.arange(3000)), 0, 49)
+  last = np.minimum(first + 7, 49)
+  o = patches._edge_origin(h, n, 16, 8, first, last)
+  assert np.all((o <= first) & (o + 16 > last) & (o >= 0) & (o <= 34))
+
+
+def _coverage(root, margin, axis_rows=64, patch=16):
+  """How often each row of the axis-0 planes lies inside a crop, over two epochs."""
+  with patches.PatchStream(root, ["s"], patch_size=patch, global_batch_size=4, axes=(0,),
+                           patches_per_plane=64, process_index=0, process_count=1,
+                           edge_margin=margin) as s:
+    rows = s.records(np.arange(2 * s.records_per_epoch))
+  cover = np.zeros(axis_rows)
+  for oy in rows[:, 3]:
+    cover[oy:oy + patch] += 1
+  return cover
+
+
+def test_border_rows_are_trained_nearly_as_often_as_interior_rows(tmp_path):
+  """The cause of issue 28's worse edges: with crops inside the volume a border row is in
+  1 / (n - P + 1) of the crops, an interior row in P / (n - P + 1): here 16x rarer."""
+  img = np.arange(4 * 64 * 64, dtype=np.uint16).reshape(4, 64, 64)
+  store.write_scan(tmp_path / "s", img, (img % 3).astype(np.uint8), chunks=(4, 32, 32))
+  store.write_dataset_json(tmp_path, ["a", "b", "c"], ["s"])
+  before, after = _coverage(tmp_path, 0), _coverage(tmp_path, None)
+  interior = lambda c: c[24:40].mean()  # noqa: E731
+  assert before[0] / interior(before) < 0.1 and before[-1] / interior(before) < 0.1
+  assert after[0] / interior(after) > 0.4 and after[-1] / interior(after) > 0.4
+
+
+def test_band_mask_against_brute_force():
+  shape = (5, 7, 6)
+  z, y, x = np.indices(shape)
+  dist = np.minimum.reduce([z, shape[0] - 1 - z, y, shape[1] - 1 - y, x, shape[2] - 1 - x])
+  for band in (1, 2, 3):
+    np.testing.assert_array_equal(border.band_mask(shape, band), dist < band)
+    np.testing.assert_array_equal(border.band_mask(shape, band, 1, 4), (dist < band)[1:4])
+
+
+def test_border_scores_against_numpy():
+  rng = np.random.default_rng(0)
+  shape = (9, 10, 11)
+  truth = rng.integers(0, 3, shape).astype(np.uint8)
+  pred = np.where(rng.random(shape) < 0.8, truth, rng.integers(0, 3, shape)).astype(np.uint8)
+  truth[0, 0, :5] = 255
+  truth[4, 5, 5] = 255
+  m = border.band_mask(shape, 2)
+  keep = truth != 255
+  b, i = border.border_confusion(pred, truth, 3, band=2, ignore=255, slab=4)
+  np.testing.assert_array_equal(b, metrics.confusion_matrix(pred[m & keep], truth[m & keep], 3))
+  np.testing.assert_array_equal(i, metrics.confusion_matrix(pred[~m & keep], truth[~m & keep], 3))
+  assert b.sum() + i.sum() == keep.sum()
+  s = border.border_scores(pred, truth, ["bg", "bone", "pore"], band=2, ignore=255)
+  assert s["gap_miou_fg"] == pytest.approx(s["interior"]["miou_fg"] - s["border"]["miou_fg"])
+  assert s["border"]["confusion"] == b.tolist()
