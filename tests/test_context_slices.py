@@ -13,7 +13,7 @@ import pytest
 
 from bonejax.data import store
 from bonejax.io import intensity
-from bonejax.data import patches
+from bonejax.data import patches, validation
 
 # Few planes along Z and Y: k = 3 reaches past both ends (and past the far end twice along Z).
 SHAPE = (3, 6, 40)
@@ -80,7 +80,7 @@ def test_stream_stacks_the_planes_around_each_example(data, k, rule):
 def test_validation_stacks_the_same_way(data):
   root, vols = data
   k = 2
-  batches = list(patches.validation_batches(root, ["a"], axes=(0, 1), batch_size=4,
+  batches = list(validation.validation_batches(root, ["a"], axes=(0, 1), batch_size=4,
                                             normalization="zscore", context_slices=k))
   img, lab = vols["a"]
   stats = intensity.compute_stats(img)
@@ -94,5 +94,5 @@ def test_validation_stacks_the_same_way(data):
                                  (x.shape[1] - w) // 2:(x.shape[1] - w) // 2 + w], want,
                                rtol=1e-6, atol=1e-6)
   nbytes = sum(v.nbytes for b in batches for v in b.values())
-  assert patches.validation_nbytes(root, ["a"], axes=(0, 1), batch_size=4,
+  assert validation.validation_nbytes(root, ["a"], axes=(0, 1), batch_size=4,
                                    context_slices=k) == nbytes

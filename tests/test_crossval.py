@@ -10,7 +10,7 @@ import pytest
 from bonejax.core import errors, jsonable
 from bonejax.data import store
 from bonejax.train import crossval
-from bonejax.data import patches
+from bonejax.data import patches, validation
 from bonejax.train import trainer
 from train_helpers import phantom_dataset, smoke_config
 
@@ -24,7 +24,7 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
   # Every scan that reaches a fold's patch stream or its validation (model selection, early
   # stopping, plateau), and every scan it scores, recorded per fold.
   fold, used, scored = [None], {}, {}
-  train, stream_init, val = trainer.train, patches.PatchStream.__init__, patches.validation_batches
+  train, stream_init, val = trainer.train, patches.PatchStream.__init__, validation.validation_batches
   score = crossval.score_fold
 
   def spy_train(config, workdir, **kw):

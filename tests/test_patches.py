@@ -6,7 +6,7 @@ import pytest
 from bonejax.core import errors
 from bonejax.data import store
 from bonejax.io import intensity
-from bonejax.data import patches
+from bonejax.data import label_maps, patches, validation
 
 SHAPE = (20, 40, 36)
 NAMES = ["s0", "s1"]
@@ -143,7 +143,7 @@ def test_hosts_split_the_global_batch(data):
 def test_class_projections_and_rare_oversampling(data):
   root, vols = data
   img, lab = vols["s0"]
-  counts, zy, zx, yx = patches.class_projections(store.open_scan(root / "s0").labels, 3, slab=7)
+  counts, zy, zx, yx = label_maps.class_projections(store.open_scan(root / "s0").labels, 3, slab=7)
   np.testing.assert_array_equal(counts, np.bincount(lab.ravel(), minlength=3))
   for c in range(3):
     m = lab == c
@@ -166,7 +166,7 @@ def test_class_projections_and_rare_oversampling(data):
 
 def test_validation_batches(data):
   root, vols = data
-  out = list(patches.validation_batches(root, ["s1"], axes=(0, 1), batch_size=4, stride=4))
+  out = list(validation.validation_batches(root, ["s1"], axes=(0, 1), batch_size=4, stride=4))
   # axis 0: planes 2, 6, 10, 14, 18 -> 2 batches of 40x36 padded to 64x64;
   # axis 1: 10 planes -> 3 batches of 20x36 padded to 32x64.
   assert [b["image"].shape for b in out] == [(4, 64, 64, 1)] * 2 + [(4, 32, 64, 1)] * 3
@@ -180,12 +180,12 @@ def test_validation_batches(data):
                              intensity.normalize(img[6], stats), atol=1e-6)
   np.testing.assert_array_equal(first["label"][1, r0:r0 + 40, c0:c0 + 36], lab[6])
   assert first["label"][first["mask"] == 0].max() == 0
-  crops = list(patches.validation_batches(root, NAMES, crop=30, batch_size=8, stride=3))
+  crops = list(validation.validation_batches(root, NAMES, crop=30, batch_size=8, stride=3))
   assert all(b["image"].shape == (8, 32, 32, 1) for b in crops)
   assert crops[0]["mask"][0].sum() == 30 * 30
-  assert patches.num_validation_batches(root, NAMES, batch_size=8, stride=3) == len(crops)
+  assert validation.num_validation_batches(root, NAMES, batch_size=8, stride=3) == len(crops)
   nbytes = sum(v.nbytes for b in crops for v in b.values())
-  assert patches.validation_nbytes(root, NAMES, crop=30, batch_size=8, stride=3) == nbytes
+  assert validation.validation_nbytes(root, NAMES, crop=30, batch_size=8, stride=3) == nbytes
 
 
 def _copy_with(tmp_path, data, edit):
@@ -210,7 +210,7 @@ def test_labels_without_a_class_are_refused(data, tmp_path):
       for _ in range(3):  # two epochs' worth: every plane of both scans
         next(s)
   with pytest.raises(errors.UserError, match=r"scan 's1' has label value 3"):
-    list(patches.validation_batches(root, ["s1"], batch_size=4))
+    list(validation.validation_batches(root, ["s1"], batch_size=4))
   with pytest.raises(errors.UserError, match=r"scan 's1'.*label value 3"):
     _stream(root, oversample_rare=0.3)
 
@@ -225,4 +225,4 @@ def test_a_damaged_chunk_is_bad_input(data, tmp_path):
       for _ in range(2):
         next(s)
   with pytest.raises(errors.UserError, match=r"cannot read the image of scan 's0'"):
-    list(patches.validation_batches(root, ["s0"], batch_size=4))
+    list(validation.validation_batches(root, ["s0"], batch_size=4))

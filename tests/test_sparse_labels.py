@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bonejax.core import errors
-from bonejax.data import importer, patches, store
+from bonejax.data import importer, label_maps, patches, store, validation
 from bonejax.evaluate import metrics
 from bonejax.train import losses
 
@@ -160,7 +160,7 @@ def test_label_map_against_numpy(sparse_data):
   root, vols = sparse_data
   scan = store.open_dataset(root).open_scan("s0")
   b = 8
-  m = patches.label_map(scan.labels, 3, U, block=b)
+  m = label_maps.label_map(scan.labels, 3, U, block=b)
   lab = vols["s0"]
   known = lab != U
   np.testing.assert_array_equal(m.counts, np.bincount(lab[known], minlength=3))
@@ -217,13 +217,13 @@ def test_crops_read_the_labels_as_stored(sparse_data):
 def test_validation_masks_unlabelled_and_keeps_labelled_planes(sparse_data):
   root, vols = sparse_data
   kw = dict(axes=(0, 2), batch_size=4, stride=2)
-  batches = list(patches.validation_batches(root, ["s2", "s0"], num_threads=2, **kw))
-  assert len(batches) == patches.num_validation_batches(root, ["s2", "s0"], **kw)
+  batches = list(validation.validation_batches(root, ["s2", "s0"], num_threads=2, **kw))
+  assert len(batches) == validation.num_validation_batches(root, ["s2", "s0"], **kw)
   assert sum(b["image"].nbytes + b["label"].nbytes + b["mask"].nbytes for b in batches) == \
-      patches.validation_nbytes(root, ["s2", "s0"], **kw)
+      validation.validation_nbytes(root, ["s2", "s0"], **kw)
   # s2 along z: its one labelled plane only; the mask is exactly its labelled pixels.
   first = batches[0]
-  (_, _, m0), (_, _, m1), valid = patches._val_geometry(SHAPE, 0, None)  # centred, mirrored
+  (_, _, m0), (_, _, m1), valid = validation._val_geometry(SHAPE, 0, None)  # centred, mirrored
   want = (vols["s2"][10][m0][:, m1] != U) * valid
   assert want.sum() == valid.sum()  # the painted slice is labelled everywhere
   np.testing.assert_array_equal(first["mask"][0], want)
@@ -238,7 +238,7 @@ def test_validation_masks_unlabelled_and_keeps_labelled_planes(sparse_data):
     known = vols[name] != U
     for a in axes:
       planes = np.flatnonzero(np.moveaxis(known, a, 0).any((1, 2)))
-      picked = planes[patches._val_planes(len(planes), 2)]
+      picked = planes[validation._val_planes(len(planes), 2)]
       ref += int(np.moveaxis(known, a, 0)[picked].sum())
   assert total == ref
 
@@ -269,7 +269,7 @@ def test_bad_input_one_line_before_training(tmp_path):
                      r"scans \(a, b\)"):
     patches.PatchStream(root, ["a", "b"], **kw)
   with pytest.raises(errors.UserError, match="the validation scans .a. have no labelled voxel"):
-    list(patches.validation_batches(root, ["a"]))
+    list(validation.validation_batches(root, ["a"]))
   # A scan without labelled voxels among others is fine: it gets no records.
   with patches.PatchStream(root, ["a", "b", "c"], **kw, oversample_rare=0.0) as s:
     rows = s.records(np.arange(2 * s.records_per_epoch))
@@ -295,6 +295,6 @@ def test_bad_input_one_line_before_training(tmp_path):
 def test_rare_class_counts_labelled_voxels_only(sparse_data):
   root, vols = sparse_data
   scan = store.open_dataset(root).open_scan("s0")
-  counts = patches.class_projections(scan.labels, 3, unlabelled=U)[0]
+  counts = label_maps.class_projections(scan.labels, 3, unlabelled=U)[0]
   lab = vols["s0"]
   np.testing.assert_array_equal(counts, np.bincount(lab[lab != U], minlength=3))

@@ -295,9 +295,9 @@ def test_bad_scans_are_bad_input(tiny_dataset, tmp_path, how, message):
 
 def test_streamed_validation_equals_device_resident(reference, tiny_dataset, tmp_path,
                                                     monkeypatch):
-  from bonejax.data import patches
+  from bonejax.data import patches, validation
   calls = []
-  original = patches.validation_batches
+  original = validation.validation_batches
   monkeypatch.setattr(patches, "validation_batches",
                       lambda *a, **k: calls.append(1) or original(*a, **k))
   result = trainer.train(_config(tiny_dataset, val_device_limit_mb=0), tmp_path)

@@ -99,7 +99,7 @@ def describe() -> str:
   lib = _state["lib"]
   lib.dnnl_version.restype = ctypes.POINTER(_Version)
   v = lib.dnnl_version().contents
-  from bonejax.models.conv_lowering import ConvSpec
+  from bonejax.models.conv_spec import ConvSpec
   probe = ConvSpec(1, 32, 32, 64, 64, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "bfloat16")
   return (f"oneDNN {v.major}.{v.minor}.{v.patch}, 3x3 bf16 kernels "
           f"{supports(probe, train=True)[1]}")

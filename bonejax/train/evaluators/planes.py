@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from bonejax.core import jsonable
-from bonejax.data import patches
+from bonejax.data import patches, validation
 from bonejax.evaluate import metrics
 from bonejax.train import mesh as mesh_lib
 
@@ -157,9 +157,9 @@ class Evaluator:
     # Each process holds its own rows of every validation batch.
     return cls(
         step,
-        lambda: patches.validation_batches(ctx.dataset_path, ctx.val_scans,
+        lambda: validation.validation_batches(ctx.dataset_path, ctx.val_scans,
                                            normalization=str(c.normalization), **args),
         lambda b: mesh_lib.put_batch(mesh_lib.local_rows(b, batch), data, batch),
-        nbytes=patches.validation_nbytes(ctx.dataset_path, ctx.val_scans, **args),
+        nbytes=validation.validation_nbytes(ctx.dataset_path, ctx.val_scans, **args),
         max_device_bytes=int(spec.get("device_limit_mb", c.val_device_limit_mb)) << 20,
         classes=ctx.classes, replicated=repl, name=name, every_steps=spec["every_steps"])
