@@ -56,6 +56,15 @@ def test_3d_train_predict_evaluate(tmp_path):
                            batch_size=2).labels
   np.testing.assert_array_equal(written, mine)
 
+  # Plane sets and votes do not apply to a 3D model: refused with one line, before any work.
+  from bonejax import predict
+  from bonejax.core import errors
+  try:
+    predict.Predictor(work / "model", planes=1, axis=0)
+    raise AssertionError("planes=1 accepted for a 3D model")
+  except errors.UserError as e:
+    assert "3D" in str(e) and "\n" not in str(e)
+
   report = tmp_path / "report.json"
   r = _launch("evaluate.py", f"--pred={out}", f"--truth={data / scan_name}", f"--out={report}")
   ev = _json_line(r.stdout)
