@@ -14,8 +14,11 @@ With no `dataset` it first writes a 5-scan bone phantom (96 x 128 x 128) to WORK
 Smoke variant (seconds): `--config=configs/unet3d.py:smoke` (classic unet3d, depth 2, width 4,
 16^3 patches, 4 steps).
 
-Needs the trainer's 3D hook (models.spatial_dims(model.name) == 3: PatchStream3d / DeviceSampler3d,
-validation_batches_3d, augment3d); not yet measured end to end.
+The trainer's 3D hook (models.spatial_dims(model.name) == 3) takes the feed and validation
+crops from `train.input3d` and the bundle records `patch_size_zyx`, `predict_window` and
+`predict_overlap`; `launch/predict.py` then predicts a 3D bundle by sliding windows
+(`predict.predict_volume_3d`). The planes evaluator validates on 3D crops; the volume evaluator
+is refused. tests/test_3d_end_to_end.py runs the smoke variant through train, predict, evaluate.
 """
 
 import dataclasses

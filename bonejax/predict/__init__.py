@@ -51,6 +51,7 @@ from bonejax.predict.planesets import (AXES, PLANES, VOTES, PlaneSet, check_vote
                                        majority_labels, one_hot_argmax, plane_sets, run_order)
 from bonejax.predict.predictor import Predictor, predict_scan
 from bonejax.predict.source import find_bundle
+from bonejax.predict.windows3d import WindowEngine, make_window_engine, predict_volume_3d
 
 __all__ = [
     "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
@@ -59,5 +60,6 @@ __all__ = [
     "device_budget_bytes", "find_bundle", "fuse", "majority_labels", "make_engine",
     "one_hot_argmax", "plane_sets", "predict_planes", "predict_scan", "predict_volume",
     "resident_bytes", "resident_limit", "rotate", "run_order", "run_prediction",
-    "swapped_cpu_convs", "tile_starts", "with_compute_dtype",
+    "swapped_cpu_convs", "tile_starts", "with_compute_dtype", "WindowEngine",
+    "make_window_engine", "predict_volume_3d",
 ]

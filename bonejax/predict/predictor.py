@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import time
+import types
 from typing import Any
 
 import jax.numpy as jnp
@@ -68,7 +69,49 @@ class Predictor:
       self.sets = self.settings.check()
       self.devices = local_devices(devices)  # a bad count fails before the bundle is read
       self.info = plan.ModelInfo.of(model)    # a bad bundle fails before the weights are
-      self.engine = self._engine(model)
+      self.is3d = _is_3d(self.info.meta)
+      if self.is3d:
+        self._check_3d()
+      self.engine = self._engine_3d(model) if self.is3d else self._engine(model)
+
+  def _check_3d(self) -> None:
+    """A 3D model is predicted by 3D sliding windows: plane sets and votes do not apply."""
+    s, name = self.settings, self.info.meta.get("model")
+    if int(s.planes) != 3 or s.vote != "soft" or s.axis is not None:
+      raise errors.UserError(f"--planes / --vote / --axis: the bundle's model {name!r} is 3D, "
+                             "predicted by 3D sliding windows; leave them at --planes=3 "
+                             "--vote=soft")
+    if self.group.size > 1:
+      raise errors.UserError(f"the bundle's model {name!r} is 3D: predicting one volume with "
+                             "several processes is not wired for 3D windows yet; run one "
+                             "process")
+
+  def _engine_3d(self, model: Any):
+    """The 3D sliding-window engine (`windows3d.make_window_engine`), built once."""
+    from bonejax.models import bundle as bundle_lib
+    from bonejax.predict import windows3d
+    s, info = self.settings, self.info
+    if isinstance(model, bundle_lib.Bundle):
+      net, dtype = model, (None if s.dtype == "float32" else s.dtype)
+    else:
+      net, dtype = bundle_lib.load_bundle(info.path, dtype=jnp.dtype(s.dtype).type), None
+    engine = windows3d.make_window_engine(net, devices=len(self.devices), dtype=dtype)
+    if engine.num_classes != len(info.classes):
+      raise errors.UserError(f"the model gives {engine.num_classes} classes but its bundle "
+                             f"lists {len(info.classes)}")
+    return engine
+
+  def _window_args(self) -> dict[str, Any]:
+    """predict_volume_3d's window settings from the bundle: its predict_window (else the
+    training patch), its overlap; at most windows3d.DEFAULT_BATCH windows per device call."""
+    from bonejax.predict import windows3d
+    meta = self.info.meta
+    window = meta.get("predict_window") or meta.get("patch_size_zyx") or meta["patch_size"]
+    return dict(window=window, overlap=float(meta.get("predict_overlap",
+                                                      windows3d.DEFAULT_OVERLAP)),
+                batch_size=min(int(self.settings.batch_size), windows3d.DEFAULT_BATCH),
+                memory_budget_gb=float(self.settings.memory_budget_gb),
+                normalization=self.info.rule)
 
   def _engine(self, model: Any):
     from bonejax.models import bundle as bundle_lib
@@ -146,6 +189,13 @@ class Predictor:
     if stats is None and isinstance(volume, store.Scan):
       stats = volume.stats
     s = self.settings
+    if self.is3d:
+      from bonejax.predict import windows3d
+      if isinstance(volume, store.Scan):
+        volume = volume.image
+      pred = windows3d.predict_volume_3d(self.engine, volume, stats=stats,
+                                         keep_probs=return_probs, **self._window_args())
+      return pred.labels, pred.probabilities, pred.summary()
     out = predict_volume(self.engine, volume, stats=stats, rule=self.info.rule,
                          planes=s.planes, axis=s.axis, vote=s.vote,
                          memory_budget_gb=s.memory_budget_gb, return_probs=return_probs,
@@ -157,6 +207,8 @@ class Predictor:
   def _run(self, job: plan.ScanPlan, outs: plan.Outputs, source: Any, keep_labels: bool,
            progress: Any):
     """The open, writers, run and finalise stages of one planned input."""
+    if self.is3d:
+      return self._run_3d(job, outs, source, keep_labels, progress)
     s, group = self.settings, self.group
     with job.scratch(group) as scratch:
       vol, stats = hosts.load_source(group, job.model_src, job.model_src.stats,
@@ -181,6 +233,43 @@ class Predictor:
           pred.info["postprocess"] = w.postprocessed
     return pred, labels, w.unc
 
+  def _run_3d(self, job: plan.ScanPlan, outs: plan.Outputs, source: Any, keep_labels: bool,
+              progress: Any):
+    """`_run` for a 3D model: the same stages, `predict_volume_3d` writing into the same
+    writers (labels, probabilities, uncertainty) slab by slab."""
+    from bonejax.predict import windows3d
+    s, group = self.settings, self.group
+    if job.regrid is not None:
+      raise errors.UserError(f"the input's voxel size {list(job.input_um)} um differs from the "
+                             f"3D bundle's {list(self.info.voxel_size_um)} um: resampling is "
+                             "not wired for 3D models; predict with --no_resample "
+                             "(resample=False) or resample the input first")
+    with job.scratch(group) as scratch:
+      vol, stats = hosts.load_source(group, job.model_src, job.model_src.stats,
+                                     out_of_core=job.out_of_core, scratch_dir=scratch,
+                                     budget_bytes=s.budget_bytes,
+                                     progress=progress is True)
+      args = self._window_args()
+      attrs = attributes(self.info, s, self.sets, job, source_lib.source_name(source))
+      attrs.update(mode="3d_windows", planes=None, plane_sets=[], vote=None)
+      bar = _window_progress(progress)
+      with contextlib.ExitStack() as stack:
+        w = Writers(group, s.budget_bytes).open(stack, outs, job, self.info.classes, attrs,
+                                                scratch, keep_labels)
+        pred = windows3d.predict_volume_3d(
+            self.engine, _Slabs(vol), stats=stats, labels_out=w.labels_ts,
+            probs_out=w.probs_out, uncertainty_out=w.unc, keep_labels=w.want_memory,
+            progress=bar, **args)
+        if bar is not None:
+          bar.close()
+        labels = w.finish(outs, job, pred.labels, attrs, keep_labels)
+        info = {f"window_{k}" if k in ("seconds", "devices", "batch", "group") else k: v
+                for k, v in pred.summary().items()}
+        info.update(planes=None, vote=None, overlap=args["overlap"])
+        if outs.postprocess:
+          info["postprocess"] = w.postprocessed
+    return types.SimpleNamespace(labels=pred.labels, info=info), labels, w.unc
+
   def _result(self, job: plan.ScanPlan, outs: plan.Outputs, seconds: float,
               per_process: list[str], info: dict[str, Any]) -> dict[str, Any]:
     import jax
@@ -201,6 +290,48 @@ class Predictor:
                           if job.regrid is not None else None),
             "save_uncertainty": str(outs.save_uncertainty) if outs.save_uncertainty else None,
             "devices": sum(int(n) for n in per_process), "processes": self.group.size, **info}
+
+
+def _is_3d(meta: dict[str, Any]) -> bool:
+  from bonejax import models
+  try:
+    return models.spatial_dims(str(meta.get("model"))) == 3
+  except (KeyError, ValueError):
+    return False  # an unknown architecture fails where the bundle is loaded, as before
+
+
+class _Slabs:
+  """A loaded input (`volumes.SlabVolume`) as the Z slabs windows3d reads."""
+
+  def __init__(self, vol: Any):
+    self.vol = vol
+    self.shape = tuple(vol.shape) + ((vol.channels,) if vol.channels > 1 else ())
+
+  def read_slab(self, z0: int, z1: int):
+    return self.vol.read(0, z0, z1)
+
+
+class _window_progress:  # pylint: disable=invalid-name
+  """predict_volume_3d's progress(done, total) onto a `Progress` (a caller's, or a line)."""
+
+  def __new__(cls, progress: Any):
+    if not progress:
+      return None
+    return super().__new__(cls)
+
+  def __init__(self, progress: Any):
+    from bonejax.core.progress import Progress
+    self.bar = progress if isinstance(progress, Progress) else Progress(desc="predict",
+                                                                       unit="windows")
+    self.done = 0
+
+  def __call__(self, done: int, total: int) -> None:
+    self.bar.total = total
+    self.bar.update(done - self.done)
+    self.done = done
+
+  def close(self) -> None:
+    self.bar.close()
 
 
 def predict_scan(model: Any, source: Any, *, output: str | os.PathLike | None = None,

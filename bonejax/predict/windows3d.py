@@ -198,6 +198,10 @@ class WindowEngine:
     self._compiled: dict[tuple, Any] = {}
 
   @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @property
   def compilations(self) -> int:
     """Compiled calls so far (one per window shape, input dtype and uncertainty on/off)."""
     return len(self._compiled)

@@ -38,7 +38,7 @@ from bonejax.data import patches, splits, store
 from bonejax.models import bundle
 from bonejax.train import augment as augment_lib
 from bonejax.train import best as best_lib
-from bonejax.train import configlib, curves, evaluators, losses, optim, pretrained, rundir
+from bonejax.train import configlib, curves, evaluators, input3d, losses, optim, pretrained, rundir
 from bonejax.train import mesh as mesh_lib
 from bonejax.train import tensorboard
 from bonejax.train.checkpoint import Checkpoints
@@ -71,9 +71,15 @@ class Settings:
   schedule: Any
   tx: Any
   plateau: optim.Plateau
-  augment: Any
+  augment: Any  # 2D: the resolved augment config; 3D: input3d.augment_fn (key, image, label)
   best: tuple[str, str, str]  # (evaluator, metric, "max" | "min")
   profile: tuple[int, int] | None  # trace the steps after the first up to the second
+  is3d: bool = False  # a volumetric model (models.spatial_dims == 3): 3D patches and windows
+
+
+def is_3d(c) -> bool:
+  """Whether the configured model is volumetric (input (B, D, H, W, C))."""
+  return _user(lambda: models.spatial_dims(str(c.model.name)), "model") == 3
 
 
 def parse_profile_steps(value: Any) -> tuple[int, int] | None:
@@ -109,9 +115,15 @@ def check_settings(c: ml_collections.ConfigDict) -> Settings:
   if c.dtype not in DTYPES:
     raise errors.UserError(f"dtype={c.dtype!r}; known: {', '.join(DTYPES)}")
   num_steps = int(c.num_steps)
-  if int(c.patch_size) % models.STRIDE:
+  is3d = is_3d(c)
+  if is3d:  # the patch's sides are checked against the model's stride in `setup`
+    input3d.check_config_3d(c, 1)
+    augment = input3d.augment_fn(c)
+  elif int(c.patch_size) % models.STRIDE:
     raise errors.UserError(f"patch_size={c.patch_size} must be a positive multiple of "
                            f"{models.STRIDE}")
+  else:
+    augment = augment_lib.resolve_config(c.augment)
   best = evaluators.resolve_metric(c)
   schedule = _user(lambda: optim.make_schedule(c.schedule, float(c.optimizer.lr), num_steps),
                    "schedule")
@@ -123,15 +135,19 @@ def check_settings(c: ml_collections.ConfigDict) -> Settings:
                            "evaluator (config.evaluators)")
   pretrained.check_config(c.model)
   context = int(c.context_slices)
-  _check_batch_memory(int(c.batch_size), int(c.patch_size),
-                      2 * context + 1 if context else int(c.in_channels))
+  if is3d and context:
+    raise errors.UserError(f"context_slices={context}: a 3D model ({c.model.name}) sees its "
+                           "neighbours in Z already; set context_slices=0")
+  if not is3d:
+    _check_batch_memory(int(c.batch_size), int(c.patch_size),
+                        2 * context + 1 if context else int(c.in_channels))
   return Settings(
       num_steps=num_steps, batch_size=int(c.batch_size), log_every=max(1, int(c.log_every)),
       checkpoint_every=int(c.checkpoint_every), stop_after=int(c.stop_after), context=context,
       in_channels=2 * context + 1 if context else int(c.in_channels),
       loss_fn=_user(lambda: losses.make_loss(c.loss), "loss"), schedule=schedule,
       tx=_user(lambda: optim.make_optimizer(c.optimizer, schedule), "optimizer"),
-      plateau=plateau, augment=augment_lib.resolve_config(c.augment), best=best,
+      plateau=plateau, augment=augment, best=best, is3d=is3d,
       profile=parse_profile_steps(c.get("profile_steps", "")))
 
 
@@ -242,7 +258,8 @@ def build_graphs(c, s: Settings, num_classes: int) -> Graphs:
   # convolutions, folded from the current weights inside the jitted step), or the eval view.
   eval_graph, fold = str(c.get("eval_graph", "auto")), None
   graphdef_eval = view
-  if eval_graph != "off":
+  # A 3D model validates in its eval view (the inference graph folds 2D convolutions only).
+  if eval_graph != "off" and not s.is3d:
     from bonejax.models import inference_graph
     st = models.STRIDE
     graphdef_eval, fold = inference_graph.make_folder(
@@ -263,8 +280,9 @@ def compile_steps(c, s: Settings, graphs: Graphs, mesh, cache: StepCache,
                    sort_keys=True)
   return cache.get("train", key, lambda: (
       jax.jit(make_init(graphs.create, s.tx, int(c.seed)), out_shardings=repl),
-      jax.jit(make_train_step(graphs.train, s.tx, s.loss_fn, s.augment, int(c.seed),
-                              s.schedule, freeze),
+      jax.jit(make_train_step(graphs.train, s.tx, s.loss_fn,
+                              {"enabled": False} if s.is3d else s.augment, int(c.seed),
+                              s.schedule, freeze, augment_fn=s.augment if s.is3d else None),
               in_shardings=(repl, data, repl), out_shardings=(repl, repl),
               donate_argnums=(0,))))
 
@@ -318,6 +336,19 @@ def restore_or_init(c, s: Settings, workdir: Path, ckpts: Checkpoints, init_fn: 
 # ---------------------------------------------------------------------------------------------
 
 
+def _feed_2d(c, s: Settings, dataset_path: Path, split: splits.Split, mesh, data):
+  """The 2D training feed: the patch stream's records, cut by the host or on the devices."""
+  stream = patches.PatchStream(
+      dataset_path, split.train, patch_size=int(c.patch_size), global_batch_size=s.batch_size,
+      axes=tuple(c.axes), patches_per_plane=int(c.patches_per_plane),
+      oversample_rare=float(c.oversample_rare), seed=int(c.seed),
+      normalization=str(c.normalization), process_index=jax.process_index(),
+      process_count=jax.process_count(), context_slices=s.context)
+  return feed_lib.make_feed(
+      str(c.sampler), stream, mesh, lambda b: mesh_lib.put_batch(b, data, s.batch_size),
+      budget_mb=int(c.sampler_device_mb))
+
+
 @dataclasses.dataclass
 class Run:
   config: ml_collections.ConfigDict
@@ -358,10 +389,20 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, devices, closers: context
 
   # ---- Model, steps, evaluators (their checks run before anything is written) ---------------
   graphs = build_graphs(c, s, dataset.num_classes)
+  patch3d = input3d.check_config_3d(c, int(graphs.abstract.stride)) if s.is3d else None
   init_fn, train_step = compile_steps(c, s, graphs, mesh, cache, dataset.num_classes)
+  data = mesh_lib.data_sharding(mesh)
+  inp3d, val_batch = None, int(c.val_batch_size) or s.batch_size
+  if s.is3d:  # the 3D feed and validation crops (train/input3d.py), made together
+    mesh_lib.check_batch_size(val_batch, mesh, "val_batch_size")
+    inp3d = input3d.make_input_3d(c, dataset_path, list(split.train), list(split.val), mesh,
+                                  lambda b: mesh_lib.put_batch(b, data, s.batch_size),
+                                  batch_size=s.batch_size, val_batch=val_batch)
+    closers.callback(inp3d.feed.close)
   evals = evaluators.build(evaluators.Context(
       config=c, dataset_path=dataset_path, val_scans=list(split.val), classes=classes,
-      mesh=mesh, loss_fn=s.loss_fn, model_graphs=graphs, cache=cache))
+      mesh=mesh, loss_fn=s.loss_fn, model_graphs=graphs, cache=cache, input3d=inp3d,
+      val_batch3d=val_batch if s.is3d else 0))
   repl = mesh_lib.replicated(mesh)
   state_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                              jax.eval_shape(init_fn))
@@ -382,26 +423,24 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, devices, closers: context
   meta = bundle.make_meta(
       model_name=str(c.model.name), model_kwargs=dict(c.model.get("kwargs", {}) or {}),
       classes=classes, in_channels=s.in_channels, context_slices=s.context,
-      normalization=str(c.normalization), patch_size=int(c.patch_size),
+      normalization=str(c.normalization),
+      patch_size=max(patch3d) if patch3d else int(c.patch_size),
       train_axes=list(c.axes), val_scans=list(split.val), train_scans=list(split.train),
-      train_dtype=str(c.dtype), voxel_size_um=training_voxel_size(dataset, split.train))
+      train_dtype=str(c.dtype), voxel_size_um=training_voxel_size(dataset, split.train),
+      # 3D: the training patch (D, H, W), the predictor's default sliding window
+      **({"patch_size_zyx": list(patch3d), "predict_window": int(c.get("predict_window", 0)),
+          "predict_overlap": float(c.get("predict_overlap", 0.5))} if patch3d else {}))
   best = best_lib.BestModel(workdir / "best", workdir / "model", best_lib.weights_of(state_shape),
                             meta, primary)
   closers.callback(best.close)
   best.resume(resumed_from, host, state)
 
   # ---- Input: the patch stream's records, cut by the host or on the devices (feed.py) -------
-  stream = patches.PatchStream(
-      dataset_path, split.train, patch_size=int(c.patch_size), global_batch_size=s.batch_size,
-      axes=tuple(c.axes), patches_per_plane=int(c.patches_per_plane),
-      oversample_rare=float(c.oversample_rare), seed=int(c.seed),
-      normalization=str(c.normalization), process_index=jax.process_index(),
-      process_count=jax.process_count(), context_slices=s.context)
-  data = mesh_lib.data_sharding(mesh)
-  train_feed = feed_lib.make_feed(
-      str(c.sampler), stream, mesh, lambda b: mesh_lib.put_batch(b, data, s.batch_size),
-      budget_mb=int(c.sampler_device_mb))
-  closers.callback(train_feed.close)
+  if inp3d is not None:
+    train_feed = inp3d.feed
+  else:
+    train_feed = _feed_2d(c, s, dataset_path, split, mesh, data)
+    closers.callback(train_feed.close)
   if host["data"]:
     train_feed.set_state(host["data"])
 

@@ -49,8 +49,12 @@ def make_init(create: Callable, tx: optax.GradientTransformation, seed: int) -> 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable,
                     augment_cfg: Any, seed: int, schedule: optax.Schedule | None = None,
-                    freeze_encoder_steps: int = 0) -> Callable:
+                    freeze_encoder_steps: int = 0,
+                    augment_fn: Callable | None = None) -> Callable:
   """(state, batch, lr_scale) -> (state, metrics); state = dict(params, rest, opt, step).
+
+  `augment_fn(key, image, label)`, when given, augments instead of `augment_cfg`'s 2D
+  augmentation (a 3D model: `input3d.augment_fn`).
 
   For the first `freeze_encoder_steps` steps the encoder's parameters and their optimiser
   state keep their values (pretrained.freeze)."""
@@ -58,8 +62,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
 
   def step_fn(state, batch, lr_scale):
     step = state["step"]
-    image, label = augment_lib.augment(jax.random.fold_in(rng_key(seed, 1), step),
-                                       batch["image"], batch["label"], aug)
+    key = jax.random.fold_in(rng_key(seed, 1), step)
+    if augment_fn is not None:
+      image, label = augment_fn(key, batch["image"], batch["label"])
+    else:
+      image, label = augment_lib.augment(key, batch["image"], batch["label"], aug)
 
     def loss_of(params):
       model = nnx.merge(graphdef, params, state["rest"], copy=True)

@@ -47,6 +47,8 @@ class Context:
   loss_fn: Callable
   model_graphs: Any  # setup.Graphs: the training, validation and eval-view graph definitions
   cache: Any  # steps.StepCache
+  input3d: Any = None  # a 3D model: train.input3d.Input3d (its validation crops), else None
+  val_batch3d: int = 0  # the batch size those validation crops come in
 
 
 def module(type_name: str):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bonejax.core import jsonable
+from bonejax.core import errors, jsonable
 from bonejax.data import patches, validation
 from bonejax.evaluate import metrics
 from bonejax.train import mesh as mesh_lib
@@ -138,6 +138,8 @@ class Evaluator:
   @classmethod
   def from_config(cls, name: str, spec: dict[str, Any], ctx) -> "Evaluator":
     c = ctx.config
+    if getattr(ctx, "input3d", None) is not None:
+      return cls._from_config_3d(name, spec, ctx)
     batch = int(spec.get("batch_size", 0) or c.val_batch_size) or int(c.batch_size)
     mesh_lib.check_batch_size(batch, ctx.mesh, f"evaluators.{name}.batch_size")
     axes = spec.get("axes", c.val_axes)
@@ -161,5 +163,30 @@ class Evaluator:
                                            normalization=str(c.normalization), **args),
         lambda b: mesh_lib.put_batch(mesh_lib.local_rows(b, batch), data, batch),
         nbytes=validation.validation_nbytes(ctx.dataset_path, ctx.val_scans, **args),
+        max_device_bytes=int(spec.get("device_limit_mb", c.val_device_limit_mb)) << 20,
+        classes=ctx.classes, replicated=repl, name=name, every_steps=spec["every_steps"])
+
+  @classmethod
+  def _from_config_3d(cls, name: str, spec: dict[str, Any], ctx) -> "Evaluator":
+    """A 3D model: the same step on the grid of 3D validation crops (`input3d`)."""
+    c = ctx.config
+    planar = sorted(k for k in ("axes", "crop", "stride", "batch_size") if k in spec)
+    if planar:
+      raise errors.UserError(f"config.evaluators.{name}: {', '.join(planar)} are for 2D "
+                             f"models; a 3D model ({c.model.name}) validates on 3D crops "
+                             "(val_batch_size, val_max_crops)")
+    batch = int(ctx.val_batch3d)
+    data, repl = mesh_lib.data_sharding(ctx.mesh), mesh_lib.replicated(ctx.mesh)
+    graphs, num_classes = ctx.model_graphs, len(ctx.classes)
+    key = json.dumps(["3d", num_classes, [d.id for d in ctx.mesh.devices.flat],
+                      jsonable.to_jsonable({k: c.to_dict().get(k) for k in (
+                          "model", "in_channels", "dtype", "seed", "loss")})], sort_keys=True)
+    step = ctx.cache.get(f"eval/{name}", key, lambda: jax.jit(
+        make_eval_step(graphs.eval, ctx.loss_fn, num_classes, graphs.fold),
+        in_shardings=(repl, data, repl), out_shardings=repl, donate_argnums=(2,)))
+    return cls(
+        step, ctx.input3d.validation,
+        lambda b: mesh_lib.put_batch(mesh_lib.local_rows(b, batch), data, batch),
+        nbytes=ctx.input3d.val_nbytes,
         max_device_bytes=int(spec.get("device_limit_mb", c.val_device_limit_mb)) << 20,
         classes=ctx.classes, replicated=repl, name=name, every_steps=spec["every_steps"])

@@ -71,6 +71,10 @@ class Evaluator:
   @classmethod
   def from_config(cls, name: str, spec: dict[str, Any], ctx) -> "Evaluator":
     c = ctx.config
+    if getattr(ctx, "input3d", None) is not None:
+      raise errors.UserError(f"config.evaluators.{name}: the volume evaluator predicts by "
+                             f"planes; a 3D model ({c.model.name}) validates with a planes "
+                             "evaluator on 3D crops (remove this one)")
     scans = configlib.names(spec.get("scans", ())) or list(ctx.val_scans)
     graph = str(c.get("eval_graph", "auto"))
     return cls(name, spec["every_steps"], dataset_path=ctx.dataset_path, scans=scans,
