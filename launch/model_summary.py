@@ -1,102 +1,14 @@
-r"""Parameter count and forward FLOPs of a model from the zoo, without allocating it.
+"""`python launch/model_summary.py` runs the command in bonejax/cli/model_summary.py (also `bonejax ...`)."""
 
-  python launch/model_summary.py --model=unet_resnet18 --num_classes=3 --in_channels=1 --patch=256
-
-Expected: 14,322,227 parameters and 10.63 GFLOP per 256x256 patch (the figures of
-segmentation_models_pytorch for the same network), in a few seconds on a laptop CPU.
-Parameters come from `nnx.eval_shape`; `gflops_per_patch` is 2 x the multiply-adds of every conv
-and matmul in the traced forward, padding taps included (the PyTorch counters' convention);
-`xla_gflops_per_patch` is XLA's cost analysis of the forward compiled on abstract shapes, which
-skips padding taps and adds element-wise ops (see bonejax.models.forward_gflops). Nothing large is
-ever allocated.
-
-Prints a table of parameters per top-level part on stderr and, as the last stdout line, JSON with
-model, params, gflops_per_patch, ...
-"""
-
-import json
 import sys
 from pathlib import Path
 
 # Lets `python launch/model_summary.py` run from a checkout that is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from absl import flags  # noqa: E402
+from bonejax.cli import model_summary as command  # noqa: E402
 
-from bonejax.cli import runner  # noqa: E402
-from bonejax.core import errors
-
-_MODEL = flags.DEFINE_string("model", None, "Model name (see bonejax.models.MODEL_NAMES).",
-                             required=True)
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 3, "Output classes.", lower_bound=1)
-_IN_CHANNELS = flags.DEFINE_integer("in_channels", 1, "Input channels.", lower_bound=1)
-_PATCH = flags.DEFINE_string("patch", "256", "Patch side, or H,W; multiples of 32.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Patches per forward call.", lower_bound=1)
-_MODEL_ARGS = flags.DEFINE_string("model_args", "{}",
-                                  'Model arguments as JSON, e.g. \'{"depth": 4, "width": 16}\'.')
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  patch = errors.parse_ints(_PATCH.value, None, "patch")
-  if len(patch) == 1:
-    patch = patch * 2
-  if len(patch) != 2:
-    raise errors.UserError(f"--patch={_PATCH.value!r} needs one or two integers")
-  try:
-    model_args = json.loads(_MODEL_ARGS.value)
-  except json.JSONDecodeError as e:
-    raise errors.UserError(f"--model_args is not valid JSON: {e}") from None
-  if not isinstance(model_args, dict):
-    raise errors.UserError("--model_args must be a JSON object")
-
-  # Imported here so that --help and flag errors stay fast.
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from bonejax import models  # pylint: disable=import-outside-toplevel
-
-  name, batch = _MODEL.value, _BATCH.value
-  if patch[0] % models.STRIDE or patch[1] % models.STRIDE:
-    raise errors.UserError(f"--patch={_PATCH.value} must be a multiple of {models.STRIDE}")
-  try:
-    model = models.abstract_model(models.create, name, num_classes=_NUM_CLASSES.value,
-                                  in_channels=_IN_CHANNELS.value, rngs=nnx.Rngs(0),
-                                  dtype=jnp.dtype(_DTYPE.value), **model_args)
-  except (ValueError, TypeError) as e:
-    raise errors.UserError(str(e)) from None
-
-  params = models.count_params(model)
-  parts = {str(key): models.count_params(child) for key, child in nnx.iter_children(model)}
-  x = jax.ShapeDtypeStruct((batch, *patch, _IN_CHANNELS.value), jnp.float32)
-  graphdef, state = nnx.split(model)
-  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
-  gflops = models.forward_gflops(model, patch, _IN_CHANNELS.value, batch=batch)
-  xla_gflops = models.forward_gflops(model, patch, _IN_CHANNELS.value, batch=batch,
-                                     convention="xla")
-
-  print(f"{name}: input {tuple(x.shape)} -> logits {tuple(out.shape)} {out.dtype}, "
-        f"compute {_DTYPE.value}", file=sys.stderr)
-  for part, n in parts.items():
-    if n:
-      print(f"  {part:<24s} {n:>14,d}", file=sys.stderr)
-  print(f"  {'total parameters':<24s} {params:>14,d}", file=sys.stderr)
-  print(f"  {'GFLOP / patch':<24s} {gflops / batch:>14.3f}  (dense conv+matmul, FLOP = 2 MAC)",
-        file=sys.stderr)
-  print(f"  {'XLA GFLOP / patch':<24s} {xla_gflops / batch:>14.3f}  (XLA cost analysis)",
-        file=sys.stderr)
-  return {
-      "model": name, "params": params, "gflops_per_patch": round(gflops / batch, 4),
-      "xla_gflops_per_patch": round(xla_gflops / batch, 4),
-      "gflops_per_batch": round(gflops, 4), "batch": batch, "patch": list(patch),
-      "in_channels": _IN_CHANNELS.value, "num_classes": _NUM_CLASSES.value,
-      "dtype": _DTYPE.value, "model_args": model_args, "params_by_part": parts,
-      "output_shape": list(out.shape),
-  }
-
+__doc__ = command.__doc__  # absl's --help shows the main module's docstring
 
 if __name__ == "__main__":
-  runner.run(main)
+  command.run()
