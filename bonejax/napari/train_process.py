@@ -1,4 +1,5 @@
-"""launch/train.py as a child process: its command line, the widget's settings, its progress.
+"""`bonejax train` (bonejax/cli/train.py) as a child process: its command line, the
+widget's settings, its progress.
 
 Training runs in its own process (the viewer stays responsive, and JAX, the data stream and
 orbax live and die with it), started exactly as a user would start it from a shell:
@@ -33,7 +34,6 @@ from bonejax.core import errors, outputs
 from bonejax.data import store
 
 REPO = Path(bonejax.__file__).resolve().parents[1]
-TRAIN = REPO / "launch" / "train.py"
 DEMO_CONFIG = REPO / "configs" / "demo.py"
 STDOUT, STDERR = "napari-train.out", "napari-train.log"
 LAYERS_DATASET = "layers-data"  # WORKDIR/layers-data: image and labels layers imported
@@ -55,9 +55,6 @@ def config_file(spec: str) -> Path:
 
 
 def check_settings(config: str, workdir: str, overrides: dict[str, Any]) -> None:
-  if not TRAIN.exists():
-    raise errors.UserError(f"training needs launch/train.py from a bonejax checkout; not found at "
-                        f"{TRAIN}")
   if not config:
     raise errors.UserError("choose a config file (configs/demo.py is the demo)")
   if not config_file(config).is_file():
@@ -84,7 +81,8 @@ def check_dataset(path: str | os.PathLike) -> store.Dataset:
 def command(config: str, workdir: str, overrides: dict[str, Any]) -> list[str]:
   cfg = config_file(config)
   arg = config.partition(":")[2]
-  argv = [sys.executable, "-u", str(TRAIN), f"--config={cfg}{':' + arg if arg else ''}",
+  argv = [sys.executable, "-u", "-m", "bonejax.cli.train",
+          f"--config={cfg}{':' + arg if arg else ''}",
           f"--workdir={workdir}"]
   for key, value in overrides.items():
     if isinstance(value, (list, tuple)):
