@@ -46,7 +46,7 @@ def test_outer_scans_are_only_scored(dataset, tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer, "train", spy_train)
   monkeypatch.setattr(patches.PatchStream, "__init__", spy_stream)
-  monkeypatch.setattr(patches, "validation_batches", spy_val)
+  monkeypatch.setattr(validation, "validation_batches", spy_val)
   monkeypatch.setattr(crossval, "score_fold", spy_score)
 
   out = crossval.run(smoke_config(dataset), 2, tmp_path / "cv", planes=3, vote="soft")

@@ -295,10 +295,10 @@ def test_bad_scans_are_bad_input(tiny_dataset, tmp_path, how, message):
 
 def test_streamed_validation_equals_device_resident(reference, tiny_dataset, tmp_path,
                                                     monkeypatch):
-  from bonejax.data import patches, validation
+  from bonejax.data import validation
   calls = []
   original = validation.validation_batches
-  monkeypatch.setattr(patches, "validation_batches",
+  monkeypatch.setattr(validation, "validation_batches",
                       lambda *a, **k: calls.append(1) or original(*a, **k))
   result = trainer.train(_config(tiny_dataset, val_device_limit_mb=0), tmp_path)
   assert len(calls) == 2  # read again at each of the 2 evaluations: nothing kept on the device
