@@ -65,3 +65,15 @@ def test_the_console_command_and_the_launch_script_give_the_same_result():
   bad = run(bonejax_cmd() + ["summary", "--model=resnet9000"])
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert "resnet9000" in bad.stderr
+
+
+def test_predict_help_groups_everyday_flags_before_multi_host_and_expert_ones():
+  r = run(bonejax_cmd() + ["predict", "--help"])
+  out = r.stdout
+  heads = [out.index(h) for h in ("\nflags:", "several processes (multi-host) flags:",
+                                  "expert flags:")]
+  assert r.returncode == 0 and heads == sorted(heads)
+  everyday, multihost, expert = (out[a:b] for a, b in zip(heads, heads[1:] + [len(out)]))
+  assert "--model:" in everyday and "--output:" in everyday and "--tile_size" not in everyday
+  assert "--coordinator_address:" in multihost and "--process_id:" in multihost
+  assert "--tile_size:" in expert and "--inference_graph:" in expert

@@ -64,6 +64,9 @@ _FORMAT = flags.DEFINE_enum("output_format", "zarr", ["zarr", "ome.zarr", "tif"]
                             "the format of each scan's labels in --output.")
 _FAIL_FAST = flags.DEFINE_bool("fail_fast", False, "Many scans: stop at the first scan that "
                                "fails (default: record it and go on).")
+# Shown after the everyday flags in --help (tuning and debugging).
+EXPERT_FLAGS = ("batch_size", "device_memory_gb", "inference_graph", "tile_size", "tile_overlap",
+                "out_of_core", "devices", "image_key", "no_resample", "memory_budget_gb")
 _POSTPROCESS = flags.DEFINE_string(
     "postprocess", None, "Clean-up of the labels, rules applied in order, comma-separated "
     "CLASS:OP[=SIZE] (CLASS a name or index): min_size=N voxels or =Vum3 (smaller components "

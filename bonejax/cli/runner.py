@@ -22,6 +22,7 @@ import logging as _logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from typing import Any, Callable, Iterator
 
@@ -88,6 +89,9 @@ def _parse_flags_or_fail(argv: list[str]) -> list[str]:
   absl also exits 1 after printing --help; asking for help is a success, so it exits 0 here.
   """
   wants_help = any(a in _HELP_ARGS for a in argv[1:])
+  if _COMMAND["module"] and any(a in ("-h", "-?", "--help") for a in argv[1:]):
+    print(command_help(_COMMAND["module"]), flush=True)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except SystemExit:
@@ -101,6 +105,38 @@ def _parse_flags_or_fail(argv: list[str]) -> list[str]:
     sys.exit(EXIT_BAD_INPUT)
 
 
+_COMMAND: dict[str, Any] = {"module": None}
+# Flags of several processes as one job (core/distributed.py and predict's waits).
+MULTIHOST_FLAGS = ("coordinator_address", "num_processes", "process_id", "multihost",
+                   "barrier_timeout_s", "heartbeat_timeout_s")
+
+
+def command_help(module_name: str) -> str:
+  """--help of a command: its docstring, then its everyday flags, then the multi-host ones,
+  then those its module lists in EXPERT_FLAGS (tuning and debugging)."""
+  module = sys.modules[module_name]
+  expert = set(getattr(module, "EXPERT_FLAGS", ()))
+  own = sorted(flags.FLAGS.get_flags_for_module(module_name), key=lambda f: f.name)
+  own = list({f.name: f for f in own}.values())
+  groups = [("flags", [f for f in own if f.name not in expert and f.name not in MULTIHOST_FLAGS]),
+            ("several processes (multi-host) flags", [f for f in own if f.name in MULTIHOST_FLAGS]),
+            ("expert flags", [f for f in own if f.name in expert]),
+            ("output flags", [flags.FLAGS["verbose"]])]
+  lines = [(module.__doc__ or "").rstrip(), ""]
+  for title, members in groups:
+    if not members:
+      continue
+    lines.append(f"{title}:")
+    for f in members:
+      default = f.default_as_str if f.default is not None else "None"
+      lines.append(textwrap.fill(f"--{f.name}: {one_line(f.help)}", 98, initial_indent="  ",
+                                 subsequent_indent="    "))
+      lines.append(f"    (default: {default})")
+    lines.append("")
+  lines.append("--helpfull lists every flag, absl's and jax's included.")
+  return "\n".join(lines)
+
+
 def _show_command_flags(main: Callable) -> None:
   """absl's --help lists the flags of the main module (sys.argv[0]); a command's flags live in
   its module in bonejax/cli/, run from launch/NAME.py or the `bonejax` console script: make
@@ -108,6 +144,7 @@ def _show_command_flags(main: Callable) -> None:
   module = getattr(main, "__module__", None)
   if not module or module == "__main__":
     return
+  _COMMAND["module"] = module
   for flag in flags.FLAGS.get_flags_for_module(module):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
