@@ -1,0 +1,106 @@
+"""JAX's persistent compilation cache, on by default: a second run on a same-shaped scan skips XLA.
+
+A user runs `predict.py` once per scan, and every fresh process compiles the same plane
+functions again (minutes on a CPU for a ResNet U-Net). JAX can keep compiled executables on
+disk, keyed by the lowered program, the compile options, the backend and the jax/jaxlib
+versions; a later process with the same key loads the executable instead of compiling.
+
+`setup()` turns it on, once per process, before the first compilation (JAX decides whether to
+use the cache at its first compile and does not look again):
+
+  directory  $BONEJAX_CACHE_DIR/jax, else $XDG_CACHE_HOME/bonejax/jax, else ~/.cache/bonejax/jax
+             (made private to the user: JAX treats the cache as trusted code). A directory the
+             user already gave JAX (JAX_COMPILATION_CACHE_DIR, jax.config) is kept.
+  off        `--compilation_cache=false` on the commands that compile, or the environment
+             variable BONEJAX_COMPILATION_CACHE=0 (also for the napari widgets).
+
+Entries below `MIN_COMPILE_SECONDS` of compile time are not written: loading one costs about
+what compiling it does, and the cache would fill with the many tiny helper functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bonejax.core import errors
+
+ENV = "BONEJAX_COMPILATION_CACHE"
+MIN_COMPILE_SECONDS = 0.5
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+_state: dict = {"done": False, "dir": None}
+_flag = None
+
+
+def cache_dir() -> Path:
+  """Where the cache lives for this user (see the module docstring)."""
+  root = os.environ.get("BONEJAX_CACHE_DIR")
+  if root:
+    return Path(root) / "jax"
+  xdg = os.environ.get("XDG_CACHE_HOME")
+  base = Path(xdg) if xdg else Path.home() / ".cache"
+  return base / "bonejax" / "jax"
+
+
+def wanted(flag: bool | None = None) -> bool:
+  """The flag when given, else the environment variable, else on."""
+  if flag is not None:
+    return bool(flag)
+  value = os.environ.get(ENV, "").strip().lower()
+  if value in _OFF:
+    return False
+  if value in _ON:
+    return True
+  raise errors.UserError(f"{ENV}={os.environ[ENV]!r}: use 0 (off) or 1 (on)")
+
+
+def define_flag():
+  """`--compilation_cache` for a command that compiles (once per process; returns the holder)."""
+  global _flag
+  if _flag is None:
+    from absl import flags
+    _flag = flags.DEFINE_bool(
+        "compilation_cache", None,
+        "Keep compiled XLA programs on disk (JAX's persistent compilation cache, in "
+        f"$XDG_CACHE_HOME/bonejax/jax or ~/.cache/bonejax/jax) so that the next run on a "
+        f"same-shaped input starts at once. Default: on, unless {ENV}=0.")
+  return _flag
+
+
+def setup(enabled: bool | None = None) -> Path | None:
+  """Turns the persistent cache on (or leaves it off); returns its directory, None when off.
+
+  Call it before anything compiles. Later calls return the first call's answer: JAX has
+  decided by then.
+  """
+  if _state["done"]:
+    return _state["dir"]
+  _state["done"] = True
+  if not wanted(enabled):
+    return None
+  import jax
+  given = jax.config.jax_compilation_cache_dir
+  if given:  # the user's own choice (JAX_COMPILATION_CACHE_DIR, a test suite): keep it
+    _state["dir"] = Path(given)
+    return _state["dir"]
+  path = cache_dir()
+  try:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+  except OSError as e:  # a read-only home: run without the cache rather than fail the job
+    errors.warn(f"no compilation cache ({errors.one_line(e)}); every run compiles afresh")
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  _state["dir"] = path
+  return path
+
+
+def setup_from_flag() -> Path | None:
+  """`setup()` with the value of `--compilation_cache` (defined by `define_flag()`)."""
+  return setup(_flag.value if _flag is not None else None)
+
+
+def _reset_for_tests() -> None:
+  _state.update(done=False, dir=None)
