@@ -15,7 +15,13 @@ prediction fp32_graph | bf16_graph: the same model through
 `bonejax.models.inference_graph.build_inference_model` (BatchNorm folded, convolutions lowered
 per layer by measurement; choices cached in ~/.cache/bonejax, so only the first run on a
 machine measures) handed to the predictor with its dtype left alone.
-The last stdout line is a JSON object (throughput, parameters, peak memory).
+
+`--bundle=DIR`: the weights come from a saved bundle (`ensure_bundle`), read as `predict.py`
+reads them (abstract model, then the stored arrays: no random initialisation to compile), so a
+one-pass run in a fresh process (`--runs=1`) is what a user waits for on one scan: compare.py's
+cold job. JAX's persistent compilation cache is set up as the commands set it up
+(`bonejax.core.compile_cache`: on, unless BONEJAX_COMPILATION_CACHE=0; where BONEJAX_CACHE_DIR
+points). The last stdout line is a JSON object (throughput, parameters, peak memory).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import volume  # noqa: E402
 from bonejax.cli import runner  # noqa: E402
-from bonejax.core import errors
+from bonejax.core import compile_cache, errors
 from bonejax.data import store
 
 VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph")
@@ -51,6 +57,8 @@ if __name__ == "__main__":
   _VARIANT = flags.DEFINE_enum("variant", "fp32", VARIANTS, "Compute dtype.")
   _CLASSES = flags.DEFINE_integer("num_classes", 3, "Output classes.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and patch sampling.")
+  _BUNDLE = flags.DEFINE_string("bundle", "", "Predict with the weights of this bundle "
+                                "(`ensure_bundle`), loaded as predict.py loads them.")
 
 
 def ensure_scan(data_dir: str | Path, shape, seed: int = 0, kind: str = "bone") -> Path:
@@ -70,6 +78,20 @@ def ensure_scan(data_dir: str | Path, shape, seed: int = 0, kind: str = "bone") 
   phantom.make_dataset(data_dir, num_scans=1, shape=tuple(shape), seed=seed, kind=kind,
                        overwrite=True, progress=False)
   return scan
+
+
+def ensure_bundle(data_dir: str | Path, name: str, num_classes: int = 3, seed: int = 0) -> Path:
+  """DATA/bundle_NAME: untrained `name` weights saved as a model bundle, made once and reused."""
+  from bonejax.models import bundle
+  path = Path(data_dir) / f"bundle_{name}_{num_classes}c_s{seed}"
+  if (path / bundle.MODEL_JSON).exists():
+    return path
+  model = common.bonejax_model(name, "float32", num_classes=num_classes, seed=seed)
+  meta = bundle.make_meta(model_name=name, model_kwargs={}, in_channels=1,
+                          classes=["background", "bone", "pore", *map(str, range(3, num_classes))
+                                   ][:num_classes],
+                          normalization="percentile", patch_size=256, train_axes=[0, 1, 2])
+  return bundle.save_bundle(path, model, meta)
 
 
 def train_timed(name: str, image: np.ndarray, labels: np.ndarray | None, *, patch: int,
@@ -106,15 +128,21 @@ def train_timed(name: str, image: np.ndarray, labels: np.ndarray | None, *, patc
 
 def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: int = 2,
                   seed: int = 0, num_classes: int = 3, memory_budget_gb: float = 16.0,
-                  graph: bool = False, policy: str = "measure") -> dict:
+                  graph: bool = False, policy: str = "measure", bundle_dir: str = "") -> dict:
   """3-plane soft vote with bonejax.predict on the raw scan; first run cold, the rest warm.
 
   The memory budget is raised over the predictor's 4 GB default so that a 512^3 volume stays in
   memory, as the peer's does (`mode` in the result says which way it ran).
   """
   from bonejax import predict
-  model = common.bonejax_model(name, dtype, num_classes=num_classes, seed=seed)
-  model.eval()
+  t0 = time.perf_counter()
+  if bundle_dir:
+    from bonejax.models import bundle
+    model = bundle.load_bundle(bundle_dir, dtype=common.dtype_of(dtype)).model
+  else:
+    model = common.bonejax_model(name, dtype, num_classes=num_classes, seed=seed)
+    model.eval()
+  model_seconds = time.perf_counter() - t0
   if graph:  # the inference graph carries its own dtypes (float32 edges): none for the engine
     from bonejax.models import inference_graph
     model = inference_graph.build_inference_model(model, dtype=common.dtype_of(dtype),
@@ -131,7 +159,7 @@ def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: 
   warm = times[1:] or times
   seconds = common.median(warm)
   return {"voxels_per_second": raw.size / seconds, "seconds": seconds, "run_seconds": times,
-          "cold_seconds": times[0], "api": "bonejax.predict.predict_volume(planes=3, soft)"
+          "cold_seconds": times[0], "model_seconds": model_seconds, "api": "bonejax.predict.predict_volume(planes=3, soft)"
           + (f" on build_inference_model(policy={policy!r})" if graph else ""),
           "mode": info.get("mode"), "label_counts": np.bincount(labels.ravel()).tolist()}
 
@@ -147,6 +175,7 @@ def main(argv):
   if not _SCAN.value:
     raise errors.UserError("--scan is required")
   t_start = time.perf_counter()
+  cache_dir = compile_cache.setup()  # before anything compiles, as the commands do
   import jax
   from bonejax import models
   dtype = DTYPE[_VARIANT.value]
@@ -163,13 +192,14 @@ def main(argv):
   else:
     result = predict_timed(_MODEL.value, scan, batch=_BATCH.value, dtype=dtype,
                            runs=_RUNS.value, seed=_SEED.value, num_classes=_CLASSES.value,
-                           graph=_VARIANT.value.endswith("_graph"))
+                           graph=_VARIANT.value.endswith("_graph"), bundle_dir=_BUNDLE.value)
   result.update({
       "framework": "bonejax", "job": _JOB.value, "variant": _VARIANT.value,
       "model": f"bonejax.{_MODEL.value}", "params": int(params), "patch": _PATCH.value,
       "batch": _BATCH.value, "volume": list(scan.shape), "device": jax.default_backend(),
       "jax": jax.__version__, "peak_rss_mb": common.peak_rss_mb(),
       "peak_device_mb": common.jax_peak_device_mb(),
+      "compilation_cache": str(cache_dir) if cache_dir else None,
       "process_seconds": time.perf_counter() - t_start,
   })
   return result

@@ -30,19 +30,31 @@ With `--bonejax_predict_variants` / `--peer_predict_variants` every listed predi
 runs in the alternation (bonejax fp32, peer fp32, bonejax bf16_graph, peer bf16_cl, ...) and
 each side's fastest is the headline: the peer's best CPU setting measured on the prediction
 itself, bonejax's `*_graph` variants predict through `bonejax.models.inference_graph`.
+Cold start (`--cold`, on with the predict job): what a user running one scan per process waits
+for. Each repeat runs, in fresh processes, bonejax's prediction from a saved bundle (as
+predict.py loads it) twice over one new, empty cache directory (BONEJAX_CACHE_DIR: JAX's
+persistent compilation cache and the convolution-lowering measurements), the first invocation
+and the second, then the peer's once (PyTorch compiles nothing: its first pass is its cold
+one). Each reports its one prediction pass (compile included) and the process's wall time
+(imports, model, scan read, prediction), beside each side's warm pass from the predict job.
+The predict and train jobs run with the compilation cache off (BONEJAX_COMPILATION_CACHE=0), so
+their first pass stays a compiling one.
 Reports medians and the ratio bonejax / peer (> 1: bonejax faster, or uses more memory).
 Writes benchmarks/results/<--name, default peers>_<machine>.{json,md}.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from bonejax.cli import runner  # noqa: E402
@@ -68,6 +80,8 @@ _PEER_PRED_RUNS = flags.DEFINE_integer(
     "peer_predict_runs", 0, "Prediction passes per peer run (0: --predict_runs). PyTorch has "
     "nothing to compile, so 1 pass is a warm figure: halves the peer's time on slow machines.")
 _JOBS = flags.DEFINE_list("jobs", ["train", "predict"], "Jobs to compare.")
+_COLD = flags.DEFINE_bool("cold", True, "With the predict job: also the cold start (first and "
+                          "second invocation in fresh processes, over a new compilation cache).")
 _BONEJAX_VARIANT = flags.DEFINE_string("bonejax_variant", "auto", "fp32 | bf16 | auto.")
 _PEER_VARIANT = flags.DEFINE_string("peer_variant", "auto", "fp32 | bf16 | fp32_cl | bf16_cl | "
                                     "auto.")
@@ -96,32 +110,106 @@ def _gpu() -> bool:
 
 
 def job_cmd(side: str, job: str, variant: str, scan: Path, patch: int, batch: int,
-            steps: int) -> list[str]:
+            steps: int, runs: int | None = None, bundle: Path | None = None) -> list[str]:
   cmd = [sys.executable, str(SIDES[side]), f"--job={job}", f"--scan={scan}", f"--patch={patch}",
          f"--batch={batch}", f"--variant={variant}", f"--steps={steps}",
          f"--warmup={_WARMUP.value}"]
-  runs = _PRED_RUNS.value
-  if side == "peer" and _PEER_PRED_RUNS.value:
-    runs = _PEER_PRED_RUNS.value
+  if runs is None:
+    runs = _PRED_RUNS.value
+    if side == "peer" and _PEER_PRED_RUNS.value:
+      runs = _PEER_PRED_RUNS.value
   cmd.append(f"--runs={runs}")
   if side == "bonejax":
     cmd.append(f"--model={_MODEL.value}")
+    if bundle is not None:
+      cmd.append(f"--bundle={bundle}")
   else:
     cmd.append(f"--backbone={_MODEL.value.split('_')[-1]}")
   return cmd
+
+
+# Jobs other than the cold start measure without the persistent compilation cache, so that
+# their first prediction pass compiles, as it always did.
+NO_CACHE = {"BONEJAX_COMPILATION_CACHE": "0"}
 
 
 def run_job(side, job, variant, scan, patch, batch, steps, log_dir: Path) -> dict:
   name = f"{side}_{job}_{variant}_{time.strftime('%H%M%S')}"
   try:
     res = common.run_json(job_cmd(side, job, variant, scan, patch, batch, steps),
-                          timeout=_TIMEOUT.value, log=log_dir / f"{name}.log")
+                          timeout=_TIMEOUT.value, env=NO_CACHE, log=log_dir / f"{name}.log")
     res["ok"] = True
   except common.JobFailed as e:
     res = {"ok": False, "error": str(e), "stderr_tail": e.stderr_tail[-800:]}
     print(f"{side} {job} ({variant}) failed: {e}", file=sys.stderr)
   res.update({"side": side, "job": job, "variant": variant})
   return res
+
+
+def run_cold(side: str, variant: str, scan, patch, batch, log_dir: Path, bundle: Path,
+             cache_root: Path) -> list[dict]:
+  """One cold start of `side` (see the module docstring): bonejax's first and second invocation
+  over a new cache directory, the peer's one fresh process."""
+  out = []
+  cache = Path(tempfile.mkdtemp(prefix="cache_", dir=cache_root)) if side == "bonejax" else None
+  for invocation in ((1, 2) if side == "bonejax" else (1,)):
+    name = f"{side}_cold{invocation}_{variant}_{time.strftime('%H%M%S')}"
+    env = {"BONEJAX_CACHE_DIR": str(cache)} if cache else {}
+    try:
+      res = common.run_json(job_cmd(side, "predict", variant, scan, patch, batch, 0, runs=1,
+                                    bundle=bundle if side == "bonejax" else None),
+                            timeout=_TIMEOUT.value, env=env, log=log_dir / f"{name}.log")
+      res["ok"] = True
+    except common.JobFailed as e:
+      res = {"ok": False, "error": str(e), "stderr_tail": e.stderr_tail[-800:]}
+      print(f"{side} cold start {invocation} ({variant}) failed: {e}", file=sys.stderr)
+    res.update({"side": side, "job": "cold", "invocation": invocation, "variant": variant})
+    out.append(res)
+  if cache is not None:
+    shutil.rmtree(cache, ignore_errors=True)
+  return out
+
+
+def summarize_cold(cold: list[dict], warm: dict) -> list[dict]:
+  """Rows: each side's invocations (pass and process seconds, medians) against its warm pass.
+
+  `warm`: side -> warm pass seconds (the predict job's median, same variant)."""
+  rows = []
+  for side in SIDES:
+    for invocation in (1, 2):
+      rs = [r for r in cold if r["side"] == side and r["invocation"] == invocation]
+      good = [r for r in rs if r["ok"]]
+      if not rs:
+        continue
+      pass_s = common.median(r["cold_seconds"] for r in good) if good else None
+      rows.append({
+          "side": side, "invocation": invocation, "variant": rs[0]["variant"],
+          "pass_seconds": pass_s, "pass_values": [r["cold_seconds"] for r in good],
+          "process_seconds": common.median(r["wall_seconds"] for r in good) if good else None,
+          "model_seconds": (common.median(r["model_seconds"] for r in good)
+                            if good and "model_seconds" in good[0] else None),
+          "warm_seconds": warm.get(side),
+          "pass_over_warm": pass_s / warm[side] if pass_s and warm.get(side) else None,
+          "runs": len(rs), "failed": len(rs) - len(good)})
+  return rows
+
+
+def cold_markdown(rows: list[dict]) -> str:
+  peer = next((r for r in rows if r["side"] == "peer"), None)
+  table = []
+  for r in rows:
+    what = (f"{r['side']} {r['variant']}, "
+            + ("first invocation (empty cache)" if r["side"] == "bonejax" and r["invocation"] == 1
+               else "second invocation" if r["side"] == "bonejax" else "fresh process"))
+    vs_peer = (peer["process_seconds"] / r["process_seconds"]
+               if peer and peer["process_seconds"] and r["process_seconds"] else None)
+    table.append({"what": what, "pass": r["pass_seconds"], "warm": r["warm_seconds"],
+                  "ratio": r["pass_over_warm"], "process": r["process_seconds"],
+                  "vs": vs_peer, "n": f"{r['runs'] - r['failed']}/{r['runs']}"})
+  return common.markdown_table(
+      table, ["what", "pass", "warm", "ratio", "process", "vs", "n"],
+      ["cold start", "prediction pass (s)", "warm pass (s)", "pass / warm",
+       "process wall (s)", "peer's process / this (> 1: faster)", "ok/runs"])
 
 
 def calibrate(side: str, requested: str, scan, patch, batch, steps, log_dir) -> tuple[str, list]:
@@ -320,8 +408,14 @@ def main(argv):
                  if job == "predict" else [(side, variants[side]) for side in SIDES])
            for job in _JOBS.value}
 
+  cold_on = _COLD.value and "predict" in _JOBS.value
+  if cold_on:
+    bundle = bonejax_job.ensure_bundle(data, _MODEL.value)
+    cache_root = data / "cold_caches"
+    cache_root.mkdir(parents=True, exist_ok=True)
+  cold: list[dict] = []
   runs: list[dict] = []
-  total = _REPEATS.value * sum(len(p) for p in pairs.values())
+  total = _REPEATS.value * (sum(len(p) for p in pairs.values()) + (3 if cold_on else 0))
   bar = Progress(total=total, desc="peers", unit="runs", every_s=0)
   for _ in range(_REPEATS.value):
     for job in _JOBS.value:
@@ -330,6 +424,12 @@ def main(argv):
         runs.append(r)
         bar.update(1, extra=f"{side} {job} {v} " + (common.fmt(r.get(METRIC[job])) if r["ok"]
                                                      else "failed"))
+    if cold_on:  # each side's first listed prediction variant, alternating with the rest
+      for side in SIDES:
+        rs = run_cold(side, pred_lists[side][0], scan, patch, batch, log_dir, bundle, cache_root)
+        cold += rs
+        bar.update(len(rs), extra=f"{side} cold " + ", ".join(
+            common.fmt(r.get("cold_seconds")) if r["ok"] else "failed" for r in rs) + " s")
   bar.close()
 
   variant_rows = {job: per_variant(runs, job) for job in _JOBS.value}
@@ -350,8 +450,19 @@ def main(argv):
   if "predict" in _JOBS.value and max(map(len, pred_lists.values())) > 1:
     md += ("\n\nEvery prediction variant, alternating in the same run (the headline above takes "
            "each side's fastest):\n\n" + variants_markdown(variant_rows["predict"], "predict"))
+  cold_rows = []
+  if cold_on:
+    warm = {}
+    for row in variant_rows["predict"]:
+      if row["variant"] == pred_lists[row["side"]][0] and row["voxels_per_second"]:
+        warm[row["side"]] = float(np.prod(shape)) / row["voxels_per_second"]
+    cold_rows = summarize_cold(cold, warm)
+    md += ("\n\nCold start: one prediction in a fresh process, from a saved bundle (bonejax: "
+           "first invocation over an empty compilation cache, then a second over the cache the "
+           "first filled), beside the same variant's warm pass above; medians over the "
+           "repeats.\n\n" + cold_markdown(cold_rows))
   print(md)
-  payload = {"config": cfg, "variants": variants, "predict_variants": pred_variants,
+  payload = {"cold": cold_rows, "cold_runs": cold, "config": cfg, "variants": variants, "predict_variants": pred_variants,
              "predict_variant_lists": pred_lists, "per_variant": variant_rows,
              "calibration": calib, "params": params,
              "summary": summary, "runs": runs, "scan": str(scan),
@@ -360,6 +471,8 @@ def main(argv):
   out = {"json": paths["json"], "md": paths["md"], "variants": variants}
   for job, s in summary.items():
     out[f"{job}_ratio"] = s["ratio"][METRIC[job]]
+  for r in cold_rows:
+    out[f"{r['side']}_cold{r['invocation']}_over_warm"] = r["pass_over_warm"]
   return out
 
 

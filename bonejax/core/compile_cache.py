@@ -92,7 +92,8 @@ def setup(enabled: bool | None = None) -> Path | None:
     errors.warn(f"no compilation cache ({errors.one_line(e)}); every run compiles afresh")
     return None
   jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # else the user's value
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   _state["dir"] = path
   return path
 

@@ -1,0 +1,108 @@
+"""bonejax.core.compile_cache: where the cache goes, how it is turned off, and that a second
+process loads what the first compiled (JAX's persistent cache on the CPU backend)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bonejax.core import compile_cache, errors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cache_dir_order(monkeypatch, tmp_path):
+  monkeypatch.delenv("BONEJAX_CACHE_DIR", raising=False)
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert compile_cache.cache_dir() == tmp_path / "home" / ".cache" / "bonejax" / "jax"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache.cache_dir() == tmp_path / "xdg" / "bonejax" / "jax"
+  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path / "bj"))  # as conv_lowering's cache
+  assert compile_cache.cache_dir() == tmp_path / "bj" / "jax"
+
+
+@pytest.mark.parametrize("value,expected", [("", True), ("1", True), ("on", True),
+                                            ("0", False), ("false", False), ("OFF", False)])
+def test_environment_variable(monkeypatch, value, expected):
+  monkeypatch.setenv(compile_cache.ENV, value)
+  assert compile_cache.wanted() is expected
+  assert compile_cache.wanted(True) is True  # the flag, when given, wins
+  assert compile_cache.wanted(False) is False
+
+
+def test_bad_environment_value_is_a_user_error(monkeypatch):
+  monkeypatch.setenv(compile_cache.ENV, "maybe")
+  with pytest.raises(errors.UserError, match=compile_cache.ENV):
+    compile_cache.wanted()
+
+
+_CHILD = r"""
+import json, os, sys, time
+os.environ["JAX_PLATFORMS"] = "cpu"
+from bonejax.core import compile_cache
+path = compile_cache.setup(None if sys.argv[1] == "default" else sys.argv[1] == "on")
+import jax, jax.numpy as jnp
+from jax import monitoring
+
+events = []
+monitoring.register_event_listener(lambda name, **kw: events.append(name))
+
+def f(x):  # enough work that XLA:CPU takes a measurable time to compile it
+  for i in range(60):
+    x = jnp.tanh(x @ x.T + i) * 0.5
+  return x.sum()
+
+jax.jit(f)(jnp.ones((8, 8))).block_until_ready()
+print(json.dumps({"dir": str(path) if path else None,
+                  "hits": events.count("/jax/compilation_cache/cache_hits")}))
+"""
+
+
+def _child(mode: str, tmp_path: Path, **env) -> dict:
+  full = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV)}
+  full.update(BONEJAX_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO), **env)
+  out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=full, cwd=REPO, check=True,
+                       capture_output=True, text=True, timeout=300)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_what_the_first_compiled(tmp_path):
+  # Every compile is written (the user's threshold 0 is kept), whatever the compile speed.
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  first = _child("default", tmp_path, **env)
+  assert first == {"dir": str(tmp_path / "jax"), "hits": 0}
+  assert any((tmp_path / "jax").iterdir())
+  assert (tmp_path / "jax").stat().st_mode & 0o077 == 0  # private: JAX trusts its contents
+  second = _child("default", tmp_path, **env)
+  assert second["hits"] >= 1
+
+
+@pytest.fixture
+def fresh_setup(monkeypatch):
+  """setup() as if in a new process (it answers once per process), restored afterwards."""
+  monkeypatch.setattr(compile_cache, "_state", {"done": False, "dir": None})
+
+
+def test_flag_and_environment_turn_it_off(fresh_setup, monkeypatch, tmp_path):
+  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path))
+  assert compile_cache.setup(False) is None
+  assert compile_cache.setup(True) is None  # decided once per process: JAX has decided too
+  compile_cache._reset_for_tests()
+  monkeypatch.setenv(compile_cache.ENV, "0")
+  assert compile_cache.setup() is None
+  assert not (tmp_path / "jax").exists()
+
+
+def test_a_directory_given_to_jax_is_kept(fresh_setup, monkeypatch, tmp_path):
+  import jax
+  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path))
+  given = jax.config.jax_compilation_cache_dir  # tests/conftest.py's shared test cache
+  assert given
+  assert compile_cache.setup() == Path(given)
+  assert jax.config.jax_compilation_cache_dir == given
+  assert not (tmp_path / "jax").exists()
