@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 
 from bonejax.cli import runner
-from bonejax.core import errors
+from bonejax.core import compile_cache, errors
 from bonejax.train import configlib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,10 +42,12 @@ _FOLDS = flags.DEFINE_integer("folds", 5, "Number of outer folds (by scan).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for fold_i/ runs and crossval.json.")
 _PLANES = flags.DEFINE_integer("planes", 3, "Plane sets voted over when scoring: 1, 3, 9 or 12.")
 _VOTE = flags.DEFINE_enum("vote", "soft", ["soft", "majority"], "Voting rule when scoring.")
+_COMPILATION_CACHE = compile_cache.define_flag()
 
 
 def main(argv):
   configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
+  compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   if _PLANES.value not in (1, 3, 9, 12):
     raise errors.UserError(f"--planes={_PLANES.value} must be 1, 3, 9 or 12")
   logging.set_verbosity(logging.WARNING)

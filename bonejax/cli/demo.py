@@ -31,7 +31,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[2]
 
 from bonejax.cli import runner
-from bonejax.core import errors, outputs
+from bonejax.core import compile_cache, errors, outputs
 from bonejax.train import configlib
 
 # A default config file is parsed when the flag is defined: check overrides first (one line).
@@ -44,6 +44,7 @@ _NUM_SCANS = flags.DEFINE_integer("num_scans", 6, "Phantom scans: N-2 train, 1 v
 _SHAPE = flags.DEFINE_string("shape", "96,128,128", "Phantom scan shape Z,Y,X.")
 _SEED = flags.DEFINE_integer("seed", 0, "Phantom seed.")
 _PICTURES = flags.DEFINE_bool("pictures", True, "Write the IoU profile and overlay PNGs.")
+_COMPILATION_CACHE = compile_cache.define_flag()
 
 
 def make_or_open_dataset(data: Path, num_scans: int, shape: tuple[int, ...], seed: int):
@@ -78,6 +79,7 @@ def main(argv):
     raise errors.UserError(f"--num_scans={_NUM_SCANS.value}: the demo needs at least 3 scans "
                         "(train, validation, test)")
   shape = errors.parse_ints(_SHAPE.value, 3, "shape")
+  compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   workdir = Path(_WORKDIR.value).absolute()
   if workdir.exists() and not workdir.is_dir():
     raise errors.UserError(f"--workdir={str(workdir)!r} exists and is not a directory")

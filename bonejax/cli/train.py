@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 
 from bonejax.cli import runner
-from bonejax.core import distributed
+from bonejax.core import compile_cache, distributed
 from bonejax.train import configlib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,10 +44,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds "
                                "checkpoints).")
 _MULTIHOST = distributed.define_flags(flags)
+_COMPILATION_CACHE = compile_cache.define_flag()
 
 
 def main(argv):
   configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
+  compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _MULTIHOST.initialize()
   from bonejax.train import trainer

@@ -21,6 +21,7 @@ what compiling it does, and the cache would fill with the many tiny helper funct
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from bonejax.core import errors
@@ -61,11 +62,15 @@ def define_flag():
   global _flag
   if _flag is None:
     from absl import flags
+    # Listed under the calling command in its --help (absl names a script run as __main__ by
+    # its path), not under this module in --helpfull only.
+    caller = sys._getframe(1).f_globals.get("__name__", __name__)
     _flag = flags.DEFINE_bool(
         "compilation_cache", None,
         "Keep compiled XLA programs on disk (JAX's persistent compilation cache, in "
         f"$XDG_CACHE_HOME/bonejax/jax or ~/.cache/bonejax/jax) so that the next run on a "
-        f"same-shaped input starts at once. Default: on, unless {ENV}=0.")
+        f"same-shaped input starts at once. Default: on, unless {ENV}=0.",
+        module_name=sys.argv[0] if caller == "__main__" else caller)
   return _flag
 
 
