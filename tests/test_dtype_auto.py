@@ -66,3 +66,30 @@ def test_default_platform_is_jax_backend():
   expected = dtype_auto.auto_dtype(jax.default_backend())
   assert dtype_auto.auto_dtype() == expected
   assert expected in ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize("device_choice", ["bfloat16", "float32"])
+def test_predictor_runs_auto_as_the_device_choice(tmp_path, monkeypatch, device_choice):
+  import numpy as np
+  from bundle_helpers import make_bundle, phantom
+  from bonejax import predict
+  monkeypatch.setattr(dtype_auto, "auto_dtype", lambda *a, **k: device_choice)
+  path = make_bundle(tmp_path / "model", depth=1, width=4)
+  auto = predict.Predictor(path, planes=1, dtype="auto", batch_size=2, progress=False)
+  assert auto.settings.dtype == device_choice
+  named = predict.Predictor(path, planes=1, dtype=device_choice, batch_size=2, progress=False)
+  vol = phantom((2, 32, 32))
+  got, _, _ = auto.predict_volume(vol)
+  want, _, _ = named.predict_volume(vol)
+  np.testing.assert_array_equal(got, want)  # the same dtype: the same labels
+
+
+def test_predict_command_defaults_to_auto():
+  import subprocess
+  import sys
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "launch/predict.py", "--help"], cwd=repo, text=True,
+                       capture_output=True, timeout=300, check=True).stdout
+  flag = out[out.index("--dtype:"):].split("\n  --")[0]
+  assert "(default: 'auto')" in " ".join(flag.split())

@@ -45,11 +45,11 @@ from pathlib import Path
 from absl import flags
 
 from bonejax.cli import runner  # (jax is imported once the flags are good)
-from bonejax.core import distributed, errors, outputs
+from bonejax.core import compile_cache, distributed, dtype_auto, errors, outputs
 
-PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES
+PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES (+ auto)
 VOTES = ("soft", "majority", "max")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _MODEL = flags.DEFINE_string("model", None, "Model bundle directory (WORKDIR/model).",
                              required=True)
@@ -93,7 +93,9 @@ _BUDGET = flags.DEFINE_float("memory_budget_gb", 4.0, "Host memory for volume an
 _DEVICE_GB = flags.DEFINE_float("device_memory_gb", None, "Memory one call may use on each "
                                 "device (default: 70% of the accelerator's, or on CPU a quarter "
                                 "of --memory_budget_gb shared by the devices).")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.")
+_DTYPE = flags.DEFINE_string(
+    "dtype", "auto", "Compute dtype: auto (bfloat16 on a GPU or a CPU with AMX / AVX512-BF16, "
+    "else float32), float32, bfloat16 or float16.")
 _GRAPH = flags.DEFINE_enum("inference_graph", "auto", ["auto", "measure", "xla", "off"],
                            "BatchNorm folded into the convolutions, each convolution lowered "
                            "by a fixed rule (auto: bf16 dot products where the CPU has them "
@@ -112,6 +114,7 @@ _WITH_IMAGE = flags.DEFINE_bool("with_image", False, "With an .ome.zarr --output
 _DEVICES = flags.DEFINE_integer("devices", None, "Local devices to spread batches over (default: "
                                 "all); each takes --batch_size planes per call.")
 _MULTI = distributed.define_flags()  # --coordinator_address --num_processes --process_id
+_COMPILATION_CACHE = compile_cache.define_flag()
                                      # --multihost, as train.py's
 _BARRIER_S = flags.DEFINE_float("barrier_timeout_s", 1800.0, "Multi-host: the longest one "
                                 "process waits for the others (at the start and between passes).")
@@ -142,6 +145,7 @@ def main(argv):
     raise errors.UserError(f"--vote={_VOTE.value!r} must be soft, majority or max")
   if _DTYPE.value not in DTYPES:
     raise errors.UserError(f"--dtype={_DTYPE.value!r} must be one of {', '.join(DTYPES)}")
+  compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   if not _BUDGET.value > 0:
     raise errors.UserError(f"--memory_budget_gb={_BUDGET.value} must be positive")
   if _BATCH.value < 1:
@@ -175,9 +179,11 @@ def main(argv):
     _MULTI.initialize(recoverable=True, heartbeat_timeout_s=_HEARTBEAT_S.value,
                       init_timeout_s=_BARRIER_S.value)
     group = distributed.Group.from_jax(_BARRIER_S.value, namespace="bonejax/predict")
+  # After initialize: `auto` asks JAX for its backend. The result records the dtype it chose.
   settings = dict(planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
                   memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value,
-                  dtype=_DTYPE.value, tile_size=_TILE.value, tile_overlap=_OVERLAP.value,
+                  dtype=dtype_auto.resolve(_DTYPE.value), tile_size=_TILE.value,
+                  tile_overlap=_OVERLAP.value,
                   out_of_core=ooc, resample=not _NO_RESAMPLE.value, image_key=_IMAGE_KEY.value,
                   devices=_DEVICES.value, graph=_GRAPH.value)
   with group.guard():  # SIGTERM is Ctrl-C here too (cli.runner): the same clean-up

@@ -40,7 +40,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 
 import bonejax
 from bonejax.models import bundle as bundle_lib
-from bonejax.core import errors, outputs
+from bonejax.core import compile_cache, errors, outputs
 from bonejax.data import store
 from bonejax.io import resample as resample_lib, tiff, voxel as voxel_lib
 from bonejax.napari import jobs, layers, qt
@@ -196,6 +196,7 @@ def run_job(*, model: Path, volume: Any, stats: dict[str, Any] | None, planes: i
             progress: jobs.JobProgress, resample: bool = True) -> dict[str, Any]:
   """Loads the bundle, predicts, writes the optional output; returns arrays and timings."""
   start = time.perf_counter()
+  compile_cache.setup()  # the next prediction of a same-shaped image skips XLA (off: env 0)
   if model.is_file():
     progress.set_phase("converting the weights")
     model = convert_weights(model)
@@ -293,7 +294,8 @@ class PredictWidget(QWidget):
     self.vote = QComboBox()
     self.vote.addItems(list(VOTES))
     self.dtype = QComboBox()
-    self.dtype.addItems(list(DTYPES))
+    self.dtype.addItems(["auto", *DTYPES])  # auto: bf16 where the device has bf16 units
+    self.dtype.setCurrentText("auto")
     self.memory = QDoubleSpinBox()
     self.memory.setRange(0.25, 4096.0)
     self.memory.setSingleStep(1.0)

@@ -30,7 +30,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bonejax.core import errors
+from bonejax.core import dtype_auto, errors
 from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory, plan, postprocess as postprocess_lib, source as source_lib
 from bonejax.predict.api import local_devices, make_engine, predict_volume, run_prediction
@@ -41,7 +41,8 @@ class Predictor:
   """A model bundle ready to predict inputs (see the module docstring).
 
   `model`: a bundle directory (WORKDIR/model or WORKDIR) or a loaded `bundle.Bundle` (both run
-  in `dtype` the same way: the architecture rebuilt in that dtype, float32 stem and head kept).
+  in `dtype` the same way: the architecture rebuilt in that dtype, float32 stem and head kept;
+  "auto": bfloat16 where the device has bf16 units, else float32, `bonejax.core.dtype_auto`).
   `planes` / `axis`: the plane sets (`planesets.plane_sets`); `vote`: soft, majority or max.
   `batch_size`: planes per device call; `memory_budget_gb`: host memory for the volume and the
   accumulators (beyond it a run goes out of core, or always / never with `out_of_core`);
@@ -60,6 +61,7 @@ class Predictor:
                out_of_core: bool | None = None, resample: bool = True,
                image_key: str | None = None, devices: Any = None, graph: str = "auto",
                progress: bool = True, group: Group = SINGLE):
+    dtype = dtype_auto.resolve(dtype)  # "auto": this device's fastest accurate dtype
     self.settings = plan.Settings(planes, axis, vote, batch_size, memory_budget_gb,
                                   device_memory_gb, dtype, tile_size, tile_overlap, out_of_core,
                                   resample, image_key, graph, progress)
