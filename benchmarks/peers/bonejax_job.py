@@ -86,7 +86,11 @@ def ensure_bundle(data_dir: str | Path, name: str, num_classes: int = 3, seed: i
   path = Path(data_dir) / f"bundle_{name}_{num_classes}c_s{seed}"
   if (path / bundle.MODEL_JSON).exists():
     return path
-  model = common.bonejax_model(name, "float32", num_classes=num_classes, seed=seed)
+  from flax import nnx
+  from bonejax import models
+  # weights drawn by numpy (untrained either way): no RNG kernels to compile
+  model = models.fill_from_numpy(nnx.eval_shape(lambda: models.create(
+      name, num_classes=num_classes, in_channels=1, rngs=nnx.Rngs(seed))), seed)
   meta = bundle.make_meta(model_name=name, model_kwargs={}, in_channels=1,
                           classes=["background", "bone", "pore", *map(str, range(3, num_classes))
                                    ][:num_classes],

@@ -35,8 +35,11 @@ _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result
 def child(mode: str, shapes: list[tuple[int, int]]) -> dict:
   import concurrent.futures as cf
   import numpy as np
-  from bonejax import predict
-  model = common.bonejax_model(_MODEL.value, "float32", num_classes=3, seed=0)
+  from flax import nnx
+  from bonejax import models, predict
+  # weights drawn by numpy: random initialisation would compile an RNG kernel per shape first
+  model = models.fill_from_numpy(nnx.eval_shape(lambda: models.create(
+      _MODEL.value, num_classes=3, in_channels=1, rngs=nnx.Rngs(0))), 0)
   model.eval()
   engine = predict.make_engine(model, in_channels=1, batch_size=_BATCH.value,
                                memory_budget_gb=16)
