@@ -35,7 +35,7 @@ for. Each repeat runs, in fresh processes, bonejax's prediction from a saved bun
 predict.py loads it) twice over one new, empty cache directory (BONEJAX_CACHE_DIR: JAX's
 persistent compilation cache and the convolution-lowering measurements), the first invocation
 and the second, then the peer's once (PyTorch compiles nothing: its first pass is its cold
-one). Each reports its one prediction pass (compile included) and the process's wall time
+one; with --peer_predict_runs=1 its predict job is that run). Each reports its one prediction pass (compile included) and the process's wall time
 (imports, model, scan read, prediction), beside each side's warm pass from the predict job.
 The predict and train jobs run with the compilation cache off (BONEJAX_COMPILATION_CACHE=0), so
 their first pass stays a compiling one.
@@ -415,7 +415,12 @@ def main(argv):
     cache_root.mkdir(parents=True, exist_ok=True)
   cold: list[dict] = []
   runs: list[dict] = []
-  total = _REPEATS.value * (sum(len(p) for p in pairs.values()) + (3 if cold_on else 0))
+  # A peer predict job of one pass is already a cold start (a fresh process, nothing to
+  # compile): it is counted as one instead of being run again.
+  peer_one_pass = (_PEER_PRED_RUNS.value or _PRED_RUNS.value) == 1
+  cold_sides = [s for s in SIDES if not (s == "peer" and peer_one_pass)]
+  total = _REPEATS.value * (sum(len(p) for p in pairs.values())
+                            + (2 + len(cold_sides) - 1 if cold_on else 0))
   bar = Progress(total=total, desc="peers", unit="runs", every_s=0)
   for _ in range(_REPEATS.value):
     for job in _JOBS.value:
@@ -425,7 +430,10 @@ def main(argv):
         bar.update(1, extra=f"{side} {job} {v} " + (common.fmt(r.get(METRIC[job])) if r["ok"]
                                                      else "failed"))
     if cold_on:  # each side's first listed prediction variant, alternating with the rest
-      for side in SIDES:
+      if peer_one_pass:
+        cold += [dict(r, job="cold", invocation=1) for r in runs[-len(pairs["predict"]):]
+                 if r["side"] == "peer" and r["variant"] == pred_lists["peer"][0]]
+      for side in cold_sides:
         rs = run_cold(side, pred_lists[side][0], scan, patch, batch, log_dir, bundle, cache_root)
         cold += rs
         bar.update(len(rs), extra=f"{side} cold " + ", ".join(
