@@ -35,8 +35,9 @@ for. Each repeat runs, in fresh processes, bonejax's prediction from a saved bun
 predict.py loads it) twice over one new, empty cache directory (BONEJAX_CACHE_DIR: JAX's
 persistent compilation cache and the convolution-lowering measurements), the first invocation
 and the second, then the peer's once (PyTorch compiles nothing: its first pass is its cold
-one; with --peer_predict_runs=1 its predict job is that run). Each reports its one prediction pass (compile included) and the process's wall time
-(imports, model, scan read, prediction), beside each side's warm pass from the predict job.
+one; with --peer_predict_runs=1 its predict job is that run). Each reports its one prediction
+pass (compile included) and the process's wall time (imports, model, scan read, prediction),
+beside each side's warm pass from the predict job.
 The predict and train jobs run with the compilation cache off (BONEJAX_COMPILATION_CACHE=0), so
 their first pass stays a compiling one.
 Reports medians and the ratio bonejax / peer (> 1: bonejax faster, or uses more memory).
