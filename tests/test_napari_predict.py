@@ -39,14 +39,14 @@ def widget_for(make_napari_viewer, qtbot, files):
   qtbot.addWidget(w)
   w.model.setText(str(files["model"]))
   w.image.select("scan_000")
+  assert w.dtype.currentText() == "auto"  # the default: the fastest accurate dtype here
+  w.dtype.setCurrentText("float32")  # the references these tests compare with are float32
   return viewer, w
 
 
 def test_predict_widget_gives_predict_volumes_labels(make_napari_viewer, qtbot, files, tmp_path):
   viewer, w = widget_for(make_napari_viewer, qtbot, files)
   out = tmp_path / "pred.zarr"
-  assert w.dtype.currentText() == "auto"  # the fastest accurate dtype for the device
-  w.dtype.setCurrentText("float32")  # the reference below computes in float32
   w.planes.setCurrentText("3")
   w.vote.setCurrentText("soft")
   w.probs.setChecked(True)
