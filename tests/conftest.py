@@ -27,6 +27,11 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
+# `--dtype=auto` (predict.py's and the napari widget's default) is bf16 on CPUs with bf16 units;
+# the suite's references are float32, so auto means float32 here (and in the subprocesses).
+# tests/test_dtype_auto.py tests the detection itself.
+os.environ.setdefault("BONEJAX_AUTO_DTYPE", "float32")
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))

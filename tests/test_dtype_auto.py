@@ -2,7 +2,26 @@
 
 import pytest
 
-from bonejax.core import dtype_auto
+from bonejax.core import dtype_auto, errors
+
+
+@pytest.fixture(autouse=True)
+def unpinned(monkeypatch):
+  """The detection itself: without tests/conftest.py's float32 pin."""
+  monkeypatch.delenv(dtype_auto.ENV, raising=False)
+
+
+@pytest.mark.parametrize("pin", ["float32", "bfloat16", "float16"])
+def test_environment_pins_auto(tmp_path, monkeypatch, pin):
+  monkeypatch.setenv(dtype_auto.ENV, pin)
+  assert dtype_auto.resolve("auto", "cpu", _cpuinfo(tmp_path, CPUINFO["amx"])) == pin
+  assert dtype_auto.auto_dtype("gpu") == pin
+
+
+def test_bad_pin_is_a_user_error(monkeypatch):
+  monkeypatch.setenv(dtype_auto.ENV, "int8")
+  with pytest.raises(errors.UserError, match=dtype_auto.ENV):
+    dtype_auto.auto_dtype("cpu")
 
 _BASE = "fpu vme de pse tsc msr pae mce cx8 sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma"
 CPUINFO = {

@@ -6,14 +6,20 @@ conversions. So `auto` is bfloat16 on a GPU or TPU, and on a CPU with AMX or AVX
 (`amx_bf16`, `avx512_bf16` in /proc/cpuinfo: the instructions XLA's dot emitter and oneDNN's
 bf16 kernels use); float32 on any other CPU. (In bf16 the stem and the head stay float32:
 `bonejax.predict.engine.with_compute_dtype`.)
+
+BONEJAX_AUTO_DTYPE=float32 (or bfloat16, float16) pins what `auto` means on a machine: results
+that must not move between machines, or a test suite whose references are float32.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 AUTO = "auto"
+ENV = "BONEJAX_AUTO_DTYPE"
+CHOICES = ("float32", "bfloat16", "float16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -38,7 +44,14 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 
 def auto_dtype(platform: str | None = None, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-  """'bfloat16' or 'float32' for `platform` (default: JAX's default backend)."""
+  """'bfloat16' or 'float32' for `platform` (default: JAX's default backend), unless
+  $BONEJAX_AUTO_DTYPE pins it."""
+  pinned = os.environ.get(ENV, "").strip().lower()
+  if pinned:
+    if pinned not in CHOICES:
+      from bonejax.core import errors
+      raise errors.UserError(f"{ENV}={os.environ[ENV]!r} must be one of {', '.join(CHOICES)}")
+    return pinned
   if platform is None:
     import jax
     platform = jax.default_backend()
