@@ -106,3 +106,45 @@ def test_a_directory_given_to_jax_is_kept(fresh_setup, monkeypatch, tmp_path):
   assert compile_cache.setup() == Path(given)
   assert jax.config.jax_compilation_cache_dir == given
   assert not (tmp_path / "jax").exists()
+
+
+_ONEDNN_CHILD = r"""
+import json, os
+os.environ["JAX_PLATFORMS"] = "cpu"
+from bonejax.core import compile_cache
+compile_cache.setup()
+import jax, jax.numpy as jnp, numpy as np
+from jax import monitoring
+from bonejax.models import onednn
+from bonejax.models.conv_lowering import ConvSpec
+
+events = []
+monitoring.register_event_listener(lambda name, **kw: events.append(name))
+spec = ConvSpec(2, 16, 16, 8, 16, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((2, 16, 16, 8)), jnp.float32)
+k = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.2, jnp.float32)
+b = jnp.zeros((16,), jnp.float32)
+y = jax.jit(lambda x, k, b: onednn.conv(x, k, b, spec, relu=True))(x, k, b)
+print(json.dumps({"available": onednn.available(), "sum": float(np.asarray(y, np.float64).sum()),
+                  "hits": events.count("/jax/compilation_cache/cache_hits")}))
+"""
+
+
+def test_onednn_custom_calls_load_from_the_cache(tmp_path):
+  """A cached executable that calls the oneDNN extension (an FFI target) runs in a new process:
+  the target is registered while tracing, before the cache lookup."""
+  from bonejax.models import onednn
+  if not onednn.available():  # CI builds it (.ci/run installs libdnnl-dev and g++)
+    pytest.skip(f"oneDNN extension not built here: {onednn.unavailable_reason()}")
+  env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV}
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"), PYTHONPATH=str(REPO),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  runs = []
+  for _ in range(2):
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_CHILD], env=env, cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=300)
+    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  assert runs[0]["available"] and runs[0]["hits"] == 0
+  assert runs[1]["hits"] >= 1
+  assert runs[1]["sum"] == runs[0]["sum"]
