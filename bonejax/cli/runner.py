@@ -129,7 +129,8 @@ def command_help(module_name: str) -> str:
     lines.append(f"{title}:")
     for f in members:
       default = f.default_as_str if f.default is not None else "None"
-      lines.append(textwrap.fill(f"--{f.name}: {one_line(f.help)}", 98, initial_indent="  ",
+      name = f"[no]{f.name}" if getattr(f, "boolean", False) else f.name  # as absl shows them
+      lines.append(textwrap.fill(f"--{name}: {one_line(f.help)}", 98, initial_indent="  ",
                                  subsequent_indent="    "))
       lines.append(f"    (default: {default})")
     lines.append("")
