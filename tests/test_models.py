@@ -49,7 +49,10 @@ def test_registry_has_the_contract_names():
   assert models.STRIDE == 32
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+MODELS_2D = [n for n in models.MODEL_NAMES if models.spatial_dims(n) == 2]  # 3D: test_models3d
+
+
+@pytest.mark.parametrize("name", MODELS_2D)
 def test_output_shapes_and_dtype(name):
   """Traced, not run (shapes are static, so this is the real check): square and non-square."""
   forward, state = _jit_forward(_abstract(name, **SMALL.get(name, {})))
