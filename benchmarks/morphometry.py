@@ -119,6 +119,8 @@ def main() -> None:
   ap.add_argument("--baseline", default=BASELINE,
                   help="git revision whose bonejax runs first for each configuration; none: "
                        "this tree only")
+  ap.add_argument("--name", default="morphometry",
+                  help="result file stem: benchmarks/results/NAME_<machine>.{json,md}")
   ap.add_argument("--child", help=argparse.SUPPRESS)
   ap.add_argument("--code", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -192,7 +194,7 @@ def main() -> None:
         f"{table}\n\n{idx}\n\n{common.machine_line(info)} (lscpu: {info['lscpu_model']})\n")
   print(table)
   print(idx)
-  paths = common.write_results("morphometry", {
+  paths = common.write_results(args.name, {
       "voxel_size_zyx_um": vs, "baseline": rev, "runs": runs, "load_average_start": load0,
       "load_average_end": load1, "machine": info}, md, tag=info["tag"])
   print(f"wrote {paths['json']} and {paths['md']}")

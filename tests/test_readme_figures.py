@@ -156,12 +156,38 @@ def test_scaling_table_and_compute_ratio_match_their_results():
   assert "moves validation miou_fg by at most 0.017 (all 12 cells 0.763-0.785)" in README
 
 
+def _tables(text: str, header_start: str) -> list[list[list[str]]]:
+  """Every Markdown table whose header starts `header_start`, in order."""
+  out, rest = [], text
+  while header_start in rest:
+    out.append(table(rest, header_start))
+    rest = rest[rest.index(header_start) + len(header_start):]
+  return out
+
+
 def test_peer_prediction_ratio_as_measured():
+  idle, xeon = _tables(README, "| what | bonejax | PyTorch / MONAI | ratio |")[:2]
+  # The idle EPYC table (issue 25): the cold runs' warm passes.
+  for prefix, name in (("3-plane prediction of a 64 x 384 x 384 scan", "64x384x384"),
+                       ("3-plane prediction of a 256^3 scan", "256x256x256")):
+    s = load(f"peers_cold_{name}_epyc-2c.json")["summary"]["predict"]
+    row = next(r for r in idle if r[0].startswith(prefix))
+    assert row[1].startswith(f"{s['bonejax']['voxels_per_second']:,.0f}")
+    assert row[2].startswith(f"{s['peer']['voxels_per_second']:,.0f}")
+    assert agrees(row[3].split()[0], s["ratio"]["voxels_per_second"])
+  fwd = {r["engine"]: r for r in load("cpu_forward_epyc-2c.json")["rows"]}
+  row = next(r for r in idle if r[0].startswith("forward"))
+  assert agrees(row[1].split(",")[0], fwd["bonejax graph bf16 auto"]["ips"])
+  assert agrees(row[3], fwd["bonejax graph bf16 auto"]["ratio"])
+  train = {r["engine"]: r for r in load("cpu_train_epyc-2c.json")["rows"]}
+  row = next(r for r in idle if r[0].startswith("training step"))
+  assert agrees(row[1].split(",")[0], train["bonejax bf16 onednn"]["pps"])
+  assert agrees(row[3], train["bonejax bf16 onednn"]["ratio"])
+  # The earlier AMX Xeon table (issue 17).
   s = load("peers_64x384x384_cpu-2c.json")["summary"]["predict"]
   ratio = s["ratio"]["voxels_per_second"]
   assert s["bonejax"]["runs"] == s["peer"]["runs"] == 1 and ratio < 1.5  # 1.4968: not met
-  row = next(r for r in table(README, "| what | bonejax | PyTorch / MONAI | ratio |")
-             if r[0].startswith("3-plane prediction of a 64 x 384 x 384 scan"))
+  row = next(r for r in xeon if r[0].startswith("3-plane prediction of a 64 x 384 x 384 scan"))
   assert row[1].startswith(f"{s['bonejax']['voxels_per_second']:,.0f} ")
   assert row[2].startswith(f"{s['peer']['voxels_per_second']:,.0f} ")
   assert agrees(row[3].split()[0], ratio)
@@ -173,6 +199,22 @@ def test_peer_prediction_ratio_as_measured():
   assert agrees("0.51", cube["ratio"]["voxels_per_second"])
   assert (f"{cube['bonejax']['voxels_per_second']:,.0f} vs MONAI "
           f"{cube['peer']['voxels_per_second']:,.0f}") in BENCH
+
+
+def test_cold_start_table_as_measured():
+  rows = table(README, "| 3-plane prediction | prediction pass (s) | / warm pass |")
+  assert len(rows) == 6
+  for name, label in (("64x384x384", "64 x 384 x 384"), ("256x256x256", "256^3")):
+    cold = load(f"peers_cold_{name}_epyc-2c.json")["cold"]
+    peer = next(c for c in cold if c["side"] == "peer")
+    for c in cold:
+      key = (f"{label}, bonejax first run" if c["side"] == "bonejax" and c["invocation"] == 1
+             else f"{label}, bonejax second run" if c["side"] == "bonejax"
+             else f"{label}, MONAI")
+      row = next(r for r in rows if r[0].startswith(key))
+      assert agrees(row[1], c["pass_seconds"]) and agrees(row[2], c["pass_over_warm"])
+      assert agrees(row[3], c["process_seconds"])
+      assert agrees(row[4], peer["process_seconds"] / c["process_seconds"])
 
 
 def test_no_unsourced_figures_left():
@@ -209,3 +251,28 @@ def test_demo_table_matches_its_results():
   assert agrees(m[1], 100 * abs(measures["bv_tv"]["rel_diff"]))
   assert agrees(m[2], measures["bv_tv"]["pred"]) and agrees(m[3], measures["bv_tv"]["truth"])
   assert agrees(m[4], 100 * abs(measures["porosity"]["rel_diff"]))
+
+
+def _idle_rows(header: str) -> list[list[str]]:
+  section = BENCH[BENCH.index("**Idle machine, 2026-12-07**"):]
+  return table(section, header)
+
+
+def test_idle_onednn_tables_match_their_results():
+  """benchmarks/README.md's idle forward / training tables (issue 25) against their JSON."""
+  for name, header, key in (("cpu_forward_epyc-2c.json", "| engine | images/s |", "ips"),
+                            ("cpu_train_epyc-2c.json", "| engine | patches/s |", "pps")):
+    rows = {r["engine"]: r for r in load(name)["rows"]}
+    body = _idle_rows(header)
+    assert body, header
+    for engine, rate, ratio in body:
+      key_name = (engine.replace("bonejax graph fp32, policy ", "bonejax graph fp32 ")
+                  .replace("bonejax graph bf16, policy ", "bonejax graph bf16 ")
+                  .replace(" (the predictor's default)", "")
+                  .replace(' (XLA)', '')
+                  .replace(', `lower_convs(policy="onednn")`', " onednn")
+                  .replace(', `lower_convs(policy="auto")`', " auto"))
+      row = rows[key_name]
+      rate_value = row.get(key, row.get("ips", row.get("pps")))
+      assert agrees(rate, rate_value), (engine, rate, rate_value)
+      assert agrees(ratio, row["ratio"]), (engine, ratio, row["ratio"])

@@ -13,8 +13,8 @@ call (bonejax's way; the peer tiles patches with sliding_window_inference).
 `--variant`: fp32 | bf16 (compute dtype; parameters, loss and optimiser stay fp32), or for
 prediction fp32_graph | bf16_graph: the same model through
 `bonejax.models.inference_graph.build_inference_model` (BatchNorm folded, convolutions lowered
-per layer by measurement; choices cached in ~/.cache/bonejax, so only the first run on a
-machine measures) handed to the predictor with its dtype left alone.
+per layer by the `auto` rule, as `predict.py --inference_graph=auto`, its default: oneDNN where
+the extension is present) handed to the predictor with its dtype left alone.
 
 `--bundle=DIR`: the weights come from a saved bundle (`ensure_bundle`), read as `predict.py`
 reads them (abstract model, then the stored arrays: no random initialisation to compile), so a
@@ -132,7 +132,7 @@ def train_timed(name: str, image: np.ndarray, labels: np.ndarray | None, *, patc
 
 def predict_timed(name: str, scan: store.Scan, *, batch: int, dtype: str, runs: int = 2,
                   seed: int = 0, num_classes: int = 3, memory_budget_gb: float = 16.0,
-                  graph: bool = False, policy: str = "measure", bundle_dir: str = "") -> dict:
+                  graph: bool = False, policy: str = "auto", bundle_dir: str = "") -> dict:
   """3-plane soft vote with bonejax.predict on the raw scan; first run cold, the rest warm.
 
   The memory budget is raised over the predictor's 4 GB default so that a 512^3 volume stays in

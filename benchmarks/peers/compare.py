@@ -23,9 +23,9 @@ alternate (bonejax, peer, bonejax, peer, ...) so slow drift in machine load hits
 alike. First each side's numerics are chosen by a short training calibration run of each
 variant (peer: fp32 / bf16 autocast, each with and without channels_last; bonejax: fp32 / bf16
 compute), the faster one is used for both jobs, and the calibration figures are kept. Except
-bonejax prediction on a CPU with --bonejax_variant=auto: it runs fp32, whatever training chose
-(XLA's CPU backend emulates bf16 convolutions: unet_resnet18 3-plane prediction of 64x128x128
-took 13.2 s in bf16 vs 9.8 s in fp32, while training was a tie, 9.17 vs 9.13 patches/s).
+bonejax prediction on a CPU with --bonejax_variant=auto: it runs what `predict.py` runs by
+default there, the inference graph in `--dtype=auto` (bf16_graph where the CPU has AMX or
+AVX512-BF16, else fp32_graph: `bonejax.core.dtype_auto`), whatever training chose.
 With `--bonejax_predict_variants` / `--peer_predict_variants` every listed prediction variant
 runs in the alternation (bonejax fp32, peer fp32, bonejax bf16_graph, peer bf16_cl, ...) and
 each side's fastest is the headline: the peer's best CPU setting measured on the prediction
@@ -69,6 +69,12 @@ SIDES = {"bonejax": HERE / "bonejax_job.py", "peer": HERE / "monai_job.py"}
 VARIANTS = {"bonejax": ("fp32", "bf16"), "peer": ("fp32", "bf16", "fp32_cl", "bf16_cl")}
 PREDICT_VARIANTS = {"bonejax": ("fp32", "bf16", "fp32_graph", "bf16_graph"),
                     "peer": VARIANTS["peer"]}
+
+def _cpu_predict_default() -> str:
+  """predict.py's default on this CPU: the inference graph in the dtype `auto` picks."""
+  from bonejax.core import dtype_auto
+  return "bf16_graph" if dtype_auto.auto_dtype("cpu") == "bfloat16" else "fp32_graph"
+
 
 _VOLUME = flags.DEFINE_string("volume", "", "Z,Y,X of the phantom scan (default: 512^3 on a GPU, "
                               "64,128,128 on a CPU).")
@@ -386,7 +392,7 @@ def main(argv):
   peer_predict_only = bool(_PRED_PEER.value) and "train" not in _JOBS.value
   for side, req in (("bonejax", _BONEJAX_VARIANT.value), ("peer", _PEER_VARIANT.value)):
     if side == "bonejax" and cpu_predict_only:
-      variants[side] = "fp32"  # prediction on CPU: fp32 (below); no training calibration needed
+      variants[side] = _cpu_predict_default()  # predict.py's default (below); no calibration
       continue
     if side == "peer" and peer_predict_only:
       variants[side] = _PRED_PEER.value[0]  # measured on the prediction itself, below
@@ -394,11 +400,11 @@ def main(argv):
     variants[side], trials = calibrate(side, req, scan, patch, batch, steps, log_dir)
     if trials:
       calib[side] = trials
-  # Prediction numerics: as training, except bonejax on CPU in auto mode runs fp32 (XLA CPU
-  # emulates bf16 convolutions; a training tie does not carry over to inference).
+  # Prediction numerics: as training, except bonejax on CPU in auto mode runs predict.py's
+  # default (the inference graph, dtype auto): a training tie does not carry over to inference.
   pred_variants = dict(variants)
   if not _gpu() and _BONEJAX_VARIANT.value == "auto":
-    pred_variants["bonejax"] = "fp32"
+    pred_variants["bonejax"] = _cpu_predict_default()
 
   # Prediction variants per side (several: all measured in the alternation, the best counts).
   pred_lists = {}
