@@ -52,25 +52,11 @@ class TiledVolume:
     return self.tile[np.ix_(*index)]
 
 
-def periodic_phantom(size: int, seed: int = 0):
-  import numpy as np
-  from scipy import ndimage
-  rng = np.random.default_rng(seed)
-  g = ndimage.gaussian_filter(rng.standard_normal((size,) * 3, dtype=np.float32), 4, mode="wrap")
-  return g > np.quantile(g, 0.75)
-
-
-def _peak_rss_mb() -> float:
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) / 1024
-  return float("nan")
-
-
 def child(tile_side: int, reps: int, vs: tuple, max_block_voxels: int, threads: int) -> dict:
   sys.path.insert(0, str(REPO))
+  from benchmarks.morphometry import _peak_rss_mb, phantom
   from bonejax.evaluate import morphometry
-  tile = periodic_phantom(tile_side)
+  tile = phantom(tile_side, mode="wrap")
   out = {"tile": tile_side, "reps": reps, "max_block_voxels": max_block_voxels}
   for name, vol in (("tile", tile), ("large", TiledVolume(tile, reps))):
     parts: dict[str, float] = {}
