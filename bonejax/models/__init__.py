@@ -48,8 +48,8 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unet_mit_b0": ("unet_mit", "UnetMiT", {}),
     # 3D (NDHWC input, `spatial_dims(name) == 3`): segmentation_models_pytorch_3d's Unet and a
     # classic 3D U-Net.
-    "unet3d": ("unet3d", "UNet3d", {}),
-    "unet3d_resnet18": ("unet3d_resnet", "UnetResNet3d", {"encoder": "resnet18"}),
+    "unet3d": ("unet", "UNet3d", {}),
+    "unet3d_resnet18": ("unet_resnet", "UnetResNet3d", {"encoder": "resnet18"}),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -44,16 +44,21 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
-def conv2d(cin: int, cout: int, kernel: int, *, stride: int = 1, dilation: int = 1,
-           groups: int = 1, bias: bool = False, padding: int | None = None,
-           dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-           rngs: nnx.Rngs) -> nnx.Conv:
-  """A PyTorch-like Conv2d: symmetric padding, bias off unless asked for."""
+def conv(cin: int, cout: int, kernel: int, *, ndim: int = 2, stride: int = 1, dilation: int = 1,
+         groups: int = 1, bias: bool = False, padding: int | None = None,
+         dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+         rngs: nnx.Rngs) -> nnx.Conv:
+  """A PyTorch-like Conv2d (ndim 2) or Conv3d (ndim 3): symmetric padding, bias off unless
+  asked for; the same kernel size, stride and dilation on every spatial axis."""
   pad = dilation * (kernel // 2) if padding is None else padding
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+  return nnx.Conv(cin, cout, (kernel,) * ndim, strides=stride, padding=((pad, pad),) * ndim,
                   kernel_dilation=dilation, feature_group_count=groups, use_bias=bias,
                   kernel_init=he_normal if groups == 1 else he_normal_grouped,
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+conv2d = functools.partial(conv, ndim=2)
+conv3d = functools.partial(conv, ndim=3)
 
 
 def batch_norm(features: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -75,14 +80,15 @@ def linear(din: int, dout: int, *, bias: bool = True, dtype: Any = jnp.float32,
 
 
 class ConvBNAct(nnx.Module):
-  """conv (no bias) -> BatchNorm -> activation: smp's `Conv2dReLU` and torchvision's stems."""
+  """conv (no bias) -> BatchNorm -> activation: smp's `Conv2dReLU`, smp-3d's `Conv3dReLU`
+  (ndim 3) and torchvision's stems."""
 
-  def __init__(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1,
+  def __init__(self, cin: int, cout: int, kernel: int = 3, *, ndim: int = 2, stride: int = 1,
                dilation: int = 1, act: str = "relu", dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, conv_dtype: Any = None, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.conv = conv2d(cin, cout, kernel, stride=stride, dilation=dilation,
-                       **{**kw, "dtype": conv_dtype or dtype})
+    self.conv = conv(cin, cout, kernel, ndim=ndim, stride=stride, dilation=dilation,
+                     **{**kw, "dtype": conv_dtype or dtype})
     self.bn = batch_norm(cout, **kw)
     self.act = act
     activation(act)  # fail at construction, not at the first call
@@ -106,16 +112,19 @@ class SeparableConv(nnx.Module):
 
 
 def max_pool(x: jax.Array, kernel: int, stride: int, pad: int = 0) -> jax.Array:
-  """PyTorch MaxPool2d: padding counts as -inf, so it never wins."""
-  return nnx.max_pool(x, (kernel, kernel), strides=(stride, stride),
-                      padding=((pad, pad), (pad, pad)))
+  """PyTorch MaxPool2d / MaxPool3d (NHWC / NDHWC): padding counts as -inf, so it never wins."""
+  n = x.ndim - 2
+  return nnx.max_pool(x, (kernel,) * n, strides=(stride,) * n, padding=((pad, pad),) * n)
 
 
 def upsample_nearest2x(x: jax.Array) -> jax.Array:
-  """`F.interpolate(scale_factor=2, mode="nearest")`: a broadcast, no gather."""
-  b, h, w, c = x.shape
-  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-  return x.reshape(b, 2 * h, 2 * w, c)
+  """`F.interpolate(scale_factor=2, mode="nearest")` on NHWC or NDHWC: a broadcast, no
+  gather."""
+  b, *spatial, c = x.shape
+  pairs = [a for s in spatial for a in (s, 2)]
+  index = (slice(None),) + tuple(a for _ in spatial for a in (slice(None), None)) + (slice(None),)
+  x = jnp.broadcast_to(x[index], (b, *pairs, c))
+  return x.reshape(b, *(2 * s for s in spatial), c)
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,11 +160,14 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = Fal
   return jnp.einsum("pw,bowc->bopc", mw, x)
 
 
-def check_input(x: jax.Array, multiple: int, channels: int, name: str) -> None:
+def check_input(x: jax.Array, multiple: int, channels: int, name: str, ndim: int = 2) -> None:
   """Shapes are static under jit, so a bad patch fails at trace time with a clear message."""
-  if x.ndim != 4 or x.shape[-1] != channels:
-    raise ValueError(f"{name} expects NHWC input (B, H, W, {channels}), got {tuple(x.shape)}")
-  h, w = x.shape[1], x.shape[2]
-  if h % multiple or w % multiple:
-    raise ValueError(f"{name} needs H and W that are multiples of {multiple}, got {h}x{w}; "
-                     "pad with bonejax.models.pad_to_multiple")
+  layout, axes = ("NHWC", "H, W") if ndim == 2 else ("NDHWC", "D, H, W")
+  if x.ndim != ndim + 2 or x.shape[-1] != channels:
+    raise ValueError(f"{name} expects {layout} input (B, {axes}, {channels}), "
+                     f"got {tuple(x.shape)}")
+  spatial = x.shape[1:-1]
+  if any(s % multiple for s in spatial):
+    raise ValueError(f"{name} needs {axes.replace(', W', ' and W')} that are multiples of "
+                     f"{multiple}, got {'x'.join(map(str, spatial))}"
+                     + ("; pad with bonejax.models.pad_to_multiple" if ndim == 2 else ""))

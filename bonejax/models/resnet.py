@@ -7,6 +7,10 @@ fc) is dropped. The stem conv takes any number of input channels (micro-CT is 1)
 `__call__` returns the five feature maps smp hands to its decoders, minus the raw input:
 stride 2 (stem, 64 ch), 4 (layer1), 8 (layer2), 16 (layer3), 32 (layer4).
 
+`ndim=3` builds the volumetric twin that segmentation_models_pytorch_3d (timm-3d) makes of it:
+every Conv2d, BatchNorm2d and MaxPool2d made 3D (7^3 stride-2 stem, 3^3 stride-2 max-pool,
+strides on every axis), with the same attribute names, so one converter path rule serves both.
+
 `output_stride=16` dilates layer4 the way smp's `make_dilated` does for DeepLabV3+: every conv of
 the stage gets stride 1 and dilation 2 (also the first 3x3, unlike torchvision's
 `replace_stride_with_dilation`, which keeps dilation 1 there).
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, batch_norm, conv2d, max_pool
+from bonejax.models.layers import ConvBNAct, batch_norm, conv, max_pool
 
 # name -> (block, blocks per stage)
 SPECS = {
@@ -40,8 +44,8 @@ def out_channels(name: str) -> tuple[int, ...]:
 class _Downsample(nnx.Module):
   """1x1 conv + BN on the shortcut when the shape changes."""
 
-  def __init__(self, cin, cout, stride, **kw):
-    self.conv = conv2d(cin, cout, 1, stride=stride, **kw)
+  def __init__(self, cin, cout, stride, ndim=2, **kw):
+    self.conv = conv(cin, cout, 1, ndim=ndim, stride=stride, **kw)
     self.bn = batch_norm(cout, **kw)
 
   def __call__(self, x):
@@ -50,12 +54,12 @@ class _Downsample(nnx.Module):
 
 class BasicBlock(nnx.Module):
 
-  def __init__(self, cin: int, planes: int, stride: int, dilation: int, **kw):
-    self.conv1 = conv2d(cin, planes, 3, stride=stride, dilation=dilation, **kw)
+  def __init__(self, cin: int, planes: int, stride: int, dilation: int, ndim: int = 2, **kw):
+    self.conv1 = conv(cin, planes, 3, ndim=ndim, stride=stride, dilation=dilation, **kw)
     self.bn1 = batch_norm(planes, **kw)
-    self.conv2 = conv2d(planes, planes, 3, dilation=dilation, **kw)
+    self.conv2 = conv(planes, planes, 3, ndim=ndim, dilation=dilation, **kw)
     self.bn2 = batch_norm(planes, **kw)
-    self.downsample = _Downsample(cin, planes, stride, **kw) if (
+    self.downsample = _Downsample(cin, planes, stride, ndim, **kw) if (
         stride != 1 or cin != planes) else None
 
   def __call__(self, x):
@@ -67,15 +71,15 @@ class BasicBlock(nnx.Module):
 
 class Bottleneck(nnx.Module):
 
-  def __init__(self, cin: int, planes: int, stride: int, dilation: int, **kw):
+  def __init__(self, cin: int, planes: int, stride: int, dilation: int, ndim: int = 2, **kw):
     cout = planes * 4
-    self.conv1 = conv2d(cin, planes, 1, **kw)
+    self.conv1 = conv(cin, planes, 1, ndim=ndim, **kw)
     self.bn1 = batch_norm(planes, **kw)
-    self.conv2 = conv2d(planes, planes, 3, stride=stride, dilation=dilation, **kw)
+    self.conv2 = conv(planes, planes, 3, ndim=ndim, stride=stride, dilation=dilation, **kw)
     self.bn2 = batch_norm(planes, **kw)
-    self.conv3 = conv2d(planes, cout, 1, **kw)
+    self.conv3 = conv(planes, cout, 1, ndim=ndim, **kw)
     self.bn3 = batch_norm(cout, **kw)
-    self.downsample = _Downsample(cin, cout, stride, **kw) if (
+    self.downsample = _Downsample(cin, cout, stride, ndim, **kw) if (
         stride != 1 or cin != cout) else None
 
   def __call__(self, x):
@@ -87,10 +91,11 @@ class Bottleneck(nnx.Module):
 
 
 class ResNetEncoder(nnx.Module):
-  """torchvision ResNet without the classifier; returns features at strides 2, 4, 8, 16, 32."""
+  """torchvision ResNet without the classifier (ndim 3: smp-3d's); returns features at strides
+  2, 4, 8, 16, 32."""
 
   def __init__(self, name: str = "resnet18", in_channels: int = 1, *, output_stride: int = 32,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               ndim: int = 2, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if name not in SPECS:
       raise ValueError(f"unknown encoder {name!r}; known: {', '.join(SPECS)}")
     if output_stride not in (16, 32):
@@ -101,7 +106,8 @@ class ResNetEncoder(nnx.Module):
     self.channels = out_channels(name)
     # The stem conv sees the raw scan: computing it in float32 keeps the input's full intensity
     # resolution (micro-CT is often 16-bit; bfloat16 keeps 8 bits), for ~1 % of the FLOPs.
-    self.stem = ConvBNAct(in_channels, 64, 7, stride=2, act="relu", conv_dtype=jnp.float32, **kw)
+    self.stem = ConvBNAct(in_channels, 64, 7, ndim=ndim, stride=2, act="relu",
+                          conv_dtype=jnp.float32, **kw)
     cin, stages = 64, []
     for i, n in enumerate(layers):
       dilated = output_stride == 16 and i == 3
@@ -109,7 +115,7 @@ class ResNetEncoder(nnx.Module):
       dilation = 2 if dilated else 1
       blocks = []
       for j in range(n):
-        blocks.append(block(cin, 64 * 2**i, stride if j == 0 else 1, dilation, **kw))
+        blocks.append(block(cin, 64 * 2**i, stride if j == 0 else 1, dilation, ndim, **kw))
         cin = 64 * 2**i * EXPANSION[kind]
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)

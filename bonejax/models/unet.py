@@ -11,6 +11,11 @@ head is a 1x1 conv with bias.
 `depth` levels pool `depth - 1` times, so H and W must be multiples of 2**(depth - 1); depth is
 capped at 6 so that the zoo-wide promise (multiples of 32 always work) holds.
 Defaults depth=5, width=32 (7.76 M parameters for 1 channel in, 3 classes out).
+
+`UNet3d` is the same network in 3D (Cicek et al. 2016, "3D U-Net"): 3^3 convs, 2^3 pooling and
+transposed-conv up-sampling, a 1^3 head; D, H, W multiples of 2**(depth - 1). Its defaults are
+depth=4, width=16: 3D feature maps cost width x voxels, and a 3D net of the 2D default's width
+would not fit a GPU at useful patch sizes.
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv2d, he_normal, max_pool
+from bonejax.models.layers import ConvBNAct, check_input, conv, he_normal, max_pool
 
 
 class ConvBlock(nnx.Module):
   """Two (conv3x3 -> BatchNorm -> activation)."""
 
-  def __init__(self, cin: int, cout: int, act: str, conv_dtype: Any = None, **kw):
-    self.conv1 = ConvBNAct(cin, cout, 3, act=act, conv_dtype=conv_dtype, **kw)
-    self.conv2 = ConvBNAct(cout, cout, 3, act=act, **kw)
+  def __init__(self, cin: int, cout: int, act: str, conv_dtype: Any = None, ndim: int = 2,
+               **kw):
+    self.conv1 = ConvBNAct(cin, cout, 3, ndim=ndim, act=act, conv_dtype=conv_dtype, **kw)
+    self.conv2 = ConvBNAct(cout, cout, 3, ndim=ndim, act=act, **kw)
 
   def __call__(self, x):
     return self.conv2(self.conv1(x))
@@ -38,30 +44,36 @@ class ConvBlock(nnx.Module):
 class UNet(nnx.Module):
   """Classic U-Net (Baltruschat et al. 2021); logits (B, H, W, num_classes) in float32."""
 
+  spatial_dims = 2
+  label = "unet"  # in error messages
+
   def __init__(self, num_classes: int, in_channels: int = 1, *, depth: int = 5, width: int = 32,
                activation: str = "mish", dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    n, sides = self.spatial_dims, "H, W" if self.spatial_dims == 2 else "D, H, W"
     if not 1 <= int(depth) <= 6:
-      raise ValueError(f"unet depth must be in 1..6 (H, W multiples of 2**(depth-1)), got {depth}")
+      raise ValueError(f"{self.label} depth must be in 1..6 ({sides} multiples of "
+                       f"2**(depth-1)), got {depth}")
     if int(width) < 1:
-      raise ValueError(f"unet width must be positive, got {width}")
+      raise ValueError(f"{self.label} width must be positive, got {width}")
     depth, width = int(depth), int(width)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype, self.in_channels, self.stride = dtype, in_channels, 2**(depth - 1)
     chans = [width * 2**i for i in range(depth)]
     # The first conv (raw scan in) and the head (logits out) run in float32: see FP32_EDGES.
-    self.down = nnx.List([ConvBlock(cin, c, activation, jnp.float32 if i == 0 else None, **kw)
+    self.down = nnx.List([ConvBlock(cin, c, activation, jnp.float32 if i == 0 else None, n,
+                                    **kw)
                           for i, (cin, c) in enumerate(zip([in_channels] + chans[:-1], chans))])
     self.up = nnx.List([
-        nnx.ConvTranspose(chans[i + 1], chans[i], (2, 2), strides=(2, 2), padding="VALID",
+        nnx.ConvTranspose(chans[i + 1], chans[i], (2,) * n, strides=(2,) * n, padding="VALID",
                           kernel_init=he_normal, **kw)
         for i in reversed(range(depth - 1))])
-    self.up_blocks = nnx.List([ConvBlock(2 * chans[i], chans[i], activation, **kw)
+    self.up_blocks = nnx.List([ConvBlock(2 * chans[i], chans[i], activation, None, n, **kw)
                                for i in reversed(range(depth - 1))])
-    self.head = conv2d(width, num_classes, 1, bias=True, **{**kw, "dtype": jnp.float32})
+    self.head = conv(width, num_classes, 1, ndim=n, bias=True, **{**kw, "dtype": jnp.float32})
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_input(x, self.stride, self.in_channels, "unet")
+    check_input(x, self.stride, self.in_channels, self.label, self.spatial_dims)
     x = x.astype(jnp.float32)  # the first conv casts to the compute dtype after itself
     skips = []
     for i, block in enumerate(self.down):
@@ -72,3 +84,14 @@ class UNet(nnx.Module):
     for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1])):
       x = block(jnp.concatenate([up(x), skip], axis=-1))
     return self.head(x).astype(jnp.float32)
+
+
+class UNet3d(UNet):
+  """Classic 3D U-Net; logits (B, D, H, W, num_classes) in float32."""
+
+  spatial_dims = 3
+  label = "unet3d"
+
+  def __init__(self, num_classes: int, in_channels: int = 1, *, depth: int = 4, width: int = 16,
+               **kw):
+    super().__init__(num_classes, in_channels, depth=depth, width=width, **kw)

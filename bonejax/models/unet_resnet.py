@@ -7,6 +7,13 @@ channels 256/128/64/32/16; a 3x3 conv head with bias at full resolution. No cent
 
 With 1 input channel and 3 classes `unet_resnet18` has exactly 14,322,227 parameters
 (11,170,240 encoder + 3,151,552 decoder + 435 head), as smp reports.
+
+`UnetResNet3d` is segmentation_models_pytorch_3d's `Unet(encoder_name="resnet18")` (smp-3d
+1.0.2, the 3D networks BONe's DLFit trains): the same network with every layer made 3D
+(up-sampling on all three axes, 3^3 convs and head). With 1 input channel and 3 classes
+`unet3d_resnet18` has exactly 42,611,987 parameters, as smp-3d counts them
+(tests/test_models3d.py checks the count and the logits against smp-3d). Input (B, D, H, W, C)
+with D, H, W multiples of 32; logits (B, D, H, W, num_classes) float32.
 """
 
 from __future__ import annotations
@@ -17,18 +24,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv2d, upsample_nearest2x
+from bonejax.models.layers import ConvBNAct, check_input, conv, upsample_nearest2x
 from bonejax.models.resnet import ResNetEncoder
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 class DecoderBlock(nnx.Module):
-  """smp's U-Net / UNet++ `DecoderBlock`: up x2, concat skip, two conv-BN-ReLU."""
+  """smp's U-Net / UNet++ `DecoderBlock` (and smp-3d's, ndim 3): up x2, concat skip, two
+  conv-BN-ReLU."""
 
-  def __init__(self, cin: int, skip: int, cout: int, **kw):
-    self.conv1 = ConvBNAct(cin + skip, cout, 3, **kw)
-    self.conv2 = ConvBNAct(cout, cout, 3, **kw)
+  def __init__(self, cin: int, skip: int, cout: int, ndim: int = 2, **kw):
+    self.conv1 = ConvBNAct(cin + skip, cout, 3, ndim=ndim, **kw)
+    self.conv2 = ConvBNAct(cout, cout, 3, ndim=ndim, **kw)
 
   def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
     x = upsample_nearest2x(x)
@@ -45,7 +53,7 @@ def check_decoder_channels(decoder_channels: Sequence[int]) -> tuple[int, ...]:
 
 
 def unet_decoder(enc: Sequence[int], decoder_channels: tuple[int, ...], num_classes: int,
-                 **kw) -> tuple[nnx.List, nnx.Module]:
+                 ndim: int = 2, **kw) -> tuple[nnx.List, nnx.Module]:
   """smp's `UnetDecoder` (blocks, head) on encoder features of `enc` channels, deepest first.
 
   The blocks past the encoder's shallowest feature take no skip (MiT has no stride-2 feature:
@@ -55,10 +63,10 @@ def unet_decoder(enc: Sequence[int], decoder_channels: tuple[int, ...], num_clas
   enc = tuple(enc)
   ins = (enc[0],) + decoder_channels[:-1]
   skips = enc[1:] + (0,) * (len(decoder_channels) - len(enc[1:]))
-  blocks = nnx.List([DecoderBlock(i, s, o, **kw)
+  blocks = nnx.List([DecoderBlock(i, s, o, ndim, **kw)
                      for i, s, o in zip(ins, skips, decoder_channels)])
-  head = conv2d(decoder_channels[-1], num_classes, 3, bias=True,
-                **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
+  head = conv(decoder_channels[-1], num_classes, 3, ndim=ndim, bias=True,
+              **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
   return blocks, head
 
 
@@ -75,6 +83,7 @@ class UnetResNet(nnx.Module):
   """smp.Unet with a torchvision ResNet encoder; logits (B, H, W, num_classes) in float32."""
 
   stride = 32
+  spatial_dims = 2
 
   def __init__(self, num_classes: int, in_channels: int = 1, *, encoder: str = "resnet18",
                decoder_channels: Sequence[int] = DECODER_CHANNELS,
@@ -82,11 +91,18 @@ class UnetResNet(nnx.Module):
     decoder_channels = check_decoder_channels(decoder_channels)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype, self.in_channels = dtype, in_channels
-    self.encoder = ResNetEncoder(encoder, in_channels, **kw)
+    self.encoder = ResNetEncoder(encoder, in_channels, ndim=self.spatial_dims, **kw)
     enc = self.encoder.channels[::-1]  # deepest first: 512, 256, 128, 64, 64
-    self.blocks, self.head = unet_decoder(enc, decoder_channels, num_classes, **kw)
+    self.blocks, self.head = unet_decoder(enc, decoder_channels, num_classes,
+                                          self.spatial_dims, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_input(x, self.stride, self.in_channels, type(self).__name__)
+    check_input(x, self.stride, self.in_channels, type(self).__name__, self.spatial_dims)
     feats = self.encoder(x.astype(jnp.float32))[::-1]  # the stem casts after its conv
     return run_decoder(self.blocks, self.head, feats)
+
+
+class UnetResNet3d(UnetResNet):
+  """smp-3d Unet with a 3D ResNet encoder; logits (B, D, H, W, num_classes) in float32."""
+
+  spatial_dims = 3
