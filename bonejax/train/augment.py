@@ -97,18 +97,25 @@ def identity_augment_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def config_fields(cls: type, cfg: Any) -> dict[str, Any]:
+  """The fields a ConfigDict / dict gives for the dataclass `cls` (2D or 3D augmentation),
+  unknown keys refused with one line naming them."""
+  d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise errors.UserError(f"unknown augment option(s) {', '.join(unknown)} "
+                           f"(known: {', '.join(sorted(known))})")
+  return d
+
+
 def resolve_config(cfg: Any = None) -> AugmentConfig:
   """ConfigDict / dict / AugmentConfig / None -> AugmentConfig; missing fields keep defaults."""
   if isinstance(cfg, AugmentConfig):
     return cfg
   if cfg is None:
     return AugmentConfig()
-  d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  known = {f.name for f in dataclasses.fields(AugmentConfig)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise errors.UserError(f"unknown augment option(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(known))})")
+  d = config_fields(AugmentConfig, cfg)
   for k in ("crop_area", "crop_ratio", "scale", "clip"):
     if k in d:
       d[k] = tuple(float(v) for v in d[k])

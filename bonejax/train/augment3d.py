@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bonejax.core import errors
+from bonejax.train import augment as augment2d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +43,7 @@ def resolve_config(cfg: Any = None) -> AugmentConfig3d:
     return cfg
   if cfg is None:
     return AugmentConfig3d()
-  given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  known = {f.name for f in dataclasses.fields(AugmentConfig3d)}
-  unknown = sorted(set(given) - known)
-  if unknown:
-    raise errors.UserError(f"3D augment does not take {', '.join(unknown)}; it takes: "
-                           f"{', '.join(sorted(known))}")
-  c = AugmentConfig3d(**given)
+  c = AugmentConfig3d(**augment2d.config_fields(AugmentConfig3d, cfg))
   for k in ("brightness", "contrast", "noise"):
     if float(getattr(c, k)) < 0:
       raise errors.UserError(f"augment.{k}={getattr(c, k)} must be >= 0")
