@@ -20,6 +20,12 @@ says where the size came from (voxel_size_source: given, metadata, or assumed at
 --morphometry adds the ASBMR bone indices of prediction and truth with relative differences
 (see bonejax.evaluate.morph_report). A warning goes to stderr (and into the report) when the
 voxel size was assumed or the truth scan was one of the model's training scans.
+--border_band=N (default 2, 0: off) adds per-class IoU in the outer N voxels of the volume
+against the interior, and their difference (bonejax.evaluate.border).
+Sparse truth: voxels of the truth's unlabelled value (its dataset.json's "unlabelled", or
+--unlabelled for a truth outside a dataset) are not scored; the report counts them
+(unlabelled_voxels), measures are counted over the labelled voxels only and --morphometry is
+refused (see bonejax.evaluate.report).
 The last stdout line is the JSON report: iou and dice per class, miou_all, miou_fg, measures.
 """
 
@@ -78,6 +84,12 @@ _MORPH_ROI = flags.DEFINE_string("morphometry_roi", None, "Region of interest: '
                                  "the measured ones, else 'all'), 'truth' (the truth's "
                                  "non-background voxels), 'all', a box z0,y0,x0,z1,y1,x1 or a "
                                  "mask volume of the labels' shape.")
+_BAND = flags.DEFINE_integer("border_band", 2, "Also score the outer band of this many voxels "
+                             "(within N of a face) against the interior (0: off).",
+                             lower_bound=0)
+_UNLABELLED = flags.DEFINE_integer("unlabelled", None, "Sparse truth outside a dataset: the "
+                                   "label value of unpainted voxels (e.g. 255), not scored "
+                                   "(a dataset's scan: its dataset.json's value).")
 _SLAB = flags.DEFINE_integer("slab", 64, "Z slices read at a time.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing report.")
 
@@ -142,7 +154,8 @@ def main(argv):
             initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
         voxel_size_um=voxel, image=_IMAGE.value, pictures=_PICTURES.value,
         overlay_slices=slices, slab=_SLAB.value, middle_planes=html_path is not None,
-        uncertainty=_UNCERTAINTY.value, morphometry=morph)
+        uncertainty=_UNCERTAINTY.value, morphometry=morph, border_band=_BAND.value,
+        unlabelled=_UNLABELLED.value)
     for w in ev.result.get("warnings") or []:
       errors.warn(w)
     if _PICTURES.value:

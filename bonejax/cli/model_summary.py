@@ -4,6 +4,10 @@ r"""Parameter count and forward FLOPs of a model from the zoo, without allocatin
 
 Expected: 14,322,227 parameters and 10.63 GFLOP per 256x256 patch (the figures of
 segmentation_models_pytorch for the same network), in a few seconds on a laptop CPU.
+
+3D models (unet3d, unet3d_resnet18) take a D x H x W patch: --patch=64 is a 64^3 cube, or
+--patch=D,H,W; the FLOPs are those of the traced 3D forward on it, every side a multiple of
+the model's stride (32 for unet3d_resnet18, 2^(depth-1) for unet3d; 2D models: 32).
 Parameters come from `nnx.eval_shape`; `gflops_per_patch` is 2 x the multiply-adds of every conv
 and matmul in the traced forward, padding taps included (the PyTorch counters' convention);
 `xla_gflops_per_patch` is XLA's cost analysis of the forward compiled on abstract shapes, which
@@ -28,7 +32,8 @@ _MODEL = flags.DEFINE_string("model", None, "Model name (see bonejax.models.MODE
                              required=True)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 3, "Output classes.", lower_bound=1)
 _IN_CHANNELS = flags.DEFINE_integer("in_channels", 1, "Input channels.", lower_bound=1)
-_PATCH = flags.DEFINE_string("patch", "256", "Patch side, or H,W; multiples of 32.")
+_PATCH = flags.DEFINE_string("patch", "256", "Patch side (a square, a cube for 3D models), "
+                             "H,W or (3D) D,H,W; multiples of the model's stride.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Patches per forward call.", lower_bound=1)
 _MODEL_ARGS = flags.DEFINE_string("model_args", "{}",
@@ -39,10 +44,9 @@ def main(argv):
   if len(argv) > 1:
     raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   patch = errors.parse_ints(_PATCH.value, None, "patch")
-  if len(patch) == 1:
-    patch = patch * 2
-  if len(patch) != 2:
-    raise errors.UserError(f"--patch={_PATCH.value!r} needs one or two integers")
+  if len(patch) not in (1, 2, 3):
+    raise errors.UserError(f"--patch={_PATCH.value!r} needs one, two (H,W) or three (D,H,W) "
+                           "integers")
   try:
     model_args = json.loads(_MODEL_ARGS.value)
   except json.JSONDecodeError as e:
@@ -56,10 +60,17 @@ def main(argv):
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from bonejax import models  # pylint: disable=import-outside-toplevel
+  from bonejax.models import utils as model_utils  # pylint: disable=import-outside-toplevel
 
   name, batch = _MODEL.value, _BATCH.value
-  if patch[0] % models.STRIDE or patch[1] % models.STRIDE:
-    raise errors.UserError(f"--patch={_PATCH.value} must be a multiple of {models.STRIDE}")
+  try:
+    dims = models.spatial_dims(name)
+  except (ValueError, KeyError) as e:
+    raise errors.UserError(str(e)) from None
+  patch = patch * dims if len(patch) == 1 else patch
+  if len(patch) != dims:
+    raise errors.UserError(f"--patch={_PATCH.value!r}: {name} is a {dims}D model and takes "
+                           f"{'D,H,W' if dims == 3 else 'H,W'} (or one side)")
   try:
     model = models.abstract_model(models.create, name, num_classes=_NUM_CLASSES.value,
                                   in_channels=_IN_CHANNELS.value, rngs=nnx.Rngs(0),
@@ -67,6 +78,11 @@ def main(argv):
   except (ValueError, TypeError) as e:
     raise errors.UserError(str(e)) from None
 
+  stride = int(getattr(model, "stride", models.STRIDE)) if dims == 3 else models.STRIDE
+  if any(p % stride for p in patch):
+    raise errors.UserError(f"--patch={_PATCH.value} must be a multiple of {stride} (the "
+                           f"model's stride) on every side")
+  patch = model_utils.patch_shape(model, patch)
   params = models.count_params(model)
   parts = {str(key): models.count_params(child) for key, child in nnx.iter_children(model)}
   x = jax.ShapeDtypeStruct((batch, *patch, _IN_CHANNELS.value), jnp.float32)

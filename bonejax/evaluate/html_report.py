@@ -4,8 +4,10 @@ A JSON report is for scripts; people want to see. `write(ev, path, ...)` makes a
 (every picture an inlined PNG data URI, no scripts, no external links, so it can be mailed or
 archived) with:
 - a header naming the prediction, the truth, the model, planes, vote and the (Z, Y, X) voxel
-  size (and how it was known), and any warning (assumed voxel size, truth used in training);
+  size (and how it was known), the unlabelled voxels of a sparse truth (drawn as nothing, never
+  as errors), and any warning (assumed voxel size, truth used in training);
 - the per-class IoU / Dice / precision / recall table and the means;
+- IoU in the volume's outer band (evaluate.py --border_band) against the interior;
 - the bone measures and, with --morphometry, the bone indices of prediction and truth (numbers
   come before pictures);
 - the confusion matrix, cells shaded by their share of the truth row;
@@ -96,6 +98,23 @@ def _scores_table(r: dict[str, Any]) -> str:
           f'<p class="meta">Voxel accuracy {_fmt(r["accuracy"])}.</p>')
 
 
+def _border_table(sec: dict[str, Any]) -> str:
+  """IoU in the outer band against the interior, per class and for the means."""
+  def row(name, v, cell="td"):
+    return (f'<tr><{cell} class="name">{name}</{cell}><{cell}>{_fmt(v["border"])}</{cell}>'
+            f'<{cell}>{_fmt(v["interior"])}</{cell}><{cell}>{_fmt(v["difference"], "+.4f")}'
+            f'</{cell}></tr>')
+  rows = [row(f"{k} {html.escape(n)}", v) for k, (n, v) in enumerate(sec["iou"].items())]
+  rows += [row("mean, all classes", sec["miou_all"], "th"),
+           row("mean, foreground", sec["miou_fg"], "th")]
+  band, v = sec["band_voxels"], sec["voxels"]
+  return ('<table id="border"><tr><th class="name">class</th><th>border IoU</th>'
+          '<th>interior IoU</th><th>difference</th></tr>' + "".join(rows) + "</table>"
+          f'<p class="meta">Border: the {v["border"]:,} voxels within {band} of a face of the '
+          f'volume; interior: the other {v["interior"]:,}. Difference = interior - border '
+          "(positive: the border is worse).</p>")
+
+
 def _confusion_table(r: dict[str, Any]) -> str:
   names = r["classes"]
   head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
@@ -179,15 +198,16 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
     if title in ("truth", "prediction"):
       lab = truth if title == "truth" else pred
       shown = np.ma.masked_equal(lab, 0) if grey is not None else lab
+      shown = np.ma.masked_where(lab >= c, shown)  # a sparse truth's unlabelled voxels
       ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=c - 0.5, interpolation="nearest",
                 alpha=0.55 if grey is not None else 1.0, aspect=aspect)
     elif title == "errors":
-      wrong = np.ma.masked_equal((pred != truth).astype(np.uint8), 0)
+      wrong = np.ma.masked_equal(((pred != truth) & (truth < c)).astype(np.uint8), 0)
       if grey is None:
         ax.imshow(np.zeros(truth.shape), cmap="gray", vmin=0, vmax=1, aspect=aspect)
       ax.imshow(wrong, cmap=ListedColormap(["#ff0000"]), vmin=0, vmax=1,
                 interpolation="nearest", aspect=aspect)
-      title = f"errors ({int((pred != truth).sum()):,} voxels)"
+      title = f"errors ({int(wrong.count()):,} voxels)"
     elif title == "uncertainty":
       im = ax.imshow(m["uncertainty"], cmap="magma", vmin=0, vmax=255,
                      interpolation="nearest", aspect=aspect)
@@ -249,6 +269,9 @@ def _header(r: dict[str, Any], title: str) -> list[str]:
   if info.get("vote"):
     rows.append(("vote", html.escape(str(info["vote"]))))
   rows.append(("shape (Z, Y, X)", f'{tuple(r["shape"])}, {r["voxels"]:,} voxels'))
+  if r.get("unlabelled_voxels"):
+    rows[-1] = (rows[-1][0], rows[-1][1] + f' labelled, {r["unlabelled_voxels"]:,} unlabelled '
+                f'(value {r["unlabelled_value"]}, not scored)')
   rows.append(("voxel size", html.escape(provenance.voxel_text(r))))
   cells = "".join(f'<tr><th class="name">{k}</th><td class="name">{v}</td></tr>'
                   for k, v in rows)
@@ -284,6 +307,8 @@ def render(ev: report.Evaluation, *, title: str = "Segmentation evaluation",
                                           else None)
   # Numbers first (what a reader compares), pictures after.
   parts = _header(r, title) + ["<h2>Per class</h2>", _scores_table(r)]
+  if r.get("border_band"):
+    parts += ["<h2>Border band vs interior</h2>", _border_table(r["border_band"])]
   if r.get("measures"):
     parts += ["<h2>Bone measures</h2>", _measures_table(r["measures"])]
   if r.get("morphometry"):

@@ -263,6 +263,36 @@ def _finish(t: dict[str, Any], r: Roles, voxel: tuple[float, float, float],
   return out
 
 
+def count_measures(counts: Sequence[int], classes: Sequence[str],
+                   voxel_size_um: float | Sequence[float]) -> dict[str, Any]:
+  """The measures that are plain class counts, from voxels per class (a sparse truth's
+  labelled voxels, and the prediction on the same voxels: report.evaluate).
+
+  Bone volume, TV and BV/TV of the envelope (no implant), porosity, implant and residual
+  volumes: as `measure` gives them on the same voxels. The implant's surface, BIC, DR and the
+  shell ROI's BV/TV need every voxel's neighbours (and distances) and are left out."""
+  voxel = voxel_zyx(voxel_size_um)
+  r = roles(classes)
+  if r.bone is None and not r.implant:
+    return {}
+  counts = np.asarray(counts, np.int64)
+  voxel_mm3 = math.prod(v * 1e-3 for v in voxel)
+  n = lambda c: int(counts[c]) if c is not None else 0  # noqa: E731
+  out: dict[str, Any] = {}
+  if r.bone is not None:
+    out["bone_volume_mm3"] = n(r.bone) * voxel_mm3
+  if r.implant:
+    out["implant_volume_mm3"] = sum(n(c) for c in r.implant) * voxel_mm3
+    out["residual_volume_mm3"] = n(r.residual) * voxel_mm3
+  elif r.bone is not None:
+    tv = int(counts.sum()) - int(counts[0])
+    out["total_volume_mm3"] = tv * voxel_mm3
+    out["bv_tv"] = _frac(n(r.bone), tv)
+  if r.bone is not None and r.pore is not None:
+    out["porosity"] = _frac(n(r.pore), n(r.bone) + n(r.pore))
+  return out
+
+
 def compare(pred: dict[str, Any], truth: dict[str, Any]) -> dict[str, dict[str, Any]]:
   """{measure: {pred, truth, rel_diff}}, rel_diff = (pred - truth) / |truth| (None if 0/NaN)."""
   out = {}

@@ -202,12 +202,15 @@ def shape_of(arr: Any) -> tuple[int, ...]:
 
 def streamed_confusion(pred_arr: Any, truth_arr: Any, num_classes: int, slab: int = 64,
                        progress: bool | Progress | None = None,
-                       on_slab: Callable[..., None] | None = None) -> np.ndarray:
+                       on_slab: Callable[..., None] | None = None,
+                       ignore: int | None = None) -> np.ndarray:
   """Confusion matrix over Z slabs, never holding more than one slab of each volume.
 
   Several scans pool by summing their matrices. `progress`: True for a stderr progress line,
   or a Progress to update (by slices). `on_slab(z0, pred, truth, slab_cm)` sees every slab
-  once, so other statistics (per-slice profiles) share the same read.
+  once, so other statistics (per-slice profiles) share the same read. `ignore`: the truth's
+  unlabelled value (sparse labels): those voxels are not counted (so the matrix sums to the
+  labelled voxels; the volume's size minus that sum is the unlabelled count).
   """
   shape = shape_of(truth_arr)
   if shape_of(pred_arr) != shape:
@@ -220,7 +223,7 @@ def streamed_confusion(pred_arr: Any, truth_arr: Any, num_classes: int, slab: in
   for z0 in range(0, shape[0], slab):
     z1 = min(z0 + slab, shape[0])
     pred, truth = read_slabs([pred_arr, truth_arr], z0, z1)
-    part = confusion_matrix(pred, truth, num_classes)
+    part = confusion_matrix(pred, truth, num_classes, ignore=ignore)
     cm += part
     if on_slab is not None:
       on_slab(z0, pred, truth, part)

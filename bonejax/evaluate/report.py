@@ -13,6 +13,18 @@ Voxel sizes are (Z, Y, X) micrometres, never collapsed: volumes use Z * Y * X, t
 the size came from (`voxel_size_source`: given, metadata, or assumed at import, then warned).
 `morphometry` adds the bone indices of both volumes side by side (`morph_report`). A warning
 also says when the truth scan was one of the model's training scans (its model.json lists them).
+
+`border_band` (default 2 voxels) adds IoU in the volume's outer band against the interior
+(`border.section`, from the same slabs as the confusion matrix).
+
+Sparse truth (`unlabelled`: the dataset.json's value when the truth is a dataset's scan, else
+the caller's, e.g. 255): unlabelled truth voxels count nowhere. Scores, the per-slice profile
+and the border band are over the labelled voxels; the report gives `unlabelled_voxels`. The
+bone measures are then counted over the labelled voxels in both volumes (the prediction where
+the truth is labelled: the same voxels on both sides, else BV/TV of a half-painted truth would
+be compared with the whole prediction's); those needing whole neighbourhoods (implant surface,
+BIC, DR, the shell ROI's BV/TV) are left out, and --morphometry is refused: thickness,
+spacing, connectivity and surfaces are not defined on a truth with holes in it.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import numpy as np
 import bonejax
 from bonejax.core import errors, outputs
 from bonejax.data import store
-from bonejax.evaluate import measures, metrics, morph_report, provenance
+from bonejax.evaluate import border, measures, metrics, morph_report, provenance
 from bonejax.io import colours, registry, source
 
 UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
@@ -40,12 +52,31 @@ UNKNOWN_CLASSES_MAX = 256  # labels are uint8 on disk
 # ---------------------------------------------------------------------------------------------
 
 
-def dataset_classes(truth: str | os.PathLike) -> list[str] | None:
-  """Class names of the dataset the truth scan lives in (None if it is not in one)."""
+def _dataset_of(truth: str | os.PathLike):
   scan = provenance.scan_dir_of(Path(truth))
   if scan is not None and (scan.parent / store.DATASET_JSON).exists():
-    return store.open_dataset(scan.parent).classes
+    return store.open_dataset(scan.parent)
   return None
+
+
+def dataset_classes(truth: str | os.PathLike) -> list[str] | None:
+  """Class names of the dataset the truth scan lives in (None if it is not in one)."""
+  ds = _dataset_of(truth)
+  return ds.classes if ds is not None else None
+
+
+def resolve_unlabelled(truth: str | os.PathLike, unlabelled: int | None,
+                       classes: Sequence[str] | None) -> int | None:
+  """The truth's unlabelled value: its dataset.json's, else `unlabelled` (--unlabelled for a
+  bare truth file); both given must agree. None: a dense truth."""
+  ds = _dataset_of(truth)
+  known = ds.unlabelled if ds is not None else None
+  if unlabelled is not None and known is not None and int(unlabelled) != known:
+    raise errors.UserError(f"--unlabelled={unlabelled} disagrees with the truth's dataset "
+                           f"(unlabelled {known})")
+  value = known if unlabelled is None else unlabelled
+  return store.check_unlabelled(value, list(classes or ()), "--unlabelled" if known is None
+                                else "the truth's dataset.json")
 
 
 def resolve_classes(truth: str | os.PathLike, classes: Sequence[str] | None,
@@ -101,12 +132,17 @@ class SliceProfile:
     self.inter = [np.zeros((n, num_classes), np.int64) for n in shape]
     self.union = [np.zeros((n, num_classes), np.int64) for n in shape]
 
-  def update(self, z0: int, pred: np.ndarray, truth: np.ndarray, cm: np.ndarray) -> None:
-    """Adds one Z slab; `cm` is its confusion matrix (it says which classes occur)."""
+  def update(self, z0: int, pred: np.ndarray, truth: np.ndarray, cm: np.ndarray,
+             ignore: int | None = None) -> None:
+    """Adds one Z slab; `cm` is its confusion matrix (it says which classes occur); truth
+    voxels equal to `ignore` (unlabelled) count for no class."""
     z1 = z0 + truth.shape[0]
+    keep = truth != ignore if ignore is not None else None
     # Only classes present in this slab: a loop over all 256 possible labels would crawl.
     for k in np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1)).tolist():
       t, p = truth == k, pred == k
+      if keep is not None:
+        p &= keep
       inter, union = t & p, t | p
       for axis, others in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1))):
         rows = slice(z0, z1) if axis == 0 else slice(None)
@@ -173,7 +209,9 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
              overlay_slices: Sequence[int] | None = None, slab: int = 64,
              progress: bool = True, middle_planes: bool = False,
              uncertainty: str | os.PathLike | None = None,
-             morphometry: "morph_report.Request | bool | None" = None) -> Evaluation:
+             morphometry: "morph_report.Request | bool | None" = None,
+             border_band: int | None = border.BAND,
+             unlabelled: int | None = None) -> Evaluation:
   """Scores and measures of `pred` against `truth` (paths). Raises errors.UserError on bad input.
 
   `voxel_size_um`: one number or (Z, Y, X) micrometres (or `"Z,Y,X"`); default the truth
@@ -183,6 +221,10 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   per-slice profile), including the uncertainty map `uncertainty` (predict.py
   --save_uncertainty) when given. `morphometry` (a `morph_report.Request`, or True for the
   defaults) adds the bone indices of both volumes side by side (`result["morphometry"]`).
+  `border_band`: IoU in the outer band of this many voxels against the interior
+  (`result["border_band"]`; 0 or None: not computed). `unlabelled`: the truth's unlabelled
+  value for a truth outside a dataset (a dataset's scan brings its own; see the module's
+  docstring for what is then counted).
   """
   start = time.perf_counter()
   options = options or measures.Options()
@@ -192,6 +234,8 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
     morphometry = morph_report.Request()
   if morphometry and names is not None:  # bad classes before any work
     morph_report.classes_to_measure(morphometry, names)
+  unlabelled = resolve_unlabelled(truth, unlabelled, names)
+  band = border.check_band(border_band) if border_band else None
   truth_src = open_labels(truth, "truth")
   pred_src = open_labels(pred, "prediction")
   if pred_src.shape != truth_src.shape:
@@ -237,11 +281,14 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
 
   c = len(names) if names is not None else UNKNOWN_CLASSES_MAX
   profile = SliceProfile(shape, c) if pictures or middle_planes else None
+  bands = border.BandCounter(shape, c, band, unlabelled) if band else None
   planes: dict[int, list] = {}
 
   def on_slab(z0, p, t, slab_cm):
     if profile is not None:
-      profile.update(z0, p, t, slab_cm)
+      profile.update(z0, p, t, slab_cm, unlabelled)
+    if bands is not None:
+      bands.update(z0, p, t)
     for z in slices:
       if z0 <= z < z0 + t.shape[0]:
         planes[z] = [None, t[z - z0].copy(), p[z - z0].copy()]
@@ -255,16 +302,28 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
         middles.add("uncertainty", z0, unc_src.read_slab(z0, z1)[..., 0])
 
   cm = metrics.streamed_confusion(pred_src, truth_src, c, slab=slab, progress=progress,
-                                  on_slab=on_slab)
+                                  on_slab=on_slab, ignore=unlabelled)
   if names is None:  # max label + 1 across both volumes
     used = np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))
     c = max(2, int(used.max()) + 1 if used.size else 1)
     cm = cm[:c, :c]
     names = metrics.class_names_for(c)
+    store.check_unlabelled(unlabelled, names, "--unlabelled")  # a predicted label 255?
   s = metrics.scores(cm, names)
+  n_unlabelled = int(np.prod(shape)) - s["voxels"]
 
-  m_pred = measures.measure(pred_src, names, voxel, options, slab=slab, progress=progress)
-  m_truth = measures.measure(truth_src, names, voxel, options, slab=slab, progress=progress)
+  if n_unlabelled:
+    if morphometry:
+      raise errors.UserError(
+          f"--morphometry needs a fully labelled truth: {str(truth)!r} has {n_unlabelled:,} "
+          f"unlabelled voxels (value {unlabelled}); thickness, spacing, connectivity and "
+          "surfaces are not defined on a truth with holes")
+    # Over the labelled voxels, both sides: the confusion matrix's columns and rows.
+    m_pred = measures.count_measures(np.asarray(cm).sum(axis=0), names, voxel)
+    m_truth = measures.count_measures(np.asarray(cm).sum(axis=1), names, voxel)
+  else:
+    m_pred = measures.measure(pred_src, names, voxel, options, slab=slab, progress=progress)
+    m_truth = measures.measure(truth_src, names, voxel, options, slab=slab, progress=progress)
   morph = (morph_report.measure_pair(pred_src, truth_src, names, voxel, morphometry,
                                      progress=progress) if morphometry else None)
   for z in slices:
@@ -273,6 +332,7 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   result = {
       "pred": str(pred), "truth": str(truth),
       "shape": list(shape), "voxels": s["voxels"],
+      "unlabelled_value": unlabelled, "unlabelled_voxels": n_unlabelled,
       "prediction_info": provenance.prediction_info(pred),
       # The contract's one number (X's size, as scans store it) and the full (Z, Y, X).
       "voxel_size_um": voxel[2] if voxel_known else None,
@@ -292,6 +352,8 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
       "measures": measures.compare(m_pred, m_truth),
       "measure_options": {k: v for k, v in dataclasses.asdict(options).items() if v is not None},
       **({"morphometry": morph} if morph is not None else {}),
+      **({"border_band": border.section(bands.border, bands.inner, names, band)}
+         if bands is not None else {}),
       "seconds": round(time.perf_counter() - start, 3),
   }
   warnings = []
@@ -300,6 +362,11 @@ def evaluate(pred: str | os.PathLike, truth: str | os.PathLike, *,
   elif voxel_source == "assumed":
     warnings.append("the voxel size was assumed at import (no metadata): volumes are in "
                     "assumed micrometres (pass --voxel_size_um)")
+  if n_unlabelled:
+    warnings.append(f"the truth has {n_unlabelled:,} unlabelled voxels (value {unlabelled}): "
+                    f"scores and measures count its {s['voxels']:,} labelled voxels only"
+                    + ("; implant surface, BIC, DR and shell BV/TV need every voxel labelled "
+                       "and are left out" if measures.roles(names).implant else ""))
   trained = provenance.training_scan_warning(pred, truth)
   if trained:
     warnings.append(trained)
@@ -334,9 +401,11 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
            f"- prediction: `{result['pred']}`", f"- truth: `{result['truth']}`"]
   if result.get("prediction_info"):
     lines.append(f"- made by: {provenance.prediction_text(result['prediction_info'])}")
-  lines += [
-           f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels",
-           f"- voxel size: {provenance.voxel_text(result)}"]
+  shape_line = f"- shape (Z, Y, X): {tuple(result['shape'])}, {result['voxels']:,} voxels"
+  if result.get("unlabelled_voxels"):
+    shape_line += (f" labelled, {result['unlabelled_voxels']:,} unlabelled (value "
+                   f"{result['unlabelled_value']}, not scored)")
+  lines += [shape_line, f"- voxel size: {provenance.voxel_text(result)}"]
   lines += [f"- **warning**: {w}" for w in result.get("warnings") or []]
   lines += ["", "## Per class", "",
            "| class | IoU | Dice | precision | recall | truth voxels | predicted voxels |",
@@ -351,6 +420,8 @@ def markdown(result: dict[str, Any], pictures: Sequence[str] = ()) -> str:
             f"{_num(result['mdice_fg'])} |", "",
             f"Voxel accuracy {_num(result['accuracy'])}. A class absent from both truth and "
             "prediction has no IoU (n/a) and is left out of the means.", ""]
+  if result.get("border_band"):
+    lines += border.markdown_lines(result["border_band"], _num)
   if result["measures"]:
     lines += ["## Bone measures", "", "| measure | prediction | truth | relative difference |",
               "|---|---:|---:|---:|"]
@@ -437,6 +508,7 @@ def plot_overlay(z: int, image: np.ndarray | None, truth: np.ndarray, pred: np.n
     if lab is not None:
       # Over the image, background stays see-through; without an image, it is drawn black.
       shown = np.ma.masked_equal(lab, 0) if grey is not None else lab
+      shown = np.ma.masked_where(lab >= c, shown)  # a sparse truth's unlabelled voxels
       ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=c - 0.5, interpolation="nearest",
                 alpha=0.5 if grey is not None else 1.0, aspect=aspect)
     elif grey is None:

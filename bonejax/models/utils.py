@@ -78,9 +78,22 @@ def fill_from_numpy(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
   return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
+def patch_shape(model: nnx.Module, patch: int | Sequence[int]) -> tuple[int, ...]:
+  """The patch's spatial shape for `model`: one number is a square for a 2D model and a cube
+  for a 3D one (`spatial_dims`); a sequence must have as many sides as the model's input."""
+  dims = int(getattr(model, "spatial_dims", 0) or 0)
+  if isinstance(patch, (int, np.integer)):
+    return (int(patch),) * (dims or 2)
+  sides = tuple(int(v) for v in patch)
+  if dims and len(sides) != dims:
+    raise ValueError(f"patch {list(sides)} has {len(sides)} sides; {type(model).__name__} "
+                     f"takes {dims}D input ({'D, H, W' if dims == 3 else 'H, W'})")
+  return sides
+
+
 def _inference_forward(model: nnx.Module, patch, in_channels: int, batch: int):
   """(pure forward fn, abstract state, abstract input) with BatchNorm in eval, dropout off."""
-  h, w = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+  sides = patch_shape(model, patch)
   model = nnx.view(model, use_running_average=True, deterministic=True, raise_if_not_found=False)
   graphdef, state = nnx.split(model)
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -88,7 +101,7 @@ def _inference_forward(model: nnx.Module, patch, in_channels: int, batch: int):
   def forward(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  return forward, state, jax.ShapeDtypeStruct((batch, h, w, in_channels), jnp.float32)
+  return forward, state, jax.ShapeDtypeStruct((batch, *sides, in_channels), jnp.float32)
 
 
 def _sub_jaxprs(params):
@@ -125,6 +138,9 @@ def _dense_macs(jaxpr) -> int:
 def forward_gflops(model: nnx.Module, patch: int | Sequence[int], in_channels: int,
                    batch: int = 1, convention: str = "dense") -> float:
   """GFLOP of one inference forward pass on `batch` patches (FLOP = 2 x MAC).
+
+  `patch`: one side (a square for a 2D model, a cube for a 3D one: `spatial_dims`) or the
+  sides (H, W) or (D, H, W); the input is (batch, *sides, in_channels).
 
   BatchNorm runs in eval mode and dropout is off; everything is traced or compiled on abstract
   shapes, so `model` may come from `nnx.eval_shape` and nothing large is allocated.
