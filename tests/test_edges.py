@@ -87,3 +87,65 @@ def test_border_scores_against_numpy():
   s = border.border_scores(pred, truth, ["bg", "bone", "pore"], band=2, ignore=255)
   assert s["gap_miou_fg"] == pytest.approx(s["interior"]["miou_fg"] - s["border"]["miou_fg"])
   assert s["border"]["confusion"] == b.tolist()
+
+
+# ---- the border band in evaluate.py's report -------------------------------------------------
+
+
+def _numpy_iou(pred, truth, where, k):
+  """Per-class IoU over the voxels `where`, by a float64 loop (NaN: empty union)."""
+  out = []
+  for c in range(k):
+    inter = np.sum((pred == c) & (truth == c) & where, dtype=np.float64)
+    union = np.sum(((pred == c) | (truth == c)) & where, dtype=np.float64)
+    out.append(inter / union if union else float("nan"))
+  return out
+
+
+def _wrong_on_the_border(shape=(12, 14, 16), band=2, seed=0):
+  """A truth and a prediction equal to it inside, wrong on about half the band's voxels."""
+  rng = np.random.default_rng(seed)
+  truth = rng.integers(0, 3, shape).astype(np.uint8)
+  m = border.band_mask(shape, band)
+  pred = np.where(m & (rng.random(shape) < 0.5), (truth + 1) % 3, truth).astype(np.uint8)
+  return truth, pred, m
+
+
+@pytest.mark.parametrize("band,slab", [(2, 5), (3, 64)])
+def test_report_scores_a_prediction_wrong_only_on_the_border(tmp_path, band, slab):
+  from bonejax.evaluate import report
+  truth, pred, m = _wrong_on_the_border(band=band)
+  np.save(tmp_path / "truth.npy", truth)
+  np.save(tmp_path / "pred.npy", pred)
+  names = ["background", "bone", "pore"]
+  ev = report.evaluate(tmp_path / "pred.npy", tmp_path / "truth.npy", classes=names,
+                       slab=slab, progress=False, border_band=band)
+  sec = ev.result["border_band"]
+  assert sec["band_voxels"] == band
+  assert sec["voxels"] == {"border": int(m.sum()), "interior": int((~m).sum())}
+  want_b, want_i = _numpy_iou(pred, truth, m, 3), _numpy_iou(pred, truth, ~m, 3)
+  for c, n in enumerate(names):
+    r = sec["iou"][n]
+    assert r["interior"] == 1.0 and r["border"] == pytest.approx(want_b[c], abs=1e-12)
+    assert r["interior"] == pytest.approx(want_i[c])
+    assert r["difference"] == pytest.approx(1.0 - want_b[c], abs=1e-12)
+  assert sec["miou_fg"]["border"] == pytest.approx(np.mean(want_b[1:]), abs=1e-12)
+  assert sec["miou_fg"]["difference"] == pytest.approx(1.0 - np.mean(want_b[1:]), abs=1e-12)
+  out = report.write(ev, tmp_path / f"rep{band}.json")
+  md = (tmp_path / f"rep{band}.md").read_text()
+  assert "## Border band vs interior" in md and f"IoU in the outer {band} voxels" in md
+  assert f"| 1 bone | {want_b[1]:.4f} | 1.0000 | {1 - want_b[1]:.4f} |" in md
+  assert out["border_band"]["iou"]["pore"]["interior"] == 1.0
+  off = report.evaluate(tmp_path / "pred.npy", tmp_path / "truth.npy", progress=False,
+                        border_band=0)
+  assert "border_band" not in off.result and off.result["miou_fg"] == ev.result["miou_fg"]
+
+
+def test_band_wider_than_the_volume_leaves_no_interior():
+  truth, pred, _ = _wrong_on_the_border(shape=(4, 6, 6), band=2)
+  b, i = border.border_confusion(pred, truth, 3, band=2)
+  assert i.sum() == 0 and b.sum() == truth.size
+  sec = border.section(b, i, ["a", "b", "c"], 2)
+  assert np.isnan(sec["miou_fg"]["interior"]) and np.isnan(sec["iou"]["b"]["difference"])
+  with pytest.raises(Exception, match="border band 0"):
+    border.BandCounter((4, 6, 6), 3, band=0)

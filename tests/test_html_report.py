@@ -74,8 +74,12 @@ def test_report_is_self_contained_and_complete(run):
   for b64 in images:
     assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
   for heading in ("Per class", "Confusion matrix", "Per-slice foreground IoU",
-                  "Training curves", "Middle slices", "Bone measures"):
+                  "Training curves", "Middle slices", "Bone measures", "Border band vs interior"):
     assert f"<h2>{heading}</h2>" in page
+  # The prediction's errors are a band at Y < 3, mostly in the outer 2 voxels: border worse.
+  sec = result["border_band"]
+  assert sec["band_voxels"] == 2 and sec["miou_fg"]["difference"] > 0
+  assert f'{sec["miou_fg"]["difference"]:+.4f}' in page
   for name in CLASSES:
     assert f"{result['iou'][name]:.4f}" in page
   assert page.count("uncertainty (entropy)") == 3 and page.count("errors (prediction") == 3

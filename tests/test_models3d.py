@@ -183,3 +183,66 @@ def test_unet3d_shapes_and_bad_input():
     model(jnp.zeros((1, 6, 8, 1)))
   with pytest.raises(ValueError, match="depth"):
     models.create("unet3d", num_classes=2, rngs=nnx.Rngs(0), depth=7)
+
+
+# ---- FLOPs of 3D models (bonejax summary) ----------------------------------------------------
+
+
+def test_3d_flops_of_a_hand_counted_conv():
+  class OneConv3d(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 4, (3, 3, 3), padding="SAME", use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.conv(x)
+
+  model = OneConv3d(nnx.Rngs(0))
+  # Every tap of every output voxel, padding included: 2 x D*H*W x 27 x Cin x Cout.
+  assert round(models.forward_gflops(model, (4, 6, 8), 2) * 1e9) == 2 * 4 * 6 * 8 * 27 * 2 * 4
+  # XLA counts only taps inside the volume: per axis of n, 3n - 2.
+  assert round(models.forward_gflops(model, (4, 6, 8), 2, convention="xla") * 1e9) == \
+      2 * (3 * 4 - 2) * (3 * 6 - 2) * (3 * 8 - 2) * 2 * 4
+
+
+def _unet3d_macs(side, width=4, cin=1, classes=3):
+  """unet3d depth 2 by hand: two 3^3 convs per block, a 2^3 stride-2 transposed conv, a 1^3 head."""
+  v, h = side**3, (side // 2)**3
+  return (v * 27 * (cin * width + width * width)              # encoder block, full resolution
+          + h * 27 * (width * 2 * width + 4 * width * width)  # bottom block, half resolution
+          + h * 8 * 2 * width * width                         # up-conv: each input voxel, 2^3 taps
+          + v * 27 * (2 * width * width + width * width)      # decoder block on the concatenation
+          + v * width * classes)                              # head
+
+
+def test_unet3d_summary_counts_the_3d_forward():
+  import subprocess
+  import sys
+  abstract = models.abstract_model(models.create, "unet3d", num_classes=3, depth=2, width=4)
+  assert round(models.forward_gflops(abstract, 16, 1) * 1e9) == 2 * _unet3d_macs(16)
+  assert round(models.forward_gflops(abstract, (16, 8, 24), 1) * 1e9) == round(
+      2 * _unet3d_macs(16) * (16 * 8 * 24) / 16**3)
+  with pytest.raises(ValueError, match="takes 3D input"):
+    models.forward_gflops(abstract, (16, 16), 1)
+  repo = Path(__file__).resolve().parents[1]
+
+  def summary(*args):
+    return subprocess.run([sys.executable, str(repo / "launch/model_summary.py"),
+                           "--model=unet3d", '--model_args={"depth": 2, "width": 4}', *args],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
+
+  r = summary("--patch=16")
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["patch"] == [16, 16, 16] and out["output_shape"] == [1, 16, 16, 16, 3]
+  assert out["gflops_per_patch"] == round(2 * _unet3d_macs(16) / 1e9, 4)
+  assert 0 < out["xla_gflops_per_patch"] <= out["gflops_per_patch"] * 1.2
+  r = summary("--patch=16,16")  # (each run costs seconds of start-up: one bad case)
+  assert r.returncode == 2 and "3D model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unet3d_resnet18_flops_scale_with_the_voxels():
+  abstract = models.abstract_model(models.create, "unet3d_resnet18", num_classes=3)
+  small, large = (models.forward_gflops(abstract, s, 1) for s in (32, 64))
+  # Dense counts are linear in the voxels; the 7^3 stride-2 stem alone is a lower bound.
+  assert large == pytest.approx(8 * small, rel=1e-9)
+  assert small > 2 * 16**3 * 64 * 343 / 1e9

@@ -63,3 +63,50 @@ def test_3d_steps_lower_the_loss_and_evaluate(tiny_dataset):
                                replicated=repl)(state)
   assert np.isfinite(ev["loss"]) and 0 <= ev["miou_all"] <= 1 and len(ev["iou"]) == 3
   inp.feed.close()
+  _volume_evaluator_predicts_by_3d_windows(c, tiny_dataset, graphdef_eval, state)
+
+
+def _volume_evaluator_predicts_by_3d_windows(c, dataset_path, graphdef, state):
+  """The volume evaluator on a 3D model: the held-out scan predicted whole by 3D sliding windows
+  (the config's predict_window), as predict.py predicts the bundle, and scored with its border
+  band; planes and vote are refused."""
+  import types
+
+  import pytest
+
+  from bonejax import predict
+  from bonejax.core import errors
+  from bonejax.data import store
+  from bonejax.evaluate import border, metrics
+  from bonejax.train.evaluators import volume
+
+  classes = ["bg", "bone", "pore"]
+  ctx = types.SimpleNamespace(config=c, dataset_path=dataset_path, val_scans=["scan_002"],
+                              classes=classes, model_graphs=types.SimpleNamespace(view=graphdef),
+                              input3d=object())
+  ev = volume.Evaluator.from_config("volume", {"type": "volume", "every_steps": 2}, ctx)
+  assert ev.window == 16 and ev.overlap == 0.5  # the config's predict_window, predict_overlap
+  # Run with fewer, larger windows (4 on the 32 x 48 x 48 scan, not 75): seconds less.
+  ev = volume.Evaluator.from_config("volume", {"type": "volume", "every_steps": 2,
+                                               "window": 32, "overlap": 0.25,
+                                               "batch_size": 1}, ctx)
+  got = ev(state)
+  engine = ev._engine
+  assert ev._engine_for(state) is engine and engine.compilations == 1  # kept, new weights
+  # The labels predict.py's function gives with that engine (its compiled call, the weights
+  # of `state`: a fresh engine would only add a compilation), scored by numpy.
+  scan = store.open_dataset(dataset_path).open_scan("scan_002")
+  labels = predict.predict_volume_3d(engine, scan.image, stats=scan.stats,
+                                     normalization=str(c.normalization), window=32,
+                                     overlap=0.25, batch_size=1).labels
+  assert engine.compilations == 1
+  truth = np.asarray(scan.read_labels())
+  want = metrics.scores(metrics.confusion_matrix(labels, truth, 3), classes)
+  assert got["miou_fg"] == want["miou_fg"] and got["iou"] == want["iou"]
+  m = border.band_mask(truth.shape, border.BAND)
+  for key, where in (("border_miou_fg", m), ("interior_miou_fg", ~m)):
+    s = metrics.scores(metrics.confusion_matrix(labels[where], truth[where], 3), classes)
+    assert got[key] == pytest.approx(s["miou_fg"], abs=1e-12)
+  with pytest.raises(errors.UserError, match="planes, vote are for 2D models"):
+    volume.Evaluator.from_config("volume", {"type": "volume", "every_steps": 2, "planes": 3,
+                                            "vote": "soft"}, ctx)

@@ -6,8 +6,9 @@ Expected: 14,322,227 parameters and 10.63 GFLOP per 256x256 patch (the figures o
 segmentation_models_pytorch for the same network), in a few seconds on a laptop CPU.
 
 3D models (unet3d, unet3d_resnet18) take a D x H x W patch: --patch=64 is a 64^3 cube, or
---patch=D,H,W; the FLOPs are those of the traced 3D forward on it, every side a multiple of
-the model's stride (32 for unet3d_resnet18, 2^(depth-1) for unet3d; 2D models: 32).
+give the sides as --patch=D,H,W. The FLOPs are those of the traced 3D forward on it, every
+side a multiple of the model's stride (32 for unet3d_resnet18, 2^(depth-1) for unet3d; 2D
+models: 32).
 Parameters come from `nnx.eval_shape`; `gflops_per_patch` is 2 x the multiply-adds of every conv
 and matmul in the traced forward, padding taps included (the PyTorch counters' convention);
 `xla_gflops_per_patch` is XLA's cost analysis of the forward compiled on abstract shapes, which

@@ -168,6 +168,12 @@ def _grey(image: np.ndarray) -> np.ndarray:
   return np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
 
 
+def errors_mask(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+  """Where the prediction is wrong; a sparse truth's unlabelled voxels (values >= the number
+  of classes) are never errors."""
+  return (pred != truth) & (truth < num_classes)
+
+
 def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
                 voxel: Sequence[float] | None) -> str:
   """Image, truth, prediction, errors (and uncertainty) of the middle slice across `axis`."""
@@ -202,7 +208,7 @@ def _slices_png(axis: int, m: dict[str, Any], names: Sequence[str],
       ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=c - 0.5, interpolation="nearest",
                 alpha=0.55 if grey is not None else 1.0, aspect=aspect)
     elif title == "errors":
-      wrong = np.ma.masked_equal(((pred != truth) & (truth < c)).astype(np.uint8), 0)
+      wrong = np.ma.masked_equal(errors_mask(pred, truth, c).astype(np.uint8), 0)
       if grey is None:
         ax.imshow(np.zeros(truth.shape), cmap="gray", vmin=0, vmax=1, aspect=aspect)
       ax.imshow(wrong, cmap=ListedColormap(["#ff0000"]), vmin=0, vmax=1,
