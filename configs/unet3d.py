@@ -17,8 +17,9 @@ Smoke variant (seconds): `--config=configs/unet3d.py:smoke` (classic unet3d, dep
 The trainer's 3D hook (models.spatial_dims(model.name) == 3) takes the feed and validation
 crops from `train.input3d` and the bundle records `patch_size_zyx`, `predict_window` and
 `predict_overlap`; `launch/predict.py` then predicts a 3D bundle by sliding windows
-(`predict.predict_volume_3d`). The planes evaluator validates on 3D crops; the volume evaluator
-is refused. tests/test_3d_end_to_end.py runs the smoke variant through train, predict, evaluate.
+(`predict.predict_volume_3d`). The planes evaluator validates on 3D crops; a `volume` evaluator
+(`c.evaluators.volume = dict(type="volume", every_steps=N)`) predicts the validation scans whole
+by 3D sliding windows (`window`, `overlap`: default predict_window, predict_overlap). tests/test_3d_end_to_end.py runs the smoke variant through train, predict, evaluate.
 """
 
 import dataclasses
