@@ -1,8 +1,10 @@
-r"""Sparse against full labels on the bone phantom (issue 28), same steps, same seed.
+r"""Sparse against full labels on the bone or implant phantom (issue 28), same steps, same seed.
 
     python benchmarks/sparse_labels.py --workdir=/tmp/bonejax-sparse --steps=300 --batch=8
+    python benchmarks/sparse_labels.py --kind=implant --workdir=/tmp/bonejax-sparse-implant \
+        --steps=400 --batch=8 --name=sparse_labels_implant
 
-A phantom of 5 bone scans (96 x 128 x 128, seed 0: the demo's data): scan_000-002 train,
+A phantom of 5 scans (96 x 128 x 128, seed 0: for bone, the demo's data): scan_000-002 train,
 scan_003 validates (labelled by the same rule as the training scans), scan_004 is the test
 scan, predicted whole with 3-plane soft voting and scored against its full labels. Variants
 (`--variants`), each a copy of the dataset whose training and validation labels keep only:
@@ -43,6 +45,7 @@ _VARIANTS = flags.DEFINE_list("variants", ["full", "every10", "every20", "zonly1
 _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
 _NAME = flags.DEFINE_string("name", "sparse_labels", "Result file name.")
+_KIND = flags.DEFINE_enum("kind", "bone", ["bone", "implant"], "Phantom kind.")
 
 SHAPE = (96, 128, 128)
 NUM_SCANS = 5
@@ -142,29 +145,31 @@ def full_dataset(root: Path) -> Path:
   from bonejax.data import store
   full = root / "data_full"
   if not (full / store.DATASET_JSON).exists():
-    phantom.make_dataset(full, num_scans=NUM_SCANS, shape=SHAPE, seed=0, kind="bone")
+    phantom.make_dataset(full, num_scans=NUM_SCANS, shape=SHAPE, seed=0, kind=_KIND.value)
   return full
 
 
 def to_markdown(title: str, rows: list[dict], info: dict, load, cmd: str, note: str) -> str:
   full = next((r for r in rows if r["variant"] == "full"), None)
+  fg = [c for c in rows[0]["test_iou"] if c != "background"]  # foreground classes, in order
+  last = fg[-1]  # the finest class (pore; residual material): its border IoU is shown
   table_rows = []
   for r in rows:
     table_rows.append({
         "variant": r["variant"], "labelled": f"{100 * r['labelled_fraction']:.1f}%",
         "margin": r["edge_margin"], "best": r["best_step"], "val": r["best_val_miou"],
-        "bone": r["test_iou"].get("bone"), "pore": r["test_iou"].get("pore"),
+        **{f"iou {c}": r["test_iou"].get(c) for c in fg},
         "fg": r["test_miou_fg"],
         "gap": (r["test_miou_fg"] - full["test_miou_fg"]) if full else None,
         "border": r["border_miou_fg"], "interior": r["interior_miou_fg"],
-        "bpore": r["border_iou"].get("pore"), "ipore": r["interior_iou"].get("pore"),
+        "blast": r["border_iou"].get(last), "ilast": r["interior_iou"].get(last),
         "min": r["train_seconds"] / 60})
   table = common.markdown_table(
-      table_rows, ["variant", "labelled", "margin", "best", "val", "bone", "pore", "fg", "gap",
-                   "border", "interior", "bpore", "ipore", "min"],
-      ["labels", "voxels labelled", "edge margin", "best step", "val miou_fg", "test IoU bone",
-       "test IoU pore", "test miou_fg", "minus full", "border-2 miou_fg", "interior miou_fg",
-       "border-2 IoU pore", "interior IoU pore", "train min"])
+      table_rows, ["variant", "labelled", "margin", "best", "val", *(f"iou {c}" for c in fg),
+                   "fg", "gap", "border", "interior", "blast", "ilast", "min"],
+      ["labels", "voxels labelled", "edge margin", "best step", "val miou_fg",
+       *(f"test IoU {c}" for c in fg), "test miou_fg", "minus full", "border-2 miou_fg",
+       "interior miou_fg", f"border-2 IoU {last}", f"interior IoU {last}", "train min"])
   return "\n".join([f"# {title}", "", common.machine_line(info), "",
                     f"Load average at start / end: {load[0]} / {load[1]} (the machine was shared "
                     "with other agents' jobs: times are not idle-machine times).", "",
@@ -187,7 +192,8 @@ def main(argv):
   note = (f"Every variant: configs/demo.py, {_STEPS.value} steps x {_BATCH.value} patches (the "
           "demo's 400 x 16 cut for this busy machine), seed 0; test scan_004 predicted whole, "
           "3-plane soft vote, scored on its full labels. Border-2: voxels within 2 of a face.")
-  md = to_markdown("Sparse against full labels, bone phantom", rows, info, load, cmd, note)
+  md = to_markdown(f"Sparse against full labels, {_KIND.value} phantom", rows, info, load, cmd,
+                   note)
   print(md)
   paths = common.write_results(_NAME.value, {"rows": rows, "machine": info, "command": cmd,
                                              "load_average": {"start": load[0], "end": load[1]}},
