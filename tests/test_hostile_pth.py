@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bonejax.core import errors
-from bonejax.convert import checkpoint, torch_pickle, unpickler
+from bonejax.convert import checkpoint, safetensors_io, torch_pickle, unpickler
 from smp_reference import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,16 @@ def _bomb_size(path):
   return _archive(path, _program(body)), "more than 2,000,000 pickled values"
 
 
-@pytest.mark.parametrize("make", [_bomb_tower, _bomb_stride0, _bomb_encode, _bomb_size])
+def _bomb_safetensors(path):
+  # A sparse file: 64 GiB of declared tensor bytes that take no disk, read before this fix.
+  path = path.with_suffix(".safetensors")
+  _safetensors(path, {"w": {"dtype": "F32", "shape": [1 << 34], "data_offsets": [0, 1 << 36]}},
+               data_bytes=1 << 36)
+  return path, r"\(its 1 tensor\(s\)\) needs 64\.0 GiB of memory"
+
+
+@pytest.mark.parametrize("make", [_bomb_tower, _bomb_stride0, _bomb_encode, _bomb_size,
+                                  _bomb_safetensors])
 def test_memory_bombs_are_refused_within_a_memory_limit(tmp_path, make):
   path, pattern = make(tmp_path / "bomb.pth")
   out = tmp_path / "bundle"
@@ -151,6 +160,86 @@ def test_memory_bombs_are_refused_within_a_memory_limit(tmp_path, make):
 
 
 # --- lying archives -----------------------------------------------------------------------------
+
+def _safetensors(path: Path, header: dict, data: bytes = b"", data_bytes: int = 0,
+                 header_bytes: int | None = None) -> Path:
+  """A .safetensors file with this header; its data section `data`, or `data_bytes` of holes."""
+  blob = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob) if header_bytes is None else header_bytes) + blob + data)
+    if data_bytes:
+      f.truncate(8 + len(blob) + data_bytes)  # sparse: no disk used
+  return path
+
+
+def _f32(shape, begin, end) -> dict:
+  return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("header,data,pattern", [
+    # a shape whose element count wraps around in int64 (2**62 * 4 * 4 bytes == 0 mod 2**64)
+    ({"w": _f32([1 << 62, 4], 0, 0)}, b"", r"tensor 'w' \(4611686018427387904, 4\) F32 has data "
+                                          r"offsets \[0, 0\]"),
+    # two tensors reading the same bytes: N names for one block would make N copies
+    ({"a": _f32([4], 0, 16), "b": _f32([4], 0, 16)}, bytes(16), "'a' and 'b' share bytes"),
+    ({"a": _f32([4], 0, 16), "b": _f32([4], 8, 24)}, bytes(24), "'a' and 'b' share bytes"),
+    ({"w": _f32([4], 16, 32)}, bytes(16), r"offsets \[16, 32\] in a data section of 16 bytes"),
+    ({"w": _f32([4], -16, 0)}, bytes(16), r"offsets \[-16, 0\]"),
+    ({"w": _f32([-4], 0, 0)}, bytes(16), r"\(-4,\) F32"),
+    ({"w": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16), "bad entry"),
+    ({"w": _f32("1234", 0, 96)}, bytes(96), "bad entry"),
+    ({"w": _f32([1.5], 0, 4)}, bytes(4), "bad entry"),
+    ({"w": _f32([1] * 65, 0, 4)}, bytes(4), "bad entry"),
+    ({"w": [1, 2]}, b"", "bad entry"),
+    ([1, 2], b"", "header is not a JSON object"),
+])
+def test_hostile_safetensors_are_refused(tmp_path, header, data, pattern):
+  path = _safetensors(tmp_path / "w.safetensors", header, data)
+  with pytest.raises(errors.UserError, match=r"w.safetensors' is not a valid .safetensors file: "
+                                             + pattern):
+    safetensors_io.load(path)
+
+
+def test_safetensors_header_length_and_memory_are_checked(tmp_path, monkeypatch):
+  from bonejax.core import memory_plan
+  huge = _safetensors(tmp_path / "h.safetensors", {}, header_bytes=1 << 63)
+  with pytest.raises(errors.UserError, match=r"header of 9223372036854775808 bytes in a file of"):
+    safetensors_io.load(huge)
+  ok = _safetensors(tmp_path / "ok.safetensors", {"w": _f32([2, 2], 0, 16), "e": _f32([0], 16, 16)},
+                    np.arange(4, dtype="<f4").tobytes())
+  back, _ = safetensors_io.load(ok)
+  np.testing.assert_array_equal(back["w"], [[0, 1], [2, 3]])
+  assert back["e"].shape == (0,)
+  monkeypatch.setattr(memory_plan, "available_bytes", lambda: (200, "available"))
+  with pytest.raises(errors.UserError, match=r"ok.safetensors' \(its header of .*\) needs"):
+    safetensors_io.load(ok)
+
+
+def _zip64_claim(path: Path, entries: int) -> Path:
+  """Rewrites the end of a zip archive (no comment) to a zip64 end record claiming `entries`."""
+  data = path.read_bytes()
+  end = len(data) - 22
+  assert data[end:end + 4] == b"PK\x05\x06"
+  cd_bytes, cd_at = struct.unpack("<II", data[end + 12:end + 20])
+  record = (b"PK\x06\x06" + struct.pack("<QHHII", 44, 45, 45, 0, 0)
+            + struct.pack("<QQQQ", entries, entries, cd_bytes, cd_at))
+  locator = b"PK\x06\x07" + struct.pack("<IQI", 0, end, 1)
+  last = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, cd_bytes, cd_at, 0)
+  path.write_bytes(data[:end] + record + locator + last)
+  return path
+
+
+def test_zip_entry_count_is_capped(tmp_path, monkeypatch):
+  claim = _zip64_claim(_one_tensor(tmp_path / "claim.pth"), 10**6)
+  with pytest.raises(errors.UserError, match=r"claim.pth' is a zip archive of 1,000,000 entries"):
+    torch_pickle.load(claim)
+  many = _archive(tmp_path / "many.pth", _program(_dict(("w", _tensor("0", 4, (4,), (1,))))),
+                  {str(i): bytes(16) for i in range(40)})
+  assert torch_pickle.load(many)["w"].shape == (4,)
+  monkeypatch.setattr(torch_pickle, "MAX_ENTRIES", 32)
+  with pytest.raises(errors.UserError, match=r"many.pth' is a zip archive of 42 entries .* more "
+                                             r"than the 32 entries"):
+    torch_pickle.load(many)
 
 def _one_tensor(path: Path, compression: int = zipfile.ZIP_STORED) -> Path:
   return _archive(path, _program(_dict(("w", _tensor("0", 4, (4,), (1,))))),

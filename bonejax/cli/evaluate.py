@@ -92,6 +92,44 @@ _UNLABELLED = flags.DEFINE_integer("unlabelled", None, "Sparse truth outside a d
                                    "(a dataset's scan: its dataset.json's value).")
 _SLAB = flags.DEFINE_integer("slab", 64, "Z slices read at a time.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing report.")
+_BUDGET = flags.DEFINE_float("memory_budget_gb", None, "Host memory the evaluation may use "
+                             "(default: what the machine has free); --slab shrinks to fit.")
+
+
+def _plan_slab(slab: int, html: bool, morph: bool, num_classes: int | None) -> int:
+  """The Z slab that fits the memory, from the volumes' headers (a zarr.json may claim any
+  shape): one `error:` line naming the bytes when not even one Z slice fits."""
+  import numpy as np
+
+  from bonejax.core import memory_plan
+  from bonejax.evaluate import metrics
+  from bonejax.io import registry
+  srcs = []
+  try:
+    for path in (_PRED.value, _TRUTH.value):
+      srcs.append(registry.open_volume(errors.require_exists(path, "labels"), array="labels"))
+  except errors.UserError:
+    return slab  # report.evaluate names what is wrong with the inputs
+  finally:
+    for src in srcs:
+      with contextlib.suppress(Exception):
+        src.close()
+  z, y, x = (int(n) for n in srcs[1].shape[:3])
+  # Per Z slice: both slabs as read and the copies the measures make of them.
+  per_slice = 2 * y * x * sum(np.dtype(s.dtype).itemsize for s in srcs)
+  c = num_classes or report.UNKNOWN_CLASSES_MAX
+  fixed = 2 * metrics._PIECE * 8  # the bincount index, in pieces  # pylint: disable=protected-access
+  if _PICTURES.value or html:  # per-slice profiles, and middle planes across Y and X
+    fixed += 2 * (z + y + x) * c * 8 + (4 * z * (y + x) * 4 if html else 0)
+  if morph:  # morphometry's padded blocks (2^24 voxels: distance maps, labels), two threads
+    fixed += 2 * (1 << 24) * 24
+  fits = memory_plan.plan_slab(
+      f"evaluating {str(_PRED.value)!r} against {str(_TRUTH.value)!r} of shape {(z, y, x)}",
+      per_slice, fixed, slab, _BUDGET.value, hint="crop the volumes, or raise --memory_budget_gb")
+  if fits < min(slab, z):
+    print(f"[evaluate] --slab={slab} -> {fits} Z slices at a time, to fit the memory",
+          file=sys.stderr, flush=True)
+  return min(slab, fits)
 
 
 def _parse_slices(text):
@@ -143,6 +181,8 @@ def main(argv):
   inputs = (_PRED.value, _TRUTH.value, _IMAGE.value, _UNCERTAINTY.value)
   for path, flag in ((out, "--out"), (html_path, "--html")):
     placement.refuse_inside(path, inputs, flag)  # before a claim's lock file lands inside
+  slab = _plan_slab(_SLAB.value, html_path is not None, bool(morph),
+                    len(classes) if classes else _NUM_CLASSES.value)
   with outputs.claim_output(out), contextlib.ExitStack() as claims:
     if html_path is not None:
       claims.enter_context(outputs.claim_output(html_path))
@@ -153,7 +193,7 @@ def main(argv):
             roi_distance_um=_ROI.value, implant_time_years=_TIME.value,
             initial_volume_mm3=_VI.value, initial_surface_mm2=_AI.value),
         voxel_size_um=voxel, image=_IMAGE.value, pictures=_PICTURES.value,
-        overlay_slices=slices, slab=_SLAB.value, middle_planes=html_path is not None,
+        overlay_slices=slices, slab=slab, middle_planes=html_path is not None,
         uncertainty=_UNCERTAINTY.value, morphometry=morph, border_band=_BAND.value,
         unlabelled=_UNLABELLED.value)
     for w in ev.result.get("warnings") or []:

@@ -58,6 +58,11 @@ MAX_PICKLE_BYTES = 64 << 20  # data.pkl: ~100 bytes per tensor, so room for ~500
 # expand()), but never by much: the copies may take this many times the file's size.
 COPY_FACTOR = 4
 _MAX_DIMS = 64  # numpy's
+# The archive's central directory, read whole by zipfile (one ZipInfo object per entry, ~0.5 KB
+# each) before any entry is checked: torch.save writes one entry per storage plus 3-4 others,
+# and no model has a quarter of a million separately stored tensors.
+MAX_ENTRIES = 1 << 18
+MAX_DIRECTORY_BYTES = 64 << 20
 
 __all__ = ["STORAGE_DTYPES", "UnsafePickle", "load", "save"]
 
@@ -363,6 +368,29 @@ class _Load:
   _torch_device = staticmethod(_torch_device)
 
 
+def _directory_size(path: Path) -> tuple[int, int] | None:
+  """(entries, bytes) of a zip archive's central directory as its end record declares them
+  (zip64 too), or None when no end record is found (zipfile then says why)."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    tail_at = max(0, size - (22 + 0xFFFF + 20))  # end record + the longest comment + locator
+    f.seek(tail_at)
+    tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+      return None
+    entries, cd_bytes = struct.unpack("<HI", tail[at + 10:at + 16])
+    locator = tail[at - 20:at] if at >= 20 else b""
+    if locator[:4] == b"PK\x06\x07":  # zip64: the counts live in the zip64 end record
+      (record_at,) = struct.unpack("<Q", locator[8:16])
+      f.seek(min(record_at, size))
+      record = f.read(56)
+      if record[:4] == b"PK\x06\x06" and len(record) == 56:
+        entries, cd_bytes = struct.unpack("<QQ", record[32:48])
+  return int(entries), int(cd_bytes)
+
+
 def _describe_non_zip(path: Path) -> str:
   """Why `path` is not a torch.save zip archive, or "" when it is one."""
   with open(path, "rb") as f:
@@ -386,6 +414,13 @@ def load(path: str | os.PathLike) -> Any:
   problem = _describe_non_zip(p)
   if problem:
     raise errors.UserError(f"{str(p)!r} {problem}")
+  directory = _directory_size(p)
+  if directory is not None and (directory[0] > MAX_ENTRIES or
+                                directory[1] > MAX_DIRECTORY_BYTES):
+    raise errors.UserError(
+        f"{str(p)!r} is a zip archive of {directory[0]:,} entries ({_size_text(directory[1])} of "
+        f"directory), more than the {MAX_ENTRIES:,} entries / {_size_text(MAX_DIRECTORY_BYTES)} "
+        "of any torch.save checkpoint (a crafted file?)")
   try:
     zf = zipfile.ZipFile(p)
     archive_bytes = p.stat().st_size

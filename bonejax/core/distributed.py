@@ -267,8 +267,20 @@ class Group:
       now = time.monotonic()
       if now - last_check >= _CHECK_EVERY_S:
         last_check = now
-        self._raise_if_others_failed(f"'{name}'")
+        try:
+          self._raise_if_others_failed(f"'{name}'")
+        except errors.UserError:
+          # A peer may have published its part and then failed or left (its heartbeats stop
+          # once it exits) between `ready()` above and this check: the operation completed,
+          # and a real failure shows at the next operation.
+          got = ready()
+          if got is not None:
+            return got
+          raise
       if now - start > self.timeout_s:
+        got = ready()  # the last part may have come while this loop slept
+        if got is not None:
+          return got
         late = ", ".join(map(str, missing())) or "?"
         raise errors.UserError(f"process {late} of {self.size} did not reach '{name}' within "
                             f"{self.timeout_s:g} s (--barrier_timeout_s); is it stuck?")

@@ -11,7 +11,8 @@ What is available is the smallest of: the machine's free memory (`MemAvailable` 
 /proc/meminfo, else `os.sysconf`), the room left under the process's cgroup limit (v2 or v1:
 containers and job schedulers set these; /proc/meminfo does not show them), the room left under
 `RLIMIT_AS` (address space; what tests use to fence memory bombs), and a caller's budget
-(`--memory_budget_gb`). This module imports nothing from bonejax but `errors`.
+(`--memory_budget_gb`). `require_disk` does the same for what a command writes and the free
+space where it goes. This module imports nothing from bonejax but `errors`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 from pathlib import Path
 
 from bonejax.core import errors
@@ -198,6 +200,19 @@ def largest_fitting(per_unit_bytes: int, fixed_bytes: int, wanted: int,
   return int(min(wanted, room // max(1, per_unit_bytes)))
 
 
+def plan_slab(what: str, slice_bytes: int, fixed_bytes: int, slab: int,
+              budget_gb: float | None = None, flag: str = "--memory_budget_gb",
+              hint: str = "") -> int:
+  """The number of slices (at most `slab`) a streamed pass may hold at once: `fixed_bytes` plus
+  that many times `slice_bytes` within the budget. Refuses (one line naming `what` and the
+  bytes) when not even one slice fits."""
+  limit, _ = budget_bytes(budget_gb, flag)
+  fits = largest_fitting(int(slice_bytes), int(fixed_bytes), int(slab), limit)
+  if fits < 1:
+    require_fits(f"{what}: one slice", int(slice_bytes) + int(fixed_bytes), budget_gb, flag, hint)
+  return max(1, fits)
+
+
 def require_planes_fit(what: str, shape, bytes_per_voxel: int, budget_gb: float | None = None,
                        extra_bytes: int = 0, flag: str = "--memory_budget_gb") -> None:
   """Refuses a volume whose largest 2D plane (of the three axes) does not fit: what a
@@ -210,3 +225,46 @@ def require_planes_fit(what: str, shape, bytes_per_voxel: int, budget_gb: float 
   require_fits(f"{what}: one plane of its {(z, y, x)} voxels", plane * int(bytes_per_voxel)
                + int(extra_bytes), budget_gb, flag,
                hint="crop or downsample the volume, or raise the budget")
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk: what a command writes, checked against the free space of where it goes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _existing_ancestor(path: Path) -> Path:
+  p = Path(os.path.abspath(os.fspath(path)))
+  while not p.exists() and p.parent != p:
+    p = p.parent
+  return p
+
+
+def require_disk(parts, hint: str = "") -> None:
+  """Refuses (one `UserError` line) when the files `parts` (what, bytes, destination path) will
+  write exceed the free space of the filesystem each goes to (parts on one filesystem add up):
+  a full disk found half-way leaves a long run lost and, worse, other programs starved.
+
+  The sizes are what the command knows it will write (raw arrays; for compressed ones a
+  lower bound), so the check refuses only what cannot fit."""
+  by_fs: dict[int, list] = {}
+  for what, nbytes, dest in parts:
+    if int(nbytes) <= 0:
+      continue
+    where = _existing_ancestor(dest)
+    try:
+      dev = os.stat(where).st_dev
+    except OSError:
+      continue
+    by_fs.setdefault(dev, []).append((what, int(nbytes), where))
+  for items in by_fs.values():
+    where = items[0][2]
+    try:
+      free = shutil.disk_usage(where).free
+    except OSError:
+      continue
+    total = sum(n for _, n, _ in items)
+    if total > free:
+      whats = " and ".join(w for w, _, _ in items)
+      raise errors.UserError(f"{whats} need(s) {format_bytes(total)} of disk, "
+                             f"{format_bytes(free)} free on {where}"
+                             + (f"; {hint}" if hint else ""))

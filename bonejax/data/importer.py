@@ -232,6 +232,10 @@ def import_volume(image: str | os.PathLike, out: str | os.PathLike, scan: str,
         elif resample_um is not None:
           voxel_um = resample.as_zyx(resample_um)
         slab = plan_slab(src, lab, slab, memory_budget_gb, resample_um)
+        raw = math.prod(src.shape) * np.dtype(src.dtype).itemsize
+        memory_plan.require_disk([(  # zstd leaves more than a quarter of a CT scan's bytes
+            f"scan {scan!r} {tuple(src.shape)} {np.dtype(src.dtype).name} (at least a quarter "
+            f"of its {memory_plan.format_bytes(raw)}, compressed)", raw // 4, data)])
         stats = stream_scan(src, lab, final, classes, voxel_um, chunks, slab, overwrite,
                             progress_every_s, inputs,
                             original if tuple(original["shape"]) != src.shape else None,

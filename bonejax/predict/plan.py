@@ -206,6 +206,7 @@ def plan_scan(settings: Settings, info: ModelInfo, sets: list[PlaneSet], source:
     job = ScanPlan(src, kind, shape, input_um, model_src, regrid, False, outs.scratch_parent())
     job.out_of_core = (settings.out_of_core if settings.out_of_core is not None
                        else _needs_out_of_core(settings, info, sets, job, outs, group.size > 1))
+    _require_disk(job, outs, len(info.classes))
     if group.size > 1:
       hosts.agree(group, planes=settings.planes, axis=settings.axis, vote=settings.vote,
                   dtype=settings.dtype, tile_size=settings.tile_size,
@@ -217,6 +218,21 @@ def plan_scan(settings: Settings, info: ModelInfo, sets: list[PlaneSet], source:
     src.close()
     raise
   return job
+
+
+def _require_disk(job: ScanPlan, outs: Outputs, k: int) -> None:
+  """Refuses a prediction whose files cannot fit where they go: the out-of-core scratch (its
+  float32 sums, raw), a TIFF output (raw), the probabilities (zstd: counted at a quarter)."""
+  v = math.prod(job.model_shape[:3])
+  n = math.prod(job.shape[:3])
+  parts = []
+  if job.out_of_core:
+    parts.append(("the out-of-core scratch", v * k * 4, job.scratch_parent))
+  if outs.output is not None and outs.kind == "tiff":
+    parts.append((f"--output={outs.output}", n, Path(outs.output)))
+  if outs.save_probs is not None:
+    parts.append((f"--save_probs={outs.save_probs}", n * k, Path(outs.save_probs)))
+  memory_plan.require_disk(parts)
 
 
 def _needs_out_of_core(settings: Settings, info: ModelInfo, sets: list[PlaneSet], job: ScanPlan,

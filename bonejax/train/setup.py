@@ -39,6 +39,7 @@ from bonejax.models import bundle
 from bonejax.train import augment as augment_lib
 from bonejax.train import best as best_lib
 from bonejax.train import configlib, curves, evaluators, input3d, losses, optim, pretrained, rundir
+from bonejax.train import step_memory
 from bonejax.train import mesh as mesh_lib
 from bonejax.train import tensorboard
 from bonejax.train.checkpoint import Checkpoints
@@ -390,6 +391,7 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, devices, closers: context
   # ---- Model, steps, evaluators (their checks run before anything is written) ---------------
   graphs = build_graphs(c, s, dataset.num_classes)
   patch3d = input3d.check_config_3d(c, int(graphs.abstract.stride)) if s.is3d else None
+  step_memory.check(c, s, graphs, dataset, split.train, patch3d, mesh)  # before any compile
   init_fn, train_step = compile_steps(c, s, graphs, mesh, cache, dataset.num_classes)
   data = mesh_lib.data_sharding(mesh)
   inp3d, val_batch = None, int(c.val_batch_size) or s.batch_size
