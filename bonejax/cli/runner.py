@@ -81,6 +81,16 @@ def _quiet_libraries() -> None:
   # Orbax saves in background threads; a failed save's traceback would be printed by
   # threading.excepthook before the main thread reports the error in one line.
   threading.excepthook = lambda args: None
+  # C extensions report the errors of callbacks they run on their own threads as
+  # "unraisable" (tensorstore futures completing on an asyncio loop that orbax closed after a
+  # failed save: hundreds of tracebacks before the error line). The main thread's still show.
+  main_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if threading.current_thread() is threading.main_thread():
+      main_hook(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def _parse_flags_or_fail(argv: list[str]) -> list[str]:
