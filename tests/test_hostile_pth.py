@@ -181,8 +181,8 @@ def _f32(shape, begin, end) -> dict:
     ({"w": _f32([1 << 62, 4], 0, 0)}, b"", r"tensor 'w' \(4611686018427387904, 4\) F32 has data "
                                           r"offsets \[0, 0\]"),
     # two tensors reading the same bytes: N names for one block would make N copies
-    ({"a": _f32([4], 0, 16), "b": _f32([4], 0, 16)}, bytes(16), "'a' and 'b' share bytes"),
-    ({"a": _f32([4], 0, 16), "b": _f32([4], 8, 24)}, bytes(24), "'a' and 'b' share bytes"),
+    ({"a": _f32([4], 0, 16), "b": _f32([4], 0, 16)}, bytes(16), "tensors 'a' and 'b' share bytes"),
+    ({"a": _f32([4], 0, 16), "b": _f32([4], 8, 24)}, bytes(24), "tensors 'a' and 'b' share bytes"),
     ({"w": _f32([4], 16, 32)}, bytes(16), r"offsets \[16, 32\] in a data section of 16 bytes"),
     ({"w": _f32([4], -16, 0)}, bytes(16), r"offsets \[-16, 0\]"),
     ({"w": _f32([-4], 0, 0)}, bytes(16), r"\(-4,\) F32"),
@@ -196,7 +196,7 @@ def _f32(shape, begin, end) -> dict:
 def test_hostile_safetensors_are_refused(tmp_path, header, data, pattern):
   path = _safetensors(tmp_path / "w.safetensors", header, data)
   with pytest.raises(errors.UserError, match=r"w.safetensors' is not a valid .safetensors file: "
-                                             + pattern):
+                                             r".*" + pattern):
     safetensors_io.load(path)
 
 
