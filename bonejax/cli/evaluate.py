@@ -118,11 +118,13 @@ def _plan_slab(slab: int, html: bool, morph: bool, num_classes: int | None) -> i
   # Per Z slice: both slabs as read and the copies the measures make of them.
   per_slice = 2 * y * x * sum(np.dtype(s.dtype).itemsize for s in srcs)
   c = num_classes or report.UNKNOWN_CLASSES_MAX
-  fixed = 2 * metrics._PIECE * 8  # the bincount index, in pieces  # pylint: disable=protected-access
+  voxels = z * y * x
+  piece = metrics._PIECE  # voxels per bincount  # pylint: disable=protected-access
+  fixed = 2 * min(piece, voxels) * 8  # its int64 index, and the slab's ravel
   if _PICTURES.value or html:  # per-slice profiles, and middle planes across Y and X
     fixed += 2 * (z + y + x) * c * 8 + (4 * z * (y + x) * 4 if html else 0)
   if morph:  # morphometry's padded blocks (2^24 voxels: distance maps, labels), two threads
-    fixed += 2 * (1 << 24) * 24
+    fixed += 2 * min(1 << 24, voxels) * 24
   fits = memory_plan.plan_slab(
       f"evaluating {str(_PRED.value)!r} against {str(_TRUTH.value)!r} of shape {(z, y, x)}",
       per_slice, fixed, slab, _BUDGET.value, hint="crop the volumes, or raise --memory_budget_gb")
