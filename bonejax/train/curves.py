@@ -112,7 +112,9 @@ def plot(csv_path: str | Path, png_path: str | Path, best_metric: str = "val_mio
     if xs:
       ax.plot(xs, ys, "o-" if key == best_metric else ".-", label=key.removeprefix("val_"),
               linewidth=2.5 if key == best_metric else 1)
-  ax.set_xlabel("step"), ax.set_ylabel("validation IoU"), ax.set_ylim(0, 1), ax.legend()
+  ax.set_xlabel("step"), ax.set_ylabel("validation IoU"), ax.set_ylim(0, 1)
+  if ax.get_legend_handles_labels()[0]:  # no evaluation yet (e.g. stopped early): no legend
+    ax.legend()
   ax = axes[2]
   ax.plot(*series("lr"))
   ax.set_xlabel("step"), ax.set_ylabel("learning rate"), ax.set_yscale("log")
