@@ -252,3 +252,18 @@ def test_3d_bundle_resamples_the_input_and_maps_the_probabilities_back(tmp_path)
   assert attrs["predicted_at_voxel_size_um"] == list(BUNDLE3_UM)
   unc = store.open_array(tmp_path / "unc.zarr").read().result()
   np.testing.assert_array_equal(unc, uncertainty.maps(probs, None, mem["labels"], 1))
+
+
+def test_3d_windows_that_cannot_fit_are_refused_before_allocation(tmp_path, monkeypatch):
+  """A window-deep group of accumulators (and probabilities staged in memory) beyond what the
+  machine has left: one line naming the windows, before any is run."""
+  from bonejax.core import errors, memory_plan
+  from bonejax.predict import run3d, windows3d
+  engine = windows3d.make_window_engine(
+      bundle.load_bundle(unet3d_bundle(tmp_path / "model", BUNDLE3_UM)), devices=1)
+  args = dict(window=16, overlap=0.5, batch_size=1, memory_budget_gb=1.0)
+  plan = windows3d.make_plan((40, 30, 30), 16, 0.5, engine.stride, 3, 1, 1, 1, 1.0, False)
+  monkeypatch.setattr(memory_plan, "available_bytes", lambda: (plan.host_bytes, "left here"))
+  run3d.require_fits(engine, (40, 30, 30), args, False)  # exactly fits
+  with pytest.raises(errors.UserError, match=r"3D windows 16x16x16 over \(40, 30, 30\) .*staged"):
+    run3d.require_fits(engine, (40, 30, 30), args, False, staged_bytes=1)

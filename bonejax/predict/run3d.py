@@ -20,6 +20,7 @@ sized by `core.memory_plan` from `resample.working_bytes`, within the host budge
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +47,10 @@ def run(engine: windows3d.WindowEngine, volume: Any, stats: dict[str, Any],
   to the input grid, or None. Every process returns once all outputs are written."""
   shared = group.size > 1
   checked = _checking(group, progress) if shared else progress
+  staged = (0 if regrid is None or out_of_core or shared else
+            math.prod(regrid.model_shape[:3]) * engine.num_classes * 4
+            * (2 if writers.unc is not None else 1))
+  require_fits(engine, volume.shape, window_args, writers.unc is not None, staged)
   if regrid is None:
     depth = int(volume.shape[0])
     lo, hi = hosts.share(depth, _unit(writers) if shared else 1, group)
@@ -61,6 +66,22 @@ def run(engine: windows3d.WindowEngine, volume: Any, stats: dict[str, Any],
   return _run_resampled(engine, volume, stats, window_args, writers=writers, regrid=regrid,
                         out_of_core=out_of_core, scratch=scratch, group=group,
                         progress=checked)
+
+
+def require_fits(engine: windows3d.WindowEngine, shape, window_args: dict[str, Any],
+                 votes: bool, staged_bytes: int = 0) -> None:
+  """Refuses (one line, before any allocation) a run whose smallest unit does not fit this
+  machine: one window-deep Z group of accumulators (`windows3d.make_plan`; the budget sizes
+  the groups but cannot go below one) and, resampled in memory, the staged probabilities."""
+  plan = windows3d.make_plan(shape, window_args["window"], window_args["overlap"],
+                             engine.stride, engine.num_classes, engine.in_channels,
+                             window_args["batch_size"], engine.num_devices,
+                             window_args["memory_budget_gb"], votes)
+  memory_plan.require_fits(
+      f"3D windows {'x'.join(map(str, plan.window))} over {tuple(plan.padded)} voxels"
+      + (" (probabilities staged on the bundle's grid)" if staged_bytes else ""),
+      plan.host_bytes + int(staged_bytes),
+      hint="use a smaller predict window, crop or downsample the volume")
 
 
 def _unit(writers: Any) -> int:
