@@ -264,6 +264,6 @@ def test_3d_windows_that_cannot_fit_are_refused_before_allocation(tmp_path, monk
   args = dict(window=16, overlap=0.5, batch_size=1, memory_budget_gb=1.0)
   plan = windows3d.make_plan((40, 30, 30), 16, 0.5, engine.stride, 3, 1, 1, 1, 1.0, False)
   monkeypatch.setattr(memory_plan, "available_bytes", lambda: (plan.host_bytes, "left here"))
-  run3d.require_fits(engine, (40, 30, 30), args, False)  # exactly fits
+  run3d.require_windows_fit(engine, (40, 30, 30), args, False)  # exactly fits
   with pytest.raises(errors.UserError, match=r"3D windows 16x16x16 over \(40, 30, 30\) .*staged"):
-    run3d.require_fits(engine, (40, 30, 30), args, False, staged_bytes=1)
+    run3d.require_windows_fit(engine, (40, 30, 30), args, False, staged_bytes=1)

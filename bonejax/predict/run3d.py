@@ -50,7 +50,7 @@ def run(engine: windows3d.WindowEngine, volume: Any, stats: dict[str, Any],
   staged = (0 if regrid is None or out_of_core or shared else
             math.prod(regrid.model_shape[:3]) * engine.num_classes * 4
             * (2 if writers.unc is not None else 1))
-  require_fits(engine, volume.shape, window_args, writers.unc is not None, staged)
+  require_windows_fit(engine, volume.shape, window_args, writers.unc is not None, staged)
   if regrid is None:
     depth = int(volume.shape[0])
     lo, hi = hosts.share(depth, _unit(writers) if shared else 1, group)
@@ -68,8 +68,8 @@ def run(engine: windows3d.WindowEngine, volume: Any, stats: dict[str, Any],
                         progress=checked)
 
 
-def require_fits(engine: windows3d.WindowEngine, shape, window_args: dict[str, Any],
-                 votes: bool, staged_bytes: int = 0) -> None:
+def require_windows_fit(engine: windows3d.WindowEngine, shape, window_args: dict[str, Any],
+                        votes: bool, staged_bytes: int = 0) -> None:
   """Refuses (one line, before any allocation) a run whose smallest unit does not fit this
   machine: one window-deep Z group of accumulators (`windows3d.make_plan`; the budget sizes
   the groups but cannot go below one) and, resampled in memory, the staged probabilities."""
