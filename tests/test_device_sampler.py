@@ -1,6 +1,7 @@
 """The device-resident sampler against the host path: bit-identical batches (every axis, mirror
 padding, rare-class records, mixed dtypes, every normalisation, 2.5D context planes),
-replicated and sharded over 1 and 4 devices and over 2 processes; resume; int32-safe indices
+replicated and sharded over 1 and 4 devices and over 2 processes (and the 3D sampler over 2
+processes); resume; int32-safe indices
 past 2^31 voxels; placement.
 
 Run as `python tests/test_device_sampler.py worker ...` it is one process of the 2-process test.
@@ -228,7 +229,7 @@ def test_two_processes_equal_one(datasets):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
     said = [line for line in out.splitlines() if line.endswith(" ok")]  # (gloo logs too)
-    assert said == ["replicated ok", "sharded ok"], out
+    assert said == ["replicated ok", "sharded ok", "3d ok"], out
 
 
 def _worker(root: str, coordinator: str, pid: int) -> None:
@@ -252,6 +253,35 @@ def _worker(root: str, coordinator: str, pid: int) -> None:
               dev[k].addressable_shards, key=lambda s: s.index[0].start)])
           np.testing.assert_array_equal(local, own[k])
     print(placement, "ok", flush=True)
+  _worker_3d(root, pid)
+
+
+def _worker_3d(root: str, pid: int) -> None:
+  """The 3D device sampler over the 2 x 2 devices: the global batch is one host's stream's,
+  and this process's rows are its own stream's (what put_batch of the host path gives)."""
+  import jax
+  from jax.experimental import multihost_utils
+  from bonejax.data import device_sampler3d, patches3d
+  from bonejax.train import mesh as mesh_lib
+  kw = dict(patch_size=(4, 8, 6), global_batch_size=BATCH, patches_per_scan=3, seed=5,
+            num_threads=2, prefetch=0)
+  mesh = mesh_lib.make_mesh(jax.devices())
+  # s0 and s2 only: s1 is smaller than the patch (3D patches are not mirrored).
+  stream = lambda i, n: patches3d.PatchStream3d(root, ["s0", "s2"], process_index=i,  # noqa
+                                                process_count=n, **kw)
+  with device_sampler3d.DeviceSampler3d(stream(pid, 2), mesh) as sampler, \
+      stream(0, 1) as whole, stream(pid, 2) as mine:
+    for _ in range(3):
+      dev = next(sampler)
+      gathered = multihost_utils.process_allgather(dev, tiled=True)
+      want, own = next(whole), next(mine)
+      for k in ("image", "label"):
+        assert dev[k].sharding == mesh_lib.data_sharding(mesh)
+        np.testing.assert_array_equal(gathered[k], want[k])
+        local = np.concatenate([np.asarray(s.data) for s in sorted(
+            dev[k].addressable_shards, key=lambda s: s.index[0].start)])
+        np.testing.assert_array_equal(local, own[k])
+  print("3d ok", flush=True)
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":

@@ -4,7 +4,8 @@ Each process runs `launch/predict.py` with one CPU device and predicts its own, 
 the planes (70 x 40 x 48 with 32-plane scratch chunks and 64-plane output chunks) into the
 shared files; the labels and mean probabilities must equal a single-process run's. Then the
 failures: a process killed mid-run and an output directory that is not shared end every
-process with one `error:` line and leave no output and no debris.
+process with one `error:` line and leave no output and no debris. A 3D bundle the same way
+(3D windows, each process its Z range, resampled to the bundle's voxel size).
 """
 
 import json
@@ -202,3 +203,38 @@ def test_a_failure_before_the_engine_is_told_to_the_others(tmp_path):
                          progress=False, group=group)
   failed = {k: v for k, v in client.kv.items() if "/failed/" in k}
   assert list(failed) == [f"{group.ns}/failed/1"] and "no_model" in failed[f"{group.ns}/failed/1"]
+
+
+def test_3d_two_processes_equal_one(tmp_path):
+  """A 3D bundle and an input resampled to its voxel size (the bundle's voxels 1.5 um along X,
+  the input's 1.5 um along Y): each process runs the windows reaching its Z range of the
+  bundle's grid (32-plane scratch chunks) and stages their probabilities there; after a barrier
+  each maps back its share of the input grid (64-plane output chunks: planes 0-63, 64-69). The
+  labels and probabilities are those of one process. (Without resampling each process writes
+  its Z range straight into the outputs: the same `predict_volume_3d(z_range=...)`, tested
+  range by range in test_predict3d.py.)"""
+  from test_resample import unet3d_bundle
+  from bonejax.io import voxel
+  unet3d_bundle(tmp_path / "model3d", (1.0, 1.0, 1.5))
+  store.write_scan(tmp_path / "scan", phantom((70, 12, 14), seed=6),
+                   attrs=voxel.voxel_attrs((1.0, 1.5, 1.0)))
+  ref = predict.predict_scan(tmp_path / "model3d", tmp_path / "scan",
+                             output=tmp_path / "one.zarr",
+                             save_probs=tmp_path / "one_probs.zarr", memory_budget_gb=0.008,
+                             device_memory_gb=0.5, batch_size=8, progress=False, devices=1)
+  assert ref["mode"] == "3d_windows" and ref["resampled"]["shape"] == [70, 18, 9]
+  out, probs = tmp_path / "two.zarr", tmp_path / "two_probs.zarr"
+  runs = launch(tmp_path, [(out, probs)] * 2, model="model3d", input="scan")
+  for rc, _, err in runs:
+    assert rc == 0, err[-3000:]
+  results = [json.loads(run[1].strip().splitlines()[-1]) for run in runs]
+  assert results[0]["processes"] == 2 and results[0]["resampled"] == ref["resampled"]
+  # Each ran its own windows, the halo ones twice: more than one process's, fewer than two.
+  assert ref["windows"] < sum(r["windows"] for r in results) < 2 * ref["windows"]
+  np.testing.assert_array_equal(store.open_array(out).read().result(),
+                                store.open_array(tmp_path / "one.zarr").read().result())
+  np.testing.assert_allclose(store.open_array(probs).read().result(),
+                             store.open_array(tmp_path / "one_probs.zarr").read().result(),
+                             atol=1e-6)
+  assert store.array_attrs(out)["mode"] == "3d_windows"  # process 0 wrote the attributes
+  assert not debris(tmp_path)

@@ -165,3 +165,105 @@ def test_unknown_voxel_size_predicts_as_is(tmp_path, phantoms):
   np.save(tmp_path / "p.npy", tifffile.imread(path))  # .npy: no voxel size
   res = predict.predict_scan(boxnet_bundle(1.0), tmp_path / "p.npy", planes=1, progress=False)
   assert res["voxel_size_um"] is None and res["resampled"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# A 3D bundle: windows on the bundle's grid, probabilities mapped back to the input's.
+# ---------------------------------------------------------------------------------------------
+
+CLASSES3 = ["background", "bone", "pore"]
+SCAN3_UM, BUNDLE3_UM = (2.0, 1.5, 1.0), (1.0, 1.0, 1.5)  # anisotropic, other on every axis
+
+
+def unet3d_bundle(path, voxel_size_um):
+  """A classic 3D U-Net bundle (depth 2, width 2; numpy-drawn weights), 16^3 windows."""
+  from bonejax import models
+  kwargs = {"depth": 2, "width": 2}
+  net = models.fill_from_numpy(models.abstract_model(
+      models.create, "unet3d", num_classes=len(CLASSES3), in_channels=1, **kwargs), 3)
+  meta = bundle.make_meta(model_name="unet3d", model_kwargs=kwargs, classes=CLASSES3,
+                          in_channels=1, normalization="percentile", patch_size=16,
+                          train_axes=[0, 1, 2], patch_size_zyx=[16, 16, 16], predict_window=16,
+                          predict_overlap=0.5, voxel_size_um=list(voxel_size_um))
+  bundle.save_bundle(path, net, meta)
+  return path
+
+
+def anisotropic_scan(path, shape=(10, 14, 18), seed=4):
+  from bonejax.io import voxel
+  from bundle_helpers import phantom
+  store.write_scan(path, phantom(shape, seed=seed), attrs=voxel.voxel_attrs(SCAN3_UM))
+  return path
+
+
+def map_back(probs, out_shape):
+  """The reference back-map: separable linear interpolation by np.interp in float64, output
+  voxel i at input coordinate (i + 0.5) n_in / n_out - 0.5 (the grids share their outer edges)."""
+  p = probs.astype(np.float64)
+  for axis, n_out in enumerate(out_shape):
+    n_in = p.shape[axis]
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    p = np.apply_along_axis(lambda v: np.interp(x, np.arange(n_in), v), axis, p)
+  return p
+
+
+def test_3d_bundle_resamples_the_input_and_maps_the_probabilities_back(tmp_path):
+  """Reference: the windows run by hand on the input resampled to the bundle's grid, their
+  probabilities mapped back by `map_back`. In memory, and out of core (staged in a scratch
+  zarr, mapped back in slabs of a small budget), the predictor gives those probabilities and
+  their argmax."""
+  from bonejax.predict import source as source_lib, windows3d
+  from bonejax.evaluate import uncertainty
+  model = unet3d_bundle(tmp_path / "model", BUNDLE3_UM)
+  src, _ = source_lib.open_source(anisotropic_scan(tmp_path / "scan"), 1, 1 << 26)
+  stats = src.stats
+  on_model_grid = resample.ResampledSource(src, BUNDLE3_UM, order=1)
+  model_shape = on_model_grid.shape
+  assert model_shape == (20, 21, 12)
+  ref = windows3d.predict_volume_3d(bundle.load_bundle(model), on_model_grid.read_slab(0, 20),
+                                    stats=stats, window=16, overlap=0.5, batch_size=1,
+                                    devices=1, keep_probs=True)
+  src.close()
+  want = map_back(ref.probabilities, (10, 14, 18))
+  top2 = np.sort(want, axis=-1)[..., -2:]
+  clear = top2[..., 1] - top2[..., 0] > 1e-4  # no near-tie: the argmax is decided
+
+  kw = dict(progress=False, batch_size=1, devices=1)
+  mem = predict.predict_scan(model, tmp_path / "scan", save_probs=tmp_path / "mem_probs.zarr",
+                             keep_labels=True, out_of_core=False, **kw)
+  assert mem["resampled"] == {"shape": list(model_shape), "voxel_size_um": list(BUNDLE3_UM)}
+  assert mem["mode"] == "3d_windows" and mem["labels"].shape == (10, 14, 18)
+  probs = store.open_array(tmp_path / "mem_probs.zarr").read().result()
+  np.testing.assert_allclose(probs, want, atol=2e-6)
+  np.testing.assert_array_equal(mem["labels"][clear], want.argmax(-1)[clear])
+  assert clear.mean() > 0.99
+
+  out = tmp_path / "ooc.zarr"
+  ooc = predict.predict_scan(model, tmp_path / "scan", output=out,
+                             save_probs=tmp_path / "ooc_probs.zarr",
+                             save_uncertainty=tmp_path / "unc.zarr", out_of_core=True,
+                             memory_budget_gb=2e-4, **kw)
+  assert ooc["resampled"] == mem["resampled"]
+  np.testing.assert_array_equal(store.open_array(out).read().result(), mem["labels"])
+  np.testing.assert_array_equal(store.open_array(tmp_path / "ooc_probs.zarr").read().result(),
+                                probs)
+  attrs = store.array_attrs(out)
+  assert attrs["voxel_size_zyx_um"] == list(SCAN3_UM)
+  assert attrs["predicted_at_voxel_size_um"] == list(BUNDLE3_UM)
+  unc = store.open_array(tmp_path / "unc.zarr").read().result()
+  np.testing.assert_array_equal(unc, uncertainty.maps(probs, None, mem["labels"], 1))
+
+
+def test_3d_windows_that_cannot_fit_are_refused_before_allocation(tmp_path, monkeypatch):
+  """A window-deep group of accumulators (and probabilities staged in memory) beyond what the
+  machine has left: one line naming the windows, before any is run."""
+  from bonejax.core import errors, memory_plan
+  from bonejax.predict import run3d, windows3d
+  engine = windows3d.make_window_engine(
+      bundle.load_bundle(unet3d_bundle(tmp_path / "model", BUNDLE3_UM)), devices=1)
+  args = dict(window=16, overlap=0.5, batch_size=1, memory_budget_gb=1.0)
+  plan = windows3d.make_plan((40, 30, 30), 16, 0.5, engine.stride, 3, 1, 1, 1, 1.0, False)
+  monkeypatch.setattr(memory_plan, "available_bytes", lambda: (plan.host_bytes, "left here"))
+  run3d.require_windows_fit(engine, (40, 30, 30), args, False)  # exactly fits
+  with pytest.raises(errors.UserError, match=r"3D windows 16x16x16 over \(40, 30, 30\) .*staged"):
+    run3d.require_windows_fit(engine, (40, 30, 30), args, False, staged_bytes=1)

@@ -9,7 +9,10 @@ origin, `PatchStream3d.records` at the same stream positions); one jitted gather
 and scale in float32, the host stream's formula, so both paths give bit-identical batches and a
 run may switch paths when it resumes. The batch comes out sharded on the mesh's `data` axis.
 
-One process only (several hosts: use the host stream, which shards by process).
+Several processes (hosts): every process loads the scans onto its own devices (each holds the
+same replicated copy), computes only the records `PatchStream3d` gives it (its
+`local_positions`) and places them where `mesh.put_batch` places the host stream's rows of that
+process, so the global batch is the one process's, row for row, whatever the process count.
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ def resident_bytes(stream: PatchStream3d) -> int:
   return n * (dtype.itemsize + 1)
 
 
+def _replicated(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """`x` on every device of `sharding` (this process's devices from its own copy: every
+  process read the same scans)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 class DeviceSampler3d:
   """`next(sampler)` -> dict(image float32 (B, D, H, W, 1), label int32 (B, D, H, W)) sharded
   on `mesh`'s 'data' axis; the state is the stream's position."""
 
   def __init__(self, stream: PatchStream3d, mesh: Mesh, budget_bytes: int | None = None):
-    if stream.process_count > 1:
-      raise errors.UserError("the 3D device sampler runs on one process; use sampler=host "
-                             "with several")
     need = resident_bytes(stream)
     if budget_bytes is not None and need > budget_bytes:
       raise errors.UserError(f"the training scans need {need / 2**20:.0f} MiB per device, "
@@ -63,10 +69,10 @@ class DeviceSampler3d:
       offsets.append(o)
       scales.append(sc)
       clips.add(clip)
-    self.images = jax.device_put(images, self.replicated)
-    self.labels = jax.device_put(labels, self.replicated)
-    self.offsets = jax.device_put(np.asarray(offsets, np.float32), self.replicated)
-    self.scales = jax.device_put(np.asarray(scales, np.float32), self.replicated)
+    self.images = _replicated(images, self.replicated)
+    self.labels = _replicated(labels, self.replicated)
+    self.offsets = _replicated(np.asarray(offsets, np.float32), self.replicated)
+    self.scales = _replicated(np.asarray(scales, np.float32), self.replicated)
     clip, patch = clips.pop(), stream.patch
 
     def cut(images, labels, offsets, scales, rows):
@@ -87,8 +93,11 @@ class DeviceSampler3d:
     return "device (3D, replicated)"
 
   def batch_at(self, batch_start: int) -> dict[str, jax.Array]:
+    """The global batch at stream position `batch_start`: this process's records, cut by its
+    devices into its rows of the batch (the rows `put_batch` gives its host stream)."""
     rows = self.stream.records(self.stream.local_positions(batch_start)).astype(np.int32)
-    rows = jax.device_put(rows, self.sharded)
+    rows = jax.make_array_from_process_local_data(self.sharded, rows,
+                                                  (self.stream.global_batch_size, 4))
     return self._cut(self.images, self.labels, self.offsets, self.scales, rows)
 
   def __iter__(self):

@@ -14,7 +14,9 @@ compile once); `predict(source, output, ...)` then runs the stages of one input:
 records the voxel size it was trained at (model.json `voxel_size_um`) and the input's differs,
 the input is resampled to the bundle's on the way in, predicted there, and every plane set's
 probabilities are mapped back to the input grid before the vote (`resample=False`: predicted
-on the input grid as is). Several processes (`group`) share one volume as `hosts` describes;
+on the input grid as is; a 3D bundle's blended window probabilities are mapped back the same
+way, `run3d`). Several processes (`group`) share one volume as `hosts` describes (a 3D bundle:
+each its Z range of windows, `run3d`);
 many scans, each whole on one process, are `study`'s.
 """
 
@@ -83,10 +85,6 @@ class Predictor:
       raise errors.UserError(f"--planes / --vote / --axis: the bundle's model {name!r} is 3D, "
                              "predicted by 3D sliding windows; leave them at --planes=3 "
                              "--vote=soft")
-    if self.group.size > 1:
-      raise errors.UserError(f"the bundle's model {name!r} is 3D: predicting one volume with "
-                             "several processes is not wired for 3D windows yet; run one "
-                             "process")
 
   def _engine_3d(self, model: Any):
     """The 3D sliding-window engine (`windows3d.make_window_engine`), built once."""
@@ -237,15 +235,10 @@ class Predictor:
 
   def _run_3d(self, job: plan.ScanPlan, outs: plan.Outputs, source: Any, keep_labels: bool,
               progress: Any):
-    """`_run` for a 3D model: the same stages, `predict_volume_3d` writing into the same
-    writers (labels, probabilities, uncertainty) slab by slab."""
-    from bonejax.predict import windows3d
+    """`_run` for a 3D model: the same stages, 3D windows (`run3d`: this process's share, on
+    the bundle's grid when resampled) writing into the same writers slab by slab."""
+    from bonejax.predict import run3d
     s, group = self.settings, self.group
-    if job.regrid is not None:
-      raise errors.UserError(f"the input's voxel size {list(job.input_um)} um differs from the "
-                             f"3D bundle's {list(self.info.voxel_size_um)} um: resampling is "
-                             "not wired for 3D models; predict with --no_resample "
-                             "(resample=False) or resample the input first")
     with job.scratch(group) as scratch:
       vol, stats = hosts.load_source(group, job.model_src, job.model_src.stats,
                                      out_of_core=job.out_of_core, scratch_dir=scratch,
@@ -258,15 +251,16 @@ class Predictor:
       with contextlib.ExitStack() as stack:
         w = Writers(group, s.budget_bytes).open(stack, outs, job, self.info.classes, attrs,
                                                 scratch, keep_labels)
-        pred = windows3d.predict_volume_3d(
-            self.engine, _Slabs(vol), stats=stats, labels_out=w.labels_ts,
-            probs_out=w.probs_out, uncertainty_out=w.unc, keep_labels=w.want_memory,
-            progress=bar, **args)
+        # On an error, the other processes are told before anything here is cleaned up.
+        stack.enter_context(group.on_error())
+        pred = run3d.run(self.engine, _Slabs(vol), stats, args, writers=w, regrid=job.regrid,
+                         out_of_core=job.out_of_core, scratch=scratch, group=group,
+                         progress=bar)
         if bar is not None:
           bar.close()
         labels = w.finish(outs, job, pred.labels, attrs, keep_labels)
         info = {f"window_{k}" if k in ("seconds", "devices", "batch", "group") else k: v
-                for k, v in pred.summary().items()}
+                for k, v in pred.summary.items()}
         info.update(planes=None, vote=None, overlap=args["overlap"])
         if outs.postprocess:
           info["postprocess"] = w.postprocessed

@@ -67,7 +67,7 @@ def make_input_3d(c: Any, dataset_path, train_scans: Sequence[str], val_scans: S
       process_count=jax.process_count())
   sampler = str(c.sampler)
   feed: Any
-  if sampler == "host" or jax.process_count() > 1:
+  if sampler == "host":
     feed = feed_lib.HostFeed(stream, put)
   else:
     budget = device_sampler.device_budget(list(mesh.devices.flat),
