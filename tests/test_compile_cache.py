@@ -15,14 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cache_dir_order(monkeypatch, tmp_path):
+  """Every per-user cache follows one rule (core/cache_dirs.py): BONEJAX_CACHE_DIR, then
+  XDG_CACHE_HOME (absolute paths only, as the XDG spec says), then ~/.cache."""
+  from bonejax.core import cache_dirs
+  from bonejax.models.onednn import build
   monkeypatch.delenv("BONEJAX_CACHE_DIR", raising=False)
   monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert compile_cache.cache_dir() == tmp_path / "home" / ".cache" / "bonejax" / "jax"
+  home = tmp_path / "home" / ".cache" / "bonejax"
+  assert compile_cache.cache_dir() == home / "jax"
+  assert build.cache_dir() == home / "onednn"
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # invalid: ignored
+  assert cache_dirs.user_cache_dir("x") == home / "x"
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert compile_cache.cache_dir() == tmp_path / "xdg" / "bonejax" / "jax"
-  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path / "bj"))  # as conv_lowering's cache
+  assert build.cache_dir() == tmp_path / "xdg" / "bonejax" / "onednn"
+  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path / "bj"))
   assert compile_cache.cache_dir() == tmp_path / "bj" / "jax"
+  assert build.cache_dir() == tmp_path / "bj" / "onednn"
+  assert cache_dirs.user_cache_dir() == tmp_path / "bj"
 
 
 @pytest.mark.parametrize("value,expected", [("", True), ("1", True), ("on", True),
@@ -58,28 +69,52 @@ def f(x):  # enough work that XLA:CPU takes a measurable time to compile it
 
 jax.jit(f)(jnp.ones((8, 8))).block_until_ready()
 print(json.dumps({"dir": str(path) if path else None,
-                  "hits": events.count("/jax/compilation_cache/cache_hits")}))
+                  "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "max_size": jax.config.jax_compilation_cache_max_size}))
 """
 
 
 def _child(mode: str, tmp_path: Path, **env) -> dict:
   full = {k: v for k, v in os.environ.items()
-          if k not in ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV)}
+          if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
+                       compile_cache.ENV)}
   full.update(BONEJAX_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO), **env)
   out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=full, cwd=REPO, check=True,
                        capture_output=True, text=True, timeout=300)
+  assert "Error writing persistent compilation cache" not in out.stderr, out.stderr
+  assert "Error reading persistent compilation cache" not in out.stderr, out.stderr
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _entries(path: Path) -> dict[str, int]:
+  return {p.name: p.stat().st_size for p in path.glob("*-cache")}
 
 
 def test_second_process_loads_what_the_first_compiled(tmp_path):
   # Every compile is written (the user's threshold 0 is kept), whatever the compile speed.
   env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   first = _child("default", tmp_path, **env)
-  assert first == {"dir": str(tmp_path / "jax"), "hits": 0}
+  assert first == {"dir": str(tmp_path / "jax"), "hits": 0, "max_size": compile_cache.MAX_BYTES}
   assert any((tmp_path / "jax").iterdir())
   assert (tmp_path / "jax").stat().st_mode & 0o077 == 0  # private: JAX trusts its contents
   second = _child("default", tmp_path, **env)
   assert second["hits"] >= 1
+
+  # The cap: JAX drops the least recently used entries. An entry of an older bonejax (no
+  # access-time file: JAX's eviction would fail on it at every write) is given one and goes
+  # first; the user's own cap (JAX_COMPILATION_CACHE_MAX_SIZE) is kept.
+  size = sum(_entries(tmp_path / "jax").values())
+  capped = tmp_path / "capped"
+  (capped / "jax").mkdir(parents=True)
+  (capped / "jax" / "older-bonejax-cache").write_bytes(b"x" * size)
+  third = _child("default", capped, JAX_COMPILATION_CACHE_MAX_SIZE=str(size * 3 // 2), **env)
+  assert third["max_size"] == size * 3 // 2 and third["hits"] == 0
+  kept = _entries(capped / "jax")
+  assert "older-bonejax-cache" not in kept and not (capped / "jax" / "older-bonejax-atime").exists()
+  # This run's own entries all written (the keys differ with the directory; the names do not).
+  names = lambda entries: sorted(n.split("-")[0] for n in entries)  # noqa: E731
+  assert names(kept) == names(_entries(tmp_path / "jax"))
+  assert sum(kept.values()) <= size * 3 // 2
 
 
 @pytest.fixture

@@ -15,7 +15,10 @@ use the cache at its first compile and does not look again):
              variable BONEJAX_COMPILATION_CACHE=0 (also for the napari widgets).
 
 Entries below `MIN_COMPILE_SECONDS` of compile time are not written: loading one costs about
-what compiling it does, and the cache would fill with the many tiny helper functions.
+what compiling it does, and the cache would fill with the many tiny helper functions. The
+directory is capped at `MAX_BYTES` (2 GiB): JAX then deletes the least recently used entries
+(every new shape, model and jax version adds entries; nothing else ever removes them). The
+user's own JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS / JAX_COMPILATION_CACHE_MAX_SIZE win.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import os
 import sys
 from pathlib import Path
 
-from bonejax.core import errors
+from bonejax.core import cache_dirs, errors
 
 ENV = "BONEJAX_COMPILATION_CACHE"
 MIN_COMPILE_SECONDS = 0.5
+MAX_BYTES = 2 << 30
 _OFF = ("0", "false", "no", "off")
 _ON = ("", "1", "true", "yes", "on")
 
@@ -37,12 +41,7 @@ _flag = None
 
 def cache_dir() -> Path:
   """Where the cache lives for this user (see the module docstring)."""
-  root = os.environ.get("BONEJAX_CACHE_DIR")
-  if root:
-    return Path(root) / "jax"
-  xdg = os.environ.get("XDG_CACHE_HOME")
-  base = Path(xdg) if xdg else Path.home() / ".cache"
-  return base / "bonejax" / "jax"
+  return cache_dirs.user_cache_dir("jax")
 
 
 def wanted(flag: bool | None = None) -> bool:
@@ -68,8 +67,9 @@ def define_flag():
     _flag = flags.DEFINE_bool(
         "compilation_cache", None,
         "Keep compiled XLA programs on disk (JAX's persistent compilation cache, in "
-        f"$XDG_CACHE_HOME/bonejax/jax or ~/.cache/bonejax/jax) so that the next run on a "
-        f"same-shaped input starts at once. Default: on, unless {ENV}=0.",
+        f"$XDG_CACHE_HOME/bonejax/jax or ~/.cache/bonejax/jax, at most "
+        f"{MAX_BYTES >> 30} GiB) so that the next run on a same-shaped input starts at once. "
+        f"Default: on, unless {ENV}=0.",
         module_name=sys.argv[0] if caller == "__main__" else caller)
   return _flag
 
@@ -99,8 +99,35 @@ def setup(enabled: bool | None = None) -> Path | None:
   jax.config.update("jax_compilation_cache_dir", str(path))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # else the user's value
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # else the user's value
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  _cap(jax, path)
   _state["dir"] = path
   return path
+
+
+def _cap(jax, path: Path) -> None:
+  """Makes the size cap work on `path`, or lifts it where JAX cannot apply it.
+
+  JAX's eviction needs `filelock`, and reads the access-time file (KEY-atime) it writes beside
+  each entry only while a cap is set; an entry written without one (by an older bonejax) has
+  none, and every write would then fail (a warning each). Those get one now, from the entry's
+  modification time, so they are evicted first.
+  """
+  import importlib.util
+  if jax.config.jax_compilation_cache_max_size == -1:
+    return
+  if importlib.util.find_spec("filelock") is None:  # JAX refuses a cap without it
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    return
+  try:
+    for entry in path.glob("*-cache"):
+      atime = entry.with_name(entry.name[:-len("-cache")] + "-atime")
+      if not atime.exists():
+        atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+  except OSError as e:
+    errors.warn(f"compilation cache {path} left unbounded ({errors.one_line(e)})")
+    jax.config.update("jax_compilation_cache_max_size", -1)
 
 
 def setup_from_flag() -> Path | None:
