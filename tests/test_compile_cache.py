@@ -86,35 +86,36 @@ def _child(mode: str, tmp_path: Path, **env) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _entries(path: Path) -> dict[str, int]:
-  return {p.name: p.stat().st_size for p in path.glob("*-cache")}
-
-
 def test_second_process_loads_what_the_first_compiled(tmp_path):
   # Every compile is written (the user's threshold 0 is kept), whatever the compile speed.
   env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   first = _child("default", tmp_path, **env)
-  assert first == {"dir": str(tmp_path / "jax"), "hits": 0, "max_size": compile_cache.MAX_BYTES}
+  # JAX's own cap stays off (-1): bonejax prunes at start-up instead.
+  assert first == {"dir": str(tmp_path / "jax"), "hits": 0, "max_size": -1}
   assert any((tmp_path / "jax").iterdir())
   assert (tmp_path / "jax").stat().st_mode & 0o077 == 0  # private: JAX trusts its contents
   second = _child("default", tmp_path, **env)
   assert second["hits"] >= 1
 
-  # The cap: JAX drops the least recently used entries. An entry of an older bonejax (no
-  # access-time file: JAX's eviction would fail on it at every write) is given one and goes
-  # first; the user's own cap (JAX_COMPILATION_CACHE_MAX_SIZE) is kept.
-  size = sum(_entries(tmp_path / "jax").values())
-  capped = tmp_path / "capped"
-  (capped / "jax").mkdir(parents=True)
-  (capped / "jax" / "older-bonejax-cache").write_bytes(b"x" * size)
-  third = _child("default", capped, JAX_COMPILATION_CACHE_MAX_SIZE=str(size * 3 // 2), **env)
-  assert third["max_size"] == size * 3 // 2 and third["hits"] == 0
-  kept = _entries(capped / "jax")
-  assert "older-bonejax-cache" not in kept and not (capped / "jax" / "older-bonejax-atime").exists()
-  # This run's own entries all written (the keys differ with the directory; the names do not).
-  names = lambda entries: sorted(n.split("-")[0] for n in entries)  # noqa: E731
-  assert names(kept) == names(_entries(tmp_path / "jax"))
-  assert sum(kept.values()) <= size * 3 // 2
+
+def test_prune_drops_the_least_recently_used_entries(tmp_path):
+  """The cap (MAX_BYTES) is kept by pruning at start-up, oldest use first: an entry's last use
+  is the newest of its access / modification times and JAX's own access-time file."""
+  now = 2_000_000_000
+  for name, size, used, atime_file in (("a", 400, now - 300, None), ("b", 300, now - 400, now),
+                                       ("c", 200, now - 200, None), ("d", 100, now - 100, None)):
+    entry = tmp_path / f"{name}-cache"
+    entry.write_bytes(b"x" * size)
+    os.utime(entry, (used, used))
+    if atime_file:
+      (tmp_path / f"{name}-atime").write_bytes((atime_file * 10**9).to_bytes(8, "little"))
+  (tmp_path / "unrelated.txt").write_bytes(b"x" * 5000)
+  assert compile_cache.prune(tmp_path, 1000) == 0  # 1,000 bytes: fits
+  assert compile_cache.prune(tmp_path, 700) == 400  # a, the oldest use (b's atime file: now)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "b-atime", "b-cache", "c-cache", "d-cache", "unrelated.txt"]
+  assert compile_cache.prune(tmp_path, 300) == 300  # then c and d; b's last use is the newest
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["b-atime", "b-cache", "unrelated.txt"]
 
 
 @pytest.fixture
