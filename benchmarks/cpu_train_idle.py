@@ -4,12 +4,21 @@
     python benchmarks/cpu_train_idle.py --steps=12 --patch=64 --batch=4 --results_dir=/tmp/idle
 
 Runs `launch/train.py --config=configs/baseline.py` (unet_resnet18; `--dtype`, `--patch`,
-`--batch`, `--steps`, validation and checkpoints every `--every` steps) on a phantom dataset
+`--batch`, `--steps`, validation and checkpoints every `--every` steps, convolutions as
+`--conv_lowering` says: auto = oneDNN's where its extension is built) on a phantom dataset
 and watches it from outside:
 
 - every `--interval` s, the CPU time of each of its threads (/proc/PID/task/*/stat), grouped by
   thread name (XLA's intra-op pool, tensorstore / loader threads, the Python main thread,
   orbax, ...), and the machine's total (/proc/stat): cores busy over time, and who used them;
+- the training phase on its own: from the first logged rate (the first step compiled and run;
+  with `--snapshot`, from the end of the snapshot) to the last, the process's CPU time / wall
+  time as a percentage of the usable cores (>= 190 % of 200 % is the goal of issue 25);
+- `--snapshot` (where gdb is installed): once, early in the training phase, every thread's
+  native stack (gdb, a pause of a few seconds before the phase is timed), each thread counted by
+  the library its outermost frame runs in: XLA's thread pool, libgomp (oneDNN's OpenMP team),
+  tensorstore, Python, ... - how many threads each runtime started, i.e. whether oneDNN's team
+  and XLA's pool oversubscribe the cores;
 - py-spy (if installed) samples the Python threads' stacks (`--idle`: waiting counts too), so
   the main thread's time splits into waiting for a step (compute-bound: good), reading the next
   batch, validation, checkpointing and logging.
@@ -44,6 +53,9 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps.")
 _EVERY = flags.DEFINE_integer("every", 20, "Validation and checkpoint interval (steps).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+_LOWERING = flags.DEFINE_enum("conv_lowering", "auto", ["auto", "xla", "measure"],
+                              "config.conv_lowering of the run (auto: oneDNN where built).")
+_SNAPSHOT = flags.DEFINE_bool("snapshot", True, "Count the threads by runtime (gdb, once).")
 _INTERVAL = flags.DEFINE_float("interval", 0.5, "Sampling interval of /proc (s).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory (default: a temporary one).")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
@@ -81,13 +93,64 @@ def _machine_ticks() -> tuple[int, int]:
   return sum(vals), vals[3] + vals[4]  # total, idle + iowait
 
 
+def _rate_lines(log: Path) -> int:
+  try:
+    return log.read_text(errors="replace").count("patches/s")
+  except OSError:
+    return 0
+
+
+# Outermost frame's library -> runtime (gdb prints "... from /path/libX.so" for a frame in a
+# library whose symbols it did not load).
+_RUNTIMES = [(r"libgomp", "OpenMP (oneDNN's team)"), (r"libdnnl", "oneDNN"),
+             (r"tensorstore", "tensorstore"), (r"jaxlib|libjax|xla_extension", "XLA / jaxlib"),
+             (r"python|libpython", "Python")]
+
+
+def snapshot_threads(pid: int) -> dict | None:
+  """Every thread of `pid` by the library its outermost frame (below libc's start_thread) runs
+  in, from one gdb backtrace of all threads (symbols not loaded: quick); None without gdb."""
+  gdb = shutil.which("gdb")
+  if not gdb:
+    return None
+  t0 = time.perf_counter()
+  try:
+    out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "set auto-solib-add off",
+                          "-ex", "thread apply all bt"], capture_output=True, text=True,
+                         timeout=120).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  threads: dict[str, list[str]] = {}
+  current = None
+  for line in out.splitlines():
+    m = re.match(r"^Thread \d+ .*\(LWP (\d+)\)", line)
+    if m:
+      current = m.group(1)
+      threads[current] = []
+    elif current and line.startswith("#"):
+      threads[current].append(line)
+  counts: dict[str, int] = collections.Counter()
+  by_tid = {}
+  for tid, frames in threads.items():
+    libs = [f.rsplit(" from ", 1)[1] for f in frames if " from " in f]
+    libs = [lib for lib in libs if not re.search(r"libc\.so|libpthread", lib)]
+    outer = libs[-1] if libs else "?"
+    kind = next((name for pat, name in _RUNTIMES if re.search(pat, outer)),
+                f"other ({Path(outer).name})")
+    counts[kind] += 1
+    by_tid[tid] = kind
+  return {"threads": len(threads), "by_runtime": dict(counts.most_common()),
+          "by_tid": by_tid, "seconds": time.perf_counter() - t0}
+
+
 class Sampler(threading.Thread):
 
-  def __init__(self, pid: int, interval: float):
+  def __init__(self, pid: int, interval: float, log: Path, snapshot: bool):
     super().__init__(daemon=True)
-    self.pid, self.interval = pid, interval
+    self.pid, self.interval, self.log = pid, interval, log
     self.samples: list[dict] = []
     self.stop = threading.Event()
+    self.snapshot_wanted, self.snapshot, self.timed_from = snapshot, None, None
 
   def run(self):
     while not self.stop.is_set():
@@ -95,9 +158,44 @@ class Sampler(threading.Thread):
         threads = _threads(self.pid)
       except OSError:
         break
+      rates = _rate_lines(self.log)
       self.samples.append({"t": time.perf_counter(), "threads": threads,
-                           "machine": _machine_ticks()})
+                           "machine": _machine_ticks(), "rates": rates})
+      if rates and self.timed_from is None:  # the first step ran: training from here on
+        if self.snapshot_wanted:
+          self.snapshot = snapshot_threads(self.pid)
+          self.timed_from = len(self.samples)  # the next sample, after the pause
+          continue
+        self.timed_from = len(self.samples) - 1
       self.stop.wait(self.interval)
+
+
+def training_phase(samples: list[dict], start: int | None, cores: int) -> dict | None:
+  """Cores busy from `samples[start]` to the first sample that saw the last rate line: the
+  process's CPU time over the wall time, and the machine's (all processes)."""
+  if start is None or start >= len(samples):
+    return None
+  final = samples[-1]["rates"]
+  end = next((i for i in range(start, len(samples)) if samples[i]["rates"] >= final), None)
+  if end is None or end <= start:
+    return None
+  a, b = samples[start], samples[end]
+  wall = b["t"] - a["t"]
+  # Each thread's last CPU time seen in the window (a thread that ended inside it keeps what it
+  # had), less what it had at the start (0 for one started inside it).
+  last = {tid: ticks for smp in samples[start:end + 1]
+          for tid, (_, ticks) in smp["threads"].items()}
+  spent = {tid: (t - a["threads"].get(tid, (None, 0))[1]) / TICK for tid, t in last.items()}
+  used = sum(spent.values())
+  total0, idle0 = a["machine"]
+  total1, idle1 = b["machine"]
+  return {"wall_seconds": wall, "rate_lines": (a["rates"], b["rates"]),
+          "process_cpu_seconds": used, "process_cores_busy": used / wall,
+          "process_percent": 100 * used / wall, "percent_of": 100 * cores,
+          "machine_cores_busy": (1 - (idle1 - idle0) / max(total1 - total0, 1)) * cores,
+          "threads_alive": len(b["threads"]),
+          "threads_over_1pct": sum(1 for v in spent.values() if v > 0.01 * wall),
+          "cpu_seconds_by_tid": spent}
 
 
 def _summarize(samples: list[dict], cores: int) -> dict:
@@ -165,13 +263,14 @@ def main(argv):
          f"--config.batch_size={_BATCH.value}", f"--config.patch_size={_PATCH.value}",
          f"--config.dtype={_DTYPE.value}", f"--config.eval_every={every}",
          f"--config.checkpoint_every={every}", "--config.log_every=5",
-         f"--config.val_batch_size={_BATCH.value}", "--config.val_stride=8"]
+         f"--config.val_batch_size={_BATCH.value}", "--config.val_stride=8",
+         f"--config.conv_lowering={_LOWERING.value}"]
   env = dict(os.environ, PYTHONPATH=str(common.REPO))
   log = work / "train.log"
   t0 = time.perf_counter()
   with open(log, "w") as out:
     proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-  sampler = Sampler(proc.pid, _INTERVAL.value)
+  sampler = Sampler(proc.pid, _INTERVAL.value, log, _SNAPSHOT.value)
   sampler.start()
   spy = shutil.which("py-spy")
   spy_raw = work / "pyspy.txt"
@@ -195,6 +294,19 @@ def main(argv):
   # Drop the start-up (imports, compile): from the first log line's sample on.
   cores = common.usable_cores()
   summary = _summarize(sampler.samples, cores)
+  phase = training_phase(sampler.samples, sampler.timed_from, cores)
+  snap = sampler.snapshot
+  runtime_rows = []
+  if snap:  # threads counted at the snapshot, CPU time in the training phase
+    spent = (phase or {}).get("cpu_seconds_by_tid", {})
+    for kind, n in snap["by_runtime"].items():
+      tids = [t for t, k in snap["by_tid"].items() if k == kind]
+      cpu = sum(spent.get(int(t), 0.0) for t in tids)
+      runtime_rows.append({"runtime": kind, "threads": n, "cpu_s": cpu,
+                           "busy": sum(1 for t in tids if spent.get(int(t), 0.0) >
+                                       0.01 * phase["wall_seconds"]) if phase else "-"})
+  thread_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                                "XLA_FLAGS", "BONEJAX_ONEDNN")}
   spy_top = _pyspy_summary(spy_raw) if spy and spy_raw.exists() else []
   load = (load_start, common.load_average())
   info = common.machine()
@@ -212,20 +324,34 @@ def main(argv):
       f"machine as a whole (all processes) {summary['machine_cores_busy']:.2f}. Logged training "
       f"rates (patches/s): {', '.join(f'{r:.3g}' for r in rates) or '-'}; validation passes "
       f"took {', '.join(f'{e:.1f}' for e in evals) or '-'} s.", "",
-      "CPU seconds by thread group:", "",
+      (f"Training phase ({phase['wall_seconds']:.0f} s, from rate line {phase['rate_lines'][0]} "
+       f"to {phase['rate_lines'][1]}): the process used **{phase['process_percent']:.0f} % of "
+       f"{phase['percent_of']} %** (CPU time / wall time); the machine as a whole "
+       f"{100 * phase['machine_cores_busy']:.0f} %. Threads alive at its end: "
+       f"{phase['threads_alive']}, of which {phase['threads_over_1pct']} used more than 1 % of "
+       "a core." if phase else "Training phase: too short to measure."), "",
+      (("Threads by runtime (gdb, at the start of the training phase, "
+        f"{snap['seconds']:.1f} s pause; busy: > 1 % of a core in the phase):\n\n"
+        + common.markdown_table(runtime_rows, ["runtime", "threads", "busy", "cpu_s"],
+                                ["runtime (outermost frame)", "threads", "busy", "CPU s"]))
+       if snap else "Threads by runtime: not taken (no gdb, or --nosnapshot)."), "",
+      f"Thread settings in the environment: {thread_env}.", "",
+      "CPU seconds by thread group (whole life):", "",
       common.markdown_table(group_rows, ["group", "cpu_s", "share"],
                             ["threads", "CPU s", "share"]), "",
       "Main thread (py-spy, idle samples included), innermost bonejax/launch frame:", "",
       common.markdown_table(spy_top, ["frame", "share"]) if spy_top else "(py-spy not run)"])
   print(md)
   payload = {"config": {"cmd": cmd, "interval": _INTERVAL.value}, "summary": summary,
+             "training_phase": phase, "thread_snapshot": snap, "thread_env": thread_env,
              "rates": rates, "evals": evals, "pyspy_main_thread": spy_top,
              "wall_seconds": wall, "load_average": {"start": load[0], "end": load[1]},
              "machine": info}
   paths = common.write_results("cpu_train_idle", payload, md, tag=tag,
                                results_dir=_RESULTS.value)
   return {"json": paths["json"], "md": paths["md"],
-          "process_cores_busy": summary["process_cores_busy"]}
+          "process_cores_busy": summary["process_cores_busy"],
+          "training_percent": phase["process_percent"] if phase else None}
 
 
 if __name__ == "__main__":

@@ -15,14 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cache_dir_order(monkeypatch, tmp_path):
+  """Every per-user cache follows one rule (core/cache_dirs.py): BONEJAX_CACHE_DIR, then
+  XDG_CACHE_HOME (absolute paths only, as the XDG spec says), then ~/.cache."""
+  from bonejax.core import cache_dirs
+  from bonejax.models.onednn import build
   monkeypatch.delenv("BONEJAX_CACHE_DIR", raising=False)
   monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert compile_cache.cache_dir() == tmp_path / "home" / ".cache" / "bonejax" / "jax"
+  home = tmp_path / "home" / ".cache" / "bonejax"
+  assert compile_cache.cache_dir() == home / "jax"
+  assert build.cache_dir() == home / "onednn"
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # invalid: ignored
+  assert cache_dirs.user_cache_dir("x") == home / "x"
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert compile_cache.cache_dir() == tmp_path / "xdg" / "bonejax" / "jax"
-  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path / "bj"))  # as conv_lowering's cache
+  assert build.cache_dir() == tmp_path / "xdg" / "bonejax" / "onednn"
+  monkeypatch.setenv("BONEJAX_CACHE_DIR", str(tmp_path / "bj"))
   assert compile_cache.cache_dir() == tmp_path / "bj" / "jax"
+  assert build.cache_dir() == tmp_path / "bj" / "onednn"
+  assert cache_dirs.user_cache_dir() == tmp_path / "bj"
 
 
 @pytest.mark.parametrize("value,expected", [("", True), ("1", True), ("on", True),
@@ -58,16 +69,20 @@ def f(x):  # enough work that XLA:CPU takes a measurable time to compile it
 
 jax.jit(f)(jnp.ones((8, 8))).block_until_ready()
 print(json.dumps({"dir": str(path) if path else None,
-                  "hits": events.count("/jax/compilation_cache/cache_hits")}))
+                  "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "max_size": jax.config.jax_compilation_cache_max_size}))
 """
 
 
 def _child(mode: str, tmp_path: Path, **env) -> dict:
   full = {k: v for k, v in os.environ.items()
-          if k not in ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV)}
+          if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
+                       compile_cache.ENV)}
   full.update(BONEJAX_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO), **env)
   out = subprocess.run([sys.executable, "-c", _CHILD, mode], env=full, cwd=REPO, check=True,
                        capture_output=True, text=True, timeout=300)
+  assert "Error writing persistent compilation cache" not in out.stderr, out.stderr
+  assert "Error reading persistent compilation cache" not in out.stderr, out.stderr
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -75,11 +90,32 @@ def test_second_process_loads_what_the_first_compiled(tmp_path):
   # Every compile is written (the user's threshold 0 is kept), whatever the compile speed.
   env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   first = _child("default", tmp_path, **env)
-  assert first == {"dir": str(tmp_path / "jax"), "hits": 0}
+  # JAX's own cap stays off (-1): bonejax prunes at start-up instead.
+  assert first == {"dir": str(tmp_path / "jax"), "hits": 0, "max_size": -1}
   assert any((tmp_path / "jax").iterdir())
   assert (tmp_path / "jax").stat().st_mode & 0o077 == 0  # private: JAX trusts its contents
   second = _child("default", tmp_path, **env)
   assert second["hits"] >= 1
+
+
+def test_prune_drops_the_least_recently_used_entries(tmp_path):
+  """The cap (MAX_BYTES) is kept by pruning at start-up, oldest use first: an entry's last use
+  is the newest of its access / modification times and JAX's own access-time file."""
+  now = 2_000_000_000
+  for name, size, used, atime_file in (("a", 400, now - 300, None), ("b", 300, now - 400, now),
+                                       ("c", 200, now - 200, None), ("d", 100, now - 100, None)):
+    entry = tmp_path / f"{name}-cache"
+    entry.write_bytes(b"x" * size)
+    os.utime(entry, (used, used))
+    if atime_file:
+      (tmp_path / f"{name}-atime").write_bytes((atime_file * 10**9).to_bytes(8, "little"))
+  (tmp_path / "unrelated.txt").write_bytes(b"x" * 5000)
+  assert compile_cache.prune(tmp_path, 1000) == 0  # 1,000 bytes: fits
+  assert compile_cache.prune(tmp_path, 700) == 400  # a, the oldest use (b's atime file: now)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "b-atime", "b-cache", "c-cache", "d-cache", "unrelated.txt"]
+  assert compile_cache.prune(tmp_path, 300) == 300  # then c and d; b's last use is the newest
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["b-atime", "b-cache", "unrelated.txt"]
 
 
 @pytest.fixture

@@ -16,6 +16,14 @@ use the cache at its first compile and does not look again):
 
 Entries below `MIN_COMPILE_SECONDS` of compile time are not written: loading one costs about
 what compiling it does, and the cache would fill with the many tiny helper functions.
+
+Every new shape, model and jax version adds entries and JAX removes none by default, so
+`setup()` prunes the directory to `MAX_BYTES` (2 GiB), least recently used entries first, each
+time a process starts: the cache exceeds the cap by at most what one run adds. Not JAX's own cap
+(jax_compilation_cache_max_size): its eviction needs an access-time file beside every entry and
+fails on each write (a warning each) once a process without the cap - an older bonejax, plain
+JAX - shares the directory. The user's own JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS and
+JAX_COMPILATION_CACHE_MAX_SIZE (JAX's cap instead of the pruning) win.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ import os
 import sys
 from pathlib import Path
 
-from bonejax.core import errors
+from bonejax.core import cache_dirs, errors
 
 ENV = "BONEJAX_COMPILATION_CACHE"
 MIN_COMPILE_SECONDS = 0.5
+MAX_BYTES = 2 << 30
 _OFF = ("0", "false", "no", "off")
 _ON = ("", "1", "true", "yes", "on")
 
@@ -37,12 +46,7 @@ _flag = None
 
 def cache_dir() -> Path:
   """Where the cache lives for this user (see the module docstring)."""
-  root = os.environ.get("BONEJAX_CACHE_DIR")
-  if root:
-    return Path(root) / "jax"
-  xdg = os.environ.get("XDG_CACHE_HOME")
-  base = Path(xdg) if xdg else Path.home() / ".cache"
-  return base / "bonejax" / "jax"
+  return cache_dirs.user_cache_dir("jax")
 
 
 def wanted(flag: bool | None = None) -> bool:
@@ -68,8 +72,9 @@ def define_flag():
     _flag = flags.DEFINE_bool(
         "compilation_cache", None,
         "Keep compiled XLA programs on disk (JAX's persistent compilation cache, in "
-        f"$XDG_CACHE_HOME/bonejax/jax or ~/.cache/bonejax/jax) so that the next run on a "
-        f"same-shaped input starts at once. Default: on, unless {ENV}=0.",
+        f"$XDG_CACHE_HOME/bonejax/jax or ~/.cache/bonejax/jax, pruned to "
+        f"{MAX_BYTES >> 30} GiB) so that the next run on a same-shaped input starts at once. "
+        f"Default: on, unless {ENV}=0.",
         module_name=sys.argv[0] if caller == "__main__" else caller)
   return _flag
 
@@ -99,8 +104,45 @@ def setup(enabled: bool | None = None) -> Path | None:
   jax.config.update("jax_compilation_cache_dir", str(path))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # else the user's value
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # else JAX's own cap, as asked
+    prune(path, MAX_BYTES)
   _state["dir"] = path
   return path
+
+
+def prune(path: Path, max_bytes: int) -> int:
+  """Deletes the least recently used entries of the cache in `path` until the rest fit in
+  `max_bytes`; returns the bytes deleted. Last use: the newest of the entry's access and
+  modification times and JAX's access-time file (KEY-atime, where JAX's own cap wrote one).
+
+  Another process may delete or read the same entries meanwhile: a file already gone is
+  skipped, and a read that loses its entry only compiles again.
+  """
+  entries = []
+  for entry in path.glob("*-cache"):
+    atime = entry.with_name(entry.name[:-len("-cache")] + "-atime")
+    try:
+      st = entry.stat()
+      used = max(st.st_atime_ns, st.st_mtime_ns)
+      if atime.exists():
+        used = max(used, int.from_bytes(atime.read_bytes()[:8], "little"))
+    except OSError:
+      continue
+    entries.append((used, st.st_size, entry, atime))
+  total = sum(e[1] for e in entries)
+  freed = 0
+  for _, size, entry, atime in sorted(entries, key=lambda e: e[0]):
+    if total - freed <= max_bytes:
+      break
+    try:
+      entry.unlink()
+      atime.unlink(missing_ok=True)
+      freed += size
+    except FileNotFoundError:
+      freed += size  # another process pruned it
+    except OSError:
+      continue
+  return freed
 
 
 def setup_from_flag() -> Path | None:

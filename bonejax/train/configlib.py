@@ -64,10 +64,13 @@ def default_config() -> ml_collections.ConfigDict:
                                            encoder_weights="", freeze_encoder_steps=0))
   c.in_channels = 1              # channels per plane; with context_slices = k: 1 or 2k + 1
   c.dtype = "bfloat16"           # compute dtype; parameters, BN statistics and the loss are fp32
-  # How the training step computes its convolutions (bonejax.models.conv_lowering): xla (XLA's
-  # own; always on GPUs) | auto (bf16 dot products on the compute-bound layers, on CPUs with
-  # native bf16 dots such as AMX: pays with dtype bfloat16) | measure (each layer timed once).
-  c.conv_lowering = "xla"
+  # How the training step computes its convolutions on a CPU (bonejax.models.conv_lowering;
+  # GPUs always keep XLA's cuDNN convolutions): auto (oneDNN's convolutions where its extension
+  # is built, with a `note:` line where it is not; else bf16 dot products on CPUs with native
+  # bf16 dots such as AMX, else XLA's) | xla (XLA's own) | measure (each layer timed once).
+  # A resumed run under auto keeps what it was trained with (runs from before auto was the
+  # default: xla).
+  c.conv_lowering = "auto"
   # Optimisation.
   c.batch_size = 32              # global, over all devices and hosts
   c.num_steps = 10_000

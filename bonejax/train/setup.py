@@ -42,7 +42,7 @@ from bonejax.train import configlib, curves, evaluators, input3d, losses, optim,
 from bonejax.train import step_memory
 from bonejax.train import mesh as mesh_lib
 from bonejax.train import tensorboard
-from bonejax.train.checkpoint import Checkpoints
+from bonejax.train.checkpoint import HOST, Checkpoints
 from bonejax.train.steps import DTYPES, StepCache, make_init, make_train_step, rng_key
 
 
@@ -247,9 +247,12 @@ def build_graphs(c, s: Settings, num_classes: int) -> Graphs:
   abstract = _user(lambda: nnx.eval_shape(lambda: create(rngs=nnx.Rngs(key))), "model")
   graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
   lowering = str(c.get("conv_lowering", "xla"))
-  if lowering != "xla":
-    # The same variables, the convolutions computed as the policy says (bf16 dot products on
-    # CPUs with native bf16 dots): the state tree, checkpoints and bundles are unchanged.
+  # On a GPU (and for 3D models, whose convolutions the lowering does not take) the step keeps
+  # the model's own convolutions, exactly: the lowering's choice there would be XLA's anyway.
+  if lowering != "xla" and not s.is3d and jax.default_backend() == "cpu":
+    # The same variables, the convolutions computed as the policy says (oneDNN's where its
+    # extension is built; bf16 dot products on CPUs with native bf16 dots): the state tree,
+    # checkpoints and bundles are unchanged.
     from bonejax.models import inference_graph
     lowered = nnx.eval_shape(lambda: inference_graph.lower_convs(
         create(rngs=nnx.Rngs(key)), policy=lowering))
@@ -311,6 +314,38 @@ def initial_host(c, s: Settings, fingerprint: dict[str, Any]) -> dict[str, Any]:
           "best": None, "best_step": None, "best_scores": None, "bad_evals": 0,
           "last_eval_step": None, "last_scores": None, "stopped": None,
           "fingerprint": fingerprint}
+
+
+def lowering_as_trained(c, workdir: Path):
+  """`c`, or a copy whose conv_lowering is the one the run in `workdir` was trained with.
+
+  Under "auto" (the default: "let bonejax choose") a resumed run continues on the lowering its
+  checkpoints were made with, so that it resumes step for step: runs from before "auto" was the
+  default trained on XLA's convolutions (their fingerprint has no conv_lowering: "xla"). A
+  lowering named explicitly is compared with the run's as any trajectory field is.
+  """
+  if str(c.get("conv_lowering", "xla")) != "auto":
+    return c
+  steps = workdir / "checkpoints"
+  names = sorted((p for p in steps.iterdir() if p.name.isdigit()), key=lambda p: -int(p.name)) \
+      if steps.is_dir() else []
+  for step in names:  # the newest whose record reads (restore_newest reports damage)
+    try:
+      saved = json.loads((step / HOST / "metadata").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if not isinstance(saved, dict):
+      continue
+    trained = str(configlib.normalize_fingerprint(saved).get("conv_lowering", "xla"))
+    if trained == "auto":
+      return c
+    if jax.process_index() == 0:
+      print(f"note: {workdir} was trained with conv_lowering={trained}; it resumes so",
+            file=sys.stderr, flush=True)
+    c = c.copy_and_resolve_references()
+    c.conv_lowering = trained
+    return c
+  return c
 
 
 def restore_or_init(c, s: Settings, workdir: Path, ckpts: Checkpoints, init_fn: Callable,
@@ -387,6 +422,7 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, devices, closers: context
   dataset = store.open_dataset(dataset_path)
   classes = dataset.classes
   split = load_split(c, workdir, dataset)
+  c = lowering_as_trained(c, workdir)  # before the graphs: a resumed run keeps its lowering
 
   # ---- Model, steps, evaluators (their checks run before anything is written) ---------------
   graphs = build_graphs(c, s, dataset.num_classes)

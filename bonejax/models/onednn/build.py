@@ -12,7 +12,8 @@ a new one; `pip install -e .` on a machine without oneDNN installs and runs unch
 
 Needs: a C++17 compiler (`c++`/`g++`, or $CXX) and oneDNN 2.x headers and library (Debian /
 Ubuntu: `apt-get install libdnnl-dev g++`; elsewhere $BONEJAX_DNNL_ROOT with include/ and lib/).
-The binary goes to $BONEJAX_CACHE_DIR/onednn/ (default ~/.cache/bonejax/onednn/): compiled
+The binary goes to the per-user cache (`bonejax.core.cache_dirs`: $BONEJAX_CACHE_DIR/onednn/,
+else $XDG_CACHE_HOME/bonejax/onednn/, else ~/.cache/bonejax/onednn/): compiled
 under a temporary name, then renamed, under a file lock, so concurrent processes neither see a
 half-written library nor compile twice.
 """
@@ -28,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bonejax.core import cache_dirs
+
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 NEEDS = ("the oneDNN fast path needs oneDNN 2.x and a C++ compiler "
          "(Debian/Ubuntu: apt-get install libdnnl-dev g++)")
@@ -38,8 +41,8 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-  root = os.environ.get("BONEJAX_CACHE_DIR") or Path.home() / ".cache" / "bonejax"
-  return Path(root) / "onednn"
+  """`cache_dirs.user_cache_dir("onednn")` (see the module docstring)."""
+  return cache_dirs.user_cache_dir("onednn")
 
 
 def _compiler() -> str:
