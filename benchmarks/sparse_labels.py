@@ -85,7 +85,7 @@ def run_variant(root: Path, full: Path, rule: str, steps: int, batch: int,
   """Trains one variant (reusing a finished one) and scores the test scan."""
   import numpy as np
   from bonejax import predict
-  from bonejax.data import patches, store
+  from bonejax.data import store
   from bonejax.evaluate import border, metrics
   from bonejax.models import bundle
   from bonejax.train import trainer
@@ -107,14 +107,10 @@ def run_variant(root: Path, full: Path, rule: str, steps: int, batch: int,
     c.num_steps, c.batch_size = int(steps), int(batch)
     c.eval_every = c.checkpoint_every = max(1, steps // 4)
     c.schedule.warmup_steps = min(25, steps // 10)
-  old = patches.EDGE_MARGIN
-  if edge_margin is not None:
-    patches.EDGE_MARGIN = edge_margin  # the "before the edge fix" run: crops inside the volume
+    if edge_margin is not None:
+      c.edge_margin = float(edge_margin)  # 0: the "before the edge fix" run, crops inside
   t = time.perf_counter()
-  try:
-    run = trainer.train(c, work / "run")
-  finally:
-    patches.EDGE_MARGIN = old
+  run = trainer.train(c, work / "run")
   train_s = time.perf_counter() - t
   b = bundle.load_bundle(run.get("model_dir", work / "run" / "model"))
   scan = ds_full.open_scan(test)
@@ -127,7 +123,7 @@ def run_variant(root: Path, full: Path, rule: str, steps: int, batch: int,
   edge = border.border_scores(labels, truth, ds_full.classes)
   kept = float(np.mean(keep_mask(truth.shape, rule)))
   out = {"variant": rule, "labelled_fraction": kept, "steps": steps, "batch": batch,
-         "edge_margin": patches.EDGE_MARGIN if edge_margin is None else edge_margin,
+         "edge_margin": float(c.edge_margin),
          "best_step": run.get("best_step"), "best_val_miou": run.get("best_val_miou"),
          "test_miou_fg": s["miou_fg"], "test_iou": dict(zip(ds_full.classes, s["iou"])),
          "border_miou_fg": edge["border"]["miou_fg"],

@@ -78,25 +78,26 @@ def _assert_same(host, dev, mesh):
     np.testing.assert_array_equal(np.asarray(dev[k]), host[k])  # bitwise
 
 
-@pytest.mark.parametrize("data, rule, ndev, placement, context", [
-    ("uint", "percentile", 1, "replicated", 0),
-    ("uint", "percentile", 4, "replicated", 0),
-    ("uint", "percentile", 4, "sharded", 0),     # packed integer reduce-scatter
-    ("float", "zscore", 4, "sharded", 0),        # float32 reduce-scatter
-    ("float", "zscore", 1, "replicated", 0),
+@pytest.mark.parametrize("data, rule, ndev, placement, context, margin", [
+    ("uint", "percentile", 1, "replicated", 0, 0.5),
+    ("uint", "percentile", 4, "replicated", 0, 1.0),
+    ("uint", "percentile", 4, "sharded", 0, 0.5),     # packed integer reduce-scatter
+    ("float", "zscore", 4, "sharded", 0, 0.5),        # float32 reduce-scatter
+    ("float", "zscore", 1, "replicated", 0, 0.0),
     # 2.5D: 2k + 1 context planes as channels (s1 has 7 planes along Z: k = 4 mirrors twice).
-    ("uint", "zscore_nonzero", 1, "replicated", 4),
-    ("uint", "percentile", 4, "sharded", 2),     # channels + label, one int32 reduce-scatter
-    ("float", "zscore", 4, "sharded", 1),        # ... float32
+    ("uint", "zscore_nonzero", 1, "replicated", 4, 0.5),
+    ("uint", "percentile", 4, "sharded", 2, 0.5),     # channels + label, one int32 reduce-scatter
+    ("float", "zscore", 4, "sharded", 1, 0.5),        # ... float32
     # Sparse labels: records over labelled cells, the unlabelled 255 carried as it is.
-    ("sparse", "percentile", 4, "sharded", 0),
-    ("sparse", "percentile", 1, "replicated", 1),
+    ("sparse", "percentile", 4, "sharded", 0, 0.5),
+    ("sparse", "percentile", 1, "replicated", 1, 0.5),
 ])
-def test_batches_equal_the_host_path(datasets, data, rule, ndev, placement, context):
+def test_batches_equal_the_host_path(datasets, data, rule, ndev, placement, context, margin):
   import jax
+  # margin: config.edge_margin (0: crops inside the plane, 1: a whole patch past each border).
   sampler, mesh = _sampler(datasets[data], jax.devices()[:ndev], placement, normalization=rule,
-                           context_slices=context)
-  host = _stream(datasets[data], normalization=rule, context_slices=context)
+                           context_slices=context, edge_margin=margin)
+  host = _stream(datasets[data], normalization=rule, context_slices=context, edge_margin=margin)
   start = host.records_per_epoch - BATCH - 3  # the third batch straddles an epoch boundary
   host.set_state({"position": start})
   sampler.set_state({"position": start})

@@ -149,3 +149,35 @@ def test_band_wider_than_the_volume_leaves_no_interior():
   assert np.isnan(sec["miou_fg"]["interior"]) and np.isnan(sec["iou"]["b"]["difference"])
   with pytest.raises(Exception, match="border band 0"):
     border.BandCounter((4, 6, 6), 3, band=0)
+
+
+def test_edge_margin_is_a_config_fraction_of_the_patch(tmp_path, monkeypatch):
+  """config.edge_margin (a fraction of the patch) reaches the stream the host and device
+  samplers share; bad values are one-line errors."""
+  import types
+
+  from bonejax.core import errors
+  from bonejax.train import configlib, setup
+
+  img = np.zeros((4, 40, 40), np.uint16)
+  store.write_scan(tmp_path / "s", img, (img % 2).astype(np.uint8), chunks=(4, 40, 40))
+  store.write_dataset_json(tmp_path, ["a", "b"], ["s"])
+  kw = dict(patch_size=16, global_batch_size=2, process_index=0, process_count=1)
+  for frac, px in ((None, 8), (0.0, 0), (0.25, 4), (1.0, 16)):
+    with patches.PatchStream(tmp_path, ["s"], edge_margin=frac, **kw) as s:
+      assert s.edge_margin == px
+  for bad in (-0.1, 1.5, float("nan"), "wide"):
+    with pytest.raises(errors.UserError, match="edge_margin"):
+      patches.PatchStream(tmp_path, ["s"], edge_margin=bad, **kw)
+
+  c = configlib.default_config()
+  assert c.edge_margin == patches.EDGE_MARGIN == 0.5
+  seen = {}
+  monkeypatch.setattr(patches, "PatchStream", lambda *a, **k: seen.update(k) or "stream")
+  monkeypatch.setattr(setup.feed_lib, "make_feed", lambda sampler, stream, *a, **k: stream)
+  with c.unlocked():
+    c.edge_margin = 0.125
+  s = types.SimpleNamespace(batch_size=2, context=0)
+  split = types.SimpleNamespace(train=["s"])
+  assert setup._feed_2d(c, s, tmp_path, split, None, None) == "stream"
+  assert seen["edge_margin"] == 0.125

@@ -112,6 +112,59 @@ def test_layers_become_a_dataset(make_napari_viewer, qtbot, tmp_path, monkeypatc
   qtbot.waitUntil(lambda: not w.running, timeout=60_000)
 
 
+def test_sparse_layer_becomes_a_sparse_dataset(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+  """Unlabelled value 0: napari's unpainted voxels become the dataset's 255 and the painted
+  values shift down by one (1 -> background 0, 2 -> bone 1); the last painted slices validate."""
+  viewer, w = make_widget(make_napari_viewer, qtbot, tmp_path / "run")
+  image = np.random.default_rng(1).integers(0, 4000, (20, 16, 16)).astype(np.uint16)
+  painted = np.zeros(image.shape, np.uint8)  # a user painted z = 2, 7, 12, 17 only
+  for z in (2, 7, 12, 17):
+    painted[z] = np.where(image[z] > 2000, 2, 1)
+  viewer.add_image(image, name="ct")
+  viewer.add_labels(painted, name="paint")  # a plain napari layer: no class names
+  launched = []
+  monkeypatch.setattr(tp, "start", lambda argv, workdir: launched.append(argv) or _Done())
+  w.source.setCurrentIndex(2)
+  w.image.select("ct")
+  w.labels.select("paint")
+  assert w.unlabelled.value() == -1 and "paint background as 1" in w.unlabelled.toolTip()
+  w.unlabelled.setValue(0)
+  w.start()
+  qtbot.waitUntil(lambda: bool(launched) or w.status.error is not None, timeout=60_000)
+  assert w.status.error is None, w.status.text()
+  ds = store.open_dataset(tmp_path / "run" / tp.LAYERS_DATASET)
+  assert ds.unlabelled == 255 and ds.classes == ["background", "class_1"]
+  want = np.where(painted == 0, 255, painted.astype(np.int64) - 1)
+  train, val = ds.open_scan("train").read_labels(), ds.open_scan("val").read_labels()
+  assert train.shape[0] == 17 and val.shape[0] == 3  # slice 17 (1/4 of the painted) validates
+  np.testing.assert_array_equal(np.concatenate([train, val]), want)
+  qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+  # The same workdir with dense labels: its layers dataset is sparse, so Start refuses.
+  w.unlabelled.setValue(-1)
+  launched.clear()
+  w.start()
+  qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+  assert "sparse labels (unlabelled 255), not dense labels" in w.status.error and not launched
+
+
+def test_layer_labels_conventions():
+  image = np.zeros((4, 3, 3), np.uint8)
+  lab = np.zeros(image.shape, np.uint8)
+  lab[0, 0, :3] = [5, 6, 7]  # unlabelled 6: 5 stays, 7 -> 6; the layer names 8 values
+  names = [f"v{k}" for k in range(8)]
+  out, classes, u = tp.layer_labels(image, lab, names, 6)
+  assert u == 255 and classes == ["v0", "v1", "v2", "v3", "v4", "v5", "v7"]
+  assert out[0, 0, :3].tolist() == [5, 255, 6] and (out[1:] == 0).all()
+  dense, classes, u = tp.layer_labels(image, lab, names, None)
+  assert u is None and classes == names and (dense == lab).all()
+  with pytest.raises(Exception, match="no labelled voxel"):
+    tp.layer_labels(image, np.zeros_like(lab), None, 0)
+  with pytest.raises(Exception, match="at least 2 classes"):
+    tp.layer_labels(image, (lab > 0).astype(np.uint8), None, 0)  # only value 1 painted
+  with pytest.raises(Exception, match="paint at least two Z slices"):
+    tp._val_slices(np.where(np.arange(4)[:, None, None] == 1, 0, 255) + 0 * lab, 255)
+
+
 class _Done:
   """A child process that has already exited with an error (the launch is what is tested)."""
   pid = 0

@@ -11,6 +11,9 @@ positions), the mirror indices are the same formula, and the normalisation is th
 `(x - offset) * scale` (then the same clip): for one seed both paths give bit-identical batches,
 so a run may change paths when it resumes. The iterator state is the stream's one position.
 
+The edge margin (config.edge_margin: crop origins past the borders, clamped back) needs nothing
+here either: it lives in the records' origins, clamped back to where a crop without a margin may start.
+
 Sparse labels need nothing here: the records (labelled planes and cells) are the stream's, and
 the unlabelled value (255) is gathered like any label and masked by the loss.
 

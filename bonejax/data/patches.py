@@ -33,10 +33,11 @@ them and keeps only labelled planes, and class counts (oversample_rare) count la
 A training or validation split without a labelled voxel, or a class without one in the training
 split, is refused before training.
 
-Edges: crop origins reach past the borders by EDGE_MARGIN x patch and are clamped back onto them
-(_edge_origin), so the planes' border rows and columns are trained about a third as often as
-interior ones, where origins uniform inside the plane trained them 1/P as often: the cause of
-issue 28's worse border band (benchmarks/edges.py).
+Edges: crop origins reach past the borders by `edge_margin` x patch (config.edge_margin, default
+EDGE_MARGIN = 0.5) and are clamped back onto them (_edge_origin), so the planes' border rows and
+columns are trained about a third as often as interior ones, where origins uniform inside the
+plane (edge_margin 0) trained them 1/P as often: the cause of issue 28's worse border band
+(benchmarks/edges.py). The device sampler cuts the same records, so it follows the same margin.
 
 Choices worth knowing:
 - Intensities are normalised on the host into float32 with the scan's stored statistics
@@ -75,8 +76,9 @@ from bonejax.data.context import context_planes, reflect_index  # noqa: F401  (a
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-# Crop origins reach past each border by this fraction of the patch, clamped back onto the
-# border (_edge_origin): border pixels are trained at the network's input edge as predicted.
+# Crop origins reach past each border by this fraction of the patch (config.edge_margin's
+# default), clamped back onto the border (_edge_origin): border pixels are trained at the
+# network's input edge as predicted.
 EDGE_MARGIN = 0.5
 _WHOLE_EPOCH_RECORDS = 1 << 22  # epochs up to this size keep their whole permutation (32 MiB)
 _GRAIN_EPOCH_RECORDS = 4096     # smaller epochs walk ~2^16 / n cycles: grain's C++ is faster
@@ -211,10 +213,19 @@ class PatchStream:
                normalization: str = "percentile", process_index: int | None = None,
                process_count: int | None = None, num_threads: int = 8, prefetch: int = 2,
                rare_classes: Sequence[int] | None = None, context_slices: int = 0,
-               edge_margin: int | None = None):
+               edge_margin: float | None = None):
     self.patch_size = int(patch_size)
-    self.edge_margin = (int(self.patch_size * EDGE_MARGIN) if edge_margin is None
-                        else int(edge_margin))
+    # A fraction of the patch (None: EDGE_MARGIN); self.edge_margin is in pixels.
+    frac = EDGE_MARGIN if edge_margin is None else edge_margin
+    try:
+      frac = float(frac)
+    except (TypeError, ValueError):
+      raise errors.UserError(f"edge_margin={edge_margin!r} must be a number (a fraction of the "
+                             "patch)") from None
+    if not 0.0 <= frac <= 1.0:  # NaN fails too
+      raise errors.UserError(f"edge_margin={edge_margin!r} must be in [0, 1] (a fraction of the "
+                             "patch; 0.5 by default)")
+    self.edge_margin = int(self.patch_size * frac)  # floor, as before the config key
     self.global_batch_size = int(global_batch_size)
     self.axes = tuple(int(a) for a in axes)
     self.patches_per_plane = int(patches_per_plane)
@@ -238,8 +249,6 @@ class PatchStream:
       raise errors.UserError(f"patches_per_plane={patches_per_plane} must be >= 1")
     if self.context_slices < 0:
       raise errors.UserError(f"context_slices={context_slices} must be >= 0")
-    if self.edge_margin < 0:
-      raise errors.UserError(f"edge_margin={edge_margin} must be >= 0")
     if not 0.0 <= self.oversample_rare < 1.0:
       raise errors.UserError(f"oversample_rare={oversample_rare} must be in [0, 1)")
     if not 0 <= self.process_index < self.process_count:

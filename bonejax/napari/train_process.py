@@ -13,6 +13,12 @@ Settings (config, workdir and the `--config.KEY` overrides) load from and save t
   {"config": "configs/demo.py", "workdir": "/tmp/run",
    "overrides": {"num_steps": 400, "batch_size": 16, "patch_size": 64, "dataset": "/data"}}
 A JSON object of overrides alone loads too.
+
+Layers (the widget's "image + labels layers"): the pair becomes a two-scan dataset in
+WORKDIR/layers-data. Sparse labels, where a user paints a few slices and leaves the rest: the
+widget's "unlabelled value" names the layer value of unlabelled voxels (0: napari's unpainted
+ones; background is then painted as 1, class k as k + 1); they are stored as the dataset's
+unlabelled value 255 and training ignores them (layer_labels).
 """
 
 from __future__ import annotations
@@ -120,9 +126,25 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_layer_pair(image: np.ndarray, labels: np.ndarray,
-                     classes: Sequence[str] | None) -> list[str]:
-  """The class names of an image / labels layer pair to train on (bad input: UserError)."""
+def check_layer_pair(image: np.ndarray, labels: np.ndarray, classes: Sequence[str] | None,
+                     unlabelled: int | None = None) -> list[str]:
+  """The class names of an image / labels layer pair to train on (bad input: UserError).
+
+  `unlabelled` (sparse labels): the layer value of voxels nobody labelled (see layer_labels)."""
+  return layer_labels(image, labels, classes, unlabelled)[1]
+
+
+def layer_labels(image: np.ndarray, labels: np.ndarray, classes: Sequence[str] | None,
+                 unlabelled: int | None = None) -> tuple[np.ndarray, list[str], int | None]:
+  """(dataset labels uint8, class names, the dataset's unlabelled value or None) of a layer pair.
+
+  Dense (`unlabelled` None): a layer value is a class id, 0 background. Sparse: the layer value
+  `unlabelled` (0: napari's unpainted voxels) means "nobody labelled this voxel"; it becomes the
+  dataset's unlabelled value (store.UNLABELLED, 255), which training ignores, and the layer
+  values above it shift down by one, so the classes stay 0, 1, 2, ... With 0 unlabelled, a user
+  paints background as 1, class k as k + 1. The layer's class names, if it has any, are by layer
+  value; the unlabelled value's name is dropped.
+  """
   if image.ndim != 3:
     raise errors.UserError(f"the image layer must be 3D (Z, Y, X), got shape {image.shape}")
   if labels.shape != image.shape:
@@ -131,23 +153,72 @@ def check_layer_pair(image: np.ndarray, labels: np.ndarray,
     raise errors.UserError("the volume needs at least 2 slices (training and validation parts)")
   if not np.issubdtype(labels.dtype, np.integer):
     raise errors.UserError(f"labels must be integers, got {labels.dtype}")
-  hi = int(labels.max()) if labels.size else 0
+  if unlabelled is None:
+    hi = int(labels.max()) if labels.size else 0
+    if classes is None:
+      classes = ["background"] + [f"class_{k}" for k in range(1, max(hi, 1) + 1)]
+    store.validate_labels(labels, image.shape, len(classes))
+    return labels.astype(np.uint8), list(classes), None
+  u = int(unlabelled)
+  if not 0 <= u <= 255:
+    raise errors.UserError(f"unlabelled value {u} must be in 0..255 (0: napari's unpainted "
+                           "voxels)")
+  lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+  if lo < 0 or hi > 255:
+    raise errors.UserError(f"label value {lo if lo < 0 else hi} is outside 0..255")
+  painted = labels != u
+  if not painted.any():
+    raise errors.UserError(f"the labels layer has no labelled voxel (every voxel is the "
+                           f"unlabelled value {u}): paint a few slices")
+  out = (labels.astype(np.int64) - (labels > u)).astype(np.uint8)
+  out[~painted] = store.UNLABELLED
+  present = np.unique(out[painted])
+  if present.size < 2:
+    raise errors.UserError(f"sparse labels need at least 2 classes besides the unlabelled value "
+                           f"{u} (with 0 unlabelled: paint background as 1, bone as 2)")
+  top = int(present[-1])
   if classes is None:
-    classes = ["background"] + [f"class_{k}" for k in range(1, max(hi, 1) + 1)]
-  store.validate_labels(labels, image.shape, len(classes))
-  return list(classes)
+    classes = ["background"] + [f"class_{k}" for k in range(1, top + 1)]
+  else:
+    classes = [c for v, c in enumerate(classes) if v != u]
+  if len(classes) > store.UNLABELLED:
+    raise errors.UserError(f"{len(classes)} classes collide with the unlabelled value "
+                           f"{store.UNLABELLED}")
+  if top >= len(classes):
+    raise errors.UserError(f"label value {top + (top >= u)} has no class: the layer names "
+                           f"{len(classes)} classes besides the unlabelled value {u}")
+  return out, list(classes), store.UNLABELLED
+
+
+def _val_slices(labels: np.ndarray, unlabelled: int | None) -> int:
+  """How many of the last Z slices validate: ~VAL_FRACTION of the slices (dense labels), or
+  of the labelled voxels (sparse), each part keeping a labelled voxel."""
+  z = labels.shape[0]
+  if unlabelled is None:
+    return min(max(1, int(round(VAL_FRACTION * z))), z - 1)
+  per_slice = (labels != unlabelled).reshape(z, -1).sum(1)
+  tail = np.cumsum(per_slice[::-1])  # labelled voxels in the last k + 1 slices
+  n_val = int(np.searchsorted(tail, VAL_FRACTION * tail[-1])) + 1
+  n_val = min(max(1, n_val), z - 1)
+  if not per_slice[:z - n_val].any() or not per_slice[z - n_val:].any():
+    raise errors.UserError("sparse labels: paint at least two Z slices (or planes of another "
+                           "axis): the last labelled slices validate, the others train")
+  return n_val
 
 
 def import_layers(out: str | os.PathLike, name: str, image: np.ndarray, labels: np.ndarray,
-                  classes: Sequence[str], voxel_size_um: Any) -> Path:
+                  classes: Sequence[str], voxel_size_um: Any,
+                  unlabelled: int | None = None) -> Path:
   """Writes the pair as a two-scan dataset: the first slices train, the last validate.
 
   One volume cannot be split by scan, and a split by interleaved slices leaks near-copies into
-  validation; a contiguous block of the last ~20 % of slices is the least leaky split of one
-  volume (it touches training only at one face).
+  validation; a contiguous block of the last ~20 % of slices (sparse labels: holding ~20 % of
+  the labelled voxels) is the least leaky split of one volume (it touches training only at one
+  face). `labels` are the dataset's (layer_labels); `unlabelled` is recorded in dataset.json.
   """
   z = image.shape[0]
-  n_val = min(max(1, int(round(VAL_FRACTION * z))), z - 1)
+  store.validate_labels(labels, image.shape, len(classes), unlabelled)
+  n_val = _val_slices(labels, unlabelled)
   from bonejax.io import voxel as voxel_lib
   from bonejax.napari import layers
   zyx = layers.zyx(voxel_size_um)
@@ -157,10 +228,18 @@ def import_layers(out: str | os.PathLike, name: str, image: np.ndarray, labels: 
   with outputs.atomic_output(out, overwrite=False) as tmp:
     tmp.mkdir(parents=True)
     for scan, sl in (("train", slice(0, z - n_val)), ("val", slice(z - n_val, z))):
-      store.write_scan(tmp / scan, image[sl], labels[sl].astype(np.uint8), attrs,
-                       num_classes=len(classes))
-    store.write_dataset_json(tmp, classes, ["train", "val"])
+      store.write_scan(tmp / scan, image[sl], labels[sl].astype(np.uint8), attrs)  # checked
+    store.write_dataset_json(tmp, classes, ["train", "val"], unlabelled)
   return Path(out)
+
+
+def check_imported(dataset: str | os.PathLike, unlabelled: int | None) -> None:
+  """A layers dataset kept from an earlier Start must be of the same kind (dense or sparse)."""
+  ds = store.open_dataset(dataset)
+  if ds.unlabelled != unlabelled:
+    kind = lambda v: "dense labels" if v is None else f"sparse labels (unlabelled {v})"  # noqa: E731
+    raise errors.UserError(f"{str(dataset)!r} holds layers imported with {kind(ds.unlabelled)}, "
+                           f"not {kind(unlabelled)}: choose another workdir (or delete it)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Pick a config (the demo by default), a run directory and the data: the config's own (the demo
 makes its phantom), a dataset directory, or an image and a labels layer from the viewer
-(imported into WORKDIR/layers-data, see train_process.import_layers). Steps, batch size and
+(imported into WORKDIR/layers-data, see train_process.import_layers; with an "unlabelled value",
+a labels layer painted on a few slices trains as sparse labels). Steps, batch size and
 patch size override the config (0 keeps the config's value); Save / Load keep these settings in
 a JSON file. Start runs launch/train.py in a child process (train_process), so the viewer stays
 responsive; Stop is Ctrl-C, and Start again resumes from the newest checkpoint. The plot
@@ -26,6 +27,15 @@ from bonejax.napari import train_process as tp
 SOURCES = ("the config's", "a dataset directory", "image + labels layers")
 POLL_MS = 1000
 PLOT_MIN_HEIGHT = 240  # pixels: two axes with readable ticks
+NO_UNLABELLED = -1     # the unlabelled-value box's "none": every voxel of the layer is a class
+UNLABELLED_HELP = (
+    "Sparse labels: paint a few slices of the labels layer and leave the rest.\n"
+    "none: every voxel is labelled; a layer value is a class id (0 background).\n"
+    "0: napari's unpainted voxels (value 0) are unlabelled and training ignores them; paint "
+    "background as 1, class k as k + 1 (values above 0 shift down by one).\n"
+    "Another value v: voxels of value v are unlabelled; values above v shift down by one.\n"
+    "Unlabelled voxels are stored as 255 in WORKDIR/layers-data (dataset.json \"unlabelled\": "
+    "255); the last labelled slices (about 20 % of the labelled voxels) validate.")
 
 
 def _spin(maximum: int, step: int = 1) -> QSpinBox:
@@ -49,6 +59,11 @@ class TrainWidget(QWidget):
     self.dataset = qt.PathEdit("dataset directory (with dataset.json)")
     self.image = qt.LayerCombo(napari_viewer, "image")
     self.labels = qt.LayerCombo(napari_viewer, "labels")
+    self.unlabelled = QSpinBox()
+    self.unlabelled.setRange(NO_UNLABELLED, 255)
+    self.unlabelled.setSpecialValueText("none (dense labels)")
+    self.unlabelled.setValue(NO_UNLABELLED)
+    self.unlabelled.setToolTip(UNLABELLED_HELP)
     self.source.currentIndexChanged.connect(self._source_changed)
     self.steps = _spin(10_000_000, 100)
     self.batch = _spin(4096)
@@ -72,6 +87,8 @@ class TrainWidget(QWidget):
     form.addRow("dataset", self.dataset)
     form.addRow("image layer", self.image)
     form.addRow("labels layer", self.labels)
+    form.addRow("unlabelled value", self.unlabelled)
+    form.labelForField(self.unlabelled).setToolTip(UNLABELLED_HELP)
     form.addRow("steps", self.steps)
     form.addRow("batch size", self.batch)
     form.addRow("patch size", self.patch)
@@ -119,6 +136,7 @@ class TrainWidget(QWidget):
     self.dataset.setEnabled(index == 1)
     self.image.setEnabled(index == 2)
     self.labels.setEnabled(index == 2)
+    self.unlabelled.setEnabled(index == 2)
 
   # -- settings --------------------------------------------------------------------------------
 
@@ -194,7 +212,9 @@ class TrainWidget(QWidget):
     self.status.say(f"importing the layers into {target}…")
 
     def do_import():
-      if not (target / "dataset.json").exists():
+      if (target / "dataset.json").exists():  # an earlier Start's: resumes on the same data
+        tp.check_imported(target, pair[-1])
+      else:
         tp.import_layers(target, *pair)
       return str(target)
 
@@ -217,10 +237,13 @@ class TrainWidget(QWidget):
     if image is None or labels is None:
       raise errors.UserError("choose an image layer and a labels layer")
     img, lab = np.asarray(layers.data_of(image)), np.asarray(layers.data_of(labels))
-    classes = tp.check_layer_pair(img, lab, layers.classes_of(labels) or
-                                  layers.classes_of(image))
+    value = self.unlabelled.value()
+    sparse = value != NO_UNLABELLED
+    # Class names by layer value: the labels layer's (sparse: only those), else the image's.
+    names = layers.classes_of(labels) or (None if sparse else layers.classes_of(image))
+    lab, classes, unlabelled = tp.layer_labels(img, lab, names, value if sparse else None)
     return (image.name, img, lab, classes,
-            layers.voxel_size_of(image) or layers.voxel_size_of(labels))
+            layers.voxel_size_of(image) or layers.voxel_size_of(labels), unlabelled)
 
   def _launch(self, config: str, workdir: str, overrides: dict[str, Any]) -> None:
     try:

@@ -49,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.patch_size = 256
   c.patches_per_plane = 4
   c.oversample_rare = 0.0
+  # Crop origins reach this fraction of the patch past each border, clamped back onto it: the
+  # planes' border rows are trained at the network's input edge, as whole-plane prediction
+  # sees them (0: crops uniform inside the plane, border rows trained 1/patch as often; 0..1).
+  c.edge_margin = 0.5
   c.augment = default_augment_config()
   # Who cuts the patches (the batches are the same): auto | device | host. device: the training
   # scans in device memory, crops cut there; host: read and normalised on the CPU (~1,000

@@ -379,7 +379,8 @@ def _feed_2d(c, s: Settings, dataset_path: Path, split: splits.Split, mesh, data
       axes=tuple(c.axes), patches_per_plane=int(c.patches_per_plane),
       oversample_rare=float(c.oversample_rare), seed=int(c.seed),
       normalization=str(c.normalization), process_index=jax.process_index(),
-      process_count=jax.process_count(), context_slices=s.context)
+      process_count=jax.process_count(), context_slices=s.context,
+      edge_margin=float(c.get("edge_margin", patches.EDGE_MARGIN)))
   return feed_lib.make_feed(
       str(c.sampler), stream, mesh, lambda b: mesh_lib.put_batch(b, data, s.batch_size),
       budget_mb=int(c.sampler_device_mb))
