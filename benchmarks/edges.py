@@ -49,6 +49,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (config.seed) pe
 _MARGINS = flags.DEFINE_list("margins", ["0", "0.5"],
                              "config.edge_margin values (0: before the fix).")
 _CROP = flags.DEFINE_integer("crop", 8, "Matched-content control: voxels cut from every side.")
+_RESCORE = flags.DEFINE_bool("rescore", False, "Score finished runs again from their models.")
 _NAME = "edges"
 
 
@@ -96,13 +97,39 @@ def run_one(root: Path, full: Path, margin: float, seed: int, steps: int, batch:
   """Trains configs/demo.py with this edge margin and seed (reusing a finished run), scores."""
   from bonejax.data import store
   from bonejax.models import bundle
-  from bonejax.train import trainer
 
   work = root / f"m{margin:g}_s{seed}"
-  done = work / "score.json"
-  if done.exists():
-    return json.loads(done.read_text())
+  done, trained = work / "score.json", work / "train.json"
+  if done.exists() and not _RESCORE.value:
+    out = json.loads(done.read_text())
+    if trained.exists():  # a note written after scoring (a reused model) is kept
+      out.setdefault("reused_from", json.loads(trained.read_text())["run"].get("reused_from"))
+    return out
   ds = store.open_dataset(full)
+  if trained.exists():  # scored again (--rescore) from the trained model
+    t = json.loads(trained.read_text())
+    run, train_s, load = t["run"], t["train_seconds"], t["load_average"]
+  else:
+    run, train_s = _train(ds, full, margin, seed, steps, batch, work)
+    load = common.load_average()
+    outputs.atomic_write_json(trained, {"run": run, "train_seconds": train_s,
+                                        "load_average": load})
+  b = bundle.load_bundle(run.get("model_dir", work / "run" / "model"))
+  out = {"margin": float(margin), "seed": int(seed), "steps": steps, "batch": batch,
+         "best_step": run.get("best_step"), "best_val_miou": run.get("best_val_miou"),
+         **diagnose(b.model, b.normalization, ds.open_scan(ds.scans[4]), ds.classes,
+                    _CROP.value),
+         "train_seconds": train_s, "load_average": load,
+         "reused_from": run.get("reused_from")}
+  out["gap"] = out["interior_miou_fg"] - out["border_miou_fg"]
+  out["crop_gap"] = out["crop_band_inside_miou_fg"] - out["crop_band_alone_miou_fg"]
+  outputs.atomic_write_json(done, out)
+  print(json.dumps(out), file=sys.stderr, flush=True)
+  return out
+
+
+def _train(ds, full: Path, margin: float, seed: int, steps: int, batch: int, work: Path):
+  from bonejax.train import trainer
   sys.path.insert(0, str(common.REPO / "configs"))
   import demo as demo_config  # configs/demo.py
   c = demo_config.get_config()
@@ -114,18 +141,8 @@ def run_one(root: Path, full: Path, margin: float, seed: int, steps: int, batch:
     c.edge_margin = float(margin)
   t = time.perf_counter()
   run = trainer.train(c, work / "run")
-  train_s = time.perf_counter() - t
-  b = bundle.load_bundle(run.get("model_dir", work / "run" / "model"))
-  out = {"margin": float(margin), "seed": int(seed), "steps": steps, "batch": batch,
-         "best_step": run.get("best_step"), "best_val_miou": run.get("best_val_miou"),
-         **diagnose(b.model, b.normalization, ds.open_scan(ds.scans[4]), ds.classes,
-                    _CROP.value),
-         "train_seconds": round(train_s, 1), "load_average": common.load_average()}
-  out["gap"] = out["interior_miou_fg"] - out["border_miou_fg"]
-  out["crop_gap"] = out["crop_band_inside_miou_fg"] - out["crop_band_alone_miou_fg"]
-  outputs.atomic_write_json(done, out)
-  print(json.dumps(out), file=sys.stderr, flush=True)
-  return out
+  return {k: v for k, v in run.items() if k in ("model_dir", "best_step", "best_val_miou",
+                                                 "steps")}, round(time.perf_counter() - t, 1)
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -178,7 +195,9 @@ def to_markdown(rows, summ, info, load, cmd) -> str:
       "predicted alone; its outer 2 voxels scored as predicted alone (at the faces) and as cut "
       "from the whole-scan prediction (same voxels, full context): edge effect = the "
       "difference.", "",
-      "Mean ± half the spread (max - min) over seeds:", "", table, "", "Per run:", "", per_run])
+      "Mean ± half the spread (max - min) over seeds:", "", table, "", "Per run:", "", per_run]
+      + [f"\nRun margin {r['margin']:g} seed {r['seed']}: trained model reused from "
+         f"{r['reused_from']}." for r in rows if r.get("reused_from")])
 
 
 def main(argv):
