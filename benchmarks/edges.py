@@ -51,6 +51,7 @@ _MARGINS = flags.DEFINE_list("margins", ["0", "0.5"],
 _CROP = flags.DEFINE_integer("crop", 8, "Matched-content control: voxels cut from every side.")
 _RESCORE = flags.DEFINE_bool("rescore", False, "Score finished runs again from their models.")
 _NAME = "edges"
+DEPTH_BINS = ((0, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 1 << 30))
 
 
 def _fg(pred, truth, mask, classes):
@@ -77,6 +78,11 @@ def diagnose(model, normalization, scan, classes, crop: int) -> dict:
          "interior_miou_fg": edge["interior"]["miou_fg"],
          "border_iou": dict(zip(classes, edge["border"]["iou"])),
          "interior_iou": dict(zip(classes, edge["interior"]["iou"]))}
+  # miou_fg by distance to the nearest face: how deep an edge effect reaches.
+  dist = np.minimum.reduce(np.meshgrid(*[np.minimum(np.arange(n), n - 1 - np.arange(n))
+                                         for n in truth.shape], indexing="ij"))
+  out["by_depth"] = {f"{lo}-{hi}": _fg(labels, truth, (dist >= lo) & (dist < hi), classes)[0]
+                     for lo, hi in DEPTH_BINS}
   z = np.arange(truth.shape[0])[:, None, None]
   for name, sel in (("z0", z < border.BAND), ("z1", z >= truth.shape[0] - border.BAND)):
     out[f"{name}_miou_fg"] = _fg(labels, truth, np.broadcast_to(sel, truth.shape), classes)[0]
@@ -181,6 +187,13 @@ def to_markdown(rows, summ, info, load, cmd) -> str:
                   "crop_gap"],
       ["edge margin", "seeds", "val miou_fg", "interior miou_fg", "border-2 miou_fg",
        "gap (goal <= 0.01)", "edge effect (crop)"])
+  depth = ""
+  if all("by_depth" in r for r in rows):
+    keys = list(rows[0]["by_depth"])
+    depth = common.markdown_table(
+        [dict(margin=r["margin"], seed=r["seed"], **r["by_depth"]) for r in rows],
+        ["margin", "seed"] + keys,
+        ["edge margin", "seed"] + [f"d {k.replace('-1073741824', '+')}" for k in keys])
   r0 = rows[0]
   return "\n".join([
       "# Border band against interior, before and after the edge fix", "",
@@ -196,6 +209,8 @@ def to_markdown(rows, summ, info, load, cmd) -> str:
       "from the whole-scan prediction (same voxels, full context): edge effect = the "
       "difference.", "",
       "Mean ± half the spread (max - min) over seeds:", "", table, "", "Per run:", "", per_run]
+      + (["", "miou_fg by distance d (voxels) to the nearest face, whole-scan prediction:", "",
+          depth] if depth else [])
       + [f"\nRun margin {r['margin']:g} seed {r['seed']}: trained model reused from "
          f"{r['reused_from']}." for r in rows if r.get("reused_from")])
 
