@@ -170,7 +170,7 @@ def layer_labels(image: np.ndarray, labels: np.ndarray, classes: Sequence[str] |
   if not painted.any():
     raise errors.UserError(f"the labels layer has no labelled voxel (every voxel is the "
                            f"unlabelled value {u}): paint a few slices")
-  out = (labels.astype(np.int64) - (labels > u)).astype(np.uint8)
+  out = (labels.astype(np.int16) - (labels > u)).astype(np.uint8)  # values 0..255 checked
   out[~painted] = store.UNLABELLED
   present = np.unique(out[painted])
   if present.size < 2:
