@@ -24,12 +24,14 @@ from bonejax.core import errors, jsonable
 TRAJECTORY_KEYS = ("dataset", "train_scans", "val_scans", "val_fraction", "model", "in_channels",
                    "patch_size", "batch_size", "seed", "dtype", "axes", "patches_per_plane",
                    "oversample_rare", "normalization", "loss", "optimizer", "schedule", "augment",
-                   "phantom", "context_slices", "conv_lowering")
+                   "phantom", "context_slices", "conv_lowering", "edge_margin")
 # Fields added after runs were already written, with the value that means "as before": a
 # fingerprint leaves them out at that value, so older runs still resume.
 _ADDED_FIELDS = {("context_slices",): 0, ("model", "init_from"): "",
                  ("model", "encoder_weights"): "", ("model", "freeze_encoder_steps"): 0,
-                 ("conv_lowering",): "xla"}
+                 ("conv_lowering",): "xla",
+                 # runs before the key drew crops with the then fixed margin of half a patch
+                 ("edge_margin",): 0.5}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -216,6 +218,7 @@ _FLOAT_RANGES = {
     "optimizer.b2": (0.0, 1.0, True, False), "optimizer.eps": (0.0, None, False, None),
     "optimizer.momentum": (0.0, 1.0, True, False),
     "schedule.final_lr_fraction": (0.0, None, True, None),
+    "edge_margin": (0.0, 1.0, True, True),
 }
 _MISSING = object()
 
