@@ -10,7 +10,12 @@
   bonejax graph fp32 / bf16 xla      `build_inference_model(model, policy="xla", dtype)`:
                                      BatchNorm folded, XLA's convolutions
   bonejax graph fp32 / bf16 onednn   the same graph, every convolution on oneDNN
-                                     (`policy="onednn"`: bonejax.models.onednn, an XLA FFI call)
+                                     (`policy="onednn"`: bonejax.models.onednn, an XLA FFI call),
+                                     ReLUs and residual adds fused into its post-ops
+                                     (bonejax.models.graph_fusion)
+  bonejax graph fp32 / bf16 onednn unfused
+                                     the same without that fusion (`fuse=False`): the ReLUs and
+                                     adds as XLA operations (the graph before issue 25)
   bonejax graph fp32 / bf16 <policy> the same graph under `--policy` (default "auto", what
                                      predict.py runs; "measure" times every lowering per layer
                                      once and caches the choice in ~/.cache/bonejax)
@@ -78,12 +83,15 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     eval_model = nnx.view(model, use_running_average=True, deterministic=True,
                           raise_if_not_found=False)
     todo = [(f"bonejax {short}", eval_model)]
-    for pol in dict.fromkeys(("xla", "onednn", policy)):
+    graphs = [(pol, True) for pol in dict.fromkeys(("xla", "onednn", policy))]
+    for pol, fuse in graphs[:2] + [("onednn", False)] + graphs[2:]:
       if pol == "onednn" and not onednn.available():
         continue  # the note says why
-      graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol)
-      planners[f"bonejax graph {short} {pol}"] = graph.planner
-      todo.append((f"bonejax graph {short} {pol}", graph))
+      graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol,
+                                                    fuse=fuse)
+      name = f"bonejax graph {short} {pol}" + ("" if fuse else " unfused")
+      planners[name] = graph.planner
+      todo.append((name, graph))
     for name, m in todo:
       graphdef, state = nnx.split(m)
       fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
