@@ -12,6 +12,12 @@ accumulation, as PyTorch's autocast). The compiled extension (`onednn_conv.cc`) 
 per machine at first use (`build.py`); where it cannot be built (no oneDNN, no compiler) one
 `note:` line says so and `available()` is False: callers keep XLA's convolutions.
 
+The inference graph calls `conv_inference` instead: the same forward call as one `ffi_call`
+equation (no custom_vjp around it), whose ReLU / residual add `bonejax.models.graph_fusion`
+folds into the post-ops, and whose reordered kernels the handler keeps between calls (checked
+byte for byte against the kernel passed in). `handler_profile()` reads the handler's per-layer
+time split when $BONEJAX_ONEDNN_PROFILE is set (benchmarks/cpu_forward_profile.py).
+
 `supports(spec, ...)` asks oneDNN, at trace time, whether it builds primitives for that shape
 (and which implementation); a shape it refuses, or answers only with its slow reference code,
 stays on XLA (`conv_lowering.Planner` checks before choosing "onednn"). $BONEJAX_ONEDNN=off
