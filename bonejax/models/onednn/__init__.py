@@ -265,12 +265,17 @@ def conv(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False, re
 # ---------------------------------------------------------------------------------------------
 
 
+# Read at trace time; benchmarks switch it off to measure the per-call reorder it saves.
+KEEP_KERNELS = True
+
+
 def conv_inference(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False,
                    residual=None):
   """`conv`, forward only, as one `ffi_call` equation (what the inference graph calls)."""
   _check_loaded()
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  return _fwd_call(x, kernel, bias, residual, spec, out_dtype, bool(relu), cache_weights=True)
+  return _fwd_call(x, kernel, bias, residual, spec, out_dtype, bool(relu),
+                   cache_weights=KEEP_KERNELS)
 
 
 def forward_conf(eqn) -> np.ndarray | None:
