@@ -4,9 +4,11 @@
     python benchmarks/cpu_forward_profile.py --size=64 --calls=2 --results_dir=/tmp/p  # smoke
 
 `build_inference_model(unet_resnet18, dtype, policy="onednn")` (what cpu_forward.py times as
-"graph onednn"), jitted, for each dtype in --dtypes, unfused (`fuse=False`: every ReLU and
-residual add an XLA operation) and fused (the default: folded into oneDNN's post-ops, see
-bonejax/models/graph_fusion.py). Each variant runs --calls times under `jax.profiler.trace`; the
+"graph onednn"), jitted, for each dtype in --dtypes: "before" (the graph before issue 25:
+`fuse=False`, every ReLU, residual add, concatenation and the max-pool an XLA operation, and
+the kernels reordered on every call: `onednn.KEEP_KERNELS = False`), "unfused" (the same with
+the reordered kernels kept between calls) and "fused" (the default: ReLUs and adds folded into
+oneDNN's post-ops, concatenation and max-pool rewritten; see bonejax/models/graph_fusion.py). Each variant runs --calls times under `jax.profiler.trace`; the
 time of each XLA operation (a thunk of the CPU executable) is read from the trace and named from
 the compiled HLO: each oneDNN convolution (a custom call) by its layer (input -> output shape,
 kernel, stride, post-ops), every other operation by its kind (an elementwise loop fusion and the
@@ -167,17 +169,20 @@ def per_op_seconds(events: list[dict], ops: dict, calls: int) -> dict[str, dict]
 # ---------------------------------------------------------------------------------------------
 
 
-def profile_variant(model, dtype: str, fuse: bool, x, calls: int) -> dict:
+def profile_variant(model, dtype: str, how: str, x, calls: int) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from bonejax.models import inference_graph, onednn
 
   graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy="onednn",
-                                                fuse=fuse)
+                                                fuse=how == "fused")
   graphdef, state = nnx.split(graph)
   fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  onednn.KEEP_KERNELS = how != "before"  # read while tracing
   hlo = fn.lower(state, x).compile().as_text()
+  jax.block_until_ready(fn(state, x))
+  onednn.KEEP_KERNELS = True
   ops = describe_ops(hlo)
   for _ in range(2):
     jax.block_until_ready(fn(state, x))
@@ -208,7 +213,7 @@ def profile_variant(model, dtype: str, fuse: bool, x, calls: int) -> dict:
                   "exec_ms": 1e3 * h["exec_s"] / h["calls"], "impl": h["impl"]})
     rows.append(row)
   missing = sorted(set(ops) - set(seen))
-  return {"variant": f"{dtype} {'fused' if fuse else 'unfused'}", "wall_ms": 1e3 *
+  return {"variant": f"{dtype} {how}", "wall_ms": 1e3 *
           common.median(walls), "ops": rows, "not_in_trace": missing,
           "trace_names": sorted({e.get("name", "") for e in events})[:200]}
 
@@ -250,8 +255,8 @@ def main(argv):
   for dtype in _DTYPES.value:
     model = models.fill_from_numpy(models.abstract_model(
         models.create, _MODEL.value, num_classes=3, in_channels=1, dtype=jnp.dtype(dtype)))
-    for fuse in (False, True):
-      res = profile_variant(model, dtype, fuse, x, _CALLS.value)
+    for how in ("before", "unfused", "fused"):
+      res = profile_variant(model, dtype, how, x, _CALLS.value)
       print(f"{res['variant']}: wall {res['wall_ms']:.1f} ms, {len(res['ops'])} ops timed, "
             f"{len(res['not_in_trace'])} not in the trace", file=sys.stderr, flush=True)
       results.append(res)
