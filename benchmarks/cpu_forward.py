@@ -10,7 +10,15 @@
   bonejax graph fp32 / bf16 xla      `build_inference_model(model, policy="xla", dtype)`:
                                      BatchNorm folded, XLA's convolutions
   bonejax graph fp32 / bf16 onednn   the same graph, every convolution on oneDNN
-                                     (`policy="onednn"`: bonejax.models.onednn, an XLA FFI call)
+                                     (`policy="onednn"`: bonejax.models.onednn, an XLA FFI call),
+                                     ReLUs and residual adds fused into its post-ops
+                                     (bonejax.models.graph_fusion)
+  bonejax graph fp32 / bf16 onednn unfused
+                                     the same without that fusion (`fuse=False`): the ReLUs,
+                                     adds, concatenations and max-pool as XLA operations
+  bonejax graph fp32 / bf16 onednn before
+                                     unfused and the kernels reordered on every call
+                                     (`onednn.KEEP_KERNELS = False`): the graph before issue 25
   bonejax graph fp32 / bf16 <policy> the same graph under `--policy` (default "auto", what
                                      predict.py runs; "measure" times every lowering per layer
                                      once and caches the choice in ~/.cache/bonejax)
@@ -78,16 +86,21 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     eval_model = nnx.view(model, use_running_average=True, deterministic=True,
                           raise_if_not_found=False)
     todo = [(f"bonejax {short}", eval_model)]
-    for pol in dict.fromkeys(("xla", "onednn", policy)):
+    graphs = [(pol, "") for pol in dict.fromkeys(("xla", "onednn", policy))]
+    for pol, how in graphs[:2] + [("onednn", " unfused"), ("onednn", " before")] + graphs[2:]:
       if pol == "onednn" and not onednn.available():
         continue  # the note says why
-      graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol)
-      planners[f"bonejax graph {short} {pol}"] = graph.planner
-      todo.append((f"bonejax graph {short} {pol}", graph))
+      graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol,
+                                                    fuse=not how)
+      name = f"bonejax graph {short} {pol}{how}"
+      planners[name] = graph.planner
+      todo.append((name, graph))
     for name, m in todo:
       graphdef, state = nnx.split(m)
       fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+      onednn.KEEP_KERNELS = not name.endswith(" before")  # read while tracing
       jax.block_until_ready(fn(state, x))  # compile (and, for the graph, measure layers)
+      onednn.KEEP_KERNELS = True
       variants[name] = (lambda fn=fn, s=state: fn(s, x))
   info["onednn"] = onednn.describe()
   cpu_workers.serve_jax(variants, info, planners, t0)

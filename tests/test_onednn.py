@@ -369,3 +369,119 @@ def test_auto_rule_in_training_keeps_strided_and_deep_layers_off_onednn():
   assert train.choose(large) == "onednn"
   assert train.choose(strided) != "onednn" and train.choose(deep) != "onednn"
   assert {Planner("auto", cache=False).choose(s) for s in (strided, deep, large)} == {"onednn"}
+
+
+# ---------------------------------------------------------------------------------------------
+# ReLU / residual add fused into oneDNN's post-ops (bonejax/models/graph_fusion.py).
+# ---------------------------------------------------------------------------------------------
+
+
+class _ResNetLet(nnx.Module):
+  """A stem, two ResNet basic blocks (the second with a strided 1x1 shortcut) and a head."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    from bonejax.models.layers import ConvBNAct
+    from bonejax.models.resnet import BasicBlock
+    self.stem = ConvBNAct(1, 8, 3, rngs=rngs)
+    self.block1 = BasicBlock(8, 8, 1, 1, rngs=rngs)
+    self.block2 = BasicBlock(8, 16, 2, 1, rngs=rngs)
+    self.head = nnx.Conv(16, 3, (1, 1), rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.block2(self.block1(self.stem(x))))
+
+
+class _PreActivationKept(nnx.Module):
+  """conv -> BN whose output feeds its ReLU *and* a concatenation: the ReLU must not fuse."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(1, 8, (3, 3), use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.mid = nnx.Conv(16, 8, (3, 3), use_bias=False, rngs=rngs)
+    self.head = nnx.Conv(8, 3, (1, 1), rngs=rngs)
+
+  def __call__(self, x):
+    y = self.bn(self.conv(x))
+    return self.head(self.mid(jnp.concatenate([jax.nn.relu(y), y], -1)))
+
+
+def _randomised(model: nnx.Module) -> nnx.Module:
+  rng = np.random.default_rng(1)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.BatchNorm):
+      c = node.mean.shape[0]
+      node.mean[...] = jnp.asarray(rng.normal(0, 0.5, c), jnp.float32)
+      node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
+      node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
+  return model
+
+
+def _post_ops(graph) -> list[tuple[bool, bool]]:
+  """(relu, sum) of every oneDNN call of the graph's traced forward pass, in call order."""
+  from bonejax.models import graph_fusion
+  graphdef, state = nnx.split(graph)
+  jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(X))
+  return [(c["relu"], c["sum"]) for c in graph_fusion.fused_convs(jaxpr.jaxpr)]
+
+
+def test_fused_residual_blocks_equal_the_unfused_graph():
+  model = _randomised(_ResNetLet(rngs=nnx.Rngs(0)))
+  ref = _run(inference_graph.build_inference_model(model, policy="xla"))
+  unfused = inference_graph.build_inference_model(model, policy="onednn", fuse=False)
+  fused = inference_graph.build_inference_model(model, policy="onednn")
+  assert isinstance(fused, _ResNetLet) and type(unfused) is _ResNetLet
+  assert _post_ops(unfused) == [(False, False)] * 7
+  # stem; block1 conv1, conv2 + x; block2 conv1, the shortcut (its output is the add's
+  # operand: not fused), conv2 + shortcut (moved to where the add was); head (the result).
+  assert _post_ops(fused) == [(True, False), (True, False), (True, True), (True, False),
+                              (False, False), (True, True), (False, False)]
+  out, plain = _run(fused), _run(unfused)
+  assert _rel(out, plain) < 1e-5 and _rel(out, ref) < 1e-5
+
+  low = inference_graph.build_inference_model(model, policy="onednn", dtype=jnp.bfloat16)
+  low_plain = inference_graph.build_inference_model(model, policy="onednn", dtype=jnp.bfloat16,
+                                                    fuse=False)
+  a, b = _run(low), _run(low_plain)
+  assert _rel(a, ref) < 3e-2 and _rel(b, ref) < 3e-2
+  assert (a.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+def test_a_relu_whose_input_has_a_second_consumer_is_not_fused():
+  model = _randomised(_PreActivationKept(rngs=nnx.Rngs(0)))
+  ref = _run(inference_graph.build_inference_model(model, policy="xla"))
+  fused = inference_graph.build_inference_model(model, policy="onednn")
+  assert _post_ops(fused) == [(False, False)] * 3
+  assert _rel(_run(fused), ref) < 1e-5
+
+
+def test_kept_kernels_follow_the_weights_passed_in():
+  """The inference graph's handler keeps its kernels reordered between calls; a call with other
+  weights (same shapes, so the same primitive, possibly the same buffers) must use them."""
+  model = _randomised(_ResNetLet(rngs=nnx.Rngs(0)))
+  graph = inference_graph.build_inference_model(model, policy="onednn")
+  graphdef, state = nnx.split(graph)
+  fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  other = jax.tree.map(lambda v: -0.5 * v if v.ndim == 4 else v, state)
+  xla_def = nnx.split(inference_graph.build_inference_model(model, policy="xla"))[0]
+  ref = lambda st: _run(nnx.merge(xla_def, st))  # noqa: E731  (same state tree)
+  first, second, again = (np.asarray(fn(s, jnp.asarray(X))) for s in (state, other, state))
+  assert _rel(first, ref(state)) < 1e-5 and _rel(second, ref(other)) < 1e-5
+  np.testing.assert_array_equal(first, again)
+
+
+def test_xla_cpu_rewrites_are_exact():
+  """bf16 concatenation as bits and max-pooling as slices: bit-equal to XLA's own."""
+  from bonejax.models import graph_fusion
+  from bonejax.models.layers import max_pool
+  rng = np.random.default_rng(0)
+  for dt in (jnp.float32, jnp.bfloat16):
+    x = jnp.asarray(rng.normal(size=(2, 9, 11, 5)), dt).at[0, 0, 0, 0].set(-jnp.inf)
+    for fn, args in ((lambda x: max_pool(x, 3, 2, 1), (x,)),
+                     (lambda a, b: jnp.concatenate([a, b], -1), (x, -x))):
+      got = jax.jit(lambda *a, fn=fn: graph_fusion.fused_call(fn, *a))(*args)
+      np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                    np.asarray(jax.jit(fn)(*args), np.float32))
+      names = {e.primitive.name for e in jax.make_jaxpr(
+          lambda *a, fn=fn: graph_fusion.fused_call(fn, *a))(*args).jaxpr.eqns}
+      assert "reduce_window_max" not in names
+      assert dt == jnp.float32 or "bitcast_convert_type" in names

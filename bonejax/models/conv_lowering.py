@@ -241,17 +241,21 @@ def apply(how: str, x, kernel, spec: ConvSpec):
   return LOWERING_FNS[how](x, kernel, spec)
 
 
-def conv_bias(how: str, x, kernel, bias, spec: ConvSpec, out_dtype):
+def conv_bias(how: str, x, kernel, bias, spec: ConvSpec, out_dtype, *,
+              inference: bool = False):
   """The layer: convolution + float32 bias, handed on in `out_dtype`.
 
   oneDNN adds the bias and writes `out_dtype` itself (one pass over the output, no float32
   intermediate); the other lowerings return the float32 accumulator and XLA fuses the rest.
+  `inference`: call oneDNN as one `onednn.conv_p` equation (the inference graph's, whose
+  following ReLU / residual add `graph_fusion` folds into it) instead of its custom_vjp.
   """
   if how == "onednn":
     from bonejax.models import onednn
+    call = onednn.conv_inference if inference else onednn.conv
     if onednn.supports(spec, out_dtype)[0]:
-      return onednn.conv(x, kernel, bias, spec, out_dtype=out_dtype)
-    return onednn.conv(x, kernel, bias, spec, out_dtype=spec.dtype).astype(out_dtype)
+      return call(x, kernel, bias, spec, out_dtype=out_dtype)
+    return call(x, kernel, bias, spec, out_dtype=spec.dtype).astype(out_dtype)
   y = apply(how, x, kernel, spec)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
@@ -363,7 +367,7 @@ def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
                                         np.float32) * 0.05, dtype)
     b = jnp.zeros((spec.cout,), jnp.float32)
     def layer(x, k, b, how):
-      return conv_bias(how, x, k, b, spec, dtype)
+      return conv_bias(how, x, k, b, spec, dtype, inference=not train)
 
     if train:  # the cotangent's values do not matter for the time: sum of squares
       fns = {how: jax.jit(jax.grad(

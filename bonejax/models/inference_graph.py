@@ -31,11 +31,16 @@ watching one abstract forward pass:
    which stay float32 (the FP32_EDGES rule of bonejax.models.layers: the raw scan in, the logits
    out). Folded kernels are stored in their layer's compute dtype (cast once, not per call).
 5. Each `FastConv` asks a shared `conv_lowering.Planner` at trace time which lowering to use
-   for its input shape (XLA's convolution or bf16 dot products; measured per machine, cached).
+   for its input shape (XLA's convolution, bf16 dot products or oneDNN; measured per machine,
+   cached).
+6. Where that may be oneDNN (a custom call XLA cannot fuse an elementwise loop into), the
+   module's class becomes a subclass whose call is `graph_fusion.fused_call` of the model's:
+   a ReLU and a residual add that follow a oneDNN convolution become its post-ops, where the
+   jaxpr of the forward pass proves it equivalent (`fused_class`, `bonejax.models.graph_fusion`).
 
 Activations are not fused by hand: the model's own code applies them after the (now Identity)
-BatchNorm, and XLA fuses bias + activation + cast into one elementwise loop after each
-convolution or dot (benchmarks/cpu_inference.py --hlo shows the fusions).
+BatchNorm. After XLA's convolutions and the dot lowerings XLA fuses bias + activation + cast
+into one elementwise loop; after oneDNN's, 6. folds them into the convolution.
 
 The result is an ordinary NNX module: `nnx.split` it once and jit a pure forward, as the
 predictor does with the model itself. `lower_convs` is the training-side variant: convolutions
@@ -54,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bonejax.models import conv_lowering
+from bonejax.models import conv_lowering, graph_fusion
 from bonejax.models.conv_lowering import ConvSpec, Planner
 
 
@@ -137,7 +142,8 @@ class FastConv(nnx.Module):
     spec = self.spec(x)
     how = self.planner.choose(spec, self.out_dtype)
     bias = None if self.bias is None else self.bias[...]
-    return conv_lowering.conv_bias(how, x, kernel, bias, spec, self.out_dtype)
+    return conv_lowering.conv_bias(how, x, kernel, bias, spec, self.out_dtype,
+                                   inference=not self.planner.train)
 
 
 class DotConvTranspose(nnx.Module):
@@ -406,10 +412,33 @@ def fold_difference(model: nnx.Module, bn_of: dict, called: set,
   return float(np.abs(a - b).max()), float(np.abs(a).max())
 
 
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fused_class(cls: type) -> type:
+  """The subclass of model class `cls` whose call is `graph_fusion.fused_call` of `cls`'s.
+
+  One per class (an NNX graphdef names the class), same name, attributes and state tree: code
+  that reads the graph's layers or attributes sees the model it built it from.
+  """
+  sub = _FUSED_CLASSES.get(cls)
+  if sub is None:
+    base_call = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+      return graph_fusion.fused_call(lambda *a: base_call(self, *a, **kwargs), *args)
+
+    sub = type(cls)(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__,
+                                           "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+    _FUSED_CLASSES[cls] = sub
+  return sub
+
+
 def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str = "auto",
                           planner: Planner | None = None,
                           sample_shape: Sequence[int] | None = None,
-                          verify: bool | None = None) -> nnx.Module:
+                          verify: bool | None = None, fuse: bool = True) -> nnx.Module:
   """An eval-mode copy of `model` with BatchNorm folded and convolutions lowered per layer.
 
   dtype: compute dtype of the inner layers (None: each layer's own). The first and last
@@ -422,6 +451,9 @@ def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str =
     return the plain eval-mode model (with `dtype` applied, nothing folded or lowered) and print
     one `note:` line on stderr. None (default): for models outside the zoo whose weights are
     concrete (not inside a trace, e.g. `make_folder`'s).
+  fuse: on the CPU under a policy that may choose oneDNN, fold ReLUs and residual adds into the
+    oneDNN convolutions they follow (`graph_fusion`; the module's class becomes
+    `fused_class(type(model))`). False: the model's own call.
   `model` itself is not changed. The returned module's `planner` attribute reports the choices;
   its `inference_graph` attribute is "folded", or "plain" after a fallback.
   """
@@ -454,6 +486,9 @@ def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str =
     _set_dtypes(model, jnp.dtype(dtype).type, edges)
   if graph == "folded":
     _rewrite(model, bn_of, called, planner)
+    if (fuse and planner.backend == "cpu" and planner.policy in ("onednn", "auto", "measure")
+        and not planner.train):
+      model.__class__ = fused_class(type(model))
   model.planner = planner
   model.inference_graph = graph
   return model

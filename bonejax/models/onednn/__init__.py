@@ -12,6 +12,12 @@ accumulation, as PyTorch's autocast). The compiled extension (`onednn_conv.cc`) 
 per machine at first use (`build.py`); where it cannot be built (no oneDNN, no compiler) one
 `note:` line says so and `available()` is False: callers keep XLA's convolutions.
 
+The inference graph calls `conv_inference` instead: the same forward call as one `ffi_call`
+equation (no custom_vjp around it), whose ReLU / residual add `bonejax.models.graph_fusion`
+folds into the post-ops, and whose reordered kernels the handler keeps between calls (checked
+byte for byte against the kernel passed in). `handler_profile()` reads the handler's per-layer
+time split when $BONEJAX_ONEDNN_PROFILE is set (benchmarks/cpu_forward_profile.py).
+
 `supports(spec, ...)` asks oneDNN, at trace time, whether it builds primitives for that shape
 (and which implementation); a shape it refuses, or answers only with its slow reference code,
 stays on XLA (`conv_lowering.Planner` checks before choosing "onednn"). $BONEJAX_ONEDNN=off
@@ -105,6 +111,27 @@ def describe() -> str:
           f"{supports(probe, train=True)[1]}")
 
 
+def handler_profile(reset: bool = False) -> list[dict[str, Any]]:
+  """Per cached primitive, the time its calls spent in the handler (only counted when
+  $BONEJAX_ONEDNN_PROFILE was set before the first call): kernel reorder, residual copy and the
+  primitive itself, in seconds. `key` is "fwd|x dims|w dims|y dims|dtypes|conf" (see the .cc).
+  reset: zero the counters after reading."""
+  lib = _load()
+  if lib is None:
+    return []
+  size = lib.bonejax_onednn_profile(None, 0)
+  buf = ctypes.create_string_buffer(size + 4096)
+  lib.bonejax_onednn_profile(buf, len(buf))
+  if reset:
+    lib.bonejax_onednn_profile_reset()
+  rows = []
+  for line in buf.value.decode(errors="replace").splitlines():
+    key, calls, reorder, copy, execute, impl = line.split("\t")
+    rows.append({"key": key, "calls": int(calls), "reorder_s": float(reorder),
+                 "copy_s": float(copy), "exec_s": float(execute), "impl": impl})
+  return rows
+
+
 def _reset_for_tests() -> None:
   with _lock:
     _state.clear()
@@ -119,10 +146,12 @@ def _reset_for_tests() -> None:
 DTYPES = ("float32", "bfloat16")
 
 
-def _conf(spec, *, relu: bool = False, bias: bool = False, residual: bool = False):
+def _conf(spec, *, relu: bool = False, bias: bool = False, residual: bool = False,
+          cache_weights: bool = False):
   (pt, pb), (pl, pr) = spec.padding
   return np.array([spec.stride[0], spec.stride[1], spec.dilation[0], spec.dilation[1],
-                   pt, pb, pl, pr, spec.groups, int(relu), int(bias), int(residual)], np.int64)
+                   pt, pb, pl, pr, spec.groups, int(relu), int(bias), int(residual),
+                   int(cache_weights)], np.int64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,12 +190,13 @@ def supports(spec, out_dtype: Any = None, *, train: bool = False) -> tuple[bool,
 # ---------------------------------------------------------------------------------------------
 
 
-def _fwd_call(x, kernel, bias, residual, spec, out_dtype, relu):
+def _fwd_call(x, kernel, bias, residual, spec, out_dtype, relu, cache_weights=False):
   ho, wo = spec.out_hw
   out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, kernel.shape[-1]), out_dtype)
   b = (jnp.zeros((0,), jnp.float32) if bias is None else bias.astype(jnp.float32))
   r = jnp.zeros((0,), out_dtype) if residual is None else residual.astype(out_dtype)
-  conf = _conf(spec, relu=relu, bias=bias is not None, residual=residual is not None)
+  conf = _conf(spec, relu=relu, bias=bias is not None, residual=residual is not None,
+               cache_weights=cache_weights)
   aliases = {3: 0} if residual is not None else None
   return jax.ffi.ffi_call(_FWD, out, input_output_aliases=aliases)(x, kernel, b, r, conf=conf)
 
@@ -208,6 +238,11 @@ def _conv_bwd(spec, out_dtype, relu, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _check_loaded():
+  if _load() is None:
+    raise RuntimeError(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
+
+
 def conv(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False, residual=None):
   """oneDNN convolution of NHWC `x` with HWIO `kernel` (+ float32 `bias`, ReLU, `residual`).
 
@@ -215,7 +250,46 @@ def conv(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False, re
   `out_dtype` (default: the compute dtype), accumulated in float32. Differentiable in x, kernel,
   bias and residual. The caller checks `supports(spec, out_dtype)` first.
   """
-  if _load() is None:
-    raise RuntimeError(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
+  _check_loaded()
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   return _conv(x, kernel, bias, residual, spec, out_dtype, bool(relu))
+
+
+# ---------------------------------------------------------------------------------------------
+# The inference graph's call: the forward custom call itself, one `ffi_call` equation in the
+# jaxpr (a custom_vjp would hide it inside a closure), so that `bonejax.models.graph_fusion` can
+# find it in a traced forward pass and fold the ReLU / residual add that follow it into its
+# post-ops. Not differentiable (training runs `conv`). Its kernels are constant from call to
+# call, so the handler keeps them in oneDNN's layout (`cache_weights`: reused only while the
+# kernel passed in equals, byte for byte, the one they were made from; see onednn_conv.cc).
+# ---------------------------------------------------------------------------------------------
+
+
+# Read at trace time; benchmarks switch it off to measure the per-call reorder it saves.
+KEEP_KERNELS = True
+
+
+def conv_inference(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False,
+                   residual=None):
+  """`conv`, forward only, as one `ffi_call` equation (what the inference graph calls)."""
+  _check_loaded()
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  return _fwd_call(x, kernel, bias, residual, spec, out_dtype, bool(relu),
+                   cache_weights=KEEP_KERNELS)
+
+
+def forward_conf(eqn) -> np.ndarray | None:
+  """The `conf` attribute of a jaxpr equation that is a oneDNN forward call, else None."""
+  if eqn.primitive.name != "ffi_call" or eqn.params.get("target_name") != _FWD:
+    return None
+  conf = dict(eqn.params["attributes"])["conf"]
+  return np.asarray(getattr(conf, "val", conf), np.int64)
+
+
+def forward_call_with_conf(x, kernel, bias, residual, conf: np.ndarray, out):
+  """The forward custom call with an explicit `conf` (as `_conf` builds it) and result `out`
+  (a ShapeDtypeStruct); `bias` and `residual` are the call's operands (empty arrays where
+  `conf` says none). The residual's buffer becomes the output's."""
+  aliases = {3: 0} if int(conf[11]) else None
+  return jax.ffi.ffi_call(_FWD, out, input_output_aliases=aliases)(
+      x, kernel, bias, residual, conf=np.asarray(conf, np.int64))

@@ -4,11 +4,14 @@
 // channels grouped group-major as lax.conv_general_dilated's feature_group_count expects).
 // oneDNN reads and writes the activations in place (NHWC is a layout its brgemm/jit kernels
 // take directly); kernels are reordered to the primitive's preferred layout on each call (a
-// small copy next to the convolution; XLA's FFI gives a handler no per-executable state).
+// small copy next to the convolution; XLA's FFI gives a handler no per-executable state), or,
+// where the caller asks (`cache_weights`: the inference graph, whose kernels do not change
+// between calls), kept reordered next to a copy of the kernel they came from and reused while
+// the kernel passed in is byte-for-byte that copy (`PackedKernel`).
 //
 // Every call is described by one int64 attribute array `conf`:
 //   [stride_h, stride_w, dil_h, dil_w, pad_top, pad_bottom, pad_left, pad_right, groups,
-//    relu, has_bias, has_sum]
+//    relu, has_bias, has_sum, cache_weights]
 // (dilations as JAX counts them: 1 = none). Primitives are built once per (shapes, dtypes,
 // conf) and cached. Calls are serialised by one mutex: oneDNN's OpenMP team already uses every
 // core, and two teams started from two XLA worker threads would oversubscribe them.
@@ -16,8 +19,10 @@
 // Built by bonejax/models/onednn/build.py (g++ -O2 -shared against jax.ffi.include_dir() and
 // Debian's libdnnl-dev 2.6).
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <memory>
@@ -35,7 +40,7 @@ using dnnl::memory;
 
 namespace {
 
-constexpr int kConfSize = 12;
+constexpr int kConfSize = 13;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -63,11 +68,11 @@ bool ToDnnl(ffi::DataType t, memory::data_type* out) {
 struct Conf {
   memory::dims strides, dilates, pad_l, pad_r;
   int64_t groups = 1;
-  bool relu = false, bias = false, sum = false;
+  bool relu = false, bias = false, sum = false, cache_weights = false;
 };
 
 ffi::Error ParseConf(ffi::Span<const int64_t> c, Conf* conf) {
-  if (c.size() != kConfSize) return ffi::Error::InvalidArgument("conf must have 12 entries");
+  if (c.size() != kConfSize) return ffi::Error::InvalidArgument("conf must have 13 entries");
   conf->strides = {c[0], c[1]};
   conf->dilates = {c[2] - 1, c[3] - 1};  // oneDNN counts dilation from 0
   conf->pad_l = {c[4], c[6]};
@@ -76,6 +81,7 @@ ffi::Error ParseConf(ffi::Span<const int64_t> c, Conf* conf) {
   conf->relu = c[9] != 0;
   conf->bias = c[10] != 0;
   conf->sum = c[11] != 0;
+  conf->cache_weights = c[12] != 0;
   if (conf->groups < 1) return ffi::Error::InvalidArgument("groups must be >= 1");
   return ffi::Error::Success();
 }
@@ -115,6 +121,35 @@ std::string Key(const char* op, std::initializer_list<ffi::AnyBuffer::Dimensions
   return s.str();
 }
 
+// Per-primitive time split, collected only when $BONEJAX_ONEDNN_PROFILE is set (read once):
+// the kernel reorder, the residual copy and the primitive itself, in seconds, per call site
+// shape (benchmarks/cpu_forward_profile.py reads them through bonejax_onednn_profile).
+struct Times {
+  int64_t calls = 0;
+  double reorder = 0, copy = 0, exec = 0;
+};
+
+bool Profiling() {
+  static const bool on = [] {
+    const char* v = std::getenv("BONEJAX_ONEDNN_PROFILE");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A kernel kept in the primitive's layout, with the bytes of the kernel it was made from.
+struct PackedKernel {
+  const void* from = nullptr;  // where that kernel was (which slot to try first)
+  std::vector<char> source, packed;
+};
+
+constexpr size_t kPackedSlots = 8;  // kernels of one primitive shape kept (layers sharing it)
+
 // One cached primitive with its kernel reorder and scratch buffers (used under CallMutex).
 struct Entry {
   dnnl::primitive prim;
@@ -125,6 +160,9 @@ struct Entry {
   memory::desc scratch_md;
   std::vector<char> scratch;
   std::string impl;
+  Times times;
+  std::vector<PackedKernel> kept;  // cache_weights: up to kPackedSlots kernels
+  size_t next_slot = 0;
 };
 
 std::unordered_map<std::string, std::unique_ptr<Entry>>& Cache() {
@@ -174,8 +212,58 @@ memory KernelFor(Entry* e, void* user_ptr) {
   memory user(e->user_w, Engine(), user_ptr);
   if (!e->reorder_w) return user;
   memory prim(e->prim_w, Engine(), e->w_buf.data());
+  const double t0 = Profiling() ? Now() : 0;
   e->w_reorder.execute(Stream(), {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, prim}});
+  if (Profiling()) {
+    Stream().wait();
+    e->times.reorder += Now() - t0;
+  }
   return prim;
+}
+
+// The kernel at `user_ptr` in the primitive's layout, reused from e->kept when a kept kernel's
+// source bytes equal it (the pointer only says where to look first: equality is checked on the
+// whole kernel, so a buffer reused for other weights is reordered again, never misread).
+memory KeptKernelFor(Entry* e, void* user_ptr) {
+  if (!e->reorder_w) return memory(e->user_w, Engine(), user_ptr);
+  const size_t n = e->user_w.get_size();
+  const double t0 = Profiling() ? Now() : 0;
+  PackedKernel* hit = nullptr;
+  for (auto& k : e->kept)
+    if (k.from == user_ptr && std::memcmp(k.source.data(), user_ptr, n) == 0) hit = &k;
+  if (hit == nullptr)
+    for (auto& k : e->kept)
+      if (k.from != user_ptr && std::memcmp(k.source.data(), user_ptr, n) == 0) hit = &k;
+  if (hit == nullptr) {
+    if (e->kept.size() < kPackedSlots) {
+      e->kept.emplace_back();
+      hit = &e->kept.back();
+    } else {
+      hit = &e->kept[e->next_slot];
+      e->next_slot = (e->next_slot + 1) % kPackedSlots;
+    }
+    hit->source.assign(static_cast<const char*>(user_ptr),
+                       static_cast<const char*>(user_ptr) + n);
+    hit->packed.resize(e->prim_w.get_size());
+    memory user(e->user_w, Engine(), user_ptr);
+    memory prim(e->prim_w, Engine(), hit->packed.data());
+    e->w_reorder.execute(Stream(), {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, prim}});
+    Stream().wait();
+  }
+  hit->from = user_ptr;
+  if (Profiling()) e->times.reorder += Now() - t0;
+  return memory(e->prim_w, Engine(), hit->packed.data());
+}
+
+// Runs the primitive, timing it when profiling.
+void Execute(Entry* e, const std::unordered_map<int, memory>& args) {
+  const double t0 = Profiling() ? Now() : 0;
+  e->prim.execute(Stream(), args);
+  Stream().wait();
+  if (Profiling()) {
+    e->times.exec += Now() - t0;
+    e->times.calls += 1;
+  }
 }
 
 ffi::Error Failed(const char* what, const std::exception& ex) {
@@ -215,10 +303,15 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
     memory dst(ActDesc(y->dimensions(), ty), Engine(), y->untyped_data());
     if (conf.sum && residual.untyped_data() != y->untyped_data()) {
       // Without buffer aliasing the residual must be copied to the output first.
+      const double t0 = Profiling() ? Now() : 0;
       std::memcpy(y->untyped_data(), residual.untyped_data(), y->size_bytes());
+      if (Profiling()) e->times.copy += Now() - t0;
     }
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src},
-                                         {DNNL_ARG_WEIGHTS, KernelFor(e, w.untyped_data())},
+                                         {DNNL_ARG_WEIGHTS,
+                                          conf.cache_weights
+                                              ? KeptKernelFor(e, w.untyped_data())
+                                              : KernelFor(e, w.untyped_data())},
                                          {DNNL_ARG_DST, dst}};
     if (conf.bias)
       args.emplace(DNNL_ARG_BIAS, memory(memory::desc({y->dimensions()[3]},
@@ -227,8 +320,7 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
                                          Engine(), bias.untyped_data()));
     if (!e->scratch.empty())
       args.emplace(DNNL_ARG_SCRATCHPAD, memory(e->scratch_md, Engine(), ScratchPtr(e)));
-    e->prim.execute(Stream(), args);
-    Stream().wait();
+    Execute(e, args);
   } catch (const std::exception& ex) {
     return Failed("convolution forward", ex);
   }
@@ -278,8 +370,7 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
                                    dx->untyped_data())}};
     if (!e->scratch.empty())
       args.emplace(DNNL_ARG_SCRATCHPAD, memory(e->scratch_md, Engine(), ScratchPtr(e)));
-    e->prim.execute(Stream(), args);
-    Stream().wait();
+    Execute(e, args);
   } catch (const std::exception& ex) {
     return Failed("convolution backward-data", ex);
   }
@@ -412,4 +503,27 @@ extern "C" int bonejax_onednn_probe(const int64_t* xdims, const int64_t* wdims,
     std::snprintf(msg, msg_len, "%s", ex.what());
     return 1;
   }
+}
+
+// The times collected under $BONEJAX_ONEDNN_PROFILE, one line per cached primitive:
+// "key<TAB>calls<TAB>reorder_s<TAB>copy_s<TAB>exec_s<TAB>impl". Writes them into `buf` if they
+// fit and returns the size they need (with the terminating zero).
+extern "C" int bonejax_onednn_profile(char* buf, int buf_len) {
+  std::lock_guard<std::mutex> lock(CallMutex());
+  std::ostringstream out;
+  for (auto& kv : Cache()) {
+    const Entry* e = kv.second.get();
+    if (e == nullptr) continue;
+    out << kv.first << '\t' << e->times.calls << '\t' << e->times.reorder << '\t'
+        << e->times.copy << '\t' << e->times.exec << '\t' << e->impl << '\n';
+  }
+  const std::string s = out.str();
+  if (buf != nullptr && buf_len > int(s.size())) std::memcpy(buf, s.c_str(), s.size() + 1);
+  return int(s.size()) + 1;
+}
+
+extern "C" void bonejax_onednn_profile_reset() {
+  std::lock_guard<std::mutex> lock(CallMutex());
+  for (auto& kv : Cache())
+    if (kv.second) kv.second->times = Times();
 }
