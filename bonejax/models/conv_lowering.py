@@ -344,9 +344,10 @@ def machine_key() -> str:
 
 
 def cache_path() -> Path:
-  """$BONEJAX_CACHE_DIR/conv_lowering.json (default ~/.cache/bonejax)."""
-  root = os.environ.get("BONEJAX_CACHE_DIR") or Path.home() / ".cache" / "bonejax"
-  return Path(root) / "conv_lowering.json"
+  """conv_lowering.json in bonejax's cache directory: $BONEJAX_CACHE_DIR, else
+  $XDG_CACHE_HOME/bonejax, else ~/.cache/bonejax (core.cache_dirs)."""
+  from bonejax.core.cache_dirs import user_cache_dir
+  return user_cache_dir("conv_lowering.json")
 
 
 def time_lowerings(spec: ConvSpec, lowerings: Sequence[str], repeats: int = 5,
