@@ -196,7 +196,14 @@ def test_zoo_folded_graph_on_onednn_equals_xla(name):
   graph = inference_graph.build_inference_model(model, policy="onednn", dtype=jnp.bfloat16)
   low = _run(graph)
   assert _choices(graph).count("onednn") == len(_choices(graph))
-  assert (low.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+  # Argmax agreement where the float32 top two logits are not a near-tie (within 1 % of the
+  # logit range: bf16's own rounding decides those, e.g. 3 of 2048 pixels of unet_resnet50 flip
+  # between oneDNN 2.6 and 3.2 at identical max error), and the error stays bf16-sized.
+  top2 = np.sort(np.asarray(ref), axis=-1)[..., -2:]
+  decisive = (top2[..., 1] - top2[..., 0]) > 0.01 * np.ptp(np.asarray(ref))
+  assert decisive.mean() > 0.9
+  assert (low.argmax(-1) == ref.argmax(-1))[decisive].mean() >= 0.99
+  assert _rel(low, ref) < 0.05
 
 
 def test_zoo_shapes_are_covered():
@@ -334,6 +341,33 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
   mtime = first.stat().st_mtime_ns
   assert onednn._build.build() == first and first.stat().st_mtime_ns == mtime
   assert sorted(p.name for p in first.parent.iterdir()) == sorted([".lock", first.name])
+
+
+def test_build_prefers_the_environments_onednn_and_system_forces_the_fallback(tmp_path,
+                                                                              monkeypatch):
+  """pip's oneDNN wheels (include/oneapi/dnnl, lib/libdnnl.so.3 only) in the environment's
+  prefix win over the system's; $BONEJAX_ONEDNN=system skips them. (Discovery only: fake files.)"""
+  inc = tmp_path / "include" / "oneapi" / "dnnl"
+  inc.mkdir(parents=True)
+  (inc / "dnnl.hpp").write_text("")
+  (inc / "dnnl_version.h").write_text("#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 7"
+                                      "\n#define DNNL_VERSION_PATCH 1\n")
+  (tmp_path / "include" / "dnnl_version.h").write_text('#include "oneapi/dnnl/dnnl_version.h"')
+  (tmp_path / "lib").mkdir()
+  (tmp_path / "lib" / "libdnnl.so.3").write_bytes(b"")
+  monkeypatch.delenv("BONEJAX_DNNL_ROOT", raising=False)
+  monkeypatch.delenv("BONEJAX_ONEDNN", raising=False)
+  monkeypatch.setattr(sys, "prefix", str(tmp_path))
+  includes, libs = onednn._build._dnnl_dirs()
+  assert includes == [str(tmp_path / "include"), str(inc)]
+  assert libs == [str(tmp_path / "lib" / "libdnnl.so.3")]
+  assert onednn._build.dnnl_version_found() == "3.7.1"
+  monkeypatch.setenv("BONEJAX_ONEDNN", "system")
+  try:
+    includes = onednn._build._dnnl_dirs()[0]
+  except onednn._build.BuildError:
+    includes = []  # no system oneDNN on this machine: not found is then the right answer
+  assert includes == [] or not includes[0].startswith(str(tmp_path))
 
 
 def test_measure_policy_times_onednn_beside_the_others(tmp_path, monkeypatch):

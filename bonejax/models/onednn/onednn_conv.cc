@@ -17,7 +17,8 @@
 // core, and two teams started from two XLA worker threads would oversubscribe them.
 //
 // Built by bonejax/models/onednn/build.py (g++ -O2 -shared against jax.ffi.include_dir() and
-// Debian's libdnnl-dev 2.6).
+// oneDNN 3.x from pip's onednn-devel-cpu-gomp, or Debian's libdnnl-dev 2.6): the few calls
+// whose API changed between 2.x and 3.x go through the version-switch helpers below.
 
 #include <chrono>
 #include <cstdint>
@@ -102,8 +103,80 @@ memory::desc WeightDesc(ffi::AnyBuffer::Dimensions d, int64_t groups, memory::da
                       memory::dims{og, 1, co, kw * ci * co, ci * co});
 }
 
+// ---- oneDNN 2.x / 3.x switch. v3 removed the operation descriptors (a primitive descriptor
+// is built directly, engine first), dropped post_ops::append_eltwise's scale, and renamed
+// memory::desc's queries; nothing else this file uses differs.
+using FwdPd = dnnl::convolution_forward::primitive_desc;
+using BwdDataPd = dnnl::convolution_backward_data::primitive_desc;
+using BwdWeightsPd = dnnl::convolution_backward_weights::primitive_desc;
+
+memory::dims MdDims(const memory::desc& md) {
+#if DNNL_VERSION_MAJOR >= 3
+  return md.get_dims();
+#else
+  return md.dims();
+#endif
+}
+
+memory::data_type MdType(const memory::desc& md) {
+#if DNNL_VERSION_MAJOR >= 3
+  return md.get_data_type();
+#else
+  return md.data_type();
+#endif
+}
+
+void AppendEltwise(dnnl::post_ops& ops, dnnl::algorithm alg, float alpha, float beta) {
+#if DNNL_VERSION_MAJOR >= 3
+  ops.append_eltwise(alg, alpha, beta);
+#else
+  ops.append_eltwise(1.f, alg, alpha, beta);
+#endif
+}
+
+FwdPd MakeFwdPd(dnnl::prop_kind prop, const memory::desc& src, const memory::desc& w,
+                const memory::desc& bias, const memory::desc& dst, const Conf& conf,
+                const dnnl::primitive_attr& attr) {
+#if DNNL_VERSION_MAJOR >= 3
+  return FwdPd(Engine(), prop, dnnl::algorithm::convolution_direct, src, w, bias, dst,
+               conf.strides, conf.dilates, conf.pad_l, conf.pad_r, attr);
+#else
+  dnnl::convolution_forward::desc d(prop, dnnl::algorithm::convolution_direct, src, w, bias,
+                                    dst, conf.strides, conf.dilates, conf.pad_l, conf.pad_r);
+  return FwdPd(d, attr, Engine());
+#endif
+}
+
+BwdDataPd MakeBwdDataPd(const memory::desc& dsrc, const memory::desc& w,
+                        const memory::desc& ddst, const Conf& conf,
+                        const dnnl::primitive_attr& attr, const FwdPd& hint) {
+#if DNNL_VERSION_MAJOR >= 3
+  return BwdDataPd(Engine(), dnnl::algorithm::convolution_direct, dsrc, w, ddst, conf.strides,
+                   conf.dilates, conf.pad_l, conf.pad_r, hint, attr);
+#else
+  dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, dsrc, w, ddst,
+                                          conf.strides, conf.dilates, conf.pad_l, conf.pad_r);
+  return BwdDataPd(d, attr, Engine(), hint);
+#endif
+}
+
+BwdWeightsPd MakeBwdWeightsPd(const memory::desc& src, const memory::desc& dw,
+                              const memory::desc& ddst, const Conf& conf,
+                              const dnnl::primitive_attr& attr, const FwdPd& hint) {
+#if DNNL_VERSION_MAJOR >= 3
+  return BwdWeightsPd(Engine(), dnnl::algorithm::convolution_direct, src, dw, ddst,
+                      conf.strides, conf.dilates, conf.pad_l, conf.pad_r, hint, attr);
+#else
+  dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, src, dw,
+                                             ddst, conf.strides, conf.dilates, conf.pad_l,
+                                             conf.pad_r);
+  return BwdWeightsPd(d, attr, Engine(), hint);
+#endif
+}
+// ---- end of the version switch.
+
 memory::desc AnyLike(const memory::desc& md) {
-  return memory::desc(md.dims(), md.data_type(), memory::format_tag::any);
+  return memory::desc(MdDims(md), MdType(md), memory::format_tag::any);
 }
 
 std::string Key(const char* op, std::initializer_list<ffi::AnyBuffer::Dimensions> dims,
@@ -175,7 +248,7 @@ dnnl::primitive_attr Attr(const Conf& conf) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::post_ops ops;
   if (conf.sum) ops.append_sum(1.f);
-  if (conf.relu) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (conf.relu) AppendEltwise(ops, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   if (conf.sum || conf.relu) attr.set_post_ops(ops);
   return attr;
 }
@@ -184,14 +257,12 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const memory::desc& src,
                                                     const memory::desc& w,
                                                     const memory::desc& dst, bool bias,
                                                     const Conf& conf, bool training) {
-  memory::desc bias_md = bias ? memory::desc({dst.dims()[1]}, memory::data_type::f32,
+  memory::desc bias_md = bias ? memory::desc({MdDims(dst)[1]}, memory::data_type::f32,
                                              memory::format_tag::a)
                               : memory::desc();
-  dnnl::convolution_forward::desc d(
-      training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference,
-      dnnl::algorithm::convolution_direct, src, AnyLike(w), bias_md, dst, conf.strides,
-      conf.dilates, conf.pad_l, conf.pad_r);
-  return dnnl::convolution_forward::primitive_desc(d, Attr(conf), Engine());
+  return MakeFwdPd(
+      training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference, src,
+      AnyLike(w), bias_md, dst, conf, Attr(conf));
 }
 
 void PrepareWeights(Entry* e, const memory::desc& user_w, const memory::desc& prim_w) {
@@ -349,12 +420,9 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
       plain.relu = plain.sum = false;
       // The forward hint: the same convolution in the backward pass's dtypes.
       auto hint = ForwardPd(ActDesc(dx->dimensions(), tdy), uw, ddst, false, plain, true);
-      dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, dsrc,
-                                              AnyLike(uw), ddst, conf.strides, conf.dilates,
-                                              conf.pad_l, conf.pad_r);
       dnnl::primitive_attr attr;
       attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      dnnl::convolution_backward_data::primitive_desc pd(d, attr, Engine(), hint);
+      auto pd = MakeBwdDataPd(dsrc, AnyLike(uw), ddst, conf, attr, hint);
       PrepareWeights(e.get(), uw, pd.weights_desc());
       e->scratch_md = pd.scratchpad_desc();
       e->scratch.resize(e->scratch_md.get_size());
@@ -400,12 +468,9 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
       plain.relu = plain.sum = false;
       auto hint = ForwardPd(src, WeightDesc(dw->dimensions(), conf.groups, tx),
                             ActDesc(dy.dimensions(), tdy), false, plain, true);
-      dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, src,
-                                                 AnyLike(uw), ddst, conf.strides,
-                                                 conf.dilates, conf.pad_l, conf.pad_r);
       dnnl::primitive_attr attr;
       attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), hint);
+      auto pd = MakeBwdWeightsPd(src, AnyLike(uw), ddst, conf, attr, hint);
       e->user_w = uw;
       e->prim_w = pd.diff_weights_desc();
       e->reorder_w = e->user_w != e->prim_w;
@@ -486,15 +551,11 @@ extern "C" int bonejax_onednn_probe(const int64_t* xdims, const int64_t* wdims,
       Conf plain = conf;
       plain.relu = plain.sum = false;
       auto hint = ForwardPd(src, uw, ActDesc(yd, t), false, plain, true);
-      dnnl::convolution_backward_data::desc dd(dnnl::algorithm::convolution_direct, src,
-                                               AnyLike(uw), ActDesc(yd, t), conf.strides,
-                                               conf.dilates, conf.pad_l, conf.pad_r);
-      dnnl::convolution_backward_data::primitive_desc pdd(dd, Engine(), hint);
-      dnnl::convolution_backward_weights::desc dw(
-          dnnl::algorithm::convolution_direct, src,
-          AnyLike(WeightDesc(wd, conf.groups, memory::data_type::f32)), ActDesc(yd, t),
-          conf.strides, conf.dilates, conf.pad_l, conf.pad_r);
-      dnnl::convolution_backward_weights::primitive_desc pdw(dw, Engine(), hint);
+      auto pdd = MakeBwdDataPd(src, AnyLike(uw), ActDesc(yd, t), conf, dnnl::primitive_attr(),
+                               hint);
+      auto pdw = MakeBwdWeightsPd(src, AnyLike(WeightDesc(wd, conf.groups,
+                                                          memory::data_type::f32)),
+                                  ActDesc(yd, t), conf, dnnl::primitive_attr(), hint);
       impl += std::string(" / ") + pdd.impl_info_str() + " / " + pdw.impl_info_str();
     }
     std::snprintf(msg, msg_len, "%s", impl.c_str());
