@@ -395,14 +395,13 @@ def test_planes_are_padded_as_for_xla():
     assert cpu_convs.swapped_cpu_convs(jaxpr.jaxpr) == swapped
 
 
-def test_auto_rule_in_training_keeps_strided_and_deep_layers_off_onednn():
+def test_auto_rule_takes_onednn_for_every_layer_it_takes_forward_and_training():
   strided = _spec(4, 64, 64, 64, 128, 3, s=2, p=(1, 1), dtype="bfloat16")
   deep = _spec(4, 8, 8, 512, 512, 3, dtype="bfloat16")
   large = _spec(4, 128, 128, 32, 32, 3, dtype="bfloat16")
-  train = Planner("auto", cache=False, train=True)
-  assert train.choose(large) == "onednn"
-  assert train.choose(strided) != "onednn" and train.choose(deep) != "onednn"
-  assert {Planner("auto", cache=False).choose(s) for s in (strided, deep, large)} == {"onednn"}
+  for train in (False, True):
+    planner = Planner("auto", cache=False, train=train)
+    assert {planner.choose(s) for s in (strided, deep, large)} == {"onednn"}
 
 
 # ---------------------------------------------------------------------------------------------

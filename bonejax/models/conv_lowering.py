@@ -304,8 +304,7 @@ def _auto_rule(spec: ConvSpec) -> str:
 
 
 def _onednn_rule(spec: ConvSpec, train: bool = False) -> bool:
-  """The no-measurement choice where oneDNN takes the layer: oneDNN, but in training (forward +
-  backward) not for strided kxk convolutions and the small deep maps, where its backward lost.
+  """The no-measurement choice where oneDNN takes the layer: oneDNN, forward and training.
 
   From `benchmarks/cpu_conv_lowering.py` (unet_resnet18's 19 layer shapes, batch 4 x 256^2) on
   a 2-core AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX), busy (benchmarks/README.md,
@@ -313,17 +312,17 @@ def _onednn_rule(spec: ConvSpec, train: bool = False) -> bool:
   1.7-4.3x XLA's convolution (which computes bf16 in float32) on the decoder's large maps; its
   layers sum to 1,020 ms against XLA's 2,281 and the best per-layer mix's 984. Forward, float32:
   fastest on 15 of 19, 1,437 ms against 1,871 (best mix 1,328). What the layers it loses cost
-  (36 ms in bf16, 109 in float32) is within the busy machine's run-to-run spread, so no
-  exception list is drawn from it; "measure" finds them per machine.
-  Forward + backward (`--train`, bf16): oneDNN 1.4-3.7x faster on every stride-1 layer from
-  32^2 x 128 up, but 1.2-1.9x slower on the stride-2 3x3 / 7x7 layers and the 8^2-16^2 x
-  256-512 ones (XLA or "rows" there); sums 5,871 ms against XLA's 8,735.
+  is within the busy machine's run-to-run spread, so no exception list is drawn from it;
+  "measure" finds them per machine. Training: layer by layer on the busy machine oneDNN lost
+  the strided 3x3 / 7x7 and the 8^2-16^2 x 256-512 layers, and an earlier rule kept those on
+  XLA; but whole training steps on the idle machine, side by side in one run
+  (`benchmarks/cpu_train.py --policy=auto`, results/cpu_train_rule_before_epyc-2c.md), ran 6.31 patches/s
+  with oneDNN everywhere against 4.93 with those exceptions (6.05 against 5.35 in the run
+  committed at 9f4a5e0): every switch between oneDNN's and XLA's layouts costs more than the layer saved. So
+  training takes oneDNN wherever it takes the layer, as the forward does.
   """
-  if not train:
-    return True
-  strided = spec.stride != (1, 1) and spec.kernel != (1, 1)
-  deep = spec.height * spec.width <= 16 * 16 and min(spec.cin, spec.cout) >= 256
-  return not (strided or deep)
+  del spec, train
+  return True
 
 
 def machine_key() -> str:
