@@ -21,10 +21,11 @@ Shared: float32, Adam 1e-3 on a cosine (warmup 10%, down to 5%), CE + Dice, the 
 normalisation, seed 0, validation once at the end (the final weights are tested). Each
 dimension keeps its own default augmentation (2D: the trainer's default; 3D: `augment3d`'s).
 
-The default budget (60 steps, 3.9 Mvoxel per cell) is what fits the six cells in about an hour
-on 2 CPU cores shared with other jobs (load average ~15): a 3D step of 2 x 32^3 took ~15 s
-there (sizing run: 20 steps, 8 min). It is far below convergence for either network; read the
-table as "at this small equal budget", not as converged accuracy.
+The default budget (30 steps, 2.0 Mvoxel per cell) is what fits the six cells in about an hour
+on 2 CPU cores shared with other jobs (load average ~15): there a 3D step of 2 x 32^3 took ~15 s
+(sizing run: 20 steps of the 3D cell, 8 min) and a 2D step of 64 x 32^2 ~12 s (the first 15
+steps of a 60-step 2D cell). It is far below convergence for either network: read the table as
+"what each learns from the same small number of labelled voxels", not as converged accuracy.
 
 Phantoms (`--shape`, default 64^3; 5 scans, seed 0): scan_000-002 train, scan_003
 validates, scan_004 is the test scan, scored against its full labels (miou_fg = mean IoU of the
@@ -471,7 +472,7 @@ if __name__ == "__main__":
   # Flags only when run (tests import this module next to other benchmarks' flags).
   from absl import flags
   _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bonejax-dims", "Datasets, runs, logs.")
-  _STEPS = flags.DEFINE_integer("steps", 60, "Training steps at --budget=1 (each step 65,536 "
+  _STEPS = flags.DEFINE_integer("steps", 30, "Training steps at --budget=1 (each step 65,536 "
                                 "labelled voxels with the default patches).")
   _BUDGET = flags.DEFINE_float("budget", 1.0, "Scale of the training budget (steps x budget).")
   _DIMS = flags.DEFINE_list("dims", list(DIMS), "Which of 2d, 2.5d, 3d to run.")
