@@ -61,6 +61,8 @@ DIMS = ("2d", "2.5d", "3d")
 PHANTOMS = ("bone", "implant")
 CONTEXT_25D = 2           # 2.5D: planes each side (5 input planes; BONe uses 3 to 9)
 TIE = 0.01                # miou_fg differences below this are called ties (one seed)
+USABLE = 0.5              # below this best test miou_fg no model segments: the ranking is of
+                          # barely trained models, and the summary says so
 
 
 
@@ -309,7 +311,8 @@ def table(records: list[dict]) -> str:
                    "params": r["params"] / 1e6 if r.get("params") else None,
                    "val": r.get("val_miou_fg"),
                    "min": r["cell_seconds"] / 60 if r.get("cell_seconds") else None,
-                   "status": "ok" if ok else f"failed: {str(r.get('error', ''))[:60]}"})
+                   "status": "ok" if ok else r.get("status") if r.get("status") == "not run"
+                             else f"failed: {str(r.get('error', ''))[:60]}"})
     parts += [f"### {kind} phantom", "", common.markdown_table(
         rows, ["dim", "fg", *cls, "bg", "tv", "pv", "params", "val", "min", "status"],
         ["model", "test miou_fg", *[f"IoU {c}" for c in cls], "IoU background",
@@ -367,9 +370,12 @@ def summary(records: list[dict], tie: float = TIE) -> str:
       if len(have) > 1:
         fast = max(have, key=lambda r: r[key])
         slow = min(have, key=lambda r: r[key])
-        speeds.append(f"{fast['dim']} {what} fastest ({fast[key] / 1e3:,.0f} kvoxel/s, "
+        speeds.append(f"{fast['dim']} {what} fastest ({fast[key] / 1e3:.3g} kvoxel/s, "
                       f"{_speed_ratio(fast[key], slow[key])} {slow['dim']})")
-    out.append(f"On the {kind} phantom {acc}. Best per class: " + "; ".join(per_class)
+    caveat = ("" if best["test_miou_fg"] >= USABLE else
+              f" (no model segments usably at this budget: the best test miou_fg is below "
+              f"{USABLE}, so this ranks barely trained models)")
+    out.append(f"On the {kind} phantom {acc}{caveat}. Best per class: " + "; ".join(per_class)
                + ". " + "; ".join(speeds) + ".")
   if not out:
     return "No cell has finished yet."
@@ -410,12 +416,27 @@ def to_markdown(records: list[dict], plan: dict, info: dict, cpu: dict, load, cm
       summary(records)])
 
 
-def write_report(records: list[dict], plan: dict, load_start, cmd: str, tag: str,
+def load_records(plan: dict, cells: list[tuple[str, str]], cells_dir: Path) -> list[dict]:
+  """The saved records of `cells` made with `plan` ("not run" for the others): --report_only."""
+  out = []
+  for kind, dim in cells:
+    path = cells_dir / f"{cell_name(kind, dim)}.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old and old.get("plan") == plan_key(plan, dim):
+      out.append(old)
+    else:
+      out.append({"cell": cell_name(kind, dim), "phantom": kind, "dim": dim,
+                  "status": "not run", "error": "not run"})
+  return out
+
+
+def write_report(records: list[dict], plan: dict, load, cmd: str, tag: str,
                  results_dir: Path, name: str) -> dict[str, Path]:
+  """`load`: the load average at the start, and at the end (None: now)."""
   info = common.machine()
   info["tag"] = tag
   cpu = lscpu()
-  load = (load_start, common.load_average())
+  load = (load[0], load[1] or common.load_average())
   md = to_markdown(records, plan, info, cpu, load, cmd)
   return common.write_results(name, {"plan": plan, "cells": records, "machine": info,
                                      "lscpu": cpu, "command": cmd,
@@ -458,11 +479,21 @@ def main(argv):
                            log=root / "logs" / f"{name}.log")
 
   def report(records):
-    write_report(records, plan, load_start, cmd, tag, results_dir, _NAME.value)
+    write_report(records, plan, (load_start, None), cmd, tag, results_dir, _NAME.value)
 
   cells = [(k, d) for k in _PHANTOMS.value for d in DIMS if d in _DIMS.value]
-  records = run_grid(plan, cells, cells_dir, root, run_one, on_record=report)
-  paths = write_report(records, plan, load_start, cmd, tag, results_dir, _NAME.value)
+  if _REPORT_ONLY.value:  # the report of the saved cells, with the command that ran them
+    records = load_records(plan, cells, cells_dir)
+    done = _ok(records)
+    old = common.result_paths(_NAME.value, tag, results_dir)["json"]
+    if old.exists():
+      cmd = json.loads(old.read_text()).get("command", cmd)
+    load = ((done[0].get("load_start"), done[-1].get("load_end")) if done
+            else (load_start, None))
+  else:
+    records = run_grid(plan, cells, cells_dir, root, run_one, on_record=report)
+    load = (load_start, None)
+  paths = write_report(records, plan, load, cmd, tag, results_dir, _NAME.value)
   print(Path(paths["md"]).read_text())
   return {"md": str(paths["md"]), "cells": len(records),
           "ok": len(_ok(records)), "summary": summary(records)}
@@ -491,4 +522,6 @@ if __name__ == "__main__":
   _NAME = flags.DEFINE_string("name", "dims", "Result file name.")
   _CELL = flags.DEFINE_string("cell", "", "Internal: run this one dimension's cell here.")
   _PHANTOM = flags.DEFINE_string("phantom", "bone", "Internal: the cell's phantom kind.")
+  _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Run no cell: rewrite the report from "
+                                   "the saved cell records.")
   runner.run(main)

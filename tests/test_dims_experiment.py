@@ -65,6 +65,13 @@ def test_summary_says_which_wins_where_from_the_numbers():
   # Change the numbers, the words follow (nothing hard-coded).
   lifted = [dict(r, test_miou_fg=0.99) if r["cell"] == "bone_2d" else r for r in FAKE]
   assert "On the bone phantom 2d wins on test miou_fg (0.990, +0.040 over" in dims.summary(lifted)
+  assert "no model segments usably" not in text
+  # A budget too small to learn: the words say the ranking is of barely trained models.
+  low = [dict(r, test_miou_fg=r["test_miou_fg"] / 4) if r["phantom"] == "bone" else r
+         for r in FAKE]
+  lines = dims.summary(low).split("On the implant")
+  assert "no model segments usably at this budget" in lines[0]
+  assert "no model segments usably" not in lines[1]
   assert dims.summary([FAKE[-1]]) == "No cell has finished yet."
 
 
@@ -99,6 +106,10 @@ def test_grid_resumes_finished_cells_and_reruns_failed_ones(tmp_path):
   # Rerun: only the failed cell runs again.
   recs = dims.run_grid(plan, cells, tmp_path / "cells", tmp_path, run_one)
   assert calls[6:] == [("implant", "3d")] and all(r["status"] == "ok" for r in recs)
+  # The report of saved cells: records of this plan, "not run" for the others.
+  rows = dims.load_records(plan, cells + [("bone", "4d")], tmp_path / "cells")
+  assert [r["status"] for r in rows] == ["ok"] * 6 + ["not run"]
+  assert "| 4d | - |" in dims.table(rows) and "| not run |" in dims.table(rows)
   # Another budget: every cell is stale and reruns.
   bigger = dims.make_plan(8, 1, (64, 96, 96), 64, 16, 32, 64)
   dims.run_grid(bigger, cells[:1], tmp_path / "cells", tmp_path, run_one)
