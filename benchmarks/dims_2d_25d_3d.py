@@ -311,14 +311,22 @@ def table(records: list[dict]) -> str:
                    "params": r["params"] / 1e6 if r.get("params") else None,
                    "val": r.get("val_miou_fg"),
                    "min": r["cell_seconds"] / 60 if r.get("cell_seconds") else None,
+                   "load": _load_range(r),
                    "status": "ok" if ok else r.get("status") if r.get("status") == "not run"
                              else f"failed: {str(r.get('error', ''))[:60]}"})
     parts += [f"### {kind} phantom", "", common.markdown_table(
-        rows, ["dim", "fg", *cls, "bg", "tv", "pv", "params", "val", "min", "status"],
+        rows, ["dim", "fg", *cls, "bg", "tv", "pv", "params", "val", "min", "load", "status"],
         ["model", "test miou_fg", *[f"IoU {c}" for c in cls], "IoU background",
          "train voxels/s", "predict voxels/s", "params (M)", "val miou_fg", "cell min",
-         "status"]), ""]
+         "load (1 min) start-end", "status"]), ""]
   return "\n".join(parts).rstrip()
+
+
+def _load_range(r: dict) -> str | None:
+  """The 1-minute load average at the cell's start and end: speeds of cells run under different
+  loads are not comparable (the machine is shared)."""
+  a, b = r.get("load_start"), r.get("load_end")
+  return f"{a[0]:.1f}-{b[0]:.1f}" if a and b else None
 
 
 def _best(rows: list[dict], key) -> tuple[dict, float | None]:

@@ -37,7 +37,8 @@ def _rec(kind, dim, fg, ious, tv, pv):
   return {"cell": f"{kind}_{dim}", "phantom": kind, "dim": dim, "status": "ok",
           "test_miou_fg": fg, "test_iou": {"background": 0.99, **ious},
           "train_voxels_per_s": tv, "predict_voxels_per_s": pv, "params": 14.3e6,
-          "val_miou_fg": fg - 0.01, "cell_seconds": 120.0}
+          "val_miou_fg": fg - 0.01, "cell_seconds": 120.0, "load_start": [2.0, 1, 1],
+          "load_end": [3.25, 1, 1]}
 
 
 FAKE = [
@@ -81,6 +82,7 @@ def test_table_lists_every_cell_with_its_classes_and_failures():
   bone = md.split("### implant phantom")[0]
   assert "IoU pore" in bone and "IoU layer" not in bone
   assert "| 3d | 0.95 | 0.93 | 0.97 | 0.99 | 10,000 | 100,000 | 14.3 |" in bone
+  assert "| 14.3 | 0.94 | 2 | 2.0-3.2 | ok |" in bone  # params, val, min, load, status
   assert "| 3d | - |" in md and "failed: timed out after 3600 s" in md
 
 
