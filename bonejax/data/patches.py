@@ -62,7 +62,7 @@ import dataclasses
 import logging
 import sys
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -72,6 +72,7 @@ from bonejax.data import store
 from bonejax.data.label_maps import (class_projections, pick_rare_classes, _rare_planes_of_scan, LABEL_BLOCK, LabelMap, label_map, check_labelled)
 from bonejax.io import intensity
 from bonejax.data import shuffle
+from bonejax.data.prefetch import PrefetchedStream
 from bonejax.data.context import context_planes, reflect_index  # noqa: F401  (also patches.*)
 
 
@@ -200,7 +201,7 @@ def _edge_origin(h: np.ndarray, n: np.ndarray, pp: int, margin: int,
 # ---------------------------------------------------------------------------------------------
 
 
-class PatchStream:
+class PatchStream(PrefetchedStream):
   """Infinite, resumable, per-host-sharded stream of training batches.
 
   `next(stream)` -> dict(image=float32 (L, P, P, C) normalised, label=int32 (L, P, P)),
@@ -532,59 +533,12 @@ class PatchStream:
     list(self._pool.map(finish, range(n)))
     return {"image": image, "label": label}
 
-  def batch_at(self, batch_start: int) -> dict[str, np.ndarray]:
-    """This host's share of the global batch starting at stream position `batch_start`."""
-    return self.read_batch(self.records(self.local_positions(batch_start)))
-
-  # -- iteration and state --------------------------------------------------------------------
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    with self._lock:
-      want = self.position
-      while self._pending and self._pending[0][0] != want:  # stale after set_state
-        self._pending.popleft()[1].cancel()
-      last = self._pending[-1][0] if self._pending else want - self.global_batch_size
-      while len(self._pending) < self.prefetch + 1:
-        last += self.global_batch_size
-        self._pending.append((last, self._producer.submit(self.batch_at, last)))
-      _, fut = self._pending.popleft()
-      self.position += self.global_batch_size
-    return fut.result()
-
-  @property
-  def epoch(self) -> int:
-    return self.position // self.records_per_epoch
-
-  def get_state(self) -> dict[str, int]:
-    """JSON-able; `position` alone determines what follows."""
-    return {"position": int(self.position), "epoch": int(self.epoch), "seed": self.seed,
-            "records_per_epoch": int(self.records_per_epoch)}
-
   def set_state(self, state: dict[str, Any]) -> None:
     if int(state.get("records_per_epoch", self.records_per_epoch)) != self.records_per_epoch:
       logging.warning("patch stream: records_per_epoch changed since the checkpoint (%s -> %s); "
                       "resuming at the same position, but the batches differ from before",
                       state["records_per_epoch"], self.records_per_epoch)
-    with self._lock:
-      self.position = int(state["position"])
-      while self._pending:
-        self._pending.popleft()[1].cancel()
-
-  def close(self) -> None:
-    with self._lock:
-      while self._pending:
-        self._pending.popleft()[1].cancel()
-    self._producer.shutdown(wait=True)
-    self._pool.shutdown(wait=True)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+    super().set_state(state)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 
 from bonejax.core import errors
 from bonejax.data import patches, store
+from bonejax.data.prefetch import PrefetchedStream
 from bonejax.io import intensity
 
 FG_SAMPLES = 10_000  # foreground locations kept per class and scan (nnU-Net keeps 10,000)
@@ -74,7 +75,7 @@ def foreground_locations(labels: Any, num_classes: int, seed: int, slab: int = 6
   return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 3), np.int64)
 
 
-class PatchStream3d:
+class PatchStream3d(PrefetchedStream):
   """`next(stream)` -> dict(image=float32 (L, D, H, W, 1) normalised, label=int32 (L, D, H, W)),
   L = global_batch_size // process_count."""
 
@@ -193,51 +194,6 @@ class PatchStream3d:
     list(self._pool.map(finish, range(n)))
     return {"image": image, "label": label}
 
-  def batch_at(self, batch_start: int) -> dict[str, np.ndarray]:
-    return self.read_batch(self.records(self.local_positions(batch_start)))
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    with self._lock:
-      want = self.position
-      while self._pending and self._pending[0][0] != want:  # stale after set_state
-        self._pending.popleft()[1].cancel()
-      last = self._pending[-1][0] if self._pending else want - self.global_batch_size
-      while len(self._pending) < self.prefetch + 1:
-        last += self.global_batch_size
-        self._pending.append((last, self._producer.submit(self.batch_at, last)))
-      _, fut = self._pending.popleft()
-      self.position += self.global_batch_size
-    return fut.result()
-
-  @property
-  def epoch(self) -> int:
-    return self.position // self.records_per_epoch
-
-  def get_state(self) -> dict[str, int]:
-    return {"position": int(self.position), "epoch": int(self.epoch), "seed": self.seed,
-            "records_per_epoch": int(self.records_per_epoch)}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    with self._lock:
-      self.position = int(state["position"])
-      while self._pending:
-        self._pending.popleft()[1].cancel()
-
-  def close(self) -> None:
-    with self._lock:
-      while self._pending:
-        self._pending.popleft()[1].cancel()
-    self._producer.shutdown(wait=True)
-    self._pool.shutdown(wait=True)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
 
 def _axis_starts(n: int, p: int) -> list[int]:
