@@ -232,34 +232,22 @@ def _frac(num: float, den: float) -> float:
 
 def _finish(t: dict[str, Any], r: Roles, voxel: tuple[float, float, float],
             o: Options) -> dict[str, Any]:
-  counts = t["class_counts"]
   vz, vy, vx = (v * 1e-3 for v in voxel)  # mm
-  voxel_mm3 = vz * vy * vx
-  n = lambda c: int(counts[c]) if c is not None else 0  # noqa: E731
-  out: dict[str, Any] = {}
-  if r.bone is not None:
-    out["bone_volume_mm3"] = n(r.bone) * voxel_mm3
+  out = _from_counts(t["class_counts"], r, vz * vy * vx)
   if r.implant:
-    implant = sum(n(c) for c in r.implant)
-    out["roi_volume_mm3"] = t["roi"] * voxel_mm3
+    # What needs neighbours and distances, beside the counts: the shell ROI, contact, surface.
+    out["roi_volume_mm3"] = t["roi"] * vz * vy * vx
     if r.bone is not None:
       out["bv_tv"] = _frac(t["roi_bone"], t["roi"])
       out["bic"] = _frac(t["contact"], t["surface"])
-    out["implant_volume_mm3"] = implant * voxel_mm3
     # Faces across Z are Y x X, across Y Z x X, across X Z x Y.
     surface_mm2 = float(np.dot(t["faces"], (vy * vx, vz * vx, vz * vy)))
     out["implant_surface_mm2"] = surface_mm2
-    out["residual_volume_mm3"] = n(r.residual) * voxel_mm3
     if o.implant_time_years is not None:
-      v_i = o.initial_volume_mm3 if o.initial_volume_mm3 is not None else implant * voxel_mm3
+      v_i = (o.initial_volume_mm3 if o.initial_volume_mm3 is not None
+             else out["implant_volume_mm3"])
       a_i = o.initial_surface_mm2 if o.initial_surface_mm2 is not None else surface_mm2
       out["dr_mm_per_year"] = _frac(v_i - out["residual_volume_mm3"], a_i * o.implant_time_years)
-  elif r.bone is not None:
-    tv = int(counts.sum()) - int(counts[0])
-    out["total_volume_mm3"] = tv * voxel_mm3
-    out["bv_tv"] = _frac(n(r.bone), tv)
-  if r.bone is not None and r.pore is not None:
-    out["porosity"] = _frac(n(r.pore), n(r.bone) + n(r.pore))
   return out
 
 
@@ -271,12 +259,15 @@ def count_measures(counts: Sequence[int], classes: Sequence[str],
   Bone volume, TV and BV/TV of the envelope (no implant), porosity, implant and residual
   volumes: as `measure` gives them on the same voxels. The implant's surface, BIC, DR and the
   shell ROI's BV/TV need every voxel's neighbours (and distances) and are left out."""
-  voxel = voxel_zyx(voxel_size_um)
   r = roles(classes)
   if r.bone is None and not r.implant:
     return {}
+  return _from_counts(counts, r, math.prod(v * 1e-3 for v in voxel_zyx(voxel_size_um)))
+
+
+def _from_counts(counts: Sequence[int], r: Roles, voxel_mm3: float) -> dict[str, Any]:
+  """The measures that class counts alone give (shared by `measure` and `count_measures`)."""
   counts = np.asarray(counts, np.int64)
-  voxel_mm3 = math.prod(v * 1e-3 for v in voxel)
   n = lambda c: int(counts[c]) if c is not None else 0  # noqa: E731
   out: dict[str, Any] = {}
   if r.bone is not None:
