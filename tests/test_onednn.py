@@ -384,17 +384,6 @@ def test_measure_policy_times_onednn_beside_the_others(tmp_path, monkeypatch):
   assert "onednn" in train.choices[spec.key()]["seconds"]
 
 
-def test_planes_are_padded_as_for_xla():
-  """The CPU engine pads a plane whose small convolutions XLA would swap; a oneDNN call of the
-  same shape counts too, so predictions do not depend on the lowering."""
-  from bonejax.predict import cpu_convs
-  for side, swapped in ((2, 1), (3, 0)):
-    spec = ConvSpec(1, side, side, 8, 8, (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 1, "float32")
-    jaxpr = jax.make_jaxpr(lambda x, k, s=spec: onednn.conv(x, k, None, s))(
-        jnp.zeros((1, side, side, 8)), jnp.zeros((3, 3, 8, 8)))
-    assert cpu_convs.swapped_cpu_convs(jaxpr.jaxpr) == swapped
-
-
 def test_auto_rule_takes_onednn_for_every_layer_it_takes_forward_and_training():
   strided = _spec(4, 64, 64, 64, 128, 3, s=2, p=(1, 1), dtype="bfloat16")
   deep = _spec(4, 8, 8, 512, 512, 3, dtype="bfloat16")

@@ -32,7 +32,9 @@ back), which makes the input-side copies of "rows" dearer than their byte count;
   "onednn"   "onednn" wherever oneDNN takes the layer, else "xla" (tests; forcing it)
   "auto"     deterministic rule: on a CPU backend, "onednn" where it is available and takes
              the layer (`_onednn_rule`); otherwise the dot lowerings on a CPU with native bf16
-             dots, in bf16, on layers whose measured class favours them (`_auto_rule`)
+             dots, in bf16, on layers whose measured class favours them (`_auto_rule`), and on
+             maps smaller than the kernel, which XLA's CPU backend runs as a naive loop
+             (`xla_would_swap`; every CPU policy but "xla")
   "measure"  time each candidate on this machine once per spec (median of interleaved runs)
              and keep the faster; results are cached in memory and in a JSON file per machine
              (`cache_path()`), so a user pays the measurement once. Off the CPU: "xla".
@@ -283,6 +285,17 @@ def native_bf16_dots() -> bool:
   return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
+def xla_would_swap(spec: ConvSpec) -> bool:
+  """Whether XLA's CPU backend runs `spec` as a naive loop, 10-50x slower than its convolution
+  kernels: its algebraic simplifier swaps kernel and input of a stride-1, undilated
+  convolution whose input has fewer pixels than the kernel has taps (a 3x3 convolution on the
+  2x4 bottleneck of a 64 x 128 plane through a stride-32 network). The Planner lowers those
+  layers to oneDNN or to dot products instead (exact: the same sums), so a small plane runs at
+  speed without being padded (padding would change what the model computes)."""
+  return (spec.stride == (1, 1) and spec.dilation == (1, 1)
+          and spec.height * spec.width < spec.kernel[0] * spec.kernel[1])
+
+
 def _auto_rule(spec: ConvSpec) -> str:
   """The no-measurement choice on a CPU with native bf16 dots, in bf16.
 
@@ -446,6 +459,11 @@ class Planner:
     else:
       choice, seconds = self._measured(spec, options)
       record["seconds"] = seconds
+    if (cpu and self.policy != "measure" and choice == "xla" and xla_would_swap(spec)
+        and "rows" in options):
+      # Not XLA's naive loop: dot products, the same sums (any policy but "xla").
+      choice = "taps" if "taps" in options else "rows"
+      record["why"] = "xla would swap"
     record["choice"] = choice
     self.choices[key] = record
     return choice

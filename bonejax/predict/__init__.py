@@ -1,8 +1,7 @@
 """Predicting whole volumes: plane sets, multi-axis voting, in memory or out of core.
 
 The volume is cut into stacks of 2D planes along 1, 3, 9 or 12 plane sets (`planesets`); every
-plane goes whole through the model in one compiled call per plane shape (`engine`, with its CPU
-workaround in `cpu_convs`); the 45-degree sets rotate the volume first and the probabilities
+plane goes whole through the model in one compiled call per plane shape (`engine`); the 45-degree sets rotate the volume first and the probabilities
 back (`rotate`). A `runner` streams slabs of planes through the engine on reader and writer
 threads into accumulators (`volumes`: numpy arrays, or scratch zarr arrays out of core, as
 `memory` plans from the host budget). Each set gives probabilities (Z, Y, X, K); they are voted
@@ -11,7 +10,6 @@ soft (mean) or by majority.
 Modules, one job each:
   planesets  which planes (PlaneSet, plane_sets) and voting (fuse, majority_labels)
   engine     PlaneEngine: raw planes -> probabilities, batching over devices, tiling, budget
-  cpu_convs  XLA-CPU workaround: pad planes past swapped small convolutions
   rotate     45-degree rotations of volumes and back
   volumes    slab volumes in memory or on disk; accumulators and sinks
   memory     host and device budgets, resident sizes, device-memory estimates
@@ -41,7 +39,6 @@ compiled functions across calls).
 from bonejax.predict import rotate
 from bonejax.predict.api import (Prediction, as_volume, axis_probabilities, bundle_model,
                                  make_engine, predict_planes, predict_volume, run_prediction)
-from bonejax.predict.cpu_convs import swapped_cpu_convs
 from bonejax.predict.engine import (DEFAULT_BATCH, DTYPES, STRIDE, Plan, PlaneEngine,
                                     background_value, blend_window, compute_dtype, tile_starts,
                                     with_compute_dtype)
@@ -60,6 +57,6 @@ __all__ = [
     "device_budget_bytes", "find_bundle", "fuse", "majority_labels", "make_engine",
     "one_hot_argmax", "plane_sets", "predict_planes", "predict_scan", "predict_volume",
     "resident_bytes", "resident_limit", "rotate", "run_order", "run_prediction",
-    "swapped_cpu_convs", "tile_starts", "with_compute_dtype", "WindowEngine",
+    "tile_starts", "with_compute_dtype", "WindowEngine",
     "make_window_engine", "predict_volume_3d",
 ]

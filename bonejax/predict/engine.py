@@ -20,8 +20,10 @@ single plane does not fit, the plane is cut into overlapping tiles inside the sa
 blended with a separable window that is zero for `margin` pixels next to each interior tile
 edge and a sin^2 ramp after it. For a model whose
 receptive field is within the margin (and tile origins on the stride grid), tiled equals untiled
-up to float rounding; for real networks the smooth ramp hides the seams. On XLA's CPU backend
-planes are also padded past its swapped small convolutions (`cpu_convs`).
+up to float rounding; for real networks the smooth ramp hides the seams. A plane is padded to
+the stride multiple and no further: its probabilities are what the model computes on it, on
+every backend and lowering (XLA's CPU backend runs convolutions on maps smaller than their
+kernel as a slow loop; the inference graph lowers those itself: `conv_lowering.xla_would_swap`).
 
 `stream` keeps a couple of batches in flight: JAX dispatch is asynchronous, so the host copies
 the next batch in and the last results out while the devices compute; nothing in the loop waits
@@ -46,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bonejax.io import intensity
 from bonejax.models.utils import pad_to_multiple
-from bonejax.predict import cpu_convs, memory
+from bonejax.predict import memory
 
 STRIDE = 32  # the model zoo's promise (bonejax.models.STRIDE)
 DEFAULT_BATCH = 8
@@ -153,7 +155,6 @@ class Plan:
   tile: tuple[int, int] | None = None  # (th, tw) in the rotated, padded frame; None: whole plane
   overlap: int = 0
   device_bytes: int = 0               # one call's peak memory per device (XLA's, else estimated)
-  padded: tuple[int, int] | None = None  # pad the (rotated) plane to this; None: stride multiple
 
   @property
   def rotated_shape(self) -> tuple[int, int]:
@@ -239,7 +240,6 @@ class PlaneEngine:
     self._norm = jax.device_put((self.offset, self.scale), self.replicated)
     self._plans: dict[tuple, Plan] = {}
     self._compiled: dict[Plan, Any] = {}
-    self.cpu = jax.default_backend() == "cpu"
     s = self.stride
     try:
       out = jax.eval_shape(lambda st, x: nnx.merge(self.graphdef, st)(x), self.state,
@@ -325,10 +325,6 @@ class PlaneEngine:
       if plan.k90:
         x = jnp.rot90(x, plan.k90, axes=(1, 2))
       xp, hw = pad_to_multiple(x, stride)
-      if plan.padded is not None and tuple(plan.padded) != tuple(xp.shape[1:3]):
-        widths = ((0, 0), (0, plan.padded[0] - xp.shape[1]), (0, plan.padded[1] - xp.shape[2]),
-                  (0, 0))
-        xp = jnp.pad(xp, widths, mode="reflect" if min(hw) > 1 else "edge")
       p = forward(state, xp) if plan.tile is None else tiled(state, xp)
       p = p[:, :hw[0], :hw[1]]
       if plan.k90:
@@ -375,10 +371,6 @@ class PlaneEngine:
                 clip=self.clip, batch=self.batch_size)
     hr, wr = base.rotated_shape
     hp, wp = _ceil_to(hr, self.stride), _ceil_to(wr, self.stride)
-    if self.cpu:
-      hp, wp = self._cpu_padded(hp, wp)
-      if (hp, wp) != (_ceil_to(hr, self.stride), _ceil_to(wr, self.stride)):
-        base = dataclasses.replace(base, padded=(hp, wp))
     budget = self.device_budget_bytes
     if self.tile_size and (hp > self.tile_size or wp > self.tile_size):
       plan = self._tiled(base, hp, wp, self.tile_size)
@@ -393,21 +385,11 @@ class PlaneEngine:
     self._compiled[plan] = compiled
     return plan
 
-  def _cpu_padded(self, hp: int, wp: int) -> tuple[int, int]:
-    return cpu_convs.unswapped_plane(self.graphdef, self.state, hp, wp, stride=self.stride,
-                                     channels=self.in_channels,
-                                     dtype=self.dtype or jnp.float32)
-
   def _tiled(self, base: Plan, hp: int, wp: int, tile: int, batch: int | None = None) -> Plan:
     tile = max(2 * self.stride, _ceil_to(tile, self.stride))
     overlap = self.tile_overlap if self.tile_overlap is not None else tile // 4
     overlap = min(max(self.stride, _ceil_to(overlap, self.stride)), tile - self.stride)
-    if base.padded is not None:
-      hp, wp = base.padded
     th, tw = min(tile, hp), min(tile, wp)
-    if self.cpu and (th, tw) != (hp, wp):
-      th, tw = self._cpu_padded(th, tw)  # a tile, too, must not hit a swapped conv
-      th, tw = min(th, hp), min(tw, wp)
     return dataclasses.replace(base, batch=batch or base.batch, tile=(th, tw), overlap=overlap)
 
   def _fit(self, base: Plan, hp: int, wp: int, nbytes: int, budget: int):
@@ -489,6 +471,5 @@ class PlaneEngine:
     """The plans made so far (for logs and results)."""
     return [{"shape": list(p.shape), "k90": p.k90, "batch": p.batch,
              "tile": list(p.tile) if p.tile else None, "overlap": p.overlap,
-             "padded": list(p.padded) if p.padded else None,
              "devices": self.num_devices, "device_mb": round(p.device_bytes / 2**20, 1)}
             for p in self._plans.values()]
