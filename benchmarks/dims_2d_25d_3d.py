@@ -173,19 +173,43 @@ def make_data(root: Path, kind: str, plan: dict) -> Path:
   return out
 
 
-def run_cell(plan: dict, dim: str, kind: str, root: Path, predict_runs: int) -> dict[str, Any]:
-  from bonejax import models, predict
-  from bonejax.data import store
-  from bonejax.evaluate import metrics
+def run_cell(plan: dict, dim: str, kind: str, root: Path, predict_runs: int,
+             score_only: bool = False) -> dict[str, Any]:
+  """Trains the cell's model and scores it on the test scan; `score_only`: scores the model
+  the cell trained before (its run directory) and returns the scoring fields alone."""
   from bonejax.models import bundle
   from bonejax.train import trainer
   d = plan["dims"][dim]
   data = make_data(root, kind, plan)
   run_dir = root / "runs" / f"{kind}_{dim}_s{d['steps']}_{'x'.join(map(str, plan['shape']))}"
+  if score_only:
+    return score_cell(bundle.load_bundle(run_dir / "model"), plan, dim, data, predict_runs)
   t0 = time.perf_counter()
   tr = trainer.train(cell_config(plan, dim, data), run_dir)
   train_wall = time.perf_counter() - t0
   b = bundle.load_bundle(tr.get("model_dir", run_dir / "model"))
+  from bonejax import models
+  pps = tr.get("patches_per_second")
+  vox_patch = d["patch"] ** (3 if dim == "3d" else 2)
+  return {
+      "params": models.count_params(b.model),
+      "steps": tr.get("steps"), "steps_this_run": tr.get("steps_this_run"),
+      "resumed_from": tr.get("resumed_from"),
+      "train_patches_per_s": pps,
+      "train_voxels_per_s": pps * vox_patch if pps else None,
+      "train_seconds": tr.get("seconds"), "train_wall_seconds": train_wall,
+      "val_miou_fg": tr.get("best_val_miou"),
+      **score_cell(b, plan, dim, data, predict_runs),
+      "run_dir": str(run_dir),
+  }
+
+
+def score_cell(b, plan: dict, dim: str, data: Path, predict_runs: int) -> dict[str, Any]:
+  """The test scan predicted (3D windows, or a 3-plane soft vote), timed and scored."""
+  from bonejax import predict
+  from bonejax.data import store
+  from bonejax.evaluate import metrics
+  d = plan["dims"][dim]
   scan = store.open_scan(data / split(plan["num_scans"])["test"][0])
   raw = scan.read_image()
   if dim == "3d":
@@ -207,23 +231,13 @@ def run_cell(plan: dict, dim: str, kind: str, root: Path, predict_runs: int) -> 
     times.append(time.perf_counter() - t)
   sc = metrics.scores(metrics.confusion_matrix(labels, scan.read_labels(), b.num_classes),
                       b.classes)
-  pps = tr.get("patches_per_second")
-  vox_patch = d["patch"] ** (3 if dim == "3d" else 2)
   return {
-      "params": models.count_params(b.model),
-      "steps": tr.get("steps"), "steps_this_run": tr.get("steps_this_run"),
-      "resumed_from": tr.get("resumed_from"),
-      "train_patches_per_s": pps,
-      "train_voxels_per_s": pps * vox_patch if pps else None,
-      "train_seconds": tr.get("seconds"), "train_wall_seconds": train_wall,
-      "val_miou_fg": tr.get("best_val_miou"),
       "test_miou_fg": sc["miou_fg"], "test_miou_all": sc["miou_all"],
       "test_iou": metrics.by_class(sc["iou"], sc["classes"]),
       "predict_voxels_per_s": raw.size / times[-1], "predict_seconds": times,
       "predict_mode": "3d windows %d^3, overlap 0.5" % d["window"] if dim == "3d"
                       else "3-plane soft vote",
       "test_voxels": int(raw.size), "test_scan": scan.name,
-      "run_dir": str(run_dir),
   }
 
 
@@ -242,19 +256,27 @@ def plan_key(plan: dict, dim: str) -> dict[str, Any]:
 
 
 def run_grid(plan: dict, cells: list[tuple[str, str]], cells_dir: Path, root: Path,
-             run_one, on_record=None) -> list[dict[str, Any]]:
+             run_one, on_record=None, rescore_one=None) -> list[dict[str, Any]]:
   """Runs the cells without a finished record of the same plan; saves each record atomically.
 
   `run_one(kind, dim)` returns the cell's measurements (raises on failure); `on_record(records)`
-  is called after every cell (the partial report)."""
+  is called after every cell (the partial report). `rescore_one(kind, dim)`, where given,
+  scores a finished cell's model again (its training fields kept, `rescored` dated)."""
   cells_dir.mkdir(parents=True, exist_ok=True)
   records = []
   for kind, dim in cells:
     path = cells_dir / f"{cell_name(kind, dim)}.json"
     old = json.loads(path.read_text()) if path.exists() else None
     if old and old.get("status") == "ok" and old.get("plan") == plan_key(plan, dim):
+      if rescore_one is not None:
+        old.update(rescore_one(kind, dim), rescored=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   load_rescore=common.load_average())
+        outputs.atomic_write_json(path, old)
       records.append(old)
-      print(f"[dims] {path.name}: done before, kept", file=sys.stderr, flush=True)
+      print(f"[dims] {path.name}: done before, " + ("rescored" if rescore_one else "kept"),
+            file=sys.stderr, flush=True)
+      if rescore_one is not None and on_record:
+        on_record(records)
       continue
     rec: dict[str, Any] = {"cell": cell_name(kind, dim), "phantom": kind, "dim": dim,
                            "plan": plan_key(plan, dim), "load_start": common.load_average()}
@@ -419,6 +441,12 @@ def to_markdown(records: list[dict], plan: dict, info: dict, cpu: dict, load, cm
       f"Training voxels/s count labelled voxels (the trainer's steady-state patches/s x "
       f"voxels per patch); prediction voxels/s the test scan's voxels over a warm run.", "",
       f"Cells finished: {done} of {len(records)}.", "",
+      *([f"Rescored (`--rescore`: the finished models' test predictions made and scored again, "
+         f"training fields kept): {', '.join(r['cell'] + ' ' + r['rescored'] for r in records if r.get('rescored'))}. "
+         "Before 2026-12-07 the CPU predictor padded planes whose deepest maps were smaller "
+         "than a 3x3 kernel (64-px sides) by reflection, which changed 2D and 2.5D "
+         "predictions on these 64^3 scans; it no longer does.", ""]
+        if any(r.get("rescored") for r in records) else []),
       table(records), "",
       "## Which wins where (computed from the table)", "",
       summary(records)])
@@ -468,7 +496,8 @@ def main(argv):
   if _CELL.value:
     if _CELL.value not in DIMS:
       raise errors.UserError(f"--cell: unknown {_CELL.value!r} (known: {', '.join(DIMS)})")
-    return run_cell(plan, _CELL.value, _PHANTOM.value, root, _PREDICT_RUNS.value)
+    return run_cell(plan, _CELL.value, _PHANTOM.value, root, _PREDICT_RUNS.value,
+                    score_only=_SCORE_ONLY.value)
   tag = _TAG.value or common.machine_tag()
   results_dir = Path(_RESULTS.value)
   cells_dir = results_dir / f"{_NAME.value}_{tag}_cells"
@@ -486,6 +515,12 @@ def main(argv):
                             *passthrough], timeout=_CELL_TIMEOUT.value,
                            log=root / "logs" / f"{name}.log")
 
+  def rescore_one(kind, dim):
+    name = cell_name(kind, dim)
+    return common.run_json([sys.executable, str(THIS), f"--cell={dim}", f"--phantom={kind}",
+                            "--score_only", *passthrough], timeout=_CELL_TIMEOUT.value,
+                           log=root / "logs" / f"{name}_rescore.log")
+
   def report(records):
     write_report(records, plan, (load_start, None), cmd, tag, results_dir, _NAME.value)
 
@@ -499,7 +534,11 @@ def main(argv):
     load = ((done[0].get("load_start"), done[-1].get("load_end")) if done
             else (load_start, None))
   else:
-    records = run_grid(plan, cells, cells_dir, root, run_one, on_record=report)
+    old = common.result_paths(_NAME.value, tag, results_dir)["json"]
+    if _RESCORE.value and old.exists():  # the command that trained the cells, then this one
+      cmd = f"{json.loads(old.read_text()).get('command', '?')}`, rescored by `{cmd}"
+    records = run_grid(plan, cells, cells_dir, root, run_one, on_record=report,
+                       rescore_one=rescore_one if _RESCORE.value else None)
     load = (load_start, None)
   paths = write_report(records, plan, load, cmd, tag, results_dir, _NAME.value)
   print(Path(paths["md"]).read_text())
@@ -530,6 +569,9 @@ if __name__ == "__main__":
   _NAME = flags.DEFINE_string("name", "dims", "Result file name.")
   _CELL = flags.DEFINE_string("cell", "", "Internal: run this one dimension's cell here.")
   _PHANTOM = flags.DEFINE_string("phantom", "bone", "Internal: the cell's phantom kind.")
+  _RESCORE = flags.DEFINE_bool("rescore", False, "Score finished cells' models again (their "
+                               "training fields kept); cells without a record are run.")
+  _SCORE_ONLY = flags.DEFINE_bool("score_only", False, "Internal: with --cell, score only.")
   _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Run no cell: rewrite the report from "
                                    "the saved cell records.")
   runner.run(main)

@@ -50,7 +50,7 @@ _MARGINS = flags.DEFINE_list("margins", ["0", "0.5"],
                              "config.edge_margin values (0: before the fix).")
 _CROP = flags.DEFINE_integer("crop", 8, "Matched-content control: voxels cut from every side.")
 _RESCORE = flags.DEFINE_bool("rescore", False, "Score finished runs again from their models.")
-_NAME = "edges"
+_NAME = flags.DEFINE_string("edges_name", "edges", "Result file name (edges_<machine>).")
 DEPTH_BINS = ((0, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 1 << 30))
 
 
@@ -232,7 +232,7 @@ def main(argv):
   cmd = " ".join(["python", "benchmarks/edges.py"] + sys.argv[1:])
   md = to_markdown(rows, summ, info, load, cmd)
   print(md)
-  paths = common.write_results(_NAME, {"rows": rows, "summary": summ, "machine": info,
+  paths = common.write_results(_NAME.value, {"rows": rows, "summary": summ, "machine": info,
                                        "command": cmd,
                                        "load_average": {"start": load[0], "end": load[1]}},
                                md, tag=tag, results_dir=Path(F.results_dir))
