@@ -62,6 +62,29 @@ def test_border_rows_are_trained_nearly_as_often_as_interior_rows(tmp_path):
   assert after[0] / interior(after) > 0.4 and after[-1] / interior(after) > 0.4
 
 
+def test_3d_border_voxels_are_trained_nearly_as_often_as_interior_voxels(tmp_path):
+  """The 3D stream draws its uniform origins the same way (foreground draws off here)."""
+  from bonejax.data import patches3d
+  img = np.arange(48 * 16 * 16, dtype=np.uint16).reshape(48, 16, 16)
+  store.write_scan(tmp_path / "s", img, (img % 3).astype(np.uint8), chunks=(16, 16, 16))
+  store.write_dataset_json(tmp_path, ["a", "b", "c"], ["s"])
+
+  def coverage(margin):
+    with patches3d.PatchStream3d(tmp_path, ["s"], patch_size=16, global_batch_size=4,
+                                 patches_per_scan=2000, foreground=0.0, process_index=0,
+                                 process_count=1, edge_margin=margin) as s:
+      rows = s.records(np.arange(s.records_per_epoch))
+    cover = np.zeros(48)
+    for oz in rows[:, 1]:
+      cover[oz:oz + 16] += 1
+    assert rows[:, 1].min() >= 0 and rows[:, 1].max() <= 32 and not rows[:, 2:].any()
+    return cover / cover[20:28].mean()
+
+  before, after = coverage(0.0), coverage(None)
+  assert before[0] < 0.1 and before[-1] < 0.1
+  assert after[0] > 0.4 and after[-1] > 0.4
+
+
 def test_band_mask_against_brute_force():
   shape = (5, 7, 6)
   z, y, x = np.indices(shape)

@@ -7,7 +7,10 @@ would. A record is (scan, z, y, x): the origin of a `patch`^3 crop. One epoch ho
 `patches_per_scan` records per training scan, shuffled afresh every epoch. A fraction
 `foreground` of the records (nnU-Net's oversampling, 1/3 by default) is centred, with a random
 offset, on a voxel of a class > 0 drawn from up to `FG_SAMPLES` locations per class and scan
-gathered once at start; the rest have uniform origins. Crops are read straight from tensorstore,
+gathered once at start; the rest have uniform origins, reaching `edge_margin` x patch past each
+face and clamped back onto it (config.edge_margin, as the 2D stream: the voxels at a scan's faces
+are trained about a third as often as interior voxels, instead of 1 / patch as often, and at
+a crop's face, the way sliding-window prediction sees them). Crops are read straight from tensorstore,
 all reads issued before any is waited on, normalised on the host (as the 2D stream).
 
 The device sampler (`data.device_sampler3d`) cuts the same records from scans held in device
@@ -83,8 +86,14 @@ class PatchStream3d(PrefetchedStream):
                global_batch_size: int, patches_per_scan: int = 16, foreground: float = 1 / 3,
                seed: int = 0, normalization: str = "percentile",
                process_index: int | None = None, process_count: int | None = None,
-               num_threads: int = 8, prefetch: int = 2):
+               num_threads: int = 8, prefetch: int = 2, edge_margin: float | None = None):
     self.patch = patch_shape(patch_size)
+    frac = patches.EDGE_MARGIN if edge_margin is None else float(edge_margin)
+    if not 0.0 <= frac <= 1.0:
+      raise errors.UserError(f"edge_margin={edge_margin!r} must be in [0, 1] (a fraction of the "
+                             "patch)")
+    # Voxels per axis that uniform origins reach past each face (clamped back).
+    self.edge_margin = tuple(int(round(frac * p)) for p in self.patch)
     self.global_batch_size = int(global_batch_size)
     self.patches_per_scan = int(patches_per_scan)
     self.foreground = float(foreground)
@@ -154,8 +163,9 @@ class PatchStream3d(PrefetchedStream):
     hi = self.shapes[si] - np.array(self.patch)  # the largest origin per axis
     out = np.zeros((positions.size, 4), np.int64)
     out[:, 0] = si
-    for d in range(3):
-      out[:, 1 + d] = patches._randint(h(epoch, rec, d), 0, hi[:, d])
+    for d in range(3):  # pylint: disable=protected-access
+      out[:, 1 + d] = patches._edge_origin(h(epoch, rec, d), self.shapes[si, d], self.patch[d],
+                                           self.edge_margin[d])
     want_fg = (h(epoch, rec, 7) % np.uint64(1 << 20)).astype(np.float64) / (1 << 20) \
         < self.foreground
     for i in np.flatnonzero(want_fg):

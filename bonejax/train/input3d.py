@@ -64,7 +64,7 @@ def make_input_3d(c: Any, dataset_path, train_scans: Sequence[str], val_scans: S
       patches_per_scan=int(_get(c, "patches_per_scan")),
       foreground=float(_get(c, "foreground")), seed=int(c.seed),
       normalization=str(c.normalization), process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), edge_margin=c.get("edge_margin"))
   sampler = str(c.sampler)
   feed: Any
   if sampler == "host":
