@@ -494,10 +494,13 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
         {DNNL_ARG_DIFF_WEIGHTS, prim}};
     if (!e->scratch.empty())
       args.emplace(DNNL_ARG_SCRATCHPAD, memory(e->scratch_md, Engine(), ScratchPtr(e)));
-    e->prim.execute(Stream(), args);
-    if (e->reorder_w)
+    Execute(e, args);  // timed and counted as the other handlers' primitives
+    if (e->reorder_w) {
+      const double t0 = Profiling() ? Now() : 0;
       e->w_reorder.execute(Stream(), {{DNNL_ARG_FROM, prim}, {DNNL_ARG_TO, user}});
-    Stream().wait();
+      Stream().wait();
+      if (Profiling()) e->times.reorder += Now() - t0;
+    }
   } catch (const std::exception& ex) {
     return Failed("convolution backward-weights", ex);
   }
