@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bonejax.models.layers import (ConvBNAct, SeparableConv, batch_norm, check_input, conv2d,
-                                   resize_bilinear)
+                                   edge_dtype, resize_bilinear)
 from bonejax.models.resnet import ResNetEncoder
 
 
@@ -74,12 +74,12 @@ class DeepLabV3PlusResNet(nnx.Module):
     self.aspp_conv = SepConvBNReLU(c, c, **kw)
     self.skip = ConvBNAct(self.encoder.channels[1], 48, 1, **kw)  # 48: the paper's choice
     self.fuse = SepConvBNReLU(c + 48, c, **kw)
-    self.head = conv2d(c, num_classes, 1, bias=True, **{**kw, "dtype": jnp.float32})
+    self.head = conv2d(c, num_classes, 1, bias=True, **{**kw, "dtype": edge_dtype(dtype)})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, type(self).__name__)
     h, w = x.shape[1:3]
-    feats = self.encoder(x.astype(jnp.float32))  # see layers.FP32_EDGES
+    feats = self.encoder(x.astype(edge_dtype(self.dtype)))  # see layers.FP32_EDGES
     y = self.aspp_conv(self.aspp(feats[-1]))
     skip = self.skip(feats[1])  # stride 4
     y = resize_bilinear(y, skip.shape[1:3], align_corners=True)

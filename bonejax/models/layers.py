@@ -10,6 +10,7 @@ pixel), BatchNorm momentum 0.1 in PyTorch terms and eps 1e-5, no conv bias in fr
 FP32_EDGES: every model runs its first conv (which sees the raw scan) and its head (which makes
 the logits) in float32 whatever `dtype` is. Micro-CT is often 16-bit and bfloat16 keeps 8 bits of
 mantissa; the logits feed soft voting across planes. Both layers are ~1 % of the FLOPs.
+(`edge_dtype`: float32, or float64 for a float64 model: a reference computed wholly in float64.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+def edge_dtype(dtype: Any) -> Any:
+  """The FP32_EDGES layers' dtype for a model computing in `dtype`: float32, unless `dtype` is
+  wider (float64: a test's reference model then computes every layer in float64)."""
+  return jnp.float64 if dtype is not None and jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -63,9 +70,12 @@ conv3d = functools.partial(conv, ndim=3)
 
 def batch_norm(features: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs) -> nnx.BatchNorm:
-  # Flax momentum is the weight of the old statistic: PyTorch's 0.1 is Flax's 0.9.
+  # Flax momentum is the weight of the old statistic: PyTorch's 0.1 is Flax's 0.9. Variance in
+  # two passes, E[(x - E[x])^2], as PyTorch: Flax's one-pass E[x^2] - E[x]^2 cancels in float32
+  # where a channel's mean is large against its spread (ReLU outputs), which put decoder
+  # gradients 3e-3 off a float64 run (tests/test_onednn.py, jaxlib 0.12).
   return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
 
 
 def layer_norm(features: int, eps: float, *, dtype: Any = jnp.float32,

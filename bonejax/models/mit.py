@@ -17,11 +17,10 @@ cuDNN) fuses on GPU. Stochastic depth draws from the model's own `dropout` RNG s
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bonejax.models.layers import activation, conv2d, layer_norm, linear
+from bonejax.models.layers import activation, conv2d, edge_dtype, layer_norm, linear
 
 MIT_B0 = dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), heads=(1, 2, 5, 8),
               sr_ratios=(8, 4, 2, 1))
@@ -79,7 +78,7 @@ class Stage(nnx.Module):
   def __init__(self, cin: int, dim: int, depth: int, heads: int, sr: int, first: bool,
                drop_paths, **kw):
     k, s = (7, 4) if first else (3, 2)
-    embed_kw = {**kw, "dtype": jnp.float32} if first else kw  # see layers.FP32_EDGES
+    embed_kw = {**kw, "dtype": edge_dtype(kw.get("dtype"))} if first else kw  # see layers.FP32_EDGES
     self.embed = conv2d(cin, dim, k, stride=s, bias=True, **embed_kw)
     self.embed_norm = layer_norm(dim, 1e-5, **kw)
     self.blocks = nnx.List([Block(dim, heads, sr, float(drop_paths[i]), **kw)
@@ -107,7 +106,7 @@ def mit_stages(in_channels: int, drop_path_rate: float = 0.1, **kw) -> nnx.List:
 
 def run_stages(stages, x: jax.Array) -> list[jax.Array]:
   """Features at strides 4, 8, 16, 32 (the first embedding sees the input in float32)."""
-  y, feats = x.astype(jnp.float32), []
+  y, feats = x.astype(edge_dtype(x.dtype)), []
   for stage in stages:
     y = stage(y)
     feats.append(y)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, batch_norm, conv, max_pool
+from bonejax.models.layers import ConvBNAct, batch_norm, conv, edge_dtype, max_pool
 
 # name -> (block, blocks per stage)
 SPECS = {
@@ -107,7 +107,7 @@ class ResNetEncoder(nnx.Module):
     # The stem conv sees the raw scan: computing it in float32 keeps the input's full intensity
     # resolution (micro-CT is often 16-bit; bfloat16 keeps 8 bits), for ~1 % of the FLOPs.
     self.stem = ConvBNAct(in_channels, 64, 7, ndim=ndim, stride=2, act="relu",
-                          conv_dtype=jnp.float32, **kw)
+                          conv_dtype=edge_dtype(dtype), **kw)
     cin, stages = 64, []
     for i, n in enumerate(layers):
       dilated = output_stride == 16 and i == 3

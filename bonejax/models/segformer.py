@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv2d, linear, resize_bilinear
+from bonejax.models.layers import (ConvBNAct, check_input, conv2d, edge_dtype, linear,
+                                    resize_bilinear)
 from bonejax.models.mit import MIT_B0, mit_stages, run_stages
 
 
@@ -35,7 +36,7 @@ class SegFormer(nnx.Module):
     c = int(decoder_channels)
     self.mlps = nnx.List([linear(d, c, **kw) for d in dims[::-1]])  # deepest first, as smp
     self.fuse = ConvBNAct(len(dims) * c, c, 1, **kw)
-    self.head = conv2d(c, num_classes, 1, bias=True, **{**kw, "dtype": jnp.float32})
+    self.head = conv2d(c, num_classes, 1, bias=True, **{**kw, "dtype": edge_dtype(dtype)})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, "segformer")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv, he_normal, max_pool
+from bonejax.models.layers import ConvBNAct, check_input, conv, edge_dtype, he_normal, max_pool
 
 
 class ConvBlock(nnx.Module):
@@ -61,7 +61,7 @@ class UNet(nnx.Module):
     self.dtype, self.in_channels, self.stride = dtype, in_channels, 2**(depth - 1)
     chans = [width * 2**i for i in range(depth)]
     # The first conv (raw scan in) and the head (logits out) run in float32: see FP32_EDGES.
-    self.down = nnx.List([ConvBlock(cin, c, activation, jnp.float32 if i == 0 else None, n,
+    self.down = nnx.List([ConvBlock(cin, c, activation, edge_dtype(dtype) if i == 0 else None, n,
                                     **kw)
                           for i, (cin, c) in enumerate(zip([in_channels] + chans[:-1], chans))])
     self.up = nnx.List([
@@ -70,11 +70,12 @@ class UNet(nnx.Module):
         for i in reversed(range(depth - 1))])
     self.up_blocks = nnx.List([ConvBlock(2 * chans[i], chans[i], activation, None, n, **kw)
                                for i in reversed(range(depth - 1))])
-    self.head = conv(width, num_classes, 1, ndim=n, bias=True, **{**kw, "dtype": jnp.float32})
+    self.head = conv(width, num_classes, 1, ndim=n, bias=True,
+                     **{**kw, "dtype": edge_dtype(dtype)})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, self.label, self.spatial_dims)
-    x = x.astype(jnp.float32)  # the first conv casts to the compute dtype after itself
+    x = x.astype(edge_dtype(self.dtype))  # the first conv casts to the compute dtype after itself
     skips = []
     for i, block in enumerate(self.down):
       if i:
@@ -83,7 +84,7 @@ class UNet(nnx.Module):
       skips.append(x)
     for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1])):
       x = block(jnp.concatenate([up(x), skip], axis=-1))
-    return self.head(x).astype(jnp.float32)
+    return self.head(x).astype(edge_dtype(self.dtype))
 
 
 class UNet3d(UNet):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv, upsample_nearest2x
+from bonejax.models.layers import ConvBNAct, check_input, conv, edge_dtype, upsample_nearest2x
 from bonejax.models.resnet import ResNetEncoder
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -66,7 +66,7 @@ def unet_decoder(enc: Sequence[int], decoder_channels: tuple[int, ...], num_clas
   blocks = nnx.List([DecoderBlock(i, s, o, ndim, **kw)
                      for i, s, o in zip(ins, skips, decoder_channels)])
   head = conv(decoder_channels[-1], num_classes, 3, ndim=ndim, bias=True,
-              **{**kw, "dtype": jnp.float32})  # see layers.FP32_EDGES
+              **{**kw, "dtype": edge_dtype(kw.get("dtype"))})  # see layers.FP32_EDGES
   return blocks, head
 
 
@@ -76,7 +76,7 @@ def run_decoder(blocks: nnx.List, head: nnx.Module, feats: list[jax.Array]) -> j
   skips = skips + [None] * (len(blocks) - len(skips))
   for block, skip in zip(blocks, skips):
     y = block(y, skip)
-  return head(y).astype(jnp.float32)
+  return head(y).astype(edge_dtype(y.dtype))
 
 
 class UnetResNet(nnx.Module):
@@ -98,7 +98,7 @@ class UnetResNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, type(self).__name__, self.spatial_dims)
-    feats = self.encoder(x.astype(jnp.float32))[::-1]  # the stem casts after its conv
+    feats = self.encoder(x.astype(edge_dtype(self.dtype)))[::-1]  # the stem casts after its conv
     return run_decoder(self.blocks, self.head, feats)
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import check_input, conv2d
+from bonejax.models.layers import check_input, conv2d, edge_dtype
 from bonejax.models.resnet import ResNetEncoder
 from bonejax.models.unet_resnet import DECODER_CHANNELS, DecoderBlock
 
@@ -50,11 +50,12 @@ class UnetPlusPlusResNet(nnx.Module):
         blocks[f"x_{d}_{l}"] = DecoderBlock(cin, cskip, cout, **kw)
     blocks[f"x_0_{self.depth}"] = DecoderBlock(ins[-1], 0, out[-1], **kw)
     self.blocks = nnx.Dict(blocks)
-    self.head = conv2d(out[-1], num_classes, 3, bias=True, **{**kw, "dtype": jnp.float32})
+    self.head = conv2d(out[-1], num_classes, 3, bias=True,
+                       **{**kw, "dtype": edge_dtype(kw.get("dtype"))})
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, type(self).__name__)
-    feats = self.encoder(x.astype(jnp.float32))[::-1]  # strides 32, 16, 8, 4, 2
+    feats = self.encoder(x.astype(edge_dtype(self.dtype)))[::-1]  # strides 32, 16, 8, 4, 2
     dense = {}
     for l in range(self.depth):
       for d in range(self.depth - l):
@@ -66,4 +67,4 @@ class UnetPlusPlusResNet(nnx.Module):
           dense[f"x_{d}_{col}"] = self.blocks[f"x_{d}_{col}"](
               dense[f"x_{d}_{col - 1}"], jnp.concatenate(cat, axis=-1))
     y = self.blocks[f"x_0_{self.depth}"](dense[f"x_0_{self.depth - 1}"])
-    return self.head(y).astype(jnp.float32)
+    return self.head(y).astype(edge_dtype(self.dtype))
