@@ -80,15 +80,15 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = f"skipped in CI (CI is set): {reason}\n{_CI_MESSAGE}"
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):
+def pytest_collectreport(report):
   # A module that skips itself at import (importorskip, allow_module_level). Kept a skip during
-  # collection (a collection error would stop every other test) and failed at the end.
-  outcome = yield
-  report = outcome.get_result()
+  # collection (a collection error would stop every other test) and failed at the end. This
+  # hook (not the collector's own) runs in the controlling process under pytest-xdist too,
+  # whose workers send it their skipped collections.
   reason = _skip_in_ci(report)
-  if reason is not None:
-    _SKIPPED_MODULES.append(f"{report.nodeid}: {reason}")
+  line = f"{report.nodeid}: {reason}"
+  if reason is not None and line not in _SKIPPED_MODULES:
+    _SKIPPED_MODULES.append(line)
 
 
 def pytest_terminal_summary(terminalreporter):
