@@ -13,28 +13,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bonejax import models, predict
+import test_predict_graph  # tests/ is on sys.path (conftest)
+from bonejax import predict
 from bonejax.models import conv_lowering
 from bonejax.models.conv_spec import ConvSpec
-
-
-def _model():
-  abstract = models.abstract_model(
-      lambda **k: models.create("unet", num_classes=3, in_channels=1, depth=6, width=2, **k))
-  model = models.fill_from_numpy(abstract, seed=3)
-  rng = np.random.default_rng(4)
-  for _, bn in nnx.iter_modules(model):
-    if isinstance(bn, nnx.BatchNorm):
-      n = bn.mean.shape[0]
-      bn.mean.value = rng.normal(0, 0.2, n).astype(np.float32)
-      bn.var.value = rng.uniform(0.5, 1.5, n).astype(np.float32)
-  return model
 
 
 @pytest.fixture(scope="module")
 def model_and_planes():
   planes = np.random.default_rng(0).normal(0, 1, (2, 64, 64)).astype(np.float32)
-  model = _model()
+  # A classic U-Net 6 levels deep: stride 32, random BatchNorm statistics (test_predict_graph).
+  model = test_predict_graph._model("unet", depth=6, width=2)
   view = nnx.view(model, use_running_average=True, deterministic=True,
                   raise_if_not_found=False)
   want = np.asarray(jax.nn.softmax(view(jnp.asarray(planes[..., None])), axis=-1))
