@@ -232,10 +232,10 @@ def main(argv):
   cmd = " ".join(["python", "benchmarks/edges.py"] + sys.argv[1:])
   md = to_markdown(rows, summ, info, load, cmd)
   print(md)
-  paths = common.write_results(_NAME.value, {"rows": rows, "summary": summ, "machine": info,
-                                       "command": cmd,
-                                       "load_average": {"start": load[0], "end": load[1]}},
-                               md, tag=tag, results_dir=Path(F.results_dir))
+  record = {"rows": rows, "summary": summ, "machine": info, "command": cmd,
+            "load_average": {"start": load[0], "end": load[1]}}
+  paths = common.write_results(_NAME.value, record, md, tag=tag,
+                               results_dir=Path(F.results_dir))
   return {"md": paths["md"], "rows": len(rows)}
 
 
