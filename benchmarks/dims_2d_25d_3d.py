@@ -509,17 +509,14 @@ def main(argv):
                  f"--window3d={_WINDOW3D.value}", f"--predict_runs={_PREDICT_RUNS.value}",
                  "--smoke" if _SMOKE.value else "--nosmoke"]
 
-  def run_one(kind, dim):
-    name = cell_name(kind, dim)
+  def run_one(kind, dim, score_only=False):
+    log = f"{cell_name(kind, dim)}{'_rescore' if score_only else ''}.log"
     return common.run_json([sys.executable, str(THIS), f"--cell={dim}", f"--phantom={kind}",
-                            *passthrough], timeout=_CELL_TIMEOUT.value,
-                           log=root / "logs" / f"{name}.log")
+                            *(["--score_only"] if score_only else []), *passthrough],
+                           timeout=_CELL_TIMEOUT.value, log=root / "logs" / log)
 
   def rescore_one(kind, dim):
-    name = cell_name(kind, dim)
-    return common.run_json([sys.executable, str(THIS), f"--cell={dim}", f"--phantom={kind}",
-                            "--score_only", *passthrough], timeout=_CELL_TIMEOUT.value,
-                           log=root / "logs" / f"{name}_rescore.log")
+    return run_one(kind, dim, score_only=True)
 
   def report(records):
     write_report(records, plan, (load_start, None), cmd, tag, results_dir, _NAME.value)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import model_helpers  # tests/ is on sys.path (conftest)
 from bonejax import models
 from bonejax.models import inference_graph
 from bonejax.predict.engine import PlaneEngine
@@ -22,15 +23,7 @@ X = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
 
 def _randomise_bn(model: nnx.Module) -> nnx.Module:
   """BatchNorm statistics far from (0, 1): a wrong fold must show in the logits."""
-  rng = np.random.default_rng(1)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.BatchNorm):
-      c = node.mean.shape[0]
-      node.mean[...] = jnp.asarray(rng.normal(0, 0.5, c), jnp.float32)
-      node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
-      node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-      node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
-  return model
+  return model_helpers.randomise_batch_norm(model)
 
 
 class SkipNet(nnx.Module):

@@ -18,6 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
+import model_helpers  # tests/ is on sys.path (conftest)
 from bonejax import models
 from bonejax.models import conv_lowering, inference_graph, onednn
 from bonejax.models.conv_lowering import ConvSpec, Planner
@@ -160,13 +161,7 @@ X = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
 def _model(name: str, dtype=jnp.float32) -> nnx.Module:
   model = models.fill_from_numpy(models.abstract_model(
       models.create, name, num_classes=3, dtype=dtype, **ZOO[name]))
-  rng = np.random.default_rng(1)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.BatchNorm):  # statistics far from (0, 1): folding must matter
-      c = node.mean.shape[0]
-      node.mean[...] = jnp.asarray(rng.normal(0, 0.5, c), jnp.float32)
-      node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
-  return model
+  return model_helpers.randomise_batch_norm(model, ("mean", "var"))  # folding must matter
 
 
 def _run(model: nnx.Module) -> np.ndarray:
@@ -428,14 +423,7 @@ class _PreActivationKept(nnx.Module):
 
 
 def _randomised(model: nnx.Module) -> nnx.Module:
-  rng = np.random.default_rng(1)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.BatchNorm):
-      c = node.mean.shape[0]
-      node.mean[...] = jnp.asarray(rng.normal(0, 0.5, c), jnp.float32)
-      node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
-      node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
-  return model
+  return model_helpers.randomise_batch_norm(model, ("mean", "var", "bias"))
 
 
 def _post_ops(graph) -> list[tuple[bool, bool]]:

@@ -177,6 +177,20 @@ def _check_rule(rule: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def edge_margin_fraction(edge_margin: float | None) -> float:
+  """config.edge_margin checked: a fraction of the patch in [0, 1] (None: EDGE_MARGIN)."""
+  frac = EDGE_MARGIN if edge_margin is None else edge_margin
+  try:
+    frac = float(frac)
+  except (TypeError, ValueError):
+    raise errors.UserError(f"edge_margin={edge_margin!r} must be a number (a fraction of the "
+                           "patch)") from None
+  if not 0.0 <= frac <= 1.0:  # NaN fails too
+    raise errors.UserError(f"edge_margin={edge_margin!r} must be in [0, 1] (a fraction of the "
+                           "patch; 0.5 by default)")
+  return frac
+
+
 def _edge_origin(h: np.ndarray, n: np.ndarray, pp: int, margin: int,
                  first: np.ndarray | None = None, last: np.ndarray | None = None) -> np.ndarray:
   """A crop origin along a side of n pixels: uniform over the origins inside the side (mirrored
@@ -216,17 +230,8 @@ class PatchStream(PrefetchedStream):
                rare_classes: Sequence[int] | None = None, context_slices: int = 0,
                edge_margin: float | None = None):
     self.patch_size = int(patch_size)
-    # A fraction of the patch (None: EDGE_MARGIN); self.edge_margin is in pixels.
-    frac = EDGE_MARGIN if edge_margin is None else edge_margin
-    try:
-      frac = float(frac)
-    except (TypeError, ValueError):
-      raise errors.UserError(f"edge_margin={edge_margin!r} must be a number (a fraction of the "
-                             "patch)") from None
-    if not 0.0 <= frac <= 1.0:  # NaN fails too
-      raise errors.UserError(f"edge_margin={edge_margin!r} must be in [0, 1] (a fraction of the "
-                             "patch; 0.5 by default)")
-    self.edge_margin = int(self.patch_size * frac)  # floor, as before the config key
+    # self.edge_margin is in pixels; floor, as before the config key.
+    self.edge_margin = int(self.patch_size * edge_margin_fraction(edge_margin))
     self.global_batch_size = int(global_batch_size)
     self.axes = tuple(int(a) for a in axes)
     self.patches_per_plane = int(patches_per_plane)

@@ -88,12 +88,9 @@ class PatchStream3d(PrefetchedStream):
                process_index: int | None = None, process_count: int | None = None,
                num_threads: int = 8, prefetch: int = 2, edge_margin: float | None = None):
     self.patch = patch_shape(patch_size)
-    frac = patches.EDGE_MARGIN if edge_margin is None else float(edge_margin)
-    if not 0.0 <= frac <= 1.0:
-      raise errors.UserError(f"edge_margin={edge_margin!r} must be in [0, 1] (a fraction of the "
-                             "patch)")
-    # Voxels per axis that uniform origins reach past each face (clamped back).
-    self.edge_margin = tuple(int(round(frac * p)) for p in self.patch)
+    frac = patches.edge_margin_fraction(edge_margin)
+    # Voxels per axis that uniform origins reach past each face (clamped back; floor, as 2D).
+    self.edge_margin = tuple(int(p * frac) for p in self.patch)
     self.global_batch_size = int(global_batch_size)
     self.patches_per_scan = int(patches_per_scan)
     self.foreground = float(foreground)
