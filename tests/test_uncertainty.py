@@ -42,8 +42,8 @@ def files(tmp_path_factory):
   return root
 
 
-def reference_maps(per_set, labels):
-  mean = sum(per_set) / len(per_set)
+def reference_maps(per_set, labels, mean=None):
+  mean = sum(per_set) / len(per_set) if mean is None else mean
   p = np.clip(mean.astype(np.float64), 1e-30, 1)
   ent = -(mean * np.log(p)).sum(-1) / math.log(mean.shape[-1])
   disagree = np.mean([np.argmax(s, -1) != labels for s in per_set], axis=0)
@@ -86,7 +86,8 @@ def test_uncertainty_and_votes_match_the_per_set_reference(files, tmp_path, vote
   vol = np.load(files / "vol.npy")
   from bonejax.io import intensity
   per_set = predict.predict_planes(b.model, vol, stats=intensity.compute_stats(vol), planes=3)
-  labels_ref, _ = predict.fuse(per_set, vote)
+  labels_ref, mean_ref = predict.fuse(per_set, vote, predict.plane_sets(3),
+                                      predict.DEFAULT_FACE_TAPER)  # as predict.py fuses
   planes.clear()
 
   out = tmp_path / "unc.zarr"
@@ -96,7 +97,7 @@ def test_uncertainty_and_votes_match_the_per_set_reference(files, tmp_path, vote
   assert sum(planes) == sum(SHAPE)  # every plane once: the maps cost no extra inference
   np.testing.assert_array_equal(res["labels"], labels_ref)
   maps = store.open_array(out).read().result()
-  ent, dis = reference_maps(per_set, labels_ref)
+  ent, dis = reference_maps(per_set, labels_ref, mean_ref)
   assert maps.dtype == np.uint8 and maps.shape == SHAPE + (2,)
   assert np.abs(maps[..., 0].astype(int) - ent).max() <= 1  # float32 vs float64 rounding
   np.testing.assert_array_equal(maps[..., 1], dis)

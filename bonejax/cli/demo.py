@@ -118,7 +118,9 @@ def main(argv):
   scan = ds.open_scan(test_scan)
   per_axis = predict.predict_planes(b.model, scan.image, stats=scan.stats, rule=b.normalization,
                                     planes=3, progress=True)
-  soft_labels, _ = predict.fuse(per_axis, "soft")
+  sets = predict.plane_sets(3)  # fused as predict.py fuses them (face taper on the soft vote)
+  soft_labels, _ = predict.fuse(per_axis, "soft", sets, predict.DEFAULT_FACE_TAPER)
+  untapered_labels, _ = predict.fuse(per_axis, "soft")
   majority_labels, _ = predict.fuse(per_axis, "majority")
   max_labels, _ = predict.fuse(per_axis, "max")
   predict_s = time.perf_counter() - t
@@ -129,7 +131,8 @@ def main(argv):
     arr = store.create_array(tmp, scan.shape, "uint8")
     arr.write(soft_labels).result()
     store.set_array_attrs(tmp, {"model": str(workdir / "model"), "planes": 3,
-                                      "vote": "soft", "classes": b.classes, "scan": test_scan})
+                                      "vote": "soft", "face_taper": predict.DEFAULT_FACE_TAPER,
+                                      "classes": b.classes, "scan": test_scan})
 
   # ---- Evaluate: the model's votes and the threshold baseline against the exact labels. ------
   truth = scan.read_labels()
@@ -142,6 +145,7 @@ def main(argv):
           for a, p in enumerate(per_axis)]
   rows.append(("3-plane majority vote", score(majority_labels)))
   rows.append(("3-plane max-probability", score(max_labels)))
+  rows.append(("3-plane soft vote, no face taper", score(untapered_labels)))
   rows.append(("3-plane soft vote", score(soft_labels)))
   base = baseline.fit_scans([ds.open_scan(s) for s in train_scans], k, rule=b.normalization)
   base_scores = score(baseline.predict_scan(base, scan, rule=b.normalization))

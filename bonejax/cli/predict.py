@@ -75,6 +75,11 @@ _POSTPROCESS = flags.DEFINE_string(
 _PLANES = flags.DEFINE_string("planes", "3", "Plane sets voted over: 1, 3, 9 or 12.")
 _VOTE = flags.DEFINE_string("vote", "soft", "soft (mean probabilities), majority, or max "
                             "(class of the highest single-set probability).")
+_FACE_TAPER = flags.DEFINE_integer(
+    "face_taper", 4, "Soft vote near the volume's faces: a plane set whose planes cut a face "
+    "sees the voxels there with context on one side only, so its weight rises from 1/N at that "
+    "face to 1 at N voxels from it (the set parallel to the face keeps its full weight). 0: "
+    "every set weighs the same everywhere.")
 _AXIS = flags.DEFINE_string("axis", None, "Slicing axis for --planes=1: 0 (Z), 1 (Y), 2 (X); "
                             "default 0.")
 _SAVE_PROBS = flags.DEFINE_string("save_probs", None, "Also write the mean probabilities "
@@ -180,7 +185,8 @@ def main(argv):
                       init_timeout_s=_BARRIER_S.value)
     group = distributed.Group.from_jax(_BARRIER_S.value, namespace="bonejax/predict")
   # After initialize: `auto` asks JAX for its backend. The result records the dtype it chose.
-  settings = dict(planes=planes, axis=axis, vote=_VOTE.value, batch_size=_BATCH.value,
+  settings = dict(planes=planes, axis=axis, vote=_VOTE.value, face_taper=_FACE_TAPER.value,
+                  batch_size=_BATCH.value,
                   memory_budget_gb=_BUDGET.value, device_memory_gb=_DEVICE_GB.value,
                   dtype=dtype_auto.resolve(_DTYPE.value), tile_size=_TILE.value,
                   tile_overlap=_OVERLAP.value,
@@ -234,7 +240,8 @@ def _predict_study(study, bundle: Path, settings: dict, group) -> dict:
   predictor = predict.Predictor(bundle, progress=True, **settings)
   record = {"model": str(bundle.resolve()), "output_format": _FORMAT.value,
             "postprocess": _POSTPROCESS.value,
-            **{k: settings[k] for k in ("planes", "axis", "vote", "dtype", "resample")}}
+            **{k: settings[k] for k in ("planes", "axis", "vote", "face_taper", "dtype",
+                                        "resample")}}
   return study.run_study(predictor, items, layout, overwrite=_OVERWRITE.value,
                          fail_fast=_FAIL_FAST.value, group=group, settings=record)
 

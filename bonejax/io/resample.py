@@ -231,9 +231,11 @@ class RegridSink:
                                             runner.k))
     self.resampler = Resampler(regrid.model_shape, regrid.out_shape, 1)
     self.soft_only = fuser.soft_only
+    self.plane_set = None
 
-  def begin(self) -> None:
+  def begin(self, ps: Any = None) -> None:
     self.staging.first = True
+    self.plane_set = ps  # weighted on the input grid, in the fuser
 
   def add(self, axis: int, s0: int, probs: np.ndarray) -> None:
     self.staging.add(axis, s0, probs)
@@ -244,7 +246,7 @@ class RegridSink:
     # and each process maps back its own (chunk-aligned) share of the input grid's Z.
     self.runner.sync("regrid staged")
     zs = self.runner.slab_planes(self.fuser.probs.vol, 0, 1)
-    self.fuser.begin()
+    self.fuser.begin(self.plane_set)
     lo, depth = self.runner.share(self.resampler.out_shape[0])
     for z0 in range(lo, depth, zs):
       z1 = min(z0 + zs, depth)

@@ -186,7 +186,8 @@ def predict_resampled(predictor: Any, volume: Any, *, layer_um: Any, model_um: A
   regrid = resample_lib.Regrid(tuple(np.shape(volume))[:3], model_arr.shape[:3])
   pred = api.run_prediction(engine, vol, predictor.sets, s.vote, budget_bytes=s.budget_bytes,
                             out_of_core=False, scratch_dir=None, keep_labels=True,
-                            keep_probs=probs, progress=progress, regrid=regrid)
+                            keep_probs=probs, progress=progress, regrid=regrid,
+                            face_taper=s.face_taper)
   return pred.labels, pred.probs
 
 

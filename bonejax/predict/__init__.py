@@ -24,7 +24,7 @@ Modules, one job each:
 
 Python API (for the demo, cross-validation and notebooks):
     probs = predict_planes(model, vol, stats=stats, planes=3)   # one (Z,Y,X,K) per plane set
-    labels, mean = fuse(probs, "soft")                           # or "majority"
+    labels, mean = fuse(probs, "soft", plane_sets(3), DEFAULT_FACE_TAPER)  # as predict_volume
     labels = predict_volume(model, vol, stats=stats, planes=3, vote="soft")
     result = predict_scan("WORKDIR/model", "DATA/scan_000", output="pred.zarr")
     predictor = Predictor("WORKDIR/model", planes=3)             # load and compile once
@@ -44,14 +44,15 @@ from bonejax.predict.engine import (DEFAULT_BATCH, DTYPES, STRIDE, Plan, PlaneEn
                                     with_compute_dtype)
 from bonejax.predict.memory import (DEFAULT_BUDGET_GB, device_budget_bytes, resident_bytes,
                                     resident_limit)
-from bonejax.predict.planesets import (AXES, PLANES, VOTES, PlaneSet, check_vote, fuse,
-                                       majority_labels, one_hot_argmax, plane_sets, run_order)
+from bonejax.predict.planesets import (AXES, DEFAULT_FACE_TAPER, PLANES, VOTES, PlaneSet,
+                                       check_vote, face_weights, fuse, majority_labels,
+                                       one_hot_argmax, plane_sets, run_order)
 from bonejax.predict.predictor import Predictor, predict_scan
 from bonejax.predict.source import find_bundle
 from bonejax.predict.windows3d import WindowEngine, make_window_engine, predict_volume_3d
 
 __all__ = [
-    "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
+    "AXES", "DEFAULT_BATCH", "DEFAULT_BUDGET_GB", "DEFAULT_FACE_TAPER", "face_weights", "DTYPES", "PLANES", "STRIDE", "VOTES", "Plan",
     "PlaneEngine", "PlaneSet", "Predictor", "Prediction", "as_volume", "axis_probabilities",
     "background_value", "blend_window", "bundle_model", "check_vote", "compute_dtype",
     "device_budget_bytes", "find_bundle", "fuse", "majority_labels", "make_engine",

@@ -34,7 +34,8 @@ from bonejax.io import intensity
 from bonejax.core.distributed import SINGLE, Group
 from bonejax.predict import hosts, memory
 from bonejax.predict.engine import DEFAULT_BATCH, PlaneEngine
-from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets, run_order
+from bonejax.predict.planesets import (DEFAULT_FACE_TAPER, PlaneSet, check_face_taper, check_vote,
+                                       plane_sets, run_order)
 from bonejax.predict.runner import Runner
 from bonejax.predict.volumes import Fuser, PerSet, SlabVolume, scratch_dir as make_scratch
 
@@ -218,7 +219,7 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
                    labels_out: Any = None, probs_out: Any = None, keep_labels: bool = True,
                    keep_probs: bool = False, progress: bool | Progress = False,
                    uncertainty_out: Any = None, regrid: Any = None,
-                   group: Group = SINGLE) -> Prediction:
+                   group: Group = SINGLE, face_taper: int = DEFAULT_FACE_TAPER) -> Prediction:
   """Runs the sets, fuses them and writes labels (and mean probabilities) slab by slab.
 
   `labels_out` / `probs_out` are tensorstores to fill (or None); labels are also returned in
@@ -227,8 +228,10 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
   is the input resampled to the model's voxel size; each set's probabilities are mapped back to
   the input grid (`regrid.out_shape`) before the vote. With several processes (`group`), each
   writes its share of the outputs (whole chunks of them), nothing is kept in memory, and every
-  process returns once all outputs are written everywhere.
+  process returns once all outputs are written everywhere. `face_taper`: voxels over which a
+  set's soft-vote weight rises from a face its planes cut (`planesets.face_weights`; 0: off).
   """
+  face_taper = check_face_taper(face_taper)
   if group.size > 1 and (keep_labels or keep_probs):
     raise ValueError("with several processes the labels go to labels_out, not to memory")
   if group.size > 1 and uncertainty_out is not None:
@@ -245,7 +248,8 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
       runner.progress = progress if isinstance(progress, Progress) else Progress(
           desc="predict", unit="planes")
       runner.progress.total = runner.total_planes(sets, mine=True)
-    fuser = Fuser.create(runner.array, shape, k, vote, keep_counts=uncertainty_out is not None)
+    fuser = Fuser.create(runner.array, shape, k, vote, keep_counts=uncertainty_out is not None,
+                         face_taper=face_taper)
     runner.run(sets, fuser if regrid is None else regrid.sink(fuser, runner))
     if runner.progress is not None:
       runner.progress.close()
@@ -287,6 +291,7 @@ def run_prediction(engine: PlaneEngine, vol: SlabVolume, sets: Sequence[PlaneSet
     runner.close()
   info = {"plane_sets": [ps.name for ps in sets], "mode": "out_of_core" if out_of_core
           else "in_memory", "infer_seconds": round(infer_s, 3),
+          "face_taper": face_taper,
           "planes_per_second": round(runner.total_planes(sets, mine=True) / max(infer_s, 1e-9),
                                      2),
           "plans": engine.describe(), "device_peak_mb": memory.device_peak_mb(engine.devices),
@@ -299,7 +304,8 @@ def predict_volume(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
                    vote: str = "soft", memory_budget_gb: float = memory.DEFAULT_BUDGET_GB,
                    return_probs: bool = False, out_of_core: bool | None = None,
                    scratch_dir: str | os.PathLike | None = None, progress: bool = False,
-                   return_info: bool = False, **engine_kw):
+                   return_info: bool = False, face_taper: int = DEFAULT_FACE_TAPER,
+                   **engine_kw):
   """Labels (Z, Y, X) uint8 of a volume (numpy, tensorstore or Scan), voted over plane sets.
 
   Returns labels, or (labels, mean probabilities) with `return_probs` (and the run's info
@@ -327,7 +333,7 @@ def predict_volume(model: Any, volume: Any, *, stats: dict[str, Any] | None = No
   with make_scratch(scratch_dir, out_of_core) as scratch:
     pred = run_prediction(engine, vol, sets, vote, budget_bytes=budget, out_of_core=out_of_core,
                           scratch_dir=scratch, keep_labels=True, keep_probs=return_probs,
-                          progress=progress)
+                          progress=progress, face_taper=face_taper)
   out = (pred.labels, pred.probs) if return_probs else (pred.labels,)
   if return_info:
     out = out + (pred.info,)

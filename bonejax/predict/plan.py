@@ -25,7 +25,8 @@ from bonejax.evaluate import uncertainty
 from bonejax.io import intensity, registry, resample as resample_lib
 from bonejax.predict import hosts, memory, source as source_lib
 from bonejax.predict.engine import DTYPES
-from bonejax.predict.planesets import PlaneSet, check_vote, plane_sets
+from bonejax.predict.planesets import (DEFAULT_FACE_TAPER, PlaneSet, check_face_taper,
+                                       check_vote, plane_sets)
 from bonejax.predict.volumes import scratch_dir as make_scratch
 
 
@@ -54,11 +55,13 @@ class Settings:
   image_key: str | None = None
   graph: str = "auto"
   progress: bool = True
+  face_taper: int = DEFAULT_FACE_TAPER
 
   def check(self) -> list[PlaneSet]:
     """Fails on a bad value (one line); returns the plane sets."""
     sets = plane_sets(self.planes, self.axis)
     check_vote(self.vote)
+    check_face_taper(self.face_taper)
     if self.dtype not in DTYPES:
       raise errors.UserError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
     if not self.memory_budget_gb or self.memory_budget_gb <= 0:

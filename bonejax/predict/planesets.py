@@ -11,6 +11,16 @@ the most frequent per-set label, ties broken by the summed probabilities; `max` 
 fusion, as volume-segmantics fuses its planes) takes the class of the single highest probability
 any set gave, ties broken by the summed probabilities. The streaming path (`volumes.Fuser`)
 accumulates the same quantities slab by slab and decides with the same functions.
+
+*Face taper* (soft vote and mean probabilities): near a volume face, the sets whose planes cut
+that face see a voxel at their input's edge, with context on one side only (zero padding on the
+other), while the set parallel to the face sees it with its whole plane around it. Each
+axis-aligned set's weight therefore rises from 1 / taper at a face it cuts to 1 at `taper`
+voxels from it (`face_weights`), as nnU-Net and MONAI weight a sliding window's border down
+(a Gaussian). Measured on the demo over phantom seeds (benchmarks/face_taper.py): where the
+cutting planes are confidently wrong at a face (a marrow cavity opening onto it, read as
+background), the border band rose from 0.82 / 0.78 to 0.89 / 0.90 miou_fg; elsewhere the
+scores moved within +-0.004. 45-degree sets keep weight 1; `taper` = 0 is the plain average.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import numpy as np
 from bonejax.core import errors
 
 PLANES = (1, 3, 9, 12)
+DEFAULT_FACE_TAPER = 4  # voxels; benchmarks/face_taper.py
 VOTES = ("soft", "majority", "max")
 AXES = "zyx"
 
@@ -114,19 +125,71 @@ def vote_labels(vote: str, probsum: np.ndarray, counts: np.ndarray | None,
   return majority_labels(counts, probsum)
 
 
-def fuse(probs: Sequence[np.ndarray], vote: str = "soft") -> tuple[np.ndarray, np.ndarray]:
-  """Per-set probabilities (Z, Y, X, K) -> (uint8 labels, mean probabilities)."""
+def check_face_taper(taper) -> int:
+  try:
+    t = int(taper)
+  except (TypeError, ValueError):
+    raise errors.UserError(f"face_taper={taper!r} must be an integer >= 0") from None
+  if t < 0 or t > 1024:
+    raise errors.UserError(f"face_taper={t} must be in [0, 1024] voxels")
+  return t
+
+
+def tapered(ps: PlaneSet | None, taper: int) -> bool:
+  """Whether `ps` gets face weights (an axis-aligned set, a taper > 0)."""
+  return bool(taper) and ps is not None and ps.rot45 is None
+
+
+def face_weights(shape: Sequence[int], ps: PlaneSet | None, taper: int, axis: int = 0,
+                 s0: int = 0, s1: int | None = None) -> np.ndarray | float:
+  """Soft-vote weight of plane set `ps` at the voxels s0..s1-1 along `axis` of a volume of
+  `shape` (Z, Y, X): min(1, (d + 1) / taper), d the voxel's distance to the nearest face that
+  the set's planes cut (the faces of the two axes in its planes). Laid out as
+  `SlabVolume.read(axis, s0, s1)` lays out planes, broadcastable to (n, H, W, 1); 1.0 for a
+  45-degree set, for `ps` None and for `taper` 0."""
+  if not tapered(ps, taper):
+    return 1.0
+  s1 = shape[axis] if s1 is None else s1
+  w = np.ones((1, 1, 1), np.float32)
+  for a in range(3):
+    if a == ps.axis:  # the faces the planes lie parallel to are seen whole
+      continue
+    i = np.arange(s0, s1) if a == axis else np.arange(shape[a])
+    d = np.minimum(i, shape[a] - 1 - i)
+    wa = np.minimum(1.0, (d + 1) / float(taper)).astype(np.float32)
+    w = np.minimum(w, wa.reshape([-1 if b == a else 1 for b in range(3)]))
+  return np.moveaxis(w, axis, 0)[..., None]
+
+
+def fuse(probs: Sequence[np.ndarray], vote: str = "soft", sets: Sequence[PlaneSet] | None = None,
+         face_taper: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Per-set probabilities (Z, Y, X, K) -> (uint8 labels, mean probabilities); with `sets`
+  (the sets of `probs`, in order) and `face_taper`, the soft sum is face-weighted as the
+  predictor weights it (see the module's docstring)."""
   check_vote(vote)
   if not probs:
     raise ValueError("fuse needs at least one probability volume")
+  sets = list(sets) if sets is not None else [None] * len(probs)
+  if len(sets) != len(probs):
+    raise ValueError(f"{len(sets)} plane sets for {len(probs)} probability volumes")
+  shape = probs[0].shape[:3]
   total = np.zeros_like(probs[0], dtype=np.float32)
+  weight = 0.0  # a number while every weight is 1, else (Z, Y, X, 1)
   counts = np.zeros(probs[0].shape, np.uint8) if vote == "majority" else None
   top = np.full(probs[0].shape, -np.inf, np.float32) if vote == "max" else None
-  for p in probs:
-    total += p
+  for p, ps in zip(probs, sets):
+    w = face_weights(shape, ps, face_taper)
+    total += p if np.isscalar(w) else w * p
+    weight = weight + w
     if counts is not None:
       counts += one_hot_argmax(p)
     if top is not None:
       np.maximum(top, p, out=top)
-  mean = total * np.float32(1.0 / len(probs))
-  return vote_labels(vote, total, counts, top), mean
+  return vote_labels(vote, total, counts, top), mean_of(total, weight)
+
+
+def mean_of(total: np.ndarray, weight) -> np.ndarray:
+  """The weighted mean: `total` / `weight` (a number: the count of equally weighted sets)."""
+  if np.isscalar(weight):
+    return total * np.float32(1.0 / max(float(weight), 1.0))
+  return total / weight

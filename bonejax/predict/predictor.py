@@ -62,11 +62,12 @@ class Predictor:
                tile_size: int | None = None, tile_overlap: int | None = None,
                out_of_core: bool | None = None, resample: bool = True,
                image_key: str | None = None, devices: Any = None, graph: str = "auto",
-               progress: bool = True, group: Group = SINGLE):
+               progress: bool = True, group: Group = SINGLE,
+               face_taper: int = plan.DEFAULT_FACE_TAPER):
     dtype = dtype_auto.resolve(dtype)  # "auto": this device's fastest accurate dtype
     self.settings = plan.Settings(planes, axis, vote, batch_size, memory_budget_gb,
                                   device_memory_gb, dtype, tile_size, tile_overlap, out_of_core,
-                                  resample, image_key, graph, progress)
+                                  resample, image_key, graph, progress, face_taper)
     self.group = group
     # A process that fails here tells the others at once (they would wait at a barrier).
     with group.on_error():
@@ -197,7 +198,7 @@ class Predictor:
                                          keep_probs=return_probs, **self._window_args())
       return pred.labels, pred.probabilities, pred.summary()
     out = predict_volume(self.engine, volume, stats=stats, rule=self.info.rule,
-                         planes=s.planes, axis=s.axis, vote=s.vote,
+                         planes=s.planes, axis=s.axis, vote=s.vote, face_taper=s.face_taper,
                          memory_budget_gb=s.memory_budget_gb, return_probs=return_probs,
                          out_of_core=s.out_of_core,
                          progress=s.progress if progress is None else progress,
@@ -227,7 +228,7 @@ class Predictor:
                               labels_out=w.labels_ts, probs_out=w.probs_out,
                               keep_labels=w.want_memory, keep_probs=False,
                               progress=progress, uncertainty_out=w.unc, regrid=job.regrid,
-                              group=group)
+                              group=group, face_taper=s.face_taper)
         labels = w.finish(outs, job, pred.labels, attrs, keep_labels)
         if outs.postprocess:
           pred.info["postprocess"] = w.postprocessed
@@ -275,7 +276,7 @@ class Predictor:
             "shape": list(shape[:3]), "seconds": round(seconds, 3),
             "voxels_per_second": round(voxels / max(seconds, 1e-9), 1),
             "planes": int(s.planes), "axis": self.sets[0].axis if int(s.planes) == 1 else None,
-            "vote": s.vote, "classes": self.info.classes,
+            "vote": s.vote, "face_taper": int(s.face_taper), "classes": self.info.classes,
             "save_probs": str(outs.save_probs) if outs.save_probs else None,
             "dtype": s.dtype, "batch_size": int(s.batch_size),
             "memory_budget_gb": s.memory_budget_gb, "input_kind": job.kind,

@@ -253,7 +253,7 @@ class Runner:
     """Every set into `sink`, in `planesets.run_order(sets)`."""
     for ps in sets:
       if ps.rot45 is None:
-        sink.begin()
+        sink.begin(ps)
         self.run_planes(self.src, ps.axis, ps.k90, sink.add, self.check_finite)
         sink.end()
         self.sync(f"set {ps.name}")

@@ -19,7 +19,8 @@ import tensorstore as ts
 
 from bonejax.core import outputs
 from bonejax.data import store
-from bonejax.predict.planesets import one_hot_argmax, vote_labels
+from bonejax.predict.planesets import (PlaneSet, face_weights, mean_of, one_hot_argmax,
+                                       tapered, vote_labels)
 
 
 class SlabVolume:
@@ -145,42 +146,51 @@ class Fuser:
   one-hot labels (majority voting, and the uncertainty map's disagreement), the per-class
   maximum (max-probability fusion).
 
-  A sink: `begin()` before a plane set, `add(axis, s0, probs)` per slab, `end(n)` after `n`
-  sets. `soft_only`: sets may be summed before rotating back (only the sum is needed).
-  `decide(z0, z1)` then votes a Z slab: (labels, mean probabilities, counts or None).
+  A sink: `begin(ps)` before a plane set (`ps` None: sets summed together, weight 1),
+  `add(axis, s0, probs)` per slab, `end(n)` after `n` sets. `soft_only`: sets may be summed
+  before rotating back (only the sum is needed). `decide(z0, z1)` then votes a Z slab: (labels,
+  mean probabilities, counts or None). With `face_taper`, an axis-aligned set's probabilities
+  enter the sum weighted by `planesets.face_weights` (the counts and the maxima unweighted), and
+  the mean divides by the summed weights.
   """
 
   def __init__(self, probsum: SlabVolume, counts: SlabVolume | None,
-               probmax: SlabVolume | None = None, vote: str | None = None):
+               probmax: SlabVolume | None = None, vote: str | None = None,
+               face_taper: int = 0):
     self.probs = Accumulator(probsum)
     self.counts = Accumulator(counts) if counts is not None else None
     self.max = Accumulator(probmax, np.maximum) if probmax is not None else None
     self.vote = vote or ("majority" if counts is not None else "soft")
     self.n_sets = 0
     self.soft_only = counts is None and probmax is None
+    self.face_taper = int(face_taper)
+    self._set: PlaneSet | None = None
+    self._weighted: list[PlaneSet] = []  # the sets whose weights are not all 1
 
   @classmethod
   def create(cls, array: Callable, shape: Sequence[int], k: int, vote: str,
-             keep_counts: bool = False) -> "Fuser":
+             keep_counts: bool = False, face_taper: int = 0) -> "Fuser":
     """The accumulators `vote` needs (with the counts also when `keep_counts`: uncertainty),
     made by `array(name, shape, dtype, channels)` (`Runner.array`: memory or scratch zarr)."""
     probsum = array("probsum", shape, np.float32, k)
     counts = (array("votes", shape, np.uint8, k) if vote == "majority" or keep_counts
               else None)
     probmax = array("probmax", shape, np.float32, k) if vote == "max" else None
-    return cls(probsum, counts, probmax, vote)
+    return cls(probsum, counts, probmax, vote, face_taper)
 
   @property
   def shape(self) -> tuple[int, ...]:
     return self.probs.vol.shape
 
-  def begin(self) -> None:
+  def begin(self, ps: PlaneSet | None = None) -> None:
     for acc in (self.probs, self.counts, self.max):
       if acc is not None:
         acc.first = self.n_sets == 0
+    self._set = ps if tapered(ps, self.face_taper) else None
 
   def add(self, axis: int, s0: int, probs: np.ndarray) -> None:
-    self.probs.add(axis, s0, probs)
+    w = face_weights(self.shape, self._set, self.face_taper, axis, s0, s0 + probs.shape[0])
+    self.probs.add(axis, s0, probs if np.isscalar(w) else probs * w)
     if self.counts is not None:
       self.counts.add(axis, s0, one_hot_argmax(probs))
     if self.max is not None:
@@ -188,6 +198,16 @@ class Fuser:
 
   def end(self, n: int = 1) -> None:
     self.n_sets += n
+    if self._set is not None:
+      self._weighted.append(self._set)
+      self._set = None
+
+  def weight(self, z0: int, z1: int):
+    """The summed weights of slices z0..z1-1: the number of sets when all weigh 1."""
+    total = float(self.n_sets - len(self._weighted))
+    for ps in self._weighted:
+      total = total + face_weights(self.shape, ps, self.face_taper, 0, z0, z1)
+    return total
 
   def decide(self, z0: int, z1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Labels (uint8), mean probabilities and the per-class vote counts of slices z0..z1-1."""
@@ -195,7 +215,7 @@ class Fuser:
     counts = self.counts.vol.read(0, z0, z1) if self.counts is not None else None
     top = self.max.vol.read(0, z0, z1) if self.max is not None else None
     labels = vote_labels(self.vote, ps, counts, top)
-    return labels, ps * np.float32(1.0 / max(self.n_sets, 1)), counts
+    return labels, mean_of(ps, self.weight(z0, z1)), counts
 
 
 class PerSet:
@@ -206,7 +226,7 @@ class PerSet:
   def __init__(self, shape: Sequence[int], k: int):
     self.shape, self.k, self.arrays = tuple(shape), k, []
 
-  def begin(self) -> None:
+  def begin(self, ps: PlaneSet | None = None) -> None:
     self.arrays.append(np.zeros(self.shape + (self.k,), np.float32))
     self._vol = SlabVolume(self.arrays[-1])
 

@@ -34,6 +34,7 @@ def attributes(info: ModelInfo, settings: Settings, sets: list, job: ScanPlan,
   attrs = {"model": str(info.path) if info.path else info.meta.get("model"),
            "architecture": info.meta.get("model"), "planes": int(settings.planes),
            "plane_sets": [ps.name for ps in sets], "vote": settings.vote,
+           "face_taper": int(settings.face_taper),
            "classes": info.classes, "source": source, "bonejax_version": bonejax.__version__}
   if job.input_um is not None:
     attrs.update(voxel.voxel_attrs(job.input_um))
