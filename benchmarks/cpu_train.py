@@ -77,16 +77,23 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
                              ("bonejax bf16", "bfloat16", None),
                              ("bonejax fp32 onednn", "float32", "onednn"),
                              ("bonejax bf16 onednn", "bfloat16", "onednn"),
+                             ("bonejax bf16 onednn convs-only", "bfloat16", "onednn-convs"),
                              (f"bonejax bf16 {policy}", "bfloat16", policy)):
     if not _wanted(name) or name in variants or lower == "xla":
       continue
-    if lower == "onednn" and not onednn.available():
+    if lower and lower.startswith("onednn") and not onednn.available():
       continue  # the note says why
     model = models.fill_from_numpy(models.abstract_model(
         models.create, name_, num_classes=3, in_channels=1, dtype=jnp.dtype(dtype), **kwargs))
     info["params"] = models.count_params(model)
     if lower:
-      model = inference_graph.lower_convs(model, policy=lower)
+      model = inference_graph.lower_convs(model, policy=lower.replace("-convs", ""))
+      if lower.endswith("-convs"):  # oneDNN's convolutions only: XLA's BatchNorm and max-pool
+        for _, node in nnx.iter_graph(model):  # (the step before 2026-12-07's second session)
+          if isinstance(node, nnx.BatchNorm):
+            node.__class__ = nnx.BatchNorm
+          if getattr(node, "pool_lowering", None) == "onednn":
+            node.pool_lowering = "xla"
       planners[name] = next(m.planner for _, m in nnx.iter_graph(model)
                             if isinstance(m, inference_graph.FastConv))
     step, state, source = common.bonejax_train_step(model, 1e-3)

@@ -72,7 +72,7 @@ def region(part: dict) -> str | None:
     return "optimizer update"
   if any(f.endswith("losses.py") for f in files) or "log_softmax" in op_name:
     return "loss"
-  if any(f.endswith("normalization.py") for f in files):
+  if any(f.endswith(("normalization.py", "onednn/batch_norm.py")) for f in files):
     return "BatchNorm"
   if (opcode in ("reduce-window", "select-and-scatter", "scatter") or "max_pool" in funcs
           or "reduce_window" in op_name or "select_and_scatter" in op_name):

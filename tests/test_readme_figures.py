@@ -179,7 +179,7 @@ def test_peer_prediction_ratio_as_measured():
   row = next(r for r in idle if r[0].startswith("forward"))
   assert agrees(row[1].split(",")[0], fwd["bonejax graph bf16 auto"]["ips"])
   assert agrees(row[3], fwd["bonejax graph bf16 auto"]["ratio"])
-  train = {r["engine"]: r for r in load("cpu_train_epyc-2c-evening.json")["rows"]}
+  train = {r["engine"]: r for r in load("cpu_train_epyc-2c-bnorm.json")["rows"]}
   row = next(r for r in idle if r[0].startswith("training step"))
   assert agrees(row[1].split(",")[0], train["bonejax bf16 auto"]["pps"])
   assert agrees(row[3].split()[0], train["bonejax bf16 auto"]["ratio"])

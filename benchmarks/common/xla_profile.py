@@ -38,6 +38,11 @@ _PLUMBING = ("parameter", "constant", "bitcast", "broadcast", "reshape", "tuple"
 ONEDNN_TARGETS = {"bonejax_onednn_conv_fwd": ("oneDNN conv", "fwd"),
                   "bonejax_onednn_conv_bwd_data": ("oneDNN backward-data", "bwd_d"),
                   "bonejax_onednn_conv_bwd_weights": ("oneDNN backward-weights", "bwd_w")}
+# Its other FFI targets (training's BatchNorm and max-pool): kind.
+ONEDNN_OTHER = {"bonejax_onednn_bn_fwd": "oneDNN BatchNorm forward",
+                "bonejax_onednn_bn_bwd": "oneDNN BatchNorm backward",
+                "bonejax_onednn_pool_fwd": "oneDNN max-pool forward",
+                "bonejax_onednn_pool_bwd": "oneDNN max-pool backward"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +180,9 @@ def describe_ops(hlo: str, parts: bool = False) -> dict[str, dict]:
     if opcode == "custom-call" and target and target.group(1) in ONEDNN_TARGETS:
       info["kind"] = ONEDNN_TARGETS[target.group(1)][0]
       info["label"], info["key"] = conv_label(out, rest, target.group(1))
+    elif opcode == "custom-call" and target and target.group(1) in ONEDNN_OTHER:
+      info["kind"] = ONEDNN_OTHER[target.group(1)]
+      info["label"] = f"{info['kind']} {_dims(out)[0][1]}"
     elif opcode == "fusion":
       fused = collections.Counter(sm.group(3) for sm in map(_INSTR.match, inner)
                                   if sm and sm.group(3) not in _PLUMBING + ("fusion", "call"))

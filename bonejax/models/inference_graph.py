@@ -496,7 +496,10 @@ def build_inference_model(model: nnx.Module, *, dtype: Any = None, policy: str =
 
 def lower_convs(model: nnx.Module, *, policy: str = "auto", planner: Planner | None = None,
                 dtype: Any = None) -> nnx.Module:
-  """`model` with every `nnx.Conv` replaced, in place, by a FastConv over the same variables.
+  """`model` with every `nnx.Conv` replaced, in place, by a FastConv over the same variables,
+  and, on the CPU under a policy that may choose oneDNN, every `nnx.BatchNorm` made an
+  `onednn.batch_norm.OnednnBatchNorm` (batch statistics on oneDNN, same variables) and every
+  module's max-pools set to run on oneDNN (`pool_lowering`, see `layers.max_pool`).
 
   Nothing is folded and train mode is kept: this is the training-side use of the lowering.
   The state tree (`nnx.state(model)`) is unchanged, so optimiser states and checkpoints of the
@@ -505,6 +508,18 @@ def lower_convs(model: nnx.Module, *, policy: str = "auto", planner: Planner | N
   planner = planner or Planner(policy, train=True)
   for path, node in _modules(model, nnx.Conv):
     _set(model, path, FastConv.from_conv(node, planner=planner, dtype=dtype))
+  if planner.backend == "cpu" and planner.policy in ("onednn", "auto", "measure"):
+    # BatchNorm's batch statistics on oneDNN too (XLA's column reductions are ~10x slower);
+    # the same variables, only the class changes (each call falls back to Flax's code where
+    # oneDNN cannot take it, or where its extension is missing).
+    from bonejax.models.onednn import batch_norm as onednn_bn
+    for _, node in _modules(model, nnx.BatchNorm):
+      if type(node) is nnx.BatchNorm:
+        node.__class__ = onednn_bn.OnednnBatchNorm
+    # And max-pools (exact either way): modules that pool say how in `pool_lowering`.
+    for _, node in nnx.iter_graph(model):
+      if isinstance(node, nnx.Module) and getattr(node, "pool_lowering", None) == "xla":
+        node.pool_lowering = "onednn"
   return model
 
 

@@ -121,9 +121,18 @@ class SeparableConv(nnx.Module):
     return self.pointwise(self.depthwise(x))
 
 
-def max_pool(x: jax.Array, kernel: int, stride: int, pad: int = 0) -> jax.Array:
-  """PyTorch MaxPool2d / MaxPool3d (NHWC / NDHWC): padding counts as -inf, so it never wins."""
+def max_pool(x: jax.Array, kernel: int, stride: int, pad: int = 0,
+             lowering: str = "xla") -> jax.Array:
+  """PyTorch MaxPool2d / MaxPool3d (NHWC / NDHWC): padding counts as -inf, so it never wins.
+
+  `lowering` "onednn": a 2D max-pool runs on oneDNN where it takes the shape (training on the
+  CPU: XLA's select-and-scatter gradient is ~60x slower; see bonejax.models.onednn.pooling),
+  else XLA's reduce_window. Both are exact and send the gradient to the first maximum."""
   n = x.ndim - 2
+  if lowering == "onednn" and n == 2 and jax.default_backend() == "cpu":
+    from bonejax.models.onednn import pooling
+    if pooling.supports(tuple(x.shape), jnp.dtype(x.dtype).name, kernel, stride, pad)[0]:
+      return pooling.max_pool_train(x, kernel, stride, pad)
   return nnx.max_pool(x, (kernel,) * n, strides=(stride,) * n, padding=((pad, pad),) * n)
 
 

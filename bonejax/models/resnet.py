@@ -119,11 +119,12 @@ class ResNetEncoder(nnx.Module):
         cin = 64 * 2**i * EXPANSION[kind]
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
+    self.pool_lowering = "xla"  # "onednn" in CPU training (inference_graph.lower_convs)
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     x = self.stem(x)
     features = [x]
-    x = max_pool(x, 3, 2, 1)
+    x = max_pool(x, 3, 2, 1, lowering=getattr(self, "pool_lowering", "xla"))
     for stage in self.stages:
       for blk in stage:
         x = blk(x)

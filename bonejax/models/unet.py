@@ -72,6 +72,7 @@ class UNet(nnx.Module):
                                for i in reversed(range(depth - 1))])
     self.head = conv(width, num_classes, 1, ndim=n, bias=True,
                      **{**kw, "dtype": edge_dtype(dtype)})
+    self.pool_lowering = "xla"  # "onednn" in CPU training (inference_graph.lower_convs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_input(x, self.stride, self.in_channels, self.label, self.spatial_dims)
@@ -79,7 +80,7 @@ class UNet(nnx.Module):
     skips = []
     for i, block in enumerate(self.down):
       if i:
-        x = max_pool(x, 2, 2)
+        x = max_pool(x, 2, 2, lowering=getattr(self, "pool_lowering", "xla"))
       x = block(x)
       skips.append(x)
     for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1])):

@@ -18,6 +18,10 @@ folds into the post-ops, and whose reordered kernels the handler keeps between c
 byte for byte against the kernel passed in). `handler_profile()` reads the handler's per-layer
 time split when $BONEJAX_ONEDNN_PROFILE is set (benchmarks/cpu_forward_profile.py).
 
+The same extension holds training's BatchNorm (batch statistics, bf16: `batch_norm.py`) and 2D
+max-pool (`pooling.py`), where XLA's CPU code is ~10x and ~60x slower than oneDNN's; the
+training lowering (`inference_graph.lower_convs`) routes them there.
+
 `supports(spec, ...)` asks oneDNN, at trace time, whether it builds primitives for that shape
 (and which implementation); a shape it refuses, or answers only with its slow reference code,
 stays on XLA (`conv_lowering.Planner` checks before choosing "onednn"). $BONEJAX_ONEDNN=off
@@ -41,6 +45,8 @@ from bonejax.models.onednn import build as _build
 
 _FWD, _BWD_DATA, _BWD_WEIGHTS = ("bonejax_onednn_conv_fwd", "bonejax_onednn_conv_bwd_data",
                                  "bonejax_onednn_conv_bwd_weights")
+BN_FWD, BN_BWD = "bonejax_onednn_bn_fwd", "bonejax_onednn_bn_bwd"  # onednn/batch_norm.py
+POOL_FWD, POOL_BWD = "bonejax_onednn_pool_fwd", "bonejax_onednn_pool_bwd"  # onednn/pooling.py
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lib" (ctypes handle) or "reason" (why not), once per process
 _noted: set[str] = set()
@@ -69,7 +75,11 @@ def _load():
         lib = ctypes.CDLL(str(path))
         for name, sym in ((_FWD, "BonejaxOnednnConvForward"),
                           (_BWD_DATA, "BonejaxOnednnConvBackwardData"),
-                          (_BWD_WEIGHTS, "BonejaxOnednnConvBackwardWeights")):
+                          (_BWD_WEIGHTS, "BonejaxOnednnConvBackwardWeights"),
+                          (BN_FWD, "BonejaxOnednnBatchNormForward"),
+                          (BN_BWD, "BonejaxOnednnBatchNormBackward"),
+                          (POOL_FWD, "BonejaxOnednnMaxPoolForward"),
+                          (POOL_BWD, "BonejaxOnednnMaxPoolBackward")):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, sym)),
                                       platform="cpu")
         lib.bonejax_onednn_probe.restype = ctypes.c_int

@@ -38,6 +38,8 @@ from pathlib import Path
 from bonejax.core import cache_dirs
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
+INCLUDED = tuple(Path(__file__).with_name(n) for n in ("onednn_bnorm.inc", "onednn_pool.inc"))
+# (#included by SOURCE)
 NEEDS = ("the oneDNN fast path needs oneDNN and a C++ compiler (pip install onednn-cpu-gomp "
          "onednn-devel-cpu-gomp, or Debian/Ubuntu: apt-get install libdnnl-dev; and g++)")
 
@@ -117,7 +119,8 @@ def _key(cxx: str, includes: list[str], libs: list[str]) -> str:
 
   ffi_inc = Path(jax.ffi.include_dir())
   h = hashlib.sha256()
-  h.update(SOURCE.read_bytes())
+  for part in (SOURCE,) + INCLUDED:
+    h.update(part.read_bytes())
   for header in sorted(ffi_inc.rglob("*.h")):
     h.update(header.read_bytes())
   h.update(_dnnl_version(includes).encode())
@@ -134,8 +137,9 @@ def build(verbose: bool = False) -> Path:
   """The path of the compiled extension (building it if this machine has none yet)."""
   import jax
 
-  if not SOURCE.exists():
-    raise BuildError(f"{SOURCE} is missing from this installation")
+  for part in (SOURCE,) + INCLUDED:
+    if not part.exists():
+      raise BuildError(f"{part} is missing from this installation")
   cxx = _compiler()
   includes, libs = _dnnl_dirs()
   out_dir = cache_dir()

@@ -591,3 +591,8 @@ extern "C" void bonejax_onednn_profile_reset() {
   for (auto& kv : Cache())
     if (kv.second) kv.second->times = Times();
 }
+
+// BatchNorm for training: the same engine, stream and call mutex (see the file).
+#include "onednn_bnorm.inc"
+// Max pooling for training (after onednn_bnorm.inc, whose BnAttr it uses).
+#include "onednn_pool.inc"
