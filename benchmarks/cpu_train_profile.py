@@ -77,8 +77,8 @@ def region(part: dict) -> str | None:
   if (opcode in ("reduce-window", "select-and-scatter", "scatter") or "max_pool" in funcs
           or "reduce_window" in op_name or "select_and_scatter" in op_name):
     return "max-pool"
-  if "upsample_nearest2x" in funcs:
-    return "upsampling"
+  if any(fn in ("upsample_nearest2x", "_upsample_nearest2x", "_upsample_bwd") for fn in funcs):
+    return "upsampling"  # (the last two: its custom VJP's forward and backward)
   if opcode in ("concatenate", "slice", "dynamic-slice", "pad") or "/split" in op_name:
     return "concatenate / slice"
   if opcode in ("copy", "transpose"):
