@@ -25,13 +25,13 @@ def _pair(dtype=jnp.bfloat16, c=SHAPE[-1]):
   return ref, fast
 
 
-def _run(module, x, r):
-  """(y, grads of sum(y * r) in x, scale and bias, running mean and var after the call)."""
+def _run(module, x, r, call=lambda m, x: m(x)):
+  """(y, grads of sum(y * r) in x, scale and bias, running mean and var after `call`)."""
   graphdef, state = nnx.split(module)
 
   def loss(state, x):
     m = nnx.merge(graphdef, state)
-    y = m(x)
+    y = call(m, x)
     return jnp.sum(y.astype(jnp.float32) * r), (y, nnx.state(m))
 
   (_, (y, after)), (g_state, gx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
@@ -80,6 +80,29 @@ def test_bfloat16_forward_and_gradients_against_float64_and_flax():
     start = 0.0 if i == 4 else 1.0
     np.testing.assert_allclose(onednn_out[i], 0.9 * start + 0.1 * stat, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(onednn_out[i], flax_out[i], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_with_its_relu_as_one_primitive():
+  ref, fast = _pair()
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=SHAPE) * 2 + 1, jnp.bfloat16)
+  r = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+  flax_out = _run(ref, x, r, lambda m, x: jax.nn.relu(m(x)))
+  y, gx, _, g_bias, mean, _ = _run(fast, x, r, lambda m, x: m.norm_relu(x))
+  x64, r64 = np.asarray(x.astype(jnp.float32), np.float64), np.asarray(r, np.float64)
+  scale, bias = np.asarray(ref.scale[...], np.float64), np.asarray(ref.bias[...], np.float64)
+  mu, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+  pre = (x64 - mu) / np.sqrt(var + 1e-5) * scale + bias
+  want_y = np.maximum(pre, 0)
+  masked = np.where(pre > 0, r64, 0.0)  # the ReLU's gradient, then BatchNorm's
+  want_dx = _reference(x64, scale, bias, masked)[1]
+  assert _rel(y, want_y) <= 1.5 * _rel(flax_out[0], want_y) + 1e-3
+  assert _rel(gx, want_dx) <= 1.5 * _rel(flax_out[1], want_dx) + 1e-3
+  np.testing.assert_allclose(g_bias, masked.sum((0, 1, 2)), rtol=2e-2,
+                             atol=2e-2 * np.abs(masked.sum((0, 1, 2))).max())
+  np.testing.assert_allclose(mean, flax_out[4], rtol=1e-5, atol=1e-6)
+  ref.eval(), fast.eval()
+  assert fast.norm_relu(x) is None  # running averages: the caller applies the two itself
 
 
 @pytest.mark.parametrize("case", ["float32", "running_average", "mask"])

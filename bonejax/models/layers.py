@@ -105,7 +105,13 @@ class ConvBNAct(nnx.Module):
     activation(act)  # fail at construction, not at the first call
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return activation(self.act)(self.bn(self.conv(x)))
+    x = self.conv(x)
+    # CPU training (onednn.batch_norm.OnednnBatchNorm): BatchNorm and ReLU as one primitive.
+    if self.act == "relu" and hasattr(self.bn, "norm_relu"):
+      y = self.bn.norm_relu(x)
+      if y is not None:
+        return y
+    return activation(self.act)(self.bn(x))
 
 
 class SeparableConv(nnx.Module):

@@ -37,70 +37,83 @@ from bonejax.models import onednn
 DTYPES = ("bfloat16",)
 
 
-def supports(shape: tuple[int, ...], dtype: str) -> tuple[bool, str]:
-  """(oneDNN runs a training BatchNorm of this NHWC shape and dtype with an optimised kernel,
-  its implementation names or why not)."""
+def supports(shape: tuple[int, ...], dtype: str, relu: bool = False) -> tuple[bool, str]:
+  """(oneDNN runs a training BatchNorm (`relu`: with the ReLU after it) of this NHWC shape and
+  dtype with an optimised kernel, its implementation names or why not)."""
   if dtype not in DTYPES or len(shape) != 4 or min(shape) < 1:
     return False, f"{dtype} {shape}"
   if not onednn.available():
     return False, onednn.unavailable_reason() or "unavailable"
-  return _probe(tuple(int(s) for s in shape), dtype)
+  ok, impl, _ = _probe(tuple(int(s) for s in shape), dtype, bool(relu))
+  return ok, impl
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(shape: tuple[int, ...], dtype: str) -> tuple[bool, str]:
+def _probe(shape: tuple[int, ...], dtype: str, relu: bool) -> tuple[bool, str, int]:
   lib = onednn._state["lib"]  # pylint: disable=protected-access
   msg = ctypes.create_string_buffer(512)
+  ws = ctypes.c_int64(0)
   rc = lib.bonejax_onednn_bn_probe((ctypes.c_int64 * 4)(*shape), int(dtype == "bfloat16"),
-                                   msg, len(msg))
+                                   int(relu), ctypes.byref(ws), msg, len(msg))
   impl = msg.value.decode(errors="replace")
   if rc != 0:
-    return False, impl
+    return False, impl, 0
   if any(part.strip().startswith("ref") for part in impl.split(" / ")):
-    return False, f"only oneDNN's reference implementation ({impl})"
-  return True, impl
+    return False, f"only oneDNN's reference implementation ({impl})", 0
+  return True, impl, int(ws.value)
 
 
 def _channels(x):
   return jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _bn(x, scale, bias, eps):
-  return jax.ffi.ffi_call(onednn.BN_FWD, (jax.ShapeDtypeStruct(x.shape, x.dtype), _channels(x),
-                                          _channels(x)))(x, scale, bias, eps=eps)
+def _forward(x, scale, bias, eps, relu):
+  """(y, mean, var, workspace): the forward call; the workspace (which outputs the fused ReLU
+  passed) is a 1-byte placeholder without `relu`."""
+  ws = _probe(tuple(x.shape), jnp.dtype(x.dtype).name, True)[2] if relu else 1
+  return jax.ffi.ffi_call(onednn.BN_FWD, (
+      jax.ShapeDtypeStruct(x.shape, x.dtype), _channels(x), _channels(x),
+      jax.ShapeDtypeStruct((max(ws, 1),), jnp.uint8)))(x, scale, bias, eps=eps,
+                                                        relu=np.int64(relu))
 
 
-def _bn_fwd(x, scale, bias, eps):
-  y, mean, var = _bn(x, scale, bias, eps)
-  return (y, mean, var), (x, mean, var, scale, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn(x, scale, bias, eps, relu):
+  return _forward(x, scale, bias, eps, relu)[:3]
 
 
-def _bn_bwd(eps, res, g):
-  x, mean, var, scale, bias = res
+def _bn_fwd(x, scale, bias, eps, relu):
+  y, mean, var, ws = _forward(x, scale, bias, eps, relu)
+  return (y, mean, var), (x, mean, var, scale, bias, ws)
+
+
+def _bn_bwd(eps, relu, res, g):
+  x, mean, var, scale, bias, ws = res
   dy = g[0]  # the statistics leave only through stop_gradient (running averages)
   dx, dscale, dbias = jax.ffi.ffi_call(
       onednn.BN_BWD, (jax.ShapeDtypeStruct(x.shape, x.dtype), _channels(x), _channels(x)))(
-          x, dy.astype(x.dtype), mean, var, scale, bias, eps=eps)
+          x, dy.astype(x.dtype), mean, var, scale, bias, ws, eps=eps, relu=np.int64(relu))
   return dx, dscale, dbias
 
 
 _bn.defvjp(_bn_fwd, _bn_bwd)
 
 
-def batch_norm_train(x, scale, bias, eps: float):
-  """(y, mean, var): x (N, H, W, C) normalised by its batch statistics on oneDNN; scale and bias
-  float32 (C,); y in x's dtype, mean and (biased) var float32, outside the gradient."""
+def batch_norm_train(x, scale, bias, eps: float, relu: bool = False):
+  """(y, mean, var): x (N, H, W, C) normalised by its batch statistics on oneDNN (`relu`: and
+  the ReLU after it, one primitive); scale and bias float32 (C,); y in x's dtype, mean and
+  (biased) var float32, outside the gradient."""
   if not onednn.available():  # loads the extension, registering its handlers
     raise RuntimeError(f"oneDNN BatchNorm is unavailable: {onednn.unavailable_reason()}")
-  y, mean, var = _bn(x, scale.astype(jnp.float32), bias.astype(jnp.float32), np.float32(eps))
+  y, mean, var = _bn(x, scale.astype(jnp.float32), bias.astype(jnp.float32), np.float32(eps),
+                     bool(relu))
   return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 
 class OnednnBatchNorm(nnx.BatchNorm):
   """nnx.BatchNorm whose training-mode call runs on oneDNN where it can (see the module)."""
 
-  def _onednn_ok(self, x, use_running_average, mask) -> bool:
+  def _onednn_ok(self, x, use_running_average, mask, relu: bool = False) -> bool:
     if use_running_average or mask is not None or self.axis_name is not None:
       return False
     axes = tuple(self.axis) if isinstance(self.axis, (tuple, list)) else (self.axis,)
@@ -109,14 +122,24 @@ class OnednnBatchNorm(nnx.BatchNorm):
     if jax.default_backend() != "cpu":
       return False
     dtype = jnp.dtype(self.dtype or x.dtype).name
-    return supports(tuple(int(s) for s in x.shape), dtype)[0]
+    return supports(tuple(int(s) for s in x.shape), dtype, relu)[0]
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_ra = self.use_running_average if use_running_average is None else use_running_average
     if not self._onednn_ok(x, use_ra, mask):
       return super().__call__(x, use_running_average, mask=mask)
+    return self._train(x, relu=False)
+
+  def norm_relu(self, x):
+    """relu(self(x)) as one oneDNN primitive in training mode, or None where this call would
+    not run on oneDNN (the caller then applies the two itself)."""
+    if not self._onednn_ok(x, self.use_running_average, None, relu=True):
+      return None
+    return self._train(x, relu=True)
+
+  def _train(self, x, relu: bool):
     y, mean, var = batch_norm_train(x.astype(self.dtype or x.dtype), self.scale[...],
-                                    self.bias[...], self.epsilon)
+                                    self.bias[...], self.epsilon, relu)
     m = self.momentum
     self.mean[...] = m * self.mean[...] + (1 - m) * mean.astype(self.mean.dtype)
     self.var[...] = m * self.var[...] + (1 - m) * var.astype(self.var.dtype)
