@@ -14,7 +14,8 @@ what Flax computes - statistics over every axis but the last, biased two-pass va
 running averages updated with the module's momentum, y = (x - mean) / sqrt(var + eps) * scale +
 bias in the module's dtype - on oneDNN, and its gradient with oneDNN's backward. Anything else
 (running averages, a mask, a cross-device `axis_name`, no scale or bias, other ranks, float32,
-a shape oneDNN answers only with its reference code) runs Flax's own code.
+a shape oneDNN answers only with its reference code) runs Flax's own code. `norm_relu(x)` is
+relu(bn(x)) as one primitive (`layers.ConvBNAct` asks for it; None where it cannot run).
 """
 
 from __future__ import annotations
