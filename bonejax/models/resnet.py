@@ -124,7 +124,7 @@ class ResNetEncoder(nnx.Module):
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     x = self.stem(x)
     features = [x]
-    x = max_pool(x, 3, 2, 1, lowering=getattr(self, "pool_lowering", "xla"))
+    x = max_pool(x, 3, 2, 1, lowering=self.pool_lowering)
     for stage in self.stages:
       for blk in stage:
         x = blk(x)

@@ -80,7 +80,7 @@ class UNet(nnx.Module):
     skips = []
     for i, block in enumerate(self.down):
       if i:
-        x = max_pool(x, 2, 2, lowering=getattr(self, "pool_lowering", "xla"))
+        x = max_pool(x, 2, 2, lowering=self.pool_lowering)
       x = block(x)
       skips.append(x)
     for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1])):

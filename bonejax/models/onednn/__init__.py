@@ -180,6 +180,21 @@ def _probe(spec, out_dtype: str, train: bool) -> tuple[bool, str]:
   return rc == 0, msg.value.decode(errors="replace")
 
 
+def probe_aux(symbol: str, *args) -> tuple[bool, str, int]:
+  """(oneDNN takes it with an optimised kernel, its implementation names or why not, its
+  workspace in bytes) from one of the extension's BatchNorm / max-pool probes, called as
+  `symbol(*args, &ws_bytes, msg, msg_len)`. The caller has checked `available()`."""
+  msg = ctypes.create_string_buffer(512)
+  ws = ctypes.c_int64(0)
+  rc = getattr(_state["lib"], symbol)(*args, ctypes.byref(ws), msg, len(msg))
+  impl = msg.value.decode(errors="replace")
+  if rc != 0:
+    return False, impl, 0
+  if any(part.strip().startswith("ref") for part in impl.split(" / ")):
+    return False, f"only oneDNN's reference implementation ({impl})", 0
+  return True, impl, int(ws.value)
+
+
 def supports(spec, out_dtype: Any = None, *, train: bool = False) -> tuple[bool, str]:
   """(oneDNN runs `spec` with an optimised kernel, its implementation names or why not)."""
   out = jnp.dtype(out_dtype or spec.dtype).name

@@ -51,17 +51,8 @@ def supports(shape: tuple[int, ...], dtype: str, relu: bool = False) -> tuple[bo
 
 @functools.lru_cache(maxsize=None)
 def _probe(shape: tuple[int, ...], dtype: str, relu: bool) -> tuple[bool, str, int]:
-  lib = onednn._state["lib"]  # pylint: disable=protected-access
-  msg = ctypes.create_string_buffer(512)
-  ws = ctypes.c_int64(0)
-  rc = lib.bonejax_onednn_bn_probe((ctypes.c_int64 * 4)(*shape), int(dtype == "bfloat16"),
-                                   int(relu), ctypes.byref(ws), msg, len(msg))
-  impl = msg.value.decode(errors="replace")
-  if rc != 0:
-    return False, impl, 0
-  if any(part.strip().startswith("ref") for part in impl.split(" / ")):
-    return False, f"only oneDNN's reference implementation ({impl})", 0
-  return True, impl, int(ws.value)
+  return onednn.probe_aux("bonejax_onednn_bn_probe", (ctypes.c_int64 * 4)(*shape),
+                          int(dtype == "bfloat16"), int(relu))
 
 
 def _channels(x):

@@ -49,19 +49,10 @@ def supports(shape, dtype: str, kernel: int, stride: int, pad: int) -> tuple[boo
 
 @functools.lru_cache(maxsize=None)
 def _probe(shape, dtype, kernel, stride, pad) -> tuple[bool, str, int]:
-  lib = onednn._state["lib"]  # pylint: disable=protected-access
-  msg = ctypes.create_string_buffer(512)
-  ws = ctypes.c_int64(0)
   arr = lambda v: (ctypes.c_int64 * len(v))(*[int(i) for i in v])  # noqa: E731
-  rc = lib.bonejax_onednn_pool_probe(arr(shape), arr(out_shape(shape, kernel, stride, pad)),
-                                     int(dtype == "bfloat16"), arr(_conf(kernel, stride, pad)),
-                                     ctypes.byref(ws), msg, len(msg))
-  impl = msg.value.decode(errors="replace")
-  if rc != 0:
-    return False, impl, 0
-  if any(part.strip().startswith("ref") for part in impl.split(" / ")):
-    return False, f"only oneDNN's reference implementation ({impl})", 0
-  return True, impl, int(ws.value)
+  return onednn.probe_aux("bonejax_onednn_pool_probe", arr(shape),
+                          arr(out_shape(shape, kernel, stride, pad)), int(dtype == "bfloat16"),
+                          arr(_conf(kernel, stride, pad)))
 
 
 def _forward(x, kernel, stride, pad):
