@@ -22,6 +22,9 @@
   bonejax graph fp32 / bf16 <policy> the same graph under `--policy` (default "auto", what
                                      predict.py runs; "measure" times every lowering per layer
                                      once and caches the choice in ~/.cache/bonejax)
+  bonejax graph bf16 <policy> fp32-edges  the same, its first conv and head as float32
+                                     convolutions instead of three bf16 products each
+                                     (`onednn.bf16x3`, off: the graph before it)
   PyTorch fp32 NCHW / fp32 channels-last / bf16 autocast channels-last
                                      smp `Unet("resnet18")` (the same network, same parameter
                                      count) if segmentation_models_pytorch is installed, else
@@ -74,6 +77,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
   from flax import nnx
   from bonejax import models
   from bonejax.models import inference_graph, onednn
+  from bonejax.models.onednn import bf16x3
 
   t0 = time.perf_counter()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 1)), jnp.float32)
@@ -87,11 +91,13 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
                           raise_if_not_found=False)
     todo = [(f"bonejax {short}", eval_model)]
     graphs = [(pol, "") for pol in dict.fromkeys(("xla", "onednn", policy))]
-    for pol, how in graphs[:2] + [("onednn", " unfused"), ("onednn", " before")] + graphs[2:]:
+    edges = [(policy, " fp32-edges")] if dtype == "bfloat16" else []
+    for pol, how in (graphs[:2] + [("onednn", " unfused"), ("onednn", " before")] + graphs[2:]
+                     + edges):
       if pol == "onednn" and not onednn.available():
         continue  # the note says why
       graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol,
-                                                    fuse=not how)
+                                                    fuse=how in ("", " fp32-edges"))
       name = f"bonejax graph {short} {pol}{how}"
       planners[name] = graph.planner
       todo.append((name, graph))
@@ -99,8 +105,11 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
       graphdef, state = nnx.split(m)
       fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
       onednn.KEEP_KERNELS = not name.endswith(" before")  # read while tracing
+      # " fp32-edges": the FP32_EDGES layers as float32 convolutions, not as three bf16
+      # products (onednn.bf16x3; before 2026-12-07's fourth session).
+      bf16x3.ENABLED = not name.endswith(" fp32-edges")
       jax.block_until_ready(fn(state, x))  # compile (and, for the graph, measure layers)
-      onednn.KEEP_KERNELS = True
+      onednn.KEEP_KERNELS = bf16x3.ENABLED = True
       variants[name] = (lambda fn=fn, s=state: fn(s, x))
   info["onednn"] = onednn.describe()
   cpu_workers.serve_jax(variants, info, planners, t0)

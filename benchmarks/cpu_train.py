@@ -16,6 +16,10 @@ input pipeline is in neither figure; benchmarks/train_throughput.py measures bon
                              same parameters, same state tree, BatchNorm in train mode
   bonejax bf16 <policy>      the same under `--policy` ("measure": forward + backward of each
                              lowering timed per layer, bf16 dot products and oneDNN included)
+  bonejax bf16 onednn convs-only / <policy> fp32-edges
+                             the step before a change, for A/B in one run: XLA's BatchNorm and
+                             max-pool; the first conv and head as float32 convolutions instead
+                             of three bf16 products each (`onednn.bf16x3` off)
   torch fp32 NCHW / fp32 channels-last / bf16 autocast channels-last
                              smp `Unet("resnet18")` (else MONAI FlexibleUNet), Adam + CE
 
@@ -66,6 +70,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
   from benchmarks.efficiency_vs_iou import parse_model
   from bonejax import models
   from bonejax.models import inference_graph, onednn
+  from bonejax.models.onednn import bf16x3
 
   t0 = time.perf_counter()
   name_, kwargs = parse_model(_MODEL.value)
@@ -78,6 +83,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
                              ("bonejax fp32 onednn", "float32", "onednn"),
                              ("bonejax bf16 onednn", "bfloat16", "onednn"),
                              ("bonejax bf16 onednn convs-only", "bfloat16", "onednn-convs"),
+                             (f"bonejax bf16 {policy} fp32-edges", "bfloat16", f"{policy}-edges"),
                              (f"bonejax bf16 {policy}", "bfloat16", policy)):
     if not _wanted(name) or name in variants or lower == "xla":
       continue
@@ -86,8 +92,12 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     model = models.fill_from_numpy(models.abstract_model(
         models.create, name_, num_classes=3, in_channels=1, dtype=jnp.dtype(dtype), **kwargs))
     info["params"] = models.count_params(model)
+    # "-edges": the FP32_EDGES layers as float32 convolutions (before 2026-12-07's fourth
+    # session), not as three bf16 products (onednn.bf16x3); read when the step is traced.
+    bf16x3.ENABLED = not (lower or "").endswith("-edges")
     if lower:
-      model = inference_graph.lower_convs(model, policy=lower.replace("-convs", ""))
+      model = inference_graph.lower_convs(
+          model, policy=lower.replace("-convs", "").replace("-edges", ""))
       if lower.endswith("-convs"):  # oneDNN's convolutions only: XLA's BatchNorm and max-pool
         for _, node in nnx.iter_graph(model):  # (the step before 2026-12-07's second session)
           if isinstance(node, nnx.BatchNorm):
@@ -106,6 +116,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
 
     jax.block_until_ready(one())  # compile (and measure layers)
     jax.block_until_ready(one())
+    bf16x3.ENABLED = True
     variants[name] = one
   info["onednn"] = onednn.describe()
   cpu_workers.serve_jax(variants, info, planners, t0)

@@ -175,11 +175,17 @@ def test_peer_prediction_ratio_as_measured():
     assert row[1].startswith(f"{s['bonejax']['voxels_per_second']:,.0f}")
     assert row[2].startswith(f"{s['peer']['voxels_per_second']:,.0f}")
     assert agrees(row[3].split()[0], s["ratio"]["voxels_per_second"])
-  fwd = {r["engine"]: r for r in load("cpu_forward_epyc-2c.json")["rows"]}
+  runs = [{r["engine"]: r for r in load(f"cpu_forward_epyc-2c-bf16x3{tag}.json")["rows"]}
+          for tag in ("", "-2", "-3")]
   row = next(r for r in idle if r[0].startswith("forward"))
-  assert agrees(row[1].split(",")[0], fwd["bonejax graph bf16 auto"]["ips"])
-  assert agrees(row[3], fwd["bonejax graph bf16 auto"]["ratio"])
-  train = {r["engine"]: r for r in load("cpu_train_epyc-2c-bnorm.json")["rows"]}
+  last = runs[-1]["bonejax graph bf16 auto"]
+  assert agrees(row[1].split(",")[0], last["ips"])
+  assert agrees(row[3].split()[0], last["ratio"])
+  others = re.findall(r"[0-9.]+", row[1].split("others")[1])
+  assert all(agrees(t, r["bonejax graph bf16 auto"]["ips"]) for t, r in zip(others, runs))
+  others = re.findall(r"([0-9.]+)x", row[3].split("(")[1])[:2]
+  assert all(agrees(t, r["bonejax graph bf16 auto"]["ratio"]) for t, r in zip(others, runs))
+  train = {r["engine"]: r for r in load("cpu_train_epyc-2c-bf16x3.json")["rows"]}
   row = next(r for r in idle if r[0].startswith("training step"))
   assert agrees(row[1].split(",")[0], train["bonejax bf16 auto"]["pps"])
   assert agrees(row[3].split()[0], train["bonejax bf16 auto"]["ratio"])

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import (ConvBNAct, SeparableConv, batch_norm, check_input, conv2d,
-                                   edge_dtype, resize_bilinear)
+from bonejax.models.layers import (ConvBNAct, SeparableConv, batch_norm, check_input,
+                                   concatenate, conv2d, edge_dtype, resize_bilinear)
 from bonejax.models.resnet import ResNetEncoder
 
 
@@ -50,7 +50,7 @@ class ASPP(nnx.Module):
     pooled = self.pool(jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(x.dtype))
     branches = [self.branch1x1(x)] + [b(x) for b in self.atrous]
     branches.append(jnp.broadcast_to(pooled, branches[0].shape))
-    return self.dropout(self.project(jnp.concatenate(branches, axis=-1)))
+    return self.dropout(self.project(concatenate(branches, axis=-1)))
 
 
 class DeepLabV3PlusResNet(nnx.Module):
@@ -83,6 +83,6 @@ class DeepLabV3PlusResNet(nnx.Module):
     y = self.aspp_conv(self.aspp(feats[-1]))
     skip = self.skip(feats[1])  # stride 4
     y = resize_bilinear(y, skip.shape[1:3], align_corners=True)
-    y = self.fuse(jnp.concatenate([y, skip], axis=-1))
+    y = self.fuse(concatenate([y, skip], axis=-1))
     y = self.head(y)  # float32, so the x4 up-sampling of the logits is too
     return resize_bilinear(y, (h, w), align_corners=True)

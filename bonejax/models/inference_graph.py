@@ -30,6 +30,8 @@ watching one abstract forward pass:
 4. `dtype` sets the compute dtype of every layer except the first and last convolutions called,
    which stay float32 (the FP32_EDGES rule of bonejax.models.layers: the raw scan in, the logits
    out). Folded kernels are stored in their layer's compute dtype (cast once, not per call).
+   Where those two run on oneDNN they are computed as three bf16 products each, to float32's
+   accuracy (`FastConv.bf16x3`, `bonejax.models.onednn.bf16x3`; training's `lower_convs` too).
 5. Each `FastConv` asks a shared `conv_lowering.Planner` at trace time which lowering to use
    for its input shape (XLA's convolution, bf16 dot products or oneDNN; measured per machine,
    cached).
@@ -115,6 +117,9 @@ class FastConv(nnx.Module):
     self.dtype = jnp.dtype(dtype).type
     self.out_dtype = jnp.dtype(out_dtype or dtype).type
     self.planner = planner
+    # A float32 layer of a bf16 model (FP32_EDGES): on oneDNN, three bf16 products
+    # (onednn.bf16x3); set by `_mark_edges`.
+    self.bf16x3 = False
 
   @classmethod
   def from_conv(cls, conv: nnx.Conv, *, planner: Planner, dtype: Any = None,
@@ -137,11 +142,18 @@ class FastConv(nnx.Module):
                     groups=self.groups, dtype=jnp.dtype(self.dtype).name)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    given = x
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
     spec = self.spec(x)
     how = self.planner.choose(spec, self.out_dtype)
     bias = None if self.bias is None else self.bias[...]
+    if how == "onednn" and self.bf16x3:
+      from bonejax.models.onednn import bf16x3
+      exact = given.dtype == jnp.bfloat16  # a bf16 input is exact: no low half to add
+      if bf16x3.supports(spec, exact, train=self.planner.train):
+        return bf16x3.conv_bias(given if exact else x, kernel, bias, spec, self.out_dtype,
+                                inference=not self.planner.train)
     return conv_lowering.conv_bias(how, x, kernel, bias, spec, self.out_dtype,
                                    inference=not self.planner.train)
 
@@ -374,6 +386,16 @@ def _rewrite(model: nnx.Module, bn_of: dict, called: set, planner: Planner) -> N
       fast = FastConv.from_conv(node, planner=planner, dtype=cdt, share=False)
       fast.kernel = nnx.Param(jnp.asarray(fast.kernel[...], cdt))
     _set(model, path, fast)
+  _mark_edges(model)
+
+
+def _mark_edges(model: nnx.Module) -> None:
+  """In a model whose convolutions compute in bf16, its float32 ones (the FP32_EDGES layers)
+  run as three bf16 products where they run on oneDNN (`FastConv.bf16x3`)."""
+  fast = [node for _, node in _modules(model, FastConv)]
+  if any(jnp.dtype(f.dtype) == jnp.bfloat16 for f in fast):
+    for f in fast:
+      f.bf16x3 = jnp.dtype(f.dtype) == jnp.float32
 
 
 def in_zoo(model: nnx.Module) -> bool:
@@ -508,6 +530,7 @@ def lower_convs(model: nnx.Module, *, policy: str = "auto", planner: Planner | N
   planner = planner or Planner(policy, train=True)
   for path, node in _modules(model, nnx.Conv):
     _set(model, path, FastConv.from_conv(node, planner=planner, dtype=dtype))
+  _mark_edges(model)
   if planner.backend == "cpu" and planner.policy in ("onednn", "auto", "measure"):
     # BatchNorm's batch statistics on oneDNN too (XLA's column reductions are ~10x slower);
     # the same variables, only the class changes (each call falls back to Flax's code where

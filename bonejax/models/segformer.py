@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import (ConvBNAct, check_input, conv2d, edge_dtype, linear,
+from bonejax.models.layers import (ConvBNAct, check_input, concatenate, conv2d, edge_dtype, linear,
                                     resize_bilinear)
 from bonejax.models.mit import MIT_B0, mit_stages, run_stages
 
@@ -43,7 +43,7 @@ class SegFormer(nnx.Module):
     h, w = x.shape[1:3]
     feats = run_stages(self.stages, x)
     size = (h // 4, w // 4)
-    y = jnp.concatenate([resize_bilinear(mlp(f), size)
+    y = concatenate([resize_bilinear(mlp(f), size)
                          for mlp, f in zip(self.mlps, feats[::-1])], axis=-1)
     y = self.head(self.fuse(y))  # float32 logits, up-sampled in float32
     return resize_bilinear(y, (h, w), align_corners=True)

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv, edge_dtype, he_normal, max_pool
+from bonejax.models.layers import (ConvBNAct, check_input, concatenate, conv, edge_dtype, he_normal,
+                                   max_pool)
 
 
 class ConvBlock(nnx.Module):
@@ -84,7 +85,7 @@ class UNet(nnx.Module):
       x = block(x)
       skips.append(x)
     for up, block, skip in zip(self.up, self.up_blocks, reversed(skips[:-1])):
-      x = block(jnp.concatenate([up(x), skip], axis=-1))
+      x = block(concatenate([up(x), skip], axis=-1))
     return self.head(x).astype(edge_dtype(self.dtype))
 
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import ConvBNAct, check_input, conv, edge_dtype, upsample_nearest2x
+from bonejax.models.layers import (ConvBNAct, check_input, concatenate, conv, edge_dtype,
+                                   upsample_nearest2x)
 from bonejax.models.resnet import ResNetEncoder
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -41,7 +42,7 @@ class DecoderBlock(nnx.Module):
   def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
     x = upsample_nearest2x(x)
     if skip is not None:
-      x = jnp.concatenate([x, skip], axis=-1)
+      x = concatenate([x, skip], axis=-1)
     return self.conv2(self.conv1(x))
 
 

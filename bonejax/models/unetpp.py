@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bonejax.models.layers import check_input, conv2d, edge_dtype
+from bonejax.models.layers import check_input, concatenate, conv2d, edge_dtype
 from bonejax.models.resnet import ResNetEncoder
 from bonejax.models.unet_resnet import DECODER_CHANNELS, DecoderBlock
 
@@ -65,6 +65,6 @@ class UnetPlusPlusResNet(nnx.Module):
           col = d + l
           cat = [dense[f"x_{i}_{col}"] for i in range(d + 1, col + 1)] + [feats[col + 1]]
           dense[f"x_{d}_{col}"] = self.blocks[f"x_{d}_{col}"](
-              dense[f"x_{d}_{col - 1}"], jnp.concatenate(cat, axis=-1))
+              dense[f"x_{d}_{col - 1}"], concatenate(cat, axis=-1))
     y = self.blocks[f"x_0_{self.depth}"](dense[f"x_0_{self.depth - 1}"])
     return self.head(y).astype(edge_dtype(self.dtype))
