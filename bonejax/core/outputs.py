@@ -497,12 +497,14 @@ def scratch_dir(parent: str | os.PathLike, prefix: str = SCRATCH_PREFIX) -> Iter
   make_dirs(parent)
   remove_stale_scratch(parent, prefix)
   path = parent / f".{prefix}-{owner_tag()}-{uuid.uuid4().hex[:8]}"
+  # mkdir inside the try: a signal taken right after it (SIGTERM arrives as an exception at the
+  # next bytecode) must still remove the directory. The name is this process's own.
   try:
-    path.mkdir()
-  except OSError as e:
-    raise errors.UserError(f"cannot create a scratch directory in {_quote(parent)}: "
-                        f"{_os_reason(e)}") from None
-  try:
+    try:
+      path.mkdir()
+    except OSError as e:
+      raise errors.UserError(f"cannot create a scratch directory in {_quote(parent)}: "
+                             f"{_os_reason(e)}") from None
     yield path
   finally:
     shutil.rmtree(path, ignore_errors=True)
