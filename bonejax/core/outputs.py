@@ -507,7 +507,11 @@ def scratch_dir(parent: str | os.PathLike, prefix: str = SCRATCH_PREFIX) -> Iter
                              f"{_os_reason(e)}") from None
     yield path
   finally:
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+      shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (taken once) landed inside it: finish, re-raise
+      shutil.rmtree(path, ignore_errors=True)
+      raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
