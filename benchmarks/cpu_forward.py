@@ -70,7 +70,8 @@ REFERENCE = "torch bf16 channels-last"
 # ---------------------------------------------------------------------------------------------
 
 
-def bonejax_worker(batch: int, size: int, policy: str) -> None:
+def bonejax_worker(batch: int, size: int, policy: str, side: str = "bonejax") -> None:
+  heap, suffix = cpu_workers.setup_heap(side)  # before JAX starts its threads
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -89,16 +90,18 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     short = "fp32" if dtype == "float32" else "bf16"
     eval_model = nnx.view(model, use_running_average=True, deterministic=True,
                           raise_if_not_found=False)
-    todo = [(f"bonejax {short}", eval_model)]
+    todo = [] if suffix else [(f"bonejax {short}", eval_model)]
     graphs = [(pol, "") for pol in dict.fromkeys(("xla", "onednn", policy))]
     edges = [(policy, " fp32-edges")] if dtype == "bfloat16" else []
     for pol, how in (graphs[:2] + [("onednn", " unfused"), ("onednn", " before")] + graphs[2:]
                      + edges):
       if pol == "onednn" and not onednn.available():
         continue  # the note says why
+      if suffix and (pol, how) != (policy, ""):
+        continue  # the heap-off worker: the default graph only (what predict.py runs)
       graph = inference_graph.build_inference_model(model, dtype=jnp.dtype(dtype), policy=pol,
                                                     fuse=how in ("", " fp32-edges"))
-      name = f"bonejax graph {short} {pol}{how}"
+      name = f"bonejax graph {short} {pol}{how}{suffix}"
       planners[name] = graph.planner
       todo.append((name, graph))
     for name, m in todo:
@@ -112,6 +115,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
       onednn.KEEP_KERNELS = bf16x3.ENABLED = True
       variants[name] = (lambda fn=fn, s=state: fn(s, x))
   info["onednn"] = onednn.describe()
+  info["heap"] = heap
   cpu_workers.serve_jax(variants, info, planners, t0)
 
 
@@ -146,8 +150,8 @@ def torch_worker(batch: int, size: int) -> None:
 def main(argv):
   del argv
   batch, size = _BATCH.value, _SIZE.value
-  if _WORKER.value == "bonejax":
-    return bonejax_worker(batch, size, _POLICY.value)
+  if _WORKER.value in ("bonejax", cpu_workers.HEAP_OFF_SIDE):
+    return bonejax_worker(batch, size, _POLICY.value, _WORKER.value)
   if _WORKER.value == "torch":
     return torch_worker(batch, size)
   passed = [f"--batch={batch}", f"--size={size}", f"--policy={_POLICY.value}"]
@@ -161,7 +165,8 @@ def main(argv):
       f"{_REPEATS.value} rounds of {_CALLS.value} call(s), all variants interleaved in one run "
       f"(each framework in its own worker process). PyTorch model: {torch_arch}. Graph "
       f"variants: `build_inference_model(policy=...)` with the policy named; oneDNN: "
-      f"{ready.get('bonejax', {}).get('onednn', '-')}.",
+      f"{ready.get('bonejax', {}).get('onednn', '-')}; bonejax.core.heap: "
+      f"{ready.get('bonejax', {}).get('heap', '-')} (`heap-off`: a worker without it).",
       rows, "ips", ["engine", "parameters", "images/s", "ms per call", "rel. half-range",
                     f"/ {REFERENCE}"],
       config={"batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,

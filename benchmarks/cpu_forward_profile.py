@@ -92,6 +92,8 @@ def profile_variant(model, dtype: str, how: str, x, calls: int) -> dict:
 
 def main(argv):
   del argv
+  from bonejax.core import heap
+  heap.setup()  # as the commands do, before JAX starts its threads
   import jax
   import jax.numpy as jnp
   import numpy as np

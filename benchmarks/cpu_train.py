@@ -61,7 +61,8 @@ def _wanted(name: str) -> bool:
   return not _VARIANTS.value or name in _VARIANTS.value
 
 
-def bonejax_worker(batch: int, size: int, policy: str) -> None:
+def bonejax_worker(batch: int, size: int, policy: str, side: str = "bonejax") -> None:
+  heap, suffix = cpu_workers.setup_heap(side)  # before JAX starts its threads
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -85,6 +86,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
                              ("bonejax bf16 onednn convs-only", "bfloat16", "onednn-convs"),
                              (f"bonejax bf16 {policy} fp32-edges", "bfloat16", f"{policy}-edges"),
                              (f"bonejax bf16 {policy}", "bfloat16", policy)):
+    name += suffix
     if not _wanted(name) or name in variants or lower == "xla":
       continue
     if lower and lower.startswith("onednn") and not onednn.available():
@@ -119,6 +121,7 @@ def bonejax_worker(batch: int, size: int, policy: str) -> None:
     bf16x3.ENABLED = True
     variants[name] = one
   info["onednn"] = onednn.describe()
+  info["heap"] = heap
   cpu_workers.serve_jax(variants, info, planners, t0)
 
 
@@ -162,8 +165,8 @@ def torch_worker(batch: int, size: int) -> None:
 def main(argv):
   del argv
   batch, size = _BATCH.value, _SIZE.value
-  if _WORKER.value == "bonejax":
-    return bonejax_worker(batch, size, _POLICY.value)
+  if _WORKER.value in ("bonejax", cpu_workers.HEAP_OFF_SIDE):
+    return bonejax_worker(batch, size, _POLICY.value, _WORKER.value)
   if _WORKER.value == "torch":
     return torch_worker(batch, size)
   if _MODEL.value != "unet_resnet18" and "torch" in _SIDES.value:
@@ -187,7 +190,8 @@ def main(argv):
       f"process). PyTorch model: {ready.get('torch', {}).get('arch', '-')}. bonejax step: "
       f"{ready.get('bonejax', {}).get('train_step', '-')}; lowered variants: "
       f"`lower_convs(policy=...)` with the policy named; oneDNN: "
-      f"{ready.get('bonejax', {}).get('onednn', '-')}.",
+      f"{ready.get('bonejax', {}).get('onednn', '-')}; bonejax.core.heap: "
+      f"{ready.get('bonejax', {}).get('heap', '-')} (`heap-off`: a worker without it).",
       rows, "pps", ["engine", "parameters", "patches/s", "ms per step", "rel. half-range",
                     f"/ {torch_best or 'torch'}"],
       config={"model": _MODEL.value, "batch": batch, "size": size, "repeats": _REPEATS.value, "calls": _CALLS.value,

@@ -186,6 +186,8 @@ def profile(batch: int, size: int, dtype: str, policy: str, model_name: str,
 
 def main(argv):
   del argv
+  from bonejax.core import heap
+  heap.setup()  # as the commands do, before JAX starts its threads
   import jax
 
   from bonejax.models import onednn

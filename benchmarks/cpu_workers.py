@@ -73,6 +73,22 @@ class Worker:
     self.proc.wait(timeout=120)
 
 
+# A second bonejax worker whose process keeps glibc's default allocation (bonejax.core.heap
+# off): `--sides=bonejax,bonejax-heap-off,torch` times both side by side, its variants named
+# "... heap-off".
+HEAP_OFF_SIDE = "bonejax-heap-off"
+
+
+def setup_heap(side: str) -> tuple[str, str]:
+  """The bonejax worker's first step, as the commands': `bonejax.core.heap.setup()` (off in the
+  HEAP_OFF_SIDE worker); (what it did, the suffix for this worker's variant names)."""
+  import os
+  if side == HEAP_OFF_SIDE:
+    os.environ["BONEJAX_RETAIN_HEAP"] = "0"
+  from bonejax.core import heap
+  return heap.setup(), (" heap-off" if side == HEAP_OFF_SIDE else "")
+
+
 def serve_jax(variants: dict[str, Callable[[], Any]], info: dict, planners: dict,
               started: float) -> None:
   """`serve` for the bonejax worker: adds the build time since `started` (perf_counter), each

@@ -123,6 +123,32 @@ def test_bfloat16_forward_and_gradients(name):
     assert _rel(o, r) < 2e-2
 
 
+@pytest.mark.parametrize("name", ["3x3", "3x3s2_odd", "depthwise", "stem7x7s2"])
+def test_bfloat16_layer_takes_its_float32_master_kernel(name):
+  """A bf16 convolution handed the float32 kernel (training's master weights): oneDNN's reorder
+  rounds it as XLA's cast would (the same output, bit for bit), and the kernel's gradient comes
+  back in float32, the unrounded backward-weights result."""
+  spec32 = SHAPES[name]
+  spec = ConvSpec(**{**spec32.__dict__, "dtype": "bfloat16"})
+  x, k, b = _data(spec32)
+  xb = x.astype(jnp.bfloat16)
+  k = k + 1e-3 * jnp.sin(jnp.arange(k.size).reshape(k.shape))  # not exact in bf16
+  conv = jax.jit(lambda x, k: onednn.conv(x, k, b, spec, out_dtype=jnp.float32))
+  assert np.array_equal(conv(xb, k), conv(xb, k.astype(jnp.bfloat16)))
+  def loss(k):
+    return jnp.sum(jnp.sin(onednn.conv(xb, k, None, spec, out_dtype=jnp.float32)))
+
+  g32 = jax.jit(jax.grad(loss))(k)
+  g16 = jax.jit(jax.grad(loss))(k.astype(jnp.bfloat16))
+  assert g32.dtype == jnp.float32 and g16.dtype == jnp.bfloat16
+  assert not np.array_equal(g32, g32.astype(jnp.bfloat16).astype(jnp.float32))  # unrounded
+  assert np.array_equal(g32.astype(jnp.bfloat16), g16)  # the same sums, rounded once
+  # dx through the float32 kernel equals dx through its bf16 cast.
+  gx = [jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(onednn.conv(
+      x, k, None, spec, out_dtype=jnp.float32)))))(xb, kk) for kk in (k, k.astype(jnp.bfloat16))]
+  assert np.array_equal(gx[0], gx[1])
+
+
 def test_relu_and_residual_post_ops():
   spec = SHAPES["3x3"]
   x, k, b = _data(spec)

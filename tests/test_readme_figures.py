@@ -170,25 +170,24 @@ def test_peer_prediction_ratio_as_measured():
   # The idle EPYC table (issue 25): the cold runs' warm passes.
   for prefix, name in (("3-plane prediction of a 64 x 384 x 384 scan", "64x384x384"),
                        ("3-plane prediction of a 256^3 scan", "256x256x256")):
-    s = load(f"peers_cold_{name}_epyc-2c.json")["summary"]["predict"]
+    s = load(f"peers_cold_{name}_epyc-2c-heap.json")["summary"]["predict"]
     row = next(r for r in idle if r[0].startswith(prefix))
     assert row[1].startswith(f"{s['bonejax']['voxels_per_second']:,.0f}")
     assert row[2].startswith(f"{s['peer']['voxels_per_second']:,.0f}")
     assert agrees(row[3].split()[0], s["ratio"]["voxels_per_second"])
-  runs = [{r["engine"]: r for r in load(f"cpu_forward_epyc-2c-bf16x3{tag}.json")["rows"]}
-          for tag in ("", "-2", "-3")]
-  row = next(r for r in idle if r[0].startswith("forward"))
-  last = runs[-1]["bonejax graph bf16 auto"]
-  assert agrees(row[1].split(",")[0], last["ips"])
-  assert agrees(row[3].split()[0], last["ratio"])
-  others = re.findall(r"[0-9.]+", row[1].split("others")[1])
-  assert all(agrees(t, r["bonejax graph bf16 auto"]["ips"]) for t, r in zip(others, runs))
-  others = re.findall(r"([0-9.]+)x", row[3].split("(")[1])[:2]
-  assert all(agrees(t, r["bonejax graph bf16 auto"]["ratio"]) for t, r in zip(others, runs))
-  train = {r["engine"]: r for r in load("cpu_train_epyc-2c-bf16x3.json")["rows"]}
-  row = next(r for r in idle if r[0].startswith("training step"))
-  assert agrees(row[1].split(",")[0], train["bonejax bf16 auto"]["pps"])
-  assert agrees(row[3].split()[0], train["bonejax bf16 auto"]["ratio"])
+  # Forward and training: three runs each, the last in front, the other two in brackets.
+  for what, name, engine, key in (("forward", "cpu_forward", "bonejax graph bf16 auto", "ips"),
+                                  ("training step", "cpu_train", "bonejax bf16 auto", "pps")):
+    runs = [{r["engine"]: r for r in load(f"{name}_epyc-2c-heap{tag}.json")["rows"]}
+            for tag in ("", "-2", "-3")]
+    row = next(r for r in idle if r[0].startswith(what))
+    last = runs[-1][engine]
+    assert agrees(row[1].split(",")[0], last[key])
+    assert agrees(row[3].strip("*").split("x")[0], last["ratio"])
+    others = re.findall(r"[0-9.]+", row[1].split("others")[1])[:2]
+    assert len(others) == 2 and all(agrees(t, r[engine][key]) for t, r in zip(others, runs))
+    others = re.findall(r"([0-9.]+)x", row[3].split("(")[1])[:2]
+    assert all(agrees(t, r[engine]["ratio"]) for t, r in zip(others, runs))
   # The earlier AMX Xeon table (issue 17).
   s = load("peers_64x384x384_cpu-2c.json")["summary"]["predict"]
   ratio = s["ratio"]["voxels_per_second"]
@@ -211,7 +210,7 @@ def test_cold_start_table_as_measured():
   rows = table(README, "| 3-plane prediction | prediction pass (s) | / warm pass |")
   assert len(rows) == 6
   for name, label in (("64x384x384", "64 x 384 x 384"), ("256x256x256", "256^3")):
-    cold = load(f"peers_cold_{name}_epyc-2c.json")["cold"]
+    cold = load(f"peers_cold_{name}_epyc-2c-heap.json")["cold"]
     peer = next(c for c in cold if c["side"] == "peer")
     for c in cold:
       key = (f"{label}, bonejax first run" if c["side"] == "bonejax" and c["invocation"] == 1

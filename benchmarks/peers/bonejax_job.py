@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import volume  # noqa: E402
 from bonejax.cli import runner  # noqa: E402
-from bonejax.core import compile_cache, errors
+from bonejax.core import compile_cache, errors, heap
 from bonejax.data import store
 
 VARIANTS = ("fp32", "bf16", "fp32_graph", "bf16_graph")
@@ -179,6 +179,7 @@ def main(argv):
   if not _SCAN.value:
     raise errors.UserError("--scan is required")
   t_start = time.perf_counter()
+  heap.setup()  # as the commands do, before JAX starts its threads
   cache_dir = compile_cache.setup()  # before anything compiles, as the commands do
   import jax
   from bonejax import models

@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 
 from bonejax.cli import runner
-from bonejax.core import compile_cache, errors
+from bonejax.core import compile_cache, errors, heap
 from bonejax.train import configlib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,6 +47,7 @@ _COMPILATION_CACHE = compile_cache.define_flag()
 
 def main(argv):
   configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
+  heap.setup()  # XLA's per-step buffers reused, not page-faulted (off: env 0)
   compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   if _PLANES.value not in (1, 3, 9, 12):
     raise errors.UserError(f"--planes={_PLANES.value} must be 1, 3, 9 or 12")

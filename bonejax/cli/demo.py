@@ -31,7 +31,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[2]
 
 from bonejax.cli import runner
-from bonejax.core import compile_cache, errors, outputs
+from bonejax.core import compile_cache, errors, heap, outputs
 from bonejax.train import configlib
 
 # A default config file is parsed when the flag is defined: check overrides first (one line).
@@ -79,6 +79,7 @@ def main(argv):
     raise errors.UserError(f"--num_scans={_NUM_SCANS.value}: the demo needs at least 3 scans "
                         "(train, validation, test)")
   shape = errors.parse_ints(_SHAPE.value, 3, "shape")
+  heap.setup()  # XLA's per-step buffers reused, not page-faulted (off: env 0)
   compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   workdir = Path(_WORKDIR.value).absolute()
   if workdir.exists() and not workdir.is_dir():

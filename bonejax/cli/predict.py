@@ -45,7 +45,7 @@ from pathlib import Path
 from absl import flags
 
 from bonejax.cli import runner  # (jax is imported once the flags are good)
-from bonejax.core import compile_cache, distributed, dtype_auto, errors, outputs
+from bonejax.core import compile_cache, distributed, dtype_auto, errors, heap, outputs
 
 PLANES = (1, 3, 9, 12)  # = bonejax.predict.PLANES, VOTES, DTYPES (+ auto)
 VOTES = ("soft", "majority", "max")
@@ -150,6 +150,7 @@ def main(argv):
     raise errors.UserError(f"--vote={_VOTE.value!r} must be soft, majority or max")
   if _DTYPE.value not in DTYPES:
     raise errors.UserError(f"--dtype={_DTYPE.value!r} must be one of {', '.join(DTYPES)}")
+  heap.setup()  # XLA's per-step buffers reused, not page-faulted (off: env 0)
   compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   if not _BUDGET.value > 0:
     raise errors.UserError(f"--memory_budget_gb={_BUDGET.value} must be positive")

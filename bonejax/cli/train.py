@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 
 from bonejax.cli import runner
-from bonejax.core import compile_cache, distributed
+from bonejax.core import compile_cache, distributed, heap
 from bonejax.train import configlib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +49,7 @@ _COMPILATION_CACHE = compile_cache.define_flag()
 
 def main(argv):
   configlib.check_run_flags(argv, _CONFIG.value, _WORKDIR.value)
+  heap.setup()  # XLA's per-step buffers reused, not page-faulted (off: env 0)
   compile_cache.setup(_COMPILATION_CACHE.value)  # before anything compiles
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _MULTIHOST.initialize()

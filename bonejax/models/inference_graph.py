@@ -99,6 +99,11 @@ def _explicit_padding(conv: nnx.Conv) -> tuple[tuple[int, int], tuple[int, int]]
                for p in pad)
 
 
+def _onednn_float32_kernels() -> bool:
+  from bonejax.models import onednn
+  return onednn.FLOAT32_KERNELS
+
+
 class FastConv(nnx.Module):
   """A 2D convolution (NHWC, HWIO kernel) whose lowering a `Planner` picks per input shape.
 
@@ -154,6 +159,11 @@ class FastConv(nnx.Module):
       if bf16x3.supports(spec, exact, train=self.planner.train):
         return bf16x3.conv_bias(given if exact else x, kernel, bias, spec, self.out_dtype,
                                 inference=not self.planner.train)
+    if (how == "onednn" and self.planner.train and self.kernel[...].dtype == jnp.float32
+        and _onednn_float32_kernels()):
+      # Training's float32 master kernel goes to oneDNN as it is: its reorder does the cast,
+      # and the kernel's gradient stays float32 (onednn.conv).
+      kernel = self.kernel[...]
     return conv_lowering.conv_bias(how, x, kernel, bias, spec, self.out_dtype,
                                    inference=not self.planner.train)
 

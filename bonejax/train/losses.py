@@ -31,6 +31,7 @@ is not computed, so `per_image=False` validates with the per-image value).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Mapping
 
@@ -66,13 +67,61 @@ def _masked_mean(per_pixel, w):
   return jnp.sum(per_pixel * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+# Up to this many classes the cross-entropy is written class by class (`_xent_planes`).
+UNROLL_CLASSES = 8
+
+
 def _cross_entropy_pixels(logits, labels, mask, label_smoothing):
   logits, labels, w, c = _prep(logits, labels, mask)
+  if c <= UNROLL_CLASSES:
+    return _xent_planes(logits, labels, float(label_smoothing)), w
   logp = jax.nn.log_softmax(logits, axis=-1)
   target = jax.nn.one_hot(labels, c, dtype=jnp.float32)
   if label_smoothing:
     target = target * (1.0 - label_smoothing) + label_smoothing / c
   return -jnp.sum(target * logp, axis=-1), w
+
+
+# The per-pixel cross-entropy of a few classes, each class's logits a separate plane. Why: XLA's
+# CPU backend reduces over a minor axis of 2-8 classes (log_softmax's max and sum, the target's
+# sum, and their gradients) one short row at a time; unrolled over the classes, the same
+# arithmetic is elementwise over (B, H, W) and fuses into one loop each way (unet_resnet18's
+# bf16 step, 8 x 256^2 x 3, alone: 9.7 -> 4.0 ms forward + backward). Same formula:
+# lse - sum_k t_k z_k with lse = m + log(sum_k exp(z_k - m)), m the maximum; gradient
+# (softmax - t) * g.
+
+
+def _targets(labels, c, smoothing):
+  off = smoothing / c
+  return [jnp.where(labels == k, 1.0 - smoothing + off, off) for k in range(c)]
+
+
+def _lse(planes):
+  m = functools.reduce(jnp.maximum, planes)
+  return m + jnp.log(sum(jnp.exp(z - m) for z in planes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _xent_planes(logits, labels, smoothing):
+  planes = [logits[..., k] for k in range(logits.shape[-1])]
+  targets = _targets(labels, len(planes), smoothing)
+  return _lse(planes) - sum(t * z for t, z in zip(targets, planes))
+
+
+def _xent_planes_fwd(logits, labels, smoothing):
+  return _xent_planes(logits, labels, smoothing), (logits, labels)
+
+
+def _xent_planes_bwd(smoothing, res, g):
+  logits, labels = res
+  planes = [logits[..., k] for k in range(logits.shape[-1])]
+  lse = _lse(planes)
+  targets = _targets(labels, len(planes), smoothing)
+  return (jnp.stack([(jnp.exp(z - lse) - t) * g for z, t in zip(planes, targets)], axis=-1),
+          None)
+
+
+_xent_planes.defvjp(_xent_planes_fwd, _xent_planes_bwd)
 
 
 def cross_entropy(logits, labels, mask=None, *, label_smoothing: float = 0.0):
@@ -96,6 +145,14 @@ def focal(logits, labels, mask=None, *, gamma: float = 2.0):
 def _soft_counts(logits, labels, mask):
   """Per-class soft TP, FP, FN summed over the batch, and which classes the truth contains."""
   logits, labels, w, c = _prep(logits, labels, mask)
+  if c <= UNROLL_CLASSES:  # class by class, as `_xent_planes` (why there)
+    planes = [logits[..., k] for k in range(c)]
+    lse = _lse(planes)
+    p = [jnp.exp(z - lse) * w for z in planes]
+    y = [jnp.where(labels == k, w, 0.0) for k in range(c)]
+    tp = jnp.stack([jnp.sum(pk * yk) for pk, yk in zip(p, y)])
+    ysum = jnp.stack([jnp.sum(yk) for yk in y])
+    return tp, jnp.stack([jnp.sum(pk) for pk in p]) - tp, ysum - tp, ysum > 0
   p = jax.nn.softmax(logits, axis=-1) * w[..., None]
   y = jax.nn.one_hot(labels, c, dtype=jnp.float32) * w[..., None]
   axes = tuple(range(p.ndim - 1))

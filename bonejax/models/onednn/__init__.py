@@ -271,9 +271,11 @@ def _check_loaded():
 def conv(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False, residual=None):
   """oneDNN convolution of NHWC `x` with HWIO `kernel` (+ float32 `bias`, ReLU, `residual`).
 
-  x and kernel in the compute dtype `spec.dtype` (float32 or bfloat16); the result in
-  `out_dtype` (default: the compute dtype), accumulated in float32. Differentiable in x, kernel,
-  bias and residual. The caller checks `supports(spec, out_dtype)` first.
+  x in the compute dtype `spec.dtype` (float32 or bfloat16), kernel in it or in float32 (a bf16
+  layer's float32 master weights: oneDNN converts them while reordering, and their gradient
+  comes back in float32, never rounded to bf16); the result in `out_dtype` (default: the
+  compute dtype), accumulated in float32. Differentiable in x, kernel, bias and residual. The
+  caller checks `supports(spec, out_dtype)` first.
   """
   _check_loaded()
   out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -292,6 +294,9 @@ def conv(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False, re
 
 # Read at trace time; benchmarks switch it off to measure the per-call reorder it saves.
 KEEP_KERNELS = True
+# Read at trace time (inference_graph.FastConv): training hands a bf16 layer its float32 master
+# kernel (see `conv`); benchmarks switch it off to measure the casts it saves.
+FLOAT32_KERNELS = True
 
 
 def conv_inference(x, kernel, bias, spec, *, out_dtype: Any = None, relu: bool = False,

@@ -18,14 +18,17 @@ oneDNN bf16 call:
   the kernel's output channels become [wh | wl] (bias on the first half) and the two halves of
   the float32 result are added.
 
-Gradients (training) are JAX's through the split (hi + lo is the identity to first order, so
-the weight gradient is the float32 one's); as every bf16 layer's, they are computed from the
-cotangent rounded to bf16, accumulated in float32. Groups other than 1 keep the float32 call.
+Gradients (training; `_stem_bwd`, `_head_bwd`): as every bf16 layer's, from the cotangent
+rounded to bf16, accumulated in float32, by the plain (unstacked) bf16 convolution: the weight
+gradient x * g from xh alone (xl's share is 2^-9 of it, the size of the cotangent's own rounding),
+the data gradient against wh; weight gradients returned in float32. One product each instead of
+the stacked call's three (stem) or two (head). Groups other than 1 keep the float32 call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -58,7 +61,11 @@ def supports(spec: ConvSpec, exact_bf16_input: bool, *, train: bool = False) -> 
     return False
   from bonejax.models import onednn
   out = jnp.float32 if exact_bf16_input else jnp.bfloat16  # what conv_bias writes
-  return onednn.supports(stacked_spec(spec, exact_bf16_input), out, train=train)[0]
+  if not onednn.supports(stacked_spec(spec, exact_bf16_input), out, train=train)[0]:
+    return False
+  # Training's backward runs the unstacked bf16 convolution (`_stem_bwd`, `_head_bwd`).
+  return not train or onednn.supports(dataclasses.replace(spec, dtype="bfloat16"), out,
+                                      train=True)[0]
 
 
 def conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, spec: ConvSpec,
@@ -67,21 +74,97 @@ def conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, spec: Con
   float32 HWIO `kernel` (+ float32 `bias`), as one oneDNN bf16 call; the result in `out_dtype`.
   `inference`: the forward custom call as one equation (`onednn.conv_inference`), else the
   differentiable `onednn.conv`. The caller checks `supports` first."""
-  from bonejax.models import onednn
-  call = onednn.conv_inference if inference else onednn.conv
   kernel = kernel.astype(jnp.float32)
-  wh, wl = split(kernel)
   exact = x.dtype == jnp.bfloat16
-  spec16 = stacked_spec(spec, exact)
+  if inference:
+    from bonejax.models import onednn
+    if exact:
+      return _head_forward(onednn.conv_inference, x, kernel, bias, spec).astype(out_dtype)
+    return _stem_forward(onednn.conv_inference, x, kernel, bias, spec).astype(out_dtype)
+  has_bias = bias is not None
+  bias = jnp.zeros((spec.cout,), jnp.float32) if bias is None else bias.astype(jnp.float32)
   if exact:
-    b2 = None if bias is None else jnp.concatenate(
-        [bias.astype(jnp.float32), jnp.zeros_like(bias, jnp.float32)])
-    y2 = call(x, jnp.concatenate([wh, wl], axis=3), b2, spec16, out_dtype=jnp.float32)
-    return (y2[..., :spec.cout] + y2[..., spec.cout:]).astype(out_dtype)
+    return _head(x, kernel, bias, spec, has_bias).astype(out_dtype)
+  return _stem(x.astype(jnp.float32), kernel, bias, spec, has_bias).astype(out_dtype)
+
+
+def _head_forward(call, x, kernel, bias, spec):
+  """Output stacking: the float32 result of bf16 `x` with [wh | wl] (bias on the first half)."""
+  wh, wl = split(kernel)
+  b2 = None if bias is None else jnp.concatenate(
+      [bias.astype(jnp.float32), jnp.zeros_like(bias, jnp.float32)])
+  y2 = call(x, jnp.concatenate([wh, wl], axis=3), b2, stacked_spec(spec, True),
+            out_dtype=jnp.float32)
+  return y2[..., :spec.cout] + y2[..., spec.cout:]
+
+
+def _stem_forward(call, x, kernel, bias, spec):
+  """Input stacking: [xh, xl, xh] against [wh, wh, wl], written in bf16 (oneDNN's float32
+  destination is 2-4x slower here: 8 x 256^2, 7x7 -> 64: 7.6 vs 20 ms): the layer after a bf16
+  model's first convolution computes in bf16, so a float32 `out_dtype` (training's) is this
+  rounded value, whose cast back XLA removes."""
+  wh, wl = split(kernel)
   xh, xl = split(x)
   x3 = jnp.concatenate([xh, xl, xh], axis=-1)
   k3 = jnp.concatenate([wh, wh, wl], axis=2)
-  # Written in bf16 (oneDNN's float32 destination is 2-4x slower here: 8 x 256^2, 7x7 -> 64:
-  # 7.6 vs 20 ms): the layer after a bf16 model's first convolution computes in bf16, so a
-  # float32 `out_dtype` (training's) is this rounded value, whose cast back XLA removes.
-  return call(x3, k3, bias, spec16, out_dtype=jnp.bfloat16).astype(out_dtype)
+  return call(x3, k3, bias, stacked_spec(spec, False), out_dtype=jnp.bfloat16)
+
+
+# Training. The forward is the three products above; the backward, as every bf16 layer's, starts
+# from the cotangent rounded to bf16 (2^-9 relative), so it runs the plain bf16 convolution:
+# the stem's weight gradient from xh alone (xl's part is 2^-9 of it, below that rounding: one
+# product over the input's channels instead of three), the head's data and weight gradients
+# against wh and the cotangent once (not [wh | wl] and the cotangent twice). Weight gradients
+# come back in float32, unrounded (the stacked call's were rounded to bf16 per half).
+
+
+def _bf16(spec: ConvSpec) -> ConvSpec:
+  return dataclasses.replace(spec, dtype="bfloat16")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _stem(x, kernel, bias, spec, has_bias):
+  from bonejax.models import onednn
+  return _stem_forward(onednn.conv, x, kernel, bias if has_bias else None, spec)
+
+
+def _stem_fwd(x, kernel, bias, spec, has_bias):
+  return _stem(x, kernel, bias, spec, has_bias), (x.astype(jnp.bfloat16), kernel)
+
+
+def _stem_bwd(spec, has_bias, res, g):
+  from bonejax.models import onednn
+  xh, kernel = res
+  g = g.astype(jnp.bfloat16)
+  dx = onednn._bwd_data(g, kernel, xh.shape, jnp.bfloat16, _bf16(spec)).astype(jnp.float32)
+  dk = onednn._bwd_weights(xh, g, kernel.shape, _bf16(spec))
+  db = (jnp.sum(g.astype(jnp.float32), (0, 1, 2)) if has_bias
+        else jnp.zeros((spec.cout,), jnp.float32))
+  return dx, dk, db
+
+
+_stem.defvjp(_stem_fwd, _stem_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head(x, kernel, bias, spec, has_bias):
+  from bonejax.models import onednn
+  return _head_forward(onednn.conv, x, kernel, bias if has_bias else None, spec)
+
+
+def _head_fwd(x, kernel, bias, spec, has_bias):
+  return _head(x, kernel, bias, spec, has_bias), (x, kernel)
+
+
+def _head_bwd(spec, has_bias, res, g):
+  from bonejax.models import onednn
+  x, kernel = res
+  gc = g.astype(jnp.bfloat16)
+  dx = onednn._bwd_data(gc, kernel, x.shape, x.dtype, _bf16(spec))
+  dk = onednn._bwd_weights(x, gc, kernel.shape, _bf16(spec))
+  db = (jnp.sum(g.astype(jnp.float32), (0, 1, 2)) if has_bias
+        else jnp.zeros((spec.cout,), jnp.float32))
+  return dx, dk, db
+
+
+_head.defvjp(_head_fwd, _head_bwd)

@@ -7,7 +7,9 @@
 // small copy next to the convolution; XLA's FFI gives a handler no per-executable state), or,
 // where the caller asks (`cache_weights`: the inference graph, whose kernels do not change
 // between calls), kept reordered next to a copy of the kernel they came from and reused while
-// the kernel passed in is byte-for-byte that copy (`PackedKernel`).
+// the kernel passed in is byte-for-byte that copy (`PackedKernel`). A bf16 convolution also
+// takes a float32 kernel (training's float32 master weights): the reorder converts it, and
+// backward-weights writes a float32 gradient, so neither the cast nor its transpose runs in XLA.
 //
 // Every call is described by one int64 attribute array `conf`:
 //   [stride_h, stride_w, dil_h, dil_w, pad_top, pad_bottom, pad_left, pad_right, groups,
@@ -179,6 +181,13 @@ memory::desc AnyLike(const memory::desc& md) {
   return memory::desc(MdDims(md), MdType(md), memory::format_tag::any);
 }
 
+// The primitive's kernel: `md`'s dims in the compute dtype `t`, any layout. A float32 kernel
+// passed to a bf16 convolution (a bf16 model's float32 master weights) is converted by the
+// reorder into this layout, one pass instead of XLA's convert and then the reorder.
+memory::desc AnyKernel(const memory::desc& md, memory::data_type t) {
+  return memory::desc(MdDims(md), t, memory::format_tag::any);
+}
+
 std::string Key(const char* op, std::initializer_list<ffi::AnyBuffer::Dimensions> dims,
                 std::initializer_list<int> types, ffi::Span<const int64_t> conf) {
   std::ostringstream s;
@@ -262,7 +271,7 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const memory::desc& src,
                               : memory::desc();
   return MakeFwdPd(
       training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference, src,
-      AnyLike(w), bias_md, dst, conf, Attr(conf));
+      AnyKernel(w, MdType(src)), bias_md, dst, conf, Attr(conf));
 }
 
 void PrepareWeights(Entry* e, const memory::desc& user_w, const memory::desc& prim_w) {
@@ -422,7 +431,7 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
       auto hint = ForwardPd(ActDesc(dx->dimensions(), tdy), uw, ddst, false, plain, true);
       dnnl::primitive_attr attr;
       attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      auto pd = MakeBwdDataPd(dsrc, AnyLike(uw), ddst, conf, attr, hint);
+      auto pd = MakeBwdDataPd(dsrc, AnyKernel(uw, tdy), ddst, conf, attr, hint);
       PrepareWeights(e.get(), uw, pd.weights_desc());
       e->scratch_md = pd.scratchpad_desc();
       e->scratch.resize(e->scratch_md.get_size());
