@@ -6,19 +6,20 @@ serves a block that large with mmap and returns it with munmap, so every step to
 new pages: 89,344 page faults, each zero-filled by the kernel, 0.2 CPU-seconds of system time
 per ~0.87 s step on 2 cores (measured with getrusage; PyTorch's smaller blocks come from the
 heap). `setup()` asks glibc (mallopt) to serve every allocation from one heap (M_ARENA_MAX 1:
-a worker thread's own arena cannot hold such a block and would fall back to mmap), never to use
-mmap (M_MMAP_MAX 0) and to return freed memory to the system only beyond 2 GiB (M_TRIM_THRESHOLD):
-from the third step on a step faults no page and runs ~11 % faster (benchmarks/README.md, issue
-25). The cost: memory freed inside the process stays mapped to it, and allocations share one
-arena's lock. How much is kept: XLA frees a call's block just after the call's result is
-ready, so a call that starts before that free lands takes a new block; the heap grows by a few
-blocks, then calls reuse them (unet_resnet18's step: +310 MB resident on an idle machine, +935
-MB with another process busy on the cores, stable after the first ~20 steps). Freed memory at
-the heap's top beyond 2 GiB still goes back to the system.
+a worker thread's own arena cannot hold such a block and would fall back to mmap), never to
+use mmap (M_MMAP_MAX 0) and to return freed memory to the system only beyond 2 GiB
+(M_TRIM_THRESHOLD): from the third step on a step faults no page and runs ~11 % faster
+(benchmarks/README.md, issue 25). The cost: memory freed inside the process stays mapped to
+it, and allocations share one arena's lock. How much is kept: XLA frees a call's block just
+after the call's result is ready, so a call that starts before that free lands takes a new
+block; the heap grows by a few blocks, then calls reuse them (unet_resnet18's step: +310 MB
+resident on an idle machine, +935 MB with another process busy on the cores, stable after the
+first ~20 steps). Freed memory at the heap's top beyond 2 GiB still goes back to the system.
 
-The commands that compute (`train`, `predict`, `demo`, `crossval`) and the napari widgets call
-`setup()` first, before JAX starts its threads; off with BONEJAX_RETAIN_HEAP=0. Not glibc (macOS,
-musl): nothing is changed. Process-wide, so never done on import.
+The commands that compute (`train`, `predict`, `demo`, `crossval`) call `setup()` first,
+before JAX starts its threads; off with BONEJAX_RETAIN_HEAP=0. Not glibc (macOS, musl): nothing
+is changed. Process-wide, so never done on import, and not in napari's own process (its Train
+widget runs `train` in a process of its own).
 """
 
 from __future__ import annotations
