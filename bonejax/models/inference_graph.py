@@ -99,11 +99,6 @@ def _explicit_padding(conv: nnx.Conv) -> tuple[tuple[int, int], tuple[int, int]]
                for p in pad)
 
 
-def _onednn_float32_kernels() -> bool:
-  from bonejax.models import onednn
-  return onednn.FLOAT32_KERNELS
-
-
 class FastConv(nnx.Module):
   """A 2D convolution (NHWC, HWIO kernel) whose lowering a `Planner` picks per input shape.
 
@@ -149,21 +144,23 @@ class FastConv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     given = x
     x = x.astype(self.dtype)
-    kernel = self.kernel[...].astype(self.dtype)
+    kernel = self.kernel[...]
     spec = self.spec(x)
     how = self.planner.choose(spec, self.out_dtype)
     bias = None if self.bias is None else self.bias[...]
-    if how == "onednn" and self.bf16x3:
+    if how == "onednn":
+      from bonejax.models import onednn
       from bonejax.models.onednn import bf16x3
       exact = given.dtype == jnp.bfloat16  # a bf16 input is exact: no low half to add
-      if bf16x3.supports(spec, exact, train=self.planner.train):
+      if self.bf16x3 and bf16x3.supports(spec, exact, train=self.planner.train):
         return bf16x3.conv_bias(given if exact else x, kernel, bias, spec, self.out_dtype,
                                 inference=not self.planner.train)
-    if (how == "onednn" and self.planner.train and self.kernel[...].dtype == jnp.float32
-        and _onednn_float32_kernels()):
       # Training's float32 master kernel goes to oneDNN as it is: its reorder does the cast,
       # and the kernel's gradient stays float32 (onednn.conv).
-      kernel = self.kernel[...]
+      keep = self.planner.train and kernel.dtype == jnp.float32 and onednn.FLOAT32_KERNELS
+      kernel = kernel if keep else kernel.astype(self.dtype)
+    else:
+      kernel = kernel.astype(self.dtype)
     return conv_lowering.conv_bias(how, x, kernel, bias, spec, self.out_dtype,
                                    inference=not self.planner.train)
 

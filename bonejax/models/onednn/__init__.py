@@ -226,12 +226,14 @@ def _fwd_call(x, kernel, bias, residual, spec, out_dtype, relu, cache_weights=Fa
   return jax.ffi.ffi_call(_FWD, out, input_output_aliases=aliases)(x, kernel, b, r, conf=conf)
 
 
-def _bwd_data(dy, kernel, x_shape, x_dtype, spec):
+def backward_data(dy, kernel, x_shape, x_dtype, spec):
+  """dx of a convolution from its output's cotangent `dy` (oneDNN backward-data)."""
   return jax.ffi.ffi_call(_BWD_DATA, jax.ShapeDtypeStruct(x_shape, x_dtype))(
       dy, kernel, conf=_conf(spec))
 
 
-def _bwd_weights(x, dy, k_shape, spec):
+def backward_weights(x, dy, k_shape, spec):
+  """The kernel's gradient, float32 HWIO (oneDNN backward-weights)."""
   return jax.ffi.ffi_call(_BWD_WEIGHTS, jax.ShapeDtypeStruct(k_shape, jnp.float32))(
       x, dy, conf=_conf(spec))
 
@@ -253,8 +255,8 @@ def _conv_bwd(spec, out_dtype, relu, res, g):
   # The cotangent in the operands' dtype (bf16 stays bf16, as PyTorch's autocast backward);
   # oneDNN accumulates in float32.
   gc = g.astype(x.dtype)
-  dx = _bwd_data(gc, kernel, x.shape, x.dtype, spec)
-  dk = _bwd_weights(x, gc, kernel.shape, spec).astype(kernel.dtype)
+  dx = backward_data(gc, kernel, x.shape, x.dtype, spec)
+  dk = backward_weights(x, gc, kernel.shape, spec).astype(kernel.dtype)
   db = None if bias is None else jnp.sum(g.astype(jnp.float32), (0, 1, 2)).astype(bias.dtype)
   dr = None if residual is None else g.astype(residual.dtype)
   return dx, dk, db, dr

@@ -122,6 +122,13 @@ def _bf16(spec: ConvSpec) -> ConvSpec:
   return dataclasses.replace(spec, dtype="bfloat16")
 
 
+def _bias_grad(g, spec: ConvSpec, has_bias: bool):
+  """The float32 bias's gradient (zeros for the placeholder of a layer without bias)."""
+  if not has_bias:
+    return jnp.zeros((spec.cout,), jnp.float32)
+  return jnp.sum(g.astype(jnp.float32), (0, 1, 2))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _stem(x, kernel, bias, spec, has_bias):
   from bonejax.models import onednn
@@ -136,11 +143,9 @@ def _stem_bwd(spec, has_bias, res, g):
   from bonejax.models import onednn
   xh, kernel = res
   g = g.astype(jnp.bfloat16)
-  dx = onednn._bwd_data(g, kernel, xh.shape, jnp.bfloat16, _bf16(spec)).astype(jnp.float32)
-  dk = onednn._bwd_weights(xh, g, kernel.shape, _bf16(spec))
-  db = (jnp.sum(g.astype(jnp.float32), (0, 1, 2)) if has_bias
-        else jnp.zeros((spec.cout,), jnp.float32))
-  return dx, dk, db
+  dx = onednn.backward_data(g, kernel, xh.shape, jnp.bfloat16, _bf16(spec)).astype(jnp.float32)
+  dk = onednn.backward_weights(xh, g, kernel.shape, _bf16(spec))
+  return dx, dk, _bias_grad(g, spec, has_bias)
 
 
 _stem.defvjp(_stem_fwd, _stem_bwd)
@@ -160,11 +165,9 @@ def _head_bwd(spec, has_bias, res, g):
   from bonejax.models import onednn
   x, kernel = res
   gc = g.astype(jnp.bfloat16)
-  dx = onednn._bwd_data(gc, kernel, x.shape, x.dtype, _bf16(spec))
-  dk = onednn._bwd_weights(x, gc, kernel.shape, _bf16(spec))
-  db = (jnp.sum(g.astype(jnp.float32), (0, 1, 2)) if has_bias
-        else jnp.zeros((spec.cout,), jnp.float32))
-  return dx, dk, db
+  dx = onednn.backward_data(gc, kernel, x.shape, x.dtype, _bf16(spec))
+  dk = onednn.backward_weights(x, gc, kernel.shape, _bf16(spec))
+  return dx, dk, _bias_grad(g, spec, has_bias)
 
 
 _head.defvjp(_head_fwd, _head_bwd)
