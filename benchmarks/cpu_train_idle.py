@@ -22,6 +22,11 @@ and watches it from outside:
   the library its outermost frame runs in: XLA's thread pool, libgomp (oneDNN's OpenMP team),
   tensorstore, Python, ... - how many threads each runtime started, i.e. whether oneDNN's team
   and XLA's pool oversubscribe the cores;
+- `--sched=SECONDS` (where perf may trace the scheduler, e.g. as root): the kernel's context
+  switches on every CPU for that long in the training phase (`perf sched record`), summarised
+  as the idle periods by length, the thread that went to sleep before each, and, for idle
+  periods of 1 ms or more, the thread left running alone on the other cores: whether the idle
+  time is a few long serial sections or many short hand-offs between threads;
 - py-spy (if installed) samples the Python threads' stacks (`--idle`: waiting counts too), so
   the main thread's time splits into waiting for a step (compute-bound: good), reading the next
   batch, validation, checkpointing and logging.
@@ -33,6 +38,7 @@ Writes benchmarks/results/cpu_train_idle_<machine>.{json,md}.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import os
 import re
@@ -55,11 +61,17 @@ _PATCH = flags.DEFINE_integer("patch", 256, "Patch size.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps.")
 _EVERY = flags.DEFINE_integer("every", 20, "Validation and checkpoint interval (steps).")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 5, "Logging interval (steps): each log line "
+                                  "fetches the interval's losses from the device.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _LOWERING = flags.DEFINE_enum("conv_lowering", "auto", ["auto", "xla", "measure"],
                               "config.conv_lowering of the run (auto: oneDNN where built).")
 _SNAPSHOT = flags.DEFINE_bool("snapshot", True, "Count the threads by runtime (gdb, once).")
 _INTERVAL = flags.DEFINE_float("interval", 0.5, "Sampling interval of /proc (s).")
+_SCHED = flags.DEFINE_float("sched", 0.0, "Seconds of `perf sched record` (the kernel's context "
+                            "switches, every CPU) from the second rate line on, summarised: "
+                            "where the cores sat idle (0: off; needs perf and the right to "
+                            "trace). perf slows the steps it watches.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory (default: a temporary one).")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
 _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
@@ -177,6 +189,108 @@ class Sampler(threading.Thread):
       self.stop.wait(self.interval)
 
 
+class SchedRecorder(threading.Thread):
+  """`perf sched record` of every CPU for `seconds`, started once the log has two rate lines
+  (the first steps compiled and ran); `.result`: the perf.data path, or None (perf failed, e.g.
+  no right to trace the scheduler: one `note:` line)."""
+
+  def __init__(self, perf: str, log: Path, out: Path, seconds: float):
+    super().__init__(daemon=True)
+    self.perf, self.log, self.out, self.seconds = perf, log, out, seconds
+    self.result: Path | None = None
+
+  def run(self):
+    while _rate_lines(self.log) < 2:
+      time.sleep(0.2)
+    r = subprocess.run([self.perf, "sched", "record", "-a", "-o", str(self.out), "--", "sleep",
+                        str(self.seconds)], capture_output=True, text=True)
+    if r.returncode == 0 and self.out.exists():
+      self.result = self.out
+    else:
+      print(f"note: perf sched record failed: {r.stderr.strip()[-200:]}", file=sys.stderr)
+
+
+def record_sched(log: Path, out: Path, seconds: float) -> SchedRecorder | None:
+  perf = shutil.which("perf")
+  if not perf:
+    print("note: no perf: the scheduler trace (--sched) is skipped", file=sys.stderr)
+    return None
+  recorder = SchedRecorder(perf, log, out, seconds)
+  recorder.start()
+  return recorder
+
+
+_TIMEHIST = re.compile(r"\s*([\d.]+)\s+\[(\d+)\]\s+(\S+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)")
+_GAPS = ((0.0, 0.1), (0.1, 1.0), (1.0, 5.0), (5.0, float("inf")))
+
+
+def _gap_name(a: float, b: float) -> str:
+  return f">= {a:g} ms" if b == float("inf") else f"{a:g}-{b:g} ms"
+
+
+def sched_summary(data: Path, pid: int) -> dict | None:
+  """`perf sched timehist` of the perf.data file `data` -> `idle_from_timehist`."""
+  r = subprocess.run([shutil.which("perf") or "perf", "sched", "timehist", "-i", str(data)],
+                     capture_output=True, text=True)
+  return idle_from_timehist(r.stdout, pid) if r.returncode == 0 else None
+
+
+def idle_from_timehist(text: str, pid: int) -> dict | None:
+  """`perf sched timehist` lines -> where the CPUs sat idle: per CPU, by the idle period's
+  length, by the thread that ran on that CPU just before (it went to sleep: what it waited for
+  is not in the kernel's record), and, for periods >= 1 ms, by the thread running on another
+  CPU meanwhile (a serial section: one thread alone). Threads of other processes than `pid`
+  are pooled as "other processes / kernel"."""
+  runs = []  # (cpu, start s, end s, task)
+  for line in text.splitlines():
+    m = _TIMEHIST.match(line)
+    if m:
+      end, cpu, task, run_ms = float(m[1]), int(m[2]), m[3], float(m[4])
+      runs.append((cpu, end - run_ms / 1e3, end, task))
+  if not runs:
+    return None
+  span = max(e for _, _, e, _ in runs) - min(s for _, s, _, _ in runs)
+  cpus = sorted({c for c, *_ in runs})
+  ours = re.compile(rf"\[(\d+)/{pid}\]$|\[{pid}\]$")
+  idle_cpu = collections.Counter()
+  by_gap = collections.Counter()
+  count_gap = collections.Counter()
+  before = collections.Counter()
+  alone = collections.Counter()
+  last = {}
+  by_cpu = {c: [x for x in runs if x[0] == c] for c in cpus}
+  for c in cpus:
+    others = sorted((x for x in runs if x[0] != c and x[3] != "<idle>"), key=lambda x: x[1])
+    starts = [x[1] for x in others]
+    for cpu, s, e, task in by_cpu[c]:
+      if task != "<idle>":
+        last[c] = task
+        continue
+      ms = 1e3 * (e - s)
+      idle_cpu[c] += ms
+      gap = next(_gap_name(a, b) for a, b in _GAPS if a <= ms < b)
+      by_gap[gap] += ms
+      count_gap[gap] += 1
+      prev = last.get(c, "?")
+      before[prev if ours.search(prev) else "other processes / kernel"] += ms
+      if ms >= 1.0:
+        i = max(0, bisect.bisect_right(starts, s) - 1)
+        while i < len(others) and others[i][1] < e:
+          o = others[i]
+          ov = min(e, o[2]) - max(s, o[1])
+          if ov > 0:
+            alone[o[3] if ours.search(o[3]) else "other processes / kernel"] += 1e3 * ov
+          i += 1
+  total = sum(idle_cpu.values())
+  return {"seconds": span, "cpus": len(cpus),
+          "idle_ms_per_cpu": {str(c): idle_cpu[c] for c in cpus},
+          "idle_percent": 100 * total / (span * 1e3 * len(cpus)) if span else None,
+          "by_length": [{"length": g, "periods": count_gap[g], "idle_ms": by_gap[g]}
+                        for g in (_gap_name(a, b) for a, b in _GAPS)],
+          "by_thread_before": [{"thread": t, "idle_ms": v} for t, v in before.most_common(8)],
+          "alone_during_long_idle": [{"thread": t, "ms": v} for t, v in alone.most_common(8)]}
+
+
 def rate_lines_before_evaluation(text: str) -> int:
   """How many rate lines the log has before its first validation line: the training steps'
   own window ends there (the last rate line is printed after the final validation pass)."""
@@ -260,6 +374,27 @@ def _pyspy_summary(raw: Path, top: int = 12) -> list[dict]:
   return [{"frame": f, "share": c / total} for f, c in counts.most_common(top)] if total else []
 
 
+def sched_markdown(info: dict | None, seconds: float) -> str:
+  if not seconds:
+    return "Scheduler trace: not taken (--sched=0)."
+  if not info:
+    return "Scheduler trace: not taken (no perf, or no right to trace the scheduler)."
+  return "\n".join([
+      f"Scheduler trace (`perf sched record`, {info['seconds']:.1f} s in the training phase, "
+      f"{info['cpus']} CPUs; the steps it watched ran slower): the CPUs sat idle "
+      f"**{info['idle_percent']:.1f} %** of the time (per CPU, ms: "
+      f"{', '.join(f'{v:.0f}' for v in info['idle_ms_per_cpu'].values())}).", "",
+      "Idle periods by length:", "",
+      common.markdown_table(info["by_length"], ["length", "periods", "idle_ms"],
+                            ["idle period", "periods", "idle ms"]), "",
+      "Idle time by the thread that ran on that CPU just before (it went to sleep):", "",
+      common.markdown_table(info["by_thread_before"], ["thread", "idle_ms"],
+                            ["thread [tid/pid]", "idle ms"]), "",
+      "During idle periods of 1 ms or more, the thread left running on another CPU:", "",
+      common.markdown_table(info["alone_during_long_idle"], ["thread", "ms"],
+                            ["thread [tid/pid]", "ms"])])
+
+
 def main(argv):
   del argv
   load_start = common.load_average()
@@ -277,7 +412,7 @@ def main(argv):
          f"--config.dataset={data}", f"--config.num_steps={_STEPS.value}",
          f"--config.batch_size={_BATCH.value}", f"--config.patch_size={_PATCH.value}",
          f"--config.dtype={_DTYPE.value}", f"--config.eval_every={every}",
-         f"--config.checkpoint_every={every}", "--config.log_every=5",
+         f"--config.checkpoint_every={every}", f"--config.log_every={_LOG_EVERY.value}",
          f"--config.val_batch_size={_BATCH.value}", "--config.val_stride=8",
          f"--config.conv_lowering={_LOWERING.value}"]
   env = dict(os.environ, PYTHONPATH=str(common.REPO))
@@ -287,6 +422,7 @@ def main(argv):
     proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
   sampler = Sampler(proc.pid, _INTERVAL.value, log, _SNAPSHOT.value)
   sampler.start()
+  sched = record_sched(log, work / "perf.sched", _SCHED.value) if _SCHED.value > 0 else None
   spy = shutil.which("py-spy")
   spy_raw = work / "pyspy.txt"
   spy_proc = None
@@ -300,6 +436,15 @@ def main(argv):
   sampler.join()
   if spy_proc:
     spy_proc.wait(timeout=60)
+  if sched:
+    sched.join(timeout=_SCHED.value + 60)
+  sched_info = sched_summary(sched.result, proc.pid) if sched and sched.result else None
+  if sched_info and sampler.snapshot:  # name each thread's runtime (gdb's count, above)
+    kinds = sampler.snapshot["by_tid"]
+    for row in sched_info["by_thread_before"] + sched_info["alone_during_long_idle"]:
+      m = re.search(r"\[(\d+)/", row["thread"])
+      if m and m[1] in kinds:
+        row["thread"] += f" ({kinds[m[1]]})"
   wall = time.perf_counter() - t0
   if rc != 0:
     raise RuntimeError(f"train.py exited {rc}; see {log}")
@@ -363,11 +508,12 @@ def main(argv):
       common.markdown_table(group_rows, ["group", "cpu_s", "share"],
                             ["threads", "CPU s", "share"]), "",
       "Main thread (py-spy, idle samples included), innermost bonejax/launch frame:", "",
-      common.markdown_table(spy_top, ["frame", "share"]) if spy_top else "(py-spy not run)"])
+      common.markdown_table(spy_top, ["frame", "share"]) if spy_top else "(py-spy not run)",
+      "", sched_markdown(sched_info, _SCHED.value)])
   print(md)
   payload = {"config": {"cmd": cmd, "interval": _INTERVAL.value}, "summary": summary,
              "training_phase": phase, "training_phase_with_evaluation": phase_with_eval,
-             "thread_snapshot": snap, "thread_env": thread_env,
+             "thread_snapshot": snap, "thread_env": thread_env, "sched": sched_info,
              "rates": rates, "evals": evals, "pyspy_main_thread": spy_top,
              "wall_seconds": wall, "load_average": {"start": load[0], "end": load[1]},
              "machine": info}

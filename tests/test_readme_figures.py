@@ -281,3 +281,21 @@ def test_idle_onednn_tables_match_their_results():
       rate_value = row.get(key, row.get("ips", row.get("pps")))
       assert agrees(rate, rate_value), (engine, rate, rate_value)
       assert agrees(ratio, row["ratio"]), (engine, ratio, row["ratio"])
+
+
+def test_busy_cores_figures_match_their_results():
+  """Issue 25's cores-busy figures (the README's goal paragraph and benchmarks/README's idle
+  section): the three sixth-session runs and their median."""
+  runs = [load(f"cpu_train_idle_epyc-2c-s6-bf16-{i}.json")["training_phase"]["process_percent"]
+          for i in (1, 2, 3)]
+  m = re.search(r"latest\s+three runs, ([\d.]+) / ([\d.]+) / ([\d.]+) %", README)
+  assert m and all(agrees(t, v) for t, v in zip(m.groups(), runs))
+  m = re.search(r"\*\*([\d.]+) %, ([\d.]+) %, ([\d.]+) %\*\* \(median\s+([\d.]+) %", BENCH)
+  assert m and all(agrees(t, v) for t, v in zip(m.groups()[:3], runs))
+  assert agrees(m.group(4), statistics.median(runs))
+  sched = load("cpu_train_idle_epyc-2c-heap-bf16-sched.json")["sched"]
+  m = re.search(r"perf slows the steps it watches, so that run's own figure, ([\d.]+) %.*?idle\s+"
+                r"([\d.]+) % of", BENCH, re.S)
+  assert m and agrees(m.group(2), sched["idle_percent"])
+  assert agrees(m.group(1), load("cpu_train_idle_epyc-2c-heap-bf16-sched.json")
+                ["training_phase"]["process_percent"])
