@@ -99,3 +99,19 @@ def test_bad_taper_is_one_error(engine, volume, stats):  # noqa: F811
     predict.predict_volume(engine, volume, stats=stats, face_taper=-1)
   with pytest.raises(errors.UserError, match="face_taper"):
     predict.Predictor(TinyNet.__new__(TinyNet), face_taper="wide")
+
+
+def test_the_benchmarks_summary_counts_gaps_and_their_standard_error():
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from benchmarks import face_taper
+  gaps = [0.02, -0.02, 0.005, 0.0]
+  rows = [{"run": f"demo seed {i}", "fusion": "f", "miou_fg": 0.9, "border": 0.9 - g,
+           "interior": 0.9, "gap": g} for i, g in enumerate(gaps)]
+  rows.append({"run": "extra", "fusion": "f", "miou_fg": 0.5, "border": 0.0, "interior": 0.5,
+               "gap": 0.5})  # not a demo seed: not in the means
+  (s,) = face_taper.summary(rows, [f"demo seed {i}" for i in range(4)])
+  assert s["runs"] == 4 and s["gap"] == pytest.approx(np.mean(gaps))
+  assert s["gap_se"] == pytest.approx(np.std(gaps, ddof=1) / 2)
+  assert s["worst_gap"] == 0.02 and s["runs_gap_le_0.01"] == 3 and s["runs_abs_gap_le_0.01"] == 2

@@ -299,3 +299,20 @@ def test_busy_cores_figures_match_their_results():
   assert m and agrees(m.group(2), sched["idle_percent"])
   assert agrees(m.group(1), load("cpu_train_idle_epyc-2c-heap-bf16-sched.json")
                 ["training_phase"]["process_percent"])
+
+
+def test_plane_count_edge_table_matches_its_results():
+  """README's "Edges" table of 3 against 12 planes: each row from face_taper_cpu-2c-planes."""
+  summary = {r["fusion"]: r for r in load("face_taper_cpu-2c-planes.json")["summary"]}
+  names = {"3 planes, no face taper": "3-plane soft, taper 0",
+           "3 planes, face taper 4 (default)": "3-plane soft, taper 4",
+           "12 planes, face taper 4": "12-plane soft, taper 4"}
+  rows = table(README, "| soft vote, over phantom seeds 0-5 |")
+  assert [r[0] for r in rows] == list(names)
+  for row in rows:
+    r = summary[names[row[0]]]
+    for text, key in zip(row[1:4], ("miou_fg", "border", "interior")):
+      assert agrees(text, r[key]), (row[0], key)
+    gap, se = pm(row[4])
+    assert agrees(gap, r["gap"]) and agrees(se, r["gap_se"]), row[0]
+    assert agrees(row[5], r["worst_gap"]) and row[6] == f"{r['runs_gap_le_0.01']} of {r['runs']}"
