@@ -34,14 +34,18 @@ from absl import flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 from bonejax.cli import runner  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/bonejax-face-taper", "Demo runs, one per seed.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3"], "Phantom seeds (launch/demo.py --seed).")
-_TAPERS = flags.DEFINE_list("tapers", ["0", "4", "8", "16"], "Face tapers scored (0: plain).")
-_PLANES = flags.DEFINE_list("planes", ["3"], "Plane counts (predict.py --planes) scored; the "
-                            "per-axis fusions are scored for the first only.")
-_EXTRA = flags.DEFINE_list("extra", [], "More bundles: DATA:MODEL[:SCAN] (default last scan).")
-_RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
-_TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
+if __name__ == "__main__":  # flags only when run: tests import summary() beside other
+  # benchmark scripts, whose flags share these names
+  _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bonejax-face-taper",
+                                 "Demo runs, one per seed.")
+  _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3"],
+                             "Phantom seeds (launch/demo.py --seed).")
+  _TAPERS = flags.DEFINE_list("tapers", ["0", "4", "8", "16"], "Face tapers scored (0: plain).")
+  _PLANES = flags.DEFINE_list("planes", ["3"], "Plane counts (predict.py --planes) scored; the "
+                              "per-axis fusions are scored for the first only.")
+  _EXTRA = flags.DEFINE_list("extra", [], "More bundles: DATA:MODEL[:SCAN] (default last scan).")
+  _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
+  _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
 
 
 def demo_run(seed: int) -> tuple[Path, Path, str]:
@@ -124,13 +128,15 @@ def to_markdown(rows, summ, info, load, cmd) -> str:
       f"Command: `{cmd}`", "",
       "Each run: `launch/demo.py --seed=S` (6 bone phantom scans of 96 x 128 x 128, "
       "configs/demo.py, 400 steps x 16 patches), the held-out scan's plane sets predicted "
-      "once (3: the three axes; 9 and 12: `predict.py --planes`), then fused each way. Border-2: voxels within 2 of a face; gap = interior - border "
+      "once (3: the three axes; 9 and 12: `predict.py --planes`), then fused each way. "
+      "Border-2: voxels within 2 of a face; gap = interior - border "
       "(issue 28's goal: <= 0.01); the mean gap's standard error is the gaps' standard deviation "
       "over the runs / sqrt(runs): a mean gap within two of them is no systematic edge effect. "
       "Extra runs (other datasets) are not in the means.", "",
       "Over the demo seeds:", "",
       common.markdown_table(summ, ["fusion", "runs", "miou_fg", "border", "interior", "gap",
-                                   "gap_se", "worst_gap", "runs_gap_le_0.01", "runs_abs_gap_le_0.01"],
+                                   "gap_se", "worst_gap", "runs_gap_le_0.01",
+                                   "runs_abs_gap_le_0.01"],
                             ["fusion", "runs", "mean miou_fg", "mean border-2", "mean interior",
                              "mean gap", "its standard error", "worst gap", "runs with gap <= 0.01",
                              "runs with abs(gap) <= 0.01"]),
