@@ -183,7 +183,8 @@ def test_edge_margin_is_a_config_fraction_of_the_patch(tmp_path, monkeypatch):
   from bonejax.train import configlib, setup
 
   img = np.zeros((4, 40, 40), np.uint16)
-  store.write_scan(tmp_path / "s", img, (img % 2).astype(np.uint8), chunks=(4, 40, 40))
+  stripes = (np.indices(img.shape)[2] % 2).astype(np.uint8)  # both classes labelled
+  store.write_scan(tmp_path / "s", img, stripes, chunks=(4, 40, 40))
   store.write_dataset_json(tmp_path, ["a", "b"], ["s"])
   kw = dict(patch_size=16, global_batch_size=2, process_index=0, process_count=1)
   for frac, px in ((None, 8), (0.0, 0), (0.25, 4), (1.0, 16)):

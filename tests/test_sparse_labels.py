@@ -298,3 +298,21 @@ def test_rare_class_counts_labelled_voxels_only(sparse_data):
   counts = label_maps.class_projections(scan.labels, 3, unlabelled=U)[0]
   lab = vols["s0"]
   np.testing.assert_array_equal(counts, np.bincount(lab[lab != U], minlength=3))
+
+
+def test_fully_labelled_training_scans_without_a_class_are_refused(tmp_path):
+  # No unlabelled value: every voxel is labelled, and still no training voxel is a pore.
+  shape = (6, 8, 8)
+  lab = np.zeros(shape, np.uint8)
+  lab[:, :4] = 1
+  root = tmp_path / "d"
+  for name in ("a", "b"):
+    store.write_scan(root / name, np.full(shape, 1000, np.uint16), lab, chunks=(8, 8, 8))
+  store.write_dataset_json(root, CLASSES, ["a", "b"])
+  kw = dict(patch_size=8, global_batch_size=2, process_index=0, process_count=1)
+  with pytest.raises(errors.UserError, match=r"class pore has no labelled voxel in the training "
+                     r"scans \(a, b\)"):
+    patches.PatchStream(root, ["a", "b"], **kw)
+  np.testing.assert_array_equal(label_maps.class_counts(store.open_dataset(root).open_scan("a")
+                                                        .labels, 3),
+                                [6 * 8 * 4, 6 * 8 * 4, 0])

@@ -145,10 +145,22 @@ def label_map(labels: store.ts.TensorStore, num_classes: int, unlabelled: int | 
   return LabelMap(counts, n_unlabelled, b, occ)
 
 
-def check_labelled(maps: Sequence[LabelMap], names: Sequence[str], classes: Sequence[str],
-                   split: str) -> None:
-  """Bad input before training: a split with no labelled voxel, or a class none of it labels."""
-  counts = sum(m.counts for m in maps)
+def class_counts(labels: store.ts.TensorStore, num_classes: int, slab: int = 64) -> np.ndarray:
+  """Voxels of each class in a fully labelled volume, in one slab-wise pass (values beyond the
+  classes are left to `patches.check_labels`, which names them)."""
+  z = int(labels.shape[0])
+  counts = np.zeros(num_classes, np.int64)
+  for z0 in range(0, z, slab):
+    lab = store.read_slab(labels, 0, z0, min(z, z0 + slab))
+    counts += np.bincount(lab.reshape(-1), minlength=num_classes)[:num_classes]
+  return counts
+
+
+def check_labelled(counts_per_scan: Sequence[np.ndarray], names: Sequence[str],
+                   classes: Sequence[str], split: str) -> None:
+  """Bad input before training: a split with no labelled voxel, or a class none of it labels
+  (`counts_per_scan`: each scan's labelled voxels per class, `LabelMap.counts`)."""
+  counts = sum(counts_per_scan)
   if not counts.sum():
     raise errors.UserError(f"the {split} scans ({', '.join(names)}) have no labelled voxel "
                            "(every label is the dataset's unlabelled value)")

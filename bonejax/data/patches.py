@@ -69,7 +69,7 @@ import numpy as np
 
 from bonejax.core import errors
 from bonejax.data import store
-from bonejax.data.label_maps import (class_projections, pick_rare_classes, _rare_planes_of_scan, LABEL_BLOCK, LabelMap, label_map, check_labelled)
+from bonejax.data.label_maps import (class_counts, class_projections, pick_rare_classes, _rare_planes_of_scan, LABEL_BLOCK, LabelMap, label_map, check_labelled)
 from bonejax.io import intensity
 from bonejax.data import shuffle
 from bonejax.data.prefetch import PrefetchedStream
@@ -274,9 +274,13 @@ class PatchStream(PrefetchedStream):
     # Sparse labels: records only on planes holding labelled voxels, crops over a labelled cell.
     self.unlabelled = self.dataset.unlabelled
     self.label_maps: list[LabelMap] | None = None
+    names = [s.name for s in self.scans]
     if self.unlabelled is not None:
       self.label_maps = [self._label_map(s) for s in self.scans]
-      check_labelled(self.label_maps, [s.name for s in self.scans], self.classes, "training")
+      check_labelled([m.counts for m in self.label_maps], names, self.classes, "training")
+    else:  # fully labelled: a class no training voxel has is refused all the same
+      check_labelled([self._class_counts(s) for s in self.scans], names, self.classes,
+                     "training")
 
     # Uniform records: one block of planes * patches_per_plane per (scan, axis); the planes are
     # all of the axis's (dense labels) or those holding labelled voxels (sparse labels).
@@ -327,6 +331,13 @@ class PatchStream(PrefetchedStream):
       text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
       raise errors.UserError(f"scan {s.name!r} ({s.scan.path}): {text} ({', '.join(self.classes)}"
                              f"; unlabelled {self.unlabelled})") from None
+
+  def _class_counts(self, s: _ScanInfo) -> np.ndarray:
+    try:
+      return class_counts(s.scan.labels, len(self.classes))
+    except Exception as e:  # pylint: disable=broad-except  (damaged chunks)
+      text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
+      raise errors.UserError(f"scan {s.name!r} ({s.scan.path}): {text}") from None
 
   def _block_planes(self, si: int, axis: int) -> np.ndarray:
     if self.label_maps is None:

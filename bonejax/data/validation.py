@@ -62,7 +62,7 @@ def _val_plane_lists(ds: store.Dataset, infos: Sequence[_ScanInfo], axes: Sequen
     except Exception as e:  # pylint: disable=broad-except  (bad values, damaged chunks)
       text = errors.one_line(str(e).split(" [tensorstore_spec=")[0])[:300]
       raise errors.UserError(f"validation scan {s.name!r} ({s.scan.path}): {text}") from None
-  check_labelled(maps, [s.name for s in infos], ds.classes, "validation")
+  check_labelled([m.counts for m in maps], [s.name for s in infos], ds.classes, "validation")
   out = []
   for m in maps:
     lists = {}
