@@ -62,7 +62,8 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps.")
 _EVERY = flags.DEFINE_integer("every", 20, "Validation and checkpoint interval (steps).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 5, "Logging interval (steps): each log line "
-                                  "fetches the interval's losses from the device.")
+                                  "fetches the interval's losses from the device.",
+                                  lower_bound=1)
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _LOWERING = flags.DEFINE_enum("conv_lowering", "auto", ["auto", "xla", "measure"],
                               "config.conv_lowering of the run (auto: oneDNN where built).")
@@ -71,7 +72,7 @@ _INTERVAL = flags.DEFINE_float("interval", 0.5, "Sampling interval of /proc (s).
 _SCHED = flags.DEFINE_float("sched", 0.0, "Seconds of `perf sched record` (the kernel's context "
                             "switches, every CPU) from the second rate line on, summarised: "
                             "where the cores sat idle (0: off; needs perf and the right to "
-                            "trace). perf slows the steps it watches.")
+                            "trace). perf slows the steps it watches.", lower_bound=0)
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory (default: a temporary one).")
 _TAG = flags.DEFINE_string("tag", "", "Machine tag of the result files (default: detected).")
 _RESULTS = flags.DEFINE_string("results_dir", str(common.RESULTS), "Where result files go.")
@@ -194,13 +195,15 @@ class SchedRecorder(threading.Thread):
   (the first steps compiled and ran); `.result`: the perf.data path, or None (perf failed, e.g.
   no right to trace the scheduler: one `note:` line)."""
 
-  def __init__(self, perf: str, log: Path, out: Path, seconds: float):
+  def __init__(self, perf: str, proc: subprocess.Popen, log: Path, out: Path, seconds: float):
     super().__init__(daemon=True)
-    self.perf, self.log, self.out, self.seconds = perf, log, out, seconds
+    self.perf, self.proc, self.log, self.out, self.seconds = perf, proc, log, out, seconds
     self.result: Path | None = None
 
   def run(self):
     while _rate_lines(self.log) < 2:
+      if self.proc.poll() is not None:  # the run ended (or failed) first: nothing to trace
+        return
       time.sleep(0.2)
     r = subprocess.run([self.perf, "sched", "record", "-a", "-o", str(self.out), "--", "sleep",
                         str(self.seconds)], capture_output=True, text=True)
@@ -210,12 +213,13 @@ class SchedRecorder(threading.Thread):
       print(f"note: perf sched record failed: {r.stderr.strip()[-200:]}", file=sys.stderr)
 
 
-def record_sched(log: Path, out: Path, seconds: float) -> SchedRecorder | None:
+def record_sched(proc: subprocess.Popen, log: Path, out: Path,
+                 seconds: float) -> SchedRecorder | None:
   perf = shutil.which("perf")
   if not perf:
     print("note: no perf: the scheduler trace (--sched) is skipped", file=sys.stderr)
     return None
-  recorder = SchedRecorder(perf, log, out, seconds)
+  recorder = SchedRecorder(perf, proc, log, out, seconds)
   recorder.start()
   return recorder
 
@@ -251,6 +255,10 @@ def idle_from_timehist(text: str, pid: int) -> dict | None:
     return None
   span = max(e for _, _, e, _ in runs) - min(s for _, s, _, _ in runs)
   cpus = sorted({c for c, *_ in runs})
+  # Each CPU's own runs never overlap, so one bisection per other CPU finds what it ran.
+  busy = {c: sorted((x for x in runs if x[0] == c and x[3] != "<idle>"), key=lambda x: x[1])
+          for c in cpus}
+  busy_starts = {c: [x[1] for x in busy[c]] for c in cpus}
   ours = re.compile(rf"\[(\d+)/{pid}\]$|\[{pid}\]$")
   idle_cpu = collections.Counter()
   by_gap = collections.Counter()
@@ -260,8 +268,6 @@ def idle_from_timehist(text: str, pid: int) -> dict | None:
   last = {}
   by_cpu = {c: [x for x in runs if x[0] == c] for c in cpus}
   for c in cpus:
-    others = sorted((x for x in runs if x[0] != c and x[3] != "<idle>"), key=lambda x: x[1])
-    starts = [x[1] for x in others]
     for cpu, s, e, task in by_cpu[c]:
       if task != "<idle>":
         last[c] = task
@@ -273,7 +279,8 @@ def idle_from_timehist(text: str, pid: int) -> dict | None:
       count_gap[gap] += 1
       prev = last.get(c, "?")
       before[prev if ours.search(prev) else "other processes / kernel"] += ms
-      if ms >= 1.0:
+      for o_cpu in (o for o in cpus if o != c and ms >= 1.0):
+        others, starts = busy[o_cpu], busy_starts[o_cpu]
         i = max(0, bisect.bisect_right(starts, s) - 1)
         while i < len(others) and others[i][1] < e:
           o = others[i]
@@ -422,7 +429,8 @@ def main(argv):
     proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
   sampler = Sampler(proc.pid, _INTERVAL.value, log, _SNAPSHOT.value)
   sampler.start()
-  sched = record_sched(log, work / "perf.sched", _SCHED.value) if _SCHED.value > 0 else None
+  sched = (record_sched(proc, log, work / "perf.sched", _SCHED.value) if _SCHED.value > 0
+           else None)
   spy = shutil.which("py-spy")
   spy_raw = work / "pyspy.txt"
   spy_proc = None
@@ -471,7 +479,8 @@ def main(argv):
                            "busy": sum(1 for t in tids if spent.get(int(t), 0.0) >
                                        0.01 * phase["wall_seconds"]) if phase else "-"})
   thread_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                                "XLA_FLAGS", "BONEJAX_ONEDNN")}
+                                                "GOMP_SPINCOUNT", "XLA_FLAGS",
+                                                "BONEJAX_ONEDNN")}
   spy_top = _pyspy_summary(spy_raw) if spy and spy_raw.exists() else []
   load = (load_start, common.load_average())
   info = common.machine()
